@@ -1,0 +1,165 @@
+"""A fine-tuning task: pre-train, fine-tune and test splits, plus what describes them.
+
+A task comes from a built-in name (``damage1``, ``damage2``, ``har``) or from an ``.npz``
+file with the arrays ``x_pretrain, y_pretrain, x_finetune, y_finetune, x_test, y_test``
+(optional: ``labels``, and extra test sets as ``x_eval_<name>`` / ``y_eval_<name>``).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import DataError, UsageError
+
+SPLITS = ("pretrain", "finetune", "test")
+
+# Built-in tasks: name -> "module:function". The function takes (data_dir, **options)
+# and returns a Task. Imported only when asked for, so the core stays light.
+BUILTIN_TASKS: dict[str, str] = {
+    "damage1": "edgetune.data.fan:damage1_task",
+    "damage2": "edgetune.data.fan:damage2_task",
+    "har": "edgetune.data.har:har_task",
+}
+
+
+@dataclass
+class Task:
+    name: str
+    x_pretrain: np.ndarray
+    y_pretrain: np.ndarray
+    x_finetune: np.ndarray
+    y_finetune: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    labels: list[str] = field(default_factory=list)
+    # Further test sets reported after fine-tuning, e.g. {"silent": (x, y)} for forgetting.
+    extra_tests: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # Paper defaults for this task: epochs, batch_size, lr, hidden (list of widths).
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        n_classes = max(len(self.labels), 1 + int(max(
+            (int(np.max(y)) for y in (self.y_pretrain, self.y_finetune, self.y_test) if np.size(y)),
+            default=0)))
+        if not self.labels:
+            self.labels = [str(i) for i in range(n_classes)]
+        for split in SPLITS:
+            x, y = validate_xy(getattr(self, f"x_{split}"), getattr(self, f"y_{split}"),
+                               n_classes=len(self.labels), what=f"{self.name}: {split}")
+            setattr(self, f"x_{split}", x)
+            setattr(self, f"y_{split}", y)
+        width = self.x_pretrain.shape[1]
+        for split in SPLITS[1:]:
+            w = getattr(self, f"x_{split}").shape[1]
+            if w != width:
+                raise DataError(f"{self.name}: x_{split} has {w} features but x_pretrain has {width}")
+        for key, (x, y) in list(self.extra_tests.items()):
+            x, y = validate_xy(x, y, n_classes=len(self.labels), what=f"{self.name}: eval '{key}'")
+            if x.shape[1] != width:
+                raise DataError(f"{self.name}: eval '{key}' has {x.shape[1]} features, expected {width}")
+            self.extra_tests[key] = (x, y)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x_pretrain.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    def summary(self) -> str:
+        parts = [f"{s} {len(getattr(self, 'y_' + s))}" for s in SPLITS]
+        parts += [f"{k} {len(y)}" for k, (_, y) in self.extra_tests.items()]
+        return (f"{self.name}: {self.n_features} features, {self.n_classes} classes "
+                f"({', '.join(self.labels)}); samples: " + ", ".join(parts))
+
+    def save_npz(self, path: str | os.PathLike) -> Path:
+        from ..io_atomic import write_atomic
+
+        arrays: dict[str, np.ndarray] = {}
+        for s in SPLITS:
+            arrays[f"x_{s}"] = getattr(self, f"x_{s}")
+            arrays[f"y_{s}"] = getattr(self, f"y_{s}")
+        arrays["labels"] = np.array(self.labels)
+        for k, (x, y) in self.extra_tests.items():
+            arrays[f"x_eval_{k}"] = x
+            arrays[f"y_eval_{k}"] = y
+        return write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def validate_xy(x: Any, y: Any, *, n_classes: int | None = None, what: str = "data"
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Check and convert a feature matrix and its labels; raise DataError naming the problem."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 2:
+        raise DataError(f"{what}: x must be a 2-D array (samples, features), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise DataError(f"{what}: x is empty (0 samples)")
+    if x.shape[1] == 0:
+        raise DataError(f"{what}: x has 0 features")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{what}: x must be real numbers, got dtype {x.dtype}")
+    if y.ndim != 1:
+        raise DataError(f"{what}: y must be a 1-D array of class indices, got shape {y.shape}")
+    if y.shape[0] != x.shape[0]:
+        raise DataError(f"{what}: x has {x.shape[0]} samples but y has {y.shape[0]} labels")
+    if not np.all(np.isfinite(x)):
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise DataError(f"{what}: x contains NaN or inf (first at sample {bad[0]}, feature {bad[1]})")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"{what}: y must hold whole class indices, got non-integer values")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{what}: y must hold class indices (integers), got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0 or (n_classes is not None and y.max() >= n_classes):
+        hi = f"0..{n_classes - 1}" if n_classes is not None else ">= 0"
+        raise DataError(f"{what}: labels must be in {hi}, found {int(y.min())}..{int(y.max())}")
+    if x.dtype != np.float32 and x.dtype != np.float64:
+        x = x.astype(np.float32)
+    return x, y
+
+
+def load_npz_task(path: str | os.PathLike) -> Task:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"task file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz task file ({e})") from None
+    missing = [f"{a}_{s}" for s in SPLITS for a in "xy" if f"{a}_{s}" not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing arrays {', '.join(missing)} "
+                        f"(a task file needs x_/y_ pretrain, finetune and test)")
+    labels = [str(v) for v in arrays["labels"].tolist()] if "labels" in arrays else []
+    extra = {}
+    for k in arrays:
+        if k.startswith("x_eval_"):
+            name = k[len("x_eval_"):]
+            if f"y_eval_{name}" not in arrays:
+                raise DataError(f"{path}: {k} has no matching y_eval_{name}")
+            extra[name] = (arrays[k], arrays[f"y_eval_{name}"])
+    return Task(name=path.stem, labels=labels, extra_tests=extra,
+                **{f"{a}_{s}": arrays[f"{a}_{s}"] for s in SPLITS for a in "xy"})
+
+
+def load_task(spec: str, data_dir: str | os.PathLike | None = None, **options: Any) -> Task:
+    """A built-in task by name, or a task file (``.npz``) by path."""
+    if spec in BUILTIN_TASKS:
+        mod_name, fn_name = BUILTIN_TASKS[spec].split(":")
+        fn: Callable[..., Task] = getattr(importlib.import_module(mod_name), fn_name)
+        return fn(data_dir, **options)
+    if spec.endswith(".npz") or os.path.sep in spec or Path(spec).is_file():
+        return load_npz_task(spec)
+    raise UsageError(f"unknown task '{spec}': use one of {', '.join(sorted(BUILTIN_TASKS))} "
+                     f"or the path of an .npz task file")
