@@ -1,0 +1,185 @@
+"""The Python API: pre-train a backbone, fine-tune it with any method, save adapters.
+
+    import edgetune as et
+    model = et.Backbone.load("model")                    # or et.pretrain(x0, y0)
+    tuner = et.FineTuner(model, "skip2-lora", epochs=100).fit(x, y)
+    print(tuner.score(x_test, y_test))
+    tuner.save_adapter("adapter")
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .data.task import validate_xy
+from .errors import DataError, ModelFileError, UsageError
+from .methods import make_method, method_class
+from .methods.base import Method, describe_options
+from .nn.losses import softmax
+from .nn.mlp import Backbone
+from .train import EpochRecord, History, TrainConfig, evaluate, fit, predict_logits
+from .units import parse_bytes
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "edgetune-adapter"
+
+
+class FineTuner:
+    """Fine-tune a backbone with one method; scikit-learn style ``fit/predict/score``.
+
+    ``method`` is a name from ``edgetune methods``; ``rank``/``alpha`` follow PEFT (scale
+    alpha/rank, default alpha = rank). The backbone passed in is never modified: methods
+    that train backbone tensors work on a copy (see ``merged()``).
+    """
+
+    def __init__(self, backbone: Backbone, method: str = "skip2-lora", *, rank: int = 1,
+                 alpha: float | None = None, train_last_bias: bool = False,
+                 cache_budget: int | str | None = None, cache_overflow: str = "error",
+                 epochs: int = 100, batch_size: int = 20, lr: float = 0.01, optimizer: str = "sgd",
+                 momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
+                 patience: int | None = None, progress: bool | None = False):
+        if not isinstance(backbone, Backbone):
+            raise UsageError(f"backbone must be an edgetune Backbone, got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.method_name = method
+        self.config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                                  momentum=momentum, weight_decay=weight_decay, seed=seed, patience=patience)
+        budget = None if cache_budget is None else parse_bytes(cache_budget)
+        self.method: Method = make_method(method, backbone, seed=seed, rank=rank, alpha=alpha,
+                                          train_last_bias=train_last_bias, cache_budget=budget,
+                                          cache_overflow=cache_overflow)
+        self.progress = progress
+        self.history_: History | None = None
+
+    @property
+    def n_trainable(self) -> int:
+        return self.method.n_trainable
+
+    def _xy(self, x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+        x, y = validate_xy(x, y, n_classes=self.backbone.sizes[-1], what=what)
+        return self.backbone.prepare(x, f"{what} x"), y
+
+    def fit(self, x: Any, y: Any, *, x_val: Any = None, y_val: Any = None,
+            callback: Callable[[EpochRecord], bool | None] | None = None) -> "FineTuner":
+        """Train on ``x`` (samples, features) and integer labels ``y``; returns self."""
+        xp, yp = self._xy(x, y, "training data")
+        xv = yv = None
+        if (x_val is None) != (y_val is None):
+            raise UsageError("give both x_val and y_val, or neither")
+        if x_val is not None:
+            xv, yv = self._xy(x_val, y_val, "validation data")
+        self.history_ = fit(self.method, xp, yp, self.config, x_val=xv, y_val=yv,
+                            callback=callback, progress=self.progress)
+        return self
+
+    def decision_function(self, x: Any) -> np.ndarray:
+        return predict_logits(self.method, self.backbone.prepare(x))
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        return softmax(self.decision_function(x))
+
+    def predict(self, x: Any) -> np.ndarray:
+        return self.decision_function(x).argmax(axis=1)
+
+    def score(self, x: Any, y: Any) -> float:
+        """Accuracy on ``x``, ``y``."""
+        xp, yp = self._xy(x, y, "evaluation data")
+        return evaluate(self.method, xp, yp)[1]
+
+    def merged(self) -> Backbone:
+        """A plain backbone that computes the fine-tuned model (no adapter at run time)."""
+        return self.method.merged_backbone()
+
+    # -- adapter files -----------------------------------------------------------------
+    def save_adapter(self, path: str | os.PathLike) -> Path:
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into directory ``path``."""
+        from .io_atomic import write_bytes_atomic, write_json_atomic
+        from .safetensors import dumps
+
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{path} exists and is not a directory")
+        blob = dumps(self.method.adapter_tensors(), {"format": ADAPTER_FORMAT, "method": self.method_name})
+        write_bytes_atomic(path / ADAPTER_WEIGHTS, blob)
+        opts = describe_options(self.method.options)
+        write_json_atomic(path / ADAPTER_CONFIG, {
+            "format": ADAPTER_FORMAT, "format_version": 1, "method": self.method_name,
+            "r": opts["rank"], "lora_alpha": opts["alpha"], "train_last_bias": opts["train_last_bias"],
+            "base_model_sizes": self.backbone.sizes, "base_model_digest": self.backbone.digest(),
+            "adapter_sha256": hashlib.sha256(blob).hexdigest(),
+        })
+        return path
+
+    @classmethod
+    def load_adapter(cls, backbone: Backbone, path: str | os.PathLike, *, strict: bool = True,
+                     **train_options: Any) -> "FineTuner":
+        """Rebuild a FineTuner from an adapter directory saved for ``backbone``.
+
+        ``strict`` refuses an adapter trained on a different backbone (its outputs would be
+        meaningless); same-shaped but different weights are only accepted with strict=False.
+        """
+        from .safetensors import loads
+
+        path = Path(path)
+        cfg_path, w_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise ModelFileError(f"{path} is not an edgetune adapter: {p.name} is missing")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
+            raise ModelFileError(f"{cfg_path}: not an edgetune adapter config")
+        blob = w_path.read_bytes()
+        if cfg.get("adapter_sha256") and hashlib.sha256(blob).hexdigest() != cfg["adapter_sha256"]:
+            raise ModelFileError(f"{w_path} does not match {cfg_path.name} (checksum differs)")
+        if cfg.get("base_model_sizes") != backbone.sizes:
+            raise ModelFileError(f"adapter was made for a backbone of sizes {cfg.get('base_model_sizes')}, "
+                                 f"this backbone has {backbone.sizes}")
+        if strict and cfg.get("base_model_digest") != backbone.digest():
+            raise ModelFileError("adapter was trained on a different backbone (same shape, other weights); "
+                                 "pass strict=False to load it anyway")
+        try:
+            method_class(cfg["method"])
+            tuner = cls(backbone, cfg["method"], rank=int(cfg.get("r", 1)), alpha=cfg.get("lora_alpha"),
+                        train_last_bias=bool(cfg.get("train_last_bias", False)), **train_options)
+        except (KeyError, TypeError, ValueError, UsageError) as e:
+            raise ModelFileError(f"{cfg_path}: bad adapter config ({e})") from None
+        tensors, _ = loads(blob, str(w_path))
+        tuner.method.load_adapter_tensors(tensors)
+        return tuner
+
+
+def pretrain(x: Any, y: Any, *, hidden: Sequence[int] = (96, 96), labels: Sequence[str] | None = None,
+             activation: str = "relu", epochs: int = 100, batch_size: int = 20, lr: float = 0.01,
+             optimizer: str = "sgd", momentum: float = 0.9, seed: int = 0,
+             x_val: Any = None, y_val: Any = None, patience: int | None = None,
+             progress: bool | None = False, backbone: Backbone | None = None) -> tuple[Backbone, History]:
+    """Train a backbone from scratch (or continue ``backbone``) with every tensor trainable.
+
+    The input normalisation is fitted on ``x`` (pre-training data only) and saved with
+    the model.
+    """
+    x_arr, y_arr = validate_xy(x, y, what="pre-training data")
+    n_classes = len(labels) if labels is not None else int(y_arr.max()) + 1
+    if labels is not None and y_arr.max() >= n_classes:
+        raise DataError(f"pre-training labels go up to {int(y_arr.max())} but only {n_classes} label names were given")
+    if backbone is None:
+        if any(int(h) < 1 for h in hidden):
+            raise UsageError(f"hidden widths must be >= 1, got {list(hidden)}")
+        backbone = Backbone.build([x_arr.shape[1], *hidden, n_classes], activation=activation, seed=seed,
+                                  labels=labels)
+        backbone.fit_normalizer(x_arr)
+    tuner = FineTuner(backbone, "ft-all", epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      momentum=momentum, seed=seed, patience=patience, progress=progress)
+    tuner.fit(x_arr, y_arr, x_val=x_val, y_val=y_val)
+    trained = tuner.method.backbone.copy()  # detach from the optimizer's flat buffer
+    assert tuner.history_ is not None
+    return trained, tuner.history_

@@ -1,0 +1,87 @@
+"""The skip-cache: frozen activations per sample, computed once, read every later epoch.
+
+Each sample id owns one preallocated row ``[x | h_1 | ... | h_{n-1} | z_n]`` (the inputs
+of every skip adapter and the frozen logits). The cache is keyed by a digest of the
+backbone and of the training inputs: if either changes, every row is invalidated, so a
+stale activation is never served.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .errors import BudgetError
+from .units import format_bytes
+
+
+class SkipCache:
+    def __init__(self, n_samples: int, row_width: int, dtype: np.dtype, *,
+                 budget_bytes: int | None = None, overflow: str = "error"):
+        dtype = np.dtype(dtype)
+        row_bytes = row_width * dtype.itemsize
+        need = n_samples * row_bytes
+        capacity = n_samples
+        if budget_bytes is not None and need > budget_bytes:
+            if overflow == "error":
+                raise BudgetError(
+                    f"the skip-cache needs {format_bytes(need)} ({n_samples} samples x {row_width} values x "
+                    f"{dtype.itemsize} B) but the budget is {format_bytes(budget_bytes)}; raise the budget, "
+                    f"or allow a partial cache (samples beyond it are recomputed every epoch)")
+            capacity = int(budget_bytes // row_bytes)
+        self.n_samples = n_samples
+        self.capacity = capacity
+        self.row_width = row_width
+        self.data = np.empty((capacity, row_width), dtype=dtype)
+        self.filled = np.zeros(n_samples, dtype=bool)
+        self.key: tuple[str, str] | None = None
+        self.hits = 0
+        self.misses = 0
+        self.invalidations = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache (rows plus the filled-mask)."""
+        return self.data.nbytes + self.filled.nbytes
+
+    @property
+    def n_filled(self) -> int:
+        return int(self.filled.sum())
+
+    def validate(self, key: tuple[str, str]) -> None:
+        """Drop every row unless ``key`` (backbone digest, data digest) is what filled them."""
+        if key != self.key:
+            if self.key is not None:
+                self.invalidations += 1
+            self.filled[:] = False
+            self.key = key
+
+    def fetch(self, ids: np.ndarray, compute: Callable[[np.ndarray], np.ndarray],
+              out: np.ndarray | None = None) -> np.ndarray:
+        """Rows for ``ids``: read from the cache where filled, else ``compute(ids_missing)``."""
+        hit = self.filled[ids]
+        if hit.all():
+            self.hits += len(ids)
+            if out is None:
+                return self.data[ids]
+            return np.take(self.data, ids, axis=0, out=out)
+        if out is None:
+            out = np.empty((len(ids), self.row_width), dtype=self.data.dtype)
+        miss = ~hit
+        rows = compute(ids[miss])
+        out[miss] = rows
+        if hit.any():
+            out[hit] = self.data[ids[hit]]
+        self.hits += int(hit.sum())
+        self.misses += int(miss.sum())
+        storable = miss & (ids < self.capacity)
+        if storable.any():
+            sids = ids[storable]
+            self.data[sids] = out[storable]
+            self.filled[sids] = True
+        return out
+
+    def stats(self) -> dict[str, int]:
+        return {"cache_bytes": self.nbytes, "cache_capacity": self.capacity, "cache_filled": self.n_filled,
+                "cache_hits": self.hits, "cache_misses": self.misses,
+                "cache_invalidations": self.invalidations}

@@ -1,0 +1,41 @@
+"""edgetune evaluate: accuracy of a model (and optionally an adapter) on a task."""
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_output_args, add_task_args, load_task_arg, write_json
+
+NAME = "evaluate"
+HELP = "accuracy of a model, with or without an adapter, on every split of a task"
+DESCRIPTION = """Report the accuracy of a saved model, with an adapter applied if --adapter is
+given, on each split of a task (pre-train, fine-tune, test and extra test sets).
+
+example:
+  edgetune evaluate --task damage1 --data-dir ../shared/data --model runs/m --adapter runs/a"""
+ORDER = 40
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_task_args(p)
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    p.add_argument("--adapter", metavar="DIR", help="adapter directory saved by 'finetune --save-adapter'")
+    add_output_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import FineTuner
+    from ..experiment import check_compatible
+    from ..nn.mlp import Backbone
+
+    model = Backbone.load(args.model)
+    task = load_task_arg(args)
+    check_compatible(model, task)
+    tuner = FineTuner.load_adapter(model, args.adapter) if args.adapter else FineTuner(model, "lora-last")
+    splits = {"pretrain": (task.x_pretrain, task.y_pretrain), "finetune": (task.x_finetune, task.y_finetune),
+              "test": (task.x_test, task.y_test), **task.extra_tests}
+    result = {"task": task.name, "model": args.model, "adapter": args.adapter}
+    for name, (x, y) in splits.items():
+        result[f"accuracy_{name}"] = tuner.score(x, y)
+        print(f"{name:10s} accuracy {result[f'accuracy_{name}']:.4f}  ({len(y)} samples)")
+    write_json(args.json, result)
+    return 0

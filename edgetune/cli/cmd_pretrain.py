@@ -1,0 +1,42 @@
+"""edgetune pretrain: train a backbone on a task's pre-train split and save it."""
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_output_args, add_task_args, add_train_args, info, int_list, load_task_arg, write_json
+
+NAME = "pretrain"
+HELP = "train a backbone on a task's pre-train split and save it"
+DESCRIPTION = """Train a backbone (every weight trainable) on the task's pre-train split, fit the
+input normalisation on that split only, and save model.safetensors + config.json.
+
+example:
+  edgetune pretrain --task damage1 --data-dir ../shared/data --out runs/damage1-model"""
+ORDER = 20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_task_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    p.add_argument("--hidden", type=int_list, metavar="W1,W2,...", help="hidden widths (task default, else 96,96)")
+    add_train_args(p, what="pre-training")
+    add_output_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiment import pretrain_on_task
+
+    task = load_task_arg(args)
+    info(args, task.summary())
+    model, rep = pretrain_on_task(task, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed,
+                                  progress=None if not args.quiet else False)
+    model.save(args.out)
+    rep["model"] = args.out
+    print(f"pre-trained {'-'.join(map(str, model.sizes))} on {task.name} in {rep['pretrain_seconds']:.2f} s "
+          f"({rep['pretrain_epochs']} epochs), saved to {args.out}")
+    for k, v in rep.items():
+        if k.startswith("accuracy_"):
+            print(f"  {k[len('accuracy_'):]:10s} accuracy {v:.4f}")
+    write_json(args.json, rep)
+    return 0

@@ -1,0 +1,82 @@
+"""One fine-tuning experiment on a task: accuracy before and after, time, memory.
+
+Shared by ``edgetune finetune`` and ``edgetune reproduce`` so that both report the same
+keys, computed the same way.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .api import FineTuner, pretrain
+from .data.task import Task
+from .errors import DataError
+from .nn.mlp import Backbone
+
+
+def backbone_accuracy(backbone: Backbone, x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(backbone.forward(backbone.prepare(x)).argmax(axis=1) == y))
+
+
+def check_compatible(backbone: Backbone, task: Task) -> None:
+    if backbone.sizes[0] != task.n_features:
+        raise DataError(f"the model takes {backbone.sizes[0]} features but task '{task.name}' has {task.n_features}")
+    if backbone.sizes[-1] != task.n_classes:
+        raise DataError(f"the model has {backbone.sizes[-1]} outputs but task '{task.name}' has {task.n_classes} classes")
+
+
+def pretrain_on_task(task: Task, *, hidden: list[int] | None = None, epochs: int | None = None,
+                     lr: float | None = None, batch_size: int | None = None, optimizer: str | None = None,
+                     seed: int = 0, progress: bool | None = False) -> tuple[Backbone, dict[str, Any]]:
+    d = task.defaults
+    hidden = hidden or d.get("hidden", [96, 96])
+    model, hist = pretrain(task.x_pretrain, task.y_pretrain, hidden=hidden, labels=task.labels,
+                           epochs=epochs or d.get("pretrain_epochs", d.get("epochs", 100)),
+                           lr=lr or d.get("pretrain_lr", d.get("lr", 0.01)),
+                           batch_size=batch_size or d.get("batch_size", 20),
+                           optimizer=optimizer or d.get("pretrain_optimizer", "sgd"),
+                           seed=seed, progress=progress)
+    report = {"task": task.name, "sizes": model.sizes, "pretrain_epochs": len(hist.epochs),
+              "pretrain_seconds": hist.train_seconds, "pretrain_final_loss": hist.final_loss,
+              "accuracy_pretrain": backbone_accuracy(model, task.x_pretrain, task.y_pretrain),
+              "accuracy_test": backbone_accuracy(model, task.x_test, task.y_test)}
+    for name, (x, y) in task.extra_tests.items():
+        report[f"accuracy_{name}"] = backbone_accuracy(model, x, y)
+    return model, report
+
+
+def finetune_on_task(task: Task, backbone: Backbone, method: str, *, method_options: dict[str, Any] | None = None,
+                     train_options: dict[str, Any] | None = None, curve: bool = False,
+                     progress: bool | None = False) -> tuple[FineTuner, dict[str, Any]]:
+    """Fine-tune ``backbone`` on the task's fine-tune split and report test accuracy before/after.
+
+    With ``curve`` the test accuracy is measured after every epoch (its time is recorded
+    as evaluation, not training).
+    """
+    check_compatible(backbone, task)
+    d = task.defaults
+    t = {"epochs": d.get("epochs", 100), "batch_size": d.get("batch_size", 20), "lr": d.get("lr", 0.01),
+         **{k: v for k, v in (train_options or {}).items() if v is not None}}
+    tuner = FineTuner(backbone, method, progress=progress, **(method_options or {}), **t)
+    before = {"accuracy_before": backbone_accuracy(backbone, task.x_test, task.y_test)}
+    for name, (x, y) in task.extra_tests.items():
+        before[f"{name}_accuracy_before"] = backbone_accuracy(backbone, x, y)
+    if curve:
+        tuner.fit(task.x_finetune, task.y_finetune, x_val=task.x_test, y_val=task.y_test)
+    else:
+        tuner.fit(task.x_finetune, task.y_finetune)
+    hist = tuner.history_
+    assert hist is not None
+    result: dict[str, Any] = {"task": task.name, "method": method, **hist.summary(), **before,
+                              "accuracy_after": tuner.score(task.x_test, task.y_test),
+                              "finetune_samples": int(len(task.y_finetune)), "test_samples": int(len(task.y_test)),
+                              "sizes": backbone.sizes,
+                              "rank": tuner.method.options.rank, "alpha": tuner.method.options.alpha or tuner.method.options.rank,
+                              "batch_size": tuner.config.batch_size, "lr": tuner.config.lr,
+                              "optimizer": tuner.config.optimizer, "seed": tuner.config.seed}
+    for name, (x, y) in task.extra_tests.items():
+        result[f"{name}_accuracy_after"] = tuner.score(x, y)
+    if curve:
+        result["curve"] = [e.val_accuracy for e in hist.epochs]
+    return tuner, result

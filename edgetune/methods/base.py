@@ -1,0 +1,164 @@
+"""What every fine-tuning method provides to the trainer.
+
+A method owns its trainable tensors (views into one flat buffer, so that an optimizer
+step is a single vector operation) and runs forward and backward for a batch. The
+trainer knows nothing else about it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import UsageError
+from ..nn.mlp import Backbone
+
+
+class ParamStore:
+    """Named trainable tensors stored contiguously; ``grad`` mirrors ``flat``.
+
+    ``mask`` (optional, per tensor) marks entries that are structurally zero and never
+    train, e.g. the off-diagonal blocks of the stacked skip adapters. Their gradient is
+    always zero, so every optimizer here keeps them exactly zero.
+    """
+
+    def __init__(self, tensors: dict[str, np.ndarray], dtype: np.dtype,
+                 masks: dict[str, np.ndarray] | None = None):
+        total = sum(int(a.size) for a in tensors.values())
+        self.flat = np.zeros(total, dtype=dtype)
+        self.grad = np.zeros(total, dtype=dtype)
+        self.values: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self.masks: dict[str, np.ndarray] = dict(masks or {})
+        offset = 0
+        for name, a in tensors.items():
+            n = int(a.size)
+            v = self.flat[offset:offset + n].reshape(a.shape)
+            v[...] = a
+            self.values[name] = v
+            self.grads[name] = self.grad[offset:offset + n].reshape(a.shape)
+            offset += n
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.values[name]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    @property
+    def n_trainable(self) -> int:
+        """Entries that actually train (masked-out structural zeros not counted)."""
+        return sum(int(self.masks[k].sum()) if k in self.masks else v.size for k, v in self.values.items())
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.nbytes
+
+
+@dataclass
+class MethodOptions:
+    """Options shared by the methods (each ignores what does not apply to it)."""
+    rank: int = 1
+    alpha: float | None = None          # scaling alpha / rank; default alpha = rank (scale 1)
+    train_last_bias: bool = False       # LoRA/skip methods: also train the last layer's bias
+    cache_budget: int | None = None     # skip2-lora: bytes the skip-cache may use
+    cache_overflow: str = "error"       # "error" or "partial" (cache what fits, recompute the rest)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+            raise UsageError(f"rank must be a whole number >= 1, got {self.rank!r}")
+        if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
+            raise UsageError(f"alpha must be a positive number, got {self.alpha!r}")
+        if self.cache_overflow not in ("error", "partial"):
+            raise UsageError(f"cache_overflow must be 'error' or 'partial', got {self.cache_overflow!r}")
+        if self.cache_budget is not None and self.cache_budget < 0:
+            raise UsageError(f"cache_budget must be >= 0 bytes, got {self.cache_budget}")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and ``description`` and build ``self.params``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: True where training changes backbone tensors (the method then works on a copy).
+    trains_backbone: ClassVar[bool] = False
+
+    def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
+                 rng: np.random.Generator | None = None):
+        self.options = options or MethodOptions()
+        self.backbone = backbone.copy() if self.trains_backbone else backbone
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.params: ParamStore = ParamStore({}, backbone.dtype)
+
+    # -- the trainer's interface -------------------------------------------------------
+    def begin_fit(self, x: np.ndarray) -> None:
+        """Called once per fit with all (prepared) training inputs, before the first batch."""
+
+    def forward(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Logits for rows ``ids`` of ``x``; remember what backward needs."""
+        raise NotImplementedError
+
+    def backward(self, dlogits: np.ndarray) -> None:
+        """Fill ``self.params.grad`` from the gradient of the loss w.r.t. the logits."""
+        raise NotImplementedError
+
+    def predict_logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits for prepared inputs, no caching, nothing remembered."""
+        raise NotImplementedError
+
+    def end_fit(self) -> None:
+        """Called after training; drop per-batch buffers."""
+
+    # -- files and deployment -----------------------------------------------------------
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        """The trained tensors as saved in ``adapter_model.safetensors``."""
+        return {k: np.ascontiguousarray(v) for k, v in self.params.values.items()}
+
+    def check_adapter_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        """Raise ModelFileError unless ``tensors`` has exactly this method's names and shapes."""
+        from ..errors import ModelFileError
+
+        want = self.adapter_tensors()
+        missing = sorted(set(want) - set(tensors))
+        extra = sorted(set(tensors) - set(want))
+        if missing or extra:
+            raise ModelFileError(f"adapter does not fit method {self.name}: missing {missing}, unexpected {extra}")
+        for k, v in want.items():
+            if tensors[k].shape != v.shape:
+                raise ModelFileError(f"adapter tensor '{k}' has shape {list(tensors[k].shape)}, "
+                                     f"expected {list(v.shape)}")
+            if not np.all(np.isfinite(tensors[k])):
+                raise ModelFileError(f"adapter tensor '{k}' contains NaN or inf")
+
+    def load_adapter_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        self.check_adapter_tensors(tensors)
+        for k in self.params:
+            self.params[k][...] = tensors[k]
+
+    def merged_backbone(self) -> Backbone:
+        """A plain backbone computing what this method computes, for deployment."""
+        raise NotImplementedError(f"{self.name} cannot be merged into a plain backbone")
+
+    # -- reporting ----------------------------------------------------------------------
+    @property
+    def n_trainable(self) -> int:
+        return self.params.n_trainable
+
+    def memory_report(self) -> dict[str, int]:
+        return {"trainable_bytes": self.params.nbytes, "grad_bytes": self.params.grad.nbytes}
+
+
+def init_lora_a(rng: np.random.Generator, rank: int, fan_in: int, dtype: np.dtype) -> np.ndarray:
+    """LoRA A as PEFT initialises it: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return rng.uniform(-bound, bound, (rank, fan_in)).astype(dtype)
+
+
+def describe_options(opts: MethodOptions) -> dict[str, Any]:
+    return {"rank": opts.rank, "alpha": opts.alpha if opts.alpha is not None else opts.rank,
+            "train_last_bias": opts.train_last_bias}

@@ -1,0 +1,137 @@
+"""One engine for the methods that live beside the backbone's layers (ft-*, lora-*).
+
+A method is described by a ``LayerPlan`` per layer: does the weight train, does the bias
+train, is there a LoRA adapter beside it. Forward keeps only what backward needs, and
+backward stops at the first layer with anything trainable: ``lora-last`` and ``ft-last``
+never propagate a gradient into the hidden layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..nn.mlp import Backbone
+from .base import Method, MethodOptions, ParamStore, init_lora_a
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    weight: bool = False
+    bias: bool = False
+    lora: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.weight or self.bias or self.lora
+
+
+class LayerwiseMethod(Method):
+    """Subclasses implement ``plan``; everything else is shared."""
+
+    def plan(self, n_layers: int) -> list[LayerPlan]:
+        raise NotImplementedError
+
+    def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
+                 rng: np.random.Generator | None = None):
+        super().__init__(backbone, options, rng)
+        bb = self.backbone
+        n = bb.n_layers
+        self.plans = self.plan(n)
+        self.scale = self.options.scale
+        r = self.options.rank
+        # A trainable last-layer bias for methods that keep the backbone frozen is stored
+        # as a delta (initially zero): the backbone itself is never modified.
+        self.bias_delta = self.options.train_last_bias and not self.plans[-1].bias
+        tensors: dict[str, np.ndarray] = {}
+        for k, p in enumerate(self.plans):
+            if p.weight:
+                tensors[f"layers.{k}.weight"] = bb.weights[k]
+            if p.bias:
+                tensors[f"layers.{k}.bias"] = bb.biases[k]
+            if p.lora:
+                out_k, in_k = bb.weights[k].shape
+                tensors[f"layers.{k}.lora_A"] = init_lora_a(self.rng, r, in_k, bb.dtype)
+                tensors[f"layers.{k}.lora_B"] = np.zeros((out_k, r), bb.dtype)
+        if self.bias_delta:
+            tensors["head.bias_delta"] = np.zeros(bb.sizes[-1], bb.dtype)
+        self.params = ParamStore(tensors, bb.dtype)
+        # Trained backbone tensors become views into the flat parameter buffer.
+        for k, p in enumerate(self.plans):
+            if p.weight:
+                bb.weights[k] = self.params[f"layers.{k}.weight"]
+            if p.bias:
+                bb.biases[k] = self.params[f"layers.{k}.bias"]
+        trainable = [k for k, p in enumerate(self.plans) if p.any]
+        self.first = min(trainable) if trainable else n - 1
+        self._hs: list[np.ndarray | None] = [None] * n
+        self._us: list[np.ndarray | None] = [None] * n
+
+    def _run(self, h: np.ndarray, keep: bool) -> np.ndarray:
+        bb, plans, s = self.backbone, self.plans, self.scale
+        last = bb.n_layers - 1
+        for k in range(bb.n_layers):
+            if keep and k >= self.first:
+                self._hs[k] = h
+            z = h @ bb.weights[k].T
+            z += bb.biases[k]
+            if plans[k].lora:
+                u = h @ self.params[f"layers.{k}.lora_A"].T
+                if keep:
+                    self._us[k] = u
+                d = u @ self.params[f"layers.{k}.lora_B"].T
+                if s != 1.0:
+                    d *= s
+                z += d
+            h = z if k == last else bb.activation.forward(z)
+        if self.bias_delta:
+            h += self.params["head.bias_delta"]
+        return h
+
+    def forward(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self._run(x[ids], keep=True)
+
+    def predict_logits(self, x: np.ndarray) -> np.ndarray:
+        return self._run(x, keep=False)
+
+    def backward(self, g: np.ndarray) -> None:
+        bb, plans, s, grads = self.backbone, self.plans, self.scale, self.params.grads
+        last = bb.n_layers - 1
+        if self.bias_delta:
+            np.sum(g, axis=0, out=grads["head.bias_delta"])
+        for k in range(last, self.first - 1, -1):
+            h, p = self._hs[k], self.plans[k]
+            if p.weight:
+                np.matmul(g.T, h, out=grads[f"layers.{k}.weight"])
+            if p.bias:
+                np.sum(g, axis=0, out=grads[f"layers.{k}.bias"])
+            gu = None
+            if p.lora:
+                a, b = self.params[f"layers.{k}.lora_A"], self.params[f"layers.{k}.lora_B"]
+                gb = grads[f"layers.{k}.lora_B"]
+                np.matmul(g.T, self._us[k], out=gb)
+                gu = g @ b
+                if s != 1.0:
+                    gb *= s
+                    gu *= s
+                np.matmul(gu.T, h, out=grads[f"layers.{k}.lora_A"])
+            if k > self.first:
+                dh = g @ bb.weights[k]
+                if gu is not None:
+                    dh += gu @ a
+                bb.activation.grad_mul(dh, h)
+                g = dh
+
+    def end_fit(self) -> None:
+        self._hs = [None] * self.backbone.n_layers
+        self._us = [None] * self.backbone.n_layers
+
+    def merged_backbone(self) -> Backbone:
+        out = self.backbone.copy()
+        for k, p in enumerate(self.plans):
+            if p.lora:
+                a, b = self.params[f"layers.{k}.lora_A"], self.params[f"layers.{k}.lora_B"]
+                out.weights[k] += (self.scale * (b @ a)).astype(out.dtype)
+        if self.bias_delta:
+            out.biases[-1] += self.params["head.bias_delta"]
+        return out

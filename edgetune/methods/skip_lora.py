@@ -1,0 +1,112 @@
+"""`skip-lora`: rank-R adapters from the input of every layer straight to the output.
+
+logits = z_n + s * sum_k B_k A_k h_{k-1}, k = 1..n, with h_0 = x and z_n the frozen
+backbone's logits. The backward pass needs only the adapters' inputs, never the
+backbone's weights: the gradient never enters the backbone.
+
+The n adapters are stored stacked: A as one (n*R, D) matrix whose k-th block row is
+non-zero only over layer k's input columns (D = sum of layer input widths), B as one
+(out, n*R) matrix. A training step is then a few matrix products however deep the
+backbone is; the off-block entries are masked and stay exactly zero.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..nn.mlp import Backbone
+from .base import Method, MethodOptions, ParamStore, init_lora_a
+
+
+class SkipLoRA(Method):
+    name = "skip-lora"
+    description = "Rank-R skip adapters from every layer's input to the last layer's output; backbone frozen."
+    uses_cache = False
+
+    def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
+                 rng: np.random.Generator | None = None):
+        super().__init__(backbone, options, rng)
+        bb = self.backbone
+        sizes = bb.sizes
+        n, r, out = bb.n_layers, self.options.rank, sizes[-1]
+        self.scale = self.options.scale
+        self.in_widths = sizes[:-1]
+        self.offsets = np.concatenate([[0], np.cumsum(self.in_widths)]).astype(int)
+        self.d_in = int(self.offsets[-1])
+        self.row_width = self.d_in + out
+        a = np.zeros((n * r, self.d_in), bb.dtype)
+        mask = np.zeros(a.shape, bool)
+        for k, w in enumerate(self.in_widths):
+            cols = slice(self.offsets[k], self.offsets[k + 1])
+            a[k * r:(k + 1) * r, cols] = init_lora_a(self.rng, r, w, bb.dtype)
+            mask[k * r:(k + 1) * r, cols] = True
+        tensors = {"skip.lora_A": a, "skip.lora_B": np.zeros((out, n * r), bb.dtype)}
+        if self.options.train_last_bias:
+            tensors["head.bias_delta"] = np.zeros(out, bb.dtype)
+        self.params = ParamStore(tensors, bb.dtype, masks={"skip.lora_A": mask})
+        self._mask = mask.astype(bb.dtype)
+        self._h: np.ndarray | None = None
+        self._u: np.ndarray | None = None
+
+    # -- where the adapters' inputs come from ------------------------------------------
+    def taps(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Rows [x | h_1 | ... | h_{n-1} | z_n] for samples ``ids``: here, always computed."""
+        return self.backbone.forward_taps(x[ids])
+
+    # -- the adapters --------------------------------------------------------------------
+    def _head(self, rows: np.ndarray, keep: bool) -> np.ndarray:
+        h = rows[:, :self.d_in]
+        u = h @ self.params["skip.lora_A"].T
+        logits = u @ self.params["skip.lora_B"].T
+        if self.scale != 1.0:
+            logits *= self.scale
+        logits += rows[:, self.d_in:]
+        if self.options.train_last_bias:
+            logits += self.params["head.bias_delta"]
+        if keep:
+            self._h, self._u = h, u
+        return logits
+
+    def forward(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self._head(self.taps(x, ids), keep=True)
+
+    def backward(self, g: np.ndarray) -> None:
+        grads, s = self.params.grads, self.scale
+        gb = grads["skip.lora_B"]
+        np.matmul(g.T, self._u, out=gb)
+        gu = g @ self.params["skip.lora_B"]
+        if s != 1.0:
+            gb *= s
+            gu *= s
+        ga = grads["skip.lora_A"]
+        np.matmul(gu.T, self._h, out=ga)
+        ga *= self._mask
+        if self.options.train_last_bias:
+            np.sum(g, axis=0, out=grads["head.bias_delta"])
+
+    def predict_logits(self, x: np.ndarray) -> np.ndarray:
+        return self._head(self.backbone.forward_taps(x), keep=False)
+
+    def end_fit(self) -> None:
+        self._h = self._u = None
+
+    # -- files: one (A_k, B_k) pair per adapter, as a reader expects ------------------
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        r = self.options.rank
+        a, b = self.params["skip.lora_A"], self.params["skip.lora_B"]
+        out = {}
+        for k in range(len(self.in_widths)):
+            out[f"skip.{k}.lora_A"] = np.ascontiguousarray(a[k * r:(k + 1) * r, self.offsets[k]:self.offsets[k + 1]])
+            out[f"skip.{k}.lora_B"] = np.ascontiguousarray(b[:, k * r:(k + 1) * r])
+        if self.options.train_last_bias:
+            out["head.bias_delta"] = self.params["head.bias_delta"].copy()
+        return out
+
+    def load_adapter_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        self.check_adapter_tensors(tensors)
+        r = self.options.rank
+        a, b = self.params["skip.lora_A"], self.params["skip.lora_B"]
+        for k in range(len(self.in_widths)):
+            a[k * r:(k + 1) * r, self.offsets[k]:self.offsets[k + 1]] = tensors[f"skip.{k}.lora_A"]
+            b[:, k * r:(k + 1) * r] = tensors[f"skip.{k}.lora_B"]
+        if self.options.train_last_bias:
+            self.params["head.bias_delta"][...] = tensors["head.bias_delta"]

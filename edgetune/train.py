@@ -1,0 +1,195 @@
+"""The training loop: seeded mini-batches, epochs, evaluation and a per-phase timing.
+
+Every run records, per epoch, the seconds spent in the forward pass (including skip-cache
+reads), the backward pass (loss gradient included) and the parameter update, as in the
+Skip2-LoRA paper's tables. Evaluation time is recorded apart and never counted as training.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import EdgetuneError, UsageError
+from .methods.base import Method
+from .nn.losses import cross_entropy_from_logits, softmax_cross_entropy
+from .optim import OPTIMIZERS, make_optimizer
+from .progress import Progress
+
+
+class TrainingDiverged(EdgetuneError):
+    """The loss became NaN or inf; parameters are restored to the last finite epoch."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 20
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    patience: int | None = None   # stop after this many epochs without a better validation loss
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise UsageError(f"{name} must be a whole number >= 1, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and np.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"lr must be a positive number, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise UsageError(f"patience must be a whole number >= 1 or None, got {self.patience!r}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    seconds: float
+    forward_seconds: float
+    backward_seconds: float
+    update_seconds: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    eval_seconds: float = 0.0
+
+
+@dataclass
+class History:
+    method: str
+    trainable_params: int
+    config: dict[str, Any]
+    epochs: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    memory: dict[str, int] = field(default_factory=dict)
+    cache: dict[str, int] = field(default_factory=dict)
+
+    def _sum(self, key: str) -> float:
+        return float(sum(getattr(e, key) for e in self.epochs))
+
+    @property
+    def train_seconds(self) -> float:
+        return self._sum("seconds")
+
+    @property
+    def final_loss(self) -> float:
+        return self.epochs[-1].loss if self.epochs else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        """The totals reported by the CLI and ``reproduce``."""
+        first = self.epochs[0].seconds if self.epochs else 0.0
+        later = [e.seconds for e in self.epochs[1:]]
+        return {
+            "method": self.method, "trainable_params": self.trainable_params, "epochs": len(self.epochs),
+            "train_seconds": self.train_seconds, "forward_seconds": self._sum("forward_seconds"),
+            "backward_seconds": self._sum("backward_seconds"), "update_seconds": self._sum("update_seconds"),
+            "first_epoch_seconds": first,
+            "later_epoch_seconds": float(np.mean(later)) if later else None,
+            "final_loss": self.final_loss, "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+            **self.memory, **self.cache,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "config": self.config, "history": [asdict(e) for e in self.epochs]}
+
+
+def evaluate(method: Method, x: np.ndarray, y: np.ndarray, batch: int = 4096) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``method`` on prepared inputs ``x``."""
+    logits = predict_logits(method, x, batch)
+    return cross_entropy_from_logits(logits, y), float(np.mean(logits.argmax(axis=1) == y))
+
+
+def predict_logits(method: Method, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    if len(x) <= batch:
+        return method.predict_logits(x)
+    return np.concatenate([method.predict_logits(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
+        x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
+        callback: Callable[[EpochRecord], bool | None] | None = None,
+        progress: bool | None = False) -> History:
+    """Train ``method`` on prepared inputs ``x`` (row i is sample id i) and labels ``y``.
+
+    ``callback(record)`` runs after each epoch and may return True to stop. With
+    ``x_val``/``y_val`` every epoch is evaluated (time recorded apart); ``config.patience``
+    then stops early and restores the parameters of the best epoch.
+    """
+    n = len(x)
+    if len(y) != n:
+        raise UsageError(f"x has {n} samples but y has {len(y)}")
+    rng = np.random.default_rng(config.seed)
+    opt = make_optimizer(config.optimizer, method.params, config.lr, momentum=config.momentum,
+                         weight_decay=config.weight_decay)
+    hist = History(method=method.name, trainable_params=method.n_trainable, config=asdict(config))
+    validate = x_val is not None and y_val is not None
+    best_loss, best_params, since_best = np.inf, None, 0
+    bs = config.batch_size
+    clock = time.perf_counter
+    method.begin_fit(x)
+    bar = Progress(config.epochs, desc=method.name, enabled=progress if progress is not None else None)
+    try:
+        for epoch in range(1, config.epochs + 1):
+            snapshot = method.params.flat.copy()
+            order = rng.permutation(n) if config.shuffle else np.arange(n)
+            t_fwd = t_bwd = t_upd = 0.0
+            loss_sum = 0.0
+            start = clock()
+            for lo in range(0, n, bs):
+                ids = order[lo:lo + bs]
+                t0 = clock()
+                logits = method.forward(x, ids)
+                t1 = clock()
+                loss, g = softmax_cross_entropy(logits, y[ids])
+                method.backward(g)
+                t2 = clock()
+                opt.step()
+                t3 = clock()
+                t_fwd += t1 - t0
+                t_bwd += t2 - t1
+                t_upd += t3 - t2
+                loss_sum += loss * len(ids)
+            seconds = clock() - start
+            epoch_loss = loss_sum / n
+            if not np.isfinite(epoch_loss) or not np.all(np.isfinite(method.params.flat)):
+                method.params.flat[...] = snapshot
+                raise TrainingDiverged(
+                    f"{method.name}: the training loss became {epoch_loss} in epoch {epoch}; parameters were "
+                    f"restored to the end of epoch {epoch - 1}. Lower the learning rate (now {config.lr}).")
+            rec = EpochRecord(epoch, epoch_loss, seconds, t_fwd, t_bwd, t_upd)
+            if validate:
+                t0 = clock()
+                rec.val_loss, rec.val_accuracy = evaluate(method, x_val, y_val)
+                rec.eval_seconds = clock() - t0
+                if rec.val_loss < best_loss:
+                    best_loss, since_best, hist.best_epoch = rec.val_loss, 0, epoch
+                    if config.patience is not None:
+                        best_params = method.params.flat.copy()
+                else:
+                    since_best += 1
+            hist.epochs.append(rec)
+            post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
+            bar.update(1, post)
+            if callback is not None and callback(rec):
+                break
+            if config.patience is not None and validate and since_best >= config.patience:
+                hist.stopped_early = True
+                break
+    finally:
+        bar.close()
+        method.end_fit()
+    if best_params is not None and hist.stopped_early:
+        method.params.flat[...] = best_params
+    hist.memory = method.memory_report()
+    cache = getattr(method, "cache", None)
+    if cache is not None:
+        hist.cache = cache.stats()
+    return hist
