@@ -136,6 +136,9 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     clock = time.perf_counter
     method.begin_fit(x)
     bar = Progress(config.epochs, desc=method.name, enabled=progress if progress is not None else None)
+    # Divergence is detected below, once per epoch; NumPy's per-operation warnings add nothing.
+    errstate = np.errstate(over="ignore", invalid="ignore")
+    errstate.__enter__()
     try:
         for epoch in range(1, config.epochs + 1):
             snapshot = method.params.flat.copy()
@@ -184,6 +187,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                 hist.stopped_early = True
                 break
     finally:
+        errstate.__exit__(None, None, None)
         bar.close()
         method.end_fit()
     if best_params is not None and hist.stopped_early:

@@ -31,6 +31,7 @@ class ParamStore:
         self.values: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.masks: dict[str, np.ndarray] = dict(masks or {})
+        self.slices: dict[str, slice] = {}
         offset = 0
         for name, a in tensors.items():
             n = int(a.size)
@@ -38,6 +39,7 @@ class ParamStore:
             v[...] = a
             self.values[name] = v
             self.grads[name] = self.grad[offset:offset + n].reshape(a.shape)
+            self.slices[name] = slice(offset, offset + n)
             offset += n
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -45,6 +47,13 @@ class ParamStore:
 
     def __iter__(self):
         return iter(self.values)
+
+    def trainable_mask(self) -> np.ndarray:
+        """A flat boolean mask over ``flat``: True where the entry actually trains."""
+        out = np.ones(self.flat.shape, bool)
+        for name, mask in self.masks.items():
+            out[self.slices[name]] = mask.ravel()
+        return out
 
     @property
     def n_trainable(self) -> int:
@@ -145,6 +154,13 @@ class Method:
         raise NotImplementedError(f"{self.name} cannot be merged into a plain backbone")
 
     # -- reporting ----------------------------------------------------------------------
+    def trainable_mask(self) -> np.ndarray:
+        """A flat boolean mask over ``flat``: True where the entry actually trains."""
+        out = np.ones(self.flat.shape, bool)
+        for name, mask in self.masks.items():
+            out[self.slices[name]] = mask.ravel()
+        return out
+
     @property
     def n_trainable(self) -> int:
         return self.params.n_trainable
