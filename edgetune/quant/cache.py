@@ -1,0 +1,106 @@
+"""An int8 skip-cache: the adapters' inputs stored as int8 with one scale per column block.
+
+A row ``[x | h_1 | ... | h_{n-1} | z_n]`` costs ``D + 4 * out`` bytes instead of
+``4 * (D + out)``: the D adapter inputs as int8, the frozen logits kept float32 (they are
+added to the output as they are, and there are only ``out`` of them). On an int8 backbone
+the taps *are* int8 values times the layer's input scale, so this cache is lossless; on a
+float backbone it rounds the taps to the calibrated scales (see ``docs/budgets.md`` for the
+accuracy effect).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..cache import SkipCache
+from ..errors import BudgetError, UsageError
+from ..units import format_bytes
+from .int8 import QMAX, QuantBackbone, calibrate
+
+
+class Int8SkipCache(SkipCache):
+    def __init__(self, n_samples: int, col_scales: np.ndarray, n_outputs: int, *,
+                 budget_bytes: int | None = None, overflow: str = "error"):
+        col_scales = np.asarray(col_scales, np.float32)
+        d_in = int(col_scales.shape[0])
+        row_bytes = d_in + 4 * n_outputs
+        need = n_samples * row_bytes
+        capacity = n_samples
+        if budget_bytes is not None and need > budget_bytes:
+            if overflow == "error":
+                raise BudgetError(
+                    f"the int8 skip-cache needs {format_bytes(need)} ({n_samples} samples x ({d_in} int8 + "
+                    f"{n_outputs} float32)) but the budget is {format_bytes(budget_bytes)}")
+            capacity = int(budget_bytes // row_bytes)
+        self.n_samples = n_samples
+        self.capacity = capacity
+        self.row_width = d_in + n_outputs
+        self.d_in = d_in
+        self.col_scales = col_scales
+        self.data = np.empty((capacity, d_in), np.int8)
+        self.logits = np.empty((capacity, n_outputs), np.float32)
+        self.filled = np.zeros(n_samples, dtype=bool)
+        self.key = None
+        self.hits = self.misses = self.invalidations = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.logits.nbytes + self.col_scales.nbytes + self.filled.nbytes
+
+    def _quantize(self, h: np.ndarray) -> np.ndarray:
+        q = np.rint(h / self.col_scales)
+        np.clip(q, -QMAX, QMAX, out=q)
+        return q.astype(np.int8)
+
+    def fetch(self, ids: np.ndarray, compute: Callable[[np.ndarray], np.ndarray],
+              out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((len(ids), self.row_width), np.float32)
+        hit = self.filled[ids]
+        miss = ~hit
+        if miss.any():
+            mids = ids[miss]
+            rows = np.asarray(compute(mids), np.float32)
+            q = self._quantize(rows[:, :self.d_in])
+            # Every epoch sees the rounded rows, whether they come from the cache or not.
+            rows[:, :self.d_in] = q * self.col_scales
+            out[miss] = rows
+            keep = mids < self.capacity
+            if keep.any():
+                sids = mids[keep]
+                self.data[sids] = q[keep]
+                self.logits[sids] = rows[keep, self.d_in:]
+                self.filled[sids] = True
+        if hit.any():
+            hids = ids[hit]
+            rows = np.empty((len(hids), self.row_width), np.float32)
+            np.multiply(self.data[hids], self.col_scales, out=rows[:, :self.d_in])
+            rows[:, self.d_in:] = self.logits[hids]
+            out[hit] = rows
+        self.hits += int(hit.sum())
+        self.misses += int(miss.sum())
+        return out
+
+
+def attach_int8_cache(method, n_samples: int, *, x_calib: np.ndarray | None = None,
+                      percentile: float = 100.0) -> Int8SkipCache:
+    """Give a ``skip2-lora`` method an int8 cache for ``n_samples`` training samples.
+
+    On an int8 backbone the column scales are the backbone's own input scales; on a float
+    backbone they are calibrated on raw inputs ``x_calib`` (pre-training data).
+    """
+    if not getattr(method, "uses_cache", False):
+        raise UsageError(f"method {method.name} has no skip-cache")
+    bb = method.backbone
+    if isinstance(bb, QuantBackbone):
+        scales = bb.tap_scales()
+    else:
+        if x_calib is None:
+            raise UsageError("an int8 cache on a float backbone needs calibration inputs (x_calib)")
+        s = calibrate(bb, x_calib, percentile=percentile)[:-1]
+        scales = np.repeat(s, bb.sizes[:-1]).astype(np.float32)
+    opts = method.options
+    method.cache = Int8SkipCache(n_samples, scales, bb.sizes[-1], budget_bytes=opts.cache_budget,
+                                 overflow=opts.cache_overflow)
+    return method.cache
