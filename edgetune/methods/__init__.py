@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "lora-last": "edgetune.methods.lora_last:LoRALast",
     "skip-lora": "edgetune.methods.skip_lora:SkipLoRA",
     "skip2-lora": "edgetune.methods.skip2_lora:Skip2LoRA",
+    "sparse": "edgetune.methods.sparse:SparseUpdate",
 }
 
 

@@ -1,0 +1,281 @@
+"""`sparse`: sparse update (Lin et al., NeurIPS 2022) on a float or an int8 backbone.
+
+A scheme names what trains: the biases of the last ``k`` layers and the weights of chosen
+layers, each at a channel ratio ``r`` (the first ``ceil(r * out)`` output channels train).
+Scheme strings: ``"b2,w2:1/4,w1:1/8"`` = biases of the last 2 layers, a quarter of layer
+2's weight rows, an eighth of layer 1's (layers count from 0; ``w-1`` is the last layer).
+
+The backward pass is pruned to the scheme: it stops at the first layer with anything
+trainable, computes a weight gradient only for the trained rows, and keeps a layer's input
+only where that layer's weight trains; where the gradient merely passes through a ReLU it
+keeps a boolean mask instead of the activation.
+
+On an int8 backbone (``QuantBackbone``) the layers before the first trained one run the
+real int8 kernel; from there on the graph is fake-quantised (weights rounded to int8,
+activations to their int8 scales, gradients straight through). Trained tensors live in
+int8 units (weight ``Wq``, bias ``bq``, as float shadows so small steps accumulate), and
+with Quantization-Aware Scaling (on by default for int8) their gradients are scaled as in
+the paper's Eq. 4: ``G_Wq * s_W^-2`` and ``G_bq * (s_W s_x)^-2`` per output channel. That
+restores the float graph's ratio of update to weight, so plain SGD works again.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from ..errors import UsageError
+from ..nn.mlp import Backbone
+from .base import Method, MethodOptions, ParamStore
+
+RATIOS = (Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), Fraction(1))
+_TOKEN = re.compile(r"^(?:b(\d+)|w(-?\d+)(?::([0-9./]+))?)$")
+
+
+@dataclass(frozen=True)
+class SparseScheme:
+    """What trains: biases of the last ``bias_layers`` layers; ``weights`` = ((layer, ratio), ...)."""
+    bias_layers: int = 0
+    weights: tuple[tuple[int, Fraction], ...] = ()
+
+    @classmethod
+    def parse(cls, text: "str | SparseScheme") -> "SparseScheme":
+        if isinstance(text, SparseScheme):
+            return text
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError("a sparse scheme must be a non-empty string such as 'b2,w-1:1/2'")
+        bias, weights = 0, {}
+        for tok in text.replace(" ", "").split(","):
+            m = _TOKEN.match(tok)
+            if not m:
+                raise UsageError(f"bad sparse-scheme item {tok!r}: write bK (biases of the last K layers) "
+                                 f"or wL[:R] (layer L's weight at channel ratio R in 1/8, 1/4, 1/2, 1)")
+            if m.group(1) is not None:
+                bias = max(bias, int(m.group(1)))
+                continue
+            layer = int(m.group(2))
+            try:
+                ratio = Fraction(m.group(3) or "1")
+            except (ValueError, ZeroDivisionError):
+                raise UsageError(f"bad channel ratio in {tok!r}") from None
+            if ratio not in RATIOS:
+                raise UsageError(f"channel ratio {ratio} in {tok!r}: use one of 1/8, 1/4, 1/2, 1")
+            if layer in weights:
+                raise UsageError(f"layer {layer} appears twice in the sparse scheme {text!r}")
+            weights[layer] = ratio
+        return cls(bias, tuple(sorted(weights.items())))
+
+    def resolve(self, n_layers: int) -> "SparseScheme":
+        """Layer numbers made non-negative and checked against a backbone of ``n_layers``."""
+        if self.bias_layers > n_layers:
+            raise UsageError(f"scheme trains the biases of the last {self.bias_layers} layers, "
+                             f"but the backbone has {n_layers}")
+        out = {}
+        for layer, ratio in self.weights:
+            k = layer + n_layers if layer < 0 else layer
+            if not 0 <= k < n_layers:
+                raise UsageError(f"scheme names layer {layer}, but the backbone has layers 0..{n_layers - 1}")
+            if k in out:
+                raise UsageError(f"layer {k} appears twice in the sparse scheme")
+            out[k] = ratio
+        return SparseScheme(self.bias_layers, tuple(sorted(out.items())))
+
+    def __str__(self) -> str:
+        items = [f"b{self.bias_layers}"] if self.bias_layers else []
+        items += [f"w{k}" + ("" if r == 1 else f":{r}") for k, r in self.weights]
+        return ",".join(items) or "(nothing)"
+
+    def channels(self, out_widths: list[int]) -> dict[int, int]:
+        """Trained rows per layer with a trained weight (layers must be resolved)."""
+        return {k: max(1, math.ceil(r * out_widths[k])) for k, r in self.weights}
+
+    def bias_set(self, n_layers: int) -> set[int]:
+        return set(range(n_layers - self.bias_layers, n_layers))
+
+
+DEFAULT_SCHEME = "b2,w-1"
+
+
+@dataclass
+class SparseOptions(MethodOptions):
+    """``MethodOptions`` plus the scheme and QAS switch (None: on for int8 backbones)."""
+    scheme: str = DEFAULT_SCHEME
+    qas: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        SparseScheme.parse(self.scheme)
+
+
+def is_int8(backbone: Backbone) -> bool:
+    return hasattr(backbone, "qweights")
+
+
+class SparseUpdate(Method):
+    name = "sparse"
+    description = "Sparse update: biases of the last k layers + chosen weight rows; int8 backbones with QAS."
+
+    def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
+                 rng: np.random.Generator | None = None):
+        if options is not None and not isinstance(options, SparseOptions):
+            options = SparseOptions(**{f: getattr(options, f) for f in MethodOptions.__dataclass_fields__})
+        super().__init__(backbone, options or SparseOptions(), rng)
+        bb = self.backbone
+        n = bb.n_layers
+        opts: SparseOptions = self.options  # type: ignore[assignment]
+        scheme = SparseScheme.parse(opts.scheme)
+        if opts.scheme == DEFAULT_SCHEME:  # the default adapts to a shallow backbone
+            scheme = SparseScheme(min(scheme.bias_layers, n), scheme.weights)
+        self.scheme = scheme.resolve(n)
+        if opts.train_last_bias and self.scheme.bias_layers == 0:
+            self.scheme = SparseScheme(1, self.scheme.weights)
+        self.int8 = is_int8(bb)
+        self.qas = self.int8 if opts.qas is None else bool(opts.qas)
+        dt = bb.dtype
+        self.rows = self.scheme.channels(bb.sizes[1:])
+        self.train_bias = self.scheme.bias_set(n)
+        tensors: dict[str, np.ndarray] = {}
+        for k in range(n):
+            if k in self.rows:
+                w = bb.qweights[k] if self.int8 else bb.weights[k]
+                tensors[f"layers.{k}.weight"] = np.asarray(w[:self.rows[k]], dt)
+            if k in self.train_bias:
+                b = bb.qbiases[k] if self.int8 else bb.biases[k]
+                tensors[f"layers.{k}.bias"] = np.asarray(b, dt)
+        self.params = ParamStore(tensors, dt)
+        trainable = sorted(set(self.rows) | self.train_bias)
+        self.first = trainable[0] if trainable else n
+        # Per-layer float scales: the weight unit s_W (out,) and the bias unit s_x s_W (out,).
+        if self.int8:
+            self.w_unit = [s.astype(dt) for s in bb.wscales]
+            self.b_unit = [(s * a).astype(dt) for s, a in zip(bb.wscales, bb.act_scales)]
+        self._kept: list[np.ndarray | None] = [None] * n
+        self._masks: list[np.ndarray | None] = [None] * n
+
+    # -- effective float tensors ----------------------------------------------------------
+    def _weight(self, k: int) -> np.ndarray:
+        """Layer k's weight as the forward pass uses it (float, trained rows included)."""
+        bb = self.backbone
+        c = self.rows.get(k, 0)
+        if not self.int8:
+            if not c:
+                return bb.weights[k]
+            w = np.empty_like(bb.weights[k])
+            w[:c] = self.params[f"layers.{k}.weight"]
+            w[c:] = bb.weights[k][c:]
+            return w
+        w = bb.qweights[k].astype(bb.dtype)
+        if c:
+            w[:c] = np.clip(np.rint(self.params[f"layers.{k}.weight"]), -127, 127)
+        w *= self.w_unit[k][:, None]
+        return w
+
+    def _bias(self, k: int) -> np.ndarray:
+        bb = self.backbone
+        if not self.int8:
+            return self.params[f"layers.{k}.bias"] if k in self.train_bias else bb.biases[k]
+        b = np.rint(self.params[f"layers.{k}.bias"]) if k in self.train_bias else bb.qbiases[k]
+        return (b * self.b_unit[k]).astype(bb.dtype)
+
+    # -- forward / backward -------------------------------------------------------------
+    def _start(self, x: np.ndarray) -> np.ndarray:
+        """The float input of layer ``first`` (frozen layers before it run as they are)."""
+        bb = self.backbone
+        if self.int8:
+            q = bb.run_int8(bb.quantize_input(x), 0, min(self.first, bb.n_layers - 1))
+            return q * bb.act_scales[min(self.first, bb.n_layers - 1)]
+        h = x
+        for k in range(min(self.first, bb.n_layers - 1)):
+            z = h @ bb.weights[k].T
+            z += bb.biases[k]
+            h = bb.activation.forward(z)
+        return h
+
+    def _run(self, x: np.ndarray, keep: bool) -> np.ndarray:
+        bb = self.backbone
+        n = bb.n_layers
+        if self.first >= n:  # nothing trains
+            return bb.forward(x)
+        h = self._start(x)
+        last = n - 1
+        for k in range(self.first, n):
+            if keep:
+                if k in self.rows:
+                    self._kept[k] = h
+                elif k > self.first:
+                    self._masks[k] = self._mask_of(k, h)
+            z = h @ self._weight(k).T
+            z += self._bias(k)
+            if k == last:
+                return z
+            h = bb.activation.forward(z)
+            if self.int8:  # fake-quantise to layer k+1's int8 input
+                s = bb.act_scales[k + 1]
+                np.clip(np.rint(h / s), -127, 127, out=h)
+                h *= s
+        raise AssertionError("unreachable")
+
+    def _mask_of(self, k: int, h: np.ndarray) -> np.ndarray:
+        """Where the gradient passes back through layer k-1's activation (and int8 clip)."""
+        mask = h > 0 if self.backbone.activation.name == "relu" else np.ones(h.shape, bool)
+        if self.int8:
+            mask &= h < 127 * self.backbone.act_scales[k]
+        return mask
+
+    def forward(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self._run(x[ids], keep=True)
+
+    def predict_logits(self, x: np.ndarray) -> np.ndarray:
+        return self._run(x, keep=False)
+
+    def backward(self, g: np.ndarray) -> None:
+        bb, grads = self.backbone, self.params.grads
+        if bb.activation.name not in ("relu", "identity"):
+            raise UsageError("sparse update supports ReLU and identity activations")
+        for k in range(bb.n_layers - 1, self.first - 1, -1):
+            c = self.rows.get(k, 0)
+            if c:
+                gw = grads[f"layers.{k}.weight"]
+                np.matmul(g[:, :c].T, self._kept[k], out=gw)
+                if self.int8:  # d/dWq = s_W dW; QAS multiplies by s_W^-2
+                    gw *= (1 / self.w_unit[k][:c] if self.qas else self.w_unit[k][:c])[:, None]
+            if k in self.train_bias:
+                gb = grads[f"layers.{k}.bias"]
+                np.sum(g, axis=0, out=gb)
+                if self.int8:  # d/dbq = s_x s_W db; QAS multiplies by (s_x s_W)^-2
+                    gb *= 1 / self.b_unit[k] if self.qas else self.b_unit[k]
+            if k > self.first:
+                dh = g @ self._weight(k)
+                mask = self._masks[k] if self._masks[k] is not None else self._mask_of(k, self._kept[k])
+                dh *= mask
+                g = dh
+
+    def end_fit(self) -> None:
+        n = self.backbone.n_layers
+        self._kept, self._masks = [None] * n, [None] * n
+
+    # -- deployment ---------------------------------------------------------------------
+    def merged_backbone(self) -> Backbone:
+        """The backbone with the trained rows written in (int8 values for an int8 backbone)."""
+        bb = self.backbone
+        if self.int8:
+            qw = {}
+            for k, c in self.rows.items():
+                w = bb.qweights[k].copy()
+                w[:c] = np.clip(np.rint(self.params[f"layers.{k}.weight"]), -127, 127)
+                qw[k] = w
+            qb = {k: np.rint(self.params[f"layers.{k}.bias"]) for k in self.train_bias}
+            return bb.replace(qw, qb)
+        out = bb.copy()
+        for k, c in self.rows.items():
+            out.weights[k][:c] = self.params[f"layers.{k}.weight"]
+        for k in self.train_bias:
+            out.biases[k][...] = self.params[f"layers.{k}.bias"]
+        return out
+
+    def kept_bytes(self) -> int:
+        """Bytes of activations and masks currently kept for backward."""
+        return sum(a.nbytes for a in (*self._kept, *self._masks) if a is not None)
