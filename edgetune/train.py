@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import EdgetuneError, UsageError
 from .methods.base import Method
-from .nn.losses import cross_entropy_from_logits, softmax_cross_entropy
+from .nn.losses import SoftmaxCrossEntropyGrad, cross_entropy_from_logits
 from .optim import OPTIMIZERS, make_optimizer
 from .progress import Progress
 
@@ -135,6 +135,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     bs = config.batch_size
     clock = time.perf_counter
     method.begin_fit(x)
+    loss_grad = SoftmaxCrossEntropyGrad(method.backbone.sizes[-1])
     bar = Progress(config.epochs, desc=method.name, enabled=progress if progress is not None else None)
     # Divergence is detected below, once per epoch; NumPy's per-operation warnings add nothing.
     errstate = np.errstate(over="ignore", invalid="ignore")
@@ -143,25 +144,23 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
         for epoch in range(1, config.epochs + 1):
             snapshot = method.params.flat.copy()
             order = rng.permutation(n) if config.shuffle else np.arange(n)
+            y_order = y[order]
+            loss_grad.start_epoch(n, x.dtype)
             t_fwd = t_bwd = t_upd = 0.0
-            loss_sum = 0.0
             start = clock()
             for lo in range(0, n, bs):
-                ids = order[lo:lo + bs]
                 t0 = clock()
-                logits = method.forward(x, ids)
+                logits = method.forward(x, order[lo:lo + bs])
                 t1 = clock()
-                loss, g = softmax_cross_entropy(logits, y[ids])
-                method.backward(g)
+                method.backward(loss_grad(logits, y_order[lo:lo + bs]))
                 t2 = clock()
                 opt.step()
                 t3 = clock()
                 t_fwd += t1 - t0
                 t_bwd += t2 - t1
                 t_upd += t3 - t2
-                loss_sum += loss * len(ids)
             seconds = clock() - start
-            epoch_loss = loss_sum / n
+            epoch_loss = loss_grad.epoch_loss()
             if not np.isfinite(epoch_loss) or not np.all(np.isfinite(method.params.flat)):
                 method.params.flat[...] = snapshot
                 raise TrainingDiverged(
