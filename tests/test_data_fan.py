@@ -104,7 +104,8 @@ def test_damage_task_splits(name, epochs):
     assert np.bincount(y_si).tolist() == [470, 470]
     for x in (task.x_pretrain, task.x_finetune, task.x_test, x_si):
         assert x.dtype == np.float32 and np.isfinite(x).all()
-    assert task.defaults == {"hidden": [96, 96], "epochs": epochs, "batch_size": 20, "lr": 0.01}
+    assert task.defaults == {"hidden": [96, 96], "epochs": epochs, "batch_size": 20, "lr": 0.01,
+                             "pretrain_epochs": 100}
     # Splits are different recordings: no spectrum appears in two of them.
     seen: dict[bytes, str] = {}
     for split, x in [("pretrain", task.x_pretrain), ("finetune", task.x_finetune),

@@ -124,10 +124,14 @@ def test_har_task_protocol(windows):
         assert counts.min() > 0.6 * counts.max(), (s, counts)  # every class well represented
         x = getattr(task, f"x_{s}")
         assert x.dtype == np.float32 and np.isfinite(x).all()
-    # Standardised with pre-training statistics only.
-    np.testing.assert_allclose(task.x_pretrain.mean(axis=0), 0.0, atol=1e-3)
-    assert abs(task.x_test.mean()) > 1e-3
-    assert task.defaults == {"hidden": [96, 96], "epochs": 200, "batch_size": 20, "lr": 0.01}
+    # Raw features by default (the backbone normalises); raw equals the window features.
+    assert abs(task.x_pretrain.mean(axis=0)).max() > 0.1
+    assert task.defaults == {"hidden": [96, 96], "epochs": 200, "batch_size": 20, "lr": 0.01,
+                             "pretrain_epochs": 50}
+    # standardize=True: z-scored with pre-training statistics only.
+    z = har.har_task(DATA, standardize=True)
+    np.testing.assert_allclose(z.x_pretrain.mean(axis=0), 0.0, atol=1e-3)
+    assert abs(z.x_test.mean()) > 1e-3
 
     hw = windows
     pre = np.isin(hw.subject, range(1, 16))

@@ -295,7 +295,7 @@ def damage_task(damage: str, data_dir: str | os.PathLike | None = None, *,
         x_pretrain=x_pre, y_pretrain=y_pre, x_finetune=x_ft, y_finetune=y_ft,
         x_test=x_te, y_test=y_te, extra_tests={"silent": (x_si, y_si)},
         defaults={"hidden": [96, 96], "epochs": 100 if damage == "damage1" else 60,
-                  "batch_size": 20, "lr": 0.01},
+                  "batch_size": 20, "lr": 0.01, "pretrain_epochs": 100},
         description=(f"12 cm fan, normal vs {damage} (hmlo): pre-train silentA_1+silentB_1, "
                      f"fine-tune noisy_1, test noisy_2; 'silent' = silentA_2+silentB_2"),
     )

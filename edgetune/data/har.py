@@ -337,13 +337,14 @@ def _subjects(value: Iterable[int] | range, what: str) -> set[int]:
 
 def har_task(data_dir: str | os.PathLike | None = None, *,
              pretrain_subjects: Iterable[int] = range(1, 16),
-             finetune_fraction: float = 0.5, standardize: bool = True,
+             finetune_fraction: float = 0.5, standardize: bool = False,
              cache: bool = True, **options: Any) -> Task:
     """HAR with a new-subject gap: pre-train on ``pretrain_subjects`` (default users
     1..15); fine-tune and test on the other users, each user's windows split by time per
     activity (first ``finetune_fraction`` fine-tunes, the rest tests, the straddling
-    window dropped). With ``standardize`` every feature is z-scored with the mean and
-    standard deviation of the pre-training split (no statistics from the other splits)."""
+    window dropped). Features are raw: the backbone fits its input normalisation on the
+    pre-training split and saves it with the model, so a deployed model takes raw features.
+    ``standardize=True`` z-scores them here instead (pre-training statistics only)."""
     if options:
         raise UsageError(f"har: unknown option(s) {', '.join(sorted(options))}; this task takes "
                          f"pretrain_subjects, finetune_fraction, standardize, cache")
@@ -369,7 +370,8 @@ def har_task(data_dir: str | os.PathLike | None = None, *,
         x_pretrain=x[i_pre], y_pretrain=hw.activity[i_pre],
         x_finetune=x[i_ft], y_finetune=hw.activity[i_ft],
         x_test=x[i_te], y_test=hw.activity[i_te],
-        defaults={"hidden": [96, 96], "epochs": 200, "batch_size": 20, "lr": 0.01},
+        defaults={"hidden": [96, 96], "epochs": 200, "batch_size": 20, "lr": 0.01,
+                  "pretrain_epochs": 50},
         description=(f"UCI HAPT, 6 activities, {len(HAR_FEATURE_NAMES)} window features; "
                      f"pre-train subjects {_ranges(sorted(pre))}, fine-tune/test subjects "
                      f"{_ranges(new)} split by time per activity"),
