@@ -97,11 +97,21 @@ class FineTuner:
         return self.method.merged_backbone()
 
     # -- adapter files -----------------------------------------------------------------
-    def save_adapter(self, path: str | os.PathLike) -> Path:
-        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into directory ``path``."""
+    def save_adapter(self, path: str | os.PathLike, *, format: str = "edgetune") -> Path:
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into directory ``path``.
+
+        ``format="peft"`` (``lora-all``/``lora-last`` only) writes Hugging Face PEFT's key
+        names and config, loadable by PEFT onto ``edgetune.torch.to_torch(backbone)`` and
+        by ``load_adapter``; see ``edgetune.peft_format``.
+        """
         from .io_atomic import write_bytes_atomic, write_json_atomic
         from .safetensors import dumps
 
+        if format not in ("edgetune", "peft"):
+            raise UsageError(f"format must be 'edgetune' or 'peft', got {format!r}")
+        if format == "peft":
+            from .peft_format import save_peft_adapter
+            return save_peft_adapter(self.method, path)
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise UsageError(f"{path} exists and is not a directory")
@@ -123,6 +133,8 @@ class FineTuner:
 
         ``strict`` refuses an adapter trained on a different backbone (its outputs would be
         meaningless); same-shaped but different weights are only accepted with strict=False.
+        PEFT LoRA adapters load too (``lora-all``/``lora-last``); one written by PEFT itself
+        records no backbone digest, so only its shapes can be checked.
         """
         from .safetensors import loads
 
@@ -135,6 +147,16 @@ class FineTuner:
             cfg = json.loads(cfg_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
+        if isinstance(cfg, dict) and "peft_type" in cfg:  # a PEFT LoRA adapter (edgetune.peft_format)
+            from .peft_format import read_peft_adapter
+            peft = read_peft_adapter(path, backbone)
+            if strict and peft["digest"] not in (None, backbone.digest()):
+                raise ModelFileError("adapter was trained on a different backbone (same shape, other weights); "
+                                     "pass strict=False to load it anyway")
+            tuner = cls(backbone, peft["method"], rank=peft["rank"], alpha=peft["alpha"],
+                        train_last_bias=peft["train_last_bias"], **train_options)
+            tuner.method.load_adapter_tensors(peft["tensors"])
+            return tuner
         if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
             raise ModelFileError(f"{cfg_path}: not an edgetune adapter config")
         blob = w_path.read_bytes()

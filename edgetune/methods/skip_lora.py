@@ -110,3 +110,42 @@ class SkipLoRA(Method):
             b[:, k * r:(k + 1) * r] = tensors[f"skip.{k}.lora_B"]
         if self.options.train_last_bias:
             self.params["head.bias_delta"][...] = tensors["head.bias_delta"]
+
+    # -- deployment: fold what folds ----------------------------------------------------
+    def merge_parts(self) -> tuple[Backbone, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """The backbone with every adapter that folds folded in, and those that cannot.
+
+        The adapter on the last layer's input adds s B A h_{n-1} to the logits, exactly
+        what W_n + s B A computes, and the bias delta adds to b_n: both fold. An adapter
+        on an earlier layer's input h_{k-1} cannot: the last layer only sees h_{n-1}, a
+        nonlinear function of h_{k-1}. Those come back as ``{k: (A_k, s * B_k)}`` (layer
+        k's input, 0-based), adapters whose product is exactly zero left out.
+        """
+        out = self.backbone.copy()
+        t = self.adapter_tensors()
+        last = out.n_layers - 1
+        rest: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for k in range(out.n_layers):
+            a, sb = t[f"skip.{k}.lora_A"], (self.scale * t[f"skip.{k}.lora_B"]).astype(out.dtype)
+            if k == last:
+                out.weights[k] += (sb @ a).astype(out.dtype)
+            elif np.any(sb @ a):
+                rest[k] = (a, sb)
+        if self.options.train_last_bias:
+            out.biases[last] += t["head.bias_delta"]
+        return out, rest
+
+    def merged_backbone(self) -> Backbone:
+        """A plain backbone, when every adapter but the last layer's is zero; else UsageError."""
+        from ..errors import UsageError
+
+        out, rest = self.merge_parts()
+        if rest:
+            raise UsageError(
+                f"{self.name} cannot be merged into a plain MLP: the adapters on the inputs of layers "
+                f"{sorted(rest)} (0-based, of {out.n_layers}) read tensors that reach the last layer only "
+                f"through the layers in between, so no change of W_n reproduces them. Only the last "
+                f"layer's adapter and bias fold. "
+                f"Deploy with edgetune.torch.skip_head(method), or method.merge_parts() (the folded "
+                f"backbone plus the remaining rank-{self.options.rank} products)")
+        return out
