@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'edgetune COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="BLAS threads (default 1, or $EDGETUNE_THREADS): small batches run fastest on one")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in _command_modules():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
@@ -49,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_threads(threads: int | None) -> None:
+    import os
+
+    from ..threads import set_blas_threads
+
+    if threads is None:
+        env = os.environ.get("EDGETUNE_THREADS", "1")
+        try:
+            threads = int(env)
+        except ValueError:
+            raise UsageError(f"EDGETUNE_THREADS must be a whole number, got {env!r}") from None
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    set_blas_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        _set_threads(args.threads)
         return int(args._run(args) or 0)
     except UsageError as e:
         print(f"edgetune {args.command}: error: {e}", file=sys.stderr)
