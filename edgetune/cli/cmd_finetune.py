@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-budget", metavar="BYTES", help="skip2-lora: largest skip-cache allowed, e.g. 4MB")
     g.add_argument("--partial-cache", action="store_true",
                    help="skip2-lora: when the cache exceeds --cache-budget, cache what fits and recompute the rest")
+    g.add_argument("--budget", metavar="BYTES",
+                   help="training-memory budget, e.g. 256KB: refuse (exit 1) before fine-tuning if the planned "
+                        "memory exceeds it (see 'edgetune plan')")
     add_train_args(p)
     g = p.add_argument_group("pre-training (only without --model)")
     g.add_argument("--hidden", type=int_list, metavar="W1,W2,...", help="hidden widths (task default, else 96,96)")
@@ -60,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
         info(args, f"pre-trained {'-'.join(map(str, model.sizes))} in {rep['pretrain_seconds']:.2f} s; "
                    f"test accuracy {rep['accuracy_test']:.4f}")
     train = train_kwargs(args, task.defaults)
+    if args.budget is not None:
+        from ..memory import check_budget, plan_memory
+
+        limit = parse_bytes(args.budget)
+        check_budget(plan_memory(model, args.method, batch_size=train["batch_size"], n_samples=len(task.y_finetune),
+                                 optimizer=train["optimizer"], rank=args.rank,
+                                 train_last_bias=args.train_last_bias), limit)
     tuner, result = finetune_on_task(
         task, model, args.method,
         method_options={"rank": args.rank, "alpha": args.alpha, "train_last_bias": args.train_last_bias,

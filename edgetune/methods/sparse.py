@@ -155,23 +155,49 @@ class SparseUpdate(Method):
         self._kept: list[np.ndarray | None] = [None] * n
         self._masks: list[np.ndarray | None] = [None] * n
 
-    # -- effective float tensors ----------------------------------------------------------
-    def _weight(self, k: int) -> np.ndarray:
-        """Layer k's weight as the forward pass uses it (float, trained rows included)."""
+    # -- the layers' float weights, a block of rows at a time ----------------------------
+    def _blocks(self, k: int):
+        """(r0, r1, float rows r0:r1 of layer k's weight as the forward pass uses them).
+
+        Float frozen rows are views; int8 rows are widened one small tile at a time, so the
+        int8 path never holds a float copy of a whole layer.
+        """
         bb = self.backbone
         c = self.rows.get(k, 0)
         if not self.int8:
-            if not c:
-                return bb.weights[k]
-            w = np.empty_like(bb.weights[k])
-            w[:c] = self.params[f"layers.{k}.weight"]
-            w[c:] = bb.weights[k][c:]
-            return w
-        w = bb.qweights[k].astype(bb.dtype)
-        if c:
-            w[:c] = np.clip(np.rint(self.params[f"layers.{k}.weight"]), -127, 127)
-        w *= self.w_unit[k][:, None]
-        return w
+            if c:
+                yield 0, c, self.params[f"layers.{k}.weight"]
+            if c < bb.sizes[k + 1]:
+                yield c, bb.sizes[k + 1], bb.weights[k][c:]
+            return
+        from ..quant.int8 import TILE_BYTES
+        out_k, in_k = bb.qweights[k].shape
+        t = max(1, TILE_BYTES // (in_k * 4))
+        unit = self.w_unit[k]
+        for lo, hi in ((0, c), (c, out_k)):
+            for r0 in range(lo, hi, t):
+                r1 = min(r0 + t, hi)
+                if r0 < c:
+                    w = np.clip(np.rint(self.params[f"layers.{k}.weight"][r0:r1]), -127, 127)
+                else:
+                    w = bb.qweights[k][r0:r1].astype(bb.dtype)
+                w *= unit[r0:r1, None]
+                yield r0, r1, w
+
+    def _linear(self, h: np.ndarray, k: int) -> np.ndarray:
+        z = np.empty((h.shape[0], self.backbone.sizes[k + 1]), h.dtype)
+        for r0, r1, w in self._blocks(k):
+            np.matmul(h, w.T, out=z[:, r0:r1])
+        z += self._bias(k)
+        return z
+
+    def _linear_back(self, g: np.ndarray, k: int) -> np.ndarray:
+        dh = np.zeros((g.shape[0], self.backbone.sizes[k]), g.dtype)
+        tmp = np.empty_like(dh)
+        for r0, r1, w in self._blocks(k):
+            np.matmul(g[:, r0:r1], w, out=tmp)
+            dh += tmp
+        return dh
 
     def _bias(self, k: int) -> np.ndarray:
         bb = self.backbone
@@ -207,14 +233,15 @@ class SparseUpdate(Method):
                     self._kept[k] = h
                 elif k > self.first:
                     self._masks[k] = self._mask_of(k, h)
-            z = h @ self._weight(k).T
-            z += self._bias(k)
+            z = self._linear(h, k)
             if k == last:
                 return z
             h = bb.activation.forward(z)
             if self.int8:  # fake-quantise to layer k+1's int8 input
                 s = bb.act_scales[k + 1]
-                np.clip(np.rint(h / s), -127, 127, out=h)
+                h /= s
+                np.rint(h, out=h)
+                np.clip(h, -127, 127, out=h)
                 h *= s
         raise AssertionError("unreachable")
 
@@ -248,7 +275,7 @@ class SparseUpdate(Method):
                 if self.int8:  # d/dbq = s_x s_W db; QAS multiplies by (s_x s_W)^-2
                     gb *= 1 / self.b_unit[k] if self.qas else self.b_unit[k]
             if k > self.first:
-                dh = g @ self._weight(k)
+                dh = self._linear_back(g, k)
                 mask = self._masks[k] if self._masks[k] is not None else self._mask_of(k, self._kept[k])
                 dh *= mask
                 g = dh

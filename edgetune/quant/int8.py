@@ -38,6 +38,8 @@ FORMAT_VERSION = 1
 QMAX = 127
 KERNELS = ("blas", "int32")
 _F32_EXACT = 2 ** 24
+#: Bytes of widened weight rows per matmul tile (a working buffer, not a copy of the model).
+TILE_BYTES = 16 * 1024
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,8 +53,10 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_activation(h: np.ndarray, scale: float, *, relu: bool = False) -> np.ndarray:
     """Symmetric int8 with one scale; ``relu`` clips at 0 (a ReLU output is never negative)."""
-    q = np.rint(np.asarray(h, dtype=np.float32) / np.float32(scale))
-    return np.clip(q, 0 if relu else -QMAX, QMAX).astype(np.int8)
+    q = np.divide(h, np.float32(scale), dtype=np.float32)
+    np.rint(q, out=q)
+    np.clip(q, 0 if relu else -QMAX, QMAX, out=q)
+    return q.astype(np.int8)
 
 
 def requant_params(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,14 +197,23 @@ class QuantBackbone(Backbone):
         """Prepared (normalised) float inputs -> int8 at the first layer's input scale."""
         return quantize_activation(x, self.act_scales[0])
 
+    def tile_rows(self, k: int) -> int:
+        """Weight rows converted per matmul tile, so no layer's weight is ever widened whole."""
+        return max(1, TILE_BYTES // (self.qweights[k].shape[1] * 4))
+
     def accumulate(self, k: int, q: np.ndarray) -> np.ndarray:
         """int32 accumulator of layer k for int8 inputs ``q`` (samples, in_k)."""
         w = self.qweights[k]
+        out_k, in_k = w.shape
         if self.kernel == "int32":
-            acc = np.matmul(q.astype(np.int32), w.T.astype(np.int32))
+            ft = np.int32
         else:
-            ft = np.float32 if w.shape[1] * 128 * QMAX < _F32_EXACT else np.float64
-            acc = np.matmul(q.astype(ft), w.T.astype(ft)).astype(np.int32)
+            ft = np.float32 if in_k * 128 * QMAX < _F32_EXACT else np.float64
+        qc = q.astype(ft)
+        acc = np.empty((q.shape[0], out_k), np.int32)
+        t = self.tile_rows(k)
+        for r0 in range(0, out_k, t):
+            acc[:, r0:r0 + t] = qc @ w[r0:r0 + t].astype(ft).T
         acc += self.qbiases[k]
         return acc
 

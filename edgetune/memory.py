@@ -1,0 +1,364 @@
+"""Training memory, planned before training and measured during it.
+
+``plan_memory`` gives an analytic account of what one fine-tuning run holds at its peak:
+the frozen weights (float or int8), the trainable tensors, their gradients, the optimizer's
+arrays, the trainer's per-epoch snapshot of the trainable tensors, the activations kept for
+backward, the skip-cache, and the working buffers of one step. ``measure_memory`` runs real
+steps under ``tracemalloc`` to check it. ``search`` lists every method and sparse scheme
+that fits a budget.
+"""
+from __future__ import annotations
+
+import itertools
+import tracemalloc
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import BudgetError, UsageError
+from .methods.sparse import RATIOS, SparseScheme
+from .nn.mlp import Backbone
+from .units import format_bytes
+
+F32 = 4
+COMPONENTS = ("frozen_weights", "trainable", "gradients", "optimizer", "snapshot", "activations", "cache", "working")
+FLOAT_ONLY = ("ft-all", "ft-last", "ft-bias", "lora-all", "lora-last")
+OPTIMIZER_COPIES = {"sgd": 1, "momentum": 2, "adam": 4}  # arrays the size of the parameters
+
+
+@dataclass
+class MemoryPlan:
+    method: str
+    backbone: str               # "float32" or "int8"
+    batch_size: int
+    n_samples: int
+    optimizer: str
+    n_trainable: int
+    scheme: str | None = None
+    cache: str | None = None    # "float32" / "int8" for skip2-lora
+    frozen_weights: int = 0
+    trainable: int = 0
+    gradients: int = 0
+    optimizer_state: int = 0
+    snapshot: int = 0
+    activations: int = 0
+    cache_bytes: int = 0
+    working: int = 0
+
+    @property
+    def label(self) -> str:
+        name = self.method if self.scheme is None else f"sparse[{self.scheme}]"
+        extra = f" +{self.cache} cache" if self.cache == "int8" else ""
+        return f"{name} ({self.backbone}{extra})"
+
+    def breakdown(self) -> dict[str, int]:
+        return {"frozen_weights": self.frozen_weights, "trainable": self.trainable, "gradients": self.gradients,
+                "optimizer": self.optimizer_state, "snapshot": self.snapshot, "activations": self.activations,
+                "cache": self.cache_bytes, "working": self.working}
+
+    @property
+    def total(self) -> int:
+        return sum(self.breakdown().values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "label": self.label, "total": self.total}
+
+    def explain(self, budget: int | None = None) -> str:
+        parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in self.breakdown().items() if v)
+        text = f"{self.label} needs {format_bytes(self.total)} ({parts})"
+        if budget is not None:
+            text += f"; the budget is {format_bytes(budget)}"
+        return text
+
+
+def _frozen_float(sizes: list[int], norm: bool, itemsize: int) -> int:
+    params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    return itemsize * (params + (2 * sizes[0] if norm else 0))
+
+
+def _frozen_int8(sizes: list[int], norm: bool) -> int:
+    total = 0
+    for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+        total += i * o + 4 * o + 4 * o + 4          # int8 weight, f32 scales, int32 bias, input scale
+        if k < len(sizes) - 2:
+            total += 16 * o                           # fixed-point requantiser: int64 multiplier + shift
+    return total + (8 * sizes[0] if norm else 0)
+
+
+def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samples: int = 1,
+                optimizer: str = "sgd", rank: int = 1, train_last_bias: bool = False,
+                scheme: str | SparseScheme | None = None, int8: bool | None = None,
+                cache: str = "float32") -> MemoryPlan:
+    """Bytes one fine-tuning run holds at its peak, component by component.
+
+    ``int8`` plans for the int8 version of ``backbone`` (default: whatever it is); ``cache``
+    is the skip-cache's row format for ``skip2-lora`` ("float32" or "int8").
+    """
+    from .methods import method_class
+
+    method_class(method)
+    if optimizer not in OPTIMIZER_COPIES:
+        raise UsageError(f"unknown optimizer '{optimizer}': use one of {', '.join(OPTIMIZER_COPIES)}")
+    if batch_size < 1 or n_samples < 1:
+        raise UsageError("batch_size and n_samples must be >= 1")
+    if cache not in ("float32", "int8"):
+        raise UsageError(f"cache must be 'float32' or 'int8', got {cache!r}")
+    is_q = hasattr(backbone, "qweights")
+    int8 = is_q if int8 is None else int8
+    if is_q and not int8:
+        raise UsageError("an int8 backbone cannot be planned as float")
+    if int8 and method in FLOAT_ONLY:
+        raise UsageError(f"{method} trains or reads float weights; on an int8 backbone use skip-lora, "
+                         f"skip2-lora or sparse")
+    s = backbone.sizes
+    n = len(s) - 1
+    norm = backbone.input_mean is not None
+    fi = 4 if int8 else np.dtype(backbone.dtype).itemsize
+    B, N, L = batch_size, n_samples, n
+    D, out = sum(s[:-1]), s[-1]
+    frozen = _frozen_int8(s, norm) if int8 else _frozen_float(s, norm, fi)
+    tlb = out if train_last_bias else 0
+    kept = 0
+    working = 2 * B * out * fi + B * s[0] * fi       # logits and their gradient, the input batch
+    cache_bytes = 0
+    sch_text = None
+    if method in FLOAT_ONLY:
+        layer = [(i * o, o) for i, o in zip(s[:-1], s[1:])]
+        if method == "ft-all":
+            p = sum(w + b for w, b in layer)
+            first = 0
+        elif method == "ft-last":
+            p = sum(layer[-1])
+            first = L - 1
+        elif method == "ft-bias":
+            p = sum(b for _, b in layer)
+            first = 0
+        elif method == "lora-all":
+            p = sum(rank * (i + o) for i, o in zip(s[:-1], s[1:])) + tlb
+            first = 0
+        else:  # lora-last
+            p = rank * (s[-2] + s[-1]) + tlb
+            first = L - 1
+        if method.startswith("ft-"):  # ft-* train the backbone's own tensors, kept in the parameter buffer
+            frozen -= fi * p
+        kept = sum(B * s[k] * fi for k in range(max(first, 1), L))  # layer 0's input is the batch itself
+        if method.startswith("lora"):
+            kept += sum(B * rank * fi for k in range(first, L))
+        # forward: one layer's output beside its input; backward: dh and its ReLU mask
+        working += max(B * (s[k] + s[k + 1]) * fi + B * s[k] for k in range(first, L))
+    elif method in ("skip-lora", "skip2-lora"):
+        p = L * rank * D + out * L * rank + tlb
+        kept = B * (D + out) * fi + B * L * rank * fi
+        # the frozen forward (a layer's output beside its input), or the rows computed on a miss
+        fwd = max(B * (s[k] + s[k + 1]) * fi for k in range(L))
+        if int8:
+            fwd = max(_int8_layer_work(s, k, B) for k in range(L)) + B * (D + out) * fi
+        working += max(fwd, B * (D + out) * fi) + B * out * fi + L * rank * D * fi  # + masked-A product
+        if method == "skip2-lora":
+            working += B * (D + out) * fi
+            if cache == "int8":
+                cache_bytes = N * D + N * out * 4 + D * 4 + N
+            else:
+                cache_bytes = N * (D + out) * fi + N
+    else:  # sparse
+        sch = SparseScheme.parse(scheme or "b2,w-1").resolve(L)
+        sch_text = str(sch)
+        rows = sch.channels(s[1:])
+        biases = sch.bias_set(L)
+        p = sum(c * s[k] for k, c in rows.items()) + sum(s[k + 1] for k in biases)
+        trained = sorted(set(rows) | biases)
+        first = trained[0] if trained else L
+        kept = sum(B * s[k] * fi if k in rows else (B * s[k] if k > first else 0) for k in range(first, L))
+        pre = 0
+        if int8:  # quantise the batch, run the frozen layers before ``first`` with the int8 kernel
+            pre = B * s[0] * (4 + 1)
+            if first > 0:
+                pre = max([pre] + [_int8_layer_work(s, k, B) for k in range(min(first, L - 1))])
+        else:
+            pre = max([0] + [B * s[k + 1] * fi + (B * s[k] * fi if k else 0) for k in range(min(first, L - 1))])
+        if 0 in rows and not int8:
+            kept -= B * s[0] * fi  # layer 0's kept input is the batch itself
+        step = 0
+        for k in range(first, L):
+            tile = _tile(s[k]) if int8 else 0
+            fwd = B * s[k + 1] * fi + tile + (B * s[k] * fi if int8 else 0)
+            bwd = (2 * B * s[k] * fi + tile) if k > first else 0
+            step = max(step, fwd, bwd)
+        working += max(pre, step)
+    grads = p * fi
+    plan = MemoryPlan(method=method, backbone="int8" if int8 else "float32", batch_size=B, n_samples=N,
+                      optimizer=optimizer, n_trainable=int(p), scheme=sch_text,
+                      cache=cache if method == "skip2-lora" else None,
+                      frozen_weights=int(frozen), trainable=int(p * fi), gradients=int(grads),
+                      optimizer_state=OPTIMIZER_COPIES[optimizer] * p * fi, snapshot=p * fi,
+                      activations=int(kept), cache_bytes=int(cache_bytes), working=int(working))
+    return plan
+
+
+def _tile(width: int) -> int:
+    from .quant.int8 import TILE_BYTES
+
+    return max(1, TILE_BYTES // (width * 4)) * width * 4
+
+
+def _int8_layer_work(s: list[int], k: int, B: int) -> int:
+    """Peak of one int8 layer beside its int8 input: the multiply (input widened to float, a weight
+    tile and its product, the int32 accumulator), then the fixed-point requantisation (int64)."""
+    from .quant.int8 import TILE_BYTES
+
+    t = max(1, TILE_BYTES // (s[k] * 4))
+    mul = B * s[k] * 4 + _tile(s[k]) + B * t * 4 + B * s[k + 1] * 4
+    req = B * s[k + 1] * 4 + 2 * B * s[k + 1] * 8 + B * s[k + 1]
+    return B * s[k] + max(mul, req)
+
+
+# ---------------------------------------------------------------------------- measurement
+def measure_memory(backbone: Backbone, method: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 20,
+                   optimizer: str = "sgd", rank: int = 1, train_last_bias: bool = False,
+                   scheme: str | None = None, cache: str = "float32", steps: int = 2,
+                   x_calib: np.ndarray | None = None) -> dict[str, int]:
+    """Run ``steps`` training steps on prepared ``x`` under tracemalloc.
+
+    Returns ``held`` (bytes allocated by method, optimizer, cache and snapshot after
+    ``begin_fit``, plus the caller's backbone when the method does not copy it), ``peak``
+    (the same, at the peak of the steps) and ``arrays`` (sum of nbytes of the arrays held
+    after the steps, by component).
+    """
+    from .methods import make_method
+    from .methods.sparse import SparseOptions, SparseUpdate
+    from .nn.losses import softmax_cross_entropy
+    from .optim import make_optimizer
+
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        if method == "sparse":
+            m = SparseUpdate(backbone, SparseOptions(scheme=scheme or "b2,w-1", train_last_bias=train_last_bias),
+                             rng=np.random.default_rng(0))
+        else:
+            m = make_method(method, backbone, rank=rank, train_last_bias=train_last_bias)
+        if cache == "int8" and method == "skip2-lora":
+            from .quant.cache import attach_int8_cache
+
+            attach_int8_cache(m, len(x), x_calib=x_calib)
+        opt = make_optimizer(optimizer, m.params, 0.01)
+        m.begin_fit(x)
+        snapshot = m.params.flat.copy()
+        held = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.reset_peak()
+        for i in range(steps):
+            ids = np.arange(i * batch_size, (i + 1) * batch_size) % len(x)
+            logits = m.forward(x, ids)
+            _, g = softmax_cross_entropy(logits, y[ids])
+            m.backward(g)
+            opt.step()
+            del logits, g
+        peak = tracemalloc.get_traced_memory()[1] - base
+        external = 0 if m.trains_backbone else backbone_bytes(backbone)
+        cache_obj = getattr(m, "cache", None)
+        arrays = {"frozen_weights": backbone_bytes(m.backbone) - (m.params.nbytes if m.trains_backbone else 0),
+                  "trainable": m.params.flat.nbytes, "gradients": m.params.grad.nbytes,
+                  "optimizer": sum(a.nbytes for a in _optimizer_arrays(opt)), "snapshot": snapshot.nbytes,
+                  "cache": cache_obj.nbytes if cache_obj is not None else 0}
+        m.end_fit()
+        return {"held": held + external, "peak": peak + external, "arrays": arrays}
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+
+
+def _optimizer_arrays(opt) -> list[np.ndarray]:
+    return [v for v in vars(opt).values() if isinstance(v, np.ndarray) and v is not opt.p and v is not opt.g]
+
+
+def backbone_bytes(bb: Backbone) -> int:
+    """Bytes of every array a backbone holds (weights, biases, scales, normalisation)."""
+    if hasattr(bb, "qweights"):
+        return bb.nbytes
+    return bb.nbytes + sum(a.nbytes for a in (bb.input_mean, bb.input_std) if a is not None)
+
+
+# ---------------------------------------------------------------------------- search
+def sparse_schemes(n_layers: int) -> list[str]:
+    """Every scheme: biases of the last k layers (k = 0..n) x, per layer, no weight or a ratio."""
+    out = []
+    for k in range(n_layers + 1):
+        for ratios in itertools.product((None, *RATIOS), repeat=n_layers):
+            items = [f"b{k}"] if k else []
+            items += [f"w{layer}" + ("" if r == 1 else f":{r}") for layer, r in enumerate(ratios) if r is not None]
+            if items:
+                out.append(",".join(items))
+    return out
+
+
+@dataclass
+class Candidate:
+    plan: MemoryPlan
+    fits: bool
+    accuracy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def candidates(backbone: Backbone, *, budget: int, batch_size: int = 20, n_samples: int = 1,
+               optimizer: str = "sgd", rank: int = 1, int8_available: bool = True) -> list[Candidate]:
+    """Every method (float and int8 backbone, float and int8 skip-cache) and every sparse scheme,
+    with its plan and whether it fits ``budget``."""
+    from .methods import METHODS
+
+    is_q = hasattr(backbone, "qweights")
+    variants = [True] if is_q else ([False, True] if int8_available else [False])
+    out = []
+    for int8 in variants:
+        for name in METHODS:
+            if name == "sparse" or (int8 and name in FLOAT_ONLY):
+                continue
+            caches = ("float32", "int8") if name == "skip2-lora" else ("float32",)
+            for c in caches:
+                p = plan_memory(backbone, name, batch_size=batch_size, n_samples=n_samples, optimizer=optimizer,
+                                rank=rank, int8=int8, cache=c)
+                out.append(Candidate(p, p.total <= budget))
+        for sch in sparse_schemes(backbone.n_layers):
+            p = plan_memory(backbone, "sparse", batch_size=batch_size, n_samples=n_samples, optimizer=optimizer,
+                            scheme=sch, int8=int8)
+            out.append(Candidate(p, p.total <= budget))
+    return out
+
+
+def make_planned_method(backbone: Backbone, plan: MemoryPlan, *, x_calib: np.ndarray | None = None,
+                        n_samples: int | None = None, rank: int = 1, seed: int = 0):
+    """The method a plan describes, on ``backbone`` (already float or int8 as planned)."""
+    from .methods import make_method
+    from .methods.sparse import SparseOptions, SparseUpdate
+
+    if plan.method == "sparse":
+        return SparseUpdate(backbone, SparseOptions(scheme=plan.scheme or "b2,w-1"), rng=np.random.default_rng(seed))
+    m = make_method(plan.method, backbone, rank=rank, seed=seed)
+    if plan.cache == "int8":
+        from .quant.cache import attach_int8_cache
+
+        attach_int8_cache(m, n_samples or plan.n_samples, x_calib=x_calib)
+    return m
+
+
+def evaluate_candidate(backbone: Backbone, plan: MemoryPlan, task, *, epochs: int = 20, lr: float = 0.01,
+                       seed: int = 0) -> float:
+    """Test accuracy of ``plan``'s method after a short fine-tune on ``task``."""
+    from .train import TrainConfig, evaluate, fit
+
+    m = make_planned_method(backbone, plan, x_calib=task.x_pretrain, n_samples=len(task.y_finetune), seed=seed)
+    fit(m, backbone.prepare(task.x_finetune), task.y_finetune,
+        TrainConfig(epochs=epochs, batch_size=plan.batch_size, lr=lr, optimizer=plan.optimizer, seed=seed))
+    return evaluate(m, backbone.prepare(task.x_test), task.y_test)[1]
+
+
+def check_budget(plan: MemoryPlan, budget: int) -> None:
+    """Raise BudgetError, with the numbers, unless ``plan`` fits ``budget`` bytes."""
+    if plan.total > budget:
+        raise BudgetError(plan.explain(budget) + f": over by {format_bytes(plan.total - budget)}")
+
+
+__all__ = ["MemoryPlan", "plan_memory", "measure_memory", "sparse_schemes", "candidates", "check_budget",
+           "backbone_bytes", "COMPONENTS"]
