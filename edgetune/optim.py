@@ -76,11 +76,12 @@ class Adam(Optimizer):
         np.multiply(g, g, out=self._den)
         self._den *= 1 - self.b2
         self.v += self._den
-        step = self.lr * np.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+        # The textbook (and PyTorch) form: p -= lr * m_hat / (sqrt(v_hat) + eps).
         np.sqrt(self.v, out=self._den)
+        self._den *= 1 / np.sqrt(1 - self.b2 ** self.t)
         self._den += self.eps
         np.divide(self.m, self._den, out=self._tmp)
-        self._tmp *= step
+        self._tmp *= self.lr / (1 - self.b1 ** self.t)
         self.p -= self._tmp
 
     def state(self) -> dict[str, np.ndarray]:
