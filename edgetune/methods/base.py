@@ -154,13 +154,6 @@ class Method:
         raise NotImplementedError(f"{self.name} cannot be merged into a plain backbone")
 
     # -- reporting ----------------------------------------------------------------------
-    def trainable_mask(self) -> np.ndarray:
-        """A flat boolean mask over ``flat``: True where the entry actually trains."""
-        out = np.ones(self.flat.shape, bool)
-        for name, mask in self.masks.items():
-            out[self.slices[name]] = mask.ravel()
-        return out
-
     @property
     def n_trainable(self) -> int:
         return self.params.n_trainable
