@@ -1,0 +1,60 @@
+"""`edgetune plan` and `finetune --budget`: exit codes and messages, no tracebacks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edgetune as et
+from edgetune.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plan")
+    rng = np.random.default_rng(0)
+    xs = {s: rng.normal(size=(n, 16)).astype(np.float32) for s, n in [("pretrain", 80), ("finetune", 40), ("test", 40)]}
+    ys = {s: (x[:, 0] > 0).astype(int) for s, x in xs.items()}
+    np.savez(d / "t.npz", **{f"x_{s}": x for s, x in xs.items()}, **{f"y_{s}": y for s, y in ys.items()})
+    et.Backbone.build([16, 12, 8, 2], seed=0).fit_normalizer(xs["pretrain"]).save(d / "m")
+    return d
+
+
+def test_plan_lists_fitting_candidates_and_recommends(files, capsys):
+    out = files / "p.json"
+    assert main(["plan", "--model", str(files / "m"), "--budget", "64KB", "--samples", "40", "--quiet",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "recommended:" in text and "sparse[" in text
+    res = json.loads(out.read_text())
+    assert all(f["total"] <= 64 * 1024 for f in res["fits"])
+    assert res["recommended"]["label"] == res["fits"][0]["label"]
+
+
+def test_plan_with_task_measures_accuracy(files, capsys):
+    assert main(["plan", "--model", str(files / "m"), "--budget", "1MB", "--task", str(files / "t.npz"),
+                 "--epochs", "2", "--evaluate", "2", "--quiet"]) == 0
+    assert "acc (2 ep)" in capsys.readouterr().out
+
+
+def test_plan_nothing_fits_exits_1(files, capsys):
+    assert main(["plan", "--model", str(files / "m"), "--budget", "100", "--quiet"]) == 1
+    assert "nothing fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("budget", ["256 parsecs", "-5KB", "", "0"])
+def test_bad_budgets_are_usage_errors(files, capsys, budget):
+    assert main(["plan", "--model", str(files / "m"), f"--budget={budget}"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_finetune_budget_refuses_before_training(files, capsys):
+    args = ["finetune", "--task", str(files / "t.npz"), "--model", str(files / "m"), "--method", "ft-all",
+            "--epochs", "1", "--quiet"]
+    assert main(args + ["--budget", "2KB"]) == 1
+    err = capsys.readouterr().err
+    assert "ft-all (float32) needs" in err and "over by" in err and "Traceback" not in err
+    assert main(args + ["--budget", "1MB"]) == 0
+    assert main(args + ["--budget", "lots"]) == 2
