@@ -84,3 +84,23 @@ def test_trainable_counts_512_96_96_2():
     assert counts["lora-all"] == (512 + 96) + (96 + 96) + (96 + 2)
     assert counts["lora-last"] == 96 + 2
     assert counts["skip-lora"] == counts["skip2-lora"] == (512 + 96 + 96) + 3 * 2
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "sigmoid", "identity"])
+def test_forward_taps_agree_with_forward(activation, rng):
+    """The skip adapters' inputs are the real activations: taps and logits match forward()."""
+    bb = small_backbone(sizes=(6, 5, 4, 3), activation=activation)
+    x = rng.normal(size=(10, 6)) * 3
+    rows = bb.forward_taps(x)
+    np.testing.assert_allclose(rows[:, -3:], bb.forward(x), rtol=1e-12)
+    h1 = bb.activation.forward(x @ bb.weights[0].T + bb.biases[0])
+    np.testing.assert_allclose(rows[:, 6:11], h1, rtol=1e-12)
+    if activation != "identity":
+        assert not np.allclose(h1, x @ bb.weights[0].T + bb.biases[0])
+
+
+def test_sigmoid_is_stable_for_large_inputs():
+    z = np.array([[-1000.0, -30.0, 0.0, 30.0, 1000.0]])
+    from edgetune.nn.activations import get_activation
+    h = get_activation("sigmoid").forward(z.copy())
+    assert np.all(np.isfinite(h)) and h[0, 0] == 0.0 and h[0, 2] == 0.5 and h[0, 4] == 1.0

@@ -16,7 +16,7 @@ from ..errors import UsageError
 @dataclass(frozen=True)
 class Activation:
     name: str
-    forward: Callable[[np.ndarray], np.ndarray]          # in place on z, returns h
+    forward: Callable[[np.ndarray], np.ndarray]          # overwrites z with h and returns it
     grad_mul: Callable[[np.ndarray, np.ndarray], None]   # dh *= f'(z), given h; in place
 
 
@@ -29,7 +29,7 @@ def _relu_grad(dh: np.ndarray, h: np.ndarray) -> None:
 
 
 def _leaky_fwd(z: np.ndarray) -> np.ndarray:
-    return np.where(z > 0, z, z * np.asarray(0.01, z.dtype))
+    return np.multiply(z, z.dtype.type(0.01), out=z, where=z < 0)
 
 
 def _leaky_grad(dh: np.ndarray, h: np.ndarray) -> None:
@@ -46,12 +46,10 @@ def _tanh_grad(dh: np.ndarray, h: np.ndarray) -> None:
 
 def _sigmoid_fwd(z: np.ndarray) -> np.ndarray:
     # 1 / (1 + exp(-z)) written so that large |z| never overflows.
-    out = np.empty_like(z)
     pos = z >= 0
-    out[pos] = 1 / (1 + np.exp(-z[pos]))
-    ez = np.exp(z[~pos])
-    out[~pos] = ez / (1 + ez)
-    return out
+    e = np.exp(-np.abs(z))
+    z[...] = np.where(pos, 1 / (1 + e), e / (1 + e))
+    return z
 
 
 def _sigmoid_grad(dh: np.ndarray, h: np.ndarray) -> None:
