@@ -95,7 +95,9 @@ class Skip2LoRAModule(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(out_width, dtype=self._dtype, device=device))
                      if train_last_bias else None)
 
-        self._rows: torch.Tensor | None = None      # one row per sample: [h_0 | h_1 | ... | output]
+        # One tensor per tap plus one for the output, a row per sample: gathers give
+        # contiguous batches, which keeps the adapters' backward pass on the fast path.
+        self._store: list[torch.Tensor] | None = None
         self._filled: torch.Tensor | None = None
         self._key: tuple | None = None
 
@@ -141,6 +143,11 @@ class Skip2LoRAModule(nn.Module):
             raise UsageError(f"tap(s) {missing} did not run in the model's forward pass")
         return [h.reshape(h.shape[0], -1) for h in captured], z
 
+    def _check_output(self, z: torch.Tensor) -> None:
+        if z.ndim != 2 or z.shape[1] != self.out_features:
+            raise UsageError(f"the model's output has shape {tuple(z.shape)}, expected (batch, "
+                             f"{self.out_features}); pass example_input to measure it")
+
     def train(self, mode: bool = True) -> "Skip2LoRAModule":
         super().train(mode)
         self.model.eval()  # frozen and cached: dropout and batch statistics stay off
@@ -159,63 +166,69 @@ class Skip2LoRAModule(nn.Module):
 
     @property
     def cache_nbytes(self) -> int:
-        if self._rows is None:
+        if self._store is None:
             return 0
-        return self._rows.numel() * self._rows.element_size() + self._filled.numel()
+        return sum(t.numel() * t.element_size() for t in self._store) + self._filled.numel()
 
-    def _cached_rows(self, x: torch.Tensor, index: Any) -> torch.Tensor:
+    def _cached(self, x: torch.Tensor, index: Any) -> list[torch.Tensor]:
+        """[h_0, ..., h_{m-1}, output] for the rows of ``x``, from the cache where filled."""
         idx = torch.as_tensor(index).reshape(-1)
         if idx.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
             raise UsageError(f"index must hold integer sample ids, got dtype {idx.dtype}")
         idx = idx.to(device=x.device, dtype=torch.long)
         if idx.numel() != x.shape[0]:
             raise UsageError(f"index has {idx.numel()} entries for a batch of {x.shape[0]} samples")
-        if idx.numel() and int(idx.min()) < 0:
+        if idx.numel() == 0:
+            hs, z = self._run(x)
+            return [*hs, z]
+        lo, hi = (int(v) for v in torch.aminmax(idx))
+        if lo < 0:
             raise UsageError("index must hold sample ids >= 0")
         key = self._backbone_key()
         if key != self._key:
             self.invalidate_cache()
             self._key = key
-        width = sum(self.in_widths) + self.out_features
-        need = int(idx.max()) + 1 if idx.numel() else 0
-        if self._rows is None or self._rows.shape[0] < need:
-            cap = max(need, 2 * (self._rows.shape[0] if self._rows is not None else 0))
-            rows = torch.empty(cap, width, dtype=self._dtype, device=x.device)
+        widths = [*self.in_widths, self.out_features]
+        have = self._filled.shape[0] if self._filled is not None else 0
+        if hi >= have:
+            cap = max(hi + 1, 2 * have)
+            store = [torch.empty(cap, w, dtype=self._dtype, device=x.device) for w in widths]
             filled = torch.zeros(cap, dtype=torch.bool, device=x.device)
-            if self._rows is not None:
-                n = self._rows.shape[0]
-                rows[:n] = self._rows
-                filled[:n] = self._filled
-            self._rows, self._filled = rows, filled
+            if self._store is not None:
+                for new, old in zip(store, self._store):
+                    new[:have] = old
+                filled[:have] = self._filled
+            self._store, self._filled = store, filled
         hit = self._filled[idx]
         n_hit = int(hit.sum())
         self.cache_hits += n_hit
         self.cache_misses += idx.numel() - n_hit
         if n_hit == idx.numel():
-            return self._rows[idx]
+            return [t[idx] for t in self._store]
         miss = ~hit
         with torch.no_grad():
             hs, z = self._run(x[miss])
-            new = torch.cat([*hs, z], dim=1).to(self._dtype)
-        out = torch.empty(idx.numel(), width, dtype=self._dtype, device=x.device)
-        out[miss] = new
-        if n_hit:
-            out[hit] = self._rows[idx[hit]]
-        self._rows[idx[miss]] = new
+        self._check_output(z)
+        out = []
+        for t, new in zip(self._store, (*hs, z)):
+            new = new.to(self._dtype)
+            rows = torch.empty(idx.numel(), t.shape[1], dtype=self._dtype, device=x.device)
+            rows[miss] = new
+            if n_hit:
+                rows[hit] = t[idx[hit]]
+            t[idx[miss]] = new
+            out.append(rows)
         self._filled[idx[miss]] = True
         return out
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, index: Any = None) -> torch.Tensor:
         if index is not None and self.cache_enabled:
-            rows = self._cached_rows(x, index)
-            hs = list(torch.split(rows, [*self.in_widths, self.out_features], dim=1))
+            hs = self._cached(x, index)
             z = hs.pop()
         else:
             hs, z = self._run(x)
-            if z.ndim != 2 or z.shape[1] != self.out_features:
-                raise UsageError(f"the model's output has shape {tuple(z.shape)}, expected (batch, "
-                                 f"{self.out_features}); pass example_input to measure it")
+            self._check_output(z)
         out = z
         for h, a, b in zip(hs, self.lora_A, self.lora_B):
             d = b(a(h))
