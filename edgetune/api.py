@@ -34,13 +34,16 @@ class FineTuner:
     """Fine-tune a backbone with one method; scikit-learn style ``fit/predict/score``.
 
     ``method`` is a name from ``edgetune methods``; ``rank``/``alpha`` follow PEFT (scale
-    alpha/rank, default alpha = rank). The backbone passed in is never modified: methods
-    that train backbone tensors work on a copy (see ``merged()``).
+    alpha/rank, default alpha = rank). ``scheme`` (and ``qas``) choose the ``sparse``
+    method's update scheme, e.g. ``"b2,w-1:1/2"``; other methods refuse them. The backbone
+    passed in is never modified: methods that train backbone tensors work on a copy (see
+    ``merged()``).
     """
 
     def __init__(self, backbone: Backbone, method: str = "skip2-lora", *, rank: int = 1,
                  alpha: float | None = None, train_last_bias: bool = False,
                  cache_budget: int | str | None = None, cache_overflow: str = "error",
+                 scheme: str | None = None, qas: bool | None = None,
                  epochs: int = 100, batch_size: int = 20, lr: float = 0.01, optimizer: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
                  patience: int | None = None, progress: bool | None = False):
@@ -53,7 +56,7 @@ class FineTuner:
         budget = None if cache_budget is None else parse_bytes(cache_budget)
         self.method: Method = make_method(method, backbone, seed=seed, rank=rank, alpha=alpha,
                                           train_last_bias=train_last_bias, cache_budget=budget,
-                                          cache_overflow=cache_overflow)
+                                          cache_overflow=cache_overflow, scheme=scheme, qas=qas)
         self.progress = progress
         self.history_: History | None = None
 
@@ -121,10 +124,17 @@ class FineTuner:
         write_json_atomic(path / ADAPTER_CONFIG, {
             "format": ADAPTER_FORMAT, "format_version": 1, "method": self.method_name,
             "r": opts["rank"], "lora_alpha": opts["alpha"], "train_last_bias": opts["train_last_bias"],
+            **self._scheme_config(),
             "base_model_sizes": self.backbone.sizes, "base_model_digest": self.backbone.digest(),
             "adapter_sha256": hashlib.sha256(blob).hexdigest(),
         })
         return path
+
+    def _scheme_config(self) -> dict[str, Any]:
+        """The sparse method's resolved scheme and QAS switch (nothing for other methods)."""
+        if not getattr(self.method, "takes_scheme", False):
+            return {}
+        return {"scheme": str(self.method.scheme), "qas": bool(self.method.qas)}
 
     @classmethod
     def load_adapter(cls, backbone: Backbone, path: str | os.PathLike, *, strict: bool = True,
@@ -171,7 +181,8 @@ class FineTuner:
         try:
             method_class(cfg["method"])
             tuner = cls(backbone, cfg["method"], rank=int(cfg.get("r", 1)), alpha=cfg.get("lora_alpha"),
-                        train_last_bias=bool(cfg.get("train_last_bias", False)), **train_options)
+                        train_last_bias=bool(cfg.get("train_last_bias", False)), scheme=cfg.get("scheme"),
+                        qas=cfg.get("qas"), **train_options)
         except (KeyError, TypeError, ValueError, UsageError) as e:
             raise ModelFileError(f"{cfg_path}: bad adapter config ({e})") from None
         tensors, _ = loads(blob, str(w_path))

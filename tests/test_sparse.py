@@ -118,3 +118,48 @@ def test_int8_frozen_tensors_bit_identical_and_qas_factors():
 def test_registry_default_scheme():
     m = et.make_method("sparse", _bb())
     assert str(m.scheme) == "b2,w2" and m.n_trainable == 6 * 3 + 3 + 6
+
+
+def test_scheme_through_api_adapter_files_and_refused_elsewhere(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 7)).astype(np.float32), rng.integers(0, 3, 60)
+    bb = _bb(np.float32).fit_normalizer(x)
+    for model in (bb, quantize(bb, x)):
+        t = et.FineTuner(model, "sparse", scheme="b1,w1:1/4", epochs=2, batch_size=10, lr=0.05).fit(x, y)
+        assert str(t.method.scheme) == "b1,w1:1/4" and t.n_trainable == 2 * 8 + 3
+        assert t.method.qas == (model is not bb)
+        t.save_adapter(tmp_path / str(id(model)))
+        back = et.FineTuner.load_adapter(model, tmp_path / str(id(model)))
+        assert str(back.method.scheme) == "b1,w1:1/4" and back.method.qas == t.method.qas
+        np.testing.assert_array_equal(back.predict_proba(x), t.predict_proba(x))
+    assert et.FineTuner(quantize(bb, x), "sparse", qas=False).method.qas is False
+    for name in ("skip-lora", "skip2-lora", "ft-all", "lora-last"):
+        with pytest.raises(UsageError, match="sparse method only"):
+            et.FineTuner(bb, name, scheme="b1")
+    with pytest.raises(UsageError, match="sparse method only"):
+        et.FineTuner(bb, "skip-lora", qas=True)
+    with pytest.raises(UsageError, match="channel ratio"):
+        et.FineTuner(bb, "sparse", scheme="w1:1/3")
+
+
+def test_scheme_through_cli(tmp_path, capsys):
+    from edgetune.cli import main
+
+    rng = np.random.default_rng(0)
+    xs = {s: rng.normal(size=(40, 7)).astype(np.float32) for s in ("pretrain", "finetune", "test")}
+    np.savez(tmp_path / "t.npz", **{f"x_{s}": v for s, v in xs.items()},
+             **{f"y_{s}": (v[:, 0] > 0).astype(int) for s, v in xs.items()})
+    bb = et.Backbone.build([7, 8, 6, 2], seed=0).fit_normalizer(xs["pretrain"])
+    bb.save(tmp_path / "m")
+    quantize(bb, xs["pretrain"]).save(tmp_path / "q")
+    base = ["finetune", "--task", str(tmp_path / "t.npz"), "--epochs", "2", "--quiet"]
+    for model in ("m", "q"):
+        out = tmp_path / f"a-{model}"
+        assert main(base + ["--model", str(tmp_path / model), "--method", "sparse", "--scheme", "b1,w-1:1/2",
+                            "--save-adapter", str(out)]) == 0
+        assert "sparse on" in capsys.readouterr().out
+        loaded = et.FineTuner.load_adapter(et.quant.load_any(tmp_path / model), out)
+        assert str(loaded.method.scheme) == "b1,w2:1/2" and loaded.n_trainable == 6 + 2
+    assert main(base + ["--model", str(tmp_path / "m"), "--method", "skip-lora", "--scheme", "b1"]) == 2
+    assert "sparse method only" in capsys.readouterr().err
+    assert main(base + ["--model", str(tmp_path / "m"), "--method", "sparse", "--scheme", "w7"]) == 2

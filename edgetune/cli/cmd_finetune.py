@@ -15,13 +15,14 @@ Without --model, a backbone is first pre-trained on the task's pre-train split.
 
 examples:
   edgetune finetune --task damage1 --data-dir ../shared/data --method skip2-lora
-  edgetune finetune --task task.npz --model model/ --method lora-all --rank 2 --json out.json"""
+  edgetune finetune --task task.npz --model model/ --method lora-all --rank 2 --json out.json
+  edgetune finetune --task damage1 --model model-int8/ --method sparse --scheme b2,w-1:1/2 --budget 256KB"""
 ORDER = 30
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_task_args(p)
-    p.add_argument("--model", metavar="DIR", help="pre-trained model directory (from 'edgetune pretrain')")
+    p.add_argument("--model", metavar="DIR", help="pre-trained model directory, float or int8 (from 'edgetune pretrain')")
     p.add_argument("--method", default="skip2-lora", help="fine-tuning method (see 'edgetune methods'; default skip2-lora)")
     g = p.add_argument_group("method options")
     g.add_argument("--rank", type=positive_int, default=1, help="LoRA rank R (default 1)")
@@ -30,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-budget", metavar="BYTES", help="skip2-lora: largest skip-cache allowed, e.g. 4MB")
     g.add_argument("--partial-cache", action="store_true",
                    help="skip2-lora: when the cache exceeds --cache-budget, cache what fits and recompute the rest")
+    g.add_argument("--scheme", metavar="SCHEME",
+                   help="sparse: update scheme, e.g. b2,w-1:1/2 = biases of the last 2 layers and half the last "
+                        "layer's weight rows (default b2,w-1; see 'edgetune plan')")
+    g.add_argument("--no-qas", dest="qas", action="store_const", const=False,
+                   help="sparse on an int8 model: plain gradients, without Quantization-Aware Scaling")
     g.add_argument("--budget", metavar="BYTES",
                    help="training-memory budget, e.g. 256KB: refuse (exit 1) before fine-tuning if the planned "
                         "memory exceeds it (see 'edgetune plan')")
@@ -46,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..experiment import finetune_on_task, pretrain_on_task
     from ..methods import method_class
-    from ..nn.mlp import Backbone
+    from ..quant import load_any
     from ..units import parse_bytes
 
     method_class(args.method)  # unknown names fail before any work
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     info(args, task.summary())
     progress = None if not args.quiet else False
     if args.model:
-        model = Backbone.load(args.model)
+        model = load_any(args.model)
     else:
         info(args, "no --model given: pre-training a backbone on the task's pre-train split")
         model, rep = pretrain_on_task(task, hidden=args.hidden, epochs=args.pretrain_epochs, seed=args.seed,
@@ -69,11 +75,12 @@ def run(args: argparse.Namespace) -> int:
         limit = parse_bytes(args.budget)
         check_budget(plan_memory(model, args.method, batch_size=train["batch_size"], n_samples=len(task.y_finetune),
                                  optimizer=train["optimizer"], rank=args.rank,
-                                 train_last_bias=args.train_last_bias), limit)
+                                 train_last_bias=args.train_last_bias, scheme=args.scheme), limit)
     tuner, result = finetune_on_task(
         task, model, args.method,
         method_options={"rank": args.rank, "alpha": args.alpha, "train_last_bias": args.train_last_bias,
-                        "cache_budget": budget, "cache_overflow": "partial" if args.partial_cache else "error"},
+                        "cache_budget": budget, "cache_overflow": "partial" if args.partial_cache else "error",
+                        "scheme": args.scheme, "qas": args.qas},
         train_options=train, curve=args.curve, progress=progress)
     out = sys.stdout
     print(f"{args.method} on {task.name}: {result['trainable_params']} trainable parameters, "

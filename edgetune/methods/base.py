@@ -73,6 +73,8 @@ class MethodOptions:
     train_last_bias: bool = False       # LoRA/skip methods: also train the last layer's bias
     cache_budget: int | None = None     # skip2-lora: bytes the skip-cache may use
     cache_overflow: str = "error"       # "error" or "partial" (cache what fits, recompute the rest)
+    scheme: str | None = None           # sparse: update scheme, e.g. "b2,w-1:1/2" (None: the default)
+    qas: bool | None = None             # sparse: Quantization-Aware Scaling (None: on for int8 backbones)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
@@ -83,6 +85,8 @@ class MethodOptions:
             raise UsageError(f"cache_overflow must be 'error' or 'partial', got {self.cache_overflow!r}")
         if self.cache_budget is not None and self.cache_budget < 0:
             raise UsageError(f"cache_budget must be >= 0 bytes, got {self.cache_budget}")
+        if self.scheme is not None and not isinstance(self.scheme, str):
+            raise UsageError(f"scheme must be a string such as 'b2,w-1:1/2', got {self.scheme!r}")
 
     @property
     def scale(self) -> float:
@@ -96,10 +100,17 @@ class Method:
     description: ClassVar[str] = ""
     #: True where training changes backbone tensors (the method then works on a copy).
     trains_backbone: ClassVar[bool] = False
+    #: True where the method reads ``options.scheme`` / ``options.qas`` (sparse update).
+    takes_scheme: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
                  rng: np.random.Generator | None = None):
         self.options = options or MethodOptions()
+        if not self.takes_scheme:
+            for opt in ("scheme", "qas"):
+                if getattr(self.options, opt, None) is not None:
+                    raise UsageError(f"method {self.name} has no update scheme: '{opt}' applies to the sparse "
+                                     f"method only (got {opt}={getattr(self.options, opt)!r})")
         self.backbone = backbone.copy() if self.trains_backbone else backbone
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.params: ParamStore = ParamStore({}, backbone.dtype)
@@ -170,4 +181,4 @@ def init_lora_a(rng: np.random.Generator, rank: int, fan_in: int, dtype: np.dtyp
 
 def describe_options(opts: MethodOptions) -> dict[str, Any]:
     return {"rank": opts.rank, "alpha": opts.alpha if opts.alpha is not None else opts.rank,
-            "train_last_bias": opts.train_last_bias}
+            "train_last_bias": opts.train_last_bias, "scheme": opts.scheme, "qas": opts.qas}

@@ -101,13 +101,12 @@ DEFAULT_SCHEME = "b2,w-1"
 
 @dataclass
 class SparseOptions(MethodOptions):
-    """``MethodOptions`` plus the scheme and QAS switch (None: on for int8 backbones)."""
-    scheme: str = DEFAULT_SCHEME
-    qas: bool | None = None
+    """``MethodOptions`` with the sparse default scheme filled in (``qas`` None: on for int8)."""
+    scheme: str | None = DEFAULT_SCHEME
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        SparseScheme.parse(self.scheme)
+        SparseScheme.parse(self.scheme or DEFAULT_SCHEME)
 
 
 def is_int8(backbone: Backbone) -> bool:
@@ -117,6 +116,7 @@ def is_int8(backbone: Backbone) -> bool:
 class SparseUpdate(Method):
     name = "sparse"
     description = "Sparse update: biases of the last k layers + chosen weight rows; int8 backbones with QAS."
+    takes_scheme = True
 
     def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
                  rng: np.random.Generator | None = None):
@@ -126,8 +126,9 @@ class SparseUpdate(Method):
         bb = self.backbone
         n = bb.n_layers
         opts: SparseOptions = self.options  # type: ignore[assignment]
-        scheme = SparseScheme.parse(opts.scheme)
-        if opts.scheme == DEFAULT_SCHEME:  # the default adapts to a shallow backbone
+        text = opts.scheme or DEFAULT_SCHEME
+        scheme = SparseScheme.parse(text)
+        if text == DEFAULT_SCHEME:  # the default adapts to a shallow backbone
             scheme = SparseScheme(min(scheme.bias_layers, n), scheme.weights)
         self.scheme = scheme.resolve(n)
         if opts.train_last_bias and self.scheme.bias_layers == 0:
