@@ -7,12 +7,23 @@ stale activation is never served.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import numpy as np
 
 from .errors import BudgetError
 from .units import format_bytes
+
+
+def data_digest(*arrays: np.ndarray) -> str:
+    """A hash of arrays' shapes, dtypes and bytes: identifies a training set."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.data)
+    return h.hexdigest()
 
 
 class SkipCache:

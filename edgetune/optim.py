@@ -29,7 +29,17 @@ class Optimizer:
         raise NotImplementedError
 
     def state(self) -> dict[str, np.ndarray]:
+        """Arrays that, with the parameters, let a run continue exactly where it stopped."""
         return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        mine = self.state()
+        if set(state) != set(mine) or any(state[k].shape != v.shape for k, v in mine.items()):
+            raise UsageError(f"optimizer state has {sorted(state)}, expected {sorted(mine)}")
+        for k, v in mine.items():
+            v[...] = state[k]
+        if "t" in mine:
+            self.t = int(state["t"][0])
 
 
 class SGD(Optimizer):
@@ -65,6 +75,7 @@ class Adam(Optimizer):
         self.m = np.zeros_like(self.p)
         self.v = np.zeros_like(self.p)
         self.t = 0
+        self._t_array = np.zeros(1, dtype=np.int64)
         self._den = np.empty_like(self.p)
 
     def step(self) -> None:
@@ -85,7 +96,8 @@ class Adam(Optimizer):
         self.p -= self._tmp
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"m": self.m, "v": self.v, "t": np.array([self.t])}
+        self._t_array[0] = self.t
+        return {"m": self.m, "v": self.v, "t": self._t_array}
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam}

@@ -6,12 +6,14 @@ Skip2-LoRA paper's tables. Evaluation time is recorded apart and never counted a
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from . import checkpoint as ckpt
 from .errors import EdgetuneError, UsageError
 from .methods.base import Method
 from .nn.losses import SoftmaxCrossEntropyGrad, cross_entropy_from_logits
@@ -116,12 +118,15 @@ def predict_logits(method: Method, x: np.ndarray, batch: int = 4096) -> np.ndarr
 def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
         callback: Callable[[EpochRecord], bool | None] | None = None,
-        progress: bool | None = False) -> History:
+        progress: bool | None = False, checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 1) -> History:
     """Train ``method`` on prepared inputs ``x`` (row i is sample id i) and labels ``y``.
 
     ``callback(record)`` runs after each epoch and may return True to stop. With
     ``x_val``/``y_val`` every epoch is evaluated (time recorded apart); ``config.patience``
-    then stops early and restores the parameters of the best epoch.
+    then stops early and restores the parameters of the best epoch. With ``checkpoint``
+    the run's state is saved atomically every ``checkpoint_every`` epochs, and a run
+    started again with the same file continues where it stopped, bit-identically.
     """
     n = len(x)
     if len(y) != n:
@@ -134,6 +139,21 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     best_loss, best_params, since_best = np.inf, None, 0
     bs = config.batch_size
     clock = time.perf_counter
+    first_epoch = 1
+    if checkpoint is not None:
+        if checkpoint_every < 1:
+            raise UsageError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        fp = ckpt.fingerprint(method, config, x, y)
+        saved = ckpt.load(checkpoint, fp)
+        if saved is not None:
+            method.params.flat[...] = saved["params"]
+            opt.load_state(saved["optimizer"])
+            rng.bit_generator.state = saved["rng"]
+            hist.epochs = [EpochRecord(**e) for e in saved["history"]]
+            best_loss, since_best = saved["best"]["loss"], saved["best"]["since"]
+            hist.best_epoch = saved["best"]["epoch"]
+            best_params = saved["best_params"]
+            first_epoch = saved["epoch"] + 1
     method.begin_fit(x)
     loss_grad = SoftmaxCrossEntropyGrad(method.backbone.sizes[-1])
     bar = Progress(config.epochs, desc=method.name, enabled=progress if progress is not None else None)
@@ -141,7 +161,8 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     errstate = np.errstate(over="ignore", invalid="ignore")
     errstate.__enter__()
     try:
-        for epoch in range(1, config.epochs + 1):
+        bar.update(first_epoch - 1)
+        for epoch in range(first_epoch, config.epochs + 1):
             snapshot = method.params.flat.copy()
             order = rng.permutation(n) if config.shuffle else np.arange(n)
             y_order = y[order]
@@ -178,6 +199,11 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                 else:
                     since_best += 1
             hist.epochs.append(rec)
+            if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == config.epochs):
+                ckpt.save(checkpoint, fp=fp, epoch=epoch, params=method.params.flat, opt_state=opt.state(),
+                          rng=rng, history=[asdict(e) for e in hist.epochs],
+                          best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch},
+                          best_params=best_params)
             post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
             bar.update(1, post)
             if callback is not None and callback(rec):

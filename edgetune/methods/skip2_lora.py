@@ -7,19 +7,10 @@ The math is exactly ``skip-lora``'s.
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-from ..cache import SkipCache
+from ..cache import SkipCache, data_digest
 from .skip_lora import SkipLoRA
-
-
-def data_digest(x: np.ndarray) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str((x.shape, x.dtype.str)).encode())
-    h.update(np.ascontiguousarray(x).data)
-    return h.hexdigest()
 
 
 class Skip2LoRA(SkipLoRA):
