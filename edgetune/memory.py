@@ -12,7 +12,8 @@ from __future__ import annotations
 import itertools
 import tracemalloc
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from fractions import Fraction
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -104,6 +105,8 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
         raise UsageError("batch_size and n_samples must be >= 1")
     if cache not in ("float32", "int8"):
         raise UsageError(f"cache must be 'float32' or 'int8', got {cache!r}")
+    if scheme is not None and method != "sparse":
+        raise UsageError(f"method {method} has no update scheme: a scheme applies to the sparse method only")
     is_q = hasattr(backbone, "qweights")
     int8 = is_q if int8 is None else int8
     if is_q and not int8:
@@ -145,24 +148,37 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
         kept = sum(B * s[k] * fi for k in range(max(first, 1), L))  # layer 0's input is the batch itself
         if method.startswith("lora"):
             kept += sum(B * rank * fi for k in range(first, L))
-        # forward: one layer's output beside its input; backward: dh and its ReLU mask
-        working += max(B * (s[k] + s[k + 1]) * fi + B * s[k] for k in range(first, L))
+        # Forward: the previous step's kept batch is still held when the new batch is gathered
+        # (first == 0), else layer 0's output beside the batch; backward: dh, the gradient it
+        # replaces and the ReLU mask.
+        fwd = B * s[0] * fi if first == 0 else B * s[1] * fi
+        bwd = max([0] + [B * (s[k] + s[k + 1]) * fi + B * s[k] for k in range(max(first, 1), L)])
+        working += max(fwd, bwd)
     elif method in ("skip-lora", "skip2-lora"):
         p = L * rank * D + out * L * rank + tlb
         kept = B * (D + out) * fi + B * L * rank * fi
-        # the frozen forward (a layer's output beside its input), or the rows computed on a miss
-        fwd = max(B * (s[k] + s[k + 1]) * fi for k in range(L))
-        if int8:
-            fwd = max(_int8_layer_work(s, k, B) for k in range(L)) + B * (D + out) * fi
-        working += max(fwd, B * (D + out) * fi) + B * out * fi + L * rank * D * fi  # + masked-A product
+        # ``kept`` is the previous step's rows and adapter products: they stay referenced until
+        # this step's head replaces them, so they overlap with the new rows being computed.
+        rows = B * (D + out) * fi
+        if int8:  # the int8 pass beside the int8 taps, then the taps dequantised into float rows
+            taps = B * D + max(max(_int8_layer_work(s, k, B) for k in range(L)),
+                               B * out * 4 + rows + _ufunc_buffers(B * D, 3))
+        else:  # rows filled layer by layer: ReLU/bias in place on column views of the rows
+            taps = rows + _ufunc_buffers(B * max(s[1:-1] or [out]), 3)
+        phase = taps  # beside the gathered batch (counted above)
         if method == "skip2-lora":
-            working += B * (D + out) * fi
+            phase += rows  # the cache's output rows, beside the computed ones on a miss
+            if cache == "int8":  # then the computed rows rounded to int8 (the batch is released by then)
+                phase = max(phase, 2 * rows + 2 * B * D * 4 + _ufunc_buffers(B * D, 2) - B * s[0] * fi)
+        working += phase + B * out * fi + L * rank * D * fi  # + the float A mask
+        if method == "skip2-lora":
             if cache == "int8":
                 cache_bytes = N * D + N * out * 4 + D * 4 + N
             else:
                 cache_bytes = N * (D + out) * fi + N
     else:  # sparse
-        sch = SparseScheme.parse(scheme or "b2,w-1").resolve(L)
+        sch = SparseScheme.parse(scheme) if scheme else SparseScheme(min(2, L), ((-1, Fraction(1)),))
+        sch = sch.resolve(L)
         sch_text = str(sch)
         rows = sch.channels(s[1:])
         biases = sch.bias_set(L)
@@ -179,9 +195,11 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
             pre = max([0] + [B * s[k + 1] * fi + (B * s[k] * fi if k else 0) for k in range(min(first, L - 1))])
         if 0 in rows and not int8:
             kept -= B * s[0] * fi  # layer 0's kept input is the batch itself
+            pre = max(pre, B * s[0] * fi)  # ... and the previous step's batch is held while it is gathered
         step = 0
         for k in range(first, L):
-            tile = _tile(s[k]) if int8 else 0
+            # int8: a widened weight tile, scaled in place by its per-row units (broadcast: buffered)
+            tile = _tile(s[k], s[k + 1]) + _ufunc_buffers(_tile(s[k], s[k + 1]) // 4, 2) if int8 else 0
             fwd = B * s[k + 1] * fi + tile + (B * s[k] * fi if int8 else 0)
             bwd = (2 * B * s[k] * fi + tile) if k > first else 0
             step = max(step, fwd, bwd)
@@ -196,10 +214,17 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
     return plan
 
 
-def _tile(width: int) -> int:
+def _ufunc_buffers(n: int, operands: int, itemsize: int = 4) -> int:
+    """NumPy's buffers for an element-wise operation on strided or broadcast 2-D operands: one
+    buffer of up to 8192 elements per operand (numpy's default ``bufsize``)."""
+    return operands * min(n, 8192) * itemsize
+
+
+def _tile(width: int, rows: int) -> int:
+    """Bytes of one widened (float32) weight tile of a layer with ``rows`` outputs of ``width`` inputs."""
     from .quant.int8 import TILE_BYTES
 
-    return max(1, TILE_BYTES // (width * 4)) * width * 4
+    return min(rows, max(1, TILE_BYTES // (width * 4))) * width * 4
 
 
 def _int8_layer_work(s: list[int], k: int, B: int) -> int:
@@ -208,7 +233,7 @@ def _int8_layer_work(s: list[int], k: int, B: int) -> int:
     from .quant.int8 import TILE_BYTES
 
     t = max(1, TILE_BYTES // (s[k] * 4))
-    mul = B * s[k] * 4 + _tile(s[k]) + B * t * 4 + B * s[k + 1] * 4
+    mul = B * s[k] * 4 + _tile(s[k], s[k + 1]) + B * min(t, s[k + 1]) * 4 + B * s[k + 1] * 4
     req = B * s[k + 1] * 4 + 2 * B * s[k + 1] * 8 + B * s[k + 1]
     return B * s[k] + max(mul, req)
 
@@ -302,11 +327,27 @@ class Candidate:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def candidates(backbone: Backbone, *, budget: int, batch_size: int = 20, n_samples: int = 1,
+def candidates(backbone: Backbone, *, budget: int, batch_size: int | Sequence[int] = 20, n_samples: int = 1,
                optimizer: str = "sgd", rank: int = 1, int8_available: bool = True) -> list[Candidate]:
     """Every method (float and int8 backbone, float and int8 skip-cache) and every sparse scheme,
-    with its plan and whether it fits ``budget``."""
+    with its plan and whether it fits ``budget``.
+
+    ``batch_size`` may be a list: each candidate is then planned at the largest of those batch
+    sizes at which it fits (or at the smallest, when it fits at none).
+    """
     from .methods import METHODS
+
+    sizes = sorted({int(b) for b in ([batch_size] if isinstance(batch_size, (int, np.integer)) else batch_size)},
+                   reverse=True)
+    if not sizes or sizes[-1] < 1:
+        raise UsageError(f"batch sizes must be >= 1, got {batch_size!r}")
+
+    def best(method: str, **kw) -> Candidate:
+        for b in sizes:
+            p = plan_memory(backbone, method, batch_size=b, n_samples=n_samples, optimizer=optimizer, **kw)
+            if p.total <= budget:
+                return Candidate(p, True)
+        return Candidate(p, False)
 
     is_q = hasattr(backbone, "qweights")
     variants = [True] if is_q else ([False, True] if int8_available else [False])
@@ -317,13 +358,9 @@ def candidates(backbone: Backbone, *, budget: int, batch_size: int = 20, n_sampl
                 continue
             caches = ("float32", "int8") if name == "skip2-lora" else ("float32",)
             for c in caches:
-                p = plan_memory(backbone, name, batch_size=batch_size, n_samples=n_samples, optimizer=optimizer,
-                                rank=rank, int8=int8, cache=c)
-                out.append(Candidate(p, p.total <= budget))
+                out.append(best(name, rank=rank, int8=int8, cache=c))
         for sch in sparse_schemes(backbone.n_layers):
-            p = plan_memory(backbone, "sparse", batch_size=batch_size, n_samples=n_samples, optimizer=optimizer,
-                            scheme=sch, int8=int8)
-            out.append(Candidate(p, p.total <= budget))
+            out.append(best("sparse", scheme=sch, int8=int8))
     return out
 
 
