@@ -58,3 +58,32 @@ def test_finetune_budget_refuses_before_training(files, capsys):
     assert "ft-all (float32) needs" in err and "over by" in err and "Traceback" not in err
     assert main(args + ["--budget", "1MB"]) == 0
     assert main(args + ["--budget", "lots"]) == 2
+
+
+def test_planner_searches_batch_sizes_unless_one_is_given(files, capsys):
+    from edgetune.memory import candidates, plan_memory
+
+    model = et.Backbone.load(files / "m")
+    budget = 12 * 1024
+    cands = candidates(model, budget=budget, batch_size=[20, 8, 4, 1], n_samples=40)
+    assert {c.plan.batch_size for c in cands if c.fits} >= {1, 20}  # some fit only at small batches
+    for c in cands:
+        kw = {"scheme": c.plan.scheme} if c.plan.method == "sparse" else {"cache": c.plan.cache or "float32"}
+        again = plan_memory(model, c.plan.method, batch_size=c.plan.batch_size, n_samples=40,
+                            int8=c.plan.backbone == "int8", **kw)
+        assert again.total == c.plan.total and c.fits == (again.total <= budget)
+        larger = [b for b in (20, 8, 4) if b > c.plan.batch_size]
+        for b in larger:  # planned at the largest batch that fits
+            assert plan_memory(model, c.plan.method, batch_size=b, n_samples=40, int8=c.plan.backbone == "int8",
+                               **kw).total > budget
+    out = files / "b.json"
+    assert main(["plan", "--model", str(files / "m"), "--budget", "12KB", "--samples", "40", "--quiet",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "the largest of 20, 8, 4, 1 that fits" in text and " at batch " in text
+    fits = json.loads(out.read_text())["fits"]
+    assert {f["batch_size"] for f in fits} >= {1, 20}
+    assert main(["plan", "--model", str(files / "m"), "--budget", "12KB", "--samples", "40", "--batch-size", "20",
+                 "--quiet", "--json", str(out)]) == 0
+    assert "batch 20" in capsys.readouterr().out
+    assert {f["batch_size"] for f in json.loads(out.read_text())["fits"]} == {20}

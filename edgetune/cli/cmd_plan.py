@@ -11,24 +11,30 @@ HELP = "list the methods and sparse-update schemes whose training fits a memory 
 DESCRIPTION = """Plan fine-tuning under a memory budget. Every method is planned on the float model
 and on its int8 version (skip2-lora also with an int8 skip-cache), and every sparse-update
 scheme (biases of the last k layers x each layer's weight at channel ratio 1/8..1) is
-searched exhaustively. The table lists what fits with its memory breakdown; with --task, the
-best-ranked candidates are also fine-tuned briefly and their test accuracy is measured.
+searched exhaustively. Without --batch-size, every candidate is planned at the largest of
+the batch sizes 20, 8, 4, 1 at which it fits (the batch column says which; the paper trains
+at batch 1 on microcontrollers); --batch-size N keeps the batch fixed. The table lists what
+fits with its memory breakdown; with --task, the best-ranked candidates are also fine-tuned
+briefly (at their batch size) and their test accuracy is measured.
 
 Ranking without --task: skip2-lora, then skip-lora, then the sparse scheme with the most
-trainable parameters (float before int8 when both fit). With --task: the highest accuracy,
-ties broken by the smaller plan.
+trainable parameters (float before int8 when both fit, then the larger batch). With --task:
+the highest accuracy, ties broken by the smaller plan.
 
 examples:
   edgetune plan --model model/ --budget 256KB --samples 470
   edgetune plan --model model/ --budget 64KB --task damage1 --data-dir ../shared/data"""
 ORDER = 35
+BATCH_SIZES = (20, 8, 4, 1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="model directory (float or int8)")
     p.add_argument("--budget", required=True, metavar="BYTES", help="memory budget, e.g. 64KB, 256KB, 1MB")
     p.add_argument("--samples", type=positive_int, help="fine-tuning samples (default: the task's, else 100)")
-    p.add_argument("--batch-size", type=positive_int, default=20, help="mini-batch size (default 20)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help=f"mini-batch size, fixed (default: the largest of {', '.join(map(str, BATCH_SIZES))} "
+                        f"at which each candidate fits)")
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd", help="optimizer (default sgd)")
     p.add_argument("--rank", type=positive_int, default=1, help="LoRA rank R (default 1)")
     p.add_argument("--no-int8", action="store_true", help="do not consider the int8 version of a float model")
@@ -45,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _rank_key(c):
     p = c.plan
     order = {"skip2-lora": 0, "skip-lora": 1}.get(p.method, 2)
-    return (order, -p.n_trainable if order == 2 else 0, p.backbone != "float32", p.cache == "int8", p.total)
+    return (order, -p.n_trainable if order == 2 else 0, p.backbone != "float32", p.cache == "int8", -p.batch_size,
+            p.total)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,12 +73,15 @@ def run(args: argparse.Namespace) -> int:
         task = load_task(args.task, args.data_dir)
         check_compatible(model, task)
     n = args.samples or (len(task.y_finetune) if task is not None else 100)
-    cands = candidates(model, budget=budget, batch_size=args.batch_size, n_samples=n, optimizer=args.optimizer,
+    batches = [args.batch_size] if args.batch_size else list(BATCH_SIZES)
+    batch_text = (f"batch {args.batch_size}" if args.batch_size else
+                  f"batch: the largest of {', '.join(map(str, BATCH_SIZES))} that fits")
+    cands = candidates(model, budget=budget, batch_size=batches, n_samples=n, optimizer=args.optimizer,
                        rank=args.rank, int8_available=not args.no_int8)
     fit = sorted((c for c in cands if c.fits), key=_rank_key)
     n_sparse = sum(1 for c in cands if c.plan.method == "sparse")
     info(args, f"{len(cands)} candidates ({n_sparse} sparse schemes) planned for {'-'.join(map(str, model.sizes))}, "
-               f"{n} samples, batch {args.batch_size}; {len(fit)} fit {format_bytes(budget)}")
+               f"{n} samples, {batch_text}; {len(fit)} fit {format_bytes(budget)}")
     if task is not None and fit:
         qmodel = None
         for c in fit[:args.evaluate]:
@@ -88,19 +98,21 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for c in shown:
         b = c.plan.breakdown()
-        rows.append({"label": c.plan.label, "n": c.plan.n_trainable, "total": format_bytes(c.plan.total),
+        rows.append({"label": c.plan.label, "n": c.plan.n_trainable, "batch": c.plan.batch_size,
+                     "total": format_bytes(c.plan.total),
                      **{k: format_bytes(v) for k, v in b.items()},
                      "accuracy": "" if c.accuracy is None else f"{c.accuracy:.4f}"})
     out = sys.stdout
     print(f"budget {format_bytes(budget)} ({budget} B); model {'-'.join(map(str, model.sizes))} "
-          f"({'int8' if hasattr(model, 'qweights') else 'float32'}); {n} samples, batch {args.batch_size}, "
+          f"({'int8' if hasattr(model, 'qweights') else 'float32'}); {n} samples, {batch_text}, "
           f"{args.optimizer}", file=out)
     if not fit:
         smallest = min(cands, key=lambda c: c.plan.total)
-        print(f"nothing fits: the smallest plan is {smallest.plan.explain()}", file=out)
+        print(f"nothing fits: the smallest plan is {smallest.plan.explain()} at batch {smallest.plan.batch_size}",
+              file=out)
         write_json(args.json, {"budget": budget, "fits": [], "smallest": smallest.plan.as_dict()})
         return 1
-    cols = [("label", "candidate"), ("n", "trainable"), ("total", "total"),
+    cols = [("label", "candidate"), ("n", "trainable"), ("batch", "batch"), ("total", "total"),
             ("frozen_weights", "frozen"), ("trainable", "params"), ("gradients", "grads"), ("optimizer", "optim"),
             ("snapshot", "snapshot"), ("activations", "activ."), ("cache", "cache"), ("working", "working")]
     if task is not None:
@@ -111,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"({n_fit_sparse - min(n_fit_sparse, args.show)} more sparse schemes fit; --show to list them)", file=out)
     best = fit[0]
     acc = f", accuracy {best.accuracy:.4f}" if best.accuracy is not None else ""
-    print(f"recommended: {best.plan.label}: {format_bytes(best.plan.total)} of {format_bytes(budget)}{acc}", file=out)
-    write_json(args.json, {"budget": budget, "samples": n, "batch_size": args.batch_size,
+    print(f"recommended: {best.plan.label} at batch {best.plan.batch_size}: {format_bytes(best.plan.total)} of "
+          f"{format_bytes(budget)}{acc}", file=out)
+    write_json(args.json, {"budget": budget, "samples": n, "batch_sizes": batches,
                            "recommended": {**best.plan.as_dict(), "accuracy": best.accuracy},
                            "fits": [{**c.plan.as_dict(), "accuracy": c.accuracy} for c in fit]})
     return 0
