@@ -69,6 +69,10 @@ class SkipCache:
             self.complete = False
             self.key = key
 
+    def reset_stats(self) -> None:
+        """Count hits and misses from zero (the trainer does this at the start of each fit)."""
+        self.hits = self.misses = 0
+
     def fetch(self, ids: np.ndarray, compute: Callable[[np.ndarray], np.ndarray],
               out: np.ndarray | None = None) -> np.ndarray:
         """Rows for ``ids``: read from the cache where filled, else ``compute(ids_missing)``."""

@@ -23,10 +23,12 @@ from .safetensors import load_file, save_file
 FORMAT = "edgetune-checkpoint"
 
 
-def fingerprint(method: Any, config: Any, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def fingerprint(method: Any, config: Any, x: np.ndarray, y: np.ndarray,
+                x_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> dict[str, Any]:
+    val = data_digest(x_val, y_val) if x_val is not None and y_val is not None else None
     return {"method": method.name, "options": asdict(method.options), "config": asdict(config),
             "trainable": int(method.params.flat.size), "backbone": method.backbone.digest(),
-            "data": data_digest(x, y)}
+            "data": data_digest(x, y), "validation": val}
 
 
 def save(path: str | os.PathLike, *, fp: dict[str, Any], epoch: int, params: np.ndarray,

@@ -21,5 +21,9 @@ class ModelFileError(EdgetuneError):
     """A model or adapter file is missing, truncated, corrupt or does not match."""
 
 
+class OutputError(EdgetuneError):
+    """An output file or directory cannot be written (a parent is a file, no permission, disk full)."""
+
+
 class BudgetError(EdgetuneError):
     """A configuration would need more memory than the budget it was given."""

@@ -10,25 +10,59 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
+from .errors import OutputError
+
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary file, then atomically move it to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
         raise
     _fsync_dir(path.parent)
+    return path
+
+
+def ensure_parent(path: str | os.PathLike) -> Path:
+    """Create ``path``'s parent folders, or raise OutputError saying why that is impossible.
+
+    Call it before long work too, so that a bad output path fails at once, not after it.
+    """
+    path = Path(path)
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot write {path}: {parent} is a file, not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create directory ``path`` (and its parents), or raise OutputError saying why not."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"cannot write into {path}: it is a file, not a directory")
+    ensure_parent(path / "x")
     return path
 
 

@@ -1,6 +1,8 @@
 """Optimizers on one flat parameter vector: each step is a handful of in-place vector ops."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import UsageError
@@ -80,16 +82,17 @@ class Adam(Optimizer):
 
     def step(self) -> None:
         self.t += 1
-        g = self._grad()
+        g = self._grad()  # may be self._tmp (with weight decay): only _den is scratch here
         self.m *= self.b1
-        self.m += (1 - self.b1) * g
+        np.multiply(g, 1 - self.b1, out=self._den)
+        self.m += self._den
         self.v *= self.b2
         np.multiply(g, g, out=self._den)
         self._den *= 1 - self.b2
         self.v += self._den
         # The textbook (and PyTorch) form: p -= lr * m_hat / (sqrt(v_hat) + eps).
         np.sqrt(self.v, out=self._den)
-        self._den *= 1 / np.sqrt(1 - self.b2 ** self.t)
+        self._den *= 1 / math.sqrt(1 - self.b2 ** self.t)  # a Python float keeps float32 in float32
         self._den += self.eps
         np.divide(self.m, self._den, out=self._tmp)
         self._tmp *= self.lr / (1 - self.b1 ** self.t)

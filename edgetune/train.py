@@ -42,12 +42,21 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise UsageError(f"{name} must be a whole number >= 1, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and np.isfinite(self.lr) and self.lr > 0):
+        real = (int, float, np.integer, np.floating)
+        if not (isinstance(self.lr, real) and not isinstance(self.lr, bool) and np.isfinite(self.lr)
+                and self.lr > 0):
             raise UsageError(f"lr must be a positive number, got {self.lr!r}")
+        self.lr = float(self.lr)
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+        if self.patience is not None and (not isinstance(self.patience, (int, np.integer))
+                                          or isinstance(self.patience, bool) or self.patience < 1):
             raise UsageError(f"patience must be a whole number >= 1 or None, got {self.patience!r}")
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
+            raise UsageError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        self.epochs, self.batch_size, self.seed = int(self.epochs), int(self.batch_size), int(self.seed)
+        if self.patience is not None:
+            self.patience = int(self.patience)
 
 
 @dataclass
@@ -131,11 +140,16 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     n = len(x)
     if len(y) != n:
         raise UsageError(f"x has {n} samples but y has {len(y)}")
+    n_classes = method.backbone.sizes[-1]
+    if n == 0 or y.min() < 0 or y.max() >= n_classes:
+        raise UsageError(f"labels must be class indices 0..{n_classes - 1} for {n} >= 1 samples")
+    validate = x_val is not None and y_val is not None
+    if config.patience is not None and not validate:
+        raise UsageError("patience (early stopping) needs validation data: pass x_val and y_val")
     rng = np.random.default_rng(config.seed)
     opt = make_optimizer(config.optimizer, method.params, config.lr, momentum=config.momentum,
                          weight_decay=config.weight_decay)
     hist = History(method=method.name, trainable_params=method.n_trainable, config=asdict(config))
-    validate = x_val is not None and y_val is not None
     best_loss, best_params, since_best = np.inf, None, 0
     bs = config.batch_size
     clock = time.perf_counter
@@ -143,7 +157,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     if checkpoint is not None:
         if checkpoint_every < 1:
             raise UsageError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-        fp = ckpt.fingerprint(method, config, x, y)
+        fp = ckpt.fingerprint(method, config, x, y, x_val, y_val)
         saved = ckpt.load(checkpoint, fp)
         if saved is not None:
             method.params.flat[...] = saved["params"]
@@ -153,7 +167,9 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
             best_loss, since_best = saved["best"]["loss"], saved["best"]["since"]
             hist.best_epoch = saved["best"]["epoch"]
             best_params = saved["best_params"]
-            first_epoch = saved["epoch"] + 1
+            hist.stopped_early = bool(saved["best"].get("stopped_early", False))
+            # A run that stopped early is finished: resuming it trains nothing more.
+            first_epoch = config.epochs + 1 if hist.stopped_early else saved["epoch"] + 1
     method.begin_fit(x)
     loss_grad = SoftmaxCrossEntropyGrad(method.backbone.sizes[-1])
     bar = Progress(config.epochs, desc=method.name, enabled=progress if progress is not None else None)
@@ -199,17 +215,18 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                 else:
                     since_best += 1
             hist.epochs.append(rec)
-            if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == config.epochs):
+            if config.patience is not None and since_best >= config.patience:
+                hist.stopped_early = True
+            if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == config.epochs
+                                           or hist.stopped_early):
                 ckpt.save(checkpoint, fp=fp, epoch=epoch, params=method.params.flat, opt_state=opt.state(),
                           rng=rng, history=[asdict(e) for e in hist.epochs],
-                          best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch},
+                          best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch,
+                                "stopped_early": hist.stopped_early},
                           best_params=best_params)
             post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
             bar.update(1, post)
-            if callback is not None and callback(rec):
-                break
-            if config.patience is not None and validate and since_best >= config.patience:
-                hist.stopped_early = True
+            if hist.stopped_early or (callback is not None and callback(rec)):
                 break
     finally:
         errstate.__exit__(None, None, None)

@@ -18,14 +18,17 @@ def parse_bytes(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise UsageError(f"not a byte size: {text!r}")
     if isinstance(text, (int, float)):
-        if text < 0 or text != text:
-            raise UsageError(f"a byte size must be >= 0, got {text}")
+        if text < 0 or text != text or text == float("inf"):
+            raise UsageError(f"a byte size must be a finite number >= 0, got {text}")
         return int(text)
     m = _RE.match(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
         raise UsageError(f"not a byte size: {text!r} (write e.g. 256KB, 1.5MB, 64KiB or 4096)")
-    return int(float(m.group(1)) * _UNITS[unit])
+    value = float(m.group(1)) * _UNITS[unit]
+    if value == float("inf") or value > 2**62:
+        raise UsageError(f"not a byte size: {text!r} is larger than any memory")
+    return int(value)
 
 
 def format_bytes(n: float) -> str:

@@ -30,20 +30,23 @@ def test_sgd_with_weight_decay():
     np.testing.assert_array_equal(store["a"].ravel(), store.flat[:6])
 
 
-def test_momentum():
-    p, grads, store = run("momentum", momentum=0.8)
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_momentum(wd):
+    p, grads, store = run("momentum", momentum=0.8, weight_decay=wd)
     v = np.zeros_like(p)
     for g in grads:
-        v = 0.8 * v + g
+        v = 0.8 * v + g + wd * p
         p = p - 0.1 * v
     np.testing.assert_allclose(store.flat, p, rtol=1e-12)
 
 
-def test_adam():
-    p, grads, store = run("adam", steps=7)
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_adam(wd):
+    p, grads, store = run("adam", steps=7, weight_decay=wd)
     m = np.zeros_like(p)
     v = np.zeros_like(p)
     for t, g in enumerate(grads, 1):
+        g = g + wd * p
         m = 0.9 * m + 0.1 * g
         v = 0.999 * v + 0.001 * g * g
         mhat, vhat = m / (1 - 0.9**t), v / (1 - 0.999**t)

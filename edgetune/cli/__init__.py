@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except EdgetuneError as e:
         print(f"edgetune {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the file system said no (permissions, disk full, a file in the way)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"edgetune {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"edgetune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -54,7 +64,7 @@ def add_train_args(p: argparse.ArgumentParser, *, what: str = "fine-tuning") -> 
     g.add_argument("--batch-size", type=positive_int, help="mini-batch size (paper: 20)")
     g.add_argument("--lr", type=positive_float, help="learning rate")
     g.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], help="optimizer (default sgd)")
-    g.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling (default 0)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed for initialisation and shuffling (default 0)")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +99,20 @@ def write_json(path: str | None, obj: Any) -> None:
     if Path(path).is_dir():
         raise UsageError(f"--json {path}: is a directory; give a file path")
     write_json_atomic(path, obj)
+
+
+def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = ()) -> None:
+    """Fail before any work if an output file or directory could not be written."""
+    from ..io_atomic import ensure_dir, ensure_parent
+
+    for f in files:
+        if f:
+            if Path(f).is_dir():
+                raise UsageError(f"{f} is a directory; give a file path")
+            ensure_parent(f)
+    for d in dirs:
+        if d:
+            ensure_dir(d)
 
 
 def info(args: argparse.Namespace, text: str) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_output_args, add_task_args, load_task_arg, write_json
+from ._common import add_output_args, add_task_args, check_outputs, load_task_arg, write_json
 
 NAME = "evaluate"
 HELP = "accuracy of a model, with or without an adapter, on every split of a task"
@@ -25,9 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..api import FineTuner
     from ..experiment import check_compatible
-    from ..nn.mlp import Backbone
+    from ..quant import load_any
 
-    model = Backbone.load(args.model)
+    check_outputs(args.json)
+    model = load_any(args.model)  # a float or an int8 model
     task = load_task_arg(args)
     check_compatible(model, task)
     tuner = FineTuner.load_adapter(model, args.adapter) if args.adapter else FineTuner(model, "lora-last")

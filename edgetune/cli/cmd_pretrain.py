@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_output_args, add_task_args, add_train_args, info, int_list, load_task_arg, write_json
+from ._common import (add_output_args, add_task_args, add_train_args, check_outputs, info, int_list,
+                      load_task_arg, write_json)
 
 NAME = "pretrain"
 HELP = "train a backbone on a task's pre-train split and save it"
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..experiment import pretrain_on_task
 
+    check_outputs(args.json, dirs=(args.out,))
     task = load_task_arg(args)
     info(args, task.summary())
     model, rep = pretrain_on_task(task, hidden=args.hidden, epochs=args.epochs, lr=args.lr,

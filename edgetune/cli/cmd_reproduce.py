@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..reproduce import PAPER_METHODS, reproduce
 
+    from ._common import check_outputs
+
+    check_outputs(dirs=(args.out,))
     tasks = [t for t in args.tasks.split(",") if t]
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(PAPER_METHODS)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))

@@ -45,16 +45,24 @@ class Task:
     description: str = ""
 
     def __post_init__(self) -> None:
-        n_classes = max(len(self.labels), 1 + int(max(
-            (int(np.max(y)) for y in (self.y_pretrain, self.y_finetune, self.y_test) if np.size(y)),
-            default=0)))
-        if not self.labels:
-            self.labels = [str(i) for i in range(n_classes)]
+        # Validate every split first: the class count is read from labels only once they
+        # are known to be whole, non-negative numbers.
+        n_named = len(self.labels) or None
         for split in SPLITS:
             x, y = validate_xy(getattr(self, f"x_{split}"), getattr(self, f"y_{split}"),
-                               n_classes=len(self.labels), what=f"{self.name}: {split}")
+                               n_classes=n_named, what=f"{self.name}: {split}")
             setattr(self, f"x_{split}", x)
             setattr(self, f"y_{split}", y)
+        if not self.labels:
+            seen = np.unique(np.concatenate([self.y_pretrain, self.y_finetune, self.y_test]))
+            n_classes = int(seen[-1]) + 1
+            if len(seen) != n_classes:
+                missing = sorted(set(range(n_classes)) - set(seen.tolist()))
+                shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+                raise DataError(f"{self.name}: labels must be the classes 0..K-1 without gaps, but the "
+                                f"largest label is {n_classes - 1} and {len(missing)} classes below it never "
+                                f"occur ({shown}); fix the labels or give a 'labels' array naming every class")
+            self.labels = [str(i) for i in range(n_classes)]
         width = self.x_pretrain.shape[1]
         for split in SPLITS[1:]:
             w = getattr(self, f"x_{split}").shape[1]
@@ -97,8 +105,11 @@ class Task:
 def validate_xy(x: Any, y: Any, *, n_classes: int | None = None, what: str = "data"
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Check and convert a feature matrix and its labels; raise DataError naming the problem."""
-    x = np.asarray(x)
-    y = np.asarray(y)
+    try:
+        x = np.asarray(x)
+        y = np.asarray(y)
+    except ValueError as e:  # ragged nested lists
+        raise DataError(f"{what}: x and y must be rectangular arrays ({e})") from None
     if x.ndim != 2:
         raise DataError(f"{what}: x must be a 2-D array (samples, features), got shape {x.shape}")
     if x.shape[0] == 0:

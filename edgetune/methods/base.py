@@ -77,9 +77,12 @@ class MethodOptions:
     qas: bool | None = None             # sparse: Quantization-Aware Scaling (None: on for int8 backbones)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+        if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
             raise UsageError(f"rank must be a whole number >= 1, got {self.rank!r}")
-        if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
+        self.rank = int(self.rank)
+        if self.alpha is not None and (not isinstance(self.alpha, (int, float, np.integer, np.floating))
+                                       or isinstance(self.alpha, bool)
+                                       or not (np.isfinite(self.alpha) and self.alpha > 0)):
             raise UsageError(f"alpha must be a positive number, got {self.alpha!r}")
         if self.cache_overflow not in ("error", "partial"):
             raise UsageError(f"cache_overflow must be 'error' or 'partial', got {self.cache_overflow!r}")

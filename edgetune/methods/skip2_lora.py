@@ -18,6 +18,7 @@ class Skip2LoRA(SkipLoRA):
     description = "skip-lora plus the skip-cache: after the first epoch the backbone's forward pass is skipped."
     uses_cache = True
     cache: SkipCache | None = None
+    _fitting = False
 
     def begin_fit(self, x: np.ndarray) -> None:
         n = x.shape[0]
@@ -27,9 +28,15 @@ class Skip2LoRA(SkipLoRA):
                                    overflow=self.options.cache_overflow)
         # Never serve stale rows: the key changes if the backbone or the data changes.
         self.cache.validate((self.backbone.digest(), data_digest(x)))
+        self.cache.reset_stats()
+        self._fitting = True
+
+    def end_fit(self) -> None:
+        super().end_fit()
+        self._fitting = False
 
     def taps(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        if self.cache is None:  # used outside fit(): behave as skip-lora
+        if self.cache is None or not self._fitting:  # outside fit() the key is unchecked: no cache
             return super().taps(x, ids)
         return self.cache.fetch(ids, lambda missing: self.backbone.forward_taps(x[missing]))
 

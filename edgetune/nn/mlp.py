@@ -124,8 +124,8 @@ class Backbone:
             raise DataError(f"{what} must have shape (samples, {self.sizes[0]}), got {x.shape}")
         if x.shape[0] == 0:
             raise DataError(f"{what} is empty (0 samples)")
-        if not np.issubdtype(x.dtype, np.number):
-            raise DataError(f"{what} must be numeric, got dtype {x.dtype}")
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise DataError(f"{what} must be real numbers, got dtype {x.dtype}")
         out = np.array(x, dtype=self.dtype, order="C", copy=True)
         if not np.all(np.isfinite(out)):
             bad = np.argwhere(~np.isfinite(out))[0]
@@ -234,6 +234,8 @@ class Backbone:
             raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
             raise ModelFileError(f"{cfg_path}: not an edgetune backbone config (format != '{FORMAT}')")
+        if not isinstance(cfg.get("format_version", 0), int):
+            raise ModelFileError(f"{cfg_path}: format_version must be a whole number")
         if cfg.get("format_version", 0) > FORMAT_VERSION:
             raise ModelFileError(f"{cfg_path}: format version {cfg['format_version']} is newer than this edgetune reads ({FORMAT_VERSION})")
         blob = w_path.read_bytes()
