@@ -628,7 +628,9 @@ def write_markdown(path: str, body: str) -> None:
     head = ("# Benchmarks\n\nThe latest run of the benchmark suite (`benchmarks/`). Every number that compares "
             "two things is a ratio of timings taken side by side in one process, so it survives a noisy machine "
             "better than the absolute times, which are shown for context only. Regenerate with the command "
-            "below; the analysis at the end is kept.\n\n")
+            "below; the analysis at the end is kept. The machine has 2 cores shared with other jobs: a load "
+            "average above ~1 at the start means the suite competed for the CPU, which shows in absolute times "
+            "and adds noise to the ratios (+-20 %).\n\n")
     p.write_text(head + body.rstrip() + "\n\n" + (kept or f"{FINDINGS_HEADING}\n\n(not written yet)\n"))
 
 
