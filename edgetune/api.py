@@ -69,8 +69,14 @@ class FineTuner:
         return self.backbone.prepare(x, f"{what} x"), y
 
     def fit(self, x: Any, y: Any, *, x_val: Any = None, y_val: Any = None,
-            callback: Callable[[EpochRecord], bool | None] | None = None) -> "FineTuner":
-        """Train on ``x`` (samples, features) and integer labels ``y``; returns self."""
+            callback: Callable[[EpochRecord], bool | None] | None = None,
+            checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1) -> "FineTuner":
+        """Train on ``x`` (samples, features) and integer labels ``y``; returns self.
+
+        A second ``fit`` continues from the current adapter with a fresh optimizer (a warm
+        start); make a new FineTuner to start over. With ``checkpoint`` the run is saved
+        every ``checkpoint_every`` epochs and, if interrupted, resumes from that file.
+        """
         xp, yp = self._xy(x, y, "training data")
         xv = yv = None
         if (x_val is None) != (y_val is None):
@@ -78,7 +84,8 @@ class FineTuner:
         if x_val is not None:
             xv, yv = self._xy(x_val, y_val, "validation data")
         self.history_ = fit(self.method, xp, yp, self.config, x_val=xv, y_val=yv,
-                            callback=callback, progress=self.progress)
+                            callback=callback, progress=self.progress, checkpoint=checkpoint,
+                            checkpoint_every=checkpoint_every)
         return self
 
     def decision_function(self, x: Any) -> np.ndarray:

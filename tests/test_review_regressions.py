@@ -124,3 +124,27 @@ def test_complex_and_ragged_inputs_are_refused():
         t.predict(np.zeros((2, 7), complex))
     with pytest.raises(DataError, match="rectangular"):
         t.fit([[1, 2], [3]], [0, 1])
+
+
+def test_finetune_refuses_unmergeable_save_model_before_training(tmp_path):
+    x, y = toy_task(n=30, d=5)
+    np.savez(tmp_path / "t.npz", x_pretrain=x, y_pretrain=y, x_finetune=x, y_finetune=y, x_test=x, y_test=y)
+    p = run_cli("finetune", "--task", str(tmp_path / "t.npz"), "--method", "skip2-lora",
+                "--save-model", str(tmp_path / "m"), "--json", str(tmp_path / "j.json"))
+    assert p.returncode == 2 and "does not fold" in p.stderr
+    assert "pre-training" not in p.stderr          # refused before any work
+    p = run_cli("finetune", "--task", str(tmp_path / "t.npz"), "--method", "lora-all", "--cache-budget", "1KB")
+    assert p.returncode == 2 and "skip-cache" in p.stderr
+
+
+def test_finetune_checkpoint_resumes_from_the_cli(tmp_path):
+    x, y = toy_task(n=40, d=5)
+    np.savez(tmp_path / "t.npz", x_pretrain=x, y_pretrain=y, x_finetune=x + 1, y_finetune=y, x_test=x + 1, y_test=y)
+    args = ["finetune", "--task", str(tmp_path / "t.npz"), "--epochs", "4", "--pretrain-epochs", "3", "--quiet",
+            "--checkpoint", str(tmp_path / "ck"), "--json"]
+    assert run_cli(*args, str(tmp_path / "a.json")).returncode == 0
+    assert (tmp_path / "ck").is_file()
+    assert run_cli(*args, str(tmp_path / "b.json")).returncode == 0   # finished run: resumes to the same end
+    import json
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["accuracy_after"] == b["accuracy_after"] and a["final_loss"] == b["final_loss"]

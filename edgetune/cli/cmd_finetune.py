@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import (add_output_args, add_task_args, add_train_args, info, int_list, load_task_arg,
-                      positive_float, positive_int, train_kwargs, write_json)
+from ..errors import UsageError
+from ._common import (add_output_args, add_task_args, add_train_args, check_outputs, info, int_list,
+                      load_task_arg, positive_float, positive_int, train_kwargs, write_json)
 
 NAME = "finetune"
 HELP = "fine-tune a model on a task with one method and report accuracy before/after"
@@ -43,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pre-training (only without --model)")
     g.add_argument("--hidden", type=int_list, metavar="W1,W2,...", help="hidden widths (task default, else 96,96)")
     g.add_argument("--pretrain-epochs", type=positive_int, help="pre-training epochs (task default)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="save the run after every epoch; run the same command again to resume after a crash")
     p.add_argument("--curve", action="store_true", help="measure test accuracy after every epoch (not counted as training time)")
     p.add_argument("--save-adapter", metavar="DIR", help="save the trained adapter (adapter_model.safetensors + adapter_config.json)")
     p.add_argument("--save-model", metavar="DIR", help="save the fine-tuned model merged into a plain backbone (ft-*, lora-*)")
@@ -55,8 +58,18 @@ def run(args: argparse.Namespace) -> int:
     from ..quant import load_any
     from ..units import parse_bytes
 
-    method_class(args.method)  # unknown names fail before any work
+    cls = method_class(args.method)  # unknown names fail before any work
+    if (args.cache_budget or args.partial_cache) and not cls.uses_cache:
+        raise UsageError(f"--cache-budget and --partial-cache apply to methods with a skip-cache "
+                         f"(skip2-lora), not {args.method}")
+    if args.partial_cache and not args.cache_budget:
+        raise UsageError("--partial-cache needs --cache-budget")
+    if args.save_model and not cls.mergeable:
+        raise UsageError(f"--save-model: {args.method} does not fold into a plain backbone in general (its "
+                         f"adapters on earlier layers' inputs reach the output around the layers in between); "
+                         f"use --save-adapter, or a lora-*/ft-* method for a merged model")
     budget = parse_bytes(args.cache_budget) if args.cache_budget else None
+    check_outputs(args.json, args.checkpoint, dirs=(args.save_adapter, args.save_model))
     task = load_task_arg(args)
     info(args, task.summary())
     progress = None if not args.quiet else False
@@ -81,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         method_options={"rank": args.rank, "alpha": args.alpha, "train_last_bias": args.train_last_bias,
                         "cache_budget": budget, "cache_overflow": "partial" if args.partial_cache else "error",
                         "scheme": args.scheme, "qas": args.qas},
-        train_options=train, curve=args.curve, progress=progress)
+        train_options=train, curve=args.curve, progress=progress, checkpoint=args.checkpoint)
     out = sys.stdout
     print(f"{args.method} on {task.name}: {result['trainable_params']} trainable parameters, "
           f"{result['epochs']} epochs, batch {result['batch_size']}, lr {result['lr']}", file=out)
@@ -96,11 +109,11 @@ def run(args: argparse.Namespace) -> int:
     if "cache_bytes" in result:
         print(f"  skip-cache     {result['cache_bytes']} bytes, {result['cache_filled']} samples", file=out)
     print(f"  final loss     {result['final_loss']:.5f}", file=out)
+    write_json(args.json, result)  # the results first: an optional save below cannot lose them
     if args.save_adapter:
         tuner.save_adapter(args.save_adapter)
         info(args, f"adapter saved to {args.save_adapter}")
     if args.save_model:
         tuner.merged().save(args.save_model)
         info(args, f"merged model saved to {args.save_model}")
-    write_json(args.json, result)
     return 0

@@ -103,6 +103,10 @@ class Method:
     description: ClassVar[str] = ""
     #: True where training changes backbone tensors (the method then works on a copy).
     trains_backbone: ClassVar[bool] = False
+    #: True where ``merged_backbone`` always gives a plain backbone (no adapter at run time).
+    mergeable: ClassVar[bool] = False
+    #: True for methods with a skip-cache (cache budget options apply).
+    uses_cache: ClassVar[bool] = False
     #: True where the method reads ``options.scheme`` / ``options.qas`` (sparse update).
     takes_scheme: ClassVar[bool] = False
 

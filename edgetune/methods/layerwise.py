@@ -29,6 +29,8 @@ class LayerPlan:
 class LayerwiseMethod(Method):
     """Subclasses implement ``plan``; everything else is shared."""
 
+    mergeable = True
+
     def plan(self, n_layers: int) -> list[LayerPlan]:
         raise NotImplementedError
 

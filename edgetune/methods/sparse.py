@@ -117,6 +117,7 @@ class SparseUpdate(Method):
     name = "sparse"
     description = "Sparse update: biases of the last k layers + chosen weight rows; int8 backbones with QAS."
     takes_scheme = True
+    mergeable = True
 
     def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
                  rng: np.random.Generator | None = None):
