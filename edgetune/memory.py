@@ -145,6 +145,9 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
             first = L - 1
         if method.startswith("ft-"):  # ft-* train the backbone's own tensors, kept in the parameter buffer
             frozen -= fi * p
+        # Frozen weights run forward from contiguous (in, out) copies during a fit.
+        frozen += sum(i * o * fi for k, (i, o) in enumerate(zip(s[:-1], s[1:]))
+                      if not (method == "ft-all" or (method == "ft-last" and k == L - 1)))
         kept = sum(B * s[k] * fi for k in range(max(first, 1), L))  # layer 0's input is the batch itself
         if method.startswith("lora"):
             kept += sum(B * rank * fi for k in range(first, L))
@@ -156,6 +159,8 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
         working += max(fwd, bwd)
     elif method in ("skip-lora", "skip2-lora"):
         p = L * rank * D + out * L * rank + tlb
+        if not int8:  # the frozen weights' contiguous (in, out) copies for the forward pass
+            frozen += sum(i * o * fi for i, o in zip(s[:-1], s[1:]))
         kept = B * (D + out) * fi + B * L * rank * fi
         # ``kept`` is the previous step's rows and adapter products: they stay referenced until
         # this step's head replaces them, so they overlap with the new rows being computed.
@@ -284,7 +289,8 @@ def measure_memory(backbone: Backbone, method: str, x: np.ndarray, y: np.ndarray
         peak = tracemalloc.get_traced_memory()[1] - base
         external = 0 if m.trains_backbone else backbone_bytes(backbone)
         cache_obj = getattr(m, "cache", None)
-        arrays = {"frozen_weights": backbone_bytes(m.backbone) - (m.params.nbytes if m.trains_backbone else 0),
+        arrays = {"frozen_weights": backbone_bytes(m.backbone) - (m.params.nbytes if m.trains_backbone else 0)
+                  + getattr(m, "transposed_bytes", 0),
                   "trainable": m.params.flat.nbytes, "gradients": m.params.grad.nbytes,
                   "optimizer": sum(a.nbytes for a in _optimizer_arrays(opt)), "snapshot": snapshot.nbytes,
                   "cache": cache_obj.nbytes if cache_obj is not None else 0}

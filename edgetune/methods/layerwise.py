@@ -68,14 +68,23 @@ class LayerwiseMethod(Method):
         self.first = min(trainable) if trainable else n - 1
         self._hs: list[np.ndarray | None] = [None] * n
         self._us: list[np.ndarray | None] = [None] * n
+        self._wt: list[np.ndarray | None] | None = None
+
+    def begin_fit(self, x: np.ndarray) -> None:
+        # Frozen weights do not change during a fit: their forward uses contiguous copies.
+        self._wt = self.backbone.transposed_weights([k for k, p in enumerate(self.plans) if not p.weight])
+
+    @property
+    def transposed_bytes(self) -> int:
+        return sum(w.nbytes for w in self._wt or () if w is not None)
 
     def _run(self, h: np.ndarray, keep: bool) -> np.ndarray:
-        bb, plans, s = self.backbone, self.plans, self.scale
+        bb, plans, s, wt = self.backbone, self.plans, self.scale, self._wt
         last = bb.n_layers - 1
         for k in range(bb.n_layers):
             if keep and k >= self.first:
                 self._hs[k] = h
-            z = h @ bb.weights[k].T
+            z = h @ (bb.weights[k].T if wt is None or wt[k] is None else wt[k])
             z += bb.biases[k]
             if plans[k].lora:
                 u = h @ self.params[f"layers.{k}.lora_A"].T
@@ -127,6 +136,7 @@ class LayerwiseMethod(Method):
     def end_fit(self) -> None:
         self._hs = [None] * self.backbone.n_layers
         self._us = [None] * self.backbone.n_layers
+        self._wt = None
 
     def merged_backbone(self) -> Backbone:
         out = self.backbone.copy()

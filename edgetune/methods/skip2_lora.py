@@ -21,6 +21,7 @@ class Skip2LoRA(SkipLoRA):
     _fitting = False
 
     def begin_fit(self, x: np.ndarray) -> None:
+        super().begin_fit(x)
         n = x.shape[0]
         if self.cache is None or self.cache.n_samples != n:
             self.cache = SkipCache(n, self.row_width, self.backbone.dtype,
@@ -38,7 +39,7 @@ class Skip2LoRA(SkipLoRA):
     def taps(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         if self.cache is None or not self._fitting:  # outside fit() the key is unchecked: no cache
             return super().taps(x, ids)
-        return self.cache.fetch(ids, lambda missing: self.backbone.forward_taps(x[missing]))
+        return self.cache.fetch(ids, lambda missing: self.compute_taps(x[missing]))
 
     def memory_report(self) -> dict[str, int]:
         rep = super().memory_report()

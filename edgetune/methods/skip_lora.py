@@ -46,11 +46,25 @@ class SkipLoRA(Method):
         self._mask = mask.astype(bb.dtype)
         self._h: np.ndarray | None = None
         self._u: np.ndarray | None = None
+        self._wt: list[np.ndarray | None] | None = None
 
     # -- where the adapters' inputs come from ------------------------------------------
+    def begin_fit(self, x: np.ndarray) -> None:
+        # The backbone is frozen for the whole fit: its forward uses contiguous weight copies.
+        self._wt = self.backbone.transposed_weights()
+
+    @property
+    def transposed_bytes(self) -> int:
+        return sum(w.nbytes for w in self._wt or () if w is not None)
+
+    def compute_taps(self, x: np.ndarray) -> np.ndarray:
+        if self._wt is None:
+            return self.backbone.forward_taps(x)
+        return self.backbone.forward_taps(x, wts=self._wt)
+
     def taps(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Rows [x | h_1 | ... | h_{n-1} | z_n] for samples ``ids``: here, always computed."""
-        return self.backbone.forward_taps(x[ids])
+        return self.compute_taps(x[ids])
 
     # -- the adapters --------------------------------------------------------------------
     def _head(self, rows: np.ndarray, keep: bool) -> np.ndarray:
@@ -84,10 +98,11 @@ class SkipLoRA(Method):
             np.sum(g, axis=0, out=grads["head.bias_delta"])
 
     def predict_logits(self, x: np.ndarray) -> np.ndarray:
-        return self._head(self.backbone.forward_taps(x), keep=False)
+        return self._head(self.compute_taps(x), keep=False)
 
     def end_fit(self) -> None:
         self._h = self._u = None
+        self._wt = None
 
     # -- files: one (A_k, B_k) pair per adapter, as a reader expects ------------------
     def adapter_tensors(self) -> dict[str, np.ndarray]:

@@ -257,6 +257,10 @@ class QuantBackbone(Backbone):
         """One dequantisation scale per column of the int8 tap rows."""
         return np.repeat(self.act_scales, self.sizes[:-1]).astype(np.float32)
 
+    def transposed_weights(self, layers=None):  # type: ignore[override]
+        """None: an int8 backbone has its own integer kernels, no float copies to make."""
+        return None
+
     def forward_taps(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [x | h_1 | ... | h_{n-1} | z_n] as a float Backbone gives them, dequantised."""
         rows, logits = self.forward_taps_int8(x)
