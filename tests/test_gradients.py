@@ -104,3 +104,21 @@ def test_sigmoid_is_stable_for_large_inputs():
     from edgetune.nn.activations import get_activation
     h = get_activation("sigmoid").forward(z.copy())
     assert np.all(np.isfinite(h)) and h[0, 0] == 0.0 and h[0, 2] == 0.5 and h[0, 4] == 1.0
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_training_loss_gradient_matches_softmax_cross_entropy(classes, rng):
+    """The in-place training gradient (with its two-class shortcut) is the textbook one."""
+    from edgetune.nn.losses import SoftmaxCrossEntropyGrad
+
+    logits = rng.normal(size=(7, classes)) * 4
+    logits[0, 0] = 800.0                      # extreme margins must not give NaN
+    logits[1, -1] = -800.0
+    y = rng.integers(0, classes, 7)
+    loss, want = softmax_cross_entropy(logits.copy(), y)
+    lg = SoftmaxCrossEntropyGrad(classes)
+    lg.start_epoch(7, np.dtype(np.float64))
+    with np.errstate(over="ignore"):  # exp overflows to inf for the -800 margin, by design (fit() sets this)
+        got = lg(logits.copy(), y)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15)
+    assert lg.epoch_loss() == pytest.approx(loss, rel=1e-9)
