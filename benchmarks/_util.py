@@ -4,8 +4,6 @@ Nothing here imports torch or matplotlib; the sections that need them import the
 """
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
 import platform
 import statistics
@@ -22,40 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- BLAS threads
 
-def _openblas() -> tuple[Any, str] | None:
-    """NumPy's bundled OpenBLAS (scipy-openblas) and its symbol prefix, if it is that."""
-    libdir = Path(np.__file__).resolve().parent.parent / "numpy.libs"
-    for path in sorted(glob.glob(str(libdir / "*openblas*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"),
-                               ("openblas_", "")):
-            if hasattr(lib, f"{prefix}get_num_threads{suffix}"):
-                return lib, (prefix, suffix)  # type: ignore[return-value]
-    return None
-
-
-_BLAS = _openblas()
-DEFAULT_BLAS_THREADS: int | None = None
-
-
-def get_blas_threads() -> int | None:
-    if _BLAS is None:
-        return None
-    lib, (p, s) = _BLAS
-    return int(getattr(lib, f"{p}get_num_threads{s}")())
-
-
-def set_blas_threads(n: int) -> bool:
-    """Set NumPy's BLAS thread count at run time (False if the BLAS is not OpenBLAS)."""
-    if _BLAS is None:
-        return False
-    lib, (p, s) = _BLAS
-    getattr(lib, f"{p}set_num_threads{s}")(ctypes.c_int(int(n)))
-    return True
-
+from edgetune.threads import get_blas_threads, set_blas_threads  # noqa: E402  (one implementation)
 
 DEFAULT_BLAS_THREADS = get_blas_threads()
 
