@@ -23,7 +23,8 @@ from .nn.mlp import Backbone
 from .units import format_bytes
 
 F32 = 4
-COMPONENTS = ("frozen_weights", "trainable", "gradients", "optimizer", "snapshot", "activations", "cache", "working")
+COMPONENTS = ("frozen_weights", "weight_copies", "trainable", "gradients", "optimizer", "snapshot", "activations",
+              "cache", "working")
 FLOAT_ONLY = ("ft-all", "ft-last", "ft-bias", "lora-all", "lora-last")
 OPTIMIZER_COPIES = {"sgd": 1, "momentum": 2, "adam": 4}  # arrays the size of the parameters
 
@@ -39,6 +40,7 @@ class MemoryPlan:
     scheme: str | None = None
     cache: str | None = None    # "float32" / "int8" for skip2-lora
     frozen_weights: int = 0
+    weight_copies: int = 0      # RAM: contiguous (in, out) copies of frozen float weights during a fit
     trainable: int = 0
     gradients: int = 0
     optimizer_state: int = 0
@@ -46,6 +48,8 @@ class MemoryPlan:
     activations: int = 0
     cache_bytes: int = 0
     working: int = 0
+    #: Microcontroller layout: the frozen weights are read from flash, not held in RAM.
+    weights_in_flash: bool = False
 
     @property
     def label(self) -> str:
@@ -54,20 +58,30 @@ class MemoryPlan:
         return f"{name} ({self.backbone}{extra})"
 
     def breakdown(self) -> dict[str, int]:
-        return {"frozen_weights": self.frozen_weights, "trainable": self.trainable, "gradients": self.gradients,
+        return {"frozen_weights": self.frozen_weights, "weight_copies": self.weight_copies,
+                "trainable": self.trainable, "gradients": self.gradients,
                 "optimizer": self.optimizer_state, "snapshot": self.snapshot, "activations": self.activations,
                 "cache": self.cache_bytes, "working": self.working}
 
     @property
     def total(self) -> int:
-        return sum(self.breakdown().values())
+        """Bytes of RAM: everything, less the frozen weights when they stay in flash."""
+        return sum(self.breakdown().values()) - (self.frozen_weights if self.weights_in_flash else 0)
+
+    @property
+    def flash(self) -> int:
+        """Bytes read from flash (the frozen weights) when ``weights_in_flash``, else 0."""
+        return self.frozen_weights if self.weights_in_flash else 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "label": self.label, "total": self.total}
+        return {**asdict(self), "label": self.label, "total": self.total, "flash": self.flash}
 
     def explain(self, budget: int | None = None) -> str:
-        parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in self.breakdown().items() if v)
-        text = f"{self.label} needs {format_bytes(self.total)} ({parts})"
+        parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in self.breakdown().items()
+                          if v and not (k == "frozen_weights" and self.weights_in_flash))
+        text = f"{self.label} needs {format_bytes(self.total)} of RAM ({parts})"
+        if self.weights_in_flash:
+            text += f", plus {format_bytes(self.flash)} of frozen weights in flash"
         if budget is not None:
             text += f"; the budget is {format_bytes(budget)}"
         return text
@@ -90,11 +104,13 @@ def _frozen_int8(sizes: list[int], norm: bool) -> int:
 def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samples: int = 1,
                 optimizer: str = "sgd", rank: int = 1, train_last_bias: bool = False,
                 scheme: str | SparseScheme | None = None, int8: bool | None = None,
-                cache: str = "float32") -> MemoryPlan:
+                cache: str = "float32", weights_in_flash: bool = False) -> MemoryPlan:
     """Bytes one fine-tuning run holds at its peak, component by component.
 
     ``int8`` plans for the int8 version of ``backbone`` (default: whatever it is); ``cache``
-    is the skip-cache's row format for ``skip2-lora`` ("float32" or "int8").
+    is the skip-cache's row format for ``skip2-lora`` ("float32" or "int8"). With
+    ``weights_in_flash`` (a microcontroller, whose budget is its RAM) the frozen weights are
+    reported as flash and left out of ``total``.
     """
     from .methods import method_class
 
@@ -122,6 +138,7 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
     D, out = sum(s[:-1]), s[-1]
     frozen = _frozen_int8(s, norm) if int8 else _frozen_float(s, norm, fi)
     tlb = out if train_last_bias else 0
+    copies = 0
     kept = 0
     working = 2 * B * out * fi + B * s[0] * fi       # logits and their gradient, the input batch
     cache_bytes = 0
@@ -146,7 +163,7 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
         if method.startswith("ft-"):  # ft-* train the backbone's own tensors, kept in the parameter buffer
             frozen -= fi * p
         # Frozen weights run forward from contiguous (in, out) copies during a fit.
-        frozen += sum(i * o * fi for k, (i, o) in enumerate(zip(s[:-1], s[1:]))
+        copies = sum(i * o * fi for k, (i, o) in enumerate(zip(s[:-1], s[1:]))
                       if not (method == "ft-all" or (method == "ft-last" and k == L - 1)))
         kept = sum(B * s[k] * fi for k in range(max(first, 1), L))  # layer 0's input is the batch itself
         if method.startswith("lora"):
@@ -160,7 +177,7 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
     elif method in ("skip-lora", "skip2-lora"):
         p = L * rank * D + out * L * rank + tlb
         if not int8:  # the frozen weights' contiguous (in, out) copies for the forward pass
-            frozen += sum(i * o * fi for i, o in zip(s[:-1], s[1:]))
+            copies = sum(i * o * fi for i, o in zip(s[:-1], s[1:]))
         kept = B * (D + out) * fi + B * L * rank * fi
         # ``kept`` is the previous step's rows and adapter products: they stay referenced until
         # this step's head replaces them, so they overlap with the new rows being computed.
@@ -213,7 +230,11 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
     plan = MemoryPlan(method=method, backbone="int8" if int8 else "float32", batch_size=B, n_samples=N,
                       optimizer=optimizer, n_trainable=int(p), scheme=sch_text,
                       cache=cache if method == "skip2-lora" else None,
-                      frozen_weights=int(frozen), trainable=int(p * fi), gradients=int(grads),
+                      frozen_weights=int(frozen), weights_in_flash=weights_in_flash,
+                      # On a microcontroller the weights sit in flash in the layout the forward
+                      # pass reads: the engine's RAM copies are not made there.
+                      weight_copies=0 if weights_in_flash else int(copies),
+                      trainable=int(p * fi), gradients=int(grads),
                       optimizer_state=OPTIMIZER_COPIES[optimizer] * p * fi, snapshot=p * fi,
                       activations=int(kept), cache_bytes=int(cache_bytes), working=int(working))
     return plan
@@ -289,8 +310,8 @@ def measure_memory(backbone: Backbone, method: str, x: np.ndarray, y: np.ndarray
         peak = tracemalloc.get_traced_memory()[1] - base
         external = 0 if m.trains_backbone else backbone_bytes(backbone)
         cache_obj = getattr(m, "cache", None)
-        arrays = {"frozen_weights": backbone_bytes(m.backbone) - (m.params.nbytes if m.trains_backbone else 0)
-                  + getattr(m, "transposed_bytes", 0),
+        arrays = {"frozen_weights": backbone_bytes(m.backbone) - (m.params.nbytes if m.trains_backbone else 0),
+                  "weight_copies": getattr(m, "transposed_bytes", 0),
                   "trainable": m.params.flat.nbytes, "gradients": m.params.grad.nbytes,
                   "optimizer": sum(a.nbytes for a in _optimizer_arrays(opt)), "snapshot": snapshot.nbytes,
                   "cache": cache_obj.nbytes if cache_obj is not None else 0}
@@ -334,7 +355,8 @@ class Candidate:
 
 
 def candidates(backbone: Backbone, *, budget: int, batch_size: int | Sequence[int] = 20, n_samples: int = 1,
-               optimizer: str = "sgd", rank: int = 1, int8_available: bool = True) -> list[Candidate]:
+               optimizer: str = "sgd", rank: int = 1, int8_available: bool = True,
+               weights_in_flash: bool = False) -> list[Candidate]:
     """Every method (float and int8 backbone, float and int8 skip-cache) and every sparse scheme,
     with its plan and whether it fits ``budget``.
 
@@ -350,7 +372,8 @@ def candidates(backbone: Backbone, *, budget: int, batch_size: int | Sequence[in
 
     def best(method: str, **kw) -> Candidate:
         for b in sizes:
-            p = plan_memory(backbone, method, batch_size=b, n_samples=n_samples, optimizer=optimizer, **kw)
+            p = plan_memory(backbone, method, batch_size=b, n_samples=n_samples, optimizer=optimizer,
+                            weights_in_flash=weights_in_flash, **kw)
             if p.total <= budget:
                 return Candidate(p, True)
         return Candidate(p, False)

@@ -34,6 +34,7 @@ def test_plan_matches_measurement(bb, method, scheme, cache, batch):
     arrays = got["arrays"]
     # Persistent arrays: exact.
     assert plan.frozen_weights == arrays["frozen_weights"]
+    assert plan.weight_copies == arrays["weight_copies"]
     assert plan.trainable == arrays["trainable"] and plan.gradients == arrays["gradients"]
     assert plan.optimizer_state == arrays["optimizer"] and plan.snapshot == arrays["snapshot"]
     assert plan.cache_bytes == arrays["cache"]

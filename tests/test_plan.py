@@ -87,3 +87,20 @@ def test_planner_searches_batch_sizes_unless_one_is_given(files, capsys):
                  "--quiet", "--json", str(out)]) == 0
     assert "batch 20" in capsys.readouterr().out
     assert {f["batch_size"] for f in json.loads(out.read_text())["fits"]} == {20}
+
+
+def test_weights_in_flash_leaves_frozen_weights_out_of_ram():
+    from edgetune import Backbone
+    from edgetune.memory import candidates, plan_memory
+
+    bb = Backbone.build([512, 96, 96, 2], seed=0)
+    ram = plan_memory(bb, "skip2-lora", batch_size=4, n_samples=470, int8=False)
+    mcu = plan_memory(bb, "skip2-lora", batch_size=4, n_samples=470, int8=False, weights_in_flash=True)
+    assert mcu.flash == ram.frozen_weights > 0 and ram.flash == 0
+    assert ram.weight_copies > 0 and mcu.weight_copies == 0   # flash holds the forward layout
+    assert mcu.total == ram.total - ram.frozen_weights - ram.weight_copies
+    budget = (mcu.total + ram.total) // 2
+    fits_mcu = {c.plan.label for c in candidates(bb, budget=budget, batch_size=4, n_samples=470,
+                                                 weights_in_flash=True) if c.fits}
+    fits_ram = {c.plan.label for c in candidates(bb, budget=budget, batch_size=4, n_samples=470) if c.fits}
+    assert fits_ram < fits_mcu and "skip2-lora (float32)" in fits_mcu

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd", help="optimizer (default sgd)")
     p.add_argument("--rank", type=positive_int, default=1, help="LoRA rank R (default 1)")
     p.add_argument("--no-int8", action="store_true", help="do not consider the int8 version of a float model")
+    p.add_argument("--weights-in-flash", action="store_true",
+                   help="a microcontroller: frozen weights stay in flash, the budget is RAM only")
     p.add_argument("--task", metavar="TASK", help="measure accuracy on this task after a short fine-tune")
     p.add_argument("--data-dir", metavar="DIR", help="where the built-in data sets are")
     p.add_argument("--epochs", type=positive_int, default=20, help="epochs of the short fine-tune (default 20)")
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     batch_text = (f"batch {args.batch_size}" if args.batch_size else
                   f"batch: the largest of {', '.join(map(str, BATCH_SIZES))} that fits")
     cands = candidates(model, budget=budget, batch_size=batches, n_samples=n, optimizer=args.optimizer,
-                       rank=args.rank, int8_available=not args.no_int8)
+                       rank=args.rank, int8_available=not args.no_int8,
+                       weights_in_flash=args.weights_in_flash)
     fit = sorted((c for c in cands if c.fits), key=_rank_key)
     n_sparse = sum(1 for c in cands if c.plan.method == "sparse")
     info(args, f"{len(cands)} candidates ({n_sparse} sparse schemes) planned for {'-'.join(map(str, model.sizes))}, "
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                      **{k: format_bytes(v) for k, v in b.items()},
                      "accuracy": "" if c.accuracy is None else f"{c.accuracy:.4f}"})
     out = sys.stdout
-    print(f"budget {format_bytes(budget)} ({budget} B); model {'-'.join(map(str, model.sizes))} "
+    where = "RAM (frozen weights in flash)" if args.weights_in_flash else "memory"
+    print(f"budget {format_bytes(budget)} of {where} ({budget} B); model {'-'.join(map(str, model.sizes))} "
           f"({'int8' if hasattr(model, 'qweights') else 'float32'}); {n} samples, {batch_text}, "
           f"{args.optimizer}", file=out)
     if not fit:
@@ -112,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
               file=out)
         write_json(args.json, {"budget": budget, "fits": [], "smallest": smallest.plan.as_dict()})
         return 1
-    cols = [("label", "candidate"), ("n", "trainable"), ("batch", "batch"), ("total", "total"),
-            ("frozen_weights", "frozen"), ("trainable", "params"), ("gradients", "grads"), ("optimizer", "optim"),
+    cols = [("label", "candidate"), ("n", "trainable"), ("batch", "batch"),
+            ("total", "RAM" if args.weights_in_flash else "total"),
+            ("frozen_weights", "frozen (flash)" if args.weights_in_flash else "frozen"),
+            ("weight_copies", "copies"), ("trainable", "params"), ("gradients", "grads"), ("optimizer", "optim"),
             ("snapshot", "snapshot"), ("activations", "activ."), ("cache", "cache"), ("working", "working")]
     if task is not None:
         cols.append(("accuracy", f"acc ({args.epochs} ep)"))
@@ -123,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"({n_fit_sparse - min(n_fit_sparse, args.show)} more sparse schemes fit; --show to list them)", file=out)
     best = fit[0]
     acc = f", accuracy {best.accuracy:.4f}" if best.accuracy is not None else ""
+    flash = f" + {format_bytes(best.plan.flash)} of weights in flash" if args.weights_in_flash else ""
     print(f"recommended: {best.plan.label} at batch {best.plan.batch_size}: {format_bytes(best.plan.total)} of "
-          f"{format_bytes(budget)}{acc}", file=out)
+          f"{format_bytes(budget)}{flash}{acc}", file=out)
     write_json(args.json, {"budget": budget, "samples": n, "batch_sizes": batches,
                            "recommended": {**best.plan.as_dict(), "accuracy": best.accuracy},
                            "fits": [{**c.plan.as_dict(), "accuracy": c.accuracy} for c in fit]})
