@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- BLAS threads
 
-from edgetune.threads import get_blas_threads, set_blas_threads  # noqa: E402  (one implementation)
+from edgetune.threads import get_blas_threads, set_blas_threads  # noqa: E402,F401  (one implementation, re-exported)
 
 DEFAULT_BLAS_THREADS = get_blas_threads()
 

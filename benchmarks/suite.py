@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._util import (DEFAULT_BLAS_THREADS, REPO, Report, Table, Target, emit, get_blas_threads, machine_info,
+from ._util import (DEFAULT_BLAS_THREADS, REPO, Report, Target, emit, get_blas_threads, machine_info,
                     median, peft_version, set_blas_threads, time_call, torch_available)
 
 SECTIONS = ("methods", "torch", "memory", "scaling", "limit")

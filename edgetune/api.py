@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -155,16 +154,11 @@ class FineTuner:
         """
         from .safetensors import loads
 
+        from .io_atomic import read_json_config
+
         path = Path(path)
-        cfg_path, w_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise ModelFileError(f"{path} is not an edgetune adapter: {p.name} is missing")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
-        if isinstance(cfg, dict) and "peft_type" in cfg:  # a PEFT LoRA adapter (edgetune.peft_format)
+        cfg, cfg_path, w_path = read_json_config(path, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "an edgetune adapter")
+        if "peft_type" in cfg:  # a PEFT LoRA adapter (edgetune.peft_format)
             from .peft_format import read_peft_adapter
             peft = read_peft_adapter(path, backbone)
             if strict and peft["digest"] not in (None, backbone.digest()):

@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, rename.
+"""Model files: atomic writes (temporary file beside the target, fsync, rename) and the
+validated read of a model or adapter directory's JSON config.
 
 A crash at any moment leaves either the old file or the new one, never half of one.
 """
@@ -10,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
-from .errors import OutputError
+from .errors import ModelFileError, OutputError
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -35,7 +36,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         if isinstance(e, OSError):
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -82,7 +83,8 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (best effort where the OS does not allow it)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -93,3 +95,25 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json_config(directory: Path, config_name: str, weights_name: str, kind: str
+                     ) -> tuple[dict[str, Any], Path, Path]:
+    """Check that a model/adapter directory holds both its files and parse its JSON config.
+
+    Returns (config, config path, weights path); raises ModelFileError naming the problem.
+    """
+    directory = Path(directory)
+    cfg_path, w_path = directory / config_name, directory / weights_name
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise ModelFileError(f"{directory} is not {kind}: {p.name} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelFileError(f"{cfg_path}: not a JSON object")
+    if not isinstance(cfg.get("format_version", 0), int):
+        raise ModelFileError(f"{cfg_path}: format_version must be a whole number")
+    return cfg, cfg_path, w_path

@@ -119,18 +119,13 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
     """
     from .safetensors import load_file
 
+    from .io_atomic import read_json_config
+
     path = Path(path)
-    cfg_path, w_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise ModelFileError(f"{path} is not a PEFT adapter: {p.name} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise ModelFileError(f"{cfg_path}: only PEFT LoRA adapters are supported (peft_type "
-                             f"{cfg.get('peft_type') if isinstance(cfg, dict) else None!r})")
+    cfg, cfg_path, w_path = read_json_config(path, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "a PEFT adapter")
+    if cfg.get("peft_type") != "LORA":
+        raise ModelFileError(f"{cfg_path}: only PEFT LoRA adapters are supported "
+                             f"(peft_type {cfg.get('peft_type')!r})")
     unsupported = [k for k, ok in (
         ("use_dora", not cfg.get("use_dora")), ("fan_in_fan_out", not cfg.get("fan_in_fan_out")),
         ("lora_bias", not cfg.get("lora_bias")), ("modules_to_save", not cfg.get("modules_to_save")),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import edgetune as et
 from edgetune.errors import ModelFileError, UsageError
 from edgetune.methods import make_method
 from edgetune.train import TrainConfig, fit

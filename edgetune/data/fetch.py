@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import DataError, UsageError
+from ..io_atomic import fsync_dir
 from ..progress import Progress
 from .locate import DATASET_NAMES, ENV_DATA, HAPT_ZIP, default_data_dir
 
@@ -222,21 +223,8 @@ def download(rf: RemoteFile, target: Path, bar: Progress | None = None) -> Path:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def status(data_dir: str | os.PathLike | None = None) -> list[dict]:

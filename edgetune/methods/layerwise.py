@@ -106,7 +106,7 @@ class LayerwiseMethod(Method):
         return self._run(x, keep=False)
 
     def backward(self, g: np.ndarray) -> None:
-        bb, plans, s, grads = self.backbone, self.plans, self.scale, self.params.grads
+        bb, s, grads = self.backbone, self.scale, self.params.grads
         last = bb.n_layers - 1
         if self.bias_delta:
             np.sum(g, axis=0, out=grads["head.bias_delta"])

@@ -229,25 +229,17 @@ class Backbone:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Backbone":
+        from ..io_atomic import read_json_config
         from ..safetensors import loads
 
         path = Path(path)
         if path.is_file() and path.name == CONFIG_NAME:
             path = path.parent
-        cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not path.is_dir():
             raise ModelFileError(f"model directory not found: {path}")
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise ModelFileError(f"{path} is not an edgetune model: {p.name} is missing")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFileError(f"{cfg_path}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        cfg, cfg_path, w_path = read_json_config(path, CONFIG_NAME, WEIGHTS_NAME, "an edgetune model")
+        if cfg.get("format") != FORMAT:
             raise ModelFileError(f"{cfg_path}: not an edgetune backbone config (format != '{FORMAT}')")
-        if not isinstance(cfg.get("format_version", 0), int):
-            raise ModelFileError(f"{cfg_path}: format_version must be a whole number")
         if cfg.get("format_version", 0) > FORMAT_VERSION:
             raise ModelFileError(f"{cfg_path}: format version {cfg['format_version']} is newer than this edgetune reads ({FORMAT_VERSION})")
         blob = w_path.read_bytes()
