@@ -31,7 +31,8 @@ def torch_logits(method, x: np.ndarray, p: dict) -> "torch.Tensor":
     h = const(x)
     inputs = []
     for k in range(n):
-        w = p.get(f"layers.{k}.weight", const(bb.weights[k]))
+        # A trained weight is stored transposed, (in, out), as layers.K.weight_t.
+        w = p[f"layers.{k}.weight_t"].T if f"layers.{k}.weight_t" in p else const(bb.weights[k])
         b = p.get(f"layers.{k}.bias", const(bb.biases[k]))
         inputs.append(h)
         z = h @ w.T + b

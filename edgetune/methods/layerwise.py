@@ -47,8 +47,8 @@ class LayerwiseMethod(Method):
         self.bias_delta = self.options.train_last_bias and not self.plans[-1].bias
         tensors: dict[str, np.ndarray] = {}
         for k, p in enumerate(self.plans):
-            if p.weight:
-                tensors[f"layers.{k}.weight"] = bb.weights[k]
+            if p.weight:  # trained as W^T, (in, out): the forward's fast layout (see Backbone.transposed_weights)
+                tensors[f"layers.{k}.weight_t"] = bb.weights[k].T
             if p.bias:
                 tensors[f"layers.{k}.bias"] = bb.biases[k]
             if p.lora:
@@ -58,10 +58,11 @@ class LayerwiseMethod(Method):
         if self.bias_delta:
             tensors["head.bias_delta"] = np.zeros(bb.sizes[-1], bb.dtype)
         self.params = ParamStore(tensors, bb.dtype)
-        # Trained backbone tensors become views into the flat parameter buffer.
+        # Trained backbone tensors become views into the flat parameter buffer (weights as the
+        # (out, in) transpose of the stored (in, out) block).
         for k, p in enumerate(self.plans):
             if p.weight:
-                bb.weights[k] = self.params[f"layers.{k}.weight"]
+                bb.weights[k] = self.params[f"layers.{k}.weight_t"].T
             if p.bias:
                 bb.biases[k] = self.params[f"layers.{k}.bias"]
         trainable = [k for k, p in enumerate(self.plans) if p.any]
@@ -113,7 +114,7 @@ class LayerwiseMethod(Method):
         for k in range(last, self.first - 1, -1):
             h, p = self._hs[k], self.plans[k]
             if p.weight:
-                np.matmul(g.T, h, out=grads[f"layers.{k}.weight"])
+                np.matmul(h.T, g, out=grads[f"layers.{k}.weight_t"])
             if p.bias:
                 np.sum(g, axis=0, out=grads[f"layers.{k}.bias"])
             gu = None
@@ -137,6 +138,19 @@ class LayerwiseMethod(Method):
         self._hs = [None] * self.backbone.n_layers
         self._us = [None] * self.backbone.n_layers
         self._wt = None
+
+    # -- files: trained weights are saved (out, in), as in model files and PyTorch -----------
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        return {(k[:-2] if k.endswith(".weight_t") else k): np.ascontiguousarray(v.T if k.endswith(".weight_t") else v)
+                for k, v in self.params.values.items()}
+
+    def load_adapter_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        self.check_adapter_tensors(tensors)
+        for k in self.params:
+            if k.endswith(".weight_t"):
+                self.params[k][...] = tensors[k[:-2]].T
+            else:
+                self.params[k][...] = tensors[k]
 
     def merged_backbone(self) -> Backbone:
         out = self.backbone.copy()
