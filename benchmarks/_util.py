@@ -197,3 +197,14 @@ class Report:
 
 def emit(text: str, file=None) -> None:
     print(text, file=file or sys.stdout, flush=True)
+
+
+def finish(results: Any, json_path: str | None) -> None:
+    """The machine lines under a table, and the raw results as JSON (written atomically)."""
+    for k, v in machine_info().items():
+        if k in ("cpu", "python", "numpy"):
+            emit(f"- {k}: {v}")
+    if json_path:
+        from edgetune.io_atomic import write_json_atomic
+
+        write_json_atomic(json_path, results)

@@ -18,14 +18,13 @@ fine-tuning and the cache sizes.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
 
 import numpy as np
 
-from ._util import REPO, emit, machine_info
+from ._util import REPO, emit, finish
 
 TASKS = ("damage1", "damage2", "har")
 VARIANTS = (("float", "float backbone"), ("int8", "int8 backbone"), ("int8+c8", "int8 backbone + int8 cache"),
@@ -100,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = np.mean(r["acc"]["int8"]) - np.mean(r["acc"]["float"])
         emit(f"| {r['task']} | {diff:+.4f} | {r['cache_bytes_float']} | {r['cache_bytes_int8+c8']} |")
     emit("")
-    for k, v in machine_info().items():
-        if k in ("cpu", "python", "numpy"):
-            emit(f"- {k}: {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    finish(results, args.json)
     return 0
 
 

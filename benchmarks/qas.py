@@ -19,14 +19,13 @@ the int8 ratios back to the float ones.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
 
 import numpy as np
 
-from ._util import REPO, emit, machine_info
+from ._util import REPO, emit, finish
 
 TASKS = ("damage1", "damage2")
 MODES = (("float", "float SGD"), ("int8", "int8 SGD, no QAS"), ("int8+qas", "int8 SGD + QAS"))
@@ -148,12 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             f, n, qq = (r["ratios"][m][k] for m, _ in MODES)
             emit(f"| {k} | {f:.3g} | {n:.3g} | {qq:.3g} | {n / f:.3g} |")
         emit("")
-    for k, v in machine_info().items():
-        if k in ("cpu", "python", "numpy"):
-            emit(f"- {k}: {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    finish(results, args.json)
     return 0
 
 
