@@ -30,20 +30,24 @@ class SkipCache:
     def __init__(self, n_samples: int, row_width: int, dtype: np.dtype, *,
                  budget_bytes: int | None = None, overflow: str = "error"):
         dtype = np.dtype(dtype)
-        row_bytes = row_width * dtype.itemsize
+        self._init_rows(n_samples, row_width, row_width * dtype.itemsize, budget_bytes, overflow,
+                        "the skip-cache", f"{n_samples} samples x {row_width} values x {dtype.itemsize} B")
+        self.data = np.empty((self.capacity, row_width), dtype=dtype)
+
+    def _init_rows(self, n_samples: int, row_width: int, row_bytes: int, budget_bytes: int | None,
+                   overflow: str, what: str, layout: str) -> None:
+        """The bookkeeping every skip-cache shares: capacity under the budget, fill mask, key, counts."""
         need = n_samples * row_bytes
         capacity = n_samples
         if budget_bytes is not None and need > budget_bytes:
             if overflow == "error":
                 raise BudgetError(
-                    f"the skip-cache needs {format_bytes(need)} ({n_samples} samples x {row_width} values x "
-                    f"{dtype.itemsize} B) but the budget is {format_bytes(budget_bytes)}; raise the budget, "
-                    f"or allow a partial cache (samples beyond it are recomputed every epoch)")
+                    f"{what} needs {format_bytes(need)} ({layout}) but the budget is {format_bytes(budget_bytes)}; "
+                    f"raise the budget, or allow a partial cache (samples beyond it are recomputed every epoch)")
             capacity = int(budget_bytes // row_bytes)
         self.n_samples = n_samples
         self.capacity = capacity
         self.row_width = row_width
-        self.data = np.empty((capacity, row_width), dtype=dtype)
         self.filled = np.zeros(n_samples, dtype=bool)
         self.key: tuple[str, str] | None = None
         self.complete = False

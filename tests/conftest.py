@@ -19,6 +19,15 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """Parsed data caches go to a temporary folder shared by one test module, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        mp.delenv("EDGETUNE_DATA", raising=False)
+        yield
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -16,18 +16,13 @@ from edgetune.data import fan
 from edgetune.data.locate import find_dataset
 from edgetune.errors import DataError, UsageError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from .conftest import DATA_DIR as DATA
+
 FAN = DATA / "cooling-fan"
 needs_data = pytest.mark.skipif(not FAN.is_dir(), reason=f"real data not found at {FAN}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """Parsed caches go to a temporary folder, shared by the tests of this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-        mp.delenv("EDGETUNE_DATA", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_parse_recording_name():

@@ -18,7 +18,8 @@ from edgetune.data.fetch import FAN_MANIFEST, HAPT_ACCEPTED, fetch, remote_files
 from edgetune.data.locate import default_data_dir, find_dataset, search_dirs
 from edgetune.errors import DataError, UsageError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from .conftest import DATA_DIR as DATA
+
 needs_data = pytest.mark.skipif(not (DATA / "cooling-fan").is_dir(), reason=f"real data not at {DATA}")
 TWO = ["12cm_hmlo_normal_noisy_1.zip", "8cm_o_normal_silentA.zip"]
 

@@ -13,18 +13,14 @@ from hypothesis.extra import numpy as hnp
 from edgetune.data import har
 from edgetune.errors import DataError, UsageError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from .conftest import DATA_DIR as DATA
+
 HAPT_ZIP = DATA / "hapt" / "HAPT-RawData.zip"
 needs_data = pytest.mark.skipif(not HAPT_ZIP.is_file(), reason=f"real data not found at {HAPT_ZIP}")
 NAMES = har.HAR_FEATURE_NAMES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-        mp.delenv("EDGETUNE_DATA", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """int8 backbone: quantisation round trips, the int8 forward pass, files, adapters on top."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,8 @@ from edgetune.errors import ModelFileError, UsageError
 from edgetune.quant import QuantBackbone, attach_int8_cache, load_any, quantize, quantize_weight
 from edgetune.quant.int8 import requant_params, requantize
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from .conftest import DATA_DIR as DATA
+
 
 
 def _model(sizes=(20, 16, 12, 3), seed=0):

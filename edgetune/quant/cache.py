@@ -14,8 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..cache import SkipCache
-from ..errors import BudgetError, UsageError
-from ..units import format_bytes
+from ..errors import UsageError
 from .int8 import QMAX, QuantBackbone, calibrate
 
 
@@ -24,25 +23,12 @@ class Int8SkipCache(SkipCache):
                  budget_bytes: int | None = None, overflow: str = "error"):
         col_scales = np.asarray(col_scales, np.float32)
         d_in = int(col_scales.shape[0])
-        row_bytes = d_in + 4 * n_outputs
-        need = n_samples * row_bytes
-        capacity = n_samples
-        if budget_bytes is not None and need > budget_bytes:
-            if overflow == "error":
-                raise BudgetError(
-                    f"the int8 skip-cache needs {format_bytes(need)} ({n_samples} samples x ({d_in} int8 + "
-                    f"{n_outputs} float32)) but the budget is {format_bytes(budget_bytes)}")
-            capacity = int(budget_bytes // row_bytes)
-        self.n_samples = n_samples
-        self.capacity = capacity
-        self.row_width = d_in + n_outputs
+        self._init_rows(n_samples, d_in + n_outputs, d_in + 4 * n_outputs, budget_bytes, overflow,
+                        "the int8 skip-cache", f"{n_samples} samples x ({d_in} int8 + {n_outputs} float32)")
         self.d_in = d_in
         self.col_scales = col_scales
-        self.data = np.empty((capacity, d_in), np.int8)
-        self.logits = np.empty((capacity, n_outputs), np.float32)
-        self.filled = np.zeros(n_samples, dtype=bool)
-        self.key = None
-        self.hits = self.misses = self.invalidations = 0
+        self.data = np.empty((self.capacity, d_in), np.int8)
+        self.logits = np.empty((self.capacity, n_outputs), np.float32)
 
     @property
     def nbytes(self) -> int:
