@@ -210,14 +210,13 @@ class Backbone:
         Each file is written atomically; the config records the weights' SHA-256, so a
         crash between the two writes is detected at load time instead of mixing models.
         """
-        from ..io_atomic import write_json_atomic
+        from ..io_atomic import write_bytes_atomic, write_json_atomic
         from ..safetensors import dumps
 
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise UsageError(f"{path} exists and is not a directory")
         blob = dumps(self.tensors(), {"format": FORMAT})
-        from ..io_atomic import write_bytes_atomic
         write_bytes_atomic(path / WEIGHTS_NAME, blob)
         write_json_atomic(path / CONFIG_NAME, {
             "format": FORMAT, "format_version": FORMAT_VERSION,
