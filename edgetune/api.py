@@ -36,16 +36,19 @@ class FineTuner:
     alpha/rank, default alpha = rank). ``scheme`` (and ``qas``) choose the ``sparse``
     method's update scheme, e.g. ``"b2,w-1:1/2"``; other methods refuse them. The backbone
     passed in is never modified: methods that train backbone tensors work on a copy (see
-    ``merged()``).
+    ``merged()``). ``engine`` runs the epochs: 'auto' (the compiled C engine when built,
+    else NumPy; also what None means unless ``EDGETUNE_ENGINE`` says otherwise), 'c' or
+    'numpy'. ``cache_fill`` ('eager' or 'lazy') fills the skip-cache before the first batch
+    or as batches come (same math).
     """
 
     def __init__(self, backbone: Backbone, method: str = "skip2-lora", *, rank: int = 1,
                  alpha: float | None = None, train_last_bias: bool = False,
                  cache_budget: int | str | None = None, cache_overflow: str = "error",
-                 scheme: str | None = None, qas: bool | None = None,
+                 cache_fill: str = "eager", scheme: str | None = None, qas: bool | None = None,
                  epochs: int = 100, batch_size: int = 20, lr: float = 0.01, optimizer: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
-                 patience: int | None = None, progress: bool | None = False):
+                 patience: int | None = None, progress: bool | None = False, engine: str | None = None):
         if not isinstance(backbone, Backbone):
             raise UsageError(f"backbone must be an edgetune Backbone, got {type(backbone).__name__}")
         self.backbone = backbone
@@ -55,7 +58,12 @@ class FineTuner:
         budget = None if cache_budget is None else parse_bytes(cache_budget)
         self.method: Method = make_method(method, backbone, seed=seed, rank=rank, alpha=alpha,
                                           train_last_bias=train_last_bias, cache_budget=budget,
-                                          cache_overflow=cache_overflow, scheme=scheme, qas=qas)
+                                          cache_overflow=cache_overflow, cache_fill=cache_fill, scheme=scheme,
+                                          qas=qas)
+        from .core.engine import ENGINES
+        if engine is not None and engine not in ENGINES:
+            raise UsageError(f"unknown engine '{engine}': use one of {', '.join(ENGINES)}")
+        self.engine = engine
         self.progress = progress
         self.history_: History | None = None
 
@@ -84,7 +92,7 @@ class FineTuner:
             xv, yv = self._xy(x_val, y_val, "validation data")
         self.history_ = fit(self.method, xp, yp, self.config, x_val=xv, y_val=yv,
                             callback=callback, progress=self.progress, checkpoint=checkpoint,
-                            checkpoint_every=checkpoint_every)
+                            checkpoint_every=checkpoint_every, engine=self.engine)
         return self
 
     def decision_function(self, x: Any) -> np.ndarray:

@@ -82,6 +82,7 @@ class History:
     stopped_early: bool = False
     memory: dict[str, int] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
+    engine: str = "numpy"
 
     def _sum(self, key: str) -> float:
         return float(sum(getattr(e, key) for e in self.epochs))
@@ -99,7 +100,8 @@ class History:
         first = self.epochs[0].seconds if self.epochs else 0.0
         later = [e.seconds for e in self.epochs[1:]]
         return {
-            "method": self.method, "trainable_params": self.trainable_params, "epochs": len(self.epochs),
+            "method": self.method, "engine": self.engine, "trainable_params": self.trainable_params,
+            "epochs": len(self.epochs),
             "train_seconds": self.train_seconds, "forward_seconds": self._sum("forward_seconds"),
             "backward_seconds": self._sum("backward_seconds"), "update_seconds": self._sum("update_seconds"),
             "first_epoch_seconds": first,
@@ -124,11 +126,69 @@ def predict_logits(method: Method, x: np.ndarray, batch: int = 4096) -> np.ndarr
     return np.concatenate([method.predict_logits(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+class NumpyRunner:
+    """Runs epochs on the NumPy engine: the method's forward and backward, batch by batch."""
+
+    name = "numpy"
+
+    def __init__(self, method: Method, opt: Any, x: np.ndarray, y: np.ndarray, batch_size: int):
+        self.method, self.opt, self.x, self.y, self.bs = method, opt, x, y, batch_size
+        self.loss_grad = SoftmaxCrossEntropyGrad(method.backbone.sizes[-1])
+        self.eager = getattr(method, "uses_cache", False) and getattr(method.options, "cache_fill", "") == "eager"
+
+    def run(self, orders: np.ndarray) -> list[Any]:
+        from .core.engine import EpochResult
+
+        method, x, y, bs, clock = self.method, self.x, self.y, self.bs, time.perf_counter
+        n = len(x)
+        out = []
+        for order in orders:
+            snapshot = method.params.flat.copy()
+            y_order = y[order]
+            self.loss_grad.start_epoch(n, x.dtype)
+            t_fwd = t_bwd = t_upd = 0.0
+            start = clock()
+            if self.eager:
+                method.fill_cache(x)
+                self.eager = False
+                t_fwd += clock() - start
+            for lo in range(0, n, bs):
+                t0 = clock()
+                logits = method.forward(x, order[lo:lo + bs])
+                t1 = clock()
+                method.backward(self.loss_grad(logits, y_order[lo:lo + bs]))
+                t2 = clock()
+                self.opt.step()
+                t3 = clock()
+                t_fwd += t1 - t0
+                t_bwd += t2 - t1
+                t_upd += t3 - t2
+            seconds = clock() - start
+            epoch_loss = self.loss_grad.epoch_loss()
+            diverged = not np.isfinite(epoch_loss) or not np.all(np.isfinite(method.params.flat))
+            if diverged:
+                method.params.flat[...] = snapshot
+            out.append(EpochResult(epoch_loss, seconds, t_fwd, t_bwd, t_upd, diverged))
+            if diverged:
+                break
+        return out
+
+
+def make_runner(engine: str | None, method: Method, opt: Any, x: np.ndarray, y: np.ndarray,
+                batch_size: int) -> Any:
+    """The epoch runner of ``engine`` ('auto', 'c', 'numpy'; None: EDGETUNE_ENGINE or 'auto')."""
+    from .core.engine import CoreRunner, resolve_engine
+
+    if resolve_engine(engine, method, type(opt).__name__.lower()) == "c":
+        return CoreRunner(method, opt, x, y, batch_size)
+    return NumpyRunner(method, opt, x, y, batch_size)
+
+
 def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
         callback: Callable[[EpochRecord], bool | None] | None = None,
         progress: bool | None = False, checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int = 1) -> History:
+        checkpoint_every: int = 1, engine: str | None = None) -> History:
     """Train ``method`` on prepared inputs ``x`` (row i is sample id i) and labels ``y``.
 
     ``callback(record)`` runs after each epoch and may return True to stop. With
@@ -136,6 +196,8 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     then stops early and restores the parameters of the best epoch. With ``checkpoint``
     the run's state is saved atomically every ``checkpoint_every`` epochs, and a run
     started again with the same file continues where it stopped, bit-identically.
+    ``engine``: 'auto' (the compiled engine when built, else NumPy), 'c' or 'numpy'; None
+    reads EDGETUNE_ENGINE.
     """
     n = len(x)
     if len(y) != n:
@@ -171,63 +233,59 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
             # A run that stopped early is finished: resuming it trains nothing more.
             first_epoch = config.epochs + 1 if hist.stopped_early else saved["epoch"] + 1
     method.begin_fit(x)
-    loss_grad = SoftmaxCrossEntropyGrad(method.backbone.sizes[-1])
+    runner = make_runner(engine, method, opt, x, y, bs)
+    hist.engine = runner.name
     bar = Progress(config.epochs, desc=method.name, enabled=progress if progress is not None else None)
+    # Epochs with nothing to do in between (no validation, checkpoint or callback) run several per
+    # call: the compiled engine then never returns to Python between them.
+    batched = not validate and checkpoint is None and callback is None
     # Divergence is detected below, once per epoch; NumPy's per-operation warnings add nothing.
     errstate = np.errstate(over="ignore", invalid="ignore")
     errstate.__enter__()
     try:
         bar.update(first_epoch - 1)
-        for epoch in range(first_epoch, config.epochs + 1):
-            snapshot = method.params.flat.copy()
-            order = rng.permutation(n) if config.shuffle else np.arange(n)
-            y_order = y[order]
-            loss_grad.start_epoch(n, x.dtype)
-            t_fwd = t_bwd = t_upd = 0.0
-            start = clock()
-            for lo in range(0, n, bs):
-                t0 = clock()
-                logits = method.forward(x, order[lo:lo + bs])
-                t1 = clock()
-                method.backward(loss_grad(logits, y_order[lo:lo + bs]))
-                t2 = clock()
-                opt.step()
-                t3 = clock()
-                t_fwd += t1 - t0
-                t_bwd += t2 - t1
-                t_upd += t3 - t2
-            seconds = clock() - start
-            epoch_loss = loss_grad.epoch_loss()
-            if not np.isfinite(epoch_loss) or not np.all(np.isfinite(method.params.flat)):
-                method.params.flat[...] = snapshot
-                raise TrainingDiverged(
-                    f"{method.name}: the training loss became {epoch_loss} in epoch {epoch}; parameters were "
-                    f"restored to the end of epoch {epoch - 1}. Lower the learning rate (now {config.lr}).")
-            rec = EpochRecord(epoch, epoch_loss, seconds, t_fwd, t_bwd, t_upd)
-            if validate:
-                t0 = clock()
-                rec.val_loss, rec.val_accuracy = evaluate(method, x_val, y_val)
-                rec.eval_seconds = clock() - t0
-                if rec.val_loss < best_loss:
-                    best_loss, since_best, hist.best_epoch = rec.val_loss, 0, epoch
-                    if config.patience is not None:
-                        best_params = method.params.flat.copy()
-                else:
-                    since_best += 1
-            hist.epochs.append(rec)
-            if config.patience is not None and since_best >= config.patience:
-                hist.stopped_early = True
-            if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == config.epochs
-                                           or hist.stopped_early):
-                ckpt.save(checkpoint, fp=fp, epoch=epoch, params=method.params.flat, opt_state=opt.state(),
-                          rng=rng, history=[asdict(e) for e in hist.epochs],
-                          best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch,
-                                "stopped_early": hist.stopped_early},
-                          best_params=best_params)
-            post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
-            bar.update(1, post)
-            if hist.stopped_early or (callback is not None and callback(rec)):
-                break
+        epoch, chunk, stop = first_epoch, 1, False
+        while epoch <= config.epochs and not stop:
+            count = min(chunk, config.epochs - epoch + 1)
+            orders = np.empty((count, n), np.int32)
+            for i in range(count):
+                orders[i] = rng.permutation(n) if config.shuffle else np.arange(n)
+            for res in runner.run(orders):
+                epoch_loss = res.loss
+                if res.diverged:
+                    raise TrainingDiverged(
+                        f"{method.name}: the training loss became {epoch_loss} in epoch {epoch}; parameters were "
+                        f"restored to the end of epoch {epoch - 1}. Lower the learning rate (now {config.lr}).")
+                rec = EpochRecord(epoch, epoch_loss, res.seconds, res.forward_seconds, res.backward_seconds,
+                                  res.update_seconds)
+                if validate:
+                    t0 = clock()
+                    rec.val_loss, rec.val_accuracy = evaluate(method, x_val, y_val)
+                    rec.eval_seconds = clock() - t0
+                    if rec.val_loss < best_loss:
+                        best_loss, since_best, hist.best_epoch = rec.val_loss, 0, epoch
+                        if config.patience is not None:
+                            best_params = method.params.flat.copy()
+                    else:
+                        since_best += 1
+                hist.epochs.append(rec)
+                if config.patience is not None and since_best >= config.patience:
+                    hist.stopped_early = True
+                if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == config.epochs
+                                               or hist.stopped_early):
+                    ckpt.save(checkpoint, fp=fp, epoch=epoch, params=method.params.flat, opt_state=opt.state(),
+                              rng=rng, history=[asdict(e) for e in hist.epochs],
+                              best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch,
+                                    "stopped_early": hist.stopped_early},
+                              best_params=best_params)
+                post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
+                bar.update(1, post)
+                epoch += 1
+                if hist.stopped_early or (callback is not None and callback(rec)):
+                    stop = True
+                    break
+            if batched and hist.epochs:  # about a quarter of a second of epochs per call
+                chunk = int(min(max(1, 0.25 / max(hist.epochs[-1].seconds, 1e-6)), 1000))
     finally:
         errstate.__exit__(None, None, None)
         bar.close()

@@ -30,11 +30,15 @@ def test_skip2_equals_skip_lora_losses_and_predictions():
     np.testing.assert_allclose(a.method.params.flat, b.method.params.flat, rtol=1e-4, atol=1e-6)
 
 
-def test_cache_fills_once_then_only_hits():
-    _, b, x, _ = _pair(epochs=4)
+@pytest.mark.parametrize("engine", ["numpy", "c"])
+@pytest.mark.parametrize("fill", ["eager", "lazy"])
+def test_cache_fills_once_then_only_hits(fill, engine):
+    _, b, x, _ = _pair(epochs=4, cache_fill=fill, engine=engine)
+    assert b.history_.engine == engine
     stats = b.history_.cache
     assert stats["cache_misses"] == len(x)             # each sample computed exactly once
-    assert stats["cache_hits"] == 3 * len(x)           # every later visit is a hit
+    # every later visit is a hit; an eager fill computes every row before the first batch reads it
+    assert stats["cache_hits"] == (4 if fill == "eager" else 3) * len(x)
     assert stats["cache_filled"] == len(x)
     # One row per sample: [x | h1 | h2 | logits] = 7 + 16 + 16 + 3 values of 4 bytes.
     assert b.method.cache.data.shape == (len(x), 7 + 16 + 16 + 3)

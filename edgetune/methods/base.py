@@ -48,6 +48,10 @@ class ParamStore:
     def __iter__(self):
         return iter(self.values)
 
+    def offset(self, name: str) -> int:
+        """Where tensor ``name`` starts in ``flat`` (-1 if there is no such tensor)."""
+        return self.slices[name].start if name in self.slices else -1
+
     def trainable_mask(self) -> np.ndarray:
         """A flat boolean mask over ``flat``: True where the entry actually trains."""
         out = np.ones(self.flat.shape, bool)
@@ -73,6 +77,7 @@ class MethodOptions:
     train_last_bias: bool = False       # LoRA/skip methods: also train the last layer's bias
     cache_budget: int | None = None     # skip2-lora: bytes the skip-cache may use
     cache_overflow: str = "error"       # "error" or "partial" (cache what fits, recompute the rest)
+    cache_fill: str = "eager"           # "eager": every row before the first batch; "lazy": as batches come
     scheme: str | None = None           # sparse: update scheme, e.g. "b2,w-1:1/2" (None: the default)
     qas: bool | None = None             # sparse: Quantization-Aware Scaling (None: on for int8 backbones)
 
@@ -86,6 +91,8 @@ class MethodOptions:
             raise UsageError(f"alpha must be a positive number, got {self.alpha!r}")
         if self.cache_overflow not in ("error", "partial"):
             raise UsageError(f"cache_overflow must be 'error' or 'partial', got {self.cache_overflow!r}")
+        if self.cache_fill not in ("eager", "lazy"):
+            raise UsageError(f"cache_fill must be 'eager' or 'lazy', got {self.cache_fill!r}")
         if self.cache_budget is not None and self.cache_budget < 0:
             raise UsageError(f"cache_budget must be >= 0 bytes, got {self.cache_budget}")
         if self.scheme is not None and not isinstance(self.scheme, str):

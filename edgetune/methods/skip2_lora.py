@@ -41,6 +41,14 @@ class Skip2LoRA(SkipLoRA):
             return super().taps(x, ids)
         return self.cache.fetch(ids, lambda missing: self.compute_taps(x[missing]))
 
+    def fill_cache(self, x: np.ndarray, block: int = 64) -> None:
+        """Fill every cacheable row now, in blocks (the eager fill; the math is the lazy fill's)."""
+        if self.cache is None:
+            return
+        for lo in range(0, self.cache.capacity, block):
+            ids = np.arange(lo, min(lo + block, self.cache.capacity))
+            self.cache.fetch(ids, lambda missing: self.compute_taps(x[missing]))
+
     def memory_report(self) -> dict[str, int]:
         rep = super().memory_report()
         rep["cache_bytes"] = self.cache.nbytes if self.cache is not None else 0

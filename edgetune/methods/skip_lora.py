@@ -100,6 +100,14 @@ class SkipLoRA(Method):
     def predict_logits(self, x: np.ndarray) -> np.ndarray:
         return self._head(self.compute_taps(x), keep=False)
 
+    def core_spec(self) -> dict:
+        """This method as the compiled engine sees it (see edgetune/core/engine.py)."""
+        wt = self._wt if self._wt is not None else self.backbone.transposed_weights()
+        off = self.params.offset
+        return {"kind": "skip", "rank": self.options.rank, "scale": self.scale, "first": 0,
+                "skip_a": off("skip.lora_A"), "skip_b": off("skip.lora_B"), "bias_delta": off("head.bias_delta"),
+                "wt": wt}
+
     def end_fit(self) -> None:
         self._h = self._u = None
         self._wt = None

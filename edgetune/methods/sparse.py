@@ -286,6 +286,15 @@ class SparseUpdate(Method):
         n = self.backbone.n_layers
         self._kept, self._masks = [None] * n, [None] * n
 
+    def core_spec(self) -> dict:
+        """This method as the compiled engine sees it (see edgetune/core/engine.py)."""
+        n, off = self.backbone.n_layers, self.params.offset
+        return {"kind": "sparse", "rank": 1, "scale": 1.0, "first": self.first, "qas": self.qas,
+                "rows": [self.rows.get(k, 0) for k in range(n)],
+                "weight": [off(f"layers.{k}.weight") for k in range(n)],
+                "bias": [off(f"layers.{k}.bias") for k in range(n)],
+                "w_unit": self.w_unit if self.int8 else None, "b_unit": self.b_unit if self.int8 else None}
+
     # -- deployment ---------------------------------------------------------------------
     def merged_backbone(self) -> Backbone:
         """The backbone with the trained rows written in (int8 values for an int8 backbone)."""

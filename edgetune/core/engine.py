@@ -1,0 +1,407 @@
+"""The compiled engine behind the trainer: a method's tensors handed to C, whole epochs per call.
+
+``CoreModel`` describes a method on its backbone to C: it checks every array's shape,
+dtype and contiguity and every offset into the parameter vector *here*, so that the C
+code only ever reads sizes that were checked, and keeps the arrays alive while C holds
+pointers into them. ``CoreRunner`` runs epochs for the trainer; ``batch_gradient`` and
+``predict`` serve the tests.
+
+``resolve_engine`` picks the engine: ``"auto"`` (the default, or ``EDGETUNE_ENGINE``)
+uses C when it is built and supports the configuration, NumPy otherwise.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgetuneError, UsageError
+from . import MAX_LAYERS, ERRORS, Backbone as CBackbone, Cache as CCache, EpochStats, Method as CMethod
+from . import Optimizer as COptimizer, load, unavailable_reason
+
+ENGINES = ("auto", "c", "numpy")
+ACTIVATIONS = {"relu": 0, "leaky_relu": 1, "tanh": 2, "sigmoid": 3, "identity": 4}
+KINDS = {"layerwise": 0, "skip": 1, "sparse": 2}
+OPTIMIZERS = {"SGD": 0, "Momentum": 1, "Adam": 2}
+INT32_MAX = 2 ** 31 - 1
+_warned = False
+
+
+class CoreError(EdgetuneError):
+    """The compiled engine refused a call (a size or argument it was not built for)."""
+
+
+def _f32(a: Any) -> Any:
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+
+def _check(a: Any, shape: tuple[int, ...], dtype: Any, what: str) -> np.ndarray:
+    """``a`` must be a C-contiguous array of exactly this shape and dtype (no copy is made:
+    C writes into some of these arrays)."""
+    if not isinstance(a, np.ndarray):
+        raise UsageError(f"{what}: expected a NumPy array, got {type(a).__name__}")
+    if a.dtype != np.dtype(dtype):
+        raise UsageError(f"{what}: dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if a.shape != tuple(shape):
+        raise UsageError(f"{what}: shape {list(a.shape)}, expected {list(shape)}")
+    if not a.flags.c_contiguous:
+        raise UsageError(f"{what}: must be C-contiguous (strides {a.strides})")
+    if not a.flags.aligned:
+        raise UsageError(f"{what}: must be aligned")
+    return a
+
+
+def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
+    """Why the compiled engine cannot run this method (None: it can)."""
+    spec_fn = getattr(method, "core_spec", None)
+    if spec_fn is None:
+        return f"method {method.name} has no compiled implementation"
+    bb = method.backbone
+    if bb.n_layers > MAX_LAYERS:
+        return f"the compiled engine takes at most {MAX_LAYERS} layers (this backbone has {bb.n_layers})"
+    if max(bb.sizes) > INT32_MAX // 64:
+        return "a layer is too wide for the compiled engine"
+    if np.dtype(bb.dtype) != np.float32:
+        return f"the compiled engine computes in float32 (this backbone is {bb.dtype})"
+    if bb.activation.name not in ACTIVATIONS:
+        return f"activation {bb.activation.name} has no compiled implementation"
+    if getattr(method, "takes_scheme", False):
+        if method.first >= bb.n_layers:
+            return "the sparse scheme trains nothing"
+        if bb.activation.name not in ("relu", "identity"):
+            return "sparse update supports ReLU and identity activations"
+    if optimizer is not None and optimizer not in ("sgd", "momentum", "adam"):
+        return f"optimizer {optimizer} has no compiled implementation"
+    return None
+
+
+def resolve_engine(requested: str | None, method: Any, optimizer: str | None = None) -> str:
+    """The engine that will run: 'c' or 'numpy'. ``requested`` None reads EDGETUNE_ENGINE."""
+    global _warned
+    if requested is None:
+        requested = os.environ.get("EDGETUNE_ENGINE", "auto") or "auto"
+    if requested not in ENGINES:
+        raise UsageError(f"unknown engine '{requested}': use one of {', '.join(ENGINES)}")
+    if requested == "numpy":
+        return "numpy"
+    if load() is None:
+        if requested == "c":
+            raise UsageError(f"engine 'c' was asked for, but {unavailable_reason()}")
+        if not _warned:
+            _warned = True
+            warnings.warn(f"edgetune runs on the NumPy engine: {unavailable_reason()}", RuntimeWarning,
+                          stacklevel=3)
+        return "numpy"
+    reason = unsupported_reason(method, optimizer)
+    if reason is not None:
+        if requested == "c":
+            raise UsageError(f"engine 'c' cannot run this configuration: {reason}")
+        return "numpy"
+    return "c"
+
+
+class CoreModel:
+    """A method on its backbone, as C structs; every array it points into is checked and kept."""
+
+    def __init__(self, method: Any, batch_size: int):
+        lib = load()
+        if lib is None:
+            raise UsageError(f"the compiled engine is not available: {unavailable_reason()}")
+        reason = unsupported_reason(method)
+        if reason is not None:
+            raise UsageError(f"engine 'c' cannot run this configuration: {reason}")
+        if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= INT32_MAX // max(
+                method.backbone.sizes + [1]) // 64:
+            raise UsageError(f"batch_size {batch_size!r} is out of range for the compiled engine")
+        self.lib = lib
+        self.method = method
+        self.batch = int(batch_size)
+        self._keep: list[np.ndarray] = []
+        self.params = _check(method.params.flat, (method.params.flat.size,), np.float32, "parameters")
+        self.grads = _check(method.params.grad, self.params.shape, np.float32, "gradients")
+        spec = method.core_spec()
+        self.spec = spec
+        self.bb = self._backbone(method.backbone, spec)
+        self.m = self._method(method, spec)
+        self.sizes = list(method.backbone.sizes)
+
+    def _keep_array(self, a: np.ndarray) -> np.ndarray:
+        self._keep.append(a)
+        return a
+
+    def _backbone(self, bb: Any, spec: dict) -> CBackbone:
+        s = CBackbone()
+        sizes = bb.sizes
+        n = bb.n_layers
+        s.n_layers = n
+        for k, w in enumerate(sizes):
+            s.sizes[k] = w
+        s.activation = ACTIVATIONS[bb.activation.name]
+        s.is_int8 = int(hasattr(bb, "qweights"))
+        wt = spec.get("wt")
+        for k in range(n):
+            shape = (sizes[k + 1], sizes[k])
+            if s.is_int8:
+                s.qw[k] = self._keep_array(_check(bb.qweights[k], shape, np.int8, f"layer {k} int8 weight")) \
+                    .ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+                s.wscale[k] = _f32(self._keep_array(_check(bb.wscales[k], shape[:1], np.float32,
+                                                           f"layer {k} weight scale")))
+                s.qbias[k] = self._keep_array(_check(bb.qbiases[k], shape[:1], np.int32, f"layer {k} int32 bias")) \
+                    .ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+                s.act_scale[k] = float(bb.act_scales[k])
+                if k < n - 1:
+                    mult, shift = bb._requant[k]
+                    if np.any(mult < 0) or np.any(mult > INT32_MAX) or np.any(shift < 1) or np.any(shift > 62):
+                        raise UsageError(f"layer {k}: requantisation parameters out of range")
+                    m32 = self._keep_array(np.ascontiguousarray(mult, np.int32))
+                    s32 = self._keep_array(np.ascontiguousarray(shift, np.int32))
+                    _check(m32, shape[:1], np.int32, f"layer {k} requant multiplier")
+                    _check(s32, shape[:1], np.int32, f"layer {k} requant shift")
+                    s.rq_mult[k] = m32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+                    s.rq_shift[k] = s32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+                continue
+            # Frozen tensors C reads in place; a non-contiguous one (a view) is read from a copy.
+            bias = self._keep_array(np.ascontiguousarray(bb.biases[k]))
+            s.bias[k] = _f32(_check(bias, shape[:1], np.float32, f"layer {k} bias"))
+            frozen = spec["kind"] == "sparse" or (spec["kind"] == "layerwise" and spec["weight"][k] < 0)
+            if frozen:  # the sparse method's weights, and the layer-wise backward pass's frozen W
+                w = self._keep_array(np.ascontiguousarray(bb.weights[k]))
+                s.w[k] = _f32(_check(w, shape, np.float32, f"layer {k} weight"))
+            if spec["kind"] != "sparse" and wt is not None and wt[k] is not None:
+                s.wt[k] = _f32(self._keep_array(_check(wt[k], shape[::-1], np.float32,
+                                                       f"layer {k} transposed weight")))
+        return s
+
+    def _offset(self, off: int, shape: tuple[int, ...], name: str) -> int:
+        """A tensor's offset into the parameters, checked against the tensor C will read there."""
+        if off < 0:
+            return -1
+        size = int(np.prod(shape))
+        if off + size > self.params.size:
+            raise UsageError(f"tensor {name} ({size} values at {off}) runs past the parameters ({self.params.size})")
+        return off
+
+    def _method(self, method: Any, spec: dict) -> CMethod:
+        s = CMethod()
+        sizes = method.backbone.sizes
+        n = len(sizes) - 1
+        r = int(spec["rank"])
+        s.kind = KINDS[spec["kind"]]
+        s.rank = r
+        s.scale = float(spec["scale"])
+        s.first = int(spec["first"])
+        s.qas = int(bool(spec.get("qas", False)))
+        s.n_params = self.params.size
+        if not 0 <= s.first < n:
+            raise UsageError(f"first trained layer {s.first} is outside 0..{n - 1}")
+        for k in range(MAX_LAYERS):
+            s.off_weight[k] = s.off_bias[k] = s.off_lora_a[k] = s.off_lora_b[k] = -1
+        s.off_bias_delta = self._offset(spec.get("bias_delta", -1), (sizes[-1],), "head.bias_delta")
+        s.off_skip_a = s.off_skip_b = -1
+        if spec["kind"] == "layerwise":
+            for k in range(n):
+                s.off_weight[k] = self._offset(spec["weight"][k], (sizes[k], sizes[k + 1]), f"layer {k} weight")
+                s.off_bias[k] = self._offset(spec["bias"][k], (sizes[k + 1],), f"layer {k} bias")
+                s.off_lora_a[k] = self._offset(spec["lora_a"][k], (r, sizes[k]), f"layer {k} lora_A")
+                s.off_lora_b[k] = self._offset(spec["lora_b"][k], (sizes[k + 1], r), f"layer {k} lora_B")
+                if (s.off_lora_a[k] < 0) != (s.off_lora_b[k] < 0):
+                    raise UsageError(f"layer {k}: a LoRA adapter needs both A and B")
+                if s.off_weight[k] < 0 and self.bb.wt[k] is None:
+                    raise UsageError(f"layer {k}: no transposed weight for the forward pass")
+        elif spec["kind"] == "skip":
+            d = sum(sizes[:-1])
+            s.off_skip_a = self._offset(spec["skip_a"], (n * r, d), "skip.lora_A")
+            s.off_skip_b = self._offset(spec["skip_b"], (sizes[-1], n * r), "skip.lora_B")
+            if s.off_skip_a < 0 or s.off_skip_b < 0:
+                raise UsageError("skip adapters need both A and B")
+            if not self.bb.is_int8 and any(self.bb.wt[k] is None for k in range(n)) and any(
+                    spec["wt"] is None or spec["wt"][k] is None for k in range(n)):
+                raise UsageError("skip adapters need every layer's transposed weight")
+        else:
+            for k in range(n):
+                rows = int(spec["rows"][k])
+                if not 0 <= rows <= sizes[k + 1]:
+                    raise UsageError(f"layer {k}: {rows} trained rows of {sizes[k + 1]}")
+                if rows and k < s.first:
+                    raise UsageError(f"layer {k} trains rows but comes before the first trained layer")
+                s.rows[k] = rows
+                s.off_weight[k] = self._offset(spec["weight"][k], (rows, sizes[k]), f"layer {k} weight") \
+                    if rows else -1
+                s.off_bias[k] = self._offset(spec["bias"][k], (sizes[k + 1],), f"layer {k} bias")
+                if rows and s.off_weight[k] < 0:
+                    raise UsageError(f"layer {k}: trained rows without a weight tensor")
+                if self.bb.is_int8:
+                    for name, units in (("w_unit", spec["w_unit"]), ("b_unit", spec["b_unit"])):
+                        a = self._keep_array(_check(units[k], (sizes[k + 1],), np.float32, f"layer {k} {name}"))
+                        getattr(s, name)[k] = _f32(a)
+        return s
+
+    # -- calls ---------------------------------------------------------------------------
+    def workspace(self, cache: CCache | None = None) -> np.ndarray:
+        nbytes = self.lib.et_workspace_size(ctypes.byref(self.bb), ctypes.byref(self.m),
+                                            ctypes.byref(cache) if cache is not None else None, self.batch)
+        if nbytes == 0:
+            raise CoreError("the compiled engine refused the model's sizes")
+        return np.empty(nbytes, np.uint8)
+
+    def _inputs(self, x: np.ndarray, what: str = "x") -> np.ndarray:
+        if not (isinstance(x, np.ndarray) and x.ndim == 2):
+            raise UsageError(f"{what} must be a 2-D float32 array")
+        if x.shape[0] > INT32_MAX or x.shape[0] < 1:
+            raise UsageError(f"{what} has {x.shape[0]} rows; the compiled engine takes 1..{INT32_MAX}")
+        return _check(x, (x.shape[0], self.sizes[0]), np.float32, what)
+
+    def _labels(self, y: np.ndarray, n: int) -> np.ndarray:
+        _check(y, (n,), np.int32, "labels")
+        if n and (int(y.min()) < 0 or int(y.max()) >= self.sizes[-1]):
+            raise UsageError(f"labels must be in 0..{self.sizes[-1] - 1}")
+        return y
+
+    def _call(self, rc: int) -> None:
+        if rc < 0:
+            raise CoreError(f"the compiled engine refused the call: {ERRORS.get(rc, rc)}")
+
+    def batch_gradient(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> float:
+        """Fill the method's gradient for samples ``ids`` (no update); returns the mean loss."""
+        x = self._inputs(x)
+        y = self._labels(y, x.shape[0])
+        if not (isinstance(ids, np.ndarray) and ids.ndim == 1):
+            raise UsageError("ids must be a 1-D int32 array of sample indices")
+        _check(ids, ids.shape, np.int32, "ids")
+        if not 1 <= ids.size <= self.batch or int(ids.min()) < 0 or int(ids.max()) >= x.shape[0]:
+            raise UsageError(f"ids must be 1..{self.batch} sample indices in 0..{x.shape[0] - 1}")
+        ws = self.workspace()
+        loss = ctypes.c_double()
+        self._call(self.lib.et_batch_gradient(ctypes.byref(self.bb), ctypes.byref(self.m), self.params.ctypes.data,
+                                              self.grads.ctypes.data, x.ctypes.data, y.ctypes.data, ids.ctypes.data,
+                                              ids.size, self.batch, ws.ctypes.data, ws.nbytes, ctypes.byref(loss)))
+        return loss.value
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = self._inputs(x)
+        out = np.empty((x.shape[0], self.sizes[-1]), np.float32)
+        ws = self.workspace()
+        self._call(self.lib.et_predict(ctypes.byref(self.bb), ctypes.byref(self.m), self.params.ctypes.data,
+                                       x.ctypes.data, x.shape[0], self.batch, out.ctypes.data, ws.ctypes.data,
+                                       ws.nbytes))
+        return out
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    seconds: float
+    forward_seconds: float
+    backward_seconds: float
+    update_seconds: float
+    diverged: bool
+
+
+def _optimizer_struct(opt: Any, n_params: int, keep: list) -> COptimizer:
+    s = COptimizer()
+    kind = type(opt).__name__
+    if kind not in OPTIMIZERS:
+        raise UsageError(f"optimizer {kind} has no compiled implementation")
+    s.kind = OPTIMIZERS[kind]
+    s.lr = float(opt.lr)
+    s.weight_decay = float(opt.weight_decay)
+    s.momentum = float(getattr(opt, "mu", 0.0))
+    s.beta1 = float(getattr(opt, "b1", 0.9))
+    s.beta2 = float(getattr(opt, "b2", 0.999))
+    s.eps = float(getattr(opt, "eps", 1e-8))
+    s.t = int(getattr(opt, "t", 0))
+    if kind == "Momentum":
+        s.m = _f32(keep_append(keep, _check(opt.v, (n_params,), np.float32, "momentum velocity")))
+    elif kind == "Adam":
+        s.m = _f32(keep_append(keep, _check(opt.m, (n_params,), np.float32, "Adam first moment")))
+        s.v = _f32(keep_append(keep, _check(opt.v, (n_params,), np.float32, "Adam second moment")))
+    return s
+
+
+def keep_append(keep: list, a: np.ndarray) -> np.ndarray:
+    keep.append(a)
+    return a
+
+
+def _cache_struct(cache: Any, n: int, row_width: int, d_in: int, n_out: int, eager: bool, keep: list) -> CCache:
+    s = CCache()
+    s.n_samples, s.row_width, s.d_in, s.eager = n, row_width, d_in, int(eager)
+    if cache is None:
+        s.kind = 0
+        return s
+    if cache.n_samples != n or cache.row_width != row_width:
+        raise UsageError(f"the skip-cache holds {cache.n_samples} rows of {cache.row_width}, "
+                         f"the data {n} rows of {row_width}")
+    cap = int(cache.capacity)
+    if not 0 <= cap <= n:
+        raise UsageError(f"skip-cache capacity {cap} is outside 0..{n}")
+    s.capacity = cap
+    filled = _check(cache.filled, (n,), np.bool_, "skip-cache fill mask")
+    s.filled = keep_append(keep, filled).ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+    if hasattr(cache, "col_scales"):  # the int8 cache
+        s.kind = 2
+        s.qrows = keep_append(keep, _check(cache.data, (cap, d_in), np.int8, "int8 cache rows")) \
+            .ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        s.logits = _f32(keep_append(keep, _check(cache.logits, (cap, n_out), np.float32, "int8 cache logits")))
+        s.col_scales = _f32(keep_append(keep, _check(cache.col_scales, (d_in,), np.float32, "int8 cache scales")))
+    else:
+        s.kind = 1
+        s.rows = _f32(keep_append(keep, _check(cache.data, (cap, row_width), np.float32, "cache rows")))
+    return s
+
+
+class CoreRunner:
+    """Runs the trainer's epochs in C: one call for as many epochs as it is given orders."""
+
+    name = "c"
+
+    def __init__(self, method: Any, opt: Any, x: np.ndarray, y: np.ndarray, batch_size: int):
+        self.model = CoreModel(method, batch_size)
+        self.method, self.opt = method, opt
+        self.x = self.model._inputs(x)
+        self.n = self.x.shape[0]
+        self.y = self.model._labels(np.ascontiguousarray(y, np.int32), self.n)
+        self._keep: list[np.ndarray] = []
+        self.c_opt = _optimizer_struct(opt, self.model.params.size, self._keep)
+        sizes = self.model.sizes
+        d_in = sum(sizes[:-1])
+        cache = getattr(method, "cache", None) if self.model.spec["kind"] == "skip" else None
+        eager = getattr(method.options, "cache_fill", "eager") == "eager"
+        self.cache = cache
+        self.c_cache = _cache_struct(cache, self.n, d_in + sizes[-1], d_in, sizes[-1], eager, self._keep)
+        self.ws = self.model.workspace(self.c_cache)
+        lib = self.model.lib
+        self._fn = lib.et_train_epochs
+        self._clock = ctypes.cast(lib.et_clock_monotonic, ctypes.c_void_p).value
+        self._args_head = (ctypes.byref(self.model.bb), ctypes.byref(self.model.m), ctypes.byref(self.c_opt),
+                           ctypes.byref(self.c_cache), self.model.params.ctypes.data, self.model.grads.ctypes.data,
+                           self.x.ctypes.data, self.y.ctypes.data, self.n, self.model.batch)
+        self._stats = (EpochStats * 1)()
+
+    def run(self, orders: np.ndarray) -> list[EpochResult]:
+        """Train one epoch per row of ``orders`` (each a permutation of the sample ids)."""
+        if not (isinstance(orders, np.ndarray) and orders.ndim == 2):
+            raise UsageError("orders must be a 2-D array, one permutation per epoch")
+        epochs = orders.shape[0]
+        _check(orders, (epochs, self.n), np.int32, "orders")
+        if epochs and (int(orders.min()) < 0 or int(orders.max()) >= self.n):
+            raise UsageError(f"orders must hold sample ids in 0..{self.n - 1}")
+        if len(self._stats) < epochs:
+            self._stats = (EpochStats * epochs)()
+        c = self.c_cache
+        hits0, misses0 = c.hits, c.misses
+        done = self._fn(*self._args_head, orders.ctypes.data, epochs, self._clock, self.ws.ctypes.data,
+                        self.ws.nbytes, self._stats)
+        self.model._call(done)
+        if hasattr(self.opt, "t"):
+            self.opt.t = int(self.c_opt.t)
+        if self.cache is not None:
+            self.cache.hits += c.hits - hits0
+            self.cache.misses += c.misses - misses0
+            self.cache.complete = self.cache.capacity == self.cache.n_samples and bool(self.cache.filled.all())
+        return [EpochResult(s.loss, s.seconds, s.forward_seconds, s.backward_seconds, s.update_seconds,
+                            bool(s.diverged)) for s in self._stats[:done]]

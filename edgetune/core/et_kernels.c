@@ -1,0 +1,326 @@
+/* Numeric kernels: see et_kernels.h. */
+#include "et_kernels.h"
+#include "et_core.h"
+
+#include <math.h>
+#include <string.h>
+
+/*
+ * On x86-64 Linux with GCC the hot loops are compiled twice, for the x86-64 baseline and
+ * for x86-64-v3 (AVX2 + FMA), and the loader picks one for the machine at run time. The
+ * code is the same plain C; elsewhere (ARM, other compilers) it is compiled once.
+ */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && !defined(ET_NO_CLONES)
+#define ET_HOT __attribute__((target_clones("default", "arch=x86-64-v3")))
+#else
+#define ET_HOT
+#endif
+
+#define NR 16 /* columns of C held in registers by the product kernel */
+
+/*
+ * Two kernels (a dot product, a weighted sum of rows) reduce across a loop, which compilers
+ * vectorise poorly from plain C. With GCC or Clang they are written with 8-float vector
+ * types (the compiler maps them to AVX, SSE pairs, NEON pairs, or scalars on a
+ * microcontroller); elsewhere the plain loops below are used.
+ */
+#if defined(__GNUC__) && !defined(ET_PLAIN_C)
+#define ET_VECTOR 1
+typedef float et_v8 __attribute__((vector_size(32)));
+#endif
+
+/*
+ * C (M, N) = [C +] A B, where A's element (i, k) is A[i * sai + k * sak] (A or A^T, any
+ * strides) and B is (K, N) row-major. Four rows of C times a 16-column panel accumulate
+ * in registers over the whole of K; the narrower last panel and the last rows go row by row.
+ */
+/*
+ * Columns j0..N-1 (fewer than 16) of one row of C: a dot product per column, with four
+ * partial sums in registers (an accumulator in memory would chain every step through a
+ * store and a load).
+ */
+ET_HOT static void narrow_columns(int j0, int N, int K, const float *a, int sak, const float *B, int ldb,
+                                  float *c, int accumulate) {
+    for (int j = j0; j < N; j++) {
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        int k = 0;
+        for (; k + 4 <= K; k += 4) {
+            s0 += a[(size_t)k * sak] * B[(size_t)k * ldb + j];
+            s1 += a[(size_t)(k + 1) * sak] * B[(size_t)(k + 1) * ldb + j];
+            s2 += a[(size_t)(k + 2) * sak] * B[(size_t)(k + 2) * ldb + j];
+            s3 += a[(size_t)(k + 3) * sak] * B[(size_t)(k + 3) * ldb + j];
+        }
+        for (; k < K; k++) s0 += a[(size_t)k * sak] * B[(size_t)k * ldb + j];
+        const float d = (s0 + s1) + (s2 + s3);
+        c[j] = accumulate ? c[j] + d : d;
+    }
+}
+
+ET_HOT static void gemm_kernel(int M, int N, int K, const float *A, int sai, int sak, const float *B, int ldb,
+                               float *C, int ldc, int accumulate) {
+    int i0 = 0;
+    for (; i0 + 4 <= M; i0 += 4) {
+        const float *a0 = A + (size_t)i0 * sai, *a1 = a0 + sai, *a2 = a1 + sai, *a3 = a2 + sai;
+        float *c0 = C + (size_t)i0 * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;
+        int j0 = 0;
+        for (; j0 + NR <= N; j0 += NR) {
+            float s0[NR], s1[NR], s2[NR], s3[NR];
+            for (int j = 0; j < NR; j++) s0[j] = s1[j] = s2[j] = s3[j] = 0.0f;
+            for (int k = 0; k < K; k++) {
+                const float *b = B + (size_t)k * ldb + j0;
+                const size_t ak = (size_t)k * sak;
+                const float x0 = a0[ak], x1 = a1[ak], x2 = a2[ak], x3 = a3[ak];
+                for (int j = 0; j < NR; j++) {
+                    s0[j] += x0 * b[j];
+                    s1[j] += x1 * b[j];
+                    s2[j] += x2 * b[j];
+                    s3[j] += x3 * b[j];
+                }
+            }
+            if (accumulate) {
+                for (int j = 0; j < NR; j++) {
+                    c0[j0 + j] += s0[j]; c1[j0 + j] += s1[j]; c2[j0 + j] += s2[j]; c3[j0 + j] += s3[j];
+                }
+            } else {
+                for (int j = 0; j < NR; j++) {
+                    c0[j0 + j] = s0[j]; c1[j0 + j] = s1[j]; c2[j0 + j] = s2[j]; c3[j0 + j] = s3[j];
+                }
+            }
+        }
+        for (int r = 0; j0 < N && r < 4; r++) narrow_columns(j0, N, K, A + (size_t)(i0 + r) * sai, sak, B, ldb,
+                                                             C + (size_t)(i0 + r) * ldc, accumulate);
+    }
+    for (; i0 < M; i0++) {
+        const float *a = A + (size_t)i0 * sai;
+        float *c = C + (size_t)i0 * ldc;
+        int j0 = 0;
+        if (N >= NR) { /* one row: 16-wide row updates, the row kept in cache */
+            if (!accumulate) for (int j = 0; j < N; j++) c[j] = 0.0f;
+            j0 = N / NR * NR;
+            for (int k = 0; k < K; k++) {
+                const float x = a[(size_t)k * sak];
+                const float *b = B + (size_t)k * ldb;
+                for (int j = 0; j < j0; j++) c[j] += x * b[j];
+            }
+        }
+        narrow_columns(j0, N, K, a, sak, B, ldb, c, accumulate);
+    }
+}
+
+void et_gemm_nn(int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+                float *C, int ldc, int accumulate) {
+    gemm_kernel(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
+}
+
+void et_gemm_tn(int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+                float *C, int ldc, int accumulate) {
+    gemm_kernel(M, N, K, A, 1, lda, B, ldb, C, ldc, accumulate);
+}
+
+/* A dot product with 16 independent partial sums. */
+ET_HOT float et_dot(const float *a, const float *b, int n) {
+    int i = 0;
+#ifdef ET_VECTOR
+    et_v8 s0 = {0}, s1 = {0}, x0, x1, y0, y1;
+    for (; i + 16 <= n; i += 16) { /* memcpy: unaligned loads, any alignment of a and b */
+        memcpy(&x0, a + i, sizeof x0);
+        memcpy(&y0, b + i, sizeof y0);
+        memcpy(&x1, a + i + 8, sizeof x1);
+        memcpy(&y1, b + i + 8, sizeof y1);
+        s0 += x0 * y0;
+        s1 += x1 * y1;
+    }
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    s0 += s1;
+    return (((s0[0] + s0[4]) + (s0[2] + s0[6])) + ((s0[1] + s0[5]) + (s0[3] + s0[7]))) + tail;
+#else
+    float s[16];
+    for (int l = 0; l < 16; l++) s[l] = 0.0f;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) s[l] += a[i + l] * b[i + l];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    for (int l = 0; l < 8; l++) s[l] += s[l + 8];
+    return (((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))) + tail;
+#endif
+}
+
+ET_HOT void et_axpy(int n, float a, const float *x, float *y) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+ET_HOT void et_weighted_rows(int count, const float *coef, int coef_stride, const float *const *rows, int offset,
+                             int width, float *out) {
+    int t0 = 0;
+    for (; t0 + NR <= width; t0 += NR) { /* 16 outputs in registers while every row passes by */
+#ifdef ET_VECTOR
+        et_v8 s0 = {0}, s1 = {0}, r0, r1;
+        for (int i = 0; i < count; i++) {
+            const float c = coef[(size_t)i * coef_stride];
+            memcpy(&r0, rows[i] + offset + t0, sizeof r0);
+            memcpy(&r1, rows[i] + offset + t0 + 8, sizeof r1);
+            s0 += c * r0;
+            s1 += c * r1;
+        }
+        memcpy(out + t0, &s0, sizeof s0);
+        memcpy(out + t0 + 8, &s1, sizeof s1);
+#else
+        float s[NR];
+        for (int l = 0; l < NR; l++) s[l] = 0.0f;
+        for (int i = 0; i < count; i++) {
+            const float c = coef[(size_t)i * coef_stride];
+            const float *r = rows[i] + offset + t0;
+            for (int l = 0; l < NR; l++) s[l] += c * r[l];
+        }
+        for (int l = 0; l < NR; l++) out[t0 + l] = s[l];
+#endif
+    }
+    for (int t = t0; t < width; t++) {
+        float s = 0.0f;
+        for (int i = 0; i < count; i++) s += coef[(size_t)i * coef_stride] * rows[i][offset + t];
+        out[t] = s;
+    }
+}
+
+void et_transpose(int rows, int cols, const float *src, int lds, float *dst) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) dst[(size_t)c * rows + r] = src[(size_t)r * lds + c];
+}
+
+void et_gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+                float *C, int ldc, int accumulate, float *pack) {
+    if (pack && N >= NR) { /* wide: transpose B once into pack (K, N), then the register kernel */
+        et_transpose(N, K, B, ldb, pack);
+        gemm_kernel(M, N, K, A, lda, 1, pack, N, C, ldc, accumulate);
+        return;
+    }
+    for (int i = 0; i < M; i++) { /* narrow (N adapters of rank r): one dot product each */
+        const float *a = A + (size_t)i * lda;
+        float *c = C + (size_t)i * ldc;
+        for (int j = 0; j < N; j++) {
+            const float d = et_dot(a, B + (size_t)j * ldb, K);
+            c[j] = accumulate ? c[j] + d : d;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ activations */
+ET_HOT void et_act_forward(int act, float *z, int64_t n) {
+    int64_t i;
+    switch (act) {
+    case ET_RELU:
+        for (i = 0; i < n; i++) z[i] = z[i] < 0.0f ? 0.0f : z[i];
+        break;
+    case ET_LEAKY_RELU:
+        for (i = 0; i < n; i++) z[i] = z[i] < 0.0f ? z[i] * 0.01f : z[i];
+        break;
+    case ET_TANH:
+        for (i = 0; i < n; i++) z[i] = tanhf(z[i]);
+        break;
+    case ET_SIGMOID: /* written so that a large |z| never overflows */
+        for (i = 0; i < n; i++) {
+            const float e = expf(-fabsf(z[i]));
+            z[i] = z[i] >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+        }
+        break;
+    default: /* identity */
+        break;
+    }
+}
+
+/* Written without branches on the data (a comparison's 0/1 as a factor), so the loops vectorise. */
+ET_HOT void et_act_grad_mul(int act, float *dh, const float *h, int64_t n) {
+    int64_t i;
+    switch (act) {
+    case ET_RELU:
+        for (i = 0; i < n; i++) dh[i] *= (float)(h[i] > 0.0f);
+        break;
+    case ET_LEAKY_RELU:
+        for (i = 0; i < n; i++) dh[i] *= 0.01f + 0.99f * (float)(h[i] > 0.0f);
+        break;
+    case ET_TANH:
+        for (i = 0; i < n; i++) dh[i] *= 1.0f - h[i] * h[i];
+        break;
+    case ET_SIGMOID:
+        for (i = 0; i < n; i++) dh[i] *= h[i] * (1.0f - h[i]);
+        break;
+    default:
+        break;
+    }
+}
+
+/* ------------------------------------------------------------------ loss */
+double et_softmax_xent_grad(float *logits, const int32_t *y, int rows, int classes) {
+    const float inv = (float)(1.0 / rows);
+    double total = 0.0;
+    for (int r = 0; r < rows; r++) {
+        float *z = logits + (size_t)r * classes;
+        const int t = y[r];
+        if (classes == 2) {
+            /* Two classes: p1 = 1 / (1 + exp(l0 - l1)), the loss is softplus(-margin). */
+            float d = z[0] - z[1];
+            const double m = t == 0 ? -(double)d : (double)d; /* minus the margin */
+            total += (m > 0 ? m : 0.0) + log1p(exp(-fabs(m)));
+            d = 1.0f / (expf(d) + 1.0f);
+            d = (d - (float)t) * inv;
+            z[1] = d;
+            z[0] = -d;
+            continue;
+        }
+        float mx = z[0];
+        for (int c = 1; c < classes; c++) mx = z[c] > mx ? z[c] : mx;
+        float s = 0.0f;
+        for (int c = 0; c < classes; c++) {
+            z[c] = z[c] - mx;
+        }
+        const float a = z[t];
+        for (int c = 0; c < classes; c++) {
+            z[c] = expf(z[c]);
+            s += z[c];
+        }
+        total += log((double)s) - (double)a;
+        for (int c = 0; c < classes; c++) z[c] /= s;
+        z[t] -= 1.0f;
+        for (int c = 0; c < classes; c++) z[c] *= inv;
+    }
+    return total;
+}
+
+/* ------------------------------------------------------------------ optimizers */
+ET_HOT void et_optimizer_step(struct et_optimizer *opt, float *p, const float *g, int64_t n) {
+    const float lr = (float)opt->lr, wd = (float)opt->weight_decay;
+    int64_t i;
+    if (opt->kind == ET_SGD) {
+        if (wd != 0.0f) {
+            for (i = 0; i < n; i++) p[i] -= (p[i] * wd + g[i]) * lr;
+        } else {
+            for (i = 0; i < n; i++) p[i] -= g[i] * lr;
+        }
+    } else if (opt->kind == ET_MOMENTUM) {
+        float *v = opt->m;
+        const float mu = (float)opt->momentum;
+        for (i = 0; i < n; i++) {
+            const float gi = wd != 0.0f ? p[i] * wd + g[i] : g[i];
+            v[i] = v[i] * mu + gi;
+            p[i] -= v[i] * lr;
+        }
+    } else {
+        float *m = opt->m, *v = opt->v;
+        opt->t += 1;
+        const double t = (double)opt->t;
+        const float b1 = (float)opt->beta1, b2 = (float)opt->beta2;
+        const float one_b1 = (float)(1.0 - opt->beta1), one_b2 = (float)(1.0 - opt->beta2);
+        const float corr2 = (float)(1.0 / sqrt(1.0 - pow(opt->beta2, t)));
+        const float step = (float)(opt->lr / (1.0 - pow(opt->beta1, t)));
+        const float eps = (float)opt->eps;
+        for (i = 0; i < n; i++) {
+            const float gi = wd != 0.0f ? p[i] * wd + g[i] : g[i];
+            m[i] = m[i] * b1 + gi * one_b1;
+            v[i] = v[i] * b2 + (gi * gi) * one_b2;
+            const float den = sqrtf(v[i]) * corr2 + eps;
+            p[i] -= (m[i] / den) * step;
+        }
+    }
+}

@@ -1,0 +1,696 @@
+/*
+ * The training loop: the three method engines (layer-wise, skip adapters, sparse update),
+ * the skip-cache, and whole epochs per call. The math follows the NumPy reference
+ * engine (edgetune/methods/) operation for operation.
+ */
+#include "et_core.h"
+#include "et_int8.h"
+#include "et_kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#ifndef ET_BUILD_FLAGS
+#define ET_BUILD_FLAGS "unknown"
+#endif
+
+/* A hint to start loading memory that is read soon (a no-op where the compiler has none). */
+#if defined(__GNUC__)
+#define ET_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define ET_PREFETCH(p) ((void)(p))
+#endif
+
+#define ALIGN 64
+#define FILL_BLOCK 64 /* rows per block when the cache is filled eagerly in place */
+
+/* ------------------------------------------------------------------ the workspace */
+/* Every scratch buffer of a run, carved from the caller's workspace in this order. */
+typedef struct {
+    float *snapshot;                       /* n_params: the epoch's starting parameters */
+    int32_t *ybuf, *ids, *missing;         /* batch: labels, ids, positions of uncached rows */
+    float *act[ET_MAX_LAYERS + 1];         /* layer-wise/sparse: batch x sizes[k] */
+    float *lora_u;                         /* layer-wise: n x batch x rank */
+    float *gbuf[2];                        /* batch x max width: gradients flowing back */
+    float *gu;                             /* batch x (n*rank): gradient of the adapters' middle */
+    float *pack;                           /* layer-wise: a weight transposed for the backward pass */
+    float *wrow;                           /* sparse int8: one widened weight row */
+    int8_t *q[2];                          /* int8: batch x max width */
+    int32_t *acc;                          /* int8: batch x max width */
+    float *taps;                           /* skip: batch x row_width */
+    const float **rowp;                    /* skip: batch row pointers */
+    float *u;                              /* skip: batch x (n*rank) */
+    int8_t *qtaps;                         /* skip on int8: batch x d_in */
+} layout;
+
+static size_t take(char **cur, size_t bytes) {
+    const size_t padded = (bytes + ALIGN - 1) / ALIGN * ALIGN;
+    *cur += padded;
+    return padded;
+}
+
+static int max_width(const et_backbone *bb) {
+    int w = 0;
+    for (int k = 0; k <= bb->n_layers; k++) w = bb->sizes[k] > w ? bb->sizes[k] : w;
+    return w;
+}
+
+static int d_in_of(const et_backbone *bb) {
+    int d = 0;
+    for (int k = 0; k < bb->n_layers; k++) d += bb->sizes[k];
+    return d;
+}
+
+/*
+ * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
+ * base == NULL only the size. The Python memory model (edgetune/memory.py,
+ * core_workspace_bytes) computes the same sum.
+ */
+static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, char *base, layout *L) {
+    char *cur = base;
+    size_t total = 0;
+    const size_t B = (size_t)batch, F = sizeof(float);
+    const int n = bb->n_layers, mw = max_width(bb);
+    layout dummy;
+    if (!L) L = &dummy;
+    memset(L, 0, sizeof(*L));
+#define PIECE(field, type, count)                              \
+    do {                                                       \
+        L->field = base ? (type)(void *)cur : NULL;            \
+        total += take(&cur, (size_t)(count));                  \
+    } while (0)
+    PIECE(snapshot, float *, (size_t)m->n_params * F);
+    PIECE(ybuf, int32_t *, B * 4);
+    PIECE(ids, int32_t *, B * 4);
+    PIECE(missing, int32_t *, B * 4);
+    PIECE(gbuf[0], float *, B * mw * F);
+    PIECE(gbuf[1], float *, B * mw * F);
+    if (m->kind == ET_SKIP) {
+        const size_t nr = (size_t)n * m->rank, row = (size_t)d_in_of(bb) + bb->sizes[n];
+        PIECE(taps, float *, B * row * F);
+        PIECE(rowp, const float **, B * sizeof(float *));
+        PIECE(u, float *, B * nr * F);
+        PIECE(gu, float *, B * nr * F);
+        if (bb->is_int8) {
+            PIECE(qtaps, int8_t *, B * (size_t)d_in_of(bb));
+            PIECE(acc, int32_t *, B * mw * 4);
+        }
+    } else {
+        for (int k = 0; k <= n; k++) PIECE(act[k], float *, B * bb->sizes[k] * F);
+        if (m->kind == ET_LAYERWISE) {
+            PIECE(lora_u, float *, (size_t)n * B * m->rank * F);
+            PIECE(gu, float *, B * m->rank * F);
+            size_t pack = 0; /* layers whose backward needs W (out, in) that is not given */
+            for (int k = m->first + 1; k < n; k++)
+                if (m->off_weight[k] >= 0 || !bb->w[k]) {
+                    const size_t p = (size_t)bb->sizes[k] * bb->sizes[k + 1];
+                    pack = p > pack ? p : pack;
+                }
+            PIECE(pack, float *, pack * F);
+        } else if (bb->is_int8) {
+            PIECE(wrow, float *, (size_t)mw * F);
+            PIECE(q[0], int8_t *, B * mw);
+            PIECE(q[1], int8_t *, B * mw);
+            PIECE(acc, int32_t *, B * mw * 4);
+        }
+    }
+#undef PIECE
+    return total;
+}
+
+size_t et_workspace_size(const et_backbone *bb, const et_method *m, const et_cache *cache, int32_t batch) {
+    (void)cache; /* an eager fill writes straight into the cache rows or reuses the batch buffers */
+    if (!bb || !m || batch < 1) return 0;
+    return plan_layout(bb, m, batch, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
+}
+
+/* ------------------------------------------------------------------ a run's context */
+typedef struct {
+    const et_backbone *bb;
+    const et_method *m;
+    const float *P;
+    float *G;
+    et_cache *cache;
+    const float *x;
+    layout L;
+} ctx;
+
+static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float *P, float *G,
+                 et_cache *cache, const float *x, int batch, void *ws, size_t ws_bytes) {
+    if (!bb || !m || !x || batch < 1 || bb->n_layers < 1 || bb->n_layers > ET_MAX_LAYERS || m->n_params < 0)
+        return ET_ERR_ARGUMENT;
+    if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
+    if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
+    if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
+    if (!ws || ws_bytes < et_workspace_size(bb, m, cache, batch)) return ET_ERR_WORKSPACE;
+    char *base = (char *)ws;
+    const uintptr_t mis = (uintptr_t)base % ALIGN;
+    if (mis) base += ALIGN - mis;
+    c->bb = bb;
+    c->m = m;
+    c->P = P;
+    c->G = G;
+    c->cache = cache;
+    c->x = x;
+    plan_layout(bb, m, batch, base, &c->L);
+    return ET_OK;
+}
+
+static void add_bias(float *z, const float *b, int rows, int out, int ldz) {
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < out; o++) z[(size_t)r * ldz + o] += b[o];
+}
+
+static void gather_rows(const float *x, int width, const int32_t *ids, int count, float *dst, int ldd) {
+    for (int r = 0; r < count; r++) memcpy(dst + (size_t)r * ldd, x + (size_t)ids[r] * width, (size_t)width * sizeof(float));
+}
+
+static void column_sums(const float *g, int rows, int cols, float *out) {
+    for (int o = 0; o < cols; o++) out[o] = 0.0f;
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < cols; o++) out[o] += g[(size_t)r * cols + o];
+}
+
+/* ================================================================== layer-wise (ft-*, lora-*) */
+static const float *lw_weight_t(const ctx *c, int k) {
+    return c->m->off_weight[k] >= 0 ? c->P + c->m->off_weight[k] : c->bb->wt[k];
+}
+
+static const float *lw_bias(const ctx *c, int k) {
+    return c->m->off_bias[k] >= 0 ? c->P + c->m->off_bias[k] : c->bb->bias[k];
+}
+
+/* Logits of `count` gathered inputs in act[0]; keeps what backward needs. Returns act[n]. */
+static float *lw_forward(ctx *c, int count) {
+    const et_backbone *bb = c->bb;
+    const et_method *m = c->m;
+    const int n = bb->n_layers, r = m->rank;
+    for (int k = 0; k < n; k++) {
+        const int in = bb->sizes[k], out = bb->sizes[k + 1];
+        const float *h = c->L.act[k];
+        float *z = c->L.act[k + 1];
+        et_gemm_nn(count, out, in, h, in, lw_weight_t(c, k), out, z, out, 0);
+        add_bias(z, lw_bias(c, k), count, out, out);
+        if (m->off_lora_a[k] >= 0) {
+            const float *A = c->P + m->off_lora_a[k], *Bm = c->P + m->off_lora_b[k];
+            float *u = c->L.lora_u + (size_t)k * count * r;
+            et_gemm_nt(count, r, in, h, in, A, in, u, r, 0, NULL);    /* u = h A^T */
+            for (int i = 0; i < count; i++) {                        /* z += s (u B^T) */
+                for (int o = 0; o < out; o++) {
+                    float d = 0.0f;
+                    for (int j = 0; j < r; j++) d += u[(size_t)i * r + j] * Bm[(size_t)o * r + j];
+                    if (m->scale != 1.0f) d *= m->scale;
+                    z[(size_t)i * out + o] += d;
+                }
+            }
+        }
+        if (k != n - 1) et_act_forward(bb->activation, z, (int64_t)count * out);
+    }
+    if (m->off_bias_delta >= 0) add_bias(c->L.act[n], c->P + m->off_bias_delta, count, bb->sizes[n], bb->sizes[n]);
+    return c->L.act[n];
+}
+
+/* g: the loss gradient w.r.t. the logits (in act[n]); fills the gradients. */
+static void lw_backward(ctx *c, int count) {
+    const et_backbone *bb = c->bb;
+    const et_method *m = c->m;
+    const int n = bb->n_layers, r = m->rank;
+    float *g = c->L.act[n];
+    int flip = 0;
+    if (m->off_bias_delta >= 0) column_sums(g, count, bb->sizes[n], c->G + m->off_bias_delta);
+    for (int k = n - 1; k >= m->first; k--) {
+        const int in = bb->sizes[k], out = bb->sizes[k + 1];
+        const float *h = c->L.act[k];
+        if (m->off_weight[k] >= 0) /* dWt (in, out) = h^T g */
+            et_gemm_tn(in, out, count, h, in, g, out, c->G + m->off_weight[k], out, 0);
+        if (m->off_bias[k] >= 0) column_sums(g, count, out, c->G + m->off_bias[k]);
+        const float *A = NULL;
+        if (m->off_lora_a[k] >= 0) {
+            const float *Bm = c->P + m->off_lora_b[k];
+            const float *u = c->L.lora_u + (size_t)k * count * r;
+            float *gB = c->G + m->off_lora_b[k], *gA = c->G + m->off_lora_a[k];
+            A = c->P + m->off_lora_a[k];
+            et_gemm_tn(out, r, count, g, out, u, r, gB, r, 0);          /* dB = g^T u */
+            et_gemm_nn(count, r, out, g, out, Bm, r, c->L.gu, r, 0);    /* gu = g B */
+            if (m->scale != 1.0f) {
+                for (int i = 0; i < out * r; i++) gB[i] *= m->scale;
+                for (int i = 0; i < count * r; i++) c->L.gu[i] *= m->scale;
+            }
+            et_gemm_tn(r, in, count, c->L.gu, r, h, in, gA, in, 0);     /* dA = gu^T h */
+        }
+        if (k > m->first) {
+            float *dh = c->L.gbuf[flip];
+            flip ^= 1;
+            if (m->off_weight[k] < 0 && bb->w[k]) /* dh = g W */
+                et_gemm_nn(count, in, out, g, out, bb->w[k], in, dh, in, 0);
+            else
+                et_gemm_nt(count, in, out, g, out, lw_weight_t(c, k), out, dh, in, 0, c->L.pack);
+            if (A) et_gemm_nn(count, in, r, c->L.gu, r, A, in, dh, in, 1);
+            et_act_grad_mul(bb->activation, dh, h, (int64_t)count * in);
+            g = dh;
+        }
+    }
+}
+
+/* ================================================================== the skip adapters */
+/* Rows [x | h_1 | ... | z_n] for `count` rows whose x part is already in place (float backbone). */
+static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
+    const int n = bb->n_layers;
+    int col = 0;
+    for (int k = 0; k < n; k++) {
+        const int in = bb->sizes[k], out = bb->sizes[k + 1];
+        float *h = rows + col, *z = rows + col + in;
+        if (bb->wt[k]) et_gemm_nn(count, out, in, h, ldr, bb->wt[k], out, z, ldr, 0);
+        else et_gemm_nt(count, out, in, h, ldr, bb->w[k], in, z, ldr, 0, NULL);
+        add_bias(z, bb->bias[k], count, out, ldr);
+        if (k != n - 1)
+            for (int i = 0; i < count; i++) et_act_forward(bb->activation, z + (size_t)i * ldr, out);
+        col += in;
+    }
+}
+
+/* Taps rows for samples ids[0..count) into dst (row stride = row width), from x. */
+static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
+    const et_backbone *bb = c->bb;
+    const int in0 = bb->sizes[0], d = d_in_of(bb), W = d + bb->sizes[bb->n_layers];
+    gather_rows(c->x, in0, ids, count, dst, W);
+    if (!bb->is_int8) {
+        float_taps(bb, dst, W, count);
+        return;
+    }
+    /* int8: run the integer pass, then dequantise each layer's input with its scale */
+    et_int8_run(bb, dst, W, count, c->L.qtaps, d, dst + d, W, c->L.acc);
+    for (int i = 0; i < count; i++) {
+        const int8_t *q = c->L.qtaps + (size_t)i * d;
+        float *row = dst + (size_t)i * W;
+        int col = 0;
+        for (int k = 0; k < bb->n_layers; k++) {
+            const float s = bb->act_scale[k];
+            for (int j = 0; j < bb->sizes[k]; j++) row[col + j] = (float)q[col + j] * s;
+            col += bb->sizes[k];
+        }
+    }
+}
+
+/* Store a computed row in the cache; an int8 cache also rounds the row the batch will use. */
+static void cache_store(et_cache *cache, int id, float *row, int d, int out) {
+    if (cache->kind == ET_CACHE_FLOAT) {
+        memcpy(cache->rows + (size_t)id * cache->row_width, row, (size_t)cache->row_width * sizeof(float));
+    } else {
+        int8_t *q = cache->qrows + (size_t)id * d;
+        for (int j = 0; j < d; j++) {
+            float v = rintf(row[j] / cache->col_scales[j]);
+            v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+            q[j] = (int8_t)v;
+            row[j] = (float)q[j] * cache->col_scales[j];
+        }
+        memcpy(cache->logits + (size_t)id * out, row + d, (size_t)out * sizeof(float));
+    }
+    cache->filled[id] = 1;
+}
+
+static int cached(const et_cache *cache, int id) {
+    return cache && cache->kind != ET_CACHE_NONE && id < cache->capacity && cache->filled[id];
+}
+
+/* Fill every missing cache row before training, in blocks (the eager fill). */
+static void skip_fill_cache(ctx *c, int n_samples, int batch) {
+    et_cache *cache = c->cache;
+    const et_backbone *bb = c->bb;
+    const int d = d_in_of(bb), out = bb->sizes[bb->n_layers], W = d + out;
+    const int in_place = cache->kind == ET_CACHE_FLOAT && !bb->is_int8;
+    const int block = in_place ? FILL_BLOCK : batch;
+    const int cap = cache->capacity < n_samples ? cache->capacity : n_samples;
+    int id = 0;
+    while (id < cap) {
+        if (cache->filled[id]) { id++; continue; }
+        int end = id;
+        while (end < cap && end - id < block && !cache->filled[end]) end++;
+        const int count = end - id;
+        for (int i = 0; i < count; i++) c->L.missing[i] = id + i;
+        if (in_place) {
+            compute_taps(c, c->L.missing, count, cache->rows + (size_t)id * W);
+            for (int i = 0; i < count; i++) cache->filled[id + i] = 1;
+        } else {
+            compute_taps(c, c->L.missing, count, c->L.taps);
+            for (int i = 0; i < count; i++) cache_store(cache, id + i, c->L.taps + (size_t)i * W, d, out);
+        }
+        cache->misses += count;
+        id = end;
+    }
+}
+
+/* Adapter inputs for the batch: cache rows where filled, computed (and stored) elsewhere. */
+static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
+    et_cache *cache = use_cache ? c->cache : NULL;
+    const et_backbone *bb = c->bb;
+    const int d = d_in_of(bb), out = bb->sizes[bb->n_layers], W = d + out;
+    int n_missing = 0;
+    for (int i = 0; i < count; i++) {
+        c->L.rowp[i] = NULL;
+        if (!cached(cache, ids[i])) c->L.missing[n_missing++] = i;
+    }
+    if (n_missing) {
+        for (int j = 0; j < n_missing; j++) c->L.ids[j] = ids[c->L.missing[j]];
+        compute_taps(c, c->L.ids, n_missing, c->L.taps);
+        for (int j = 0; j < n_missing; j++) {
+            const int i = c->L.missing[j], id = ids[i];
+            float *row = c->L.taps + (size_t)j * W;
+            if (cache && cache->kind != ET_CACHE_NONE && id < cache->capacity) cache_store(cache, id, row, d, out);
+            c->L.rowp[i] = row;
+        }
+        if (cache) cache->misses += n_missing;
+    }
+    if (!cache || cache->kind == ET_CACHE_NONE) return;
+    int next = n_missing; /* int8 hits are widened into the batch buffer after the computed rows */
+    for (int i = 0; i < count; i++) {
+        const int id = ids[i];
+        if (c->L.rowp[i]) continue; /* computed above (and perhaps just stored) */
+        cache->hits++;
+        if (cache->kind == ET_CACHE_FLOAT) {
+            c->L.rowp[i] = cache->rows + (size_t)id * W;
+            continue;
+        }
+        float *row = c->L.taps + (size_t)(next++) * W;
+        const int8_t *q = cache->qrows + (size_t)id * d;
+        for (int j = 0; j < d; j++) row[j] = (float)q[j] * cache->col_scales[j];
+        memcpy(row + d, cache->logits + (size_t)id * out, (size_t)out * sizeof(float));
+        c->L.rowp[i] = row;
+    }
+}
+
+/* logits = s (u B^T) + z_n (+ bias delta), u = A h per adapter; rows from skip_rows. */
+static float *skip_forward(ctx *c, int count) {
+    const et_backbone *bb = c->bb;
+    const et_method *m = c->m;
+    const int n = bb->n_layers, r = m->rank, nr = n * r, d = d_in_of(bb), out = bb->sizes[n];
+    const float *A = c->P + m->off_skip_a, *Bm = c->P + m->off_skip_b;
+    float *logits = c->L.gbuf[0];
+    for (int i = 0; i < count; i++) {
+        const float *h = c->L.rowp[i];
+        if (i + 1 < count) /* rows are scattered over the cache: load the next one while this one computes */
+            for (int j = 0; j < d + out; j += 16) ET_PREFETCH(c->L.rowp[i + 1] + j);
+        float *u = c->L.u + (size_t)i * nr;
+        int col = 0;
+        for (int k = 0; k < n; k++) {
+            for (int j = 0; j < r; j++)
+                u[k * r + j] = et_dot(A + (size_t)(k * r + j) * d + col, h + col, bb->sizes[k]);
+            col += bb->sizes[k];
+        }
+        float *z = logits + (size_t)i * out;
+        for (int o = 0; o < out; o++) {
+            float s = 0.0f;
+            for (int q = 0; q < nr; q++) s += u[q] * Bm[(size_t)o * nr + q];
+            if (m->scale != 1.0f) s *= m->scale;
+            s += h[d + o];
+            if (m->off_bias_delta >= 0) s += c->P[m->off_bias_delta + o];
+            z[o] = s;
+        }
+    }
+    return logits;
+}
+
+static void skip_backward(ctx *c, int count) {
+    const et_backbone *bb = c->bb;
+    const et_method *m = c->m;
+    const int n = bb->n_layers, r = m->rank, nr = n * r, d = d_in_of(bb), out = bb->sizes[n];
+    const float *Bm = c->P + m->off_skip_b;
+    const float *g = c->L.gbuf[0];
+    float *gB = c->G + m->off_skip_b, *gA = c->G + m->off_skip_a, *gu = c->L.gu;
+    et_gemm_tn(out, nr, count, g, out, c->L.u, nr, gB, nr, 0);   /* dB = g^T u */
+    et_gemm_nn(count, nr, out, g, out, Bm, nr, gu, nr, 0);      /* gu = g B */
+    if (m->scale != 1.0f) {
+        for (int i = 0; i < out * nr; i++) gB[i] *= m->scale;
+        for (int i = 0; i < count * nr; i++) gu[i] *= m->scale;
+    }
+    /* dA, block by block (the off-block entries are never written, so they stay zero) */
+    int col = 0;
+    for (int k = 0; k < n; k++) {
+        const int w = bb->sizes[k];
+        for (int j = 0; j < r; j++)
+            et_weighted_rows(count, gu + k * r + j, nr, c->L.rowp, col, w, gA + (size_t)(k * r + j) * d + col);
+        col += w;
+    }
+    if (m->off_bias_delta >= 0) column_sums(g, count, out, c->G + m->off_bias_delta);
+}
+
+/* ================================================================== sparse update */
+static int sp_trained_bias(const ctx *c, int k) { return c->m->off_bias[k] >= 0; }
+
+/* Layer k's float weight row o as the forward pass uses it (int8: widened into wrow). */
+static const float *sp_row(ctx *c, int k, int o) {
+    const et_backbone *bb = c->bb;
+    const et_method *m = c->m;
+    const int in = bb->sizes[k];
+    if (!bb->is_int8)
+        return o < m->rows[k] ? c->P + m->off_weight[k] + (size_t)o * in : bb->w[k] + (size_t)o * in;
+    const float unit = m->w_unit[k][o];
+    float *w = c->L.wrow;
+    if (o < m->rows[k]) {
+        const float *p = c->P + m->off_weight[k] + (size_t)o * in;
+        for (int i = 0; i < in; i++) {
+            float v = rintf(p[i]);
+            v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+            w[i] = v * unit;
+        }
+    } else {
+        const int8_t *q = bb->qw[k] + (size_t)o * in;
+        for (int i = 0; i < in; i++) w[i] = (float)q[i] * unit;
+    }
+    return w;
+}
+
+static float sp_bias(const ctx *c, int k, int o) {
+    const et_backbone *bb = c->bb;
+    const et_method *m = c->m;
+    if (!bb->is_int8) return sp_trained_bias(c, k) ? c->P[m->off_bias[k] + o] : bb->bias[k][o];
+    if (sp_trained_bias(c, k)) return rintf(c->P[m->off_bias[k] + o]) * m->b_unit[k][o];
+    return (float)((double)bb->qbias[k][o] * (double)m->b_unit[k][o]);
+}
+
+/* Logits of the gathered inputs in act[0]; act[k] keeps layer k's input for k >= first. */
+static float *sp_forward(ctx *c, int count) {
+    const et_backbone *bb = c->bb;
+    const et_method *m = c->m;
+    const int n = bb->n_layers, first = m->first;
+    const int start = first < n - 1 ? first : n - 1;
+    if (bb->is_int8) { /* frozen layers before `first` run the integer kernel */
+        int8_t *q = c->L.q[0];
+        const int in0 = bb->sizes[0];
+        et_int8_quantize_input(bb, c->L.act[0], in0, count, q, in0);
+        for (int k = 0; k < start; k++) {
+            et_int8_accumulate(bb, k, q, bb->sizes[k], count, c->L.acc);
+            int8_t *nq = c->L.q[(k + 1) & 1];
+            et_int8_requantize(bb, k, c->L.acc, count, nq, bb->sizes[k + 1]);
+            q = nq;
+        }
+        const float s = bb->act_scale[start];
+        float *h = c->L.act[start];
+        for (int i = 0; i < count * bb->sizes[start]; i++) h[i] = (float)q[i] * s;
+    } else {
+        for (int k = 0; k < start; k++) {
+            const int in = bb->sizes[k], out = bb->sizes[k + 1];
+            et_gemm_nt(count, out, in, c->L.act[k], in, bb->w[k], in, c->L.act[k + 1], out, 0, NULL);
+            add_bias(c->L.act[k + 1], bb->bias[k], count, out, out);
+            et_act_forward(bb->activation, c->L.act[k + 1], (int64_t)count * out);
+        }
+    }
+    for (int k = start; k < n; k++) {
+        const int in = bb->sizes[k], out = bb->sizes[k + 1];
+        const float *h = c->L.act[k];
+        float *z = c->L.act[k + 1];
+        for (int o = 0; o < out; o++) {
+            const float *w = sp_row(c, k, o);
+            const float b = sp_bias(c, k, o);
+            for (int i = 0; i < count; i++) z[(size_t)i * out + o] = et_dot(h + (size_t)i * in, w, in);
+            for (int i = 0; i < count; i++) z[(size_t)i * out + o] += b;
+        }
+        if (k == n - 1) break;
+        et_act_forward(bb->activation, z, (int64_t)count * out);
+        if (bb->is_int8) { /* fake-quantise to layer k+1's int8 input */
+            const float s = bb->act_scale[k + 1];
+            for (int i = 0; i < count * out; i++) {
+                float v = rintf(z[i] / s);
+                v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+                z[i] = v * s;
+            }
+        }
+    }
+    return c->L.act[n];
+}
+
+static void sp_backward(ctx *c, int count) {
+    const et_backbone *bb = c->bb;
+    const et_method *m = c->m;
+    const int n = bb->n_layers;
+    float *g = c->L.act[n];
+    int flip = 0;
+    for (int k = n - 1; k >= m->first; k--) {
+        const int in = bb->sizes[k], out = bb->sizes[k + 1], rows = m->rows[k];
+        const float *h = c->L.act[k];
+        if (rows > 0) {
+            float *gw = c->G + m->off_weight[k];
+            et_gemm_tn(rows, in, count, g, out, h, in, gw, in, 0);     /* dW[:rows] = g[:, :rows]^T h */
+            if (bb->is_int8) /* d/dWq = s_W dW; QAS multiplies by s_W^-2 */
+                for (int o = 0; o < rows; o++) {
+                    const float u = m->w_unit[k][o], f = m->qas ? 1.0f / u : u;
+                    for (int i = 0; i < in; i++) gw[(size_t)o * in + i] *= f;
+                }
+        }
+        if (sp_trained_bias(c, k)) {
+            float *gb = c->G + m->off_bias[k];
+            column_sums(g, count, out, gb);
+            if (bb->is_int8)
+                for (int o = 0; o < out; o++) {
+                    const float u = m->b_unit[k][o];
+                    gb[o] *= m->qas ? 1.0f / u : u;
+                }
+        }
+        if (k > m->first) {
+            float *dh = c->L.gbuf[flip];
+            flip ^= 1;
+            for (int i = 0; i < count * in; i++) dh[i] = 0.0f;
+            for (int o = 0; o < out; o++) {
+                const float *w = sp_row(c, k, o);
+                for (int i = 0; i < count; i++) et_axpy(in, g[(size_t)i * out + o], w, dh + (size_t)i * in);
+            }
+            /* where the gradient passes back through the activation (and the int8 clip) */
+            const float top = bb->is_int8 ? 127.0f * bb->act_scale[k] : 0.0f;
+            if (bb->activation == ET_RELU) et_act_grad_mul(ET_RELU, dh, h, (int64_t)count * in);
+            if (bb->is_int8)
+                for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top);
+            g = dh;
+        }
+    }
+}
+
+/* ================================================================== one step, one epoch */
+static float *forward(ctx *c, const int32_t *ids, int count, int use_cache) {
+    if (c->m->kind == ET_SKIP) {
+        skip_rows(c, ids, count, use_cache);
+        return skip_forward(c, count);
+    }
+    gather_rows(c->x, c->bb->sizes[0], ids, count, c->L.act[0], c->bb->sizes[0]);
+    return c->m->kind == ET_LAYERWISE ? lw_forward(c, count) : sp_forward(c, count);
+}
+
+static void backward(ctx *c, int count) {
+    if (c->m->kind == ET_SKIP) skip_backward(c, count);
+    else if (c->m->kind == ET_LAYERWISE) lw_backward(c, count);
+    else sp_backward(c, count);
+}
+
+static int all_finite(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(p[i])) return 0;
+    return 1;
+}
+
+static double now(et_clock_fn clock) { return clock ? clock() : 0.0; }
+
+int32_t et_train_epochs(const et_backbone *bb, const et_method *m, et_optimizer *opt, et_cache *cache,
+                        float *params, float *grads, const float *x, const int32_t *y, int32_t n,
+                        int32_t batch, const int32_t *orders, int32_t n_epochs, et_clock_fn clock,
+                        void *workspace, size_t workspace_bytes, et_epoch_stats *stats) {
+    ctx c;
+    if (!opt || !y || !orders || !stats || n < 1 || n_epochs < 0) return ET_ERR_ARGUMENT;
+    if (cache && cache->kind != ET_CACHE_NONE && (cache->n_samples != n || !cache->filled)) return ET_ERR_ARGUMENT;
+    const int rc = setup(&c, bb, m, params, grads, cache, x, batch, workspace, workspace_bytes);
+    if (rc != ET_OK) return rc;
+    const int out = bb->sizes[bb->n_layers];
+    const int use_cache = m->kind == ET_SKIP && cache && cache->kind != ET_CACHE_NONE;
+    for (int e = 0; e < n_epochs; e++) {
+        const int32_t *order = orders + (size_t)e * n;
+        et_epoch_stats *st = stats + e;
+        double t_fwd = 0.0, t_bwd = 0.0, t_upd = 0.0, total = 0.0;
+        memcpy(c.L.snapshot, params, (size_t)m->n_params * sizeof(float));
+        const double start = now(clock);
+        if (e == 0 && use_cache && cache->eager) {
+            skip_fill_cache(&c, n, batch);
+            t_fwd += now(clock) - start;
+        }
+        int batches = 0;
+        for (int lo = 0; lo < n; lo += batch) {
+            const int count = n - lo < batch ? n - lo : batch;
+            const int32_t *ids = order + lo;
+            const double t0 = now(clock);
+            float *logits = forward(&c, ids, count, use_cache);
+            const double t1 = now(clock);
+            for (int i = 0; i < count; i++) c.L.ybuf[i] = y[ids[i]];
+            total += et_softmax_xent_grad(logits, c.L.ybuf, count, out);
+            backward(&c, count);
+            const double t2 = now(clock);
+            et_optimizer_step(opt, params, grads, m->n_params);
+            const double t3 = now(clock);
+            t_fwd += t1 - t0;
+            t_bwd += t2 - t1;
+            t_upd += t3 - t2;
+            batches++;
+        }
+        st->seconds = now(clock) - start;
+        st->loss = total / n;
+        st->forward_seconds = t_fwd;
+        st->backward_seconds = t_bwd;
+        st->update_seconds = t_upd;
+        st->batches = batches;
+        st->diverged = !isfinite(st->loss) || !all_finite(params, m->n_params);
+        if (st->diverged) {
+            memcpy(params, c.L.snapshot, (size_t)m->n_params * sizeof(float));
+            return e + 1;
+        }
+    }
+    return n_epochs;
+}
+
+int32_t et_batch_gradient(const et_backbone *bb, const et_method *m, const float *params, float *grads,
+                          const float *x, const int32_t *y, const int32_t *ids, int32_t count,
+                          int32_t batch, void *workspace, size_t workspace_bytes, double *loss) {
+    ctx c;
+    if (!y || !ids || !loss || count < 1 || count > batch) return ET_ERR_ARGUMENT;
+    const int rc = setup(&c, bb, m, params, grads, NULL, x, batch, workspace, workspace_bytes);
+    if (rc != ET_OK) return rc;
+    float *logits = forward(&c, ids, count, 0);
+    for (int i = 0; i < count; i++) c.L.ybuf[i] = y[ids[i]];
+    *loss = et_softmax_xent_grad(logits, c.L.ybuf, count, bb->sizes[bb->n_layers]) / count;
+    backward(&c, count);
+    return ET_OK;
+}
+
+int32_t et_predict(const et_backbone *bb, const et_method *m, const float *params, const float *x,
+                   int32_t count, int32_t batch, float *logits, void *workspace, size_t workspace_bytes) {
+    ctx c;
+    if (!logits || count < 1) return ET_ERR_ARGUMENT;
+    /* the gradient pointer is never written by a forward pass */
+    const int rc = setup(&c, bb, m, params, (float *)params, NULL, x, batch, workspace, workspace_bytes);
+    if (rc != ET_OK) return rc;
+    const int out = bb->sizes[bb->n_layers];
+    for (int lo = 0; lo < count; lo += batch) {
+        const int rows = count - lo < batch ? count - lo : batch;
+        for (int i = 0; i < rows; i++) c.L.ybuf[i] = lo + i;
+        const float *z = forward(&c, c.L.ybuf, rows, 0);
+        memcpy(logits + (size_t)lo * out, z, (size_t)rows * out * sizeof(float));
+    }
+    return ET_OK;
+}
+
+/* ------------------------------------------------------------------ build facts */
+int32_t et_abi_version(void) { return ET_ABI_VERSION; }
+
+size_t et_sizeof(int32_t which) {
+    switch (which) {
+    case 0: return sizeof(et_backbone);
+    case 1: return sizeof(et_method);
+    case 2: return sizeof(et_optimizer);
+    case 3: return sizeof(et_cache);
+    case 4: return sizeof(et_epoch_stats);
+    default: return 0;
+    }
+}
+
+const char *et_build_info(void) {
+#ifdef __VERSION__
+    return "compiler " __VERSION__ "; flags " ET_BUILD_FLAGS;
+#else
+    return "flags " ET_BUILD_FLAGS;
+#endif
+}
