@@ -240,6 +240,47 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
     return plan
 
 
+CORE_ALIGN = 64
+
+
+def core_workspace_bytes(sizes: Sequence[int], kind: str, *, batch: int, n_params: int, rank: int = 1,
+                         int8: bool = False, first: int = 0, pack: int = 0, pointer_bytes: int = 8) -> int:
+    """The compiled engine's workspace, exactly as ``et_workspace_size`` computes it (et_train.c).
+
+    ``kind`` is "layerwise", "skip" or "sparse"; ``pack`` the largest (in x out) weight that
+    the layer-wise backward pass transposes into the workspace (trained weights after the
+    first trained layer); ``pointer_bytes`` 4 on a 32-bit target. Every piece is rounded up
+    to 64 bytes, plus 64 for alignment.
+    """
+    def piece(nbytes: int) -> int:
+        return -(-int(nbytes) // CORE_ALIGN) * CORE_ALIGN
+
+    B, n, mw, d = int(batch), len(sizes) - 1, max(sizes), sum(sizes[:-1])
+    total = piece(4 * n_params) + 3 * piece(4 * B) + 2 * piece(4 * B * mw)
+    if kind == "skip":
+        total += piece(4 * B * (d + sizes[-1])) + piece(pointer_bytes * B) + 2 * piece(4 * B * n * rank)
+        if int8:
+            total += piece(B * d) + piece(4 * B * mw)
+    else:
+        total += sum(piece(4 * B * w) for w in sizes)
+        if kind == "layerwise":
+            total += piece(4 * n * B * rank) + piece(4 * B * rank) + piece(4 * pack)
+        elif int8:
+            total += piece(4 * mw) + 2 * piece(B * mw) + piece(4 * B * mw)
+    return total + CORE_ALIGN
+
+
+def core_workspace_for(method: Any, batch: int) -> int:
+    """``core_workspace_bytes`` for a method instance (what the trainer allocates for it)."""
+    spec = method.core_spec()
+    sizes = method.backbone.sizes
+    pack = max([0] + [sizes[k] * sizes[k + 1] for k in range(spec["first"] + 1, len(sizes) - 1)
+                      if spec["kind"] == "layerwise" and spec["weight"][k] >= 0])
+    return core_workspace_bytes(sizes, spec["kind"], batch=batch, n_params=method.params.flat.size,
+                                rank=spec["rank"], int8=hasattr(method.backbone, "qweights"),
+                                first=spec["first"], pack=pack)
+
+
 def _ufunc_buffers(n: int, operands: int, itemsize: int = 4) -> int:
     """NumPy's buffers for an element-wise operation on strided or broadcast 2-D operands: one
     buffer of up to 8192 elements per operand (numpy's default ``bufsize``)."""
