@@ -16,6 +16,8 @@ from types import ModuleType
 
 from ..errors import EdgetuneError, UsageError
 
+ENGINES = ("auto", "c", "numpy")
+
 
 def _command_modules() -> list[ModuleType]:
     mods = []
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="BLAS threads (default 1, or $EDGETUNE_THREADS): small batches run fastest on one")
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help="training engine: auto (compiled C when built, else NumPy; the default, or "
+                             "$EDGETUNE_ENGINE), c, numpy. Also accepted after the command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in _command_modules():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
@@ -75,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _set_threads(args.threads)
+        if args.engine is not None:  # read by every FineTuner of this process and of its children
+            import os
+            os.environ["EDGETUNE_ENGINE"] = args.engine
         return int(args._run(args) or 0)
     except UsageError as e:
         print(f"edgetune {args.command}: error: {e}", file=sys.stderr)

@@ -57,6 +57,8 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
 def add_train_args(p: argparse.ArgumentParser, *, what: str = "fine-tuning") -> None:
     g = p.add_argument_group(f"{what} options (defaults come from the task where it has them)")
     g.add_argument("--epochs", type=positive_int, help="number of epochs")
+    g.add_argument("--engine", choices=("auto", "c", "numpy"), default=argparse.SUPPRESS,
+                   help="auto (compiled C when built, else NumPy; default), c, or numpy (the reference)")
     g.add_argument("--batch-size", type=positive_int, help="mini-batch size (paper: 20)")
     g.add_argument("--lr", type=positive_float, help="learning rate")
     g.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], help="optimizer (default sgd)")

@@ -36,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
         m = make_method(name, bb, rank=args.rank, train_last_bias=args.train_last_bias)
         rows.append({"method": name, "trainable_params": m.n_trainable,
                      "share": f"{100 * m.n_trainable / bb.n_params:.2f}%", "description": m.description})
+    from .cmd_info import engine_line
+
     print(f"architecture {'-'.join(map(str, args.arch))} ({bb.n_params} parameters), rank {args.rank}")
+    print(engine_line())
     print_table(rows, [("method", "method"), ("trainable_params", "trainable"), ("share", "of model"),
                        ("description", "description")])
     write_json(args.json, {"architecture": args.arch, "rank": args.rank, "methods": rows})

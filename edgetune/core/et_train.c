@@ -120,7 +120,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
 
 size_t et_workspace_size(const et_backbone *bb, const et_method *m, const et_cache *cache, int32_t batch) {
     (void)cache; /* an eager fill writes straight into the cache rows or reuses the batch buffers */
-    if (!bb || !m || batch < 1) return 0;
+    if (!bb || !m || batch < 1 || bb->n_layers < 1 || bb->n_layers > ET_MAX_LAYERS || m->n_params < 0) return 0;
+    for (int k = 0; k <= bb->n_layers; k++)
+        if (bb->sizes[k] < 1) return 0;
     return plan_layout(bb, m, batch, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
 }
 
@@ -137,8 +139,7 @@ typedef struct {
 
 static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float *P, float *G,
                  et_cache *cache, const float *x, int batch, void *ws, size_t ws_bytes) {
-    if (!bb || !m || !x || batch < 1 || bb->n_layers < 1 || bb->n_layers > ET_MAX_LAYERS || m->n_params < 0)
-        return ET_ERR_ARGUMENT;
+    if (!bb || !m || !x || batch < 1 || et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
     if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
