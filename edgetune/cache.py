@@ -2,8 +2,8 @@
 
 Each sample id owns one preallocated row ``[x | h_1 | ... | h_{n-1} | z_n]`` (the inputs
 of every skip adapter and the frozen logits). The cache is keyed by a digest of the
-backbone and of the training inputs: if either changes, every row is invalidated, so a
-stale activation is never served.
+backbone, and every row carries its sample's inputs: if the backbone changes every row is
+invalidated, if a sample changes its row is, so a stale activation is never served.
 """
 from __future__ import annotations
 
@@ -72,6 +72,26 @@ class SkipCache:
             self.filled[:] = False
             self.complete = False
             self.key = key
+
+    def refresh(self, backbone_key: str, x: np.ndarray) -> None:
+        """Keep exactly the rows that this backbone computed from these inputs; drop the rest.
+
+        A row begins with its sample's inputs, so comparing them with ``x`` is an exact
+        check that needs no hash of the data (and drops only the samples that changed).
+        """
+        if self.key is None or self.key[0] != backbone_key:
+            self.validate((backbone_key, "rows"))
+            return
+        cap, w = self.capacity, x.shape[1]
+        if self.filled[:cap].all():
+            changed = np.flatnonzero(np.any(self.data[:cap, :w] != x[:cap], axis=1))
+        else:
+            ids = np.flatnonzero(self.filled[:cap])
+            changed = ids[np.any(self.data[ids, :w] != x[ids], axis=1)]
+        if changed.size:
+            self.filled[changed] = False
+            self.complete = False
+            self.invalidations += 1
 
     def reset_stats(self) -> None:
         """Count hits and misses from zero (the trainer does this at the start of each fit)."""

@@ -261,8 +261,8 @@ double et_softmax_xent_grad(float *logits, const int32_t *y, int rows, int class
         if (classes == 2) {
             /* Two classes: p1 = 1 / (1 + exp(l0 - l1)), the loss is softplus(-margin). */
             float d = z[0] - z[1];
-            const double m = t == 0 ? -(double)d : (double)d; /* minus the margin */
-            total += (m > 0 ? m : 0.0) + log1p(exp(-fabs(m)));
+            const float m = t == 0 ? -d : d; /* minus the margin */
+            total += (double)((m > 0.0f ? m : 0.0f) + log1pf(expf(-fabsf(m))));
             d = 1.0f / (expf(d) + 1.0f);
             d = (d - (float)t) * inv;
             z[1] = d;
@@ -280,7 +280,7 @@ double et_softmax_xent_grad(float *logits, const int32_t *y, int rows, int class
             z[c] = expf(z[c]);
             s += z[c];
         }
-        total += log((double)s) - (double)a;
+        total += (double)(logf(s) - a);
         for (int c = 0; c < classes; c++) z[c] /= s;
         z[t] -= 1.0f;
         for (int c = 0; c < classes; c++) z[c] *= inv;

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cache import SkipCache, data_digest
+from ..cache import SkipCache
 from .skip_lora import SkipLoRA
 
 
@@ -27,8 +27,8 @@ class Skip2LoRA(SkipLoRA):
             self.cache = SkipCache(n, self.row_width, self.backbone.dtype,
                                    budget_bytes=self.options.cache_budget,
                                    overflow=self.options.cache_overflow)
-        # Never serve stale rows: the key changes if the backbone or the data changes.
-        self.cache.validate((self.backbone.digest(), data_digest(x)))
+        # Never serve stale rows: a changed backbone drops them all, a changed sample its own.
+        self.cache.refresh(self.backbone.digest(), x)
         self.cache.reset_stats()
         self._fitting = True
 
