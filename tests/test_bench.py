@@ -36,13 +36,17 @@ def _table(rep, prefix):
 def test_method_tables_have_every_method(report):
     tables = _table(report, "Method vs method")
     assert len(tables) == 2
+    from edgetune import core
+
+    engines = ["c", "numpy"] if core.available() else ["numpy"]
     for t in tables:
-        assert [r["method"] for r in t.rows] == list(METHODS)
+        assert [(r["method"], r["engine"]) for r in t.rows] == [(m, e) for m in METHODS for e in engines]
         for r in t.rows:
             assert 0.0 <= r["acc"] <= 1.0
             assert r["total"] > 0 and r["later"] > 0
-        base = next(r for r in t.rows if r["method"] == suite.BASELINE)
-        assert base["x_total"] == pytest.approx(1.0)
+        # the baseline is the faster engine's lora-all: its own ratio is 1, the other's at most 1
+        base = [r["x_total"] for r in t.rows if r["method"] == suite.BASELINE]
+        assert max(base) == pytest.approx(1.0)
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs the torch extra")
@@ -75,13 +79,17 @@ def test_memory_scaling_and_limit_tables(report):
     assert [r["task"] for r in lim.rows] == ["tiny-a", "tiny-b"]
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in lim.rows)
     (br,) = _table(report, "Where a batch goes")
-    assert len(br.rows) == 4 and all(r["batch"] > 0 and r["mbackward"] > 0 for r in br.rows)
+    from edgetune import core
+
+    assert len(br.rows) == 2 * 2 * (2 if core.available() else 1)
+    assert all(r["batch"] > 0 and r["forward"] > 0 for r in br.rows)
 
 
 def test_every_target_is_judged(report):
     names = [t.name for t in report.targets]
     for task in ("tiny-a", "tiny-b"):
-        assert any(n.startswith(f"{task}: skip2-lora vs lora-all") for n in names)
+        assert any(n.startswith(f"{task}: skip2-lora vs the fastest lora-all, end to end") for n in names)
+        assert any(n.startswith(f"{task}: skip2-lora vs the fastest lora-all, per epoch") for n in names)
         assert any(n.startswith(f"{task}: cached skip2-lora epoch") for n in names)
     assert any("peak RSS" in n for n in names)
     for t in report.targets:

@@ -261,9 +261,10 @@ double et_softmax_xent_grad(float *logits, const int32_t *y, int rows, int class
         if (classes == 2) {
             /* Two classes: p1 = 1 / (1 + exp(l0 - l1)), the loss is softplus(-margin). */
             float d = z[0] - z[1];
-            const float m = t == 0 ? -d : d; /* minus the margin */
-            total += (double)((m > 0.0f ? m : 0.0f) + log1pf(expf(-fabsf(m))));
-            d = 1.0f / (expf(d) + 1.0f);
+            const float m = t == 0 ? -d : d;      /* minus the margin */
+            const float e = expf(-fabsf(d));      /* one exponential serves the loss and p1 */
+            total += (double)((m > 0.0f ? m : 0.0f) + log1pf(e));
+            d = d >= 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);
             d = (d - (float)t) * inv;
             z[1] = d;
             z[0] = -d;

@@ -14,13 +14,6 @@
 #define ET_BUILD_FLAGS "unknown"
 #endif
 
-/* A hint to start loading memory that is read soon (a no-op where the compiler has none). */
-#if defined(__GNUC__)
-#define ET_PREFETCH(p) __builtin_prefetch(p)
-#else
-#define ET_PREFETCH(p) ((void)(p))
-#endif
-
 #define ALIGN 64
 #define FILL_BLOCK 64 /* rows per block when the cache is filled eagerly in place */
 
@@ -389,8 +382,6 @@ static float *skip_forward(ctx *c, int count) {
     float *logits = c->L.gbuf[0];
     for (int i = 0; i < count; i++) {
         const float *h = c->L.rowp[i];
-        if (i + 1 < count) /* rows are scattered over the cache: load the next one while this one computes */
-            for (int j = 0; j < d + out; j += 16) ET_PREFETCH(c->L.rowp[i + 1] + j);
         float *u = c->L.u + (size_t)i * nr;
         int col = 0;
         for (int k = 0; k < n; k++) {
@@ -418,12 +409,19 @@ static void skip_backward(ctx *c, int count) {
     const float *Bm = c->P + m->off_skip_b;
     const float *g = c->L.gbuf[0];
     float *gB = c->G + m->off_skip_b, *gA = c->G + m->off_skip_a, *gu = c->L.gu;
-    et_gemm_tn(out, nr, count, g, out, c->L.u, nr, gB, nr, 0);   /* dB = g^T u */
-    et_gemm_nn(count, nr, out, g, out, Bm, nr, gu, nr, 0);      /* gu = g B */
-    if (m->scale != 1.0f) {
-        for (int i = 0; i < out * nr; i++) gB[i] *= m->scale;
-        for (int i = 0; i < count * nr; i++) gu[i] *= m->scale;
-    }
+    /* dB = g^T u and gu = g B: (out x n*r) and (batch x n*r), a few hundred products, written out */
+    for (int o = 0; o < out; o++)
+        for (int q = 0; q < nr; q++) {
+            float acc = 0.0f;
+            for (int i = 0; i < count; i++) acc += g[(size_t)i * out + o] * c->L.u[(size_t)i * nr + q];
+            gB[(size_t)o * nr + q] = m->scale != 1.0f ? acc * m->scale : acc;
+        }
+    for (int i = 0; i < count; i++)
+        for (int q = 0; q < nr; q++) {
+            float acc = 0.0f;
+            for (int o = 0; o < out; o++) acc += g[(size_t)i * out + o] * Bm[(size_t)o * nr + q];
+            gu[(size_t)i * nr + q] = m->scale != 1.0f ? acc * m->scale : acc;
+        }
     /* dA, block by block (the off-block entries are never written, so they stay zero) */
     int col = 0;
     for (int k = 0; k < n; k++) {
