@@ -34,7 +34,7 @@ import numpy as np
 from ._util import (DEFAULT_BLAS_THREADS, REPO, Report, Target, emit, get_blas_threads, machine_info,
                     median, peft_version, set_blas_threads, time_call, torch_available)
 
-SECTIONS = ("methods", "torch", "memory", "scaling", "limit", "instructions")
+from .cli_args import SECTIONS, add_arguments
 BASELINE = "lora-all"
 SAME_ACCURACY = 0.01   # |accuracy difference| that counts as "the same" for one method in two libraries
 
@@ -618,19 +618,6 @@ def section_instructions(s: Settings, rep: Report, benches: list[Bench]) -> None
 
 
 # ====================================================================== driver
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="fewer repeats and epochs: well under a minute")
-    p.add_argument("--tiny", action="store_true", help="smoke test on tiny synthetic shapes (numbers are meaningless)")
-    p.add_argument("--data-dir", metavar="DIR", help="where the built-in data sets are (default: $EDGETUNE_DATA, then the user cache)")
-    p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of: {', '.join(SECTIONS)}")
-    p.add_argument("--threads", type=int, default=1, help="BLAS and torch threads for the measurements (default 1)")
-    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 3, --quick 1)")
-    p.add_argument("--plot", metavar="PNG", help="write the scaling plot here (needs matplotlib)")
-    p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown (e.g. BENCHMARKS.md)")
-    p.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     sections = SECTIONS

@@ -110,10 +110,22 @@ class Backbone:
     # ------------------------------------------------------------------ input normalisation
     def fit_normalizer(self, x: np.ndarray) -> "Backbone":
         """Standardise inputs with the mean and std of ``x`` (pre-training data only)."""
-        x = np.asarray(x, dtype=np.float64)
-        self.input_mean = x.mean(axis=0).astype(self.dtype)
-        std = x.std(axis=0)
+        # Two passes over blocks of rows in float64: the numbers of a float64 copy of x,
+        # without holding one (and its deviations) whole.
+        x = np.asarray(x)
+        n, block = x.shape[0], 256
+        mean = np.zeros(x.shape[1])
+        for lo in range(0, n, block):
+            mean += x[lo:lo + block].sum(axis=0, dtype=np.float64)
+        mean /= n
+        var = np.zeros(x.shape[1])
+        for lo in range(0, n, block):
+            d = x[lo:lo + block].astype(np.float64)
+            d -= mean
+            var += np.einsum("ij,ij->j", d, d)
+        std = np.sqrt(var / n)
         std[std < 1e-8] = 1.0  # a constant feature is left unscaled, never divided by ~0
+        self.input_mean = mean.astype(self.dtype)
         self.input_std = std.astype(self.dtype)
         return self
 
