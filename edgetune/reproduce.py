@@ -44,10 +44,12 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    from . import __version__
+    from . import __version__, core
+    want = os.environ.get("EDGETUNE_ENGINE", "auto") or "auto"
+    engine = "c" if want != "numpy" and core.available() else "numpy"
     return {"edgetune": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
-            "cores": os.cpu_count(), "blas_threads": get_blas_threads()}
+            "cores": os.cpu_count(), "blas_threads": get_blas_threads(), "engine": engine}
 
 
 def _run_method(task_name: str, data_dir: str | None, model_dir: str, method: str, seeds: list[int],
@@ -180,7 +182,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = ["# edgetune reproduce: results", ""]
     mi = results["machine"]
     lines += [f"Machine: {mi['cpu']} ({mi['cores']} cores, BLAS threads: {mi.get('blas_threads')}), Python {mi['python']}, NumPy {mi['numpy']}, "
-              f"edgetune {mi['edgetune']}. Seeds: {len(results['seeds'])}"
+              f"edgetune {mi['edgetune']}, engine {mi.get('engine', 'numpy')}. Seeds: {len(results['seeds'])}"
               + (" (quick mode: epochs / 10)" if results.get("quick") else "") + ".", ""]
     for name, e in results["tasks"].items():
         b = e["backbone"]

@@ -116,7 +116,10 @@ class History:
 
 def evaluate(method: Method, x: np.ndarray, y: np.ndarray, batch: int = 4096) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``method`` on prepared inputs ``x``."""
-    logits = predict_logits(method, x, batch)
+    return score_logits(predict_logits(method, x, batch), y)
+
+
+def score_logits(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return cross_entropy_from_logits(logits, y), float(np.mean(logits.argmax(axis=1) == y))
 
 
@@ -172,6 +175,9 @@ class NumpyRunner:
             if diverged:
                 break
         return out
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return predict_logits(self.method, x)
 
 
 def make_runner(engine: str | None, method: Method, opt: Any, x: np.ndarray, y: np.ndarray,
@@ -260,7 +266,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                                   res.update_seconds)
                 if validate:
                     t0 = clock()
-                    rec.val_loss, rec.val_accuracy = evaluate(method, x_val, y_val)
+                    rec.val_loss, rec.val_accuracy = score_logits(runner.predict(x_val), y_val)
                     rec.eval_seconds = clock() - t0
                     if rec.val_loss < best_loss:
                         best_loss, since_best, hist.best_epoch = rec.val_loss, 0, epoch
