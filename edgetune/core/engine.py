@@ -130,8 +130,7 @@ class CoreModel:
         self.sizes = list(method.backbone.sizes)
 
     def _keep_array(self, a: np.ndarray) -> np.ndarray:
-        self._keep.append(a)
-        return a
+        return _kept(self._keep, a)
 
     def _backbone(self, bb: Any, spec: dict) -> CBackbone:
         s = CBackbone()
@@ -315,14 +314,15 @@ def _optimizer_struct(opt: Any, n_params: int, keep: list) -> COptimizer:
     s.eps = float(getattr(opt, "eps", 1e-8))
     s.t = int(getattr(opt, "t", 0))
     if kind == "Momentum":
-        s.m = _f32(keep_append(keep, _check(opt.v, (n_params,), np.float32, "momentum velocity")))
+        s.m = _f32(_kept(keep, _check(opt.v, (n_params,), np.float32, "momentum velocity")))
     elif kind == "Adam":
-        s.m = _f32(keep_append(keep, _check(opt.m, (n_params,), np.float32, "Adam first moment")))
-        s.v = _f32(keep_append(keep, _check(opt.v, (n_params,), np.float32, "Adam second moment")))
+        s.m = _f32(_kept(keep, _check(opt.m, (n_params,), np.float32, "Adam first moment")))
+        s.v = _f32(_kept(keep, _check(opt.v, (n_params,), np.float32, "Adam second moment")))
     return s
 
 
-def keep_append(keep: list, a: np.ndarray) -> np.ndarray:
+def _kept(keep: list, a: np.ndarray) -> np.ndarray:
+    """``a``, remembered in ``keep`` so that it lives as long as the struct that points into it."""
     keep.append(a)
     return a
 
@@ -341,16 +341,16 @@ def _cache_struct(cache: Any, n: int, row_width: int, d_in: int, n_out: int, eag
         raise UsageError(f"skip-cache capacity {cap} is outside 0..{n}")
     s.capacity = cap
     filled = _check(cache.filled, (n,), np.bool_, "skip-cache fill mask")
-    s.filled = keep_append(keep, filled).ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+    s.filled = _kept(keep, filled).ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
     if hasattr(cache, "col_scales"):  # the int8 cache
         s.kind = 2
-        s.qrows = keep_append(keep, _check(cache.data, (cap, d_in), np.int8, "int8 cache rows")) \
+        s.qrows = _kept(keep, _check(cache.data, (cap, d_in), np.int8, "int8 cache rows")) \
             .ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        s.logits = _f32(keep_append(keep, _check(cache.logits, (cap, n_out), np.float32, "int8 cache logits")))
-        s.col_scales = _f32(keep_append(keep, _check(cache.col_scales, (d_in,), np.float32, "int8 cache scales")))
+        s.logits = _f32(_kept(keep, _check(cache.logits, (cap, n_out), np.float32, "int8 cache logits")))
+        s.col_scales = _f32(_kept(keep, _check(cache.col_scales, (d_in,), np.float32, "int8 cache scales")))
     else:
         s.kind = 1
-        s.rows = _f32(keep_append(keep, _check(cache.data, (cap, row_width), np.float32, "cache rows")))
+        s.rows = _f32(_kept(keep, _check(cache.data, (cap, row_width), np.float32, "cache rows")))
     return s
 
 
