@@ -77,12 +77,13 @@ class FineTuner:
 
     def fit(self, x: Any, y: Any, *, x_val: Any = None, y_val: Any = None,
             callback: Callable[[EpochRecord], bool | None] | None = None,
-            checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1) -> "FineTuner":
+            checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None) -> "FineTuner":
         """Train on ``x`` (samples, features) and integer labels ``y``; returns self.
 
         A second ``fit`` continues from the current adapter with a fresh optimizer (a warm
         start); make a new FineTuner to start over. With ``checkpoint`` the run is saved
-        every ``checkpoint_every`` epochs and, if interrupted, resumes from that file.
+        every ``checkpoint_every`` epochs (default: every 10 s of training, and at the end)
+        and, if interrupted, resumes from that file.
         """
         xp, yp = self._xy(x, y, "training data")
         xv = yv = None

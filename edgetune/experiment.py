@@ -48,8 +48,8 @@ def pretrain_on_task(task: Task, *, hidden: list[int] | None = None, epochs: int
 
 def finetune_on_task(task: Task, backbone: Backbone, method: str, *, method_options: dict[str, Any] | None = None,
                      train_options: dict[str, Any] | None = None, curve: bool = False,
-                     progress: bool | None = False, checkpoint: str | None = None
-                     ) -> tuple[FineTuner, dict[str, Any]]:
+                     progress: bool | None = False, checkpoint: str | None = None,
+                     checkpoint_every: int | None = None) -> tuple[FineTuner, dict[str, Any]]:
     """Fine-tune ``backbone`` on the task's fine-tune split and report test accuracy before/after.
 
     With ``curve`` the test accuracy is measured after every epoch (its time is recorded
@@ -64,9 +64,10 @@ def finetune_on_task(task: Task, backbone: Backbone, method: str, *, method_opti
     for name, (x, y) in task.extra_tests.items():
         before[f"{name}_accuracy_before"] = backbone_accuracy(backbone, x, y)
     if curve:
-        tuner.fit(task.x_finetune, task.y_finetune, x_val=task.x_test, y_val=task.y_test, checkpoint=checkpoint)
+        tuner.fit(task.x_finetune, task.y_finetune, x_val=task.x_test, y_val=task.y_test, checkpoint=checkpoint,
+                  checkpoint_every=checkpoint_every)
     else:
-        tuner.fit(task.x_finetune, task.y_finetune, checkpoint=checkpoint)
+        tuner.fit(task.x_finetune, task.y_finetune, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     hist = tuner.history_
     assert hist is not None
     result: dict[str, Any] = {"task": task.name, "method": method, **hist.summary(), **before,

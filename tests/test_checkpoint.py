@@ -35,7 +35,7 @@ def test_resume_is_bit_identical(tmp_path, name, optimizer):
         if rec.epoch == 4:
             raise Crash
     with pytest.raises(Crash):
-        fit(first, x, y, cfg, checkpoint=path, callback=crash_after_4)
+        fit(first, x, y, cfg, checkpoint=path, checkpoint_every=1, callback=crash_after_4)
     assert path.is_file()
 
     resumed = make_method(name, bb, seed=99)   # other initial values: the checkpoint must win
@@ -68,3 +68,26 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ModelFileError):
         fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)
+
+
+def test_checkpoint_saves_by_time_unless_told_an_epoch_count(tmp_path, monkeypatch):
+    """Saving fsyncs the whole state: a short run saves at the end, not after every epoch."""
+    from edgetune import checkpoint as ckpt
+    from edgetune import train
+
+    saved = []
+    real_save = ckpt.save
+    monkeypatch.setattr(ckpt, "save", lambda *a, **kw: (saved.append(kw["epoch"]), real_save(*a, **kw)))
+    bb, x, y = _data()
+    cfg = TrainConfig(epochs=30, batch_size=8, lr=0.05)
+    fit(make_method("skip2-lora", bb), x, y, cfg, checkpoint=tmp_path / "a")
+    assert saved == [30]                             # well under CHECKPOINT_SECONDS of training
+    saved.clear()
+    fit(make_method("skip2-lora", bb), x, y, cfg, checkpoint=tmp_path / "b", checkpoint_every=10)
+    assert saved == [10, 20, 30]
+    saved.clear()
+    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 0.0)   # every epoch is "due" by time
+    fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=4, batch_size=8), checkpoint=tmp_path / "c")
+    assert saved == [1, 2, 3, 4]
+    with pytest.raises(UsageError, match="checkpoint_every"):
+        fit(make_method("skip2-lora", bb), x, y, cfg, checkpoint=tmp_path / "d", checkpoint_every=0)

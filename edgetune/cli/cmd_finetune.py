@@ -45,7 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=int_list, metavar="W1,W2,...", help="hidden widths (task default, else 96,96)")
     g.add_argument("--pretrain-epochs", type=positive_int, help="pre-training epochs (task default)")
     p.add_argument("--checkpoint", metavar="FILE",
-                   help="save the run after every epoch; run the same command again to resume after a crash")
+                   help="save the run as it goes (see --checkpoint-every); run the same command again to resume "
+                        "after a crash")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="with --checkpoint: save every N epochs (default: every 10 s of training, and at the end)")
     p.add_argument("--curve", action="store_true", help="measure test accuracy after every epoch (not counted as training time)")
     p.add_argument("--save-adapter", metavar="DIR", help="save the trained adapter (adapter_model.safetensors + adapter_config.json)")
     p.add_argument("--save-model", metavar="DIR", help="save the fine-tuned model merged into a plain backbone (ft-*, lora-*)")
@@ -69,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
                          f"adapters on earlier layers' inputs reach the output around the layers in between); "
                          f"use --save-adapter, or a lora-*/ft-* method for a merged model")
     budget = parse_bytes(args.cache_budget) if args.cache_budget else None
+    if args.checkpoint_every and not args.checkpoint:
+        raise UsageError("--checkpoint-every needs --checkpoint FILE")
     check_outputs(args.json, args.checkpoint, dirs=(args.save_adapter, args.save_model))
     task = load_task_arg(args)
     info(args, task.summary())
@@ -94,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         method_options={"rank": args.rank, "alpha": args.alpha, "train_last_bias": args.train_last_bias,
                         "cache_budget": budget, "cache_overflow": "partial" if args.partial_cache else "error",
                         "scheme": args.scheme, "qas": args.qas},
-        train_options=train, curve=args.curve, progress=progress, checkpoint=args.checkpoint)
+        train_options=train, curve=args.curve, progress=progress, checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every)
     out = sys.stdout
     print(f"{args.method} on {task.name}: {result['trainable_params']} trainable parameters, "
           f"{result['epochs']} epochs, batch {result['batch_size']}, lr {result['lr']}", file=out)
