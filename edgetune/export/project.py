@@ -523,6 +523,7 @@ def export_project(opts: ExportOptions) -> ExportResult:
             (tmp / "et_samples.c").write_text(_samples_c(d))
             shutil.copyfile(TEMPLATES / "main_mcu.c", tmp / "main.c")
             shutil.copyfile(TEMPLATES / "mcu_startup.c", tmp / "startup.c")
+            shutil.copyfile(TEMPLATES / "et_mcu.h", tmp / "et_mcu.h")
             (tmp / "link.ld").write_text(_template(
                 "mcu.ld", FLASH=d["flash_limit"], RAM=d["ram_limit"], STACK=target.stack, TARGET=target.name))
             (tmp / "Makefile").write_text(_template(
