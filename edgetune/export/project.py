@@ -269,8 +269,8 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
                 hints.append(f"--partial-cache (caches {fit_cap} of {max_samples} samples, recomputes the rest)")
             if fit_n:
                 hints.append(f"--max-samples {fit_n}")
-            hint = f"; try {' or '.join(hints)}" if hints else "; nothing of this method fits: try a smaller batch " \
-                                                               "or a smaller method (edgetune plan)"
+            hint = f"; try {' or '.join(hints)}" if hints else \
+                "; nothing of this method fits: try a smaller --batch-size or another method (edgetune plan)"
             raise BudgetError(f"{p.explain(ram_limit)} ({what}): over by {format_bytes(p.total - ram_limit)}{hint}")
     # Flash: the weights, the example program's samples and the code.
     from ..core.engine import CoreModel

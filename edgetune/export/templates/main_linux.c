@@ -166,10 +166,10 @@ int main(int argc, char **argv) {
     if (adapter_dir && !save_adapter(adapter_dir)) return fail("cannot write the adapter into", adapter_dir);
     printf("{\"target\": \"%s\", \"method\": \"%s\", \"epochs\": %d, \"samples\": %d, \"test_samples\": %d, "
            "\"final_loss\": %.17g, \"accuracy_before\": %.17g, \"accuracy_after\": %.17g, "
-           "\"train_seconds\": %.9f, \"arena_bytes\": %lu, \"cache_hits\": %lld, \"cache_misses\": %lld, "
+           "\"train_seconds\": %.9f, \"arena_bytes\": %lu, \"arena_needed_bytes\": %lu, \"cache_hits\": %lld, \"cache_misses\": %lld, "
            "\"shuffle\": \"%s\", \"adapter\": %s%s%s}\n",
            et_model_target, et_model_method, (int)run, (int)n_train, (int)n_test, loss, acc_before, acc_after,
-           seconds, (unsigned long)sizeof(arena), (long long)dev.cache.hits, (long long)dev.cache.misses,
+           seconds, (unsigned long)sizeof(arena), (unsigned long)et_device_arena_bytes(&et_model), (long long)dev.cache.hits, (long long)dev.cache.misses,
            epochs <= n_orders ? "edgetune" : "device", adapter_dir ? "\"" : "", adapter_dir ? adapter_dir : "null",
            adapter_dir ? "\"" : "");
     return 0;

@@ -126,6 +126,7 @@ int main(void) {
     p = field_int(p, "cache_hits", (uint64_t)dev.cache.hits);
     p = field_int(p, "cache_misses", (uint64_t)dev.cache.misses);
     p = field_int(p, "arena_bytes", sizeof(arena));
+    p = field_int(p, "arena_needed_bytes", et_device_arena_bytes(&et_model));
     p = field_int(p, "static_ram_bytes", et_mcu_static_ram());
     p = field_int(p, "stack_bytes", et_mcu_stack_size());
     p = field_int(p, "stack_used_bytes", et_mcu_stack_used());

@@ -73,6 +73,8 @@ void Reset_Handler(void) {
     SYST_RVR = 0xFFFFFFu;
     SYST_CVR = 0;
     SYST_CSR = 0x7u; /* processor clock, interrupt on wrap, enabled */
+    while (SYST_CVR == 0) { /* until the first reload: a count from 0 would read as a full period */
+    }
     et_mcu_exit(main());
 }
 
