@@ -79,6 +79,22 @@ static int save_adapter(const char *dir) {
            write_file(dir, "adapter_config.json", et_adapter_config, strlen(et_adapter_config), NULL, 0);
 }
 
+/* s as a JSON string (quotes, backslashes and control characters escaped), or null. */
+static void print_json_string(const char *s) {
+    if (!s) {
+        fputs("null", stdout);
+        return;
+    }
+    putchar('"');
+    for (; *s; s++) {
+        const unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') printf("\\%c", c);
+        else if (c < 0x20) printf("\\u%04x", c);
+        else putchar(c);
+    }
+    putchar('"');
+}
+
 int main(int argc, char **argv) {
     const char *samples = NULL, *adapter_dir = NULL;
     char default_path[4096];
@@ -167,10 +183,11 @@ int main(int argc, char **argv) {
     printf("{\"target\": \"%s\", \"method\": \"%s\", \"epochs\": %d, \"samples\": %d, \"test_samples\": %d, "
            "\"final_loss\": %.17g, \"accuracy_before\": %.17g, \"accuracy_after\": %.17g, "
            "\"train_seconds\": %.9f, \"arena_bytes\": %lu, \"arena_needed_bytes\": %lu, \"cache_hits\": %lld, \"cache_misses\": %lld, "
-           "\"shuffle\": \"%s\", \"adapter\": %s%s%s}\n",
+           "\"shuffle\": \"%s\", \"adapter\": ",
            et_model_target, et_model_method, (int)run, (int)n_train, (int)n_test, loss, acc_before, acc_after,
            seconds, (unsigned long)sizeof(arena), (unsigned long)et_device_arena_bytes(&et_model), (long long)dev.cache.hits, (long long)dev.cache.misses,
-           epochs <= n_orders ? "edgetune" : "device", adapter_dir ? "\"" : "", adapter_dir ? adapter_dir : "null",
-           adapter_dir ? "\"" : "");
+           epochs <= n_orders ? "edgetune" : "device");
+    print_json_string(adapter_dir);
+    puts("}");
     return 0;
 }
