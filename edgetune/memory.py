@@ -467,5 +467,120 @@ def check_budget(plan: MemoryPlan, budget: int) -> None:
         raise BudgetError(plan.explain(budget) + f": over by {format_bytes(plan.total - budget)}")
 
 
+
+# ---------------------------------------------------------------------------- device (export)
+@dataclass
+class DevicePlan:
+    """RAM of an exported device program (edgetune export): the compiled engine's arena, the
+    program's static data and its stack. The frozen weights are ``const`` data (flash on a
+    microcontroller) and are reported apart, in ``flash_weights``."""
+    method: str
+    backbone: str               # "float32" or "int8"
+    batch_size: int
+    max_samples: int
+    optimizer: str
+    n_params: int
+    cache: str | None           # "float32", "int8" or None
+    cache_capacity: int
+    params: int = 0
+    gradients: int = 0
+    optimizer_state: int = 0
+    cache_bytes: int = 0
+    samples: int = 0            # the arena's sample store (inputs and labels)
+    order: int = 0              # the device's own shuffle
+    workspace: int = 0          # et_workspace_size(), the engine's scratch (with its parameter snapshot)
+    alignment: int = 0          # 64-byte rounding of the arena's pieces
+    statics: int = 0            # the program's other static data (device struct, libc, startup)
+    stack: int = 0
+    flash_weights: int = 0
+
+    def breakdown(self) -> dict[str, int]:
+        return {"params": self.params, "gradients": self.gradients, "optimizer": self.optimizer_state,
+                "cache": self.cache_bytes, "samples": self.samples, "order": self.order,
+                "workspace": self.workspace, "alignment": self.alignment, "statics": self.statics,
+                "stack": self.stack}
+
+    @property
+    def arena(self) -> int:
+        """Bytes of the one static arena (et_device_arena_bytes)."""
+        return sum(self.breakdown().values()) - self.statics - self.stack
+
+    @property
+    def total(self) -> int:
+        return sum(self.breakdown().values())
+
+    @property
+    def label(self) -> str:
+        cache = f" +{self.cache} cache ({self.cache_capacity} of {self.max_samples} rows)" if self.cache else ""
+        return f"{self.method} ({self.backbone}{cache})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "label": self.label, "arena": self.arena, "total": self.total}
+
+    def explain(self, budget: int | None = None) -> str:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.breakdown().items() if v)
+        text = f"{self.label} at batch {self.batch_size} needs {format_bytes(self.total)} of RAM ({parts})"
+        if budget is not None:
+            text += f"; the budget is {format_bytes(budget)}"
+        return text
+
+
+def _piece(nbytes: int) -> int:
+    return -(-int(nbytes) // CORE_ALIGN) * CORE_ALIGN
+
+
+def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimizer: str = "sgd",
+                       cache: str | None = None, cache_capacity: int | None = None, store_samples: bool = True,
+                       pointer_bytes: int = 4, statics: int = 0, stack: int = 0) -> DevicePlan:
+    """RAM of the exported program for ``method`` (an instance: its parameters and backbone).
+
+    Mirrors ``et_device_arena_bytes`` (edgetune/export/templates/et_device.c) piece by piece:
+    parameters, gradients, optimizer state, the skip-cache (``cache_capacity`` rows and a
+    fill flag per sample), the sample store (when ``store_samples``), the shuffle order and
+    the engine's workspace (``core_workspace_bytes`` at ``pointer_bytes``), every piece
+    rounded up to 64 bytes, plus ``statics`` and ``stack`` as the caller measured them.
+    """
+    if optimizer not in OPTIMIZER_COPIES:
+        raise UsageError(f"unknown optimizer '{optimizer}': use one of {', '.join(OPTIMIZER_COPIES)}")
+    if batch_size < 1 or max_samples < 1:
+        raise UsageError("batch_size and max_samples must be >= 1")
+    if cache not in (None, "float32", "int8"):
+        raise UsageError(f"cache must be None, 'float32' or 'int8', got {cache!r}")
+    sizes = method.backbone.sizes
+    P = int(method.params.flat.size)
+    N = int(max_samples)
+    C = N if cache_capacity is None else int(cache_capacity)
+    if cache is None:
+        C = 0
+    if not 0 <= C <= N:
+        raise UsageError(f"cache_capacity {C} is outside 0..{N}")
+    d, out, inp = sum(sizes[:-1]), sizes[-1], sizes[0]
+    raw = {"params": 4 * P, "gradients": 4 * P,
+           "optimizer": {"sgd": 0, "momentum": 4 * P, "adam": 8 * P}[optimizer]}
+    pieces = [4 * P, 4 * P] + {"sgd": [], "momentum": [4 * P], "adam": [4 * P, 4 * P]}[optimizer]
+    cache_pieces: list[int] = []
+    if cache == "float32":
+        cache_pieces = [4 * C * (d + out)]
+    elif cache == "int8":
+        cache_pieces = [C * d, 4 * C * out]
+    if cache is not None:
+        cache_pieces.append(N)  # one fill flag per sample
+    sample_pieces = [4 * N * inp, 4 * N] if store_samples else []
+    pieces += cache_pieces + sample_pieces + [4 * N]
+    spec = method.core_spec()
+    pack = max([0] + [sizes[k] * sizes[k + 1] for k in range(spec["first"] + 1, len(sizes) - 1)
+                      if spec["kind"] == "layerwise" and spec["weight"][k] >= 0])
+    ws = core_workspace_bytes(sizes, spec["kind"], batch=batch_size, n_params=P, rank=spec["rank"],
+                              int8=hasattr(method.backbone, "qweights"), first=spec["first"], pack=pack,
+                              pointer_bytes=pointer_bytes)
+    exact = sum(raw.values()) + sum(cache_pieces) + sum(sample_pieces) + 4 * N
+    arena = sum(_piece(p) for p in pieces) + ws + CORE_ALIGN
+    return DevicePlan(method=method.name, backbone="int8" if hasattr(method.backbone, "qweights") else "float32",
+                      batch_size=int(batch_size), max_samples=N, optimizer=optimizer, n_params=P, cache=cache,
+                      cache_capacity=C, params=raw["params"], gradients=raw["gradients"],
+                      optimizer_state=raw["optimizer"], cache_bytes=sum(cache_pieces), samples=sum(sample_pieces),
+                      order=4 * N, workspace=ws, alignment=arena - ws - exact, statics=int(statics),
+                      stack=int(stack))
+
 __all__ = ["MemoryPlan", "plan_memory", "measure_memory", "sparse_schemes", "candidates", "check_budget",
-           "backbone_bytes", "COMPONENTS"]
+           "backbone_bytes", "COMPONENTS", "DevicePlan", "plan_device_memory"]

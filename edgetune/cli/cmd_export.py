@@ -1,0 +1,95 @@
+"""edgetune export: a self-contained C project that fine-tunes on a board or a microcontroller."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import add_output_args, info, non_negative_int, positive_float, positive_int, write_json
+
+NAME = "export"
+HELP = "write a C project that fine-tunes the model on a device (Linux board or microcontroller)"
+DESCRIPTION = """Write DIR: a complete C project that fine-tunes MODEL with METHOD on the device. It
+holds the compiled engine's C sources (the same files this package runs), the backbone as
+const arrays (flash on a microcontroller), one static arena sized by edgetune's memory
+model (no malloc), a device API (add a sample, train, predict, adapter as bytes), a
+Makefile and an example program.
+
+Targets: host and aarch64-linux (a Raspberry Pi Zero 2 W class board): 'make -C DIR' builds
+DIR/train, which trains on DIR/samples.bin (with --task) and prints one JSON line;
+cortex-m4 and cortex-m7: 'make -C DIR' builds DIR/train.elf with arm-none-eabi-gcc and
+newlib, 'make -C DIR run' runs it under QEMU (mps2-an386 / mps2-an500), 'make -C DIR size'
+prints flash and RAM.
+
+With the same model, method, seed, epochs, batch size and learning rate, the exported
+program reaches the loss 'edgetune finetune' reaches: it starts from the same adapter and
+uses the same per-epoch shuffles (written into the samples).
+
+examples:
+  edgetune export --model model/ --method skip2-lora --target host --task damage1 --data-dir ../shared/data --out dev/
+  edgetune export --model model/ --method skip2-lora --target cortex-m4 --int8 --budget 256KB --partial-cache \\
+      --task damage1 --max-samples 120 --test-samples 100 --epochs 20 --out m4/"""
+ORDER = 60
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..export import TARGETS
+
+    p.add_argument("--model", required=True, metavar="DIR", help="pre-trained model directory (float or int8)")
+    p.add_argument("--method", default="skip2-lora", help="fine-tuning method (default skip2-lora)")
+    p.add_argument("--target", required=True, metavar="TARGET", help=f"one of {', '.join(TARGETS)}")
+    p.add_argument("--out", required=True, metavar="DIR", help="the project directory to write (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--adapter", metavar="DIR", help="start from this trained adapter instead of a fresh one")
+    p.add_argument("--task", metavar="TASK",
+                   help="write this task's fine-tune and test samples into the project (for verification and demos)")
+    p.add_argument("--data-dir", metavar="DIR", help="where the built-in data sets are")
+    g = p.add_argument_group("training (defaults come from the task where it has them)")
+    g.add_argument("--epochs", type=positive_int, help="epochs the example program trains")
+    g.add_argument("--batch-size", type=positive_int, help="mini-batch size")
+    g.add_argument("--lr", type=positive_float, help="learning rate")
+    g.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], help="optimizer (default sgd)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="adapter initialisation and shuffles (default 0)")
+    g.add_argument("--rank", type=positive_int, default=1, help="LoRA rank R (default 1)")
+    g = p.add_argument_group("memory")
+    g.add_argument("--int8", action="store_true",
+                   help="int8 frozen backbone (a float model is quantised, calibrated on --task's pre-training "
+                        "split) and an int8 skip-cache")
+    g.add_argument("--budget", metavar="BYTES",
+                   help="RAM budget, e.g. 256KB: refuse, before writing anything, what does not fit "
+                        "(microcontrollers: default the part's RAM)")
+    g.add_argument("--partial-cache", action="store_true",
+                   help="skip2-lora: when the budget cannot hold every sample's cache row, cache what fits and "
+                        "recompute the rest")
+    g.add_argument("--max-samples", type=positive_int, metavar="N",
+                   help="samples the device keeps and trains on (the skip-cache's capacity); with --task, a seeded "
+                        "subset of N fine-tune samples is written (default: all of them)")
+    g.add_argument("--test-samples", type=positive_int, metavar="N",
+                   help="with --task: a seeded subset of N test samples (default: all)")
+    g.add_argument("--flash", metavar="BYTES", help="microcontrollers: the part's flash (default: the target's)")
+    p.add_argument("--no-toolchain-check", dest="toolchain_check", action="store_false",
+                   help="write the project even if the target's compiler is not installed here")
+    add_output_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import ExportOptions, export_project
+    from ..units import format_bytes
+
+    opts = ExportOptions(model=args.model, method=args.method, target=args.target, out=args.out,
+                         adapter=args.adapter, task=args.task, data_dir=args.data_dir, epochs=args.epochs,
+                         seed=args.seed, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         rank=args.rank, int8=args.int8, budget=args.budget, partial_cache=args.partial_cache,
+                         max_samples=args.max_samples, test_samples=args.test_samples, flash=args.flash,
+                         force=args.force, toolchain_check=args.toolchain_check)
+    res = export_project(opts)
+    m = res.manifest
+    mem = m["memory"]
+    print(f"wrote {res.out}: {m['method']} on {'-'.join(map(str, m['sizes']))} ({m['backbone']}) for {m['target']}",
+          file=sys.stdout)
+    cache = f", skip-cache {m['cache']} {m['cache_capacity']} of {m['max_samples']} rows" if m["cache"] else ""
+    print(f"  RAM {format_bytes(mem['total'])} (arena {format_bytes(mem['arena'])}){cache}; "
+          f"weights {format_bytes(mem['flash_weights'])} as const data", file=sys.stdout)
+    info(args, f"build with: make -C {res.out}" + ("   run with: make -C " + str(res.out) + " run"
+                                                   if m["task"] else ""))
+    write_json(args.json, m)
+    return 0
