@@ -256,7 +256,11 @@ def core_workspace_bytes(sizes: Sequence[int], kind: str, *, batch: int, n_param
         return -(-int(nbytes) // CORE_ALIGN) * CORE_ALIGN
 
     B, n, mw, d = int(batch), len(sizes) - 1, max(sizes), sum(sizes[:-1])
-    total = piece(4 * n_params) + 3 * piece(4 * B) + 2 * piece(4 * B * mw)
+    total = piece(4 * n_params) + 3 * piece(4 * B)
+    if kind == "skip":  # the logits and their gradient only
+        total += piece(4 * B * sizes[-1])
+    else:  # the gradient flowing back, two buffers of the widest layer
+        total += 2 * piece(4 * B * mw)
     if kind == "skip":
         total += piece(4 * B * (d + sizes[-1])) + piece(pointer_bytes * B) + 2 * piece(4 * B * n * rank)
         if int8:

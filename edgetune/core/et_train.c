@@ -76,8 +76,12 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     PIECE(ybuf, int32_t *, B * 4);
     PIECE(ids, int32_t *, B * 4);
     PIECE(missing, int32_t *, B * 4);
-    PIECE(gbuf[0], float *, B * mw * F);
-    PIECE(gbuf[1], float *, B * mw * F);
+    if (m->kind == ET_SKIP) { /* the skip adapters need only the logits and their gradient */
+        PIECE(gbuf[0], float *, B * bb->sizes[n] * F);
+    } else {
+        PIECE(gbuf[0], float *, B * mw * F);
+        PIECE(gbuf[1], float *, B * mw * F);
+    }
     if (m->kind == ET_SKIP) {
         const size_t nr = (size_t)n * m->rank, row = (size_t)d_in_of(bb) + bb->sizes[n];
         PIECE(taps, float *, B * row * F);
