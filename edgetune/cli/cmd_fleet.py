@@ -183,8 +183,9 @@ def run(args: argparse.Namespace) -> int:
     from ..fleet import require_flwr
 
     require_flwr()
-    if args.json and args.json != "-":
-        check_outputs(args.json)
+    json_out = getattr(args, "json", None)
+    if json_out and json_out != "-":
+        check_outputs(json_out)
     return {"simulate": _simulate, "server": _server, "client": _client}[args.fleet_command](args)
 
 

@@ -138,7 +138,10 @@ def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
 
 
 APP_MODULE = '''"""The Flower App that edgetune submits: its components are edgetune's fleet apps."""
-from edgetune.fleet.apps import client_app, server_app  # noqa: F401
+from edgetune.fleet import apps as _apps
+
+server_app = _apps.server_app  # assigned here: Flower checks the names statically
+client_app = _apps.client_app
 '''
 
 
@@ -229,7 +232,11 @@ def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, ti
         log(f"SuperLink listening on {host}:{port} (log: {state_dir / 'superlink.log'})")
         sub = subprocess.run([_tool("flwr"), "run", str(app_dir), "edgetune", "--format", "json"], env=env,
                              capture_output=True, text=True, timeout=120, cwd=state_dir)
-        if sub.returncode != 0:
+        try:
+            ok = bool(json.loads(sub.stdout).get("success"))
+        except ValueError:
+            ok = False
+        if sub.returncode != 0 or not ok:
             raise FleetError(f"flwr run failed ({sub.returncode}): {(sub.stdout + sub.stderr).strip()[-2000:]}")
         log(f"run submitted: {sub.stdout.strip()[-300:]}")
         end = time.monotonic() + timeout
