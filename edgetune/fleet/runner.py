@@ -1,0 +1,282 @@
+"""Starting fleets: on Flower's simulation engine, or as real Flower processes.
+
+``simulate``: the ServerApp and K virtual SuperNodes on Flower's simulation engine (Ray),
+one Ray actor, so every virtual device of a run lives in one process with its FineTuner.
+
+``serve`` / ``join``: Flower's deployment engine. ``serve`` starts a SuperLink (one port:
+its Fleet, Control and ServerApp APIs share it in Flower 1.41), writes a small Flower App
+whose components are edgetune's ``server_app`` and ``client_app``, submits it as a run
+with ``flwr run``, waits for the ServerApp's results and stops the SuperLink. ``join``
+starts a SuperNode for one device; the SuperNode starts a ClientApp process per message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import EdgetuneError, UsageError
+from . import require_flwr
+
+
+class FleetError(EdgetuneError):
+    """A fleet process failed or timed out."""
+
+
+def _quiet_flower(verbose: bool) -> None:
+    import logging
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def simulate(spec, *, clients: int, defaults: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
+    """Run ``spec`` (a ``ServerSpec``) with ``clients`` virtual devices; returns the results."""
+    require_flwr()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from dataclasses import replace
+
+    from flwr.simulation import run_simulation
+
+    from .apps import build_client_app, build_server_app
+
+    _quiet_flower(verbose)
+    with tempfile.TemporaryDirectory(prefix="edgetune-fleet-") as tmp:
+        out = Path(tmp) / "results.json"
+        spec = replace(spec, json_path=str(out))
+        client_defaults = {"state-dir": str(Path(tmp) / "devices"), **defaults}
+        cpus = max(1, os.cpu_count() or 1)
+        backend = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+                   "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                                 "logging_level": "error" if not verbose else "info", "log_to_driver": verbose}}
+        run_simulation(server_app=build_server_app(spec), client_app=build_client_app(client_defaults),
+                       num_supernodes=clients, backend_config=backend, verbose_logging=verbose)
+        if not out.is_file():
+            raise FleetError("the simulation ended without results (see the log above)")
+        return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------- deployment
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"expected HOST:PORT, e.g. 127.0.0.1:9092, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return env
+
+
+def _tool(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    if exe.exists():
+        return str(exe)
+    found = shutil.which(name)
+    if not found:
+        raise FleetError(f"cannot find Flower's '{name}' command; is Flower installed? ({_install_hint()})")
+    return found
+
+
+def _install_hint() -> str:
+    from . import INSTALL_HINT
+    return INSTALL_HINT
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise FleetError(f"{Path(proc.args[0]).name} exited with code {proc.returncode} before listening "
+                             f"on {host}:{port} (is the port in use?)")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise FleetError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
+    """Stop a process started in its own session, and everything it started."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except (ProcessLookupError, PermissionError):
+        return
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(grace)
+
+
+APP_MODULE = '''"""The Flower App that edgetune submits: its components are edgetune's fleet apps."""
+from edgetune.fleet import apps as _apps
+
+server_app = _apps.server_app  # assigned here: Flower checks the names statically
+client_app = _apps.client_app
+'''
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a TOML basic string: JSON's escapes are valid TOML
+
+
+def write_flower_app(app_dir: Path, spec_json: str) -> Path:
+    """A minimal Flower App (pyproject.toml + one module) whose run config holds ``spec``."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "edgetune_fleet_app.py").write_text(APP_MODULE)
+    (app_dir / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "edgetune-fleet"
+version = "1.0.0"
+description = "edgetune fleet: small adapters fine-tuned on many devices"
+license = "MIT"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "edgetune"
+
+[tool.flwr.app.components]
+serverapp = "edgetune_fleet_app:server_app"
+clientapp = "edgetune_fleet_app:client_app"
+
+[tool.flwr.app.config]
+spec = {_toml_str(spec_json)}
+""")
+    return app_dir
+
+
+def _write_connection(flwr_home: Path, address: str, root_certificates: str | None) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    tls = f"root-certificates = {_toml_str(str(Path(root_certificates).resolve()))}" if root_certificates \
+        else "insecure = true"
+    (flwr_home / "config.toml").write_text(f"""[superlink]
+default = "edgetune"
+
+[superlink.edgetune]
+address = {_toml_str(address)}
+{tls}
+""")
+
+
+def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, timeout: float,
+          log=print) -> dict[str, Any]:
+    """Start a SuperLink on ``address``, submit the fleet run, wait for its results."""
+    require_flwr()
+    host, port = parse_address(address)
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = state_dir / "flwr-home"
+    env = _flower_env(flwr_home)
+    results_path = Path(spec.json_path).resolve() if spec.json_path else state_dir / "results.json"
+    from dataclasses import replace
+    spec = replace(spec, json_path=str(results_path), state_dir=str(state_dir / "server"))
+    done_marker = state_dir / "server" / "server.json"
+    if done_marker.is_file():
+        try:
+            if json.loads(done_marker.read_text()).get("finished"):
+                done_marker.unlink()  # a finished run is not resumed: this is a new one
+        except (OSError, ValueError):
+            pass
+    if results_path.exists():
+        results_path.unlink()
+    app_dir = write_flower_app(state_dir / "app", spec.to_json())
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    _write_connection(flwr_home, f"{connect_host}:{port}", tls.get("ca") if tls else None)
+    cmd = [_tool("flower-superlink"), "--host", host, "--port", str(port),
+           "--database", str(state_dir / "superlink.db"), "--disable-runtime-dependency-installation"]
+    if tls:
+        cmd += ["--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"], "--ssl-ca-certfile", tls["ca"]]
+    else:
+        cmd += ["--insecure"]
+    logf = open(state_dir / "superlink.log", "ab")
+    link = None
+    try:
+        link = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=state_dir)
+        _wait_port(connect_host, port, link, 60)
+        log(f"SuperLink listening on {host}:{port} (log: {state_dir / 'superlink.log'})")
+        sub = subprocess.run([_tool("flwr"), "run", str(app_dir), "edgetune", "--format", "json"], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=state_dir)
+        try:
+            ok = bool(json.loads(sub.stdout).get("success"))
+        except ValueError:
+            ok = False
+        if sub.returncode != 0 or not ok:
+            raise FleetError(f"flwr run failed ({sub.returncode}): {(sub.stdout + sub.stderr).strip()[-2000:]}")
+        log(f"run submitted: {sub.stdout.strip()[-300:]}")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if results_path.is_file():
+                return json.loads(results_path.read_text())
+            if link.poll() is not None:
+                raise FleetError(f"the SuperLink exited with code {link.returncode} before the last round "
+                                 f"(log: {state_dir / 'superlink.log'})")
+            time.sleep(0.5)
+        raise FleetError(f"no results after {timeout:.0f} s (log: {state_dir / 'superlink.log'})")
+    finally:
+        stop_process(link)
+        logf.close()
+
+
+def join(*, server: str, node_config: dict[str, Any], state_dir: Path, root_certificates: str | None,
+         runtime_port: int | None, log=print) -> int:
+    """Run a SuperNode for one device until it is stopped; returns its exit code."""
+    require_flwr()
+    parse_address(server)
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    env = _flower_env(state_dir / "flwr-home")
+    port = runtime_port or free_port()
+    cfg = " ".join(f"{k}={_toml_str(v) if isinstance(v, str) else v}" for k, v in node_config.items())
+    cmd = [_tool("flower-supernode"), "--superlink", server, "--host", "127.0.0.1", "--port", str(port),
+           "--node-config", cfg]
+    cmd += ["--root-certificates", root_certificates] if root_certificates else ["--insecure"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, cwd=state_dir)
+    log(f"SuperNode for device {node_config.get('partition-id')}/{node_config.get('num-partitions')} "
+        f"connecting to {server} (ClientApp API on 127.0.0.1:{port})")
+
+    def forward(signum, _frame):
+        stop_process(proc)
+        raise SystemExit(128 + signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        stop_process(proc)

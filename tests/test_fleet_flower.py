@@ -1,0 +1,124 @@
+"""Fleets on Flower itself: the simulation engine, and real SuperLink/SuperNode processes on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from edgetune import Backbone  # noqa: E402
+from edgetune.fleet.aggregate import fedavg  # noqa: E402
+from edgetune.fleet.device import DeviceTrainer, TrainSpec, global_tensors  # noqa: E402
+from edgetune.fleet.partition import make_fleet  # noqa: E402
+from edgetune.fleet.runner import free_port  # noqa: E402
+
+from .conftest import DATA_DIR  # noqa: E402
+
+EDGETUNE = [sys.executable, "-m", "edgetune"]
+
+
+@pytest.fixture(scope="module")
+def fan_model(tmp_path_factory, private_cache):
+    out = tmp_path_factory.mktemp("fleet") / "model"
+    subprocess.run(EDGETUNE + ["pretrain", "--task", "damage1", "--data-dir", str(DATA_DIR), "--out", str(out),
+                               "--hidden", "32,32", "--epochs", "20", "--quiet"], check=True, timeout=120,
+                   capture_output=True)
+    return out
+
+
+def test_simulation_learns_keeps_the_cache_and_rejects_a_bad_device(fan_model, tmp_path):
+    out = tmp_path / "sim.json"
+    r = subprocess.run(EDGETUNE + ["fleet", "simulate", "--task", "damage1", "--data-dir", str(DATA_DIR),
+                                   "--model", str(fan_model), "--clients", "3", "--rounds", "2",
+                                   "--partition", "by-room", "--epochs", "5", "--fault", "2:norm",
+                                   "--json", str(out), "--quiet"], capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rounds = res["rounds"]
+    assert [x["round"] for x in rounds] == [1, 2]
+    # the global adapter, trained by two devices, lifts the noisy-room test accuracy
+    assert rounds[-1]["accuracy"] > res["accuracy_before"] + 0.1
+    # the misbehaving device is rejected every round and never among the averaged clients
+    for x in rounds:
+        assert x["clients"] == sorted(x["clients"], key=x["clients"].index) and "noisy-stretch2" not in x["clients"]
+        assert [rej["device"] for rej in x["rejected"]] == ["noisy-stretch2"]
+        assert "norm" in x["rejected"][0]["reason"]
+    # after its first round no device runs its backbone again
+    assert all(v > 0 for v in rounds[0]["client_cache_misses"].values())
+    assert all(v == 0 for v in rounds[1]["client_cache_misses"].values())
+    # bytes: the adapter's tensors, per device and direction (32-32 backbone, 512 inputs, 2 classes, rank 1)
+    adapter = 4 * ((512 + 2) + (32 + 2) + (32 + 2))
+    assert res["adapter_bytes"] == adapter
+    assert rounds[0]["bytes_down"] == 3 * adapter and rounds[0]["bytes_up"] == 3 * adapter
+    assert set(rounds[0]["client_accuracy"]) == {"noisy-stretch0", "noisy-stretch1", "noisy-stretch2"}
+    assert res["totals"]["rejected"] == 2
+
+
+def _start(cmd, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+        except ProcessLookupError:
+            pass
+
+
+def test_deployment_on_loopback_averages_only_the_good_devices(fan_model, tmp_path):
+    """A real SuperLink + ServerApp and three SuperNodes; one sends NaN. The server's
+    global adapter after two rounds is recomputed here from the two good devices alone."""
+    port = free_port()
+    out = tmp_path / "server.json"
+    server = _start(EDGETUNE + ["fleet", "server", "--model", str(fan_model), "--rounds", "2", "--min-clients", "3",
+                                "--address", f"127.0.0.1:{port}", "--insecure", "--epochs", "3",
+                                "--round-timeout", "60", "--json", str(out), "--quiet"], tmp_path / "server.log")
+    clients = []
+    try:
+        for i in range(3):
+            cmd = EDGETUNE + ["fleet", "client", "--model", str(fan_model), "--task", "damage1", "--data-dir",
+                              str(DATA_DIR), "--partition", f"{i}/3", "--partition-by", "by-room",
+                              "--server", f"127.0.0.1:{port}", "--insecure", "--state-dir", str(tmp_path / f"dev{i}")]
+            if i == 2:
+                cmd += ["--fault", "nan"]
+            clients.append(_start(cmd, tmp_path / f"client{i}.log"))
+        server.wait(timeout=150)
+        assert server.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        for p in clients + [server]:
+            _stop(p)
+    res = json.loads(out.read_text())
+    assert [x["round"] for x in res["rounds"]] == [1, 2]
+    for x in res["rounds"]:
+        assert sorted(x["clients"]) == ["noisy-stretch0", "noisy-stretch1"]
+        assert x["rejected"] == [{"device": "noisy-stretch2", "reason": "tensor 'skip.0.lora_A' contains NaN or inf"}]
+    assert all(v == 0 for v in res["rounds"][1]["client_cache_misses"].values())
+    # recompute the two rounds from the good devices only: exactly the server's global adapter
+    model = Backbone.load(fan_model)
+    spec = TrainSpec(method="skip2-lora", epochs=3)
+    fleet = make_fleet("damage1", DATA_DIR, "by-room", 3)
+    devs = [DeviceTrainer(model, fleet.devices[i], spec) for i in (0, 1)]
+    g = global_tensors(model, spec)
+    for _ in range(2):
+        ups = [d.train(g)[0] for d in devs]
+        g = fedavg(ups, [len(d.data.y_train) for d in devs])
+    state = Path(str(out) + ".state") / "server" / "global.npz"
+    with np.load(state) as z:
+        for k, v in g.items():
+            np.testing.assert_allclose(z[k], v, rtol=1e-5, atol=1e-7)
+    # no process of the fleet is left running
+    time.sleep(0.5)
+    assert all(p.poll() is not None for p in clients + [server])
