@@ -162,6 +162,13 @@ def test_cortex_m4_int8_skip2lora_fits_256kb_and_matches_python(model_dir, task,
     plan = man["memory"]["total"]
     assert ram <= budget and plan <= budget
     assert abs(ram - plan) <= 0.10 * plan, (ram, plan)
+    # `edgetune plan --target` gives the same figure as the export, without writing a project
+    pj = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(model_dir), "--budget", "256KB", "--target", "cortex-m4", "--int8",
+                 "--partial-cache", "--samples", "200", "--test-samples", "100", "--epochs", "10", "--task", "damage1",
+                 "--data-dir", str(DATA_DIR), "--quiet", "--json", str(pj)]) == 0
+    planned = json.loads(pj.read_text())["memory"]
+    assert planned["total"] == plan and planned["cache_capacity"] == man["cache_capacity"]
     assert res["stack_used_bytes"] < res["stack_bytes"]
     # no heap: nothing in the firmware allocates
     syms = subprocess.run(["arm-none-eabi-nm", str(out / "train.elf")], capture_output=True, text=True,

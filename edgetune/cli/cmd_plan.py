@@ -21,9 +21,16 @@ Ranking without --task: skip2-lora, then skip-lora, then the sparse scheme with 
 trainable parameters (float before int8 when both fit, then the larger batch). With --task:
 the highest accuracy, ties broken by the smaller plan.
 
+With --target (host, aarch64-linux, cortex-m4, cortex-m7) it plans one program as
+'edgetune export' would write it for that device instead: the compiled engine's arena
+(parameters, gradients, optimizer, skip-cache, workspace), the program's static data and
+stack, and the frozen weights as flash; --partial-cache caches as many rows as fit.
+
 examples:
   edgetune plan --model model/ --budget 256KB --samples 470
-  edgetune plan --model model/ --budget 64KB --task damage1 --data-dir ../shared/data"""
+  edgetune plan --model model/ --budget 64KB --task damage1 --data-dir ../shared/data
+  edgetune plan --model model/ --budget 256KB --target cortex-m4 --method skip2-lora --int8 \
+      --partial-cache --samples 200 --task damage1 --data-dir ../shared/data"""
 ORDER = 35
 BATCH_SIZES = (20, 8, 4, 1)
 
@@ -45,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_int, default=20, help="epochs of the short fine-tune (default 20)")
     p.add_argument("--evaluate", type=positive_int, default=6, metavar="K",
                    help="with --task: fine-tune the K best-ranked candidates (default 6)")
+    g = p.add_argument_group("a device program (the plan 'edgetune export' uses)")
+    g.add_argument("--target", metavar="TARGET", help="plan for this export target: host, aarch64-linux, cortex-m4, cortex-m7")
+    g.add_argument("--method", default="skip2-lora", help="with --target: the method (default skip2-lora)")
+    g.add_argument("--int8", action="store_true", help="with --target: int8 backbone and skip-cache (needs --task)")
+    g.add_argument("--partial-cache", action="store_true", help="with --target: cache as many rows as fit the budget")
+    g.add_argument("--test-samples", type=positive_int, metavar="N",
+                   help="with --target and --task: test samples linked into a microcontroller's flash")
     p.add_argument("--show", type=positive_int, default=12, metavar="K",
                    help="sparse schemes shown in the table (most trainable first; default 12)")
     add_output_args(p)
@@ -66,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_bytes(args.budget)
     if budget <= 0:
         raise UsageError(f"--budget must be more than 0 bytes, got {args.budget!r}")
+    if args.target:
+        return _run_device(args, budget)
     model = load_any(args.model)
     task = None
     if args.task:
@@ -135,4 +151,25 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.json, {"budget": budget, "samples": n, "batch_sizes": batches,
                            "recommended": {**best.plan.as_dict(), "accuracy": best.accuracy},
                            "fits": [{**c.plan.as_dict(), "accuracy": c.accuracy} for c in fit]})
+    return 0
+
+
+def _run_device(args: argparse.Namespace, budget: int) -> int:
+    """One exported program's RAM for a device target: exactly what 'edgetune export' plans."""
+    from ..export.project import ExportOptions, plan_export
+    from ..units import format_bytes
+
+    opts = ExportOptions(model=args.model, method=args.method, target=args.target, out="", task=args.task,
+                         data_dir=args.data_dir, batch_size=args.batch_size, optimizer=args.optimizer,
+                         rank=args.rank, int8=args.int8, budget=args.budget, partial_cache=args.partial_cache,
+                         max_samples=args.samples, test_samples=args.test_samples, epochs=args.epochs,
+                         toolchain_check=False)
+    d = plan_export(opts)
+    plan = d["plan"]
+    print(f"{args.target}: {plan.explain(budget)}")
+    if plan.cache:
+        print(f"skip-cache: {plan.cache_capacity} of {plan.max_samples} samples' rows")
+    print(f"flash: frozen weights {format_bytes(plan.flash_weights)}, program about {format_bytes(d['flash_estimate'])}")
+    write_json(args.json, {"target": args.target, "budget": budget, "memory": plan.as_dict(),
+                           "flash_estimate": d["flash_estimate"]})
     return 0
