@@ -68,3 +68,23 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ModelFileError):
         fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)
+
+
+def test_checkpoint_with_nan_or_edited_is_refused_and_settings_are_named(tmp_path):
+    from edgetune.checkpoint import _digest
+    from edgetune.safetensors import load_file, save_file
+
+    bb, x, y = _data()
+    path = tmp_path / "c"
+    fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)
+    with pytest.raises(UsageError, match=r"epochs 3 \(checkpoint: 2\)"):
+        fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=3), checkpoint=path)
+    tensors, meta = load_file(path)
+    tensors["params"] = tensors["params"].copy()
+    tensors["params"][0] = np.nan
+    save_file(tensors, path, meta)  # the old checksum: refused as edited
+    with pytest.raises(ModelFileError, match="checksum"):
+        fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)
+    save_file(tensors, path, {**meta, "sha256": _digest(tensors)})  # consistent, but NaN
+    with pytest.raises(ModelFileError, match="NaN"):
+        fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)
