@@ -122,7 +122,7 @@ class FineTuner:
         names and config, loadable by PEFT onto ``edgetune.torch.to_torch(backbone)`` and
         by ``load_adapter``; see ``edgetune.peft_format``.
         """
-        from .io_atomic import write_bytes_atomic, write_json_atomic
+        from .io_atomic import json_text, write_dir_atomic
         from .safetensors import dumps
 
         if format not in ("edgetune", "peft"):
@@ -130,19 +130,16 @@ class FineTuner:
         if format == "peft":
             from .peft_format import save_peft_adapter
             return save_peft_adapter(self.method, path)
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{path} exists and is not a directory")
         blob = dumps(self.method.adapter_tensors(), {"format": ADAPTER_FORMAT, "method": self.method_name})
-        write_bytes_atomic(path / ADAPTER_WEIGHTS, blob)
         opts = describe_options(self.method.options)
-        write_json_atomic(path / ADAPTER_CONFIG, {
+        config = {
             "format": ADAPTER_FORMAT, "format_version": 1, "method": self.method_name,
             "r": opts["rank"], "lora_alpha": opts["alpha"], "train_last_bias": opts["train_last_bias"],
             **self._scheme_config(),
             "base_model_sizes": self.backbone.sizes, "base_model_digest": self.backbone.digest(),
             "adapter_sha256": hashlib.sha256(blob).hexdigest(),
-        })
+        }
+        path = write_dir_atomic(path, {ADAPTER_WEIGHTS: blob, ADAPTER_CONFIG: json_text(config).encode()})
         return path
 
     def _scheme_config(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from it gives bit-identical results to an uninterrupted run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -37,9 +38,34 @@ def save(path: str | os.PathLike, *, fp: dict[str, Any], epoch: int, params: np.
     tensors = {"params": params, **{f"optimizer.{k}": v for k, v in opt_state.items()}}
     if best_params is not None:
         tensors["best_params"] = best_params
-    meta = {"format": FORMAT, "fingerprint": json.dumps(fp, sort_keys=True), "epoch": str(epoch),
+    meta = {"format": FORMAT, "sha256": _digest(tensors), "fingerprint": json.dumps(fp, sort_keys=True), "epoch": str(epoch),
             "rng": json.dumps(rng.bit_generator.state), "history": json.dumps(history), "best": json.dumps(best)}
     save_file(tensors, path, meta)
+
+
+def _digest(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes: detects a file edited or mixed."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = np.ascontiguousarray(tensors[name])
+        h.update(json.dumps([name, t.dtype.str, list(t.shape)]).encode())
+        h.update(t.tobytes())
+    return h.hexdigest()
+
+
+def _differences(fp: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """Each differing setting with both values, e.g. 'config.epochs 3 (checkpoint: 2)'."""
+    out = []
+    for k in sorted(set(fp) | set(saved)):
+        a, b = fp.get(k), saved.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{j} {a.get(j)!r} (checkpoint: {b.get(j)!r})" for j in sorted(set(a) | set(b))
+                    if a.get(j) != b.get(j)]
+        else:
+            out.append(k)
+    return out
 
 
 def load(path: str | os.PathLike, fp: dict[str, Any]) -> dict[str, Any] | None:
@@ -57,11 +83,16 @@ def load(path: str | os.PathLike, fp: dict[str, Any]) -> dict[str, Any] | None:
     except (KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: damaged checkpoint metadata ({e})") from None
     if saved_fp != json.loads(json.dumps(fp, sort_keys=True)):
-        diff = sorted(k for k in set(fp) | set(saved_fp) if fp.get(k) != saved_fp.get(k))
+        diff = _differences(json.loads(json.dumps(fp, sort_keys=True)), saved_fp)
         raise UsageError(f"checkpoint {path} belongs to another run (different {', '.join(diff)}); "
                          f"delete it or choose another checkpoint path")
     if "params" not in tensors or tensors["params"].shape != (fp["trainable"],):
         raise ModelFileError(f"{path}: parameters missing or of the wrong size")
+    if meta.get("sha256") != _digest(tensors):
+        raise ModelFileError(f"{path}: checksum differs (the checkpoint was damaged or edited); delete it to start over")
+    for name, t in tensors.items():
+        if t.dtype.kind == "f" and not np.all(np.isfinite(t)):
+            raise ModelFileError(f"{path}: tensor '{name}' contains NaN or inf; delete the checkpoint to start over")
     state["params"] = tensors["params"]
     state["best_params"] = tensors.get("best_params")
     state["optimizer"] = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}

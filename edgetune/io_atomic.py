@@ -1,25 +1,66 @@
-"""Model files: atomic writes (temporary file beside the target, fsync, rename) and the
-validated read of a model or adapter directory's JSON config.
+"""Model files: atomic writes (temporary file beside the target, fsync, rename), directory
+sets swapped in whole, a lock per target, and the validated read of a model or adapter
+directory's JSON config.
 
-A crash at any moment leaves either the old file or the new one, never half of one.
+A crash at any moment leaves either the old file (or directory) or the new one, never
+half of one and never a mix of two saves.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Iterator
 
-from .errors import ModelFileError, OutputError
+from .errors import ModelFileError, OutputError, UsageError
+
+# Hidden names of edgetune's own temporaries beside a target called NAME:
+#   .NAME.edgetune-tmp-PID-XXXX.tmp   a file being written (write_atomic)
+#   .NAME.edgetune-new-PID-XXXX       a directory set being written (write_dir_atomic)
+#   .NAME.edgetune-old-PID-XXXX       the previous directory, moved aside for the swap
+#   .NAME.edgetune-lock               the lock file (kept: deleting a lock file races)
+_TAG = ".edgetune-"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _test_hook(step: str) -> None:
+    """Crash tests stop a real process at a named step: EDGETUNE_TEST_HOOK=step=kill|sleep:SECONDS."""
+    spec = os.environ.get("EDGETUNE_TEST_HOOK")
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, action = item.partition("=")
+        if name != step:
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), 9)
+        elif action.startswith("sleep:"):
+            time.sleep(float(action[len("sleep:"):]))
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary file, then atomically move it to ``path``."""
+    """Call ``write(f)`` on a temporary file, then atomically move it to ``path``.
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask). Stale
+    temporaries left by killed edgetune processes beside ``path`` are removed first.
+    """
     path = Path(path)
     ensure_parent(path)
+    clean_stale(path)
+    tmp = path.parent / f".{path.name}{_TAG}tmp-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666 & ~_umask())
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     try:
@@ -71,9 +112,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return write_atomic(path, lambda f: f.write(data))
 
 
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=_json_default) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=_json_default)
-    return write_bytes_atomic(path, (text + "\n").encode())
+    return write_bytes_atomic(path, json_text(obj).encode())
 
 
 def _json_default(o: Any) -> Any:
@@ -97,13 +141,255 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# ---------------------------------------------------------------------- locks
+_held: dict[str, list] = {}
+
+
+@contextmanager
+def target_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of output ``path`` (a file beside it); refuse if another process holds it.
+
+    Re-entrant within a process, so a command can hold it across training and the save.
+    """
+    key = os.path.abspath(path)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): atomic renames still keep the target whole
+        yield
+        return
+    ensure_parent(key)
+    lock = Path(key).parent / f".{Path(key).name}{_TAG}lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputError(f"{path} is being written by another edgetune process; wait for it to finish "
+                          f"or choose another output path") from None
+    _held[key] = [fd, 1]
+    try:
+        _test_hook("locked")
+        yield
+    finally:
+        del _held[key]
+        os.close(fd)
+
+
+def _is_locked_elsewhere(path: Path) -> bool:
+    """True if another process holds the lock of ``path`` right now."""
+    key = os.path.abspath(path)
+    if key in _held:
+        return False
+    lock = Path(key).parent / f".{Path(key).name}{_TAG}lock"
+    try:
+        import fcntl
+        fd = os.open(lock, os.O_RDWR)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock this probe took
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale(path: str | os.PathLike) -> None:
+    """Remove edgetune's temporaries beside ``path`` (and inside it, for a directory) that a
+    killed process left: named by a process that is gone, or directory sets of ``path`` while
+    this process holds its lock (no other writer can be using them)."""
+    path = Path(path)
+    pat = re.compile(re.escape(f".{path.name}{_TAG}") + r"(tmp|new|old)-(\d+)-[0-9a-f]+(\.tmp)?$")
+    places = [(path.parent, pat)]
+    if path.is_dir() and not path.is_symlink():
+        places.append((path, re.compile(r"\..+" + re.escape(_TAG) + r"tmp-(\d+)-[0-9a-f]+\.tmp$")))
+    for where, rx in places:
+        try:
+            entries = list(os.scandir(where))
+        except OSError:
+            continue
+        for e in entries:
+            m = rx.match(e.name)
+            if not m:
+                continue
+            pid = int(m.group(2) if rx is pat else m.group(1))
+            is_dir_set = rx is pat and m.group(1) != "tmp"
+            if pid == os.getpid():
+                continue
+            # a directory set under a lock this process holds has no live writer; otherwise
+            # a temporary is stale when the process named in it is gone
+            if not (is_dir_set and os.path.abspath(path) in _held) and _pid_alive(pid):
+                continue
+            if rx is pat and m.group(1) == "old" and not path.exists():
+                continue  # the only copy of the model: recover_dir puts it back
+            if is_dir_set and _is_locked_elsewhere(path):
+                continue
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    os.unlink(e.path)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------- directory sets
+def _asides(path: Path, kind: str) -> list[Path]:
+    pat = re.compile(re.escape(f".{path.name}{_TAG}{kind}-") + r"\d+-[0-9a-f]+$")
+    try:
+        found = [Path(e.path) for e in os.scandir(path.parent) if pat.match(e.name) and e.is_dir()]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def recover_dir(path: str | os.PathLike) -> Path:
+    """The directory to read for ``path``: ``path`` itself, or, if a save was killed in the
+    instant between moving the old directory aside and the new one into place, the old one
+    (moved back when no writer holds the lock)."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        return path
+    aside = _asides(path, "old")
+    if not aside:
+        return path
+    if not _is_locked_elsewhere(path):
+        try:
+            os.rename(aside[-1], path)
+            fsync_dir(path.parent)
+            return path
+        except OSError:
+            pass
+    return aside[-1]
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux") or os.environ.get("EDGETUNE_TEST_NO_EXCHANGE"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot; rename instead
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """Write the files of a model or adapter directory as one set.
+
+    The new set is written into a hidden directory beside ``path``, fsynced, then swapped
+    with the old directory, so that a reader (or a crash) sees the old set or the new one,
+    never a mix. Other files in an existing directory are carried over (hard links).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} exists and is not a directory")
+    ensure_parent(path)
+    with target_lock(path):
+        recover_dir(path)
+        clean_stale(path)
+        new = path.parent / f".{path.name}{_TAG}new-{os.getpid()}-{secrets.token_hex(4)}"
+        placed = False
+        try:
+            os.mkdir(new)  # 0777 less the umask, like any directory
+            for name, data in files.items():
+                fd = os.open(new / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                             0o666 & ~_umask())
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _test_hook("file-written")
+            if path.is_dir():
+                for e in os.scandir(path):
+                    if e.name not in files and not (e.name.startswith(".") and _TAG in e.name):
+                        if e.is_dir(follow_symlinks=False):
+                            shutil.copytree(e.path, new / e.name, symlinks=True, copy_function=_link_or_copy)
+                        else:
+                            _link_or_copy(e.path, new / e.name)
+            fsync_dir(new)
+            _test_hook("set-written")
+            if not path.exists():
+                os.rename(new, path)
+                placed = True
+            elif _exchange(new, path):
+                placed = True  # ``new`` now holds the old set
+                fsync_dir(path.parent)
+                _test_hook("swapped")
+                shutil.rmtree(new, ignore_errors=True)
+            else:
+                old = path.parent / f".{path.name}{_TAG}old-{os.getpid()}-{secrets.token_hex(4)}"
+                os.rename(path, old)
+                _test_hook("moved-aside")
+                os.rename(new, path)
+                placed = True
+                fsync_dir(path.parent)
+                _test_hook("swapped")
+                shutil.rmtree(old, ignore_errors=True)
+            fsync_dir(path.parent)
+        except BaseException as e:
+            if not placed:
+                shutil.rmtree(new, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+            raise
+    return path
+
+
+def _link_or_copy(src: str, dst: str | os.PathLike) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds an edgetune model or adapter (what --force protects)."""
+    path = Path(path)
+    return any((path / n).exists() for n in ("config.json", "model.safetensors", "adapter_config.json",
+                                             "adapter_model.safetensors"))
+
+
 def read_json_config(directory: Path, config_name: str, weights_name: str, kind: str
                      ) -> tuple[dict[str, Any], Path, Path]:
     """Check that a model/adapter directory holds both its files and parse its JSON config.
 
     Returns (config, config path, weights path); raises ModelFileError naming the problem.
     """
-    directory = Path(directory)
+    directory = recover_dir(directory)
     cfg_path, w_path = directory / config_name, directory / weights_name
     for p in (cfg_path, w_path):
         if not p.is_file():
@@ -117,3 +403,4 @@ def read_json_config(directory: Path, config_name: str, weights_name: str, kind:
     if not isinstance(cfg.get("format_version", 0), int):
         raise ModelFileError(f"{cfg_path}: format_version must be a whole number")
     return cfg, cfg_path, w_path
+

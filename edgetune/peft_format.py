@@ -95,16 +95,12 @@ def peft_files(method: Any, *, module_names: Sequence[str] | None = None
 def save_peft_adapter(method: Any, path: str | os.PathLike, *,
                       module_names: Sequence[str] | None = None) -> Path:
     """Write a PEFT-loadable adapter directory for a ``lora-all``/``lora-last`` method."""
-    from .io_atomic import write_bytes_atomic, write_json_atomic
+    from .io_atomic import json_text, write_dir_atomic
     from .safetensors import dumps
 
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{path} exists and is not a directory")
     tensors, config, metadata = peft_files(method, module_names=module_names)
-    write_bytes_atomic(path / ADAPTER_WEIGHTS, dumps(tensors, metadata))
-    write_json_atomic(path / ADAPTER_CONFIG, config)
-    return path
+    return write_dir_atomic(path, {ADAPTER_WEIGHTS: dumps(tensors, metadata),
+                                   ADAPTER_CONFIG: json_text(config).encode()})
 
 
 def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,

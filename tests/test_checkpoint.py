@@ -91,3 +91,23 @@ def test_checkpoint_saves_by_time_unless_told_an_epoch_count(tmp_path, monkeypat
     assert saved == [1, 2, 3, 4]
     with pytest.raises(UsageError, match="checkpoint_every"):
         fit(make_method("skip2-lora", bb), x, y, cfg, checkpoint=tmp_path / "d", checkpoint_every=0)
+
+
+def test_checkpoint_with_nan_or_edited_is_refused_and_settings_are_named(tmp_path):
+    from edgetune.checkpoint import _digest
+    from edgetune.safetensors import load_file, save_file
+
+    bb, x, y = _data()
+    path = tmp_path / "c"
+    fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)
+    with pytest.raises(UsageError, match=r"epochs 3 \(checkpoint: 2\)"):
+        fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=3), checkpoint=path)
+    tensors, meta = load_file(path)
+    tensors["params"] = tensors["params"].copy()
+    tensors["params"][0] = np.nan
+    save_file(tensors, path, meta)  # the old checksum: refused as edited
+    with pytest.raises(ModelFileError, match="checksum"):
+        fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)
+    save_file(tensors, path, {**meta, "sha256": _digest(tensors)})  # consistent, but NaN
+    with pytest.raises(ModelFileError, match="NaN"):
+        fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 
 
 def _whole_number(minimum: int):
@@ -65,8 +67,24 @@ def add_train_args(p: argparse.ArgumentParser, *, what: str = "fine-tuning") -> 
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed for initialisation and shuffling (default 0)")
 
 
+def output_path(text: str) -> str:
+    """An output path argument: not empty ('-' means stdout where the option allows it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give a file path (or - for stdout)")
+    return text
+
+
+def add_json_arg(p: argparse.ArgumentParser, what: str = "the results") -> None:
+    p.add_argument("--json", metavar="PATH", type=output_path,
+                   help=f"also write {what} as JSON to PATH (- for stdout)")
+
+
+def add_force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="overwrite an existing model or adapter directory")
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    add_json_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar, print only the result")
 
 
@@ -90,26 +108,78 @@ def train_kwargs(args: argparse.Namespace, defaults: dict[str, Any], *, prefix: 
 
 
 def write_json(path: str | None, obj: Any) -> None:
-    if not path:
+    """Write ``obj`` as JSON to ``path``: '-' is stdout; devices, FIFOs and /dev, /proc paths are
+    written through (never replaced); a symlink's target is replaced atomically, like a file."""
+    if path is None:
         return
-    from ..io_atomic import write_json_atomic
+    from ..io_atomic import json_text, write_bytes_atomic
 
-    if Path(path).is_dir():
+    if not path.strip():
+        raise UsageError("--json: empty path; give a file path (or - for stdout)")
+    text = json_text(obj)
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    p = Path(path)
+    if p.is_dir():
         raise UsageError(f"--json {path}: is a directory; give a file path")
-    write_json_atomic(path, obj)
+    try:
+        st = os.stat(p)
+    except OSError:
+        st = None
+    if (st is not None and not stat.S_ISREG(st.st_mode)) or str(p.absolute()).startswith(("/dev/", "/proc/")):
+        try:
+            with open(p, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        return
+    write_bytes_atomic(Path(os.path.realpath(p)) if p.is_symlink() else p, text.encode())
 
 
-def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = ()) -> None:
-    """Fail before any work if an output file or directory could not be written."""
-    from ..io_atomic import ensure_dir, ensure_parent
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
+
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """The files and directories a command reads (outputs must not replace them)."""
+    out = []
+    task = getattr(args, "task", None)
+    if task and Path(task).exists():
+        out.append(task)
+    for name in ("model", "adapter"):
+        v = getattr(args, name, None)
+        if v:
+            out.append(v)
+    return out
+
+
+def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = (),
+                  args: argparse.Namespace | None = None) -> None:
+    """Fail before any work if an output could not be written, would replace an input, or would
+    overwrite an existing model directory without --force."""
+    from ..io_atomic import ensure_dir, ensure_parent, is_model_dir
+
+    inputs = input_paths(args) if args is not None else []
     for f in files:
-        if f:
-            if Path(f).is_dir():
-                raise UsageError(f"{f} is a directory; give a file path")
-            ensure_parent(f)
+        if f is None or f == "-":
+            continue
+        if not f.strip():
+            raise UsageError("empty output path; give a file path")
+        for i in inputs:
+            if _same_file(f, i) or (Path(i).is_dir() and os.path.realpath(f).startswith(os.path.realpath(i) + os.sep)):
+                raise UsageError(f"{f} is an input ({i}); refusing to write an output over it")
+        if Path(f).is_dir():
+            raise UsageError(f"{f} is a directory; give a file path")
+        ensure_parent(f)
     for d in dirs:
         if d:
+            for i in inputs:
+                if _same_file(d, i) or os.path.realpath(i).startswith(os.path.realpath(d) + os.sep):
+                    raise UsageError(f"{d} holds an input ({i}); refusing to write an output over it")
+            if is_model_dir(d) and not getattr(args, "force", False):
+                raise UsageError(f"{d} already holds a model; pass --force to overwrite it")
             ensure_dir(d)
 
 

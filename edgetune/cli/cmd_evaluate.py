@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..experiment import check_compatible
     from ..quant import load_any
 
-    check_outputs(args.json)
+    check_outputs(args.json, args=args)
     model = load_any(args.model)  # a float or an int8 model
     task = load_task_arg(args)
     check_compatible(model, task)

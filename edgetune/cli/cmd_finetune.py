@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ._common import (add_output_args, add_task_args, add_train_args, check_outputs, info, int_list,
+from ._common import (add_force_arg, add_output_args, add_task_args, add_train_args, check_outputs, info, int_list,
                       load_task_arg, positive_float, positive_int, train_kwargs, write_json)
 
 NAME = "finetune"
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve", action="store_true", help="measure test accuracy after every epoch (not counted as training time)")
     p.add_argument("--save-adapter", metavar="DIR", help="save the trained adapter (adapter_model.safetensors + adapter_config.json)")
     p.add_argument("--save-model", metavar="DIR", help="save the fine-tuned model merged into a plain backbone (ft-*, lora-*)")
+    add_force_arg(p)
     add_output_args(p)
 
 
@@ -74,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_bytes(args.cache_budget) if args.cache_budget else None
     if args.checkpoint_every and not args.checkpoint:
         raise UsageError("--checkpoint-every needs --checkpoint FILE")
-    check_outputs(args.json, args.checkpoint, dirs=(args.save_adapter, args.save_model))
+    check_outputs(args.json, dirs=(args.save_adapter, args.save_model), args=args)
+    if args.checkpoint:
+        check_outputs(args.checkpoint)
     task = load_task_arg(args)
     info(args, task.summary())
     progress = None if not args.quiet else False

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import platform
 
-from ._common import write_json
+from ._common import add_json_arg, write_json
 
 NAME = "info"
 HELP = "show versions and the training engine (compiled C or NumPy) that runs here"
@@ -18,7 +18,7 @@ ORDER = 5
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="PATH", help="also write the facts as JSON to PATH")
+    add_json_arg(p, "the facts")
 
 
 def engine_line() -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import int_list, positive_int, print_table, write_json
+from ._common import add_json_arg, int_list, positive_int, print_table, write_json
 
 NAME = "methods"
 HELP = "list the fine-tuning methods and their trainable-parameter counts"
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="layer widths: inputs, hidden..., outputs (default 512,96,96,2)")
     p.add_argument("--rank", type=positive_int, default=1, help="LoRA rank R (default 1)")
     p.add_argument("--train-last-bias", action="store_true", help="count the last layer's bias as trainable too")
-    p.add_argument("--json", metavar="PATH", help="also write the list as JSON to PATH")
+    add_json_arg(p, "the list")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import (add_output_args, add_task_args, add_train_args, check_outputs, info, int_list,
+from ..io_atomic import target_lock
+from ._common import (add_force_arg, add_output_args, add_task_args, add_train_args, check_outputs, info, int_list,
                       load_task_arg, write_json)
 
 NAME = "pretrain"
@@ -19,6 +20,7 @@ ORDER = 20
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_task_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    add_force_arg(p)
     p.add_argument("--hidden", type=int_list, metavar="W1,W2,...", help="hidden widths (task default, else 96,96)")
     add_train_args(p, what="pre-training")
     add_output_args(p)
@@ -27,7 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..experiment import pretrain_on_task
 
-    check_outputs(args.json, dirs=(args.out,))
+    check_outputs(args.json, dirs=(args.out,), args=args)
+    with target_lock(args.out):  # a second run to the same --out is refused now, not after training
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..experiment import pretrain_on_task
+
     task = load_task_arg(args)
     info(args, task.summary())
     model, rep = pretrain_on_task(task, hidden=args.hidden, epochs=args.epochs, lr=args.lr,

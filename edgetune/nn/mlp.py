@@ -219,33 +219,32 @@ class Backbone:
     def save(self, path: str | os.PathLike) -> Path:
         """Save to a directory: ``model.safetensors`` (tensors) + ``config.json``.
 
-        Each file is written atomically; the config records the weights' SHA-256, so a
-        crash between the two writes is detected at load time instead of mixing models.
+        The two files are written as one set (``write_dir_atomic``): a crash leaves the old
+        model or the new one. The config records the weights' SHA-256, so files mixed by
+        hand are detected at load time.
         """
-        from ..io_atomic import write_bytes_atomic, write_json_atomic
+        from ..io_atomic import json_text, write_dir_atomic
         from ..safetensors import dumps
 
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{path} exists and is not a directory")
         blob = dumps(self.tensors(), {"format": FORMAT})
-        write_bytes_atomic(path / WEIGHTS_NAME, blob)
-        write_json_atomic(path / CONFIG_NAME, {
+        config = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "sizes": self.sizes, "activation": self.activation.name, "dtype": str(self.dtype),
             "labels": self.labels, "normalization": self.input_mean is not None,
             "weights_sha256": hashlib.sha256(blob).hexdigest(),
-        })
+        }
+        path = write_dir_atomic(path, {WEIGHTS_NAME: blob, CONFIG_NAME: json_text(config).encode()})
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Backbone":
-        from ..io_atomic import read_json_config
+        from ..io_atomic import read_json_config, recover_dir
         from ..safetensors import loads
 
         path = Path(path)
         if path.is_file() and path.name == CONFIG_NAME:
             path = path.parent
+        path = recover_dir(path)
         if not path.is_dir():
             raise ModelFileError(f"model directory not found: {path}")
         cfg, cfg_path, w_path = read_json_config(path, CONFIG_NAME, WEIGHTS_NAME, "an edgetune model")

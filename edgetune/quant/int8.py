@@ -300,33 +300,31 @@ class QuantBackbone(Backbone):
         return t
 
     def save(self, path: str | os.PathLike) -> Path:
-        """``model.safetensors`` (int8/int32/float32 tensors) + ``config.json``, each written atomically."""
-        from ..io_atomic import write_bytes_atomic, write_json_atomic
+        """``model.safetensors`` (int8/int32/float32 tensors) + ``config.json``, written as one set."""
+        from ..io_atomic import json_text, write_dir_atomic
         from ..safetensors import dumps
 
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{path} exists and is not a directory")
         blob = dumps(self.tensors(), {"format": FORMAT})
-        write_bytes_atomic(path / WEIGHTS_NAME, blob)
-        write_json_atomic(path / CONFIG_NAME, {
+        config = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "sizes": self.sizes,
             "activation": self.activation.name, "labels": self.labels,
             "normalization": self.input_mean is not None, "quantization": {
                 "weights": "int8 symmetric per output channel", "biases": "int32",
                 "activations": "int8 symmetric per tensor"},
             "weights_sha256": hashlib.sha256(blob).hexdigest(),
-        })
+        }
+        path = write_dir_atomic(path, {WEIGHTS_NAME: blob, CONFIG_NAME: json_text(config).encode()})
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, kernel: str = "blas") -> "QuantBackbone":
-        from ..io_atomic import read_json_config
+        from ..io_atomic import read_json_config, recover_dir
         from ..safetensors import loads
 
         path = Path(path)
         if path.is_file() and path.name == CONFIG_NAME:
             path = path.parent
+        path = recover_dir(path)
         if not path.is_dir():
             raise ModelFileError(f"model directory not found: {path}")
         cfg, cfg_path, w_path = read_json_config(path, CONFIG_NAME, WEIGHTS_NAME, "an edgetune model")
@@ -416,8 +414,10 @@ def quantize(backbone: Backbone, x_calib: np.ndarray, *, percentile: float = 100
 
 def load_any(path: str | os.PathLike) -> Backbone:
     """A float or an int8 model directory, whichever ``path`` holds."""
+    from ..io_atomic import recover_dir
+
     p = Path(path)
-    cfg = (p.parent if p.name == CONFIG_NAME else p) / CONFIG_NAME
+    cfg = recover_dir(p.parent if p.name == CONFIG_NAME else p) / CONFIG_NAME
     try:
         fmt = json.loads(cfg.read_text()).get("format") if cfg.is_file() else None
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
