@@ -214,6 +214,9 @@ def pretrain(x: Any, y: Any, *, hidden: Sequence[int] = (96, 96), labels: Sequen
     if backbone is None:
         if any(int(h) < 1 for h in hidden):
             raise UsageError(f"hidden widths must be >= 1, got {list(hidden)}")
+        from .memory import check_fits_machine
+        check_fits_machine([x_arr.shape[1], *map(int, hidden), n_classes], "ft-all", batch_size=batch_size,
+                           n_samples=len(x_arr), optimizer=optimizer, what="pre-training")
         backbone = Backbone.build([x_arr.shape[1], *hidden, n_classes], activation=activation, seed=seed,
                                   labels=labels)
         backbone.fit_normalizer(x_arr)

@@ -99,6 +99,24 @@ def ensure_parent(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike, *, directory: bool = False) -> None:
+    """Raise OutputError now if ``path`` (a file, or with ``directory`` a folder) could not be
+    written later; creates nothing, so a run that fails leaves no empty folders behind."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        if directory and not path.is_dir():
+            raise OutputError(f"cannot write into {path}: it is a file, not a directory")
+        target = path if directory else path.parent
+    else:
+        target = path.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+    if not target.is_dir():
+        raise OutputError(f"cannot write {path}: {target} is a file, not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: no permission to write in {target}")
+
+
 def ensure_dir(path: str | os.PathLike) -> Path:
     """Create directory ``path`` (and its parents), or raise OutputError saying why not."""
     path = Path(path)

@@ -465,6 +465,38 @@ def evaluate_candidate(backbone: Backbone, plan: MemoryPlan, task, *, epochs: in
     return evaluate(m, backbone.prepare(task.x_test), task.y_test)[1]
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give a process (Linux: MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_machine(sizes: Sequence[int], method: str = "ft-all", *, batch_size: int = 20,
+                       n_samples: int = 1, optimizer: str = "sgd", rank: int = 1, what: str = "training") -> None:
+    """Refuse, before anything is allocated, a run whose planned memory exceeds what this machine has."""
+    from types import SimpleNamespace
+
+    shape_only = SimpleNamespace(sizes=[int(v) for v in sizes], input_mean=None, dtype=np.float32)
+    plan = plan_memory(shape_only, method, batch_size=batch_size, n_samples=n_samples, optimizer=optimizer,
+                       rank=rank)  # type: ignore[arg-type]
+    have = available_memory()
+    if have is not None and plan.total > have:
+        parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in plan.breakdown().items() if v)
+        raise BudgetError(f"{what} a {'-'.join(map(str, sizes))} model with {method} needs about "
+                          f"{format_bytes(plan.total)} of memory ({parts}); this machine has "
+                          f"{format_bytes(have)} available. Use smaller layers.")
+
+
 def check_budget(plan: MemoryPlan, budget: int) -> None:
     """Raise BudgetError, with the numbers, unless ``plan`` fits ``budget`` bytes."""
     if plan.total > budget:

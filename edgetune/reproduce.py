@@ -111,8 +111,7 @@ def reproduce(out_dir: str | os.PathLike, *, tasks: Sequence[str] = PAPER_TASKS,
             raise UsageError(f"unknown task '{t}': use {', '.join(BUILTIN_TASKS)} or an .npz task file")
     if seeds < 1:
         raise UsageError(f"seeds must be >= 1, got {seeds}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # created by the first file written into it: a run that fails first leaves none
     data_dir = None if data_dir is None else str(data_dir)
     results: dict[str, Any] = {"machine": machine_info(), "quick": quick, "seeds": list(range(seeds)),
                                "methods": list(methods), "tasks": {}}

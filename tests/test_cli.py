@@ -94,3 +94,49 @@ def test_npz_with_nan_is_refused_naming_the_split(tmp_path):
     np.savez(tmp_path / "t.npz", x_pretrain=x, y_pretrain=y, x_finetune=x_bad, y_finetune=y, x_test=x, y_test=y)
     p = run_cli("finetune", "--task", str(tmp_path / "t.npz"))
     assert p.returncode == 1 and "finetune: x contains NaN" in p.stderr and "sample 4" in p.stderr
+
+
+def test_methods_counts_from_the_widths_without_allocating(tmp_path, capsys):
+    """A huge architecture is counted, not built; the counts equal real methods' on small ones."""
+    import json
+
+    import numpy as np
+
+    from edgetune.methods import METHODS, count_trainable, make_method
+    from edgetune.nn.mlp import Backbone
+
+    for sizes in ([7, 5, 3], [9, 6, 4, 2], [5, 8, 8, 8, 3]):
+        bb = Backbone.build(sizes, seed=0, dtype=np.float32)
+        for name in METHODS:
+            for rank, tlb in ((1, False), (3, True)):
+                m = make_method(name, bb, rank=rank, train_last_bias=tlb)
+                assert count_trainable(name, sizes, rank=rank, train_last_bias=tlb) == m.n_trainable, (name, sizes)
+    out = tmp_path / "m.json"
+    assert main(["methods", "--arch", "100000000,100000000,2", "--json", str(out)]) == 0  # 1e16 weights: no allocation
+    rows = {r["method"]: r["trainable_params"] for r in json.loads(out.read_text())["methods"]}
+    assert rows["ft-bias"] == 100000002 and rows["skip-lora"] == 200000000 + 2 * 2
+
+
+def test_pretrain_refuses_a_model_larger_than_the_machine(tmp_path, capsys):
+    """Sizes are checked against the memory plan and the machine before anything is allocated."""
+    from edgetune.memory import available_memory
+
+    assert available_memory() is not None
+    npz = tmp_path / "t.npz"
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 2, 20)
+    np.savez(npz, x_pretrain=x, y_pretrain=y, x_finetune=x, y_finetune=y, x_test=x, y_test=y)
+    code = main(["pretrain", "--task", str(npz), "--hidden", "100000,100000", "--out", str(tmp_path / "m"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "needs about" in err and "available" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_failed_runs_leave_no_empty_output_directories(tmp_path, capsys):
+    missing = tmp_path / "no-data"
+    for argv in (["pretrain", "--task", "damage1", "--data-dir", str(missing), "--out", str(tmp_path / "a" / "model")],
+                 ["reproduce", "--tasks", "damage1", "--data-dir", str(missing), "--out", str(tmp_path / "b" / "paper")]):
+        assert main([*argv, "--quiet"]) == 1, argv
+    assert not (tmp_path / "a" / "model").exists() and not (tmp_path / "b").exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err

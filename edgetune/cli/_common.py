@@ -159,7 +159,7 @@ def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = (),
                   args: argparse.Namespace | None = None) -> None:
     """Fail before any work if an output could not be written, would replace an input, or would
     overwrite an existing model directory without --force."""
-    from ..io_atomic import ensure_dir, ensure_parent, is_model_dir
+    from ..io_atomic import check_writable, is_model_dir
 
     inputs = input_paths(args) if args is not None else []
     for f in files:
@@ -172,7 +172,7 @@ def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = (),
                 raise UsageError(f"{f} is an input ({i}); refusing to write an output over it")
         if Path(f).is_dir():
             raise UsageError(f"{f} is a directory; give a file path")
-        ensure_parent(f)
+        check_writable(f)
     for d in dirs:
         if d:
             for i in inputs:
@@ -180,7 +180,7 @@ def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = (),
                     raise UsageError(f"{d} holds an input ({i}); refusing to write an output over it")
             if is_model_dir(d) and not getattr(args, "force", False):
                 raise UsageError(f"{d} already holds a model; pass --force to overwrite it")
-            ensure_dir(d)
+            check_writable(d, directory=True)
 
 
 def info(args: argparse.Namespace, text: str) -> None:

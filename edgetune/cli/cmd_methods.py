@@ -25,20 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..methods import METHODS, make_method
-    from ..nn.mlp import Backbone
+    from ..methods import METHODS, count_trainable, method_class
 
     if len(args.arch) < 3:
         raise UsageError("--arch needs at least 3 widths (inputs, one hidden layer, outputs)")
-    bb = Backbone.build(args.arch, seed=0)
+    if min(args.arch) < 1:
+        raise UsageError(f"--arch widths must be >= 1, got {args.arch}")
+    # Counted from the widths: nothing is allocated, so any architecture can be asked about.
+    n_params = sum(i * o + o for i, o in zip(args.arch[:-1], args.arch[1:]))
     rows = []
     for name in METHODS:
-        m = make_method(name, bb, rank=args.rank, train_last_bias=args.train_last_bias)
-        rows.append({"method": name, "trainable_params": m.n_trainable,
-                     "share": f"{100 * m.n_trainable / bb.n_params:.2f}%", "description": m.description})
+        k = count_trainable(name, args.arch, rank=args.rank, train_last_bias=args.train_last_bias)
+        rows.append({"method": name, "trainable_params": k, "share": f"{100 * k / n_params:.2f}%",
+                     "description": method_class(name).description})
     from .cmd_info import engine_line
 
-    print(f"architecture {'-'.join(map(str, args.arch))} ({bb.n_params} parameters), rank {args.rank}")
+    print(f"architecture {'-'.join(map(str, args.arch))} ({n_params} parameters), rank {args.rank}")
     print(engine_line())
     print_table(rows, [("method", "method"), ("trainable_params", "trainable"), ("share", "of model"),
                        ("description", "description")])
