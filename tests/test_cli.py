@@ -140,3 +140,27 @@ def test_failed_runs_leave_no_empty_output_directories(tmp_path, capsys):
     assert not (tmp_path / "a" / "model").exists() and not (tmp_path / "b").exists()
     err = capsys.readouterr().err
     assert "Traceback" not in err
+
+
+def test_every_command_has_json_and_quiet():
+    """What the README promises: every command takes --json PATH (and -) and --quiet."""
+    import argparse
+
+    from edgetune.cli import build_parser
+
+    def leaves(parser, path):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, parser
+            return
+        for name, sub in subs[0].choices.items():
+            yield from leaves(sub, [*path, name])
+
+    missing = []
+    for path, parser in leaves(build_parser(), []):
+        opts = {o for a in parser._actions for o in a.option_strings}
+        for want in ("--json", "--quiet"):
+            if want not in opts:
+                missing.append(f"{' '.join(path)} {want}")
+    # A fleet client runs until its server ends the run: the results are the server's --json.
+    assert missing == ["fleet client --json"], missing

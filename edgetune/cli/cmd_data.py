@@ -19,16 +19,27 @@ examples:
   edgetune data list
   edgetune data fetch cooling-fan
   edgetune data fetch hapt --data-dir ~/datasets
-  edgetune data info damage1"""
+  edgetune data info damage1
+  edgetune data info cooling-fan --json -"""
 ORDER = 60
 
 TASK_DATASET = {"damage1": "cooling-fan", "damage2": "cooling-fan", "har": "hapt"}
+DATASET_TASKS = {"cooling-fan": ["damage1", "damage2"], "hapt": ["har"]}
+
+
+def _outputs(p: argparse.ArgumentParser, quiet: bool = True) -> None:
+    from ._common import add_json_arg
+
+    add_json_arg(p, "the result")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no messages beyond the result")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     ls = sub.add_parser("list", help="show each data set, where it was found and its size")
     ls.add_argument("--data-dir", metavar="DIR", help="look only in DIR")
+    _outputs(ls)
 
     fe = sub.add_parser("fetch", help="download a data set from its public home",
                         description="Download a data set, check its SHA-256 and store it in "
@@ -40,10 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "folder URL that the zip names are appended to")
     fe.add_argument("--force", action="store_true", help="download again even if present and verified")
     fe.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    _outputs(fe, quiet=False)
 
-    info = sub.add_parser("info", help="load a built-in task and print its splits")
-    info.add_argument("name", metavar="TASK", help="damage1, damage2 or har")
+    info = sub.add_parser("info", help="load a built-in task (or every task of a data set) and print its splits")
+    info.add_argument("name", metavar="NAME", help="a task (damage1, damage2, har) or a data set (cooling-fan, hapt)")
     info.add_argument("--data-dir", metavar="DIR", help="where the data sets are")
+    _outputs(info)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,8 +82,11 @@ def _size(n: int) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     from ..data.fetch import status
+    from ._common import check_outputs, write_json
 
-    for row in status(args.data_dir):
+    check_outputs(args.json)
+    rows = status(args.data_dir)
+    for row in rows:
         if row["path"] is None:
             print(f"{row['name']:<12} missing   (get it: edgetune data fetch {row['name']}; "
                   f"home: {row['home']})")
@@ -78,6 +94,8 @@ def _list(args: argparse.Namespace) -> int:
             extra = f", {row['files']}" if "files" in row else ""
             print(f"{row['name']:<12} {_size(row['bytes']):>9}  {row['path']}  "
                   f"(from {row['source']}{extra})")
+    write_json(args.json, {"data_sets": [{k: (str(v) if k == "path" and v is not None else v) for k, v in r.items()}
+                                         for r in rows]})
     return 0
 
 
@@ -85,25 +103,45 @@ def _fetch(args: argparse.Namespace) -> int:
     from ..data.fetch import fetch
 
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    from ._common import check_outputs, write_json
+
+    check_outputs(args.json)
     paths = fetch(args.name, args.data_dir, args.url, force=args.force,
                   progress=False if args.quiet else None, log=log)
     folder = paths[0].parent if paths else None
     print(f"{args.name}: {len(paths)} file(s) in {folder}")
+    write_json(args.json, {"name": args.name, "folder": str(folder), "files": [str(p) for p in paths]})
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
     from ..data.task import load_task
     from ..errors import UsageError
+    from ._common import check_outputs, write_json
 
-    if args.name not in TASK_DATASET:
-        raise UsageError(f"unknown task '{args.name}': use one of {', '.join(TASK_DATASET)}")
-    t0 = time.perf_counter()
-    task = load_task(args.name, args.data_dir)
-    seconds = time.perf_counter() - t0
-    print(task.summary())
-    if task.description:
-        print(task.description)
-    print("defaults: " + ", ".join(f"{k}={v}" for k, v in task.defaults.items()))
-    print(f"data set: {TASK_DATASET[args.name]}; loaded in {seconds:.2f} s")
+    if args.name in DATASET_TASKS:
+        names = DATASET_TASKS[args.name]
+    elif args.name in TASK_DATASET:
+        names = [args.name]
+    else:
+        raise UsageError(f"unknown name '{args.name}': a task ({', '.join(TASK_DATASET)}) or a data set "
+                         f"({', '.join(DATASET_TASKS)})")
+    check_outputs(args.json)
+    facts = []
+    for name in names:
+        t0 = time.perf_counter()
+        task = load_task(name, args.data_dir)
+        seconds = time.perf_counter() - t0
+        print(task.summary())
+        if task.description and not args.quiet:
+            print(task.description)
+        print("defaults: " + ", ".join(f"{k}={v}" for k, v in task.defaults.items()))
+        if not args.quiet:
+            print(f"data set: {TASK_DATASET[name]}; loaded in {seconds:.2f} s")
+        facts.append({"task": name, "data_set": TASK_DATASET[name], "summary": task.summary(),
+                      "description": task.description, "defaults": task.defaults,
+                      "n_features": task.n_features, "n_classes": task.n_classes, "labels": list(task.labels),
+                      "samples": {"pretrain": int(len(task.y_pretrain)), "finetune": int(len(task.y_finetune)),
+                                  "test": int(len(task.y_test))}})
+    write_json(args.json, {"tasks": facts})
     return 0

@@ -19,6 +19,7 @@ ORDER = 5
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_json_arg(p, "the facts")
+    p.add_argument("--quiet", action="store_true", help="print only the engine line")
 
 
 def engine_line() -> str:
@@ -44,9 +45,10 @@ def run(args: argparse.Namespace) -> int:
     facts = {"edgetune": __version__, "python": platform.python_version(), "numpy": np.__version__,
              "machine": platform.machine(), "engine": os.environ.get("EDGETUNE_ENGINE", "auto") or "auto",
              "core": core.info()}
-    print(f"edgetune {facts['edgetune']}, Python {facts['python']}, NumPy {facts['numpy']}, {facts['machine']}")
+    if not args.quiet:
+        print(f"edgetune {facts['edgetune']}, Python {facts['python']}, NumPy {facts['numpy']}, {facts['machine']}")
     print(engine_line())
-    if facts["core"]["available"]:
+    if facts["core"]["available"] and not args.quiet:
         print(f"library: {facts['core']['library']}")
     write_json(args.json, facts)
     return 0

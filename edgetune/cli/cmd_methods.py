@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=positive_int, default=1, help="LoRA rank R (default 1)")
     p.add_argument("--train-last-bias", action="store_true", help="count the last layer's bias as trainable too")
     add_json_arg(p, "the list")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
                      "description": method_class(name).description})
     from .cmd_info import engine_line
 
-    print(f"architecture {'-'.join(map(str, args.arch))} ({n_params} parameters), rank {args.rank}")
-    print(engine_line())
+    if not args.quiet:
+        print(f"architecture {'-'.join(map(str, args.arch))} ({n_params} parameters), rank {args.rank}")
+        print(engine_line())
     print_table(rows, [("method", "method"), ("trainable_params", "trainable"), ("share", "of model"),
                        ("description", "description")])
     write_json(args.json, {"architecture": args.arch, "rank": args.rank, "methods": rows})

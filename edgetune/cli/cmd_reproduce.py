@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import positive_int
+from ._common import add_json_arg, positive_int
 
 NAME = "reproduce"
 HELP = "run every method on every paper task and write the paper-style tables"
@@ -32,20 +32,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-curves", action="store_true", help="skip the per-epoch test accuracy (faster)")
     p.add_argument("--data-dir", metavar="DIR", help="where the data sets are")
     p.add_argument("--quiet", action="store_true", help="print only the final tables")
+    add_json_arg(p, "results.json's content")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..reproduce import PAPER_METHODS, reproduce
 
-    from ._common import check_outputs
+    from ._common import check_outputs, write_json
 
-    check_outputs(dirs=(args.out,))
+    check_outputs(args.json, dirs=(args.out,))
     tasks = [t for t in args.tasks.split(",") if t]
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(PAPER_METHODS)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     res = reproduce(args.out, tasks=tasks, methods=methods, seeds=args.seeds, quick=args.quick,
                     data_dir=args.data_dir, curves=not args.no_curves, log=log)
     print((__import__("pathlib").Path(args.out) / "results.md").read_text())
-    print(f"wrote {args.out}/results.json, results.md" + ("".join(f", {p}" for p in res.get("plots", []))),
-          file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote {args.out}/results.json, results.md" + ("".join(f", {p}" for p in res.get("plots", []))),
+              file=sys.stderr)
+    write_json(args.json, res)
     return 0
