@@ -265,3 +265,21 @@ def test_missing_hapt_message(tmp_path, monkeypatch):
     msg = str(e.value)
     assert str(tmp_path / "env") in msg and "$EDGETUNE_DATA" in msg and "user cache" in msg
     assert "edgetune data fetch hapt" in msg
+
+
+@pytest.mark.skipif(not HAPT_ZIP.exists() and not (DATA / "hapt").is_dir(), reason="HAPT data not available")
+def test_first_har_load_stays_small(tmp_path):
+    """Feature extraction streams a block of windows at a time: a 512 MB board can parse HAPT."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import resource; from edgetune.data import har; "
+            f"hw = har.load_har_windows({str(DATA)!r}); "
+            "print(len(hw.x), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # no parsed copy yet: the full extraction runs
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    n, peak_kb = map(int, r.stdout.split())
+    assert n > 10000 and any(tmp_path.rglob("*.npz"))
+    assert peak_kb < 150 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"

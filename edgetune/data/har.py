@@ -54,6 +54,10 @@ _FILE_RE = re.compile(r"(acc|gyro)_exp(\d+)_user(\d+)\.txt$")
 
 # ---------------------------------------------------------------- features
 
+#: Windows whose features are computed together (bounds the float64 intermediates to ~10 MB).
+FEATURE_BLOCK = 256
+
+
 def window_features(w: np.ndarray) -> np.ndarray:
     """Features of windows ``w`` (n, 128, 6: acc xyz, gyro xyz) -> (n, 150) float32.
 
@@ -218,7 +222,7 @@ def _extract(src: _RawSource) -> HarWindows:
     if len(labels) == 0:
         raise DataError(f"{src.where('labels.txt')}: no labelled segments")
     names = set(src.names())
-    windows, meta = [], []
+    features, meta = [], []
     for exp in np.unique(labels[:, 0]):
         rows = np.flatnonzero(labels[:, 0] == exp)
         users = np.unique(labels[rows, 1])
@@ -249,15 +253,18 @@ def _extract(src: _RawSource) -> HarWindows:
             starts = np.arange(start, end + 2 - WINDOW, STEP)
             if starts.size == 0:
                 continue
-            idx = starts[:, None] + np.arange(WINDOW)[None, :]
-            windows.append(data[idx].astype(np.float32))
+            # Features a block of windows at a time, as each segment is read: the float64
+            # intermediates of all ~10k windows at once took ~0.5 GB.
+            for lo in range(0, starts.size, FEATURE_BLOCK):
+                idx = starts[lo:lo + FEATURE_BLOCK, None] + np.arange(WINDOW)[None, :]
+                features.append(window_features(data[idx].astype(np.float32)))
             meta.append(np.stack([np.full(starts.size, act - 1), np.full(starts.size, user),
                                   np.full(starts.size, exp), starts, np.full(starts.size, r)], axis=1))
-    if not windows:
+    if not features:
         raise DataError(f"{src.where('labels.txt')}: no window of {WINDOW} samples fits in any "
                         f"segment of activities 1..6")
     m = np.concatenate(meta).astype(np.int64)
-    x = window_features(np.concatenate(windows))
+    x = np.concatenate(features)
     return HarWindows(x, m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4])
 
 
