@@ -34,7 +34,7 @@ import numpy as np
 from ._util import (DEFAULT_BLAS_THREADS, REPO, Report, Target, emit, get_blas_threads, machine_info,
                     median, peft_version, set_blas_threads, time_call, torch_available)
 
-from .cli_args import SECTIONS, add_arguments
+from edgetune.cli.bench_args import SECTIONS, add_arguments
 BASELINE = "lora-all"
 SAME_ACCURACY = 0.01   # |accuracy difference| that counts as "the same" for one method in two libraries
 

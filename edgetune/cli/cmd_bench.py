@@ -31,11 +31,9 @@ def _suite(module: str = "suite") -> ModuleType | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    args = _suite("cli_args")  # the options only: building the parser must not import the suite
-    if args is not None:
-        args.add_arguments(p)
-    else:  # an installed package without the checkout: any option gets the explanation below
-        p.add_argument("options", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    from .bench_args import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)  # the options only: building the parser must not import the suite
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""The benchmark suite's command-line options, apart from the suite itself so that
-``edgetune --help`` does not import the suite's dependencies."""
+"""The benchmark suite's command-line options. The suite is benchmarks/ of a source checkout;
+its options live in the package, so that `edgetune bench --help` is the same everywhere and
+building the parser does not import the suite."""
 from __future__ import annotations
 
 import argparse
