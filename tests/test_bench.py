@@ -116,7 +116,7 @@ def test_bench_without_a_source_checkout_says_why(monkeypatch, capsys):
     """An installed package has no benchmarks/: every bench call explains that, never 'unrecognized'."""
     from edgetune.cli import cmd_bench, main
 
-    monkeypatch.setattr(cmd_bench, "_suite", lambda module="suite": None)
+    monkeypatch.setattr(cmd_bench, "_suite", lambda: None)
     assert main(["bench", "--quick"]) == 2
     err = capsys.readouterr().err
     assert "source checkout" in err and "unrecognized" not in err

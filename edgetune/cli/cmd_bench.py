@@ -20,14 +20,14 @@ examples:
 ORDER = 80
 
 
-def _suite(module: str = "suite") -> ModuleType | None:
-    """benchmarks.<module> from the checkout this edgetune was imported from, if there is one."""
+def _suite() -> ModuleType | None:
+    """benchmarks.suite from the checkout this edgetune was imported from, if there is one."""
     root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks" / "suite.py").is_file():
         return None
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    return importlib.import_module(f"benchmarks.{module}")
+    return importlib.import_module("benchmarks.suite")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
