@@ -1,0 +1,67 @@
+"""Damaged files, odd configs and out-of-range options get a clear error, not a traceback."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from edgetune.data.task import load_npz_task
+from edgetune.errors import DataError
+
+from .conftest import toy_task
+
+
+def _task_arrays(n=20):
+    x, y = toy_task(n=n)
+    return dict(x_pretrain=x, y_pretrain=y, x_finetune=x, y_finetune=y, x_test=x, y_test=y)
+
+
+def _patch_shape(npy: bytes, old: bytes, new: bytes) -> bytes:
+    """Rewrite the shape in a version-1.0 .npy header, keeping the header's length."""
+    hlen = int.from_bytes(npy[8:10], "little")
+    header = npy[10:10 + hlen].replace(old, new, 1)
+    header = header.rstrip(b" \n")
+    header = header + b" " * (hlen - 1 - len(header)) + b"\n"
+    assert len(header) == hlen and new in header
+    return npy[:10] + header + npy[10 + hlen:]
+
+
+def test_npz_header_claiming_a_huge_shape_is_refused_before_allocating(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, **_task_arrays())
+    bad = tmp_path / "huge.npz"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "x_finetune.npy":
+                data = _patch_shape(data, b"(20, 7)", b"(8000000000000, 7)")
+            zout.writestr(info.filename, data)
+    with pytest.raises(DataError, match=r"huge\.npz.*'x_finetune'.*8000000000000x7"):
+        load_npz_task(bad)
+
+
+def test_random_bytes_npz_is_not_a_valid_task_file(tmp_path):
+    path = tmp_path / "noise.npz"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(DataError, match=r"noise\.npz: not a valid \.npz task file") as e:
+        load_npz_task(path)
+    assert "allow_pickle" not in str(e.value)
+
+
+def test_label_out_of_range_names_the_array_and_the_labels_list(tmp_path):
+    arrays = _task_arrays()
+    y_bad = arrays["y_test"].copy()
+    y_bad[3] = 5
+    np.savez(tmp_path / "t.npz", **{**arrays, "y_test": y_bad})
+    with pytest.raises(DataError, match=r"largest label is 5 \(in y_test\)"):
+        load_npz_task(tmp_path / "t.npz")
+    np.savez(tmp_path / "n.npz", **arrays, labels=np.array(["a", "b"]))
+    with pytest.raises(DataError, match=r"y_pretrain: labels must be in 0\.\.1 "
+                                        r"\(the 'labels' array names 2 classes: a, b\)"):
+        load_npz_task(tmp_path / "n.npz")
+    np.savez(tmp_path / "e.npz", **arrays, labels=np.array(["a", "b", "c"]),
+             x_eval_other=arrays["x_test"], y_eval_other=y_bad)
+    with pytest.raises(DataError, match=r"y_eval_other: labels must be in 0\.\.2"):
+        load_npz_task(tmp_path / "e.npz")
