@@ -65,3 +65,21 @@ def test_label_out_of_range_names_the_array_and_the_labels_list(tmp_path):
              x_eval_other=arrays["x_test"], y_eval_other=y_bad)
     with pytest.raises(DataError, match=r"y_eval_other: labels must be in 0\.\.2"):
         load_npz_task(tmp_path / "e.npz")
+
+
+@pytest.mark.parametrize("args,option", [
+    (["finetune", "--task", "TASK", "--budget", "-5KB"], "--budget"),
+    (["finetune", "--task", "TASK", "--method", "skip2-lora", "--cache-budget", "-1"], "--cache-budget"),
+    (["plan", "--model", "m", "--budget", "-5KB"], "--budget"),
+    (["export", "--model", "m", "--target", "linux", "--out", "OUT", "--budget", "-.5MB"], "--budget"),
+    (["plan", "--model", "m", "--budget=-5KB"], "--budget"),
+])
+def test_negative_budget_is_a_usage_error_not_an_unknown_option(tmp_path, capsys, args, option):
+    from edgetune.cli import main
+
+    np.savez(tmp_path / "t.npz", **_task_arrays())
+    subst = {"TASK": str(tmp_path / "t.npz"), "OUT": str(tmp_path / "out")}
+    args = [subst.get(a, a) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{option} must be a positive size" in err and "expected one argument" not in err
