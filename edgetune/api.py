@@ -160,7 +160,7 @@ class FineTuner:
         """
         from .safetensors import loads
 
-        from .io_atomic import read_json_config
+        from .io_atomic import check_adapter_config, read_json_config
 
         path = Path(path)
         cfg, cfg_path, w_path = read_json_config(path, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "an edgetune adapter")
@@ -176,6 +176,7 @@ class FineTuner:
             return tuner
         if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
             raise ModelFileError(f"{cfg_path}: not an edgetune adapter config")
+        check_adapter_config(cfg, cfg_path)
         blob = w_path.read_bytes()
         if cfg.get("adapter_sha256") and hashlib.sha256(blob).hexdigest() != cfg["adapter_sha256"]:
             raise ModelFileError(f"{w_path} does not match {cfg_path.name} (checksum differs)")

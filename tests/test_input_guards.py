@@ -83,3 +83,64 @@ def test_negative_budget_is_a_usage_error_not_an_unknown_option(tmp_path, capsys
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{option} must be a positive size" in err and "expected one argument" not in err
+
+
+def _edit_json(path, **fields):
+    import json
+
+    cfg = json.loads(path.read_text())
+    cfg.update(fields)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("labels", 5), ("labels", ["a", "b"]), ("labels", [1, 2, 3]), ("sizes", [7, "5", 3]), ("sizes", [7, 0, 3]),
+    ("sizes", 7), ("activation", "swish"), ("activation", 3), ("dtype", "int4"),
+])
+def test_model_config_fields_are_checked_by_name(tmp_path, field, value):
+    import edgetune as et
+    from edgetune.errors import ModelFileError
+    from edgetune.quant import quantize
+    from edgetune.quant.int8 import QuantBackbone
+
+    from .conftest import small_backbone
+
+    bb = small_backbone(dtype=np.float32)
+    bb.save(tmp_path / "m")
+    _edit_json(tmp_path / "m" / "config.json", **{field: value})
+    with pytest.raises(ModelFileError, match=rf"config\.json: field '{field}' must be"):
+        et.Backbone.load(tmp_path / "m")
+    if field == "dtype":
+        return
+    quantize(bb, toy_task(n=20)[0]).save(tmp_path / "q")
+    _edit_json(tmp_path / "q" / "config.json", **{field: value})
+    with pytest.raises(ModelFileError, match=rf"config\.json: field '{field}' must be"):
+        QuantBackbone.load(tmp_path / "q")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("r", "2"), ("r", 0), ("lora_alpha", "big"), ("method", 3), ("train_last_bias", "yes"),
+])
+def test_adapter_config_fields_are_checked_by_name(tmp_path, field, value):
+    import edgetune as et
+    from edgetune.errors import ModelFileError
+
+    from .conftest import small_backbone
+
+    bb = small_backbone(dtype=np.float32)
+    et.FineTuner(bb, "lora-all", rank=2, epochs=1).save_adapter(tmp_path / "a")
+    _edit_json(tmp_path / "a" / "adapter_config.json", **{field: value})
+    with pytest.raises(ModelFileError, match=rf"adapter_config\.json: field '{field}' must be"):
+        et.FineTuner.load_adapter(bb, tmp_path / "a")
+
+
+def test_cli_reports_a_bad_labels_field_without_a_traceback(tmp_path, capsys):
+    from edgetune.cli import main
+
+    from .conftest import small_backbone
+
+    small_backbone(dtype=np.float32).save(tmp_path / "m")
+    _edit_json(tmp_path / "m" / "config.json", labels=5)
+    np.savez(tmp_path / "t.npz", **_task_arrays())
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--task", str(tmp_path / "t.npz")]) == 1
+    assert "field 'labels' must be a list of 3 class names" in capsys.readouterr().err
