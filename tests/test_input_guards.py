@@ -144,3 +144,23 @@ def test_cli_reports_a_bad_labels_field_without_a_traceback(tmp_path, capsys):
     np.savez(tmp_path / "t.npz", **_task_arrays())
     assert main(["evaluate", "--model", str(tmp_path / "m"), "--task", str(tmp_path / "t.npz")]) == 1
     assert "field 'labels' must be a list of 3 class names" in capsys.readouterr().err
+
+
+def test_bench_refuses_zero_repeats(capsys):
+    from edgetune.cli import main
+
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_rank_above_every_width_is_refused():
+    import edgetune as et
+    from edgetune.errors import UsageError
+
+    from .conftest import small_backbone
+
+    bb = small_backbone(dtype=np.float32)  # 7-5-4-3
+    for method, widths in [("lora-all", "3, 4, 5, 7"), ("lora-last", "3, 4"), ("skip2-lora", "3, 4, 5, 7")]:
+        with pytest.raises(UsageError, match=rf"rank 1000 .*{method} adapters apply to \({widths}\)"):
+            et.FineTuner(bb, method, rank=1000)
+    et.FineTuner(bb, "lora-last", rank=4)  # up to the widest layer is accepted
