@@ -23,7 +23,7 @@ def parse_bytes(text: str | int | float, what: str = "") -> int:
             raise UsageError(f"a byte size must be a finite number >= 0, got {text}")
         return int(text)
     if str(text).strip().startswith("-"):
-        raise UsageError(f"{what + ' ' if what else ''}must be a positive size (e.g. 256KB), got {text!r}")
+        raise UsageError(f"{what or 'a byte size'} must be a positive size (e.g. 256KB), got {text!r}")
     m = _RE.match(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:

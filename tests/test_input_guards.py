@@ -153,6 +153,40 @@ def test_bench_refuses_zero_repeats(capsys):
     assert "--repeats must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("engine", ["numpy", "c"])
+def test_exploding_finite_loss_is_divergence(engine, monkeypatch):
+    import edgetune as et
+    from edgetune import core
+    from edgetune.train import TrainingDiverged
+
+    from .conftest import small_backbone
+
+    if engine == "c" and not core.available():
+        pytest.skip("compiled engine not built")
+    monkeypatch.setenv("EDGETUNE_ENGINE", engine)
+    x, y = toy_task(n=60)
+    bb = small_backbone(dtype=np.float32)
+    t = et.FineTuner(bb, "lora-all", epochs=10, lr=1e6, optimizer="adam")
+    start = t.method.params.flat.copy()
+    with pytest.raises(TrainingDiverged, match=r"loss became .*e\+\d+ in epoch 1; .*Lower the learning rate"):
+        t.fit(x, y)
+    np.testing.assert_array_equal(t.method.params.flat, start)
+
+
+def test_huge_inputs_are_blamed_instead_of_the_learning_rate():
+    import edgetune as et
+    from edgetune.train import TrainingDiverged
+
+    from .conftest import small_backbone
+
+    x, y = toy_task(n=40)
+    x[:, 0] = 3e38
+    with pytest.raises(TrainingDiverged, match=r"inputs reach 3e\+38 after normalisation: check the data's "
+                                               r"units/scaling") as e:
+        et.FineTuner(small_backbone(dtype=np.float32), "ft-all", epochs=3).fit(x, y)
+    assert "Lower the learning rate" not in str(e.value)
+
+
 def test_rank_above_every_width_is_refused():
     import edgetune as et
     from edgetune.errors import UsageError
