@@ -198,3 +198,21 @@ def test_rank_above_every_width_is_refused():
         with pytest.raises(UsageError, match=rf"rank 1000 .*{method} adapters apply to \({widths}\)"):
             et.FineTuner(bb, method, rank=1000)
     et.FineTuner(bb, "lora-last", rank=4)  # up to the widest layer is accepted
+
+
+def test_evaluate_no_strict_loads_an_adapter_of_another_backbone(tmp_path, capsys):
+    import edgetune as et
+    from edgetune.cli import main
+
+    from .conftest import small_backbone
+
+    small_backbone(dtype=np.float32, seed=0).save(tmp_path / "m0")
+    small_backbone(dtype=np.float32, seed=1).save(tmp_path / "m1")
+    et.FineTuner(et.Backbone.load(tmp_path / "m0"), "lora-all", rank=2, epochs=1).save_adapter(tmp_path / "a")
+    np.savez(tmp_path / "t.npz", **_task_arrays())
+    args = ["evaluate", "--task", str(tmp_path / "t.npz"), "--model", str(tmp_path / "m1"),
+            "--adapter", str(tmp_path / "a")]
+    assert main(args) == 1
+    assert "pass strict=False (CLI: --no-strict)" in capsys.readouterr().err
+    assert main(args + ["--no-strict"]) == 0
+    assert "test       accuracy" in capsys.readouterr().out
