@@ -628,6 +628,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise ValueError(f"--only: unknown section(s) {', '.join(bad)}; use {', '.join(SECTIONS)}")
     if args.threads < 1:
         raise ValueError("--threads must be >= 1")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     repeats = args.repeats or (1 if args.quick or args.tiny else 3)
     return Settings(quick=args.quick, tiny=args.tiny, data_dir=args.data_dir, sections=sections,
                     threads=args.threads, repeats=repeats, plot=args.plot, quiet=args.quiet)

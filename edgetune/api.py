@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .data.task import validate_xy
-from .errors import DataError, ModelFileError, UsageError
+from .errors import BackboneMismatch, DataError, ModelFileError, UsageError
 from .methods import make_method, method_class
 from .methods.base import Method, describe_options
 from .nn.losses import softmax
@@ -160,7 +160,7 @@ class FineTuner:
         """
         from .safetensors import loads
 
-        from .io_atomic import read_json_config
+        from .io_atomic import check_adapter_config, read_json_config
 
         path = Path(path)
         cfg, cfg_path, w_path = read_json_config(path, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "an edgetune adapter")
@@ -168,14 +168,15 @@ class FineTuner:
             from .peft_format import read_peft_adapter
             peft = read_peft_adapter(path, backbone)
             if strict and peft["digest"] not in (None, backbone.digest()):
-                raise ModelFileError("adapter was trained on a different backbone (same shape, other weights); "
-                                     "pass strict=False to load it anyway")
+                raise BackboneMismatch("adapter was trained on a different backbone (same shape, other weights); "
+                                       "pass strict=False to load it anyway")
             tuner = cls(backbone, peft["method"], rank=peft["rank"], alpha=peft["alpha"],
                         train_last_bias=peft["train_last_bias"], **train_options)
             tuner.method.load_adapter_tensors(peft["tensors"])
             return tuner
         if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
             raise ModelFileError(f"{cfg_path}: not an edgetune adapter config")
+        check_adapter_config(cfg, cfg_path)
         blob = w_path.read_bytes()
         if cfg.get("adapter_sha256") and hashlib.sha256(blob).hexdigest() != cfg["adapter_sha256"]:
             raise ModelFileError(f"{w_path} does not match {cfg_path.name} (checksum differs)")
@@ -183,8 +184,8 @@ class FineTuner:
             raise ModelFileError(f"adapter was made for a backbone of sizes {cfg.get('base_model_sizes')}, "
                                  f"this backbone has {backbone.sizes}")
         if strict and cfg.get("base_model_digest") != backbone.digest():
-            raise ModelFileError("adapter was trained on a different backbone (same shape, other weights); "
-                                 "pass strict=False to load it anyway")
+            raise BackboneMismatch("adapter was trained on a different backbone (same shape, other weights); "
+                                   "pass strict=False to load it anyway")
         try:
             method_class(cfg["method"])
             tuner = cls(backbone, cfg["method"], rank=int(cfg.get("r", 1)), alpha=cfg.get("lora_alpha"),

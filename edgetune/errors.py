@@ -21,6 +21,10 @@ class ModelFileError(EdgetuneError):
     """A model or adapter file is missing, truncated, corrupt or does not match."""
 
 
+class BackboneMismatch(ModelFileError):
+    """An adapter was trained on another backbone of the same shape (loading it needs strict=False)."""
+
+
 class OutputError(EdgetuneError):
     """An output file or directory cannot be written (a parent is a file, no permission, disk full)."""
 

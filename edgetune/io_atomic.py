@@ -422,3 +422,61 @@ def read_json_config(directory: Path, config_name: str, weights_name: str, kind:
         raise ModelFileError(f"{cfg_path}: format_version must be a whole number")
     return cfg, cfg_path, w_path
 
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def check_config_field(cfg: dict[str, Any], cfg_path: Path, name: str, ok: Callable[[Any], bool],
+                       expected: str, *, required: bool = False) -> None:
+    """Raise ModelFileError naming ``cfg_path`` and field ``name`` unless ``ok(value)``.
+
+    A missing field passes unless ``required``; ``expected`` says what the field should hold.
+    """
+    if name not in cfg:
+        if required:
+            raise ModelFileError(f"{cfg_path}: field '{name}' is missing (expected {expected})")
+        return
+    value = cfg[name]
+    if not ok(value):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ModelFileError(f"{cfg_path}: field '{name}' must be {expected}, got {shown}")
+
+
+def check_model_config(cfg: dict[str, Any], cfg_path: Path) -> None:
+    """The fields a model loader reads: sizes, activation, labels (float and int8 alike)."""
+    from .nn.activations import ACTIVATIONS
+
+    check_config_field(cfg, cfg_path, "sizes",
+                       lambda v: isinstance(v, list) and len(v) >= 2 and all(_is_int(s) and s >= 1 for s in v),
+                       "a list of at least 2 positive whole numbers (input, ..., outputs)", required=True)
+    check_config_field(cfg, cfg_path, "activation", lambda v: isinstance(v, str) and v in ACTIVATIONS,
+                       f"one of {', '.join(ACTIVATIONS)}")
+    n_out = cfg["sizes"][-1]
+    check_config_field(cfg, cfg_path, "labels",
+                       lambda v: v is None or (isinstance(v, list) and len(v) == n_out
+                                               and all(isinstance(s, str) for s in v)),
+                       f"a list of {n_out} class names (strings), one per output")
+    check_config_field(cfg, cfg_path, "weights_sha256", lambda v: isinstance(v, str), "a hex digest (string)")
+
+
+def check_adapter_config(cfg: dict[str, Any], cfg_path: Path) -> None:
+    """The fields ``FineTuner.load_adapter`` reads from an edgetune adapter config."""
+    check_config_field(cfg, cfg_path, "method", lambda v: isinstance(v, str), "a method name (string)",
+                       required=True)
+    check_config_field(cfg, cfg_path, "r", lambda v: _is_int(v) and v >= 1, "a whole number >= 1")
+    check_config_field(cfg, cfg_path, "lora_alpha", lambda v: v is None or (_is_number(v) and v > 0),
+                       "a positive number or null")
+    check_config_field(cfg, cfg_path, "train_last_bias", lambda v: isinstance(v, bool), "true or false")
+    check_config_field(cfg, cfg_path, "scheme", lambda v: v is None or isinstance(v, str), "a string or null")
+    check_config_field(cfg, cfg_path, "qas", lambda v: v is None or isinstance(v, bool), "true, false or null")
+    check_config_field(cfg, cfg_path, "base_model_sizes",
+                       lambda v: isinstance(v, list) and all(_is_int(s) for s in v), "a list of whole numbers")
+    check_config_field(cfg, cfg_path, "base_model_digest", lambda v: v is None or isinstance(v, str),
+                       "a string or null")

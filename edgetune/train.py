@@ -28,7 +28,8 @@ CHECKPOINT_SECONDS = 10.0
 
 
 class TrainingDiverged(EdgetuneError):
-    """The loss became NaN or inf; parameters are restored to the last finite epoch."""
+    """The loss became NaN or inf, or exploded far above where it started; parameters are
+    restored to an epoch before that."""
 
 
 @dataclass
@@ -196,6 +197,32 @@ def make_runner(engine: str | None, method: Method, opt: Any, x: np.ndarray, y: 
     return NumpyRunner(method, opt, x, y, batch_size)
 
 
+#: A finite loss this many times the first epoch's (and above ``EXPLODED_LOSS``) has diverged too:
+#: with Adam at a huge learning rate the loss can stay finite at 1e12 while nothing is learnt.
+EXPLODED_FACTOR = 1e6
+EXPLODED_LOSS = 1e3
+
+
+def _exploded(loss: float, earlier: list[EpochRecord], n_classes: int) -> bool:
+    """True when a finite ``loss`` is far above where training started.
+
+    The first epoch is compared with ln(classes), the loss of a model that knows nothing."""
+    if loss <= EXPLODED_LOSS:
+        return False
+    start = earlier[0].loss if earlier else max(float(np.log(n_classes)), 1.0)
+    return loss > EXPLODED_FACTOR * start
+
+
+def _divergence_hint(x: np.ndarray, config: TrainConfig) -> str:
+    """What to change: the data's scaling when the inputs themselves are extreme, else the lr."""
+    with np.errstate(invalid="ignore"):
+        peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak > 1e6:
+        return (f"The inputs reach {peak:.3g} after normalisation: check the data's units/scaling "
+                f"(inputs of a few units train best).")
+    return f"Lower the learning rate (now {config.lr})."
+
+
 def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
         callback: Callable[[EpochRecord], bool | None] | None = None,
@@ -265,12 +292,19 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
             orders = np.empty((count, n), np.int32)
             for i in range(count):
                 orders[i] = rng.permutation(n) if config.shuffle else np.arange(n)
+            chunk_start, before_chunk = epoch, method.params.flat.copy()
             for res in runner.run(orders):
                 epoch_loss = res.loss
-                if res.diverged:
+                restored_to = epoch - 1
+                if not res.diverged and _exploded(epoch_loss, hist.epochs, n_classes):
+                    method.params.flat[...] = before_chunk  # the runner only restores after NaN or inf
+                    restored_to = chunk_start - 1
+                elif not res.diverged:
+                    restored_to = None
+                if restored_to is not None:
                     raise TrainingDiverged(
-                        f"{method.name}: the training loss became {epoch_loss} in epoch {epoch}; parameters were "
-                        f"restored to the end of epoch {epoch - 1}. Lower the learning rate (now {config.lr}).")
+                        f"{method.name}: the training loss became {epoch_loss:.4g} in epoch {epoch}; parameters were "
+                        f"restored to the end of epoch {restored_to}. {_divergence_hint(x, config)}")
                 rec = EpochRecord(epoch, epoch_loss, res.seconds, res.forward_seconds, res.backward_seconds,
                                   res.update_seconds)
                 if validate:

@@ -14,13 +14,16 @@ _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb":
 _RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def parse_bytes(text: str | int | float) -> int:
+def parse_bytes(text: str | int | float, what: str = "") -> int:
+    """Bytes in ``text``; ``what`` (e.g. "--budget") names the option in messages."""
     if isinstance(text, bool):
         raise UsageError(f"not a byte size: {text!r}")
     if isinstance(text, (int, float)):
         if text < 0 or text != text or text == float("inf"):
             raise UsageError(f"a byte size must be a finite number >= 0, got {text}")
         return int(text)
+    if str(text).strip().startswith("-"):
+        raise UsageError(f"{what or 'a byte size'} must be a positive size (e.g. 256KB), got {text!r}")
     m = _RE.match(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:

@@ -72,7 +72,7 @@ def run_cli(*args):
     (["finetune", "--task", "TASK", "--epochs", "0"], 2, "must be >= 1"),
     (["finetune", "--task", "TASK", "--cache-budget", "12 parsecs"], 2, "byte size"),
     (["finetune", "--task", "TASK", "--model", "nowhere"], 1, "model directory not found"),
-    (["finetune", "--task", "CORRUPT"], 1, "not a readable .npz"),
+    (["finetune", "--task", "CORRUPT"], 1, "not a valid .npz task file"),
     (["finetune", "--task", "TRUNC"], 1, "missing arrays"),
     (["methods", "--arch", "5,x"], 2, "comma-separated"),
     (["frobnicate"], 2, "invalid choice"),

@@ -55,7 +55,7 @@ def test_divergence_restores_parameters():
     x, y = toy_task(n=40)
     t = et.FineTuner(bb, "ft-all", epochs=5, lr=1e30)
     with pytest.raises(TrainingDiverged, match="Lower the learning rate"):
-        t.fit(x * 1e10, y)
+        t.fit(x, y)
     assert np.all(np.isfinite(t.method.params.flat))
 
 

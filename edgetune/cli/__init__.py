@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import re
 import sys
 from types import ModuleType
 
@@ -72,9 +73,30 @@ def _set_threads(threads: int | None) -> None:
     set_blas_threads(threads)
 
 
+def _join_size_values(argv: list[str]) -> list[str]:
+    """Turn ``--budget -5KB`` into ``--budget=-5KB`` so a negative size is refused with its own
+    message, not taken for an unknown option."""
+    from ._common import SIZE_OPTIONS
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out.extend(argv[i:])
+            break
+        if a in SIZE_OPTIONS and i + 1 < len(argv) and re.match(r"-[0-9.]", argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_size_values(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2

@@ -38,6 +38,12 @@ def positive_float(text: str) -> float:
     return v
 
 
+#: Options that take a byte size. A value may start with a minus sign ("-5KB"), which
+#: argparse would take for an option: ``main`` joins such a pair into "--budget=-5KB" so
+#: that the command refuses it with ``units.parse_bytes``'s message.
+SIZE_OPTIONS = ("--budget", "--cache-budget")
+
+
 def int_list(text: str) -> list[int]:
     try:
         vals = [int(t) for t in text.replace(" ", "").split(",") if t]

@@ -19,11 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_task_args(p)
     p.add_argument("--model", required=True, metavar="DIR", help="model directory")
     p.add_argument("--adapter", metavar="DIR", help="adapter directory saved by 'finetune --save-adapter'")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="load an adapter trained on another backbone of the same shape (its digest differs)")
     add_output_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..api import FineTuner
+    from ..errors import BackboneMismatch
     from ..experiment import check_compatible
     from ..quant import load_any
 
@@ -31,7 +34,14 @@ def run(args: argparse.Namespace) -> int:
     model = load_any(args.model)  # a float or an int8 model
     task = load_task_arg(args)
     check_compatible(model, task)
-    tuner = FineTuner.load_adapter(model, args.adapter) if args.adapter else FineTuner(model, "lora-last")
+    if args.adapter:
+        try:
+            tuner = FineTuner.load_adapter(model, args.adapter, strict=args.strict)
+        except BackboneMismatch:
+            raise BackboneMismatch(f"{args.adapter}: adapter was trained on a different backbone (same shape, other "
+                                   f"weights); pass strict=False (CLI: --no-strict) to load it anyway") from None
+    else:
+        tuner = FineTuner(model, "lora-last")
     splits = {"pretrain": (task.x_pretrain, task.y_pretrain), "finetune": (task.x_finetune, task.y_finetune),
               "test": (task.x_test, task.y_test), **task.extra_tests}
     result = {"task": task.name, "model": args.model, "adapter": args.adapter}

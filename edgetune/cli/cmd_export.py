@@ -73,8 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..export import ExportOptions, export_project
-    from ..units import format_bytes
+    from ..units import format_bytes, parse_bytes
 
+    if args.budget is not None:  # refused here so the message names the option
+        parse_bytes(args.budget, "--budget")
     opts = ExportOptions(model=args.model, method=args.method, target=args.target, out=args.out,
                          adapter=args.adapter, task=args.task, data_dir=args.data_dir, epochs=args.epochs,
                          seed=args.seed, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,

@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ._common import (add_force_arg, add_output_args, add_task_args, add_train_args, check_outputs, info, int_list,
-                      load_task_arg, positive_float, positive_int, train_kwargs, write_json)
+from ._common import (add_force_arg, add_output_args, add_task_args, add_train_args, check_outputs, info,
+                      int_list, load_task_arg, positive_float, positive_int, train_kwargs, write_json)
 
 NAME = "finetune"
 HELP = "fine-tune a model on a task with one method and report accuracy before/after"
@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--save-model: {args.method} does not fold into a plain backbone in general (its "
                          f"adapters on earlier layers' inputs reach the output around the layers in between); "
                          f"use --save-adapter, or a lora-*/ft-* method for a merged model")
-    budget = parse_bytes(args.cache_budget) if args.cache_budget else None
+    budget = parse_bytes(args.cache_budget, "--cache-budget") if args.cache_budget else None
+    limit = parse_bytes(args.budget, "--budget") if args.budget is not None else None
     if args.checkpoint_every and not args.checkpoint:
         raise UsageError("--checkpoint-every needs --checkpoint FILE")
     check_outputs(args.json, dirs=(args.save_adapter, args.save_model), args=args)
@@ -90,10 +91,9 @@ def run(args: argparse.Namespace) -> int:
         info(args, f"pre-trained {'-'.join(map(str, model.sizes))} in {rep['pretrain_seconds']:.2f} s; "
                    f"test accuracy {rep['accuracy_test']:.4f}")
     train = train_kwargs(args, task.defaults)
-    if args.budget is not None:
+    if limit is not None:
         from ..memory import check_budget, plan_memory
 
-        limit = parse_bytes(args.budget)
         check_budget(plan_memory(model, args.method, batch_size=train["batch_size"], n_samples=len(task.y_finetune),
                                  optimizer=train["optimizer"], rank=args.rank,
                                  train_last_bias=args.train_last_bias, scheme=args.scheme), limit)

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..quant import load_any, quantize
     from ..units import format_bytes, parse_bytes
 
-    budget = parse_bytes(args.budget)
+    budget = parse_bytes(args.budget, "--budget")
     if budget <= 0:
         raise UsageError(f"--budget must be more than 0 bytes, got {args.budget!r}")
     if args.target:

@@ -48,19 +48,25 @@ class Task:
         # Validate every split first: the class count is read from labels only once they
         # are known to be whole, non-negative numbers.
         n_named = len(self.labels) or None
+        named = ""
+        if n_named:
+            shown = ", ".join(self.labels[:5]) + (" ..." if n_named > 5 else "")
+            named = f"the 'labels' array names {n_named} classes: {shown}"
         for split in SPLITS:
             x, y = validate_xy(getattr(self, f"x_{split}"), getattr(self, f"y_{split}"),
-                               n_classes=n_named, what=f"{self.name}: {split}")
+                               n_classes=n_named, what=f"{self.name}: {split}", y_name=f"y_{split}",
+                               classes_from=named)
             setattr(self, f"x_{split}", x)
             setattr(self, f"y_{split}", y)
         if not self.labels:
             seen = np.unique(np.concatenate([self.y_pretrain, self.y_finetune, self.y_test]))
             n_classes = int(seen[-1]) + 1
             if len(seen) != n_classes:
+                where = next(f"y_{s}" for s in SPLITS if getattr(self, f"y_{s}").max() == n_classes - 1)
                 missing = sorted(set(range(n_classes)) - set(seen.tolist()))
                 shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
                 raise DataError(f"{self.name}: labels must be the classes 0..K-1 without gaps, but the "
-                                f"largest label is {n_classes - 1} and {len(missing)} classes below it never "
+                                f"largest label is {n_classes - 1} (in {where}) and {len(missing)} classes below it never "
                                 f"occur ({shown}); fix the labels or give a 'labels' array naming every class")
             self.labels = [str(i) for i in range(n_classes)]
         width = self.x_pretrain.shape[1]
@@ -69,7 +75,8 @@ class Task:
             if w != width:
                 raise DataError(f"{self.name}: x_{split} has {w} features but x_pretrain has {width}")
         for key, (x, y) in list(self.extra_tests.items()):
-            x, y = validate_xy(x, y, n_classes=len(self.labels), what=f"{self.name}: eval '{key}'")
+            x, y = validate_xy(x, y, n_classes=len(self.labels), what=f"{self.name}: eval '{key}'",
+                               y_name=f"y_eval_{key}", classes_from=named)
             if x.shape[1] != width:
                 raise DataError(f"{self.name}: eval '{key}' has {x.shape[1]} features, expected {width}")
             self.extra_tests[key] = (x, y)
@@ -102,9 +109,13 @@ class Task:
         return write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def validate_xy(x: Any, y: Any, *, n_classes: int | None = None, what: str = "data"
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Check and convert a feature matrix and its labels; raise DataError naming the problem."""
+def validate_xy(x: Any, y: Any, *, n_classes: int | None = None, what: str = "data", y_name: str = "y",
+                classes_from: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Check and convert a feature matrix and its labels; raise DataError naming the problem.
+
+    ``y_name`` names the label array in messages; ``classes_from`` says where ``n_classes``
+    came from, so a wrong class list is told apart from a wrong label.
+    """
     try:
         x = np.asarray(x)
         y = np.asarray(y)
@@ -133,21 +144,58 @@ def validate_xy(x: Any, y: Any, *, n_classes: int | None = None, what: str = "da
     y = y.astype(np.int64)
     if y.min() < 0 or (n_classes is not None and y.max() >= n_classes):
         hi = f"0..{n_classes - 1}" if n_classes is not None else ">= 0"
-        raise DataError(f"{what}: labels must be in {hi}, found {int(y.min())}..{int(y.max())}")
+        source = f" ({classes_from})" if classes_from else ""
+        raise DataError(f"{what}: {y_name}: labels must be in {hi}{source}, "
+                        f"found {int(y.min())}..{int(y.max())}")
     if x.dtype != np.float32 and x.dtype != np.float64:
         x = x.astype(np.float32)
     return x, y
+
+
+def _check_npz_headers(path: Path) -> None:
+    """Refuse an array whose header claims more bytes than its zip member holds.
+
+    A damaged or crafted header (say, a shape of 10**14 rows) would otherwise make NumPy
+    try to allocate it before noticing the data is not there.
+    """
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[:-len(".npy")]
+            try:
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:  # a newer format: np.load checks it
+                        continue
+            except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+                raise DataError(f"{path}: array '{name}' has an unreadable header ({e})") from None
+            claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if claimed > info.file_size:
+                shown = "x".join(map(str, shape)) or "scalar"
+                raise DataError(f"{path}: array '{name}' claims shape {shown} ({claimed} bytes of "
+                                f"{dtype}) but the file holds only {info.file_size} bytes for it: "
+                                f"the file is damaged")
 
 
 def load_npz_task(path: str | os.PathLike) -> Task:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"task file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a valid .npz task file (not a zip archive of .npy arrays)")
     try:
+        _check_npz_headers(path)
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npz task file ({e})") from None
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: not a valid .npz task file ({e})") from None
     missing = [f"{a}_{s}" for s in SPLITS for a in "xy" if f"{a}_{s}" not in arrays]
     if missing:
         raise DataError(f"{path}: missing arrays {', '.join(missing)} "

@@ -129,6 +129,14 @@ class Method:
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.params: ParamStore = ParamStore({}, backbone.dtype)
 
+    def check_rank(self, widths: list[int]) -> None:
+        """Refuse a rank above every width its adapters touch: such a rank adds parameters
+        and memory but no capacity (an adapter's rank cannot exceed its layer's width)."""
+        r = self.options.rank
+        if widths and r > max(widths):
+            raise UsageError(f"rank {r} is larger than every layer width the {self.name} adapters apply to "
+                             f"({', '.join(map(str, widths))}); use a rank of at most {max(widths)}")
+
     # -- the trainer's interface -------------------------------------------------------
     def begin_fit(self, x: np.ndarray) -> None:
         """Called once per fit with all (prepared) training inputs, before the first batch."""

@@ -42,6 +42,7 @@ class LayerwiseMethod(Method):
         self.plans = self.plan(n)
         self.scale = self.options.scale
         r = self.options.rank
+        self.check_rank(sorted({w for k, p in enumerate(self.plans) if p.lora for w in bb.sizes[k:k + 2]}))
         # A trainable last-layer bias for methods that keep the backbone frozen is stored
         # as a delta (initially zero): the backbone itself is never modified.
         self.bias_delta = self.options.train_last_bias and not self.plans[-1].bias

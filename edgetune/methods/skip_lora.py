@@ -30,6 +30,7 @@ class SkipLoRA(Method):
         n, r, out = bb.n_layers, self.options.rank, sizes[-1]
         self.scale = self.options.scale
         self.in_widths = sizes[:-1]
+        self.check_rank(sorted(set(sizes)))
         self.offsets = np.concatenate([[0], np.cumsum(self.in_widths)]).astype(int)
         self.d_in = int(self.offsets[-1])
         self.row_width = self.d_in + out

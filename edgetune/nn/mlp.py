@@ -238,7 +238,7 @@ class Backbone:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Backbone":
-        from ..io_atomic import read_json_config, recover_dir
+        from ..io_atomic import check_config_field, check_model_config, read_json_config, recover_dir
         from ..safetensors import loads
 
         path = Path(path)
@@ -252,6 +252,8 @@ class Backbone:
             raise ModelFileError(f"{cfg_path}: not an edgetune backbone config (format != '{FORMAT}')")
         if cfg.get("format_version", 0) > FORMAT_VERSION:
             raise ModelFileError(f"{cfg_path}: format version {cfg['format_version']} is newer than this edgetune reads ({FORMAT_VERSION})")
+        check_model_config(cfg, cfg_path)
+        check_config_field(cfg, cfg_path, "dtype", lambda v: v in ("float32", "float64"), "float32 or float64")
         blob = w_path.read_bytes()
         want = cfg.get("weights_sha256")
         if want and hashlib.sha256(blob).hexdigest() != want:

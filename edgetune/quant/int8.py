@@ -318,7 +318,7 @@ class QuantBackbone(Backbone):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, kernel: str = "blas") -> "QuantBackbone":
-        from ..io_atomic import read_json_config, recover_dir
+        from ..io_atomic import check_model_config, read_json_config, recover_dir
         from ..safetensors import loads
 
         path = Path(path)
@@ -333,6 +333,7 @@ class QuantBackbone(Backbone):
         if cfg.get("format_version", 0) > FORMAT_VERSION:
             raise ModelFileError(f"{cfg_path}: format version {cfg['format_version']} is newer than this "
                                  f"edgetune reads ({FORMAT_VERSION})")
+        check_model_config(cfg, cfg_path)
         blob = w_path.read_bytes()
         if cfg.get("weights_sha256") and hashlib.sha256(blob).hexdigest() != cfg["weights_sha256"]:
             raise ModelFileError(f"{w_path} does not match {cfg_path.name} (checksum differs: the files come "
