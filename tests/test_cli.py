@@ -164,3 +164,11 @@ def test_every_command_has_json_and_quiet():
                 missing.append(f"{' '.join(path)} {want}")
     # A fleet client runs until its server ends the run: the results are the server's --json.
     assert missing == ["fleet client --json"], missing
+
+
+def test_engine_option_does_not_leak_into_the_caller(monkeypatch):
+    import os
+
+    monkeypatch.delenv("EDGETUNE_ENGINE", raising=False)
+    assert main(["--engine", "numpy", "methods", "--quiet"]) == 0
+    assert "EDGETUNE_ENGINE" not in os.environ

@@ -100,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
+    import os
+
+    engine_before = os.environ.get("EDGETUNE_ENGINE")
     try:
         _set_threads(args.threads)
-        if args.engine is not None:  # read by every FineTuner of this process and of its children
-            import os
+        if args.engine is not None:  # read by every FineTuner of the command and of its child processes
             os.environ["EDGETUNE_ENGINE"] = args.engine
         return int(args._run(args) or 0)
     except UsageError as e:
@@ -119,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edgetune {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:  # main() called from Python (tests, notebooks) leaves the caller's environment as it was
+        if args.engine is not None:
+            if engine_before is None:
+                os.environ.pop("EDGETUNE_ENGINE", None)
+            else:
+                os.environ["EDGETUNE_ENGINE"] = engine_before
 
 
 if __name__ == "__main__":  # pragma: no cover
