@@ -122,3 +122,103 @@ def test_deployment_on_loopback_averages_only_the_good_devices(fan_model, tmp_pa
     # no process of the fleet is left running
     time.sleep(0.5)
     assert all(p.poll() is not None for p in clients + [server])
+
+
+# ---------------------------------------------------------------- TLS, a killed device, a restarted server
+
+def _certificates(d: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 / localhost signed by it, made here."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    out = {}
+    cas = []
+    for label in ("ca", "other-ca"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(f"edgetune test {label}")).issuer_name(
+            name(f"edgetune test {label}")).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+        out[label] = d / f"{label}.pem"
+        out[label].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        cas.append((key, cert))
+    ca_key, ca_cert = cas[0]
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(san, critical=False).sign(ca_key, hashes.SHA256()))
+    out["cert"], out["key"] = d / "server.pem", d / "server.key"
+    out["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out["key"].write_bytes(pem_key(key))
+    return out
+
+
+def _client_cmd(model, i: int, k: int, port: int, state: Path, *extra: str) -> list[str]:
+    return EDGETUNE + ["fleet", "client", "--model", str(model), "--task", "damage1", "--data-dir", str(DATA_DIR),
+                       "--partition", f"{i}/{k}", "--partition-by", "by-room", "--server", f"127.0.0.1:{port}",
+                       "--state-dir", str(state), *extra]
+
+
+def _server_cmd(model, port: int, out: Path, rounds: int, min_clients: int, *extra: str) -> list[str]:
+    return EDGETUNE + ["fleet", "server", "--model", str(model), "--rounds", str(rounds), "--min-clients",
+                       str(min_clients), "--address", f"127.0.0.1:{port}", "--epochs", "2", "--json", str(out),
+                       "--quiet", *extra]
+
+
+def _log(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:] if path.is_file() else ""
+
+
+def test_tls_fleet_completes_and_refuses_clients_without_the_ca(fan_model, tmp_path):
+    """Server and devices over TLS with a CA made here; a device trusting another CA and a
+    device connecting without TLS never join and give up after --max-wait."""
+    c = _certificates(tmp_path / "pki")
+    port = free_port()
+    out = tmp_path / "server.json"
+    server = _start(_server_cmd(fan_model, port, out, 2, 2, "--ssl-certfile", str(c["cert"]), "--ssl-keyfile",
+                                str(c["key"]), "--ssl-ca-certfile", str(c["ca"]), "--round-timeout", "60"),
+                    tmp_path / "server.log")
+    procs = [server]
+    try:
+        good = [_start(_client_cmd(fan_model, i, 4, port, tmp_path / f"dev{i}", "--root-certificates", str(c["ca"])),
+                       tmp_path / f"client{i}.log") for i in (0, 1)]
+        wrong_ca = _start(_client_cmd(fan_model, 2, 4, port, tmp_path / "dev2", "--root-certificates",
+                                      str(c["other-ca"]), "--max-wait", "15"), tmp_path / "client2.log")
+        plain = _start(_client_cmd(fan_model, 3, 4, port, tmp_path / "dev3", "--insecure", "--max-wait", "15"),
+                       tmp_path / "client3.log")
+        procs += good + [wrong_ca, plain]
+        server.wait(timeout=150)
+        assert server.returncode == 0, _log(tmp_path / "server.log")
+        for p, n in ((wrong_ca, 2), (plain, 3)):
+            p.wait(timeout=60)
+            assert p.returncode != 0, _log(tmp_path / f"client{n}.log")
+    finally:
+        for p in procs:
+            _stop(p)
+    res = json.loads(out.read_text())
+    assert res["tls"] is True
+    assert [x["round"] for x in res["rounds"]] == [1, 2]
+    for x in res["rounds"]:
+        assert sorted(x["clients"]) == ["noisy-stretch0", "noisy-stretch1"] and x["updated"]
+        assert sorted(x["client_accuracy"]) == ["noisy-stretch0", "noisy-stretch1"]
+    assert res["totals"]["rounds"] == 2
+    # the refused devices never trained
+    assert not (tmp_path / "dev2" / "device").exists() and not (tmp_path / "dev3" / "device").exists()
