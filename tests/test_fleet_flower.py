@@ -222,3 +222,150 @@ def test_tls_fleet_completes_and_refuses_clients_without_the_ca(fan_model, tmp_p
     assert res["totals"]["rounds"] == 2
     # the refused devices never trained
     assert not (tmp_path / "dev2" / "device").exists() and not (tmp_path / "dev3" / "device").exists()
+
+
+def _saved_rounds(state: Path) -> list[dict]:
+    """The rounds the server has checkpointed so far (its --state-dir)."""
+    try:
+        return json.loads((state / "server" / "server.json").read_text())["results"]["rounds"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _wait_for(cond, timeout: float, what: str, procs=()) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        dead = [p for p in procs if p.poll() is not None]
+        assert not dead, f"{what}: a process exited early ({dead[0].args[3:5]}, code {dead[0].returncode})"
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _kill_hard(p: subprocess.Popen) -> None:
+    """SIGKILL, as a power cut would: the process gets no chance to clean up."""
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+
+
+def test_a_device_killed_mid_run_rejoins_with_its_cache(fan_model, tmp_path):
+    """Three devices; one is SIGKILLed after its first round. The next round completes with
+    the other two; restarted with the same --state-dir it rejoins later rounds without
+    running its backbone again (cache misses 0)."""
+    port = free_port()
+    out = tmp_path / "server.json"
+    state = tmp_path / "server-state"
+    server = _start(_server_cmd(fan_model, port, out, 4, 2, "--insecure", "--min-replies", "2",
+                                "--round-timeout", "8", "--state-dir", str(state)), tmp_path / "server.log")
+    procs = [server]
+    try:
+        clients = [_start(_client_cmd(fan_model, i, 3, port, tmp_path / f"dev{i}", "--insecure"),
+                          tmp_path / f"client{i}.log") for i in range(3)]
+        procs += clients
+        _wait_for(lambda: any("noisy-stretch2" in r["clients"] for r in _saved_rounds(state)), 90,
+                  "round 1 with all three devices", procs)
+        _kill_hard(clients[2])
+        killed_after = len(_saved_rounds(state))
+        _wait_for(lambda: any(r["round"] > killed_after and "noisy-stretch2" not in r["client_accuracy"]
+                              for r in _saved_rounds(state)), 90, "a round without the killed device", [server])
+        again = _start(_client_cmd(fan_model, 2, 3, port, tmp_path / "dev2", "--insecure"),
+                       tmp_path / "client2-again.log")
+        procs.append(again)
+        server.wait(timeout=150)
+        assert server.returncode == 0, _log(tmp_path / "server.log")
+    finally:
+        for p in procs:
+            _stop(p)
+    res = json.loads(out.read_text())
+    rounds = res["rounds"]
+    assert [x["round"] for x in rounds] == [1, 2, 3, 4]
+    assert all(x["updated"] for x in rounds)  # every round averaged at least --min-replies updates
+    without = [x["round"] for x in rounds if "noisy-stretch2" not in x["clients"]]
+    back = [x for x in rounds if x["round"] > min(without) and "noisy-stretch2" in x["clients"]]
+    assert without and back, [(x["round"], x["clients"]) for x in rounds]
+    for x in rounds:
+        if x["round"] in without:
+            assert sorted(x["clients"]) == ["noisy-stretch0", "noisy-stretch1"]
+    # the device's first round filled its cache; after the restart it reads it from --state-dir
+    assert rounds[0]["client_cache_misses"]["noisy-stretch2"] > 0
+    assert all(x["client_cache_misses"]["noisy-stretch2"] == 0 for x in back)
+    assert all(x["client_cache_hits"]["noisy-stretch2"] > 0 for x in back)
+    _no_fleet_left(tmp_path)  # the killed client's SuperNode went with it
+
+
+def _fleet_processes(root: Path) -> list[str]:
+    """Processes still running whose Flower home lies under ``root`` (SuperLink, SuperNodes,
+    ServerApp, ClientApps all inherit FLWR_HOME from edgetune)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(e.startswith(b"FLWR_HOME=" + str(root).encode()) for e in env):
+            found.append(f"{d.name}: {cmd[:200]}")
+    return found
+
+
+def _no_fleet_left(root: Path, timeout: float = 15) -> None:
+    end = time.monotonic() + timeout
+    while _fleet_processes(root) and time.monotonic() < end:
+        time.sleep(0.3)
+    assert not _fleet_processes(root), _fleet_processes(root)
+
+
+def test_a_restarted_server_resumes_and_the_devices_reconnect(fan_model, tmp_path):
+    """The server is SIGKILLed after a round; started again with the same --state-dir it
+    resumes after the checkpointed rounds, the running devices reconnect, and the final
+    results hold the rounds trained before the restart unchanged."""
+    port = free_port()
+    out = tmp_path / "server.json"
+    state = tmp_path / "server-state"
+    cmd = _server_cmd(fan_model, port, out, 4, 2, "--insecure", "--round-timeout", "30", "--state-dir", str(state))
+    server = _start(cmd, tmp_path / "server.log")
+    procs = [server]
+    try:
+        procs += [_start(_client_cmd(fan_model, i, 2, port, tmp_path / f"dev{i}", "--insecure"),
+                         tmp_path / f"client{i}.log") for i in range(2)]
+        _wait_for(lambda: len(_saved_rounds(state)) >= 1, 90, "the first checkpointed round", procs)
+        _kill_hard(server)
+        before = _saved_rounds(state)
+        with np.load(state / "server" / "global.npz") as z:
+            checkpoint = {k: z[k] for k in z.files}
+        # the killed server's SuperLink goes with it: the port is free again
+        _wait_for(lambda: _port_free(port), 20, "the killed server's port to close")
+        again = _start(cmd, tmp_path / "server-again.log")
+        procs.append(again)
+        again.wait(timeout=150)
+        assert again.returncode == 0, _log(tmp_path / "server-again.log")
+    finally:
+        for p in procs:
+            _stop(p)
+    res = json.loads(out.read_text())
+    assert [x["round"] for x in res["rounds"]] == [1, 2, 3, 4]
+    k = len(before)
+    assert 1 <= k < 4 and res["resumed_after_round"] == k
+    assert res["rounds"][:k] == before  # what the devices trained before the restart is kept
+    for x in res["rounds"]:
+        assert sorted(x["clients"]) == ["noisy-stretch0", "noisy-stretch1"] and x["updated"]
+    # the devices kept their caches across the server's restart
+    assert all(v == 0 for x in res["rounds"][1:] for v in x["client_cache_misses"].values())
+    # the global adapter went on from the checkpoint: it moved from there, and not back to the start
+    with np.load(state / "server" / "global.npz") as z:
+        final = {n: z[n] for n in z.files}
+    assert set(final) == set(checkpoint) and any(not np.array_equal(final[n], checkpoint[n]) for n in final)
+    _no_fleet_left(tmp_path)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return False
+    except OSError:
+        return True
