@@ -115,8 +115,8 @@ every round the server starts. The device's skip-cache and personal tensors are 
     cli.add_argument("--root-certificates", metavar="PEM", help="CA certificate to verify the server (TLS)")
     cli.add_argument("--insecure", action="store_true", help="connect without TLS")
     cli.add_argument("--max-wait", type=positive_float, metavar="SECONDS",
-                     help="exit (code 1) after this many seconds without reaching the server, e.g. when the "
-                          "TLS handshake fails (default: keep trying)")
+                     help="try to reach the server for at most this many seconds, then exit with code 1 "
+                          "(e.g. when the TLS handshake fails; Flower's --max-wait-time); default: keep trying")
     cli.add_argument("--fault", choices=["nan", "shape", "norm"],
                      help="send a bad update every round (to test the server's defences)")
     cli.add_argument("--quiet", action="store_true", help="print nothing but errors")
