@@ -122,3 +122,248 @@ def test_deployment_on_loopback_averages_only_the_good_devices(fan_model, tmp_pa
     # no process of the fleet is left running
     time.sleep(0.5)
     assert all(p.poll() is not None for p in clients + [server])
+
+
+# ---------------------------------------------------------------- TLS, a killed device, a restarted server
+
+def _certificates(d: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 / localhost signed by it, made here."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    out = {}
+    cas = []
+    for label in ("ca", "other-ca"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(f"edgetune test {label}")).issuer_name(
+            name(f"edgetune test {label}")).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+        out[label] = d / f"{label}.pem"
+        out[label].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        cas.append((key, cert))
+    ca_key, ca_cert = cas[0]
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(san, critical=False).sign(ca_key, hashes.SHA256()))
+    out["cert"], out["key"] = d / "server.pem", d / "server.key"
+    out["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out["key"].write_bytes(pem_key(key))
+    return out
+
+
+def _client_cmd(model, i: int, k: int, port: int, state: Path, *extra: str) -> list[str]:
+    return EDGETUNE + ["fleet", "client", "--model", str(model), "--task", "damage1", "--data-dir", str(DATA_DIR),
+                       "--partition", f"{i}/{k}", "--partition-by", "by-room", "--server", f"127.0.0.1:{port}",
+                       "--state-dir", str(state), *extra]
+
+
+def _server_cmd(model, port: int, out: Path, rounds: int, min_clients: int, *extra: str) -> list[str]:
+    return EDGETUNE + ["fleet", "server", "--model", str(model), "--rounds", str(rounds), "--min-clients",
+                       str(min_clients), "--address", f"127.0.0.1:{port}", "--epochs", "2", "--json", str(out),
+                       "--quiet", *extra]
+
+
+def _log(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:] if path.is_file() else ""
+
+
+def test_tls_fleet_completes_and_refuses_clients_without_the_ca(fan_model, tmp_path):
+    """Server and devices over TLS with a CA made here; a device trusting another CA and a
+    device connecting without TLS never join and give up after --max-wait."""
+    c = _certificates(tmp_path / "pki")
+    port = free_port()
+    out = tmp_path / "server.json"
+    server = _start(_server_cmd(fan_model, port, out, 2, 2, "--ssl-certfile", str(c["cert"]), "--ssl-keyfile",
+                                str(c["key"]), "--ssl-ca-certfile", str(c["ca"]), "--round-timeout", "60"),
+                    tmp_path / "server.log")
+    procs = [server]
+    try:
+        good = [_start(_client_cmd(fan_model, i, 4, port, tmp_path / f"dev{i}", "--root-certificates", str(c["ca"])),
+                       tmp_path / f"client{i}.log") for i in (0, 1)]
+        wrong_ca = _start(_client_cmd(fan_model, 2, 4, port, tmp_path / "dev2", "--root-certificates",
+                                      str(c["other-ca"]), "--max-wait", "15"), tmp_path / "client2.log")
+        plain = _start(_client_cmd(fan_model, 3, 4, port, tmp_path / "dev3", "--insecure", "--max-wait", "15"),
+                       tmp_path / "client3.log")
+        procs += good + [wrong_ca, plain]
+        server.wait(timeout=150)
+        assert server.returncode == 0, _log(tmp_path / "server.log")
+        for p, n in ((wrong_ca, 2), (plain, 3)):
+            p.wait(timeout=60)
+            assert p.returncode != 0, _log(tmp_path / f"client{n}.log")
+    finally:
+        for p in procs:
+            _stop(p)
+    res = json.loads(out.read_text())
+    assert res["tls"] is True
+    assert [x["round"] for x in res["rounds"]] == [1, 2]
+    for x in res["rounds"]:
+        assert sorted(x["clients"]) == ["noisy-stretch0", "noisy-stretch1"] and x["updated"]
+        assert sorted(x["client_accuracy"]) == ["noisy-stretch0", "noisy-stretch1"]
+    assert res["totals"]["rounds"] == 2
+    # the refused devices never trained
+    assert not (tmp_path / "dev2" / "device").exists() and not (tmp_path / "dev3" / "device").exists()
+
+
+def _saved_rounds(state: Path) -> list[dict]:
+    """The rounds the server has checkpointed so far (its --state-dir)."""
+    try:
+        return json.loads((state / "server" / "server.json").read_text())["results"]["rounds"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _wait_for(cond, timeout: float, what: str, procs=()) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        dead = [p for p in procs if p.poll() is not None]
+        assert not dead, f"{what}: a process exited early ({dead[0].args[3:5]}, code {dead[0].returncode})"
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _kill_hard(p: subprocess.Popen) -> None:
+    """SIGKILL, as a power cut would: the process gets no chance to clean up."""
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+
+
+def test_a_device_killed_mid_run_rejoins_with_its_cache(fan_model, tmp_path):
+    """Three devices; one is SIGKILLed as the round after its first starts. That round completes with
+    the other two; restarted with the same --state-dir the device rejoins later rounds
+    without running its backbone again (cache misses 0)."""
+    port = free_port()
+    out = tmp_path / "server.json"
+    state = tmp_path / "server-state"
+    server = _start(_server_cmd(fan_model, port, out, 5, 2, "--insecure", "--min-replies", "2",
+                                "--round-timeout", "8", "--state-dir", str(state)), tmp_path / "server.log")
+    procs = [server]
+    try:
+        clients = [_start(_client_cmd(fan_model, i, 3, port, tmp_path / f"dev{i}", "--insecure"),
+                          tmp_path / f"client{i}.log") for i in range(3)]
+        procs += clients
+        _wait_for(lambda: any("noisy-stretch2" in r["clients"] for r in _saved_rounds(state)), 90,
+                  "a round with all three devices", procs)
+        _kill_hard(clients[2])  # the next round's messages are on their way to it
+        # started again at once: it registers as a new node while that round runs without it
+        again = _start(_client_cmd(fan_model, 2, 3, port, tmp_path / "dev2", "--insecure"),
+                       tmp_path / "client2-again.log")
+        procs.append(again)
+        server.wait(timeout=150)
+        assert server.returncode == 0, _log(tmp_path / "server.log")
+    finally:
+        for p in procs:
+            _stop(p)
+    res = json.loads(out.read_text())
+    rounds = res["rounds"]
+    assert [x["round"] for x in rounds] == [1, 2, 3, 4, 5]
+    assert all(x["updated"] for x in rounds)  # every round averaged at least --min-replies updates
+    first = min(x["round"] for x in rounds if "noisy-stretch2" in x["clients"])  # round 1, or 2 if it came late
+    killed = rounds[first]  # the round that began as it was killed
+    assert "noisy-stretch2" not in killed["clients"], [(x["round"], x["clients"], x["failed"]) for x in rounds]
+    assert sorted(killed["clients"]) == ["noisy-stretch0", "noisy-stretch1"]
+    back = [x for x in rounds[first + 1:] if "noisy-stretch2" in x["clients"]]
+    assert back, [(x["round"], x["clients"], x["failed"]) for x in rounds]
+    # the device's first round filled its cache; after the restart it reads it from --state-dir
+    assert rounds[first - 1]["client_cache_misses"]["noisy-stretch2"] > 0
+    assert all(x["client_cache_misses"]["noisy-stretch2"] == 0 for x in back)
+    assert all(x["client_cache_hits"]["noisy-stretch2"] > 0 for x in back)
+    _no_fleet_left(tmp_path)  # the killed client's SuperNode went with it
+
+
+def _fleet_processes(root: Path) -> list[str]:
+    """Processes still running whose Flower home lies under ``root`` (SuperLink, SuperNodes,
+    ServerApp, ClientApps all inherit FLWR_HOME from edgetune)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(e.startswith(b"FLWR_HOME=" + str(root).encode()) for e in env):
+            found.append(f"{d.name}: {cmd[:200]}")
+    return found
+
+
+def _no_fleet_left(root: Path, timeout: float = 15) -> None:
+    end = time.monotonic() + timeout
+    while _fleet_processes(root) and time.monotonic() < end:
+        time.sleep(0.3)
+    assert not _fleet_processes(root), _fleet_processes(root)
+
+
+def test_a_restarted_server_resumes_and_the_devices_reconnect(fan_model, tmp_path):
+    """The server is SIGKILLed after a round; started again with the same --state-dir it
+    resumes after the checkpointed rounds, the running devices reconnect, and the final
+    results hold the rounds trained before the restart unchanged."""
+    port = free_port()
+    out = tmp_path / "server.json"
+    state = tmp_path / "server-state"
+    cmd = _server_cmd(fan_model, port, out, 4, 2, "--insecure", "--round-timeout", "30", "--state-dir", str(state))
+    server = _start(cmd, tmp_path / "server.log")
+    procs = [server]
+    try:
+        procs += [_start(_client_cmd(fan_model, i, 2, port, tmp_path / f"dev{i}", "--insecure"),
+                         tmp_path / f"client{i}.log") for i in range(2)]
+        _wait_for(lambda: len(_saved_rounds(state)) >= 1, 90, "the first checkpointed round", procs)
+        _kill_hard(server)
+        before = _saved_rounds(state)
+        with np.load(state / "server" / "global.npz") as z:
+            checkpoint = {k: z[k] for k in z.files}
+        # the killed server's SuperLink goes with it: the port is free again
+        _wait_for(lambda: _port_free(port), 20, "the killed server's port to close")
+        again = _start(cmd, tmp_path / "server-again.log")
+        procs.append(again)
+        again.wait(timeout=150)
+        assert again.returncode == 0, _log(tmp_path / "server-again.log")
+    finally:
+        for p in procs:
+            _stop(p)
+    res = json.loads(out.read_text())
+    assert [x["round"] for x in res["rounds"]] == [1, 2, 3, 4]
+    k = len(before)
+    assert 1 <= k < 4 and res["resumed_after_round"] == k
+    assert res["rounds"][:k] == before  # what the devices trained before the restart is kept
+    for x in res["rounds"]:
+        assert sorted(x["clients"]) == ["noisy-stretch0", "noisy-stretch1"] and x["updated"]
+    # the devices kept their caches across the server's restart
+    assert all(v == 0 for x in res["rounds"][1:] for v in x["client_cache_misses"].values())
+    # the global adapter went on from the checkpoint: it moved from there, and not back to the start
+    with np.load(state / "server" / "global.npz") as z:
+        final = {n: z[n] for n in z.files}
+    assert set(final) == set(checkpoint) and any(not np.array_equal(final[n], checkpoint[n]) for n in final)
+    _no_fleet_left(tmp_path)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return False
+    except OSError:
+        return True

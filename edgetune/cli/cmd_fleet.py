@@ -114,6 +114,9 @@ every round the server starts. The device's skip-cache and personal tensors are 
                      help="local port of the SuperNode's ClientApp API on 127.0.0.1 (default: a free one)")
     cli.add_argument("--root-certificates", metavar="PEM", help="CA certificate to verify the server (TLS)")
     cli.add_argument("--insecure", action="store_true", help="connect without TLS")
+    cli.add_argument("--max-wait", type=positive_float, metavar="SECONDS",
+                     help="try to reach the server for at most this many seconds, then exit with code 1 "
+                          "(e.g. when the TLS handshake fails; Flower's --max-wait-time); default: keep trying")
     cli.add_argument("--fault", choices=["nan", "shape", "norm"],
                      help="send a bad update every round (to test the server's defences)")
     cli.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -281,4 +284,4 @@ def _client(args: argparse.Namespace) -> int:
         node_config["fault"] = args.fault
     return join(server=args.server, node_config=node_config, state_dir=state,
                 root_certificates=str(Path(args.root_certificates).resolve()) if args.root_certificates else None,
-                runtime_port=args.runtime_port, log=lambda s: info(args, s))
+                runtime_port=args.runtime_port, max_wait=args.max_wait, log=lambda s: info(args, s))

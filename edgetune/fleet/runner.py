@@ -120,6 +120,38 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float) -> 
     raise FleetError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: on Linux, receive SIGTERM when the parent dies, even by SIGKILL,
+    so that a killed ``fleet server`` or ``fleet client`` leaves no SuperLink or SuperNode behind."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child_kwargs() -> dict[str, Any]:
+    kw: dict[str, Any] = {"start_new_session": True}
+    if sys.platform.startswith("linux"):
+        kw["preexec_fn"] = _die_with_parent
+    return kw
+
+
+def _on_signals(handler) -> dict:
+    """Install ``handler`` for SIGTERM and SIGINT (main thread only); returns the old handlers."""
+    old = {}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread
+            break
+    return old
+
+
 def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
     """Stop a process started in its own session, and everything it started."""
     if proc is None or proc.poll() is not None:
@@ -225,9 +257,13 @@ def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, ti
         cmd += ["--insecure"]
     logf = open(state_dir / "superlink.log", "ab")
     link = None
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)  # the finally below stops the SuperLink
+    old = _on_signals(stop)
     try:
-        link = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=state_dir)
+        link = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=state_dir,
+                                **_child_kwargs())
         _wait_port(connect_host, port, link, 60)
         log(f"SuperLink listening on {host}:{port} (log: {state_dir / 'superlink.log'})")
         sub = subprocess.run([_tool("flwr"), "run", str(app_dir), "edgetune", "--format", "json"], env=env,
@@ -249,12 +285,14 @@ def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, ti
             time.sleep(0.5)
         raise FleetError(f"no results after {timeout:.0f} s (log: {state_dir / 'superlink.log'})")
     finally:
+        for s, h in old.items():
+            signal.signal(s, h)
         stop_process(link)
         logf.close()
 
 
 def join(*, server: str, node_config: dict[str, Any], state_dir: Path, root_certificates: str | None,
-         runtime_port: int | None, log=print) -> int:
+         runtime_port: int | None, max_wait: float | None = None, log=print) -> int:
     """Run a SuperNode for one device until it is stopped; returns its exit code."""
     require_flwr()
     parse_address(server)
@@ -266,14 +304,16 @@ def join(*, server: str, node_config: dict[str, Any], state_dir: Path, root_cert
     cmd = [_tool("flower-supernode"), "--superlink", server, "--host", "127.0.0.1", "--port", str(port),
            "--node-config", cfg]
     cmd += ["--root-certificates", root_certificates] if root_certificates else ["--insecure"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, cwd=state_dir)
+    if max_wait is not None:
+        cmd += ["--max-wait-time", str(max_wait)]
+    proc = subprocess.Popen(cmd, env=env, cwd=state_dir, **_child_kwargs())
     log(f"SuperNode for device {node_config.get('partition-id')}/{node_config.get('num-partitions')} "
         f"connecting to {server} (ClientApp API on 127.0.0.1:{port})")
 
     def forward(signum, _frame):
         stop_process(proc)
         raise SystemExit(128 + signum)
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = _on_signals(forward)
     try:
         return proc.wait()
     finally:
