@@ -9,7 +9,7 @@ import pytest
 
 from edgetune import FineTuner, pretrain
 from edgetune.fleet.aggregate import (aggregate, check_update, fedavg, lora_pairs, payload_bytes,
-                                      product_average, screen_updates)
+                                      product_average, screen_updates, update_norm)
 from edgetune.fleet.device import DeviceTrainer, TrainSpec, global_tensors
 from edgetune.fleet.partition import make_fleet, parse_partition_arg
 from edgetune.errors import UsageError
@@ -49,6 +49,12 @@ def test_product_average_averages_products_not_factors(rng):
     np.testing.assert_allclose(np.linalg.norm(p1["l.lora_B"] @ p1["l.lora_A"] - mean_product), s[1], rtol=1e-4)
     assert resid1 == pytest.approx(s[1] / np.linalg.norm(s), rel=1e-4)
     np.testing.assert_allclose(p1["bias"], fa["bias"])  # tensors outside a pair: plain FedAvg
+    # given the global adapter, A keeps its row norm (the scale LoRA initialised it with)
+    ref = dict(a, **{"l.lora_A": 7.0 * a["l.lora_A"] / np.linalg.norm(a["l.lora_A"])})
+    pk, resid_k = product_average([a, b], w, reference=ref)
+    np.testing.assert_allclose(np.linalg.norm(pk["l.lora_A"], axis=1), [7.0], rtol=1e-5)
+    np.testing.assert_allclose(pk["l.lora_B"] @ pk["l.lora_A"], p1["l.lora_B"] @ p1["l.lora_A"], atol=1e-5)
+    assert resid_k == pytest.approx(resid1)
     assert lora_pairs(list(a)) == [("l.lora_A", "l.lora_B")]
 
 
@@ -68,6 +74,29 @@ def test_screening_rejects_nan_shapes_norms_and_outliers(rng):
     far = {k: v + 0.5 for k, v in ref.items()}
     reasons = screen_updates(good + [far], ref, max_norm=None)
     assert reasons[:3] == [None, None, None] and "median" in reasons[3]
+
+
+def test_product_screening_measures_products_not_factors(rng):
+    ref = _pair(rng)
+    # the same products, factored differently: no distance for product averaging
+    rescaled = {"l.lora_A": ref["l.lora_A"] * 50, "l.lora_B": ref["l.lora_B"] / 50, "bias": ref["bias"]}
+    assert update_norm(rescaled, ref, "product") < 1e-4
+    assert update_norm(rescaled, ref, "fedavg") > 10
+    # a bias change counts alike for both
+    moved = dict(ref, bias=ref["bias"] + np.array([3, 0, 0, 4], np.float32))
+    assert update_norm(moved, ref, "product") == pytest.approx(5, rel=1e-6)
+    assert update_norm(moved, ref, "fedavg") == pytest.approx(5, rel=1e-6)
+    # peers that only rebalance their factors pass; one whose product moved far is refused
+    honest = [{"l.lora_A": ref["l.lora_A"] * c, "l.lora_B": ref["l.lora_B"] / c + 0.01,
+               "bias": ref["bias"]} for c in (1.0, 3.0, 0.2, 8.0)]
+    far = dict(ref, **{"l.lora_B": ref["l.lora_B"] + 2.0})
+    reasons = screen_updates(honest + [far], ref, max_norm=None, how="product")
+    assert reasons[:4] == [None] * 4 and "median" in reasons[4]
+    # overflowing products are an infinite distance, refused by the absolute limit
+    huge = dict(ref, **{"l.lora_A": np.full_like(ref["l.lora_A"], 3e38), "l.lora_B": np.full_like(ref["l.lora_B"], 3e38)})
+    assert "norm" in check_update(huge, ref, max_norm=100, how="product")
+    with pytest.raises(ValueError):
+        update_norm(ref, ref, "median")
 
 
 def test_bytes_are_the_tensor_sizes(rng):
@@ -167,3 +196,22 @@ def test_without_flower_the_error_names_the_extra(monkeypatch, capsys):
     rc = main(["fleet", "simulate", "--task", "har", "--model", "m", "--clients", "2"])
     err = capsys.readouterr().err
     assert rc == 1 and 'pip install "edgetune[fleet]"' in err and "Traceback" not in err
+
+
+def test_product_averaging_keeps_every_honest_har_device(private_cache, data_dir):
+    """HAR, one device per new subject, products averaged: the screening accepts all eight
+    honest devices every round (distances measured on the products, A's scale kept)."""
+    fleet = make_fleet("har", data_dir, "by-subject", 8)
+    t = fleet.task
+    model, _ = pretrain(t.x_pretrain, t.y_pretrain, hidden=[96, 96], labels=t.labels, epochs=50)
+    spec = TrainSpec(method="skip2-lora", epochs=20, lr=0.01)
+    devices = [DeviceTrainer(model, d, spec) for d in fleet.devices]
+    current = global_tensors(model, spec)
+    a_norm = np.linalg.norm(current["skip.0.lora_A"], axis=1).mean()
+    for _ in range(4):
+        updates = [d.train(current)[0] for d in devices]
+        assert screen_updates(updates, current, max_norm=100, how="product") == [None] * 8
+        current, resid = aggregate(updates, [len(d.data.y_train) for d in devices], "product", reference=current)
+        assert 0 <= resid < 1
+    # A keeps the scale it was initialised with, round after round
+    assert np.linalg.norm(current["skip.0.lora_A"], axis=1).mean() == pytest.approx(a_norm, rel=1e-4)

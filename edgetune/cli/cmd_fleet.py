@@ -25,6 +25,17 @@ examples:
   edgetune fleet client --model runs/har-model --task har --data-dir ../shared/data \\
       --partition 0/2 --partition-by by-subject --server 192.168.1.10:9092 --insecure"""
 ORDER = 60
+OUTLIER_FACTOR = 20.0
+
+
+def _factor(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v == 0 or 1 <= v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a number >= 1, got {text}")
+    return v
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +56,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="start every round from a fresh FineTuner (to measure what the kept skip-cache saves)")
     g.add_argument("--max-update-norm", type=positive_float, default=100.0,
                    help="reject an update farther than this (L2) from the global adapter (default 100)")
+    g.add_argument("--outlier-factor", type=_factor, default=OUTLIER_FACTOR, metavar="X",
+                   help=f"with 3 or more updates, reject one farther than X times the median distance "
+                        f"(default {OUTLIER_FACTOR:g}; 0 turns the rule off)")
     g.add_argument("--min-replies", type=positive_int, default=1,
                    help="fewer acceptable updates in a round than this and the global adapter stays (default 1)")
 
@@ -205,6 +219,7 @@ def _simulate(args: argparse.Namespace) -> int:
     spec = ServerSpec(model=str(Path(args.model).resolve()), train=spec_train, rounds=args.rounds,
                       min_clients=args.clients, aggregation=args.aggregation, task=args.task,
                       data_dir=args.data_dir, max_update_norm=args.max_update_norm, min_replies=args.min_replies,
+                      outlier_factor=args.outlier_factor or None,
                       extra={"engine": "flower-simulation", "partition": args.partition, "clients": args.clients,
                              "devices": [d.name for d in fleet.devices]})
     defaults: dict[str, Any] = {"model": spec.model, "task": args.task, "partition": args.partition,
@@ -245,6 +260,7 @@ def _server(args: argparse.Namespace) -> int:
                       data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
                       json_path=str(Path(args.json).resolve()) if args.json and args.json != "-" else None,
                       round_timeout=args.round_timeout, max_update_norm=args.max_update_norm,
+                      outlier_factor=args.outlier_factor or None,
                       min_replies=args.min_replies, extra={"engine": "flower-deployment", "address": args.address,
                                                            "tls": tls is not None})
     res = serve(spec, address=args.address, state_dir=Path(state), tls=tls, timeout=args.timeout,

@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
-from .aggregate import AGGREGATIONS, Tensors, aggregate, payload_bytes, screen_updates  # noqa: E402
+from .aggregate import AGGREGATIONS, Tensors, aggregate, payload_bytes, screen_updates, update_norm  # noqa: E402
 from .device import DeviceTrainer, TrainSpec, get_device, global_tensors, make_tuner  # noqa: E402
 from .partition import make_fleet  # noqa: E402
 
@@ -142,6 +142,7 @@ class ServerSpec:
     state_dir: str | None = None       # checkpoint after every round; a restarted server resumes
     round_timeout: float = 600.0       # seconds to wait for a round's replies
     max_update_norm: float | None = 100.0
+    outlier_factor: float | None = 20.0  # with 3+ updates: refuse one farther than this x the median
     min_replies: int = 1               # fewer accepted updates than this: the global adapter stays
     extra: dict[str, Any] = field(default_factory=dict)   # recorded in the results as is
 
@@ -160,12 +161,14 @@ class AdapterStrategy(FedAvg):
     """FedAvg's sampling, with the adapters screened before they are averaged, and the
     choice of averaging A and B apart (``fedavg``) or their products (``product``)."""
 
-    def __init__(self, *, min_clients: int, aggregation: str, max_update_norm: float | None, min_replies: int):
+    def __init__(self, *, min_clients: int, aggregation: str, max_update_norm: float | None, min_replies: int,
+                 outlier_factor: float | None = 20.0):
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_clients,
                          min_evaluate_nodes=min_clients, min_available_nodes=min_clients)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
         self.aggregation, self.max_update_norm, self.min_replies = aggregation, max_update_norm, min_replies
+        self.outlier_factor = outlier_factor
         self.current: Tensors = {}
         self.report: dict[str, Any] = {}
 
@@ -189,11 +192,19 @@ class AdapterStrategy(FedAvg):
                 rejected.append({"device": name, "reason": f"num-examples {n} is not a positive count"})
                 continue
             updates.append(tensors), weights.append(n), names.append(name), metrics.append(m)
-        reasons = screen_updates(updates, self.current, max_norm=self.max_update_norm)
+        reasons = screen_updates(updates, self.current, max_norm=self.max_update_norm, how=self.aggregation,
+                                 outlier_factor=self.outlier_factor)
         accepted = [i for i, r in enumerate(reasons) if r is None]
         for i, r in enumerate(reasons):
             if r is not None:
                 rejected.append({"device": names[i], "reason": r})
+        distances: dict[str, float | None] = {}
+        for i, u in enumerate(updates):  # what the screening measured, for tuning its limits
+            try:
+                d = update_norm(u, self.current, self.aggregation)
+            except (KeyError, ValueError):
+                continue
+            distances[names[i]] = d if math.isfinite(d) else None
         for rej in rejected:
             log.warning("round %d: update from %s rejected: %s", server_round, rej["device"], rej["reason"])
         self.report = {
@@ -207,13 +218,15 @@ class AdapterStrategy(FedAvg):
             "client_cache_misses": {names[i]: int(metrics[i].get("cache-misses", 0)) for i in range(len(names))},
             "client_cache_hits": {names[i]: int(metrics[i].get("cache-hits", 0)) for i in range(len(names))},
             "weights": {names[i]: weights[i] for i in accepted},
+            "update_distance": distances,
             "product_residual": None,
         }
         if len(accepted) < max(1, self.min_replies):
             log.warning("round %d: %d acceptable updates (< %d): the global adapter stays", server_round,
                         len(accepted), max(1, self.min_replies))
             return None, None
-        agg, resid = aggregate([updates[i] for i in accepted], [weights[i] for i in accepted], self.aggregation)
+        agg, resid = aggregate([updates[i] for i in accepted], [weights[i] for i in accepted], self.aggregation,
+                               reference=self.current)
         self.report["product_residual"] = resid if self.aggregation == "product" else None
         return to_record(agg), MetricRecord({"accepted": len(accepted)})
 
@@ -248,12 +261,14 @@ def run_fleet_server(grid: Grid, spec: ServerSpec) -> dict[str, Any]:
     current = global_tensors(backbone, spec.train)
     central = _central_evaluator(spec, backbone)
     strategy = AdapterStrategy(min_clients=spec.min_clients, aggregation=spec.aggregation,
-                               max_update_norm=spec.max_update_norm, min_replies=spec.min_replies)
+                               max_update_norm=spec.max_update_norm, min_replies=spec.min_replies,
+                               outlier_factor=spec.outlier_factor)
     adapter_bytes = payload_bytes(current)
     results: dict[str, Any] = {
         "method": spec.train.method, "aggregation": spec.aggregation, "rank": spec.train.rank,
         "epochs_per_round": spec.train.epochs, "personal": spec.train.personal,
         "keep_cache": spec.train.keep_cache, "min_clients": spec.min_clients, "task": spec.task,
+        "max_update_norm": spec.max_update_norm, "outlier_factor": spec.outlier_factor,
         "adapter_bytes": adapter_bytes, "whole_model_bytes": int(backbone.nbytes),
         "accuracy_before": central(current) if central else None, "rounds": [], **spec.extra,
     }
@@ -298,6 +313,7 @@ def run_fleet_server(grid: Grid, spec: ServerSpec) -> dict[str, Any]:
             "client_train_seconds_mean": float(np.mean(secs)) if secs else None,
             "client_cache_misses": rep["client_cache_misses"],
             "client_cache_hits": rep["client_cache_hits"],
+            "client_update_distance": rep["update_distance"],
             "rejected": rep["rejected"],
             "failed": rep["failed"],
             "updated": arrays is not None,

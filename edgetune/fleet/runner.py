@@ -31,11 +31,20 @@ class FleetError(EdgetuneError):
     """A fleet process failed or timed out."""
 
 
+def _not_the_simulation_deprecation(record) -> bool:
+    """Flower 1.41 warns that ``run_simulation`` is deprecated on every simulation; the user
+    of ``edgetune fleet simulate`` cannot act on it (docs/fleet.md says so)."""
+    return "run_simulation" not in record.getMessage()
+
+
 def _quiet_flower(verbose: bool) -> None:
     import logging
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.setLevel(logging.WARNING)
+        if _not_the_simulation_deprecation not in flwr_log.filters:
+            flwr_log.addFilter(_not_the_simulation_deprecation)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
@@ -45,6 +54,7 @@ def simulate(spec, *, clients: int, defaults: dict[str, Any], verbose: bool = Fa
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: nothing to override
     from dataclasses import replace
 
     from flwr.simulation import run_simulation
