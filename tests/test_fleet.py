@@ -215,3 +215,18 @@ def test_product_averaging_keeps_every_honest_har_device(private_cache, data_dir
         assert 0 <= resid < 1
     # A keeps the scale it was initialised with, round after round
     assert np.linalg.norm(current["skip.0.lora_A"], axis=1).mean() == pytest.approx(a_norm, rel=1e-4)
+
+
+def test_fleet_rounds_benchmark_compares_kept_and_fresh_caches(private_cache, data_dir, tmp_path, capsys):
+    from benchmarks import fleet_rounds
+
+    out = tmp_path / "rounds.json"
+    assert fleet_rounds.main(["--data-dir", str(data_dir), "--rounds", "2", "--epochs", "2", "--json", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert [r["task"] for r in res] == ["har", "damage1"]
+    for r in res:
+        assert r["cache_misses_per_round"] == {"kept": 0, "fresh": r["samples"]}
+        assert all(v > 0 for v in r["median_seconds"].values())
+    assert "| har (subject16, " in capsys.readouterr().out
