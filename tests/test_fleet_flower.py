@@ -171,6 +171,23 @@ def _certificates(d: Path) -> dict[str, Path]:
     return out
 
 
+def _device_keys(d: Path, names) -> dict[str, Path]:
+    """An ECDSA P-384 key pair per device in OpenSSH format (what ssh-keygen -t ecdsa -b 384 writes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for n in names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        (d / n).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+        (d / f"{n}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                    serialization.PublicFormat.OpenSSH))
+        out[n] = d / n
+    return out
+
+
 def _client_cmd(model, i: int, k: int, port: int, state: Path, *extra: str) -> list[str]:
     return EDGETUNE + ["fleet", "client", "--model", str(model), "--task", "damage1", "--data-dir", str(DATA_DIR),
                        "--partition", f"{i}/{k}", "--partition-by", "by-room", "--server", f"127.0.0.1:{port}",
@@ -187,41 +204,89 @@ def _log(path: Path) -> str:
     return path.read_text(errors="replace")[-3000:] if path.is_file() else ""
 
 
-def test_tls_fleet_completes_and_refuses_clients_without_the_ca(fan_model, tmp_path):
-    """Server and devices over TLS with a CA made here; a device trusting another CA and a
-    device connecting without TLS never join and give up after --max-wait."""
+def test_tls_fleet_admits_only_known_devices(fan_model, tmp_path):
+    """Server and devices over TLS with a CA made here, and only devices whose public keys the
+    server was given may join. Refused, never training, exiting non-zero: a device with an
+    unknown key, one with no key, one trusting another CA, and one connecting without TLS."""
     c = _certificates(tmp_path / "pki")
+    keys = _device_keys(tmp_path / "keys", ["dev0", "dev1", "stranger"])
     port = free_port()
     out = tmp_path / "server.json"
     server = _start(_server_cmd(fan_model, port, out, 2, 2, "--ssl-certfile", str(c["cert"]), "--ssl-keyfile",
-                                str(c["key"]), "--ssl-ca-certfile", str(c["ca"]), "--round-timeout", "60"),
+                                str(c["key"]), "--ssl-ca-certfile", str(c["ca"]), "--round-timeout", "60",
+                                "--device-keys", f"{keys['dev0']}.pub", f"{keys['dev1']}.pub"),
                     tmp_path / "server.log")
     procs = [server]
+    tls = ("--root-certificates", str(c["ca"]))
     try:
-        good = [_start(_client_cmd(fan_model, i, 4, port, tmp_path / f"dev{i}", "--root-certificates", str(c["ca"])),
-                       tmp_path / f"client{i}.log") for i in (0, 1)]
-        wrong_ca = _start(_client_cmd(fan_model, 2, 4, port, tmp_path / "dev2", "--root-certificates",
-                                      str(c["other-ca"]), "--max-wait", "15"), tmp_path / "client2.log")
-        plain = _start(_client_cmd(fan_model, 3, 4, port, tmp_path / "dev3", "--insecure", "--max-wait", "15"),
-                       tmp_path / "client3.log")
-        procs += good + [wrong_ca, plain]
+        good = [_start(_client_cmd(fan_model, i, 6, port, tmp_path / f"dev{i}", *tls, "--device-key",
+                                   str(keys[f"dev{i}"])), tmp_path / f"client{i}.log") for i in (0, 1)]
+        refused = {
+            2: _client_cmd(fan_model, 2, 6, port, tmp_path / "dev2", *tls, "--device-key", str(keys["stranger"])),
+            3: _client_cmd(fan_model, 3, 6, port, tmp_path / "dev3", *tls),
+            4: _client_cmd(fan_model, 4, 6, port, tmp_path / "dev4", "--root-certificates", str(c["other-ca"])),
+            5: _client_cmd(fan_model, 5, 6, port, tmp_path / "dev5", "--insecure"),
+        }
+        bad = {n: _start(cmd + ["--max-wait", "15"], tmp_path / f"client{n}.log") for n, cmd in refused.items()}
+        procs += good + list(bad.values())
         server.wait(timeout=150)
         assert server.returncode == 0, _log(tmp_path / "server.log")
-        for p, n in ((wrong_ca, 2), (plain, 3)):
+        for n, p in bad.items():
             p.wait(timeout=60)
             assert p.returncode != 0, _log(tmp_path / f"client{n}.log")
     finally:
         for p in procs:
             _stop(p)
     res = json.loads(out.read_text())
-    assert res["tls"] is True
+    assert res["tls"] is True and res["device_keys"] == 2
     assert [x["round"] for x in res["rounds"]] == [1, 2]
     for x in res["rounds"]:
         assert sorted(x["clients"]) == ["noisy-stretch0", "noisy-stretch1"] and x["updated"]
         assert sorted(x["client_accuracy"]) == ["noisy-stretch0", "noisy-stretch1"]
     assert res["totals"]["rounds"] == 2
     # the refused devices never trained
-    assert not (tmp_path / "dev2" / "device").exists() and not (tmp_path / "dev3" / "device").exists()
+    for n in refused:
+        assert not (tmp_path / f"dev{n}" / "device").exists(), n
+    # the same server again with dev1's key left out: dev1 is refused now, dev0 still joins
+    server = _start(_server_cmd(fan_model, port, out, 1, 1, "--ssl-certfile", str(c["cert"]), "--ssl-keyfile",
+                                str(c["key"]), "--ssl-ca-certfile", str(c["ca"]), "--round-timeout", "60",
+                                "--device-keys", f"{keys['dev0']}.pub"), tmp_path / "server2.log")
+    procs = [server]
+    try:
+        dev0 = _start(_client_cmd(fan_model, 0, 6, port, tmp_path / "dev0", *tls, "--device-key", str(keys["dev0"])),
+                      tmp_path / "client0b.log")
+        dev1 = _start(_client_cmd(fan_model, 1, 6, port, tmp_path / "dev1", *tls, "--device-key", str(keys["dev1"]),
+                                  "--max-wait", "15"), tmp_path / "client1b.log")
+        procs += [dev0, dev1]
+        server.wait(timeout=150)
+        assert server.returncode == 0, _log(tmp_path / "server2.log")
+        dev1.wait(timeout=60)
+        assert dev1.returncode != 0, _log(tmp_path / "client1b.log")
+    finally:
+        for p in procs:
+            _stop(p)
+    res = json.loads(out.read_text())
+    assert res["device_keys"] == 1 and [x["clients"] for x in res["rounds"]] == [["noisy-stretch0"]]
+
+
+def test_device_keys_are_checked_before_anything_starts(fan_model, tmp_path):
+    c = _certificates(tmp_path / "pki")
+    keys = _device_keys(tmp_path / "keys", ["dev0"])
+    tls = ["--ssl-certfile", str(c["cert"]), "--ssl-keyfile", str(c["key"]), "--ssl-ca-certfile", str(c["ca"])]
+    cases = [
+        (["--insecure", "--device-keys", f"{keys['dev0']}.pub"], "needs TLS"),
+        (tls + ["--device-keys", str(keys["dev0"])], "is a private key"),
+        (tls + ["--device-keys", str(c["ca"])], "not an OpenSSH ECDSA public key"),
+        (tls + ["--device-keys", str(tmp_path / "missing.pub")], "device key not found"),
+    ]
+    for extra, msg in cases:
+        r = subprocess.run(_server_cmd(fan_model, free_port(), tmp_path / "o.json", 1, 1, *extra),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and msg in r.stderr, (extra, r.stderr[-500:])
+    r = subprocess.run(_client_cmd(fan_model, 0, 1, free_port(), tmp_path / "d", "--insecure", "--device-key",
+                                   str(keys["dev0"])), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "needs --root-certificates" in r.stderr
+    assert not (tmp_path / "o.json.state").exists() and not (tmp_path / "d").exists()
 
 
 def _saved_rounds(state: Path) -> list[dict]:

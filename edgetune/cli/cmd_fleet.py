@@ -106,6 +106,9 @@ the global adapter is saved after every round and a restarted server resumes the
     srv.add_argument("--round-timeout", type=positive_float, default=600.0,
                      help="seconds to wait for a round's replies; late devices are left out (default 600)")
     srv.add_argument("--timeout", type=positive_float, default=24 * 3600.0, help="give up after this many seconds")
+    srv.add_argument("--device-keys", nargs="+", metavar="PUB",
+                     help="only devices holding the private key of one of these public keys (OpenSSH ECDSA, "
+                          "e.g. from ssh-keygen -t ecdsa -b 384) may join; needs TLS")
     _tls_server_args(srv)
     _train_args(srv)
     _output_args(srv)
@@ -128,6 +131,9 @@ every round the server starts. The device's skip-cache and personal tensors are 
                      help="local port of the SuperNode's ClientApp API on 127.0.0.1 (default: a free one)")
     cli.add_argument("--root-certificates", metavar="PEM", help="CA certificate to verify the server (TLS)")
     cli.add_argument("--insecure", action="store_true", help="connect without TLS")
+    cli.add_argument("--device-key", metavar="KEY",
+                     help="this device's private key, when the server admits only known devices (--device-keys); "
+                          "needs --root-certificates")
     cli.add_argument("--max-wait", type=positive_float, metavar="SECONDS",
                      help="try to reach the server for at most this many seconds, then exit with code 1 "
                           "(e.g. when the TLS handshake fails; Flower's --max-wait-time); default: keep trying")
@@ -252,6 +258,11 @@ def _server(args: argparse.Namespace) -> int:
                "ca": str(Path(args.ssl_ca_certfile).resolve())}
     elif not args.insecure:
         raise UsageError("give the TLS files (--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile) or --insecure")
+    keys = None
+    if args.device_keys:
+        if tls is None:
+            raise UsageError("--device-keys needs TLS (Flower authenticates devices only over TLS)")
+        keys = [_public_key(k) for k in args.device_keys]
     _check_model(args.model)
     spec_train = _train_spec(args)
     state = args.state_dir or (f"{args.json}.state" if args.json and args.json != "-" else "edgetune-fleet-server")
@@ -262,14 +273,35 @@ def _server(args: argparse.Namespace) -> int:
                       round_timeout=args.round_timeout, max_update_norm=args.max_update_norm,
                       outlier_factor=args.outlier_factor or None,
                       min_replies=args.min_replies, extra={"engine": "flower-deployment", "address": args.address,
-                                                           "tls": tls is not None})
+                                                           "tls": tls is not None,
+                                                           "device_keys": len(keys) if keys else None})
     res = serve(spec, address=args.address, state_dir=Path(state), tls=tls, timeout=args.timeout,
-                log=lambda s: info(args, s))
+                device_keys=keys, log=lambda s: info(args, s))
     if args.json == "-":
         _emit(args, res)
     elif not args.quiet:
         _print_results(res)
     return 0
+
+
+def _public_key(path: str) -> str:
+    """A device's public key file, checked to be one line of OpenSSH ECDSA before Flower sees it."""
+    f = Path(path)
+    if not f.is_file():
+        raise UsageError(f"device key not found: {path}")
+    if f.stat().st_size > 4096:
+        raise UsageError(f"{path} is not a public key (over 4 KB)")
+    try:
+        text = f.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the public key {path}: {e}") from None
+    if "PRIVATE KEY" in text:
+        raise UsageError(f"{path} is a private key: give the device's public key (.pub); the private key stays "
+                         f"on the device")
+    if not text.startswith("ecdsa-sha2-nistp") or "\n" in text:
+        raise UsageError(f"{path} is not an OpenSSH ECDSA public key (make one with: ssh-keygen -t ecdsa -b 384 "
+                         f"-N '' -f device0)")
+    return str(f.resolve())
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -284,6 +316,11 @@ def _client(args: argparse.Namespace) -> int:
         raise UsageError("give --root-certificates (TLS) or --insecure")
     if args.root_certificates and not Path(args.root_certificates).is_file():
         raise UsageError(f"TLS file not found: {args.root_certificates}")
+    if args.device_key:
+        if not args.root_certificates:
+            raise UsageError("--device-key needs --root-certificates (Flower authenticates devices only over TLS)")
+        if not Path(args.device_key).is_file():
+            raise UsageError(f"device key not found: {args.device_key}")
     _check_model(args.model)
     from ..data.task import BUILTIN_TASKS
 
@@ -300,4 +337,6 @@ def _client(args: argparse.Namespace) -> int:
         node_config["fault"] = args.fault
     return join(server=args.server, node_config=node_config, state_dir=state,
                 root_certificates=str(Path(args.root_certificates).resolve()) if args.root_certificates else None,
-                runtime_port=args.runtime_port, max_wait=args.max_wait, log=lambda s: info(args, s))
+                runtime_port=args.runtime_port, max_wait=args.max_wait,
+                device_key=str(Path(args.device_key).resolve()) if args.device_key else None,
+                log=lambda s: info(args, s))

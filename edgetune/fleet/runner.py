@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -163,20 +164,32 @@ def _on_signals(handler) -> dict:
 
 
 def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
-    """Stop a process started in its own session, and everything it started."""
-    if proc is None or proc.poll() is not None:
+    """Stop a process started in its own session, and everything it started: the whole
+    process group, also when its leader has already exited (a SuperNode that gave up leaves
+    its SuperExec behind otherwise)."""
+    if proc is None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
     except (ProcessLookupError, PermissionError):
+        proc.poll()
         return
-    except subprocess.TimeoutExpired:
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        proc.poll()
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
         proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 APP_MODULE = '''"""The Flower App that edgetune submits: its components are edgetune's fleet apps."""
@@ -235,9 +248,78 @@ address = {_toml_str(address)}
 """)
 
 
+def _superlink_cmd(host: str, port: int, database: Path, tls: dict[str, str] | None, auth: bool) -> list[str]:
+    cmd = [_tool("flower-superlink"), "--host", host, "--port", str(port), "--database", str(database),
+           "--disable-runtime-dependency-installation"]
+    if tls:
+        cmd += ["--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"], "--ssl-ca-certfile", tls["ca"]]
+    else:
+        cmd += ["--insecure"]
+    if auth:
+        if not tls:
+            raise UsageError("device keys need TLS (Flower authenticates devices only over TLS)")
+        cmd += ["--enable-supernode-auth"]
+    return cmd
+
+
+def _flwr_json(args: list[str], env: dict[str, str], cwd: Path) -> tuple[bool, dict[str, Any], str]:
+    sub = subprocess.run([_tool("flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=cwd)
+    try:
+        out = json.loads(sub.stdout)
+    except ValueError:
+        out = {}
+    return sub.returncode == 0 and bool(out.get("success")), out, (sub.stdout + sub.stderr).strip()
+
+
+def register_devices(keys: list[str], *, state_dir: Path, tls: dict[str, str], log=print) -> None:
+    """Make ``keys`` (the devices' public key files) exactly the devices the SuperLink admits.
+
+    Done on a SuperLink of our own on a free loopback port, over the same database, before
+    the fleet's SuperLink listens: a device that connects early never meets a SuperLink that
+    has not registered it yet (Flower refuses an unregistered device at once, and its
+    SuperNode exits). Keys registered by an earlier run and no longer given are unregistered
+    (their node ids are kept in ``device-keys.json`` in the state directory).
+    """
+    home = state_dir / "flwr-register"
+    env = _flower_env(home)
+    port = free_port()
+    _write_connection(home, f"127.0.0.1:{port}", tls["ca"])
+    book_path = state_dir / "device-keys.json"
+    try:
+        book: dict[str, int] = json.loads(book_path.read_text()) if book_path.is_file() else {}
+    except (OSError, ValueError):
+        book = {}
+    # a key is its type and its base64 body; the comment after them may change
+    wanted = {" ".join(Path(k).read_text().split()[:2]): k for k in keys}
+    with open(state_dir / "superlink.log", "ab") as logf:
+        link = subprocess.Popen(_superlink_cmd("127.0.0.1", port, state_dir / "superlink.db", tls, True), env=env,
+                                stdout=logf, stderr=subprocess.STDOUT, cwd=state_dir, **_child_kwargs())
+        try:
+            _wait_port("127.0.0.1", port, link, 60)
+            for text, node in list(book.items()):
+                if text not in wanted:
+                    ok, _, msg = _flwr_json(["supernode", "unregister", str(node), "edgetune"], env, state_dir)
+                    if not ok and "not found" not in msg.lower():
+                        raise FleetError(f"unregistering a device no longer given failed: {msg[-1500:]}")
+                    del book[text]
+            for text, key in wanted.items():
+                ok, out, msg = _flwr_json(["supernode", "register", key, "edgetune"], env, state_dir)
+                if ok:
+                    book[text] = int(out["node-id"])
+                elif "already in use" not in msg.lower():
+                    raise FleetError(f"registering the device key {key} failed: {msg[-1500:]}")
+        finally:
+            stop_process(link)
+    from ..io_atomic import write_json_atomic
+    write_json_atomic(book_path, book)
+    log(f"{len(wanted)} device key(s) registered: only those devices may join")
+
+
 def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, timeout: float,
-          log=print) -> dict[str, Any]:
-    """Start a SuperLink on ``address``, submit the fleet run, wait for its results."""
+          device_keys: list[str] | None = None, log=print) -> dict[str, Any]:
+    """Start a SuperLink on ``address``, submit the fleet run, wait for its results.
+    With ``device_keys`` (public keys; TLS required) only those devices may join."""
     require_flwr()
     host, port = parse_address(address)
     state_dir = Path(state_dir).resolve()
@@ -254,17 +336,21 @@ def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, ti
                 done_marker.unlink()  # a finished run is not resumed: this is a new one
         except (OSError, ValueError):
             pass
+    if not done_marker.is_file():
+        # A new run starts from a fresh SuperLink database. The last run's devices may still be
+        # listed online there for a minute after they stopped (Flower waits two heartbeats),
+        # and the first round would be sent to them and fail. A resumed run keeps the database:
+        # its devices are still connected.
+        for f in ("superlink.db", "superlink.db-shm", "superlink.db-wal", "device-keys.json"):
+            (state_dir / f).unlink(missing_ok=True)
     if results_path.exists():
         results_path.unlink()
     app_dir = write_flower_app(state_dir / "app", spec.to_json())
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     _write_connection(flwr_home, f"{connect_host}:{port}", tls.get("ca") if tls else None)
-    cmd = [_tool("flower-superlink"), "--host", host, "--port", str(port),
-           "--database", str(state_dir / "superlink.db"), "--disable-runtime-dependency-installation"]
-    if tls:
-        cmd += ["--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"], "--ssl-ca-certfile", tls["ca"]]
-    else:
-        cmd += ["--insecure"]
+    cmd = _superlink_cmd(host, port, state_dir / "superlink.db", tls, bool(device_keys))
+    if device_keys:
+        register_devices(device_keys, state_dir=state_dir, tls=tls, log=log)
     logf = open(state_dir / "superlink.log", "ab")
     link = None
 
@@ -301,9 +387,34 @@ def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, ti
         logf.close()
 
 
+REFUSED = "Exit Code: 305"  # what flower-supernode prints when it cannot connect or is not activated
+
+
+def _relay(proc: subprocess.Popen) -> bool:
+    """Copy a SuperNode's output to ours as it comes; True if it said it could not connect or
+    was refused (Flower's exit code 305; the process itself exits with 1 either way)."""
+    refused = False
+    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, b""):
+        refused = refused or REFUSED.encode() in line
+        if out is not None:
+            out.write(line)
+            out.flush()
+    return refused
+
+
 def join(*, server: str, node_config: dict[str, Any], state_dir: Path, root_certificates: str | None,
-         runtime_port: int | None, max_wait: float | None = None, log=print) -> int:
-    """Run a SuperNode for one device until it is stopped; returns its exit code."""
+         runtime_port: int | None, max_wait: float | None = None, device_key: str | None = None, log=print) -> int:
+    """Run a SuperNode for one device until it is stopped; returns its exit code.
+
+    A SuperNode that the server refuses exits at once (Flower does not retry an activation).
+    That happens to a device that comes back within a minute of dying while the SuperLink
+    still lists it online (with device keys, its node id is fixed by its key), and to a
+    device whose key is not registered. The SuperNode is then started again, with a backoff
+    of 2 s doubling to 30 s, until ``max_wait`` seconds have passed since the start (or for
+    ever without ``max_wait``, as Flower's own reconnection does).
+    """
     require_flwr()
     parse_address(server)
     state_dir = Path(state_dir).resolve()
@@ -311,22 +422,47 @@ def join(*, server: str, node_config: dict[str, Any], state_dir: Path, root_cert
     env = _flower_env(state_dir / "flwr-home")
     port = runtime_port or free_port()
     cfg = " ".join(f"{k}={_toml_str(v) if isinstance(v, str) else v}" for k, v in node_config.items())
-    cmd = [_tool("flower-supernode"), "--superlink", server, "--host", "127.0.0.1", "--port", str(port),
-           "--node-config", cfg]
-    cmd += ["--root-certificates", root_certificates] if root_certificates else ["--insecure"]
-    if max_wait is not None:
-        cmd += ["--max-wait-time", str(max_wait)]
-    proc = subprocess.Popen(cmd, env=env, cwd=state_dir, **_child_kwargs())
-    log(f"SuperNode for device {node_config.get('partition-id')}/{node_config.get('num-partitions')} "
-        f"connecting to {server} (ClientApp API on 127.0.0.1:{port})")
+    base = [_tool("flower-supernode"), "--superlink", server, "--host", "127.0.0.1", "--port", str(port),
+            "--node-config", cfg]
+    base += ["--root-certificates", root_certificates] if root_certificates else ["--insecure"]
+    if device_key:
+        base += ["--auth-supernode-private-key", device_key]
+    deadline = None if max_wait is None else time.monotonic() + max_wait
+    current: list[subprocess.Popen] = []
 
     def forward(signum, _frame):
-        stop_process(proc)
+        for p in current:
+            stop_process(p)
         raise SystemExit(128 + signum)
     old = _on_signals(forward)
+    delay = 2.0
+    log(f"SuperNode for device {node_config.get('partition-id')}/{node_config.get('num-partitions')} "
+        f"connecting to {server} (ClientApp API on 127.0.0.1:{port})")
     try:
-        return proc.wait()
+        while True:
+            cmd = list(base)
+            if deadline is not None:
+                cmd += ["--max-wait-time", f"{max(1.0, deadline - time.monotonic()):.1f}"]
+            proc = subprocess.Popen(cmd, env=env, cwd=state_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    **_child_kwargs())
+            current[:] = [proc]
+            seen: list[bool] = []
+            relay = threading.Thread(target=lambda: seen.append(_relay(proc)), daemon=True)
+            relay.start()
+            rc = proc.wait()
+            stop_process(proc)  # what the SuperNode started (its SuperExec) goes with it
+            relay.join(10)
+            refused = bool(seen and seen[0])
+            if rc == 0 or not refused:
+                return rc
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                return rc
+            why = " (is this device's public key among the server's --device-keys?)" if device_key else ""
+            log(f"the server refused this device or could not be reached{why}; trying again in {delay:.0f} s")
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        stop_process(proc)
+        for p in current:
+            stop_process(p)
