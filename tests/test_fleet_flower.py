@@ -286,6 +286,9 @@ def test_device_keys_are_checked_before_anything_starts(fan_model, tmp_path):
     r = subprocess.run(_client_cmd(fan_model, 0, 1, free_port(), tmp_path / "d", "--insecure", "--device-key",
                                    str(keys["dev0"])), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "needs --root-certificates" in r.stderr
+    r = subprocess.run(_client_cmd(fan_model, 0, 1, free_port(), tmp_path / "d", "--root-certificates", str(c["ca"]),
+                                   "--device-key", f"{keys['dev0']}.pub"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is not a private key" in r.stderr
     assert not (tmp_path / "o.json.state").exists() and not (tmp_path / "d").exists()
 
 

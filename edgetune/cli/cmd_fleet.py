@@ -135,8 +135,8 @@ every round the server starts. The device's skip-cache and personal tensors are 
                      help="this device's private key, when the server admits only known devices (--device-keys); "
                           "needs --root-certificates")
     cli.add_argument("--max-wait", type=positive_float, metavar="SECONDS",
-                     help="try to reach the server for at most this many seconds, then exit with code 1 "
-                          "(e.g. when the TLS handshake fails; Flower's --max-wait-time); default: keep trying")
+                     help="try to reach the server and be admitted for at most this many seconds, then exit with "
+                          "code 1 (a TLS handshake that fails, a key the server does not know); default: keep trying")
     cli.add_argument("--fault", choices=["nan", "shape", "norm"],
                      help="send a bad update every round (to test the server's defences)")
     cli.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -319,8 +319,12 @@ def _client(args: argparse.Namespace) -> int:
     if args.device_key:
         if not args.root_certificates:
             raise UsageError("--device-key needs --root-certificates (Flower authenticates devices only over TLS)")
-        if not Path(args.device_key).is_file():
+        key = Path(args.device_key)
+        if not key.is_file():
             raise UsageError(f"device key not found: {args.device_key}")
+        if key.stat().st_size > 16384 or b"PRIVATE KEY" not in key.read_bytes():
+            raise UsageError(f"{args.device_key} is not a private key (the server holds the .pub; the device "
+                             f"gives the private key, e.g. device0 from ssh-keygen -t ecdsa -b 384 -N '' -f device0)")
     _check_model(args.model)
     from ..data.task import BUILTIN_TASKS
 

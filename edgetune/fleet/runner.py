@@ -447,7 +447,7 @@ def join(*, server: str, node_config: dict[str, Any], state_dir: Path, root_cert
                                     **_child_kwargs())
             current[:] = [proc]
             seen: list[bool] = []
-            relay = threading.Thread(target=lambda: seen.append(_relay(proc)), daemon=True)
+            relay = threading.Thread(target=lambda p=proc: seen.append(_relay(p)), daemon=True)
             relay.start()
             rc = proc.wait()
             stop_process(proc)  # what the SuperNode started (its SuperExec) goes with it
