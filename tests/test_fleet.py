@@ -55,6 +55,13 @@ def test_product_average_averages_products_not_factors(rng):
     np.testing.assert_allclose(np.linalg.norm(pk["l.lora_A"], axis=1), [7.0], rtol=1e-5)
     np.testing.assert_allclose(pk["l.lora_B"] @ pk["l.lora_A"], p1["l.lora_B"] @ p1["l.lora_A"], atol=1e-5)
     assert resid_k == pytest.approx(resid1)
+    # rank above min(out, in): the rows SVD cannot fill stay zero and do not shrink the scale
+    wide = {"l.lora_A": rng.normal(size=(6, 6)).astype(np.float32), "l.lora_B": rng.normal(size=(4, 6)).astype(np.float32)}
+    cur = wide
+    for _ in range(3):
+        cur, _ = product_average([cur, cur], w, reference=cur)
+    norms = np.linalg.norm(cur["l.lora_A"], axis=1)
+    np.testing.assert_allclose(norms[norms > 0], np.mean(np.linalg.norm(wide["l.lora_A"], axis=1)), rtol=1e-4)
     assert lora_pairs(list(a)) == [("l.lora_A", "l.lora_B")]
 
 

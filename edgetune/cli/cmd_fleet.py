@@ -107,8 +107,9 @@ the global adapter is saved after every round and a restarted server resumes the
                      help="seconds to wait for a round's replies; late devices are left out (default 600)")
     srv.add_argument("--timeout", type=positive_float, default=24 * 3600.0, help="give up after this many seconds")
     srv.add_argument("--device-keys", nargs="+", metavar="PUB",
-                     help="only devices holding the private key of one of these public keys (OpenSSH ECDSA, "
-                          "e.g. from ssh-keygen -t ecdsa -b 384) may join; needs TLS")
+                     help="admit only devices holding the private key of one of these public keys (OpenSSH "
+                          "ECDSA, e.g. from ssh-keygen -t ecdsa -b 384); needs TLS; anyone who reaches the port and "
+                          "trusts the CA can still register a key (docs/fleet.md)")
     _tls_server_args(srv)
     _train_args(srv)
     _output_args(srv)

@@ -180,7 +180,9 @@ def product_average(updates: Sequence[Tensors], weights: Sequence[float],
             m += wi * (np.asarray(u[kb], np.float64) @ np.asarray(u[ka], np.float64))
         scale = None
         if reference is not None and ka in reference:
-            scale = float(np.mean(np.linalg.norm(np.asarray(reference[ka], np.float64), axis=1)))
+            # rows beyond the product's rank stay zero (rank > min(out, in)): they carry no scale
+            norms = np.linalg.norm(np.asarray(reference[ka], np.float64), axis=1)
+            scale = float(np.mean(norms[norms > 0])) if np.any(norms > 0) else None
         a, b, resid = refactor(m, a0.shape[0], scale)
         out[ka], out[kb] = a.astype(a0.dtype), b.astype(b0.dtype)
         worst = max(worst, resid)

@@ -88,7 +88,7 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -166,30 +166,26 @@ def _on_signals(handler) -> dict:
 def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
     """Stop a process started in its own session, and everything it started: the whole
     process group, also when its leader has already exited (a SuperNode that gave up leaves
-    its SuperExec behind otherwise)."""
-    if proc is None:
+    its SuperExec behind otherwise). Once the group is gone the process is marked, and later
+    calls do nothing (its id may belong to another process group by then)."""
+    if proc is None or getattr(proc, "_group_gone", False):
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        proc.poll()
-        return
-    end = time.monotonic() + grace
-    while time.monotonic() < end:
-        proc.poll()
-        try:
-            os.killpg(proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.05)
-    try:
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            proc.poll()
+            os.killpg(proc.pid, 0)  # raises once every process of the group has exited
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
         proc.wait(grace)
-    except subprocess.TimeoutExpired:
+    except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
         pass
+    proc.poll()
+    try:
+        os.killpg(proc.pid, 0)
+    except (ProcessLookupError, PermissionError):
+        proc._group_gone = True  # type: ignore[attr-defined]
 
 
 APP_MODULE = '''"""The Flower App that edgetune submits: its components are edgetune's fleet apps."""
@@ -263,8 +259,11 @@ def _superlink_cmd(host: str, port: int, database: Path, tls: dict[str, str] | N
 
 
 def _flwr_json(args: list[str], env: dict[str, str], cwd: Path) -> tuple[bool, dict[str, Any], str]:
-    sub = subprocess.run([_tool("flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True,
-                         timeout=120, cwd=cwd)
+    try:
+        sub = subprocess.run([_tool("flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        raise FleetError(f"'flwr {' '.join(args)}' did not answer within 120 s") from None
     try:
         out = json.loads(sub.stdout)
     except ValueError:
@@ -272,10 +271,12 @@ def _flwr_json(args: list[str], env: dict[str, str], cwd: Path) -> tuple[bool, d
     return sub.returncode == 0 and bool(out.get("success")), out, (sub.stdout + sub.stderr).strip()
 
 
-def register_devices(keys: list[str], *, state_dir: Path, tls: dict[str, str], log=print) -> None:
+def register_devices(keys: list[str], *, state_dir: Path, tls: dict[str, str], host: str = "127.0.0.1",
+                     log=print) -> None:
     """Make ``keys`` (the devices' public key files) exactly the devices the SuperLink admits.
 
-    Done on a SuperLink of our own on a free loopback port, over the same database, before
+    Done on a SuperLink of our own on a free port of ``host`` (the address the server's own
+    ``flwr`` commands use, which its certificate must name), over the same database, before
     the fleet's SuperLink listens: a device that connects early never meets a SuperLink that
     has not registered it yet (Flower refuses an unregistered device at once, and its
     SuperNode exits). Keys registered by an earlier run and no longer given are unregistered
@@ -283,8 +284,8 @@ def register_devices(keys: list[str], *, state_dir: Path, tls: dict[str, str], l
     """
     home = state_dir / "flwr-register"
     env = _flower_env(home)
-    port = free_port()
-    _write_connection(home, f"127.0.0.1:{port}", tls["ca"])
+    port = free_port(host)
+    _write_connection(home, f"{host}:{port}", tls["ca"])
     book_path = state_dir / "device-keys.json"
     try:
         book: dict[str, int] = json.loads(book_path.read_text()) if book_path.is_file() else {}
@@ -293,10 +294,10 @@ def register_devices(keys: list[str], *, state_dir: Path, tls: dict[str, str], l
     # a key is its type and its base64 body; the comment after them may change
     wanted = {" ".join(Path(k).read_text().split()[:2]): k for k in keys}
     with open(state_dir / "superlink.log", "ab") as logf:
-        link = subprocess.Popen(_superlink_cmd("127.0.0.1", port, state_dir / "superlink.db", tls, True), env=env,
+        link = subprocess.Popen(_superlink_cmd(host, port, state_dir / "superlink.db", tls, True), env=env,
                                 stdout=logf, stderr=subprocess.STDOUT, cwd=state_dir, **_child_kwargs())
         try:
-            _wait_port("127.0.0.1", port, link, 60)
+            _wait_port(host, port, link, 60)
             for text, node in list(book.items()):
                 if text not in wanted:
                     ok, _, msg = _flwr_json(["supernode", "unregister", str(node), "edgetune"], env, state_dir)
@@ -350,7 +351,7 @@ def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, ti
     _write_connection(flwr_home, f"{connect_host}:{port}", tls.get("ca") if tls else None)
     cmd = _superlink_cmd(host, port, state_dir / "superlink.db", tls, bool(device_keys))
     if device_keys:
-        register_devices(device_keys, state_dir=state_dir, tls=tls, log=log)
+        register_devices(device_keys, state_dir=state_dir, tls=tls, host=connect_host, log=log)
     logf = open(state_dir / "superlink.log", "ab")
     link = None
 
@@ -399,8 +400,11 @@ def _relay(proc: subprocess.Popen) -> bool:
     for line in iter(proc.stdout.readline, b""):
         refused = refused or REFUSED.encode() in line
         if out is not None:
-            out.write(line)
-            out.flush()
+            try:
+                out.write(line)
+                out.flush()
+            except (OSError, ValueError):  # our output is gone (a closed pipe): keep draining theirs
+                out = None
     return refused
 
 
