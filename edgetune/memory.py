@@ -570,7 +570,7 @@ def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimi
                        pointer_bytes: int = 4, statics: int = 0, stack: int = 0) -> DevicePlan:
     """RAM of the exported program for ``method`` (an instance: its parameters and backbone).
 
-    Mirrors ``et_device_arena_bytes`` (edgetune/export/templates/et_device.c) piece by piece:
+    Mirrors ``et_device_arena_bytes`` (edgetune/export/templates/et_device.c.in) piece by piece:
     parameters, gradients, optimizer state, the skip-cache (``cache_capacity`` rows and a
     fill flag per sample), the sample store (when ``store_samples``), the shuffle order and
     the engine's workspace (``core_workspace_bytes`` at ``pointer_bytes``), every piece

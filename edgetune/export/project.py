@@ -493,6 +493,12 @@ def _template(name: str, **subst: Any) -> str:
     return text
 
 
+def _copy_template(name: str, dest: Path) -> None:
+    """A C file of the device project, stored as ``templates/NAME.in``: it includes the
+    engine's and the generated headers, which exist only beside it in an exported project."""
+    shutil.copyfile(TEMPLATES / f"{name}.in", dest)
+
+
 def export_project(opts: ExportOptions) -> ExportResult:
     """Write the project for ``opts`` into ``opts.out`` atomically (a temporary folder beside it, renamed)."""
     from .. import core as core_pkg
@@ -513,7 +519,7 @@ def export_project(opts: ExportOptions) -> ExportResult:
                 continue  # POSIX only
             shutil.copyfile(core_pkg.SOURCE_DIR / f, tmp / f)
         for f in ("et_device.c", "et_device.h"):
-            shutil.copyfile(TEMPLATES / f, tmp / f)
+            _copy_template(f, tmp / f)
         h, c = _model_c(d, adapter_files)
         (tmp / "et_model.h").write_text(h)
         (tmp / "et_model.c").write_text(c)
@@ -521,16 +527,16 @@ def export_project(opts: ExportOptions) -> ExportResult:
         if mcu:
             (tmp / "et_samples.h").write_text(_samples_h(d))
             (tmp / "et_samples.c").write_text(_samples_c(d))
-            shutil.copyfile(TEMPLATES / "main_mcu.c", tmp / "main.c")
-            shutil.copyfile(TEMPLATES / "mcu_startup.c", tmp / "startup.c")
-            shutil.copyfile(TEMPLATES / "et_mcu.h", tmp / "et_mcu.h")
+            _copy_template("main_mcu.c", tmp / "main.c")
+            _copy_template("mcu_startup.c", tmp / "startup.c")
+            _copy_template("et_mcu.h", tmp / "et_mcu.h")
             (tmp / "link.ld").write_text(_template(
                 "mcu.ld", FLASH=d["flash_limit"], RAM=d["ram_limit"], STACK=target.stack, TARGET=target.name))
             (tmp / "Makefile").write_text(_template(
                 "Makefile.mcu", TARGET=target.name, CPU_FLAGS=target.cpu_flags, MACHINE=target.machine,
                 CC=target.compiler()))
         else:
-            shutil.copyfile(TEMPLATES / "main_linux.c", tmp / "main.c")
+            _copy_template("main_linux.c", tmp / "main.c")
             if d["task"] is not None:
                 (tmp / "samples.bin").write_bytes(_samples_bin(d))
             run = "" if target.name == "host" or target.compiler() == "cc" else f"{target.qemu} "

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "et_core.h"
+#include "../../edgetune/core/et_core.h"
 
 #define N_SAMPLES 37
 #define BATCH 6
