@@ -154,7 +154,7 @@ def input_paths(args: argparse.Namespace) -> list[str]:
     task = getattr(args, "task", None)
     if task and Path(task).exists():
         out.append(task)
-    for name in ("model", "adapter"):
+    for name in ("model", "adapter", "onnx_file"):
         v = getattr(args, name, None)
         if v:
             out.append(v)

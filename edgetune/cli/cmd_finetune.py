@@ -6,7 +6,8 @@ import sys
 
 from ..errors import UsageError
 from ._common import (add_force_arg, add_output_args, add_task_args, add_train_args, check_outputs, info,
-                      int_list, load_task_arg, positive_float, positive_int, train_kwargs, write_json)
+                      int_list, load_task_arg, output_path, positive_float, positive_int, train_kwargs,
+                      write_json)
 
 NAME = "finetune"
 HELP = "fine-tune a model on a task with one method and report accuracy before/after"
@@ -52,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve", action="store_true", help="measure test accuracy after every epoch (not counted as training time)")
     p.add_argument("--save-adapter", metavar="DIR", help="save the trained adapter (adapter_model.safetensors + adapter_config.json)")
     p.add_argument("--save-model", metavar="DIR", help="save the fine-tuned model merged into a plain backbone (ft-*, lora-*)")
+    p.add_argument("--onnx", metavar="FILE", type=output_path,
+                   help="write the fine-tuned model as an ONNX graph (adapter merged, or skip adapters as an added "
+                        "branch; int8 backbones as QDQ); needs the onnx extra")
     add_force_arg(p)
     add_output_args(p)
 
@@ -76,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
     limit = parse_bytes(args.budget, "--budget") if args.budget is not None else None
     if args.checkpoint_every and not args.checkpoint:
         raise UsageError("--checkpoint-every needs --checkpoint FILE")
-    check_outputs(args.json, dirs=(args.save_adapter, args.save_model), args=args)
+    check_outputs(args.json, args.onnx, dirs=(args.save_adapter, args.save_model), args=args)
+    if args.onnx:
+        from ..onnx import require_onnx
+        require_onnx()  # a missing extra is said before training, not after
     if args.checkpoint:
         check_outputs(args.checkpoint)
     task = load_task_arg(args)
@@ -125,4 +132,8 @@ def run(args: argparse.Namespace) -> int:
     if args.save_model:
         tuner.merged().save(args.save_model)
         info(args, f"merged model saved to {args.save_model}")
+    if args.onnx:
+        from ..onnx import to_onnx
+        to_onnx(tuner, args.onnx)
+        info(args, f"ONNX graph saved to {args.onnx}")
     return 0
