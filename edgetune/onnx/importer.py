@@ -73,6 +73,7 @@ class _Build:
         self.scale = np.ones(n)
         self.shift = np.zeros(n)
         self.affine_nodes: list[str] = []
+        self.affine_ops: list[tuple[str, np.ndarray]] = []   # (op, per input feature), in order
         self.layers: list[_Layer] = []
         self.bias_open = False                  # the path is a layer's output, its bias may follow
         self.final: str = ""                    # a Softmax/LogSoftmax at the output (dropped)
@@ -213,8 +214,10 @@ def _op_add(node: Any, g: _Build) -> None:
         return
     if g.layers:
         raise g.refuse(node, "adds a constant where it is not a layer's bias (after an activation)")
-    g.shift = g.shift + _in_input_order(g, g.per_feature(node, c, "the addend"))
+    v = _in_input_order(g, g.per_feature(node, c, "the addend"))
+    g.shift = g.shift + v
     g.affine_nodes.append(node.name)
+    g.affine_ops.append(("Add", v))
     g.advance(node)
 
 
@@ -244,6 +247,7 @@ def _affine(kind: str) -> Callable[[Any, _Build], None]:
                 raise g.refuse(node, "divides by zero")
             g.scale, g.shift = g.scale / v, g.shift / v
         g.affine_nodes.append(node.name)
+        g.affine_ops.append((kind, v))
         g.advance(node)
     return op
 
@@ -469,8 +473,14 @@ def _backbone(g: _Build, labels: Sequence[str] | None) -> Backbone:
         if np.any(g.scale == 0):
             raise UsageError(f"{g.where}: the input normalisation ({', '.join(g.affine_nodes)}) multiplies a "
                              f"feature by zero")
-        std = (1.0 / g.scale).astype(dtype)
-        mean = (-g.shift / g.scale).astype(dtype)
+        kinds = [k for k, _ in g.affine_ops]
+        if kinds in (["Sub"], ["Sub", "Div"], ["Div"]):  # (x - mean) / std as written: taken exactly
+            vals = dict(g.affine_ops)
+            mean = None if "Sub" not in vals else vals["Sub"].astype(dtype)
+            std = None if "Div" not in vals else vals["Div"].astype(dtype)
+        else:
+            std = (1.0 / g.scale).astype(dtype)
+            mean = (-g.shift / g.scale).astype(dtype)
     try:
         return Backbone(weights, biases, activation=activation, labels=labels, input_mean=mean, input_std=std)
     except UsageError as e:
