@@ -528,12 +528,13 @@ def export_project(opts: ExportOptions) -> ExportResult:
             (tmp / "et_samples.h").write_text(_samples_h(d))
             (tmp / "et_samples.c").write_text(_samples_c(d))
             _copy_template("main_mcu.c", tmp / "main.c")
-            _copy_template("mcu_startup.c", tmp / "startup.c")
-            _copy_template("et_mcu.h", tmp / "et_mcu.h")
+            _copy_template(target.startup_template, tmp / "startup.c")
+            _copy_template(target.header_template, tmp / "et_mcu.h")
             (tmp / "link.ld").write_text(_template(
-                "mcu.ld", FLASH=d["flash_limit"], RAM=d["ram_limit"], STACK=target.stack, TARGET=target.name))
+                target.linker_template, FLASH=d["flash_limit"], RAM=d["ram_limit"], STACK=target.stack,
+                TARGET=target.name))
             (tmp / "Makefile").write_text(_template(
-                "Makefile.mcu", TARGET=target.name, CPU_FLAGS=target.cpu_flags, MACHINE=target.machine,
+                target.makefile_template, TARGET=target.name, CPU_FLAGS=target.cpu_flags, MACHINE=target.machine,
                 CC=target.compiler()))
         else:
             _copy_template("main_linux.c", tmp / "main.c")
