@@ -21,7 +21,7 @@ Ranking without --task: skip2-lora, then skip-lora, then the sparse scheme with 
 trainable parameters (float before int8 when both fit, then the larger batch). With --task:
 the highest accuracy, ties broken by the smaller plan.
 
-With --target (host, aarch64-linux, cortex-m4, cortex-m7) it plans one program as
+With --target (host, aarch64-linux, cortex-m4, cortex-m7, riscv32, riscv32f) it plans one program as
 'edgetune export' would write it for that device instead: the compiled engine's arena
 (parameters, gradients, optimizer, skip-cache, workspace), the program's static data and
 stack, and the frozen weights as flash; --partial-cache caches as many rows as fit.
@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluate", type=positive_int, default=6, metavar="K",
                    help="with --task: fine-tune the K best-ranked candidates (default 6)")
     g = p.add_argument_group("a device program (the plan 'edgetune export' uses)")
-    g.add_argument("--target", metavar="TARGET", help="plan for this export target: host, aarch64-linux, cortex-m4, cortex-m7")
+    g.add_argument("--target", metavar="TARGET", help="plan for this export target: host, aarch64-linux, cortex-m4, cortex-m7, "
+                                                       "riscv32, riscv32f")
     g.add_argument("--method", default="skip2-lora", help="with --target: the method (default skip2-lora)")
     g.add_argument("--int8", action="store_true", help="with --target: int8 backbone and skip-cache (needs --task)")
     g.add_argument("--partial-cache", action="store_true", help="with --target: cache as many rows as fit the budget")
