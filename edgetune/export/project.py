@@ -581,7 +581,7 @@ def _readme(d: dict[str, Any], m: dict[str, Any]) -> str:
     p = d["plan"]
     rows = "\n".join(f"| {k} | {v} |" for k, v in p.breakdown().items())
     if target.kind == "mcu":
-        run = f"""    make            # builds train.elf with {target.cc} and newlib
+        run = f"""    make            # builds train.elf with {target.cc} and {target.libc}
     make run        # runs it under QEMU ({target.machine}), output by semihosting; the last line is JSON
     make size       # flash and RAM as the linker placed them
     make icount     # the same run, with QEMU counting instructions (see 'instructions' in the JSON)

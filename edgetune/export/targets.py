@@ -37,6 +37,7 @@ class Target:
     header_template: str = "et_mcu.h"
     linker_template: str = "mcu.ld"
     makefile_template: str = "Makefile.mcu"
+    libc: str = "newlib"
 
     def compiler(self) -> str:
         """The compiler to use here (a native one on a board of the target's architecture)."""
@@ -63,7 +64,7 @@ class Target:
 
 
 _RISCV = {"startup_template": "riscv_startup.c", "header_template": "et_mcu_riscv.h",
-          "linker_template": "riscv.ld", "makefile_template": "Makefile.riscv"}
+          "linker_template": "riscv.ld", "makefile_template": "Makefile.riscv", "libc": "picolibc"}
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("host", "linux", "this machine (Linux, the C compiler 'cc')", "cc", "gcc", pointer_bytes=8, statics=8 * KB),
@@ -81,7 +82,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            machine="mps2-an500", cpu_flags="-mcpu=cortex-m7 -mthumb -mfloat-abi=hard -mfpu=fpv5-d16",
            statics=1536, stack=4 * KB),
     # RISC-V parts on QEMU's virt board, built with Debian's riscv64-unknown-elf-gcc (multilib
-    # rv32) and picolibc; statics measured on the example program.
+    # rv32) and picolibc 1.8: the example program's statics besides the arena measured 1.3 KB
+    # (skip2-lora, damage1); the 1.5 KB of the Cortex-M targets is kept as the bound.
     Target("riscv32", "mcu", "RISC-V RV32IMAC microcontroller, no FPU, like an ESP32-C3 (4 MB flash, 400 KB RAM; "
            "QEMU virt)", "riscv64-unknown-elf-gcc", "gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf",
            pointer_bytes=4, flash_bytes=4096 * KB, ram_bytes=400 * KB, qemu="qemu-system-riscv32",
