@@ -14,6 +14,7 @@ so a Keras-style NHWC input with a leading Transpose, or a graph exported by
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..errors import ModelFileError, UsageError
 from ..nn.mlp import Backbone
-from .reader import TensorHeader, check_tensor, load_model
+from .reader import MAX_TENSOR_BYTES, TensorHeader, check_tensor, load_model
 
 MIN_OPSET = 7
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -65,7 +66,7 @@ class _Build:
         self.path = input_name                  # the tensor the data path is at
         self.seen_path = {input_name}           # every tensor the data path went through
         self.feat_shape = feat_shape            # per-sample shape of self.path
-        n = int(np.prod(feat_shape)) if feat_shape else 1
+        n = math.prod(feat_shape)
         self.n_inputs = n
         # Before the first layer: which input feature each element of the current tensor is,
         # and the per-feature affine map x * scale + shift applied so far (float64).
@@ -289,7 +290,7 @@ def _op_flatten(node: Any, g: _Build) -> None:
     if axis != 1:
         raise g.refuse(node, f"has axis={g.attr(node, 'axis', 1)} on a tensor of rank {rank}: only axis 1 "
                              f"(keep the batch, flatten the sample) converts")
-    _reshape_features(node, g, (int(np.prod(g.feat_shape)),))
+    _reshape_features(node, g, (math.prod(g.feat_shape),))
 
 
 def _op_reshape(node: Any, g: _Build) -> None:
@@ -297,7 +298,7 @@ def _op_reshape(node: Any, g: _Build) -> None:
     if len(node.input) < 2:
         raise g.refuse(node, "has no shape input (an opset before 5)")
     shape = [int(s) for s in np.asarray(g.const(node, node.input[1])).reshape(-1)]
-    n = int(np.prod(g.feat_shape))
+    n = math.prod(g.feat_shape)
     allowzero = int(g.attr(node, "allowzero", 0))
     if not shape or allowzero:
         raise g.refuse(node, f"reshapes to {shape}{' with allowzero' if allowzero else ''}")
@@ -307,12 +308,12 @@ def _op_reshape(node: Any, g: _Build) -> None:
         raise g.refuse(node, f"reshapes to {shape}: only shapes that keep the batch (first entry 0 or -1) "
                              f"and regroup the {n} features of a sample convert")
     if -1 in feats:
-        known = int(np.prod([s for s in feats if s != -1]))
+        known = math.prod([s for s in feats if s != -1])
         if known == 0 or n % known:
             raise g.refuse(node, f"reshapes {n} features to {shape}")
         feats[feats.index(-1)] = n // known
-    if int(np.prod(feats)) != n:
-        raise g.refuse(node, f"reshapes a sample of {n} features to {shape} ({int(np.prod(feats))} features): "
+    if math.prod(feats) != n:
+        raise g.refuse(node, f"reshapes a sample of {n} features to {shape} ({math.prod(feats)} features): "
                              f"the batch would change")
     _reshape_features(node, g, tuple(feats))
 
@@ -410,6 +411,10 @@ def _graph_input(graph: Any, inits: set[str], where: str) -> tuple[str, list[int
     if any(not isinstance(d, int) or d < 1 for d in feats):
         raise UsageError(f"{where}: input '{inp.name}' has shape {dims}: every dimension after the batch must "
                          f"be a known size")
+    n = math.prod(int(d) for d in feats)  # type: ignore[arg-type]
+    if n > MAX_TENSOR_BYTES // 4:  # no first layer edgetune reads could take it: refused before any work
+        raise UsageError(f"{where}: input '{inp.name}' has shape {dims}, {n:.3g} features per sample, more than "
+                         f"a dense layer of at most {MAX_TENSOR_BYTES >> 20} MB can take")
     return inp.name, dims, tuple(int(d) for d in feats)  # type: ignore[arg-type]
 
 

@@ -51,7 +51,24 @@ def load_model(path: Path) -> Any:
         raise ModelFileError(f"{path} is not a readable ONNX file (truncated or damaged): {e}") from None
     if not model.HasField("graph") or not model.graph.output:
         raise ModelFileError(f"{path} holds no ONNX graph with an output (truncated, or not an ONNX model)")
+    _check_text(model, path)
     return model
+
+
+def _check_text(msg: Any, path: Path) -> None:
+    """Every text field is text: ONNX's protobuf does not check UTF-8, so a damaged name
+    would otherwise reach the converter as bytes."""
+    from google.protobuf.message import Message
+
+    for fd, value in msg.ListFields():
+        items = value if not isinstance(value, (str, bytes, Message)) and hasattr(value, "__len__") else [value]
+        if fd.type == fd.TYPE_STRING:
+            if any(not isinstance(v, str) for v in items):
+                raise ModelFileError(f"{path}: field '{fd.name}' of {msg.DESCRIPTOR.name} is not valid UTF-8 text "
+                                     f"(the file is damaged)")
+        elif fd.type == fd.TYPE_MESSAGE:
+            for v in items:
+                _check_text(v, path)
 
 
 @dataclass(frozen=True)
