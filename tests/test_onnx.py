@@ -130,6 +130,40 @@ def test_pytorch_round_trip(tmp_path, activation, flatten):
     np.testing.assert_allclose(run_ort(out, x.reshape(25, -1)), want, rtol=1e-5, atol=1e-6)
 
 
+def test_pytorch_batchnorm_is_folded(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.BatchNorm1d(12), nn.Linear(12, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3))
+    with torch.no_grad():
+        for bn in (model[0], model[2]):
+            n = bn.num_features
+            bn.running_mean.copy_(torch.randn(n) * 2)
+            bn.running_var.copy_(torch.rand(n) * 3 + 0.1)
+            bn.weight.copy_(torch.randn(n))
+            bn.bias.copy_(torch.randn(n))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(4, 12),), str(tmp_path / "bn.onnx"), dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "n"}}, do_constant_folding=False)
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(tmp_path / "bn.onnx")).graph.node}
+    bb = from_onnx(tmp_path / "bn.onnx")
+    assert bb.sizes == [12, 10, 3] and bb.input_mean is not None
+    x = np.random.default_rng(0).normal(1.0, 2.0, size=(30, 12)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(bb.forward(bb.prepare(x)), want, rtol=1e-4, atol=1e-5)
+    bad = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.BatchNorm1d(10), nn.Linear(10, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(bad, (torch.randn(4, 12),), str(tmp_path / "bad.onnx"), dynamo=False,
+                          do_constant_folding=False)
+    with pytest.raises(UsageError, match="BatchNormalization.*follows an activation"):
+        from_onnx(tmp_path / "bad.onnx")
+
+
 # ---------------------------------------------------------------------- Keras-style graphs
 def _keras_graph(tmp_path, *, nhwc=(4, 3, 2), softmax=True, name="keras.onnx", perm=(0, 3, 1, 2), norm=True):
     """What tf2onnx writes for Normalization -> Flatten -> Dense(relu) -> Dense(softmax) on an NHWC

@@ -271,8 +271,48 @@ def _activation(name: str) -> Callable[[Any, _Build], None]:
     return op
 
 
+def _op_batchnorm(node: Any, g: _Build) -> None:
+    """Inference BatchNormalization: y = (x - mean) * gamma / sqrt(var + eps) + beta, per channel
+    (axis 1), folded into the layer before it, or into the input normalisation."""
+    g.data_input(node)
+    if int(g.attr(node, "training_mode", 0)) or len(node.output) > 1 and any(node.output[1:]):
+        raise g.refuse(node, "runs in training mode (running statistics as outputs)")
+    if len(node.input) != 5:
+        raise g.refuse(node, "needs scale, bias, mean and variance inputs")
+    gamma, beta, mean, var = (np.asarray(g.const(node, n), np.float64).reshape(-1) for n in node.input[1:5])
+    eps = float(g.attr(node, "epsilon", 1e-5))
+    channels = g.feat_shape[0] if g.feat_shape else 1
+    if not all(v.shape == (channels,) for v in (gamma, beta, mean, var)):
+        raise g.refuse(node, f"has statistics of shapes {[list(v.shape) for v in (gamma, beta, mean, var)]} for "
+                             f"{channels} channels")
+    if np.any(var + eps <= 0):
+        raise g.refuse(node, "has a variance + epsilon that is not positive")
+    scale = gamma / np.sqrt(var + eps)
+    shift = beta - mean * scale
+    if g.layers and g.bias_open:  # fold into the dense layer whose output this is
+        layer = g.layers[-1]
+        dt = layer.weight.dtype
+        layer.weight = (layer.weight * scale[:, None]).astype(dt)
+        b = np.zeros(layer.weight.shape[0]) if layer.bias is None else layer.bias.astype(np.float64)
+        layer.bias = (b * scale + shift).astype(dt)
+    elif g.layers:
+        raise g.refuse(node, "follows an activation: only a BatchNormalization right after a dense layer (or "
+                             "before the first) folds")
+    else:  # before the first layer: per channel (axis 1) of the input
+        expand = (channels,) + (1,) * (len(g.feat_shape) - 1)
+        s_full = _in_input_order(g, np.broadcast_to(scale.reshape(expand), g.feat_shape))
+        t_full = _in_input_order(g, np.broadcast_to(shift.reshape(expand), g.feat_shape))
+        g.scale, g.shift = g.scale * s_full, g.shift * s_full + t_full
+        g.affine_nodes.append(node.name)
+        g.affine_ops.append(("BatchNormalization", s_full))
+    g.advance(node)
+
+
 def _op_passthrough(node: Any, g: _Build) -> None:
     """Identity, and Dropout at inference (its mask output must be unused)."""
+    if node.op_type == "Identity" and node.input and node.input[0] in g.consts and node.output:
+        g.consts[node.output[0]] = g.consts[node.input[0]]  # a constant under another name
+        return
     g.data_input(node)
     if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
         mode = g.const(node, node.input[2])
@@ -375,6 +415,8 @@ OPS: dict[str, OpRule] = {
     "Sub": OpRule(_affine("Sub"), "before the first layer: input normalisation"),
     "Mul": OpRule(_affine("Mul"), "before the first layer: input normalisation"),
     "Div": OpRule(_affine("Div"), "before the first layer: input normalisation"),
+    "BatchNormalization": OpRule(_op_batchnorm, "folded into the dense layer before it, or the input "
+                                                "normalisation"),
     "Relu": OpRule(_activation("relu"), "activation relu"),
     "LeakyRelu": OpRule(_activation("leaky_relu"), "activation leaky_relu (alpha 0.01)"),
     "Tanh": OpRule(_activation("tanh"), "activation tanh"),
