@@ -87,7 +87,8 @@ def test_int8_backbone_is_a_qdq_graph_with_the_same_logits(tmp_path, method):
     assert ops.count("QuantizeLinear") == 3 and "Gemm" not in ops
     got, want = run_ort(path, x), q.forward(q.prepare(x))
     # The same integers: ONNX Runtime's rounding may differ from edgetune's at exact ties only.
-    step = float(np.max(q.act_scales[-1] * q.wscales[-1])) * 2
+    last = q.layers[-1].quant
+    step = float(np.max(last.input_scale * last.wscale)) * 2
     assert np.max(np.abs(got - want)) <= step
     assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99
     opts = {"train_last_bias": True} if method == "skip2-lora" else {}

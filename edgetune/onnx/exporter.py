@@ -58,47 +58,58 @@ def _normalise(g: _Graph, b: Backbone, x: str) -> str:
     return x
 
 
+def _check_dense(b: Backbone) -> None:
+    for k, layer in enumerate(b.layers):
+        if layer.spec.kind != "dense":
+            raise UsageError(f"to_onnx writes dense layers; layer {k} is {layer.spec.describe()}")
+
+
+def _activation(g: _Graph, x: str, k: int, name: str) -> str:
+    if name not in _ACT_OPS:
+        raise UsageError(f"to_onnx has no ONNX operator for activation '{name}' (layer {k})")
+    act = _ACT_OPS[name]
+    if act is None:
+        return x
+    return g.node(act[0], [x], f"layers.{k}.act", f"layers.{k}.{name}", **act[1])
+
+
 def _float_layers(g: _Graph, b: Backbone, x: str) -> tuple[str, list[str]]:
     """The float backbone's nodes; returns (logits, the input tensor of every layer)."""
     taps = []
-    act = _ACT_OPS[b.activation.name]
     last = b.n_layers - 1
-    for k, (w, bias) in enumerate(zip(b.weights, b.biases)):
+    for k, layer in enumerate(b.layers):
         taps.append(x)
-        x = g.node("Gemm", [x, g.const(f"layers.{k}.weight", w), g.const(f"layers.{k}.bias", bias)],
+        x = g.node("Gemm", [x, g.const(f"layers.{k}.weight", layer.weight), g.const(f"layers.{k}.bias", layer.bias)],
                    "logits_backbone" if k == last else f"layers.{k}.out", f"layers.{k}", transB=1)
-        if k != last and act is not None:
-            x = g.node(act[0], [x], f"layers.{k}.act", f"layers.{k}.{b.activation.name}", **act[1])
+        x = _activation(g, x, k, layer.spec.activation)
     return x, taps
 
 
-def _int8_layers(g: _Graph, b: Any, x: str) -> tuple[str, list[str]]:
+def _int8_layers(g: _Graph, b: Backbone, x: str) -> tuple[str, list[str]]:
     """The int8 backbone as QDQ nodes; returns (logits, the dequantised input of every layer)."""
     taps = []
     last = b.n_layers - 1
     zero8 = g.const("zero_int8", np.zeros((), np.int8))
-    relu = b.activation.name == "relu"
-    for k in range(b.n_layers):
-        s_in = np.float32(b.act_scales[k])
+    for k, layer in enumerate(b.layers):
+        qp = layer.quant
+        s_in = np.float32(qp.input_scale)
         scale = g.const(f"layers.{k}.input_scale", np.asarray(s_in, np.float32))
         q = g.node("QuantizeLinear", [x, scale, zero8], f"layers.{k}.input_q", f"layers.{k}.quantize")
         x = g.node("DequantizeLinear", [q, scale, zero8], f"layers.{k}.input", f"layers.{k}.dequantize")
         taps.append(x)
-        wq = b.qweights[k]                                     # int8 (out, in)
-        ws = b.wscales[k].astype(np.float32)
-        w = g.node("DequantizeLinear", [g.const(f"layers.{k}.weight_q", np.ascontiguousarray(wq.T)),
+        ws = np.asarray(qp.wscale, np.float32)
+        w = g.node("DequantizeLinear", [g.const(f"layers.{k}.weight_q", np.ascontiguousarray(qp.qweight.T)),
                                         g.const(f"layers.{k}.weight_scale", ws),
                                         g.const(f"layers.{k}.weight_zero", np.zeros(ws.shape, np.int8))],
                    f"layers.{k}.weight", f"layers.{k}.weight_dequantize", axis=1)
         bs = (ws * s_in).astype(np.float32)
-        bias = g.node("DequantizeLinear", [g.const(f"layers.{k}.bias_q", b.qbiases[k].astype(np.int32)),
+        bias = g.node("DequantizeLinear", [g.const(f"layers.{k}.bias_q", np.asarray(qp.qbias, np.int32)),
                                            g.const(f"layers.{k}.bias_scale", bs),
                                            g.const(f"layers.{k}.bias_zero", np.zeros(bs.shape, np.int32))],
                       f"layers.{k}.bias", f"layers.{k}.bias_dequantize", axis=0)
         z = g.node("MatMul", [x, w], f"layers.{k}.matmul", f"layers.{k}.matmul")
         x = g.node("Add", [z, bias], "logits_backbone" if k == last else f"layers.{k}.out", f"layers.{k}.add")
-        if k != last and relu:
-            x = g.node("Relu", [x], f"layers.{k}.act", f"layers.{k}.relu")
+        x = _activation(g, x, k, layer.spec.activation)  # relu: the int8 kernel's clip at 0
     return x, taps
 
 
@@ -122,15 +133,14 @@ def _parts(model: Any) -> tuple[Backbone, dict[int, tuple[np.ndarray, np.ndarray
     """(backbone, skip branches, bias delta, what) for a Backbone or a FineTuner."""
     from ..api import FineTuner
     from ..methods.skip_lora import SkipLoRA
-    from ..quant.int8 import QuantBackbone
 
     if isinstance(model, Backbone):
-        return model, {}, None, "int8 backbone" if isinstance(model, QuantBackbone) else "backbone"
+        return model, {}, None, "int8 backbone" if model.is_int8 else "backbone"
     if not isinstance(model, FineTuner):
         raise UsageError(f"to_onnx needs an edgetune Backbone or FineTuner, got {type(model).__name__}")
     method = model.method
     if isinstance(method, SkipLoRA):
-        if isinstance(model.backbone, QuantBackbone):  # int8 weights do not take a fold: every adapter is a branch
+        if model.backbone.is_int8:  # int8 weights do not take a fold: every adapter is a branch
             t = method.adapter_tensors()
             s = np.float32(method.scale)
             branches = {k: (t[f"skip.{k}.lora_A"], s * t[f"skip.{k}.lora_B"]) for k in range(model.backbone.n_layers)}
@@ -148,12 +158,11 @@ def build_model(model: Any, *, opset: int = 17) -> Any:
     """The ONNX ModelProto of ``model`` (see ``to_onnx``)."""
     from onnx import checker, helper
 
-    from ..quant.int8 import QuantBackbone
-
     if not 13 <= int(opset) <= 21:
         raise UsageError(f"opset must be between 13 and 21, got {opset}")
     backbone, branches, bias_delta, what = _parts(model)
-    int8 = isinstance(backbone, QuantBackbone)
+    _check_dense(backbone)
+    int8 = backbone.is_int8
     g = _Graph(np.float32 if int8 else backbone.dtype)
     x = _normalise(g, backbone, "input")
     logits, taps = (_int8_layers if int8 else _float_layers)(g, backbone, x)
