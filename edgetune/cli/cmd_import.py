@@ -10,10 +10,11 @@ NAME = "import"
 HELP = "convert an ONNX model (an MLP) into an edgetune model directory"
 DESCRIPTION = """Read an ONNX file holding a multi-layer perceptron (from torch.onnx.export, tf2onnx,
 or 'edgetune finetune --onnx') and save it as model.safetensors + config.json for
-'edgetune finetune --model'. Gemm, MatMul+Add, Relu/LeakyRelu/Tanh/Sigmoid, Flatten,
-Reshape, a leading Transpose and per-feature Sub/Mul/Div before the first layer (the input
-normalisation) convert; anything else is refused before anything is written, naming the
-node. Needs the onnx extra (pip install edgetune[onnx]).
+'edgetune finetune --model'. Gemm, MatMul+Add, Relu/LeakyRelu/Tanh/Sigmoid, inference
+BatchNormalization (folded), Flatten, Reshape, a leading Transpose and per-feature
+Sub/Mul/Div before the first layer (the input normalisation) convert; anything else is
+refused before anything is written, naming the node and listing what converts (see
+docs/onnx.md). Needs the onnx extra (pip install edgetune[onnx]).
 
 examples:
   edgetune import model.onnx --out runs/model
