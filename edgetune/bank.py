@@ -725,6 +725,8 @@ class AdapterBank:
                                     np.array(comp[i], np.int64), np.array(comp_classes[i], np.int64),
                                     float(rec["threshold"]), str(rec["data_sha256"]), int(rec.get("used", 0)),
                                     dict(rec.get("learned", {})))
+                if int(rec["n_samples"]) != int(entry.counts.sum()):
+                    raise ValueError(f"n_samples {rec['n_samples']} is not the sum of its components")
             except (KeyError, TypeError, ValueError, UsageError) as e:
                 raise ModelFileError(f"{meta_path}: domain {i}: bad or missing field ({e})") from None
             if "adapter" in rec:
