@@ -56,6 +56,7 @@ COMPONENTS = ("class", "domain")
 SKIP_METHODS = ("skip2-lora", "skip-lora")
 BANK_METHODS = (*SKIP_METHODS, "lora-all", "lora-last")
 NOVELTY_QUANTILE = 0.99
+ADAPTER_OPTIONS = ("rank", "alpha", "train_last_bias", "scheme", "qas")  # read from each adapter's own file
 SHRINKAGE = 0.1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
@@ -737,7 +738,8 @@ class AdapterBank:
                 blob = (sub / ADAPTER_WEIGHTS).read_bytes()
                 if rec.get("adapter_sha256") and hashlib.sha256(blob).hexdigest() != rec["adapter_sha256"]:
                     raise ModelFileError(f"{sub / ADAPTER_WEIGHTS} does not match {BANK_FILE} (checksum differs)")
-                tuner = FineTuner.load_adapter(backbone, sub, strict=strict, **bank.options)
+                train_opts = {k: v for k, v in bank.options.items() if k not in ADAPTER_OPTIONS}
+                tuner = FineTuner.load_adapter(backbone, sub, strict=strict, **train_opts)
                 if tuner.method_name != bank.method and not fmt_peft:
                     raise ModelFileError(f"{sub}: a {tuner.method_name} adapter in a {bank.method} bank")
                 entry.tuner = tuner

@@ -112,8 +112,9 @@ def test_auroc_matches_pairwise_counting():
     assert auroc(np.zeros(3), np.ones(2)) == 1.0
 
 
-def test_save_load_round_trip_gives_identical_outputs(backbone, tmp_path):
-    bank = make_bank(backbone)
+@pytest.mark.parametrize("options", [{}, {"rank": 2, "alpha": 3.0, "train_last_bias": True}])
+def test_save_load_round_trip_gives_identical_outputs(backbone, tmp_path, options):
+    bank = make_bank(backbone, **options)
     x = np.concatenate([domain_data(off, seed=500 + i)[0] for i, off in enumerate(OFFSETS.values())])
     bank.learn_mix("m", *domain_data(0.5, n=12, seed=600))
     bank.save(tmp_path / "bank")
@@ -271,3 +272,72 @@ def test_skip_bank_on_real_fan_rooms(private_cache, data_dir):
     bank.learn(noisy.name, noisy.x_train, noisy.y_train)
     assert bank.score(a.x_test, a.y_test, domain=a.name) == before
     assert np.mean(bank.route(noisy.x_test) == noisy.name) > 0.9
+
+
+# ---------------------------------------------------------------------- command line
+
+@pytest.fixture
+def cli_files(backbone, tmp_path):
+    backbone.save(tmp_path / "model")
+    for i, (name, off) in enumerate(OFFSETS.items()):
+        x, y = domain_data(off, seed=10 + i)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+        xt, yt = domain_data(off, seed=20 + i)
+        np.savez(tmp_path / f"{name}-test.npz", x=xt, y=yt)
+    return tmp_path
+
+
+def test_cli_learn_list_route_evaluate(cli_files, capsys):
+    from edgetune.cli import main
+
+    p = cli_files
+    common = ["--model", str(p / "model"), "--bank", str(p / "bank")]
+    for name in OFFSETS:
+        assert main(["bank", "learn", *common, "--domain", name, "--data", str(p / f"{name}.npz"),
+                     "--epochs", "10", "--lr", "0.05", "--quiet", "--json", str(p / f"learn-{name}.json")]) == 0
+    learned = json.loads((p / "learn-c.json").read_text())
+    assert learned["domains"] == ["a", "b", "c"] and learned["samples"] == 90
+    bank = et.AdapterBank.load(p / "bank", et.Backbone.load(p / "model"))
+    assert bank.options["epochs"] == 10 and bank.domains == ["a", "b", "c"]
+    assert main(["bank", "list", *common, "--json", str(p / "list.json")]) == 0
+    listed = json.loads((p / "list.json").read_text())
+    assert [d["domain"] for d in listed["domains"]] == ["a", "b", "c"]
+    assert main(["bank", "route", *common, "--data", str(p / "b-test.npz"), "--json", str(p / "route.json")]) == 0
+    routed = json.loads((p / "route.json").read_text())
+    assert routed["counts"]["b"] >= 85 and len(routed["domains"]) == 90
+    assert routed["domains"] == bank.route(domain_data(1.0, seed=21)[0]).tolist()
+    assert main(["bank", "evaluate", *common, "--data", str(p / "c-test.npz"), "--domain", "c",
+                 "--json", str(p / "ev.json")]) == 0
+    ev = json.loads((p / "ev.json").read_text())["domains"][0]
+    x, y = domain_data(-1.0, seed=22)
+    assert ev["accuracy_routed"] == pytest.approx(bank.score(x, y))
+    assert ev["accuracy_told"] == pytest.approx(bank.score(x, y, domain="c"))
+    assert ev["routing_accuracy"] >= 0.95
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["bank"], 2, "choose an action"),
+    (["bank", "list", "--model", "M", "--bank", "nowhere"], 1, "no adapter bank here"),
+    (["bank", "learn", "--model", "M", "--bank", "B", "--domain", "a"], 2, "give --data"),
+    (["bank", "learn", "--model", "M", "--bank", "B", "--domain", "a", "--data", "missing.npz"], 1, "no such file"),
+    (["bank", "learn", "--model", "M", "--bank", "B", "--domain", "a", "--data", "BAD"], 1, "not a readable"),
+    (["bank", "learn", "--model", "M", "--bank", "B", "--domain", "a", "--data", "XONLY"], 1, "needs an array 'y'"),
+    (["bank", "learn", "--model", "M", "--bank", "B", "--domain", "a", "--data", "A", "--epochs", "0"], 2, ">= 1"),
+    (["bank", "learn", "--model", "M", "--bank", "B", "--domain", "a b", "--data", "A"], 2, "domain name"),
+    (["bank", "route", "--model", "M", "--bank", "B", "--data", "A", "--window", "0"], 2, ">= 1"),
+])
+def test_cli_errors_exit_cleanly(cli_files, argv, code, message):
+    import subprocess
+    import sys
+
+    p = cli_files
+    (p / "bad.npz").write_bytes(b"not a zip")
+    np.savez(p / "xonly.npz", x=np.zeros((3, D)))
+    # a bank for the commands that read one
+    et.AdapterBank(et.Backbone.load(p / "model"), epochs=2).learn("a", *domain_data(0.0)).save(p / "bank")
+    subs = {"M": str(p / "model"), "B": str(p / "bank"), "A": str(p / "a.npz"), "BAD": str(p / "bad.npz"),
+            "XONLY": str(p / "xonly.npz"), "nowhere": str(p / "nowhere")}
+    argv = [subs.get(a, a) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "edgetune", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
