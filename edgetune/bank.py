@@ -219,7 +219,7 @@ class AdapterBank:
         names = self._adapter_names()
         if not names:
             raise UsageError("learn_mix needs at least one learned adapter to mix")
-        if not (isinstance(epochs, int) and epochs >= 1) or not (lr > 0):
+        if not (isinstance(epochs, int) and epochs >= 1) or not (isinstance(lr, (int, float)) and 0 < lr < np.inf):
             raise UsageError(f"learn_mix needs epochs >= 1 and lr > 0, got epochs={epochs!r}, lr={lr!r}")
         x_arr, y_arr = validate_xy(x, y, n_classes=self.backbone.sizes[-1], what=f"domain {domain!r} data")
         rows = self.taps(x_arr)
@@ -764,7 +764,7 @@ class AdapterBank:
                  **({"mix": e.mix} if e.mix is not None else {})} for n, e in self.domains_.items()]
 
 
-# ---------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------- small functions
 
 def _check_window(window: Any) -> None:
     if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:

@@ -341,3 +341,34 @@ def test_cli_errors_exit_cleanly(cli_files, argv, code, message):
     r = subprocess.run([sys.executable, "-m", "edgetune", *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode == code, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_window_and_domain_name_validation_never_crashes(backbone):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    bank = et.AdapterBank(backbone, epochs=2).learn("a", *domain_data(0.0))
+    x = domain_data(0.0, n=6)[0]
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.one_of(st.integers(-5, 50), st.floats(allow_nan=True), st.text(max_size=3), st.none(), st.booleans()))
+    def check_window(w):
+        try:
+            out = bank.route(x, window=w)
+        except UsageError:
+            assert w is not None and not (isinstance(w, int) and not isinstance(w, bool) and w >= 1)
+        else:
+            assert len(out) == len(x) and (w is None or (isinstance(w, int) and w >= 1))
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.text(max_size=80))
+    def check_name(name):
+        try:
+            bank._check_new_name(name)
+        except UsageError:
+            pass
+        else:
+            assert name != "a" and "/" not in name and name not in (".", "..") and 0 < len(name) <= 64
+
+    check_window()
+    check_name()

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     return {"learn": _learn, "list": _list, "route": _route, "evaluate": _evaluate}[action](args)
 
 
-# ------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------------ shared by the actions
 
 def _backbone(args: argparse.Namespace):
     from ..nn.mlp import Backbone
