@@ -42,7 +42,7 @@ import numpy as np
 
 from .api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FineTuner
 from .data.task import validate_xy
-from .errors import DataError, ModelFileError, UsageError
+from .errors import ModelFileError, UsageError
 from .nn.losses import softmax
 from .nn.mlp import Backbone
 
@@ -189,7 +189,12 @@ class AdapterBank:
         if tuner.backbone is not self.backbone and tuner.backbone.digest() != self.backbone.digest():
             raise UsageError("add_adapter: the adapter was trained on another backbone")
         x_arr, y_arr = validate_xy(x, y, n_classes=self.backbone.sizes[-1], what=f"domain {domain!r} data")
-        self._add(domain, tuner, None, x_arr, y_arr, {})
+        opts = tuner.method.options  # a copy with the adapter's own shape: later fits of ``tuner`` stay out
+        train = {k: v for k, v in self.options.items() if k not in ADAPTER_OPTIONS}
+        own = FineTuner(self.backbone, self.method, rank=opts.rank, alpha=opts.alpha,
+                        train_last_bias=opts.train_last_bias, **train)
+        own.method.load_adapter_tensors(tuner.method.adapter_tensors())
+        self._add(domain, own, None, x_arr, y_arr, {})
         return self
 
     def copy(self) -> "AdapterBank":
@@ -205,7 +210,8 @@ class AdapterBank:
                 tuner = FineTuner(self.backbone, self.method, **self.options)
                 tuner.method.load_adapter_tensors(e.tuner.method.adapter_tensors())
             new.domains_[n] = DomainEntry(n, tuner, None if e.mix is None else dict(e.mix), e.means.copy(),
-                                          e.counts.copy(), e.classes.copy(), e.threshold, e.data_sha256, e.used, dict(e.learned))
+                                          e.counts.copy(), e.classes.copy(), e.threshold, e.data_sha256, e.used,
+                                          dict(e.learned))
         new._scatter = None if self._scatter is None else self._scatter.copy()
         new._cov_cache = new._gprec_cache = new._lin_cache = None
         return new
@@ -541,6 +547,8 @@ class AdapterBank:
             self._check_new_name(name)
         na, nb = int(ea.counts.sum()), int(eb.counts.sum())
         ta, tb = ea.tuner.method.adapter_tensors(), eb.tuner.method.adapter_tensors()
+        if ta.keys() != tb.keys() or any(ta[k].shape != tb[k].shape for k in ta):
+            raise UsageError(f"cannot merge {a!r} and {b!r}: their adapters differ in shape (rank or bias)")
         merged = {k: (na * ta[k] + nb * tb[k]) / (na + nb) for k in ta}
         tuner = FineTuner(self.backbone, self.method, **self.options)
         tuner.method.load_adapter_tensors({k: v.astype(ta[k].dtype) for k, v in merged.items()})
@@ -561,7 +569,6 @@ class AdapterBank:
                             hashlib.sha256((ea.data_sha256 + eb.data_sha256).encode()).hexdigest(),
                             ea.used + eb.used, {"merged": [a, b]})
         order = list(self.domains_)
-        pos = order.index(a)
         new = {}
         for n in order:
             if n == a:
@@ -573,7 +580,6 @@ class AdapterBank:
                 wa, wb = e.mix.pop(a, 0.0), e.mix.pop(b, 0.0)
                 if wa or wb:
                     e.mix[name] = e.mix.get(name, 0.0) + wa + wb
-        del pos
         self.domains_ = new
         self._cov_cache = self._gprec_cache = self._lin_cache = None
         return name

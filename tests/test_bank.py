@@ -257,6 +257,12 @@ def test_lora_bank_folders_load_in_peft_and_back(backbone, tmp_path):
         again.add_adapter(name, tuner, *domain_data(off, seed=10 + i))
     np.testing.assert_allclose(again.decision_function(x), bank.decision_function(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(again.route(x), bank.route(x))
+    # an adapter of another rank than the bank's options keeps its own shape
+    t2 = et.FineTuner(backbone, "lora-all", rank=2, epochs=3, lr=0.05).fit(*domain_data(0.5))
+    again.add_adapter("r2", t2, *domain_data(0.5))
+    np.testing.assert_allclose(again.decision_function(x, domain="r2"), t2.decision_function(x), rtol=1e-5, atol=1e-5)
+    t2.fit(*domain_data(0.7))  # the bank holds its own copy
+    assert not np.allclose(again.decision_function(x, domain="r2"), t2.decision_function(x))
 
 
 def test_skip_bank_on_real_fan_rooms(private_cache, data_dir):
