@@ -155,7 +155,7 @@ def run_sequence(name: str, data_dir: str, seed: int, out) -> dict:
     res["stream_routing"] = stream_acc
     emit(f"A stream that changes domain every {block} samples ({len(stream)} samples): routing accuracy "
          + ", ".join(f"window {w}: {a:.3f}" for w, a in stream_acc.items()) + ".\n")
-    for k in ("sequential skip2-lora", "bank, oracle domain", "bank, routed per sample"):
+    for k in ("sequential skip2-lora", "sequential lora-all (merged)", "bank, oracle domain", "bank, routed per sample"):
         emit(f"R, {k}:\n")
         for line in _fmt_matrix(rows[k], names, lower_only=(k == "bank, oracle domain")):
             emit(line)
