@@ -123,7 +123,7 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
         raise UsageError(f"cache must be 'float32' or 'int8', got {cache!r}")
     if scheme is not None and method != "sparse":
         raise UsageError(f"method {method} has no update scheme: a scheme applies to the sparse method only")
-    is_q = hasattr(backbone, "qweights")
+    is_q = backbone.is_int8
     int8 = is_q if int8 is None else int8
     if is_q and not int8:
         raise UsageError("an int8 backbone cannot be planned as float")
@@ -281,7 +281,7 @@ def core_workspace_for(method: Any, batch: int) -> int:
     pack = max([0] + [sizes[k] * sizes[k + 1] for k in range(spec["first"] + 1, len(sizes) - 1)
                       if spec["kind"] == "layerwise" and spec["weight"][k] >= 0])
     return core_workspace_bytes(sizes, spec["kind"], batch=batch, n_params=method.params.flat.size,
-                                rank=spec["rank"], int8=hasattr(method.backbone, "qweights"),
+                                rank=spec["rank"], int8=method.backbone.is_int8,
                                 first=spec["first"], pack=pack)
 
 
@@ -373,8 +373,6 @@ def _optimizer_arrays(opt) -> list[np.ndarray]:
 
 def backbone_bytes(bb: Backbone) -> int:
     """Bytes of every array a backbone holds (weights, biases, scales, normalisation)."""
-    if hasattr(bb, "qweights"):
-        return bb.nbytes
     return bb.nbytes + sum(a.nbytes for a in (bb.input_mean, bb.input_std) if a is not None)
 
 
@@ -423,7 +421,7 @@ def candidates(backbone: Backbone, *, budget: int, batch_size: int | Sequence[in
                 return Candidate(p, True)
         return Candidate(p, False)
 
-    is_q = hasattr(backbone, "qweights")
+    is_q = backbone.is_int8
     variants = [True] if is_q else ([False, True] if int8_available else [False])
     out = []
     for int8 in variants:
@@ -486,7 +484,7 @@ def check_fits_machine(sizes: Sequence[int], method: str = "ft-all", *, batch_si
     """Refuse, before anything is allocated, a run whose planned memory exceeds what this machine has."""
     from types import SimpleNamespace
 
-    shape_only = SimpleNamespace(sizes=[int(v) for v in sizes], input_mean=None, dtype=np.float32)
+    shape_only = SimpleNamespace(sizes=[int(v) for v in sizes], input_mean=None, dtype=np.float32, is_int8=False)
     plan = plan_memory(shape_only, method, batch_size=batch_size, n_samples=n_samples, optimizer=optimizer,
                        rank=rank)  # type: ignore[arg-type]
     have = available_memory()
@@ -607,11 +605,11 @@ def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimi
     pack = max([0] + [sizes[k] * sizes[k + 1] for k in range(spec["first"] + 1, len(sizes) - 1)
                       if spec["kind"] == "layerwise" and spec["weight"][k] >= 0])
     ws = core_workspace_bytes(sizes, spec["kind"], batch=batch_size, n_params=P, rank=spec["rank"],
-                              int8=hasattr(method.backbone, "qweights"), first=spec["first"], pack=pack,
+                              int8=method.backbone.is_int8, first=spec["first"], pack=pack,
                               pointer_bytes=pointer_bytes)
     exact = sum(raw.values()) + sum(cache_pieces) + sum(sample_pieces) + 4 * N
     arena = sum(_piece(p) for p in pieces) + ws + CORE_ALIGN
-    return DevicePlan(method=method.name, backbone="int8" if hasattr(method.backbone, "qweights") else "float32",
+    return DevicePlan(method=method.name, backbone="int8" if method.backbone.is_int8 else "float32",
                       batch_size=int(batch_size), max_samples=N, optimizer=optimizer, n_params=P, cache=cache,
                       cache_capacity=C, params=raw["params"], gradients=raw["gradients"],
                       optimizer_state=raw["optimizer"], cache_bytes=sum(cache_pieces), samples=sum(sample_pieces),

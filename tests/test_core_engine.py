@@ -201,13 +201,13 @@ def test_c_gradient_matches_finite_differences():
 
 
 def test_int8_forward_is_bit_identical():
-    from edgetune.quant.int8 import quantize
+    from edgetune.quant.int8 import int8_forward_taps, quantize
 
     bb = small_backbone(sizes=(12, 20, 16, 4), dtype=np.float32, seed=3)
     x, _ = toy_task(n=37, d=12, classes=4, seed=5)
     q = quantize(bb, x)
     xp = q.prepare(x)
-    rows, logits = q.forward_taps_int8(xp)
+    rows, logits = int8_forward_taps(q, xp)
     m = make_method("skip-lora", q)
     model = CoreModel(m, 8)
     lib = core.load()

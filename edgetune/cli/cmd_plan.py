@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         qmodel = None
         for c in fit[:args.evaluate]:
             bb = model
-            if c.plan.backbone == "int8" and not hasattr(model, "qweights"):
+            if c.plan.backbone == "int8" and not model.is_int8:
                 qmodel = qmodel or quantize(model, task.x_pretrain)
                 bb = qmodel
             info(args, f"fine-tuning {c.plan.label} for {args.epochs} epochs")
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     where = "RAM (frozen weights in flash)" if args.weights_in_flash else "memory"
     print(f"budget {format_bytes(budget)} of {where} ({budget} B); model {'-'.join(map(str, model.sizes))} "
-          f"({'int8' if hasattr(model, 'qweights') else 'float32'}); {n} samples, {batch_text}, "
+          f"({'int8' if model.is_int8 else 'float32'}); {n} samples, {batch_text}, "
           f"{args.optimizer}", file=out)
     if not fit:
         smallest = min(cands, key=lambda c: c.plan.total)

@@ -67,6 +67,10 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
         return "a layer is too wide for the compiled engine"
     if np.dtype(bb.dtype) != np.float32:
         return f"the compiled engine computes in float32 (this backbone is {bb.dtype})"
+    if any(layer.spec.kind != "dense" for layer in bb.layers):
+        return "the compiled engine runs dense layers only"
+    if not bb.is_plain_mlp():
+        return "the compiled engine takes one activation between layers and none after the last"
     if bb.activation.name not in ACTIVATIONS:
         return f"activation {bb.activation.name} has no compiled implementation"
     if getattr(method, "takes_scheme", False):
@@ -140,20 +144,21 @@ class CoreModel:
         for k, w in enumerate(sizes):
             s.sizes[k] = w
         s.activation = ACTIVATIONS[bb.activation.name]
-        s.is_int8 = int(hasattr(bb, "qweights"))
+        s.is_int8 = int(bb.is_int8)
         wt = spec.get("wt")
         for k in range(n):
             shape = (sizes[k + 1], sizes[k])
             if s.is_int8:
-                s.qw[k] = self._keep_array(_check(bb.qweights[k], shape, np.int8, f"layer {k} int8 weight")) \
+                q = bb.layers[k].quant
+                s.qw[k] = self._keep_array(_check(q.qweight, shape, np.int8, f"layer {k} int8 weight")) \
                     .ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-                s.wscale[k] = _f32(self._keep_array(_check(bb.wscales[k], shape[:1], np.float32,
+                s.wscale[k] = _f32(self._keep_array(_check(q.wscale, shape[:1], np.float32,
                                                            f"layer {k} weight scale")))
-                s.qbias[k] = self._keep_array(_check(bb.qbiases[k], shape[:1], np.int32, f"layer {k} int32 bias")) \
+                s.qbias[k] = self._keep_array(_check(q.qbias, shape[:1], np.int32, f"layer {k} int32 bias")) \
                     .ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-                s.act_scale[k] = float(bb.act_scales[k])
+                s.act_scale[k] = float(q.input_scale)
                 if k < n - 1:
-                    mult, shift = bb._requant[k]
+                    mult, shift = q.requant
                     if np.any(mult < 0) or np.any(mult > INT32_MAX) or np.any(shift < 1) or np.any(shift > 62):
                         raise UsageError(f"layer {k}: requantisation parameters out of range")
                     m32 = self._keep_array(np.ascontiguousarray(mult, np.int32))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UsageError
+from ..nn.layers import LayerSpec, apply_layer
 from ..nn.mlp import Backbone
 from .base import Method, MethodOptions, ParamStore, init_lora_a
 
@@ -31,11 +33,26 @@ class LayerwiseMethod(Method):
 
     mergeable = True
 
-    def plan(self, n_layers: int) -> list[LayerPlan]:
+    @classmethod
+    def plan(cls, n_layers: int) -> list[LayerPlan]:
         raise NotImplementedError
+
+    @classmethod
+    def count_trainable(cls, specs: list[LayerSpec], options: MethodOptions) -> int:
+        plans = cls.plan(len(specs))
+        total = 0
+        for spec, p in zip(specs, plans):
+            total += (int(np.prod(spec.weight_shape)) if p.weight else 0) + (spec.out_channels if p.bias else 0)
+            total += options.rank * (spec.in_features + spec.out_channels) if p.lora else 0
+        if options.train_last_bias and not plans[-1].bias:
+            total += specs[-1].out_features
+        return total
 
     def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
                  rng: np.random.Generator | None = None):
+        if backbone.is_int8:
+            raise UsageError(f"{self.name} trains or reads the float weights of an int8 backbone, which it does not "
+                             f"have; on int8 use skip-lora, skip2-lora or sparse (or fine-tune the float model)")
         super().__init__(backbone, options, rng)
         bb = self.backbone
         n = bb.n_layers
@@ -53,7 +70,7 @@ class LayerwiseMethod(Method):
             if p.bias:
                 tensors[f"layers.{k}.bias"] = bb.biases[k]
             if p.lora:
-                out_k, in_k = bb.weights[k].shape
+                out_k, in_k = bb.sizes[k + 1], bb.sizes[k]
                 tensors[f"layers.{k}.lora_A"] = init_lora_a(self.rng, r, in_k, bb.dtype)
                 tensors[f"layers.{k}.lora_B"] = np.zeros((out_k, r), bb.dtype)
         if self.bias_delta:
@@ -63,9 +80,9 @@ class LayerwiseMethod(Method):
         # (out, in) transpose of the stored (in, out) block).
         for k, p in enumerate(self.plans):
             if p.weight:
-                bb.weights[k] = self.params[f"layers.{k}.weight_t"].T
+                bb.layers[k].weight = self.params[f"layers.{k}.weight_t"].T
             if p.bias:
-                bb.biases[k] = self.params[f"layers.{k}.bias"]
+                bb.layers[k].bias = self.params[f"layers.{k}.bias"]
         trainable = [k for k, p in enumerate(self.plans) if p.any]
         self.first = min(trainable) if trainable else n - 1
         self._hs: list[np.ndarray | None] = [None] * n
@@ -82,12 +99,10 @@ class LayerwiseMethod(Method):
 
     def _run(self, h: np.ndarray, keep: bool) -> np.ndarray:
         bb, plans, s, wt = self.backbone, self.plans, self.scale, self._wt
-        last = bb.n_layers - 1
-        for k in range(bb.n_layers):
+        for k, layer in enumerate(bb.layers):
             if keep and k >= self.first:
                 self._hs[k] = h
-            z = h @ (bb.weights[k].T if wt is None or wt[k] is None else wt[k])
-            z += bb.biases[k]
+            z = apply_layer(layer, h, None if wt is None else wt[k], activate=False)
             if plans[k].lora:
                 u = h @ self.params[f"layers.{k}.lora_A"].T
                 if keep:
@@ -96,7 +111,7 @@ class LayerwiseMethod(Method):
                 if s != 1.0:
                     d *= s
                 z += d
-            h = z if k == last else bb.activation.forward(z)
+            h = layer.spec.act.forward(z)
         if self.bias_delta:
             h += self.params["head.bias_delta"]
         return h
@@ -114,8 +129,9 @@ class LayerwiseMethod(Method):
             np.sum(g, axis=0, out=grads["head.bias_delta"])
         for k in range(last, self.first - 1, -1):
             h, p = self._hs[k], self.plans[k]
+            spec = bb.layers[k].spec
             if p.weight:
-                np.matmul(h.T, g, out=grads[f"layers.{k}.weight_t"])
+                spec.ops.weight_grad(spec, h, g, out=grads[f"layers.{k}.weight_t"], transposed=True)
             if p.bias:
                 np.sum(g, axis=0, out=grads[f"layers.{k}.bias"])
             gu = None
@@ -129,10 +145,10 @@ class LayerwiseMethod(Method):
                     gu *= s
                 np.matmul(gu.T, h, out=grads[f"layers.{k}.lora_A"])
             if k > self.first:
-                dh = g @ bb.weights[k]
+                dh = spec.ops.input_grad(spec, g, bb.layers[k].weight)
                 if gu is not None:
                     dh += gu @ a
-                bb.activation.grad_mul(dh, h)
+                bb.layers[k - 1].spec.act.grad_mul(dh, h)
                 g = dh
 
     def core_spec(self) -> dict:

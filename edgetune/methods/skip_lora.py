@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..nn.layers import LayerSpec
 from ..nn.mlp import Backbone
 from .base import Method, MethodOptions, ParamStore, init_lora_a
 
@@ -22,6 +23,11 @@ class SkipLoRA(Method):
     description = "Rank-R skip adapters from every layer's input to the last layer's output; backbone frozen."
     uses_cache = False
 
+    @classmethod
+    def count_trainable(cls, specs: list[LayerSpec], options: MethodOptions) -> int:
+        r, out = options.rank, specs[-1].out_features
+        return r * sum(s.in_features for s in specs) + out * len(specs) * r + (out if options.train_last_bias else 0)
+
     def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
                  rng: np.random.Generator | None = None):
         super().__init__(backbone, options, rng)
@@ -29,7 +35,7 @@ class SkipLoRA(Method):
         sizes = bb.sizes
         n, r, out = bb.n_layers, self.options.rank, sizes[-1]
         self.scale = self.options.scale
-        self.in_widths = sizes[:-1]
+        self.in_widths = bb.in_widths
         self.check_rank(sorted(set(sizes)))
         self.offsets = np.concatenate([[0], np.cumsum(self.in_widths)]).astype(int)
         self.d_in = int(self.offsets[-1])
@@ -145,6 +151,11 @@ class SkipLoRA(Method):
         nonlinear function of h_{k-1}. Those come back as ``{k: (A_k, s * B_k)}`` (layer
         k's input, 0-based), adapters whose product is exactly zero left out.
         """
+        from ..errors import UsageError
+
+        if self.backbone.is_int8:
+            raise UsageError(f"{self.name} adapters on an int8 backbone cannot be folded into its int8 weights; "
+                             f"deploy them beside the backbone (edgetune export, or merge onto the float model)")
         out = self.backbone.copy()
         t = self.adapter_tensors()
         last = out.n_layers - 1
