@@ -331,6 +331,8 @@ def test_cli_learn_list_route_evaluate(cli_files, capsys):
     (["bank", "learn", "--model", "M", "--bank", "B", "--domain", "a", "--data", "A", "--epochs", "0"], 2, ">= 1"),
     (["bank", "learn", "--model", "M", "--bank", "B", "--domain", "a b", "--data", "A"], 2, "domain name"),
     (["bank", "route", "--model", "M", "--bank", "B", "--data", "A", "--window", "0"], 2, ">= 1"),
+    (["bank", "list", "--model", "M", "--bank", "B", "--json", "B/bank.json"], 2, "write over an input"),
+    (["bank", "route", "--model", "M", "--bank", "B", "--data", "A", "--json", "A"], 2, "write over an input"),
 ])
 def test_cli_errors_exit_cleanly(cli_files, argv, code, message):
     import subprocess
@@ -343,7 +345,7 @@ def test_cli_errors_exit_cleanly(cli_files, argv, code, message):
     et.AdapterBank(et.Backbone.load(p / "model"), epochs=2).learn("a", *domain_data(0.0)).save(p / "bank")
     subs = {"M": str(p / "model"), "B": str(p / "bank"), "A": str(p / "a.npz"), "BAD": str(p / "bad.npz"),
             "XONLY": str(p / "xonly.npz"), "nowhere": str(p / "nowhere")}
-    argv = [subs.get(a, a) for a in argv]
+    argv = [subs.get(a, a).replace("B/", subs["B"] + "/") for a in argv]
     r = subprocess.run([sys.executable, "-m", "edgetune", *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode == code, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr

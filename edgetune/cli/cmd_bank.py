@@ -99,6 +99,19 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ shared by the actions
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json must not land on an input: the model, the bank (or a file in it), the data file."""
+    import os
+
+    check_outputs(args.json, args=args)
+    if args.json in (None, "-"):
+        return
+    out = os.path.realpath(args.json)
+    for what in (args.bank, getattr(args, "data", None)):
+        if what and (out == os.path.realpath(what) or out.startswith(os.path.realpath(what) + os.sep)):
+            raise UsageError(f"--json {args.json} would write over an input ({what}); give another path")
+
+
 def _backbone(args: argparse.Namespace):
     from ..nn.mlp import Backbone
 
@@ -154,7 +167,7 @@ def _sources(args: argparse.Namespace, *, split: str, need_y: bool, every_domain
 def _learn(args: argparse.Namespace) -> int:
     from ..bank import BANK_FILE, AdapterBank
 
-    check_outputs(args.json, dirs=(), args=args)
+    _check_outputs(args)
     backbone = _backbone(args)
     exists = (Path(args.bank) / BANK_FILE).is_file()
     if not exists and Path(args.bank).exists() and any(Path(args.bank).iterdir()):
@@ -181,7 +194,7 @@ def _learn(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    check_outputs(args.json, args=args)
+    _check_outputs(args)
     bank = _load_bank(args, _backbone(args))
     rows = bank.summary()
     nb = bank.nbytes()
@@ -196,7 +209,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    check_outputs(args.json, args=args)
+    _check_outputs(args)
     bank = _load_bank(args, _backbone(args))
     [(_, x, _)] = _sources(args, split=args.split, need_y=False, every_domain=False)
     routed = bank.route(x, window=args.window)
@@ -212,7 +225,7 @@ def _route(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    check_outputs(args.json, args=args)
+    _check_outputs(args)
     bank = _load_bank(args, _backbone(args))
     rows: list[dict[str, Any]] = []
     for domain, x, y in _sources(args, split="test", need_y=True, every_domain=True):
