@@ -122,14 +122,21 @@ class FineTuner:
         names and config, loadable by PEFT onto ``edgetune.torch.to_torch(backbone)`` and
         by ``load_adapter``; see ``edgetune.peft_format``.
         """
-        from .io_atomic import json_text, write_dir_atomic
+        from .io_atomic import write_dir_atomic
+
+        return write_dir_atomic(path, self.adapter_files(format=format))
+
+    def adapter_files(self, *, format: str = "edgetune") -> dict[str, bytes]:
+        """The two files of ``save_adapter`` as bytes, by file name (nothing written)."""
+        from .io_atomic import json_text
         from .safetensors import dumps
 
         if format not in ("edgetune", "peft"):
             raise UsageError(f"format must be 'edgetune' or 'peft', got {format!r}")
         if format == "peft":
-            from .peft_format import save_peft_adapter
-            return save_peft_adapter(self.method, path)
+            from .peft_format import peft_files
+            tensors, peft_config, metadata = peft_files(self.method)
+            return {ADAPTER_WEIGHTS: dumps(tensors, metadata), ADAPTER_CONFIG: json_text(peft_config).encode()}
         blob = dumps(self.method.adapter_tensors(), {"format": ADAPTER_FORMAT, "method": self.method_name})
         opts = describe_options(self.method.options)
         config = {
@@ -139,8 +146,7 @@ class FineTuner:
             "base_model_sizes": self.backbone.sizes, "base_model_digest": self.backbone.digest(),
             "adapter_sha256": hashlib.sha256(blob).hexdigest(),
         }
-        path = write_dir_atomic(path, {ADAPTER_WEIGHTS: blob, ADAPTER_CONFIG: json_text(config).encode()})
-        return path
+        return {ADAPTER_WEIGHTS: blob, ADAPTER_CONFIG: json_text(config).encode()}
 
     def _scheme_config(self) -> dict[str, Any]:
         """The sparse method's resolved scheme and QAS switch (nothing for other methods)."""

@@ -325,12 +325,13 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
+def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes], *, carry_over: bool = True) -> Path:
     """Write the files of a model or adapter directory as one set.
 
     The new set is written into a hidden directory beside ``path``, fsynced, then swapped
     with the old directory, so that a reader (or a crash) sees the old set or the new one,
-    never a mix. Other files in an existing directory are carried over (hard links).
+    never a mix. Other files in an existing directory are carried over (hard links) unless
+    ``carry_over`` is False. A name may hold sub-folders (``"a/adapter_config.json"``).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -343,6 +344,9 @@ def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
         placed = False
         try:
             os.mkdir(new)  # 0777 less the umask, like any directory
+            subdirs = sorted({str(Path(name).parent) for name in files} - {"."})
+            for sub in subdirs:
+                (new / sub).mkdir(parents=True, exist_ok=True)
             for name, data in files.items():
                 fd = os.open(new / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                              0o666 & ~_umask())
@@ -351,9 +355,12 @@ def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
                     f.flush()
                     os.fsync(f.fileno())
                 _test_hook("file-written")
-            if path.is_dir():
+            for sub in subdirs:
+                fsync_dir(new / sub)
+            tops = {Path(name).parts[0] for name in files}
+            if path.is_dir() and carry_over:
                 for e in os.scandir(path):
-                    if e.name not in files and not (e.name.startswith(".") and _TAG in e.name):
+                    if e.name not in tops and not (e.name.startswith(".") and _TAG in e.name):
                         if e.is_dir(follow_symlinks=False):
                             shutil.copytree(e.path, new / e.name, symlinks=True, copy_function=_link_or_copy)
                         else:
