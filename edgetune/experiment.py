@@ -20,8 +20,10 @@ def backbone_accuracy(backbone: Backbone, x: np.ndarray, y: np.ndarray) -> float
 
 
 def check_compatible(backbone: Backbone, task: Task) -> None:
-    if backbone.sizes[0] != task.n_features:
-        raise DataError(f"the model takes {backbone.sizes[0]} features but task '{task.name}' has {task.n_features}")
+    if backbone.sizes[0] != task.n_features or (len(task.input_shape) > 1 and task.input_shape != backbone.input_shape):
+        want = backbone.sizes[0] if len(backbone.input_shape) == 1 else list(backbone.input_shape)
+        have = task.n_features if len(task.input_shape) == 1 else list(task.input_shape)
+        raise DataError(f"the model takes {want} features but task '{task.name}' has {have}")
     if backbone.sizes[-1] != task.n_classes:
         raise DataError(f"the model has {backbone.sizes[-1]} outputs but task '{task.name}' has {task.n_classes} classes")
 
