@@ -136,8 +136,8 @@ def validate_xy(x: Any, y: Any, *, n_classes: int | None = None, what: str = "da
     except ValueError as e:  # ragged nested lists
         raise DataError(f"{what}: x and y must be rectangular arrays ({e})") from None
     if x.ndim < 2:
-        raise DataError(f"{what}: x must be an array (samples, features) or (samples, channels, ...), "
-                        f"got shape {x.shape}")
+        raise DataError(f"{what}: x must be a 2-D array (samples, features), or (samples, channels, ...) "
+                        f"for a convolutional backbone; got shape {x.shape}")
     if x.shape[0] == 0:
         raise DataError(f"{what}: x is empty (0 samples)")
     if 0 in x.shape[1:]:
