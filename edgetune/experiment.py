@@ -11,7 +11,7 @@ import numpy as np
 
 from .api import FineTuner, pretrain
 from .data.task import Task
-from .errors import DataError
+from .errors import DataError, UsageError
 from .nn.mlp import Backbone
 
 
@@ -28,12 +28,21 @@ def check_compatible(backbone: Backbone, task: Task) -> None:
         raise DataError(f"the model has {backbone.sizes[-1]} outputs but task '{task.name}' has {task.n_classes} classes")
 
 
-def pretrain_on_task(task: Task, *, hidden: list[int] | None = None, epochs: int | None = None,
-                     lr: float | None = None, batch_size: int | None = None, optimizer: str | None = None,
-                     seed: int = 0, progress: bool | None = False) -> tuple[Backbone, dict[str, Any]]:
+def pretrain_on_task(task: Task, *, hidden: list[int] | None = None, arch: str | None = None,
+                     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+                     optimizer: str | None = None, seed: int = 0,
+                     progress: bool | None = False) -> tuple[Backbone, dict[str, Any]]:
+    """Pre-train on the task's pre-train split: ``arch`` (an architecture string, or 'cnn' for
+    the task's convolutional preset), else ``hidden`` widths, else the task's default."""
     d = task.defaults
+    if arch == "cnn":
+        arch = d.get("cnn_arch")
+        if arch is None:
+            raise UsageError(f"task '{task.name}' has no convolutional preset; write an architecture with --arch")
+    if arch is None and hidden is None:
+        arch = d.get("arch")
     hidden = hidden or d.get("hidden", [96, 96])
-    model, hist = pretrain(task.x_pretrain, task.y_pretrain, hidden=hidden, labels=task.labels,
+    model, hist = pretrain(task.x_pretrain, task.y_pretrain, hidden=hidden, arch=arch, labels=task.labels,
                            epochs=epochs or d.get("pretrain_epochs", d.get("epochs", 100)),
                            lr=lr or d.get("pretrain_lr", d.get("lr", 0.01)),
                            batch_size=batch_size or d.get("batch_size", 20),
