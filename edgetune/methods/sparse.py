@@ -131,6 +131,7 @@ class SparseUpdate(Method):
 
     @classmethod
     def count_trainable(cls, specs: list[LayerSpec], options: MethodOptions) -> int:
+        specs = [s for s in specs if s.has_params]
         scheme = cls.resolve_scheme(options.scheme, len(specs), options.train_last_bias)
         rows = scheme.channels([s.out_channels for s in specs])
         fan_in = [int(np.prod(s.weight_shape[1:])) for s in specs]
@@ -145,12 +146,19 @@ class SparseUpdate(Method):
         bb = self.backbone
         n = bb.n_layers
         opts: SparseOptions = self.options  # type: ignore[assignment]
-        self.scheme = self.resolve_scheme(opts.scheme, n, opts.train_last_bias)
+        # The scheme counts the layers with weights (for an MLP: every layer).
+        weighted = bb.tap_layers
+        self.scheme = self.resolve_scheme(opts.scheme, len(weighted), opts.train_last_bias)
         self.int8 = bb.is_int8
         self.qas = self.int8 if opts.qas is None else bool(opts.qas)
         dt = bb.dtype
-        self.rows = self.scheme.channels(bb.sizes[1:])
-        self.train_bias = self.scheme.bias_set(n)
+        self.rows = {weighted[i]: c for i, c in
+                     self.scheme.channels([bb.specs[k].out_channels for k in weighted]).items()}
+        self.train_bias = {weighted[i] for i in self.scheme.bias_set(len(weighted))}
+        # An MLP runs the pruned, tiled path below (the compiled engine's twin); any other
+        # chain of layers runs one generic loop.
+        self.generic = not all(s.kind == "dense" for s in bb.specs)
+        self._sources = bb.sources
         tensors: dict[str, np.ndarray] = {}
         for k in range(n):
             if k in self.rows:
@@ -270,13 +278,66 @@ class SparseUpdate(Method):
         return mask
 
     def forward(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return self._run(x[ids], keep=True)
+        return (self._run_generic if self.generic else self._run)(x[ids], keep=True)
 
     def predict_logits(self, x: np.ndarray) -> np.ndarray:
-        return self._run(x, keep=False)
+        if not self.generic:
+            return self._run(x, keep=False)
+        return np.concatenate([self._run_generic(x[b], keep=False) for b in self.backbone._blocks(x.shape[0])])
+
+    # -- any chain of layers (convolutions, pooling, residual adds): float backbones --------
+    def _weight(self, k: int) -> np.ndarray | None:
+        """Layer k's weight as the forward pass uses it: the trained rows, then the frozen ones."""
+        w = self.backbone.layers[k].weight
+        c = self.rows.get(k, 0)
+        if not c:
+            return w
+        return np.concatenate([self.params[f"layers.{k}.weight"], w[c:]])
+
+    def _bias_generic(self, k: int) -> np.ndarray | None:
+        return self.params[f"layers.{k}.bias"] if k in self.train_bias else self.backbone.layers[k].bias
+
+    def _run_generic(self, h: np.ndarray, keep: bool) -> np.ndarray:
+        bb = self.backbone
+        kept: dict[int, np.ndarray] = {}
+        for k, layer in enumerate(bb.layers):
+            spec = layer.spec
+            if keep and k >= self.first:
+                self._kept[k] = h
+            if k in self._sources:
+                kept[k] = h
+            residual = kept[spec.source] if spec.kind == "add" else None
+            z = spec.ops.forward(spec, h, self._weight(k), residual=residual)
+            if spec.has_params:
+                z = spec.ops.add_bias(spec, z, self._bias_generic(k))
+            h = spec.act.forward(z)
+        return h
+
+    def _backward_generic(self, g: np.ndarray) -> None:
+        bb, grads = self.backbone, self.params.grads
+        pending: dict[int, np.ndarray] = {}
+        for k in range(bb.n_layers - 1, self.first - 1, -1):
+            spec, h = bb.specs[k], self._kept[k]
+            c = self.rows.get(k, 0)
+            if c:
+                grads[f"layers.{k}.weight"][...] = spec.ops.weight_grad(spec, h, g)[:c]
+            if k in self.train_bias:
+                spec.ops.bias_grad(spec, g, out=grads[f"layers.{k}.bias"])
+            if spec.kind == "add" and spec.source >= self.first:
+                pending[spec.source] = pending[spec.source] + g if spec.source in pending else g
+            if k > self.first:
+                dh = spec.ops.input_grad(spec, g, self._weight(k), h)
+                if dh is g:
+                    dh = g.copy()
+                if k in pending:
+                    dh = dh + pending.pop(k)
+                bb.specs[k - 1].act.grad_mul(dh, h)
+                g = dh
 
     def backward(self, g: np.ndarray) -> None:
         bb, grads = self.backbone, self.params.grads
+        if self.generic:
+            return self._backward_generic(g)
         if any(layer.spec.activation not in ("relu", "identity") for layer in bb.layers[:-1]):
             raise UsageError("sparse update supports ReLU and identity activations")
         for k in range(bb.n_layers - 1, self.first - 1, -1):
@@ -324,9 +385,9 @@ class SparseUpdate(Method):
             return bb.replace_int8(qw, qb)
         out = bb.copy()
         for k, c in self.rows.items():
-            out.weights[k][:c] = self.params[f"layers.{k}.weight"]
+            out.layers[k].weight[:c] = self.params[f"layers.{k}.weight"]
         for k in self.train_bias:
-            out.biases[k][...] = self.params[f"layers.{k}.bias"]
+            out.layers[k].bias[...] = self.params[f"layers.{k}.bias"]
         return out
 
     def kept_bytes(self) -> int:

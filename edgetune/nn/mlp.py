@@ -79,7 +79,14 @@ class Backbone:
         if len(layers) > 1 or activation is None:
             activation = layers[0].spec.activation if len(layers) > 1 else "identity"
         self._activation = get_activation(activation)
-        int8 = [layer.is_int8 for layer in layers]
+        params = [layer for layer in layers if layer.spec.has_params]
+        if not params:
+            raise UsageError("a backbone needs at least one layer with weights (dense or conv)")
+        for k, layer in enumerate(layers):
+            if not layer.spec.has_params and (layer.weight is not None or layer.bias is not None
+                                              or layer.quant is not None):
+                raise UsageError(f"layer {k} ({layer.spec.kind}) has no weights, but tensors were given")
+        int8 = [layer.is_int8 for layer in params]
         if any(int8) and not all(int8):
             raise UsageError("a backbone's layers must be all float or all int8")
         if int8_kernel not in INT8_KERNELS:
@@ -90,10 +97,12 @@ class Backbone:
             check_int8_layers(self.layers)
             dtype = np.dtype(np.float32)
         else:
-            dtype = np.asarray(layers[0].weight).dtype
+            dtype = np.asarray(params[0].weight).dtype
             if dtype not in (np.float32, np.float64):
                 raise UsageError(f"backbone weights must be float32 or float64, got {dtype}")
             for k, layer in enumerate(layers):
+                if not layer.spec.has_params:
+                    continue
                 layer.weight, layer.bias = np.asarray(layer.weight), np.asarray(layer.bias)
                 spec = layer.spec
                 if layer.weight.shape != spec.weight_shape or layer.bias.shape != spec.bias_shape:
@@ -108,8 +117,9 @@ class Backbone:
         self.input_std = None if input_std is None else np.asarray(input_std, dtype)
         for name in ("input_mean", "input_std"):
             v = getattr(self, name)
-            if v is not None and v.shape != (self.sizes[0],):
-                raise UsageError(f"{name} has shape {v.shape}, expected ({self.sizes[0]},)")
+            if v is not None and v.shape != self.norm_shape:
+                raise UsageError(f"{name} has shape {v.shape}, expected {self.norm_shape}"
+                                 + (" (one value per input channel)" if self.layers[0].spec.spatial else ""))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -170,7 +180,29 @@ class Backbone:
     @property
     def is_int8(self) -> bool:
         """True when the layers hold int8 tensors (computed by the int8 kernels)."""
-        return self.layers[0].is_int8
+        return any(layer.is_int8 for layer in self.layers)
+
+    @property
+    def norm_shape(self) -> tuple[int, ...]:
+        """The input normalisation's shape: one value per feature of a flat input, one per
+        channel of a spatial one."""
+        spec = self.layers[0].spec
+        return (spec.in_shape[0],) if spec.spatial else (spec.in_features,)
+
+    @property
+    def tap_layers(self) -> list[int]:
+        """The layers a skip adapter starts from: every layer with weights."""
+        return [k for k, layer in enumerate(self.layers) if layer.spec.has_params]
+
+    @property
+    def tap_widths(self) -> list[int]:
+        """Each skip adapter's input width (a spatial input pooled to one value per channel)."""
+        return [self.layers[k].spec.tap_width for k in self.tap_layers]
+
+    @property
+    def sources(self) -> set[int]:
+        """Layers whose input a later ``add`` layer reads."""
+        return {layer.spec.source for layer in self.layers if layer.spec.kind == "add"}
 
     @property
     def weights(self) -> list[np.ndarray | None]:
@@ -185,7 +217,9 @@ class Backbone:
     @property
     def dtype(self) -> np.dtype:
         """The dtype of what ``forward`` returns and of adapters trained on top."""
-        return np.dtype(np.float32) if self.is_int8 else self.layers[0].weight.dtype
+        if self.is_int8:
+            return np.dtype(np.float32)
+        return next(layer.weight.dtype for layer in self.layers if layer.weight is not None)
 
     @property
     def sizes(self) -> list[int]:
@@ -232,29 +266,40 @@ class Backbone:
         if self.is_int8:
             raise UsageError("the input normalisation of an int8 backbone is fixed at quantisation")
         # Two passes over blocks of rows in float64: the numbers of a float64 copy of x,
-        # without holding one (and its deviations) whole.
+        # without holding one (and its deviations) whole. A spatial input is standardised
+        # per channel: its rows are read as (samples, channels, positions).
         x = np.asarray(x)
         n, block = x.shape[0], 256
-        mean = np.zeros(x.shape[1])
+        c = self.norm_shape[0]
+        rows = x.reshape(n, c, -1)
+        count = n * rows.shape[2]
+        mean = np.zeros(c)
         for lo in range(0, n, block):
-            mean += x[lo:lo + block].sum(axis=0, dtype=np.float64)
-        mean /= n
-        var = np.zeros(x.shape[1])
+            mean += rows[lo:lo + block].sum(axis=(0, 2), dtype=np.float64)
+        mean /= count
+        var = np.zeros(c)
         for lo in range(0, n, block):
-            d = x[lo:lo + block].astype(np.float64)
-            d -= mean
-            var += np.einsum("ij,ij->j", d, d)
-        std = np.sqrt(var / n)
+            d = rows[lo:lo + block].astype(np.float64)
+            d -= mean[:, None]
+            var += np.einsum("ijk,ijk->j", d, d)
+        std = np.sqrt(var / count)
         std[std < 1e-8] = 1.0  # a constant feature is left unscaled, never divided by ~0
         self.input_mean = mean.astype(self.dtype)
         self.input_std = std.astype(self.dtype)
         return self
 
     def prepare(self, x: np.ndarray, what: str = "x") -> np.ndarray:
-        """Validate raw inputs and return them normalised, contiguous, in the backbone dtype."""
+        """Validate raw inputs and return them normalised, contiguous, in the backbone dtype, one
+        flat row per sample. A spatial input may come as (samples, C, L) / (samples, C, H, W)
+        or already flat."""
         x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
-            raise DataError(f"{what} must have shape (samples, {self.sizes[0]}), got {x.shape}")
+        shape, width = self.input_shape, self.sizes[0]
+        if x.ndim >= 2 and x.shape[1:] == shape and len(shape) > 1:
+            x = x.reshape(x.shape[0], width)
+        if x.ndim != 2 or x.shape[1] != width:
+            want = f"(samples, {width})" if len(shape) == 1 else \
+                f"(samples, {', '.join(map(str, shape))}) or (samples, {width})"
+            raise DataError(f"{what} must have shape {want}, got {x.shape}")
         if x.shape[0] == 0:
             raise DataError(f"{what} is empty (0 samples)")
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
@@ -263,6 +308,13 @@ class Backbone:
         if not np.all(np.isfinite(out)):
             bad = np.argwhere(~np.isfinite(out))[0]
             raise DataError(f"{what} contains NaN or inf (first at sample {bad[0]}, feature {bad[1]})")
+        if len(shape) > 1:
+            per_channel = out.reshape(out.shape[0], shape[0], -1)
+            if self.input_mean is not None:
+                per_channel -= self.input_mean[:, None]
+            if self.input_std is not None:
+                per_channel /= self.input_std[:, None]
+            return out
         if self.input_mean is not None:
             out -= self.input_mean
         if self.input_std is not None:
@@ -282,24 +334,56 @@ class Backbone:
         if self.is_int8:
             return None
         wanted = range(self.n_layers) if layers is None else layers
-        return [np.ascontiguousarray(w.T) if k in wanted else None for k, w in enumerate(self.weights)]
+        return [np.ascontiguousarray(layer.weight.T) if k in wanted and layer.spec.kind == "dense" else None
+                for k, layer in enumerate(self.layers)]
+
+    #: Rows per block when a backbone with spatial layers runs a large input (bounds the
+    #: memory of the convolutions' window matrices).
+    BLOCK_ROWS = 256
+
+    def _blocks(self, n: int):
+        if all(not layer.spec.spatial for layer in self.layers) or n <= self.BLOCK_ROWS:
+            yield slice(0, n)
+            return
+        for lo in range(0, n, self.BLOCK_ROWS):
+            yield slice(lo, min(n, lo + self.BLOCK_ROWS))
+
+    def walk(self, x: np.ndarray, wts: Sequence[np.ndarray | None] | None = None, on_input=None) -> np.ndarray:
+        """Run the float layers on prepared rows ``x``, calling ``on_input(k, h)`` with every layer's
+        input; returns the logits. ``add`` layers read the input kept for their source."""
+        sources = self.sources
+        kept: dict[int, np.ndarray] = {}
+        h = x
+        for k, layer in enumerate(self.layers):
+            if on_input is not None:
+                on_input(k, h)
+            if k in sources:
+                kept[k] = h
+            residual = kept[layer.spec.source] if layer.spec.kind == "add" else None
+            h = apply_layer(layer, h, None if wts is None else wts[k], residual=residual)
+        return h
 
     def forward(self, x: np.ndarray, wts: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
         """Logits for already-prepared inputs (``wts``: see ``transposed_weights``)."""
         if self.is_int8:
             from ..quant.int8 import int8_forward
             return int8_forward(self, x)
-        h = x
-        for k, layer in enumerate(self.layers):
-            h = apply_layer(layer, h, None if wts is None else wts[k])
-        return h
+        blocks = list(self._blocks(x.shape[0]))
+        if len(blocks) == 1:
+            return self.walk(x, wts)
+        out = np.empty((x.shape[0], self.sizes[-1]), self.dtype)
+        for b in blocks:
+            out[b] = self.walk(x[b], wts)
+        return out
 
     def forward_taps(self, x: np.ndarray, out: np.ndarray | None = None,
                      wts: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
-        """The input of every layer and the final logits, side by side in one row per sample.
+        """What every skip adapter reads and the final logits, side by side in one row per sample.
 
-        Row layout: [h_0 = x | h_1 | ... | h_{n-1} | z_n]; this is exactly what the skip
-        adapters read, and what the skip-cache stores. An int8 backbone gives its int8
+        Row layout: [t_1 | ... | t_n | z] with t_k the input of the k-th layer with weights
+        (``tap_layers``), pooled to one value per channel where it is spatial, and z the
+        logits; for an MLP [h_0 = x | h_1 | ... | h_{n-1} | z_n]. This is exactly what the
+        skip adapters read, and what the skip-cache stores. An int8 backbone gives its int8
         inputs dequantised (``edgetune.quant.int8.int8_forward_taps`` gives them as int8).
         """
         if self.is_int8:
@@ -311,16 +395,35 @@ class Backbone:
             np.multiply(rows, tap_scales(self), out=out[:, :d])
             out[:, d:] = logits
             return out
-        sizes = self.sizes
+        widths = self.tap_widths
+        d, n_out = sum(widths), self.sizes[-1]
         if out is None:
-            out = np.empty((x.shape[0], sum(sizes[:-1]) + sizes[-1]), dtype=self.dtype)
-        out[:, :sizes[0]] = x
-        h = x
-        col = sizes[0]
-        for k, layer in enumerate(self.layers):
-            dst = out[:, col:col + sizes[k + 1]]
-            h = apply_layer(layer, h, None if wts is None else wts[k], out=dst)
-            col += sizes[k + 1]
+            out = np.empty((x.shape[0], d + n_out), dtype=self.dtype)
+        if all(layer.spec.kind == "dense" for layer in self.layers):
+            # an MLP: each layer writes its output straight into the next tap's columns
+            sizes = self.sizes
+            out[:, :sizes[0]] = x
+            h = x
+            col = sizes[0]
+            for k, layer in enumerate(self.layers):
+                dst = out[:, col:col + sizes[k + 1]]
+                h = apply_layer(layer, h, None if wts is None else wts[k], out=dst)
+                col += sizes[k + 1]
+            return out
+        cols = dict(zip(self.tap_layers, np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(int)))
+        for b in self._blocks(x.shape[0]):
+            rows = out[b]
+
+            def tap(k: int, h: np.ndarray) -> None:
+                if k in cols:
+                    spec = self.layers[k].spec
+                    dst = rows[:, cols[k]:cols[k] + spec.tap_width]
+                    if spec.spatial:
+                        np.mean(h.reshape(h.shape[0], spec.in_shape[0], -1), axis=2, out=dst)
+                    else:
+                        dst[...] = h
+
+            rows[:, d:] = self.walk(x[b], wts, tap)
         return out
 
     # ------------------------------------------------------------------ identity
@@ -343,14 +446,15 @@ class Backbone:
             head = [[s.to_dict() for s in self.specs]]
         if self.is_int8:
             hsh.update(json.dumps([INT8_FORMAT_V1, *head]).encode())
-            q = [layer.quant for layer in self.layers]
+            q = [layer.quant for layer in self.layers if layer.quant is not None]
             arrays = [*(p.qweight for p in q), *(p.wscale for p in q), *(p.qbias for p in q),
                       np.asarray([p.input_scale for p in q], np.float32), self.input_mean, self.input_std]
             for a in arrays:
                 hsh.update(b"-" if a is None else memoryview(np.ascontiguousarray(a)).cast("B"))
             return hsh.hexdigest()
         hsh.update(json.dumps([*head, str(self.dtype)]).encode())
-        for a in (*self.weights, *self.biases, self.input_mean, self.input_std):
+        params = [layer for layer in self.layers if layer.spec.has_params]
+        for a in (*(p.weight for p in params), *(p.bias for p in params), self.input_mean, self.input_std):
             hsh.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
         return hsh.hexdigest()
 
@@ -365,7 +469,7 @@ class Backbone:
                 t[f"layers.{k}.weight_scale"] = q.wscale
                 t[f"layers.{k}.bias"] = q.qbias
                 t[f"layers.{k}.input_scale"] = np.asarray([q.input_scale], np.float32)
-            else:
+            elif layer.spec.has_params:
                 t[f"layers.{k}.weight"] = layer.weight
                 t[f"layers.{k}.bias"] = layer.bias
         if self.input_mean is not None:
@@ -451,6 +555,8 @@ class Backbone:
         dtype = np.dtype(np.float32) if int8 else np.dtype(cfg.get("dtype", "float32"))
         want_shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for k, spec in enumerate(specs):
+            if not spec.has_params:
+                continue
             if int8:
                 want_shapes[f"layers.{k}.weight"] = (spec.weight_shape, np.dtype(np.int8))
                 want_shapes[f"layers.{k}.weight_scale"] = (spec.bias_shape, np.dtype(np.float32))
@@ -460,7 +566,8 @@ class Backbone:
                 want_shapes[f"layers.{k}.weight"] = (spec.weight_shape, dtype)
                 want_shapes[f"layers.{k}.bias"] = (spec.bias_shape, dtype)
         norm_dtype = np.dtype(np.float32) if int8 else dtype
-        optional = {"input.mean": ((sizes[0],), norm_dtype), "input.std": ((sizes[0],), norm_dtype)}
+        norm_shape = (specs[0].in_shape[0],) if specs[0].spatial else (sizes[0],)
+        optional = {"input.mean": (norm_shape, norm_dtype), "input.std": (norm_shape, norm_dtype)}
         extra = set(tensors) - set(want_shapes) - set(optional)
         if extra:
             raise ModelFileError(f"{w_path}: unexpected tensors {sorted(extra)}")
@@ -476,13 +583,16 @@ class Backbone:
                                      f"{what} {dt}{list(shape)}")
             if dt.kind == "f" and not np.all(np.isfinite(t)):
                 raise ModelFileError(f"{w_path}: tensor '{name}' contains NaN or inf")
-        if int8:
-            layers = [Layer(spec, quant=QuantParams(
-                tensors[f"layers.{k}.weight"], tensors[f"layers.{k}.weight_scale"], tensors[f"layers.{k}.bias"],
-                float(tensors[f"layers.{k}.input_scale"][0]))) for k, spec in enumerate(specs)]
-        else:
-            layers = [Layer(spec, tensors[f"layers.{k}.weight"], tensors[f"layers.{k}.bias"])
-                      for k, spec in enumerate(specs)]
+        layers = []
+        for k, spec in enumerate(specs):
+            if not spec.has_params:
+                layers.append(Layer(spec))
+            elif int8:
+                layers.append(Layer(spec, quant=QuantParams(
+                    tensors[f"layers.{k}.weight"], tensors[f"layers.{k}.weight_scale"], tensors[f"layers.{k}.bias"],
+                    float(tensors[f"layers.{k}.input_scale"][0]))))
+            else:
+                layers.append(Layer(spec, tensors[f"layers.{k}.weight"], tensors[f"layers.{k}.bias"]))
         try:
             return cls.from_layers(layers, labels=cfg.get("labels"), input_mean=tensors.get("input.mean"),
                                    input_std=tensors.get("input.std"), int8_kernel=int8_kernel,

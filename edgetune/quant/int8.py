@@ -81,6 +81,9 @@ def check_int8_layers(layers: Sequence[Layer]) -> None:
     layer's input scales). Raises UsageError naming the layer."""
     n = len(layers)
     for k, layer in enumerate(layers):
+        if layer.spec.kind != "dense":
+            raise UsageError(f"layer {k} is {layer.spec.kind}: int8 backbones are MLPs (dense layers) in this "
+                             f"version")
         q, spec = layer.quant, layer.spec
         q.qweight = np.ascontiguousarray(q.qweight)
         q.wscale = np.asarray(q.wscale, np.float32)
@@ -239,6 +242,10 @@ def quantize(backbone: Backbone, x_calib: np.ndarray, *, percentile: float = 100
     (pre-training data: the device never needs the fine-tuning data for this)."""
     if backbone.is_int8:
         raise UsageError("this backbone is already int8")
+    for layer in backbone.layers:
+        if layer.spec.kind != "dense":
+            raise UsageError(f"int8 quantisation supports MLPs (dense layers) in this version; this backbone has "
+                             f"a {layer.spec.kind} layer")
     for layer in backbone.layers[:-1]:
         if layer.spec.activation not in ("relu", "identity"):
             raise UsageError(f"int8 quantisation supports ReLU MLPs, not '{layer.spec.activation}'")

@@ -68,6 +68,9 @@ def to_torch(backbone: Backbone, *, normalize: bool = True) -> nn.Sequential:
     if backbone.is_int8:
         raise UsageError("to_torch converts float backbones; for an int8 one use "
                          "edgetune.quant.dequantize(backbone) first")
+    if not all(s.kind == "dense" for s in backbone.specs):
+        from .graph import to_module
+        return to_module(backbone, normalize=normalize)
     layers: list[nn.Module] = []
     last = backbone.n_layers - 1
     for k, layer in enumerate(backbone.layers):
@@ -165,9 +168,19 @@ def _traced_ops(module: nn.Module) -> list[tuple[str, str, object]]:
     return ops
 
 
-def from_torch(module: nn.Module, *, labels: list[str] | None = None) -> Backbone:
+def from_torch(module: nn.Module, *, labels: list[str] | None = None,
+               input_shape: tuple[int, ...] | None = None) -> Backbone:
     if not isinstance(module, nn.Module):
         raise UsageError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
+    from .graph import LayerChain, from_chain
+    if isinstance(module, LayerChain):
+        return from_chain(module, labels=labels)
+    if input_shape is not None and len(tuple(input_shape)) > 1:
+        from .graph import from_graph
+        return from_graph(module, tuple(input_shape), labels=labels)
+    if any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in module.modules()):
+        raise UsageError(f"{type(module).__name__} has convolutions: give the shape of one sample, "
+                         f"from_torch(module, input_shape=(C, L)) or (C, H, W)")
     mean = std = None
     if type(module) in (nn.Sequential, NormalizedSequential):
         ops = _sequential_ops(module)
