@@ -576,6 +576,28 @@ class DevicePlan:
         return text
 
 
+def device_model_desc(core: Any, *, optimizer: str, cache: str | None, cache_capacity: int, max_samples: int,
+                      store_samples: bool) -> Any:
+    """The et_model_desc (et_device.h) of a ``CoreModel``'s structs, as the export writes it; it
+    points into ``core``, which must outlive it."""
+    import ctypes
+
+    from .core import ModelDesc, enum
+    from .core.engine import CACHE_KINDS
+
+    desc = ModelDesc()
+    desc.backbone = ctypes.pointer(core.bb)
+    desc.method = ctypes.pointer(core.m)
+    desc.initial_params = core.params.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    desc.optimizer = enum("optimizer")[optimizer]
+    desc.batch = core.batch
+    desc.cache_kind = CACHE_KINDS[{None: "none", "float32": "float", "int8": "int8"}[cache]]
+    desc.cache_capacity = int(cache_capacity)
+    desc.max_samples = int(max_samples)
+    desc.store_samples = int(bool(store_samples))
+    return desc
+
+
 def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimizer: str = "sgd",
                        cache: str | None = None, cache_capacity: int | None = None, store_samples: bool = True,
                        pointer_bytes: int = 4, statics: int = 0, stack: int = 0) -> DevicePlan:
@@ -590,8 +612,8 @@ def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimi
     """
     import ctypes
 
-    from .core import DEVICE_PIECES, ModelDesc
-    from .core.engine import CACHE_KINDS, CoreModel
+    from .core import DEVICE_PIECES
+    from .core.engine import CoreModel
 
     if optimizer not in OPTIMIZER_COPIES:
         raise UsageError(f"unknown optimizer '{optimizer}': use one of {', '.join(OPTIMIZER_COPIES)}")
@@ -609,17 +631,8 @@ def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimi
         raise UsageError(f"max_samples {N} is too large for the compiled engine")
     lib = _core_lib("the device arena")
     core = CoreModel(method, batch_size)
-    from .core import enum
-
-    desc = ModelDesc()
-    desc.backbone = ctypes.pointer(core.bb)
-    desc.method = ctypes.pointer(core.m)
-    desc.optimizer = enum("optimizer")[optimizer]
-    desc.batch = int(batch_size)
-    desc.cache_kind = CACHE_KINDS[{None: "none", "float32": "float", "int8": "int8"}[cache]]
-    desc.cache_capacity = C
-    desc.max_samples = N
-    desc.store_samples = int(bool(store_samples))
+    desc = device_model_desc(core, optimizer=optimizer, cache=cache, cache_capacity=C, max_samples=N,
+                             store_samples=store_samples)
     pieces = (ctypes.c_size_t * len(DEVICE_PIECES))()
     arena = lib.et_device_arena_breakdown(ctypes.byref(desc), int(pointer_bytes), pieces)
     if arena == 0:

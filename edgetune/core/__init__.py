@@ -174,7 +174,7 @@ def load() -> Any:
         _declare(lib)
         if lib.et_abi_version() != ABI_VERSION:
             raise OSError(f"ABI version {lib.et_abi_version()}, expected {ABI_VERSION}")
-        check_layout(lib)
+        check_layout(lib, STRUCTS, ENUMS)
     except (OSError, AttributeError) as e:
         _error = f"the compiled engine at {path} does not load ({e}); reinstall with 'pip install .'"
         return None
@@ -187,13 +187,12 @@ def check_layout(lib: Any, structs: tuple = STRUCTS, enums: dict[str, tuple[str,
     every struct's size and every field's name and offset, and with ``enums`` on every value's
     name; the message names the struct and field (or enum and value) that differ."""
     for i, st in enumerate(structs):
-        if lib.et_sizeof(i) != ctypes.sizeof(st):
-            raise OSError(f"struct {st.__name__} is {lib.et_sizeof(i)} bytes in C, {ctypes.sizeof(st)} in Python")
         for j, (name, _) in enumerate(st._fields_):
             c_name = lib.et_field_name(i, j)
-            c_name = c_name.decode() if c_name is not None else None
-            if c_name != name:
-                raise OSError(f"struct {st.__name__}: field {j} is {c_name!r} in C, {name!r} in Python")
+            if c_name is None:
+                raise OSError(f"struct {st.__name__}: field {j} ({name!r}) is not in C")
+            if c_name.decode() != name:
+                raise OSError(f"struct {st.__name__}: field {j} is {c_name.decode()!r} in C, {name!r} in Python")
             off = getattr(st, name).offset
             if lib.et_field_offset(i, j) != off:
                 raise OSError(f"struct {st.__name__}: field {name!r} is at offset {lib.et_field_offset(i, j)} "
@@ -201,12 +200,15 @@ def check_layout(lib: Any, structs: tuple = STRUCTS, enums: dict[str, tuple[str,
         extra = lib.et_field_name(i, len(st._fields_))
         if extra is not None:
             raise OSError(f"struct {st.__name__}: field {extra.decode()!r} is in C, not in Python")
+        if lib.et_sizeof(i) != ctypes.sizeof(st):
+            raise OSError(f"struct {st.__name__} is {lib.et_sizeof(i)} bytes in C, {ctypes.sizeof(st)} in Python")
     for e, (name, values) in enumerate(enums.items()):
         for v, value in enumerate(values):
             c_name = lib.et_enum_name(e, v)
-            c_name = c_name.decode() if c_name is not None else None
-            if c_name != value:
-                raise OSError(f"enum {name}: value {v} is {c_name!r} in C, {value!r} in Python")
+            if c_name is None:
+                raise OSError(f"enum {name}: value {v} ({value!r}) is not in C")
+            if c_name.decode() != value:
+                raise OSError(f"enum {name}: value {v} is {c_name.decode()!r} in C, {value!r} in Python")
         extra = lib.et_enum_name(e, len(values))
         if extra is not None:
             raise OSError(f"enum {name}: value {len(values)} ({extra.decode()!r}) is in C, not in Python")
