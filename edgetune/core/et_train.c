@@ -135,6 +135,8 @@ typedef struct {
     float *G;
     et_cache *cache;
     const float *x;
+    int32_t width[ET_MAX_LAYERS + 1];      /* et_width(bb, k), read once: the hot loops index it */
+    int32_t d_in;                          /* the sum of the layers' input widths */
     layout L;
 } ctx;
 
@@ -157,6 +159,8 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->G = G;
     c->cache = cache;
     c->x = x;
+    for (int k = 0; k <= bb->n_layers; k++) c->width[k] = et_width(bb, k);
+    c->d_in = d_in_of(bb);
     plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L);
     return ET_OK;
 }
@@ -274,7 +278,7 @@ static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
 /* Taps rows for samples ids[0..count) into dst (row stride = row width), from x. */
 static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
     const et_backbone *bb = c->bb;
-    const int in0 = et_width(bb, 0), d = d_in_of(bb), W = d + et_width(bb, bb->n_layers);
+    const int in0 = c->width[0], d = c->d_in, W = d + c->width[bb->n_layers];
     gather_rows(c->x, in0, ids, count, dst, W);
     if (!bb->is_int8) {
         float_taps(bb, dst, W, count);
@@ -288,8 +292,8 @@ static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
         int col = 0;
         for (int k = 0; k < bb->n_layers; k++) {
             const float s = bb->layers[k].act_scale;
-            for (int j = 0; j < et_width(bb, k); j++) row[col + j] = (float)q[col + j] * s;
-            col += et_width(bb, k);
+            for (int j = 0; j < c->width[k]; j++) row[col + j] = (float)q[col + j] * s;
+            col += c->width[k];
         }
     }
 }
@@ -319,7 +323,7 @@ static int cached(const et_cache *cache, int id) {
 static void skip_fill_cache(ctx *c, int n_samples, int batch) {
     et_cache *cache = c->cache;
     const et_backbone *bb = c->bb;
-    const int d = d_in_of(bb), out = et_width(bb, bb->n_layers), W = d + out;
+    const int d = c->d_in, out = c->width[bb->n_layers], W = d + out;
     const int in_place = cache->kind == ET_CACHE_FLOAT && !bb->is_int8;
     const int block = in_place ? FILL_BLOCK : batch;
     const int cap = cache->capacity < n_samples ? cache->capacity : n_samples;
@@ -346,7 +350,7 @@ static void skip_fill_cache(ctx *c, int n_samples, int batch) {
 static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
     et_cache *cache = use_cache ? c->cache : NULL;
     const et_backbone *bb = c->bb;
-    const int d = d_in_of(bb), out = et_width(bb, bb->n_layers), W = d + out;
+    const int d = c->d_in, out = c->width[bb->n_layers], W = d + out;
     int n_missing = 0;
     for (int i = 0; i < count; i++) {
         c->L.rowp[i] = NULL;
@@ -385,7 +389,7 @@ static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
 static float *skip_forward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank, nr = n * r, d = d_in_of(bb), out = et_width(bb, n);
+    const int n = bb->n_layers, r = m->rank, nr = n * r, d = c->d_in, out = c->width[n];
     const float *A = c->P + m->off_skip_a, *Bm = c->P + m->off_skip_b;
     float *logits = c->L.gbuf[0];
     for (int i = 0; i < count; i++) {
@@ -394,8 +398,8 @@ static float *skip_forward(ctx *c, int count) {
         int col = 0;
         for (int k = 0; k < n; k++) {
             for (int j = 0; j < r; j++)
-                u[k * r + j] = et_dot(A + (size_t)(k * r + j) * d + col, h + col, et_width(bb, k));
-            col += et_width(bb, k);
+                u[k * r + j] = et_dot(A + (size_t)(k * r + j) * d + col, h + col, c->width[k]);
+            col += c->width[k];
         }
         float *z = logits + (size_t)i * out;
         for (int o = 0; o < out; o++) {
@@ -413,7 +417,7 @@ static float *skip_forward(ctx *c, int count) {
 static void skip_backward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank, nr = n * r, d = d_in_of(bb), out = et_width(bb, n);
+    const int n = bb->n_layers, r = m->rank, nr = n * r, d = c->d_in, out = c->width[n];
     const float *Bm = c->P + m->off_skip_b;
     const float *g = c->L.gbuf[0];
     float *gB = c->G + m->off_skip_b, *gA = c->G + m->off_skip_a, *gu = c->L.gu;
@@ -433,7 +437,7 @@ static void skip_backward(ctx *c, int count) {
     /* dA, block by block (the off-block entries are never written, so they stay zero) */
     int col = 0;
     for (int k = 0; k < n; k++) {
-        const int w = et_width(bb, k);
+        const int w = c->width[k];
         for (int j = 0; j < r; j++)
             et_weighted_rows(count, gu + k * r + j, nr, c->L.rowp, col, w, gA + (size_t)(k * r + j) * d + col);
         col += w;
@@ -448,7 +452,7 @@ static int sp_trained_bias(const ctx *c, int k) { return c->m->off_bias[k] >= 0;
 static const float *sp_row(ctx *c, int k, int o) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int in = et_width(bb, k);
+    const int in = c->width[k];
     if (!bb->is_int8)
         return o < m->rows[k] ? c->P + m->off_weight[k] + (size_t)o * in : bb->layers[k].w + (size_t)o * in;
     const float unit = m->w_unit[k][o];
@@ -493,7 +497,7 @@ static float *sp_forward(ctx *c, int count) {
         }
         const float s = bb->layers[start].act_scale;
         float *h = c->L.act[start];
-        for (int i = 0; i < count * et_width(bb, start); i++) h[i] = (float)q[i] * s;
+        for (int i = 0; i < count * c->width[start]; i++) h[i] = (float)q[i] * s;
     } else {
         for (int k = 0; k < start; k++) { /* the frozen layers before `first`, from W (out, in) */
             const et_layer *l = &bb->layers[k];

@@ -107,7 +107,7 @@ def _c_struct(s: ctypes.Structure, names: dict[int, str], indent: str = "    ") 
             elem = ftype._type_
             if issubclass(elem, ctypes.Structure):
                 inner = indent + "    "
-                items = [f"[{i}] = {_c_struct(x, names, inner)}" for i, x in enumerate(v)
+                items = [f"[{i}] = {_c_struct(x, names, inner + '    ')}" for i, x in enumerate(v)
                          if any(bytes(x))]
                 parts.append(f".{fname} = {{\n{inner}" + f",\n{inner}".join(items) + f"\n{indent}}}")
                 continue
