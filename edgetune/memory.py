@@ -270,6 +270,11 @@ def core_workspace_bytes(sizes: Sequence[int], kind: str, *, batch: int, n_param
     if kind not in KINDS:
         raise UsageError(f"unknown method kind {kind!r}: use one of {', '.join(KINDS)}")
     bb = dense_backbone([int(v) for v in sizes], "relu")
+    for name, v, lo, hi in (("batch", batch, 1, 2 ** 31 - 1), ("rank", rank, 1, 2 ** 31 - 1),
+                            ("first", first, 0, len(sizes) - 2), ("n_params", n_params, 0, 2 ** 62),
+                            ("pack", pack, 0, 2 ** 62), ("pointer_bytes", pointer_bytes, 4, 8)):
+        if not isinstance(v, (int, np.integer)) or not lo <= v <= hi:  # ctypes would wrap an int32 silently
+            raise UsageError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
     bb.is_int8 = int(bool(int8))
     n = bb.n_layers
     # Weights are not needed for a size; C reads only whether a layer's W (out, in) is given.

@@ -135,6 +135,18 @@ def test_the_planner_asks_c_for_the_workspace_the_trainer_allocates():
                                                  -(-8 * batch // 64) * 64 - -(-4 * batch // 64) * 64)
 
 
+@pytest.mark.parametrize("sizes,kw,message", [
+    ([5, 2 ** 40, 2], {}, "layer width 1"), ([5, 0, 2], {}, "layer width 1"), ([5], {}, "1..16 layers"),
+    (list(range(2, 20)), {}, "1..16 layers"), ([5, 8, 2], {"batch": 2 ** 32 + 4}, "batch"),
+    ([5, 8, 2], {"pointer_bytes": 2}, "pointer_bytes"), ([5, 8, 2], {"first": 2}, "first"),
+    ([5, 8, 2], {"pack": 7, "kind": "layerwise"}, "pack 7"), ([5, 8, 2], {"kind": "conv"}, "unknown method kind")])
+def test_the_planner_refuses_what_c_cannot_take(sizes, kw, message):
+    """Every value is checked before it reaches a ctypes int32 (which would wrap silently)."""
+    kw = {"kind": "skip", "batch": 4, "n_params": 10, **kw}
+    with pytest.raises(UsageError, match=message):
+        core_workspace_bytes(sizes, kw.pop("kind"), **kw)
+
+
 def test_the_device_arena_is_what_the_device_needs():
     """plan_device_memory's arena is exactly what et_device_init accepts: not one byte less."""
     from edgetune.memory import device_model_desc, plan_device_memory

@@ -349,6 +349,9 @@ def dense_backbone(sizes: Any, activation: str) -> CBackbone:
         raise UsageError(f"the compiled engine takes 1..{MAX_LAYERS} layers (got {n})")
     if activation not in ACTIVATIONS:
         raise UsageError(f"activation {activation} has no compiled implementation")
+    for k, v in enumerate(sizes):  # ctypes would wrap a value past int32 silently
+        if not isinstance(v, (int, np.integer)) or not 1 <= v <= INT32_MAX:
+            raise UsageError(f"layer width {k} is {v!r}; the compiled engine takes 1..{INT32_MAX}")
     s.n_layers = n
     for k in range(n):
         layer = s.layers[k]
