@@ -97,13 +97,20 @@ def _address(p: Any) -> int:
     return ctypes.cast(p, ctypes.c_void_p).value or 0
 
 
-def _c_struct(s: ctypes.Structure, names: dict[int, str]) -> str:
-    """A designated initialiser for a core struct; pointers become the names of emitted arrays."""
+def _c_struct(s: ctypes.Structure, names: dict[int, str], indent: str = "    ") -> str:
+    """A designated initialiser for a core struct; pointers become the names of emitted arrays.
+    An array of structs (the backbone's layers) lists its elements that are not all zero."""
     parts = []
     for fname, ftype in s._fields_:
         v = getattr(s, fname)
         if isinstance(v, ctypes.Array):
             elem = ftype._type_
+            if issubclass(elem, ctypes.Structure):
+                inner = indent + "    "
+                items = [f"[{i}] = {_c_struct(x, names, inner + '    ')}" for i, x in enumerate(v)
+                         if any(bytes(x))]
+                parts.append(f".{fname} = {{\n{inner}" + f",\n{inner}".join(items) + f"\n{indent}}}")
+                continue
             if issubclass(elem, ctypes._Pointer):
                 vals = [names[_address(p)] if _address(p) else "NULL" for p in v]
             elif elem in (ctypes.c_float,):
@@ -120,7 +127,8 @@ def _c_struct(s: ctypes.Structure, names: dict[int, str]) -> str:
             parts.append(f".{fname} = {_c_double(v)}")
         else:
             parts.append(f".{fname} = {int(v)}")
-    return "{\n    " + ",\n    ".join(parts) + "\n}"
+    close = indent[:-4]
+    return "{\n" + indent + f",\n{indent}".join(parts) + "\n" + close + "}"
 
 
 def _adapter_layout(method: Any) -> list[dict[str, Any]]:
@@ -352,7 +360,7 @@ def _model_c(d: dict[str, Any], adapter_files: tuple[bytes, str]) -> tuple[str, 
 #define ET_MODEL_MAX_SAMPLES {d["max_samples"]}
 #define ET_MODEL_EPOCHS {train["epochs"]}
 #define ET_MODEL_SEED {train["seed"]}u
-/* et_device_arena_bytes(&et_model) on {target.name} ({target.pointer_bytes}-byte pointers): edgetune's memory model */
+/* et_device_arena_bytes(&et_model) on {target.name} ({target.pointer_bytes}-byte pointers), as the engine computed it */
 #define ET_MODEL_ARENA_BYTES {d["plan"].arena}
 #define ET_MODEL_ADAPTER_BYTES {4 * sum(t["rows"] * t["cols"] for t in layout)}
 
@@ -518,8 +526,6 @@ def export_project(opts: ExportOptions) -> ExportResult:
             if target.kind == "mcu" and f == "et_clock.c":
                 continue  # POSIX only
             shutil.copyfile(core_pkg.SOURCE_DIR / f, tmp / f)
-        for f in ("et_device.c", "et_device.h"):
-            _copy_template(f, tmp / f)
         h, c = _model_c(d, adapter_files)
         (tmp / "et_model.h").write_text(h)
         (tmp / "et_model.c").write_text(c)
@@ -600,11 +606,12 @@ adapter_model.safetensors + adapter_config.json, which `edgetune evaluate --adap
 and `FineTuner.load_adapter` read."""
     return f"""# edgetune device project: {m['method']} on {'-'.join(map(str, m['sizes']))} ({m['backbone']}), {target.name}
 
-Written by `edgetune export`. The C engine (`et_core.h`, `et_kernels.c`, `et_int8.c`,
-`et_train.c`) is a copy of the one inside the edgetune Python package that wrote this
-project; `et_model.c` holds the model as `const` arrays and the very structs that package
-hands to the engine; `et_device.c/.h` is the device API (samples, train, predict, adapter
-bytes); one static arena of `ET_MODEL_ARENA_BYTES` holds everything that changes.
+Written by `edgetune export`. The C engine (`et_core.h`, `et_kernels.c`, `et_layers.c`,
+`et_int8.c`, `et_train.c`, `et_abi.c`) and the device API `et_device.c/.h` (samples, train,
+predict, adapter bytes) are copies of the files inside the edgetune Python package that
+wrote this project; `et_model.c` holds the model as `const` arrays and the very structs
+that package hands to the engine; one static arena of `ET_MODEL_ARENA_BYTES` holds
+everything that changes.
 
 {run}
 
