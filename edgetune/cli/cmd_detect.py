@@ -115,6 +115,16 @@ def run(args: argparse.Namespace) -> int:
     return {"fit": _fit, "score": _score, "adapt": _adapt, "stream": _stream, "tasks": _tasks}[action](args)
 
 
+def _check_out_dir(args: argparse.Namespace, out: str | None) -> None:
+    """Like check_outputs' model check, for detector directories: overwrite only with --force."""
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..stream.detector import CONFIG_NAME, WEIGHTS_NAME
+    if out and not args.force and any((Path(out) / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME)):
+        raise UsageError(f"{out} already holds a detector; pass --force to overwrite it")
+
+
 def _load_task(args: argparse.Namespace):
     from ..data.anomaly import load_anomaly_task
     return load_anomaly_task(args.task, args.data_dir)
@@ -135,6 +145,7 @@ def _fit(args: argparse.Namespace) -> int:
     from ..stream import AnomalyDetector
 
     check_outputs(args.json, dirs=(args.out,), args=args)
+    _check_out_dir(args, args.out)
     backbone = None
     if args.detector == "backbone":
         if not args.backbone:
@@ -201,6 +212,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from ..stream import AnomalyDetector
 
     check_outputs(args.json, dirs=(args.out,), args=args)
+    _check_out_dir(args, args.out)
     det = AnomalyDetector.load(args.model)
     task = _load_task(args)
     if task.x_adapt is None:
@@ -244,6 +256,7 @@ def _stream(args: argparse.Namespace) -> int:
     if args.json == "-":
         raise UsageError("--json -: stdout carries the per-sample lines; give a file for the summary")
     check_outputs(args.json, dirs=(args.out,) if args.out else (), args=args)
+    _check_out_dir(args, args.out)
     det = AnomalyDetector.load(args.model)
     if args.relearn:
         det.relearn = args.relearn
