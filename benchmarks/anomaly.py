@@ -172,41 +172,81 @@ def stream_curve(data_dir, block=50):
     return curves, (len(quiet), len(t.x_adapt), len(order))
 
 
-def throughput(data_dir, n):
-    """Samples scored then learned per second, one at a time, on the same stream."""
+def throughput(data_dir, n, rounds=3):
+    """Samples scored then learned per second, one at a time, on the same stream; the best of
+    ``rounds`` interleaved rounds (the machine is shared)."""
     from edgetune import AnomalyDetector
     from edgetune.data.anomaly import load_anomaly_task
 
     t = load_anomaly_task("fan-damage1-noisy", data_dir)
     x = np.vstack([t.x_test] * (n // len(t.x_test) + 1))[:n]
-    res = {}
-    det = AnomalyDetector(transform="log").fit(t.x_train)
-    t0 = time.perf_counter()
-    for row in x:
-        det.learn_one(row)
-    res["edgetune (NumPy)"] = n / (time.perf_counter() - t0)
+    keys = [f"f{i}" for i in range(x.shape[1])]
+    st = Standard(np.log(t.x_train + EPS))
+    m = min(n, 2000)
+    best: dict[str, float] = {}
+
+    def keep(name, rate):
+        best[name] = max(best.get(name, 0.0), rate)
+
     try:
         from edgetune.stream.native import NativeDetector
-        nat = NativeDetector.from_detector(AnomalyDetector(transform="log").fit(t.x_train))
-        xf = np.ascontiguousarray(x, np.float32)
-        t0 = time.perf_counter()
-        nat.stream(xf)
-        res["edgetune (C)"] = n / (time.perf_counter() - t0)
     except ImportError:
-        pass
-    st = Standard(np.log(t.x_train + EPS))
-    hst = _hst()
-    keys = [f"f{i}" for i in range(x.shape[1])]
-    for row in st.unit(np.log(t.x_train + EPS)):
-        hst.learn_one(dict(zip(keys, row)))
-    m = min(n, 2000)
-    t0 = time.perf_counter()
-    for row in x[:m]:
-        d = dict(zip(keys, st.unit(np.log(row + EPS))))
-        hst.score_one(d)
-        hst.learn_one(d)
-    res["river HalfSpaceTrees"] = m / (time.perf_counter() - t0)
-    return res
+        NativeDetector = None
+    for _ in range(rounds):
+        det = AnomalyDetector(transform="log").fit(t.x_train)
+        t0 = time.perf_counter()
+        for row in x[:m]:
+            det.learn_one(row)
+        keep("edgetune (NumPy)", m / (time.perf_counter() - t0))
+        if NativeDetector is not None:
+            nat = NativeDetector(AnomalyDetector(transform="log").fit(t.x_train))
+            t0 = time.perf_counter()
+            nat.stream(x)                          # the transform and standardisation included
+            keep("edgetune (C)", n / (time.perf_counter() - t0))
+        hst = _hst()
+        for row in st.unit(np.log(t.x_train + EPS)):
+            hst.learn_one(dict(zip(keys, row)))
+        t0 = time.perf_counter()
+        for row in x[:m]:
+            d = dict(zip(keys, st.unit(np.log(row + EPS))))
+            hst.score_one(d)
+            hst.learn_one(d)
+        keep("river HalfSpaceTrees", m / (time.perf_counter() - t0))
+    if NativeDetector is not None:
+        best["_update"] = update_cost(x, AnomalyDetector(transform="log").fit(t.x_train))
+    return best
+
+
+def update_cost(x, det, rounds=5):
+    """One OS-ELM update in C against its arithmetic at the machine's measured rate.
+
+    The update of an m-output model is 2 L^2 + 2 L m multiply-adds (P h, the rank-1 update of
+    P, the output error, the rank-1 update of beta). Its time is the C stream's time per sample
+    with every sample learned minus with none learned (scoring only). The machine's rate is
+    the scoring pass's own: L n + L m multiply-adds (hidden layer, output) through the same
+    kernels on the same state, so both sides see the same caches and the same shared CPU."""
+    from edgetune.stream.native import NativeDetector
+
+    env = det.environments_[0]
+    z = np.ascontiguousarray((det._features(x) - env.mean) / env.std, dtype=np.float32)
+    times = {}
+    for mode, below in (("learn", 1e30), ("score", -1.0)):
+        best = []
+        for _ in range(rounds):
+            nat = NativeDetector(det).native
+            t0 = time.perf_counter()
+            nat.ae_stream(z, below)
+            best.append((time.perf_counter() - t0) / len(z))
+        times[mode] = min(best)
+    L, n_in = env.model.n_hidden, env.model.n_inputs
+    macs = 2 * L * L + 2 * L * n_in
+    rate = (L * n_in + L * n_in) / times["score"]
+    upd = times["learn"] - times["score"]
+    nat = NativeDetector(det)
+    return {"L": L, "m": n_in, "update_us": upd * 1e6, "score_us": times["score"] * 1e6, "macs": macs,
+            "rate_gmacs": rate / 1e9, "ideal_us": macs / rate * 1e6, "ratio": upd / (macs / rate),
+            "state_bytes_kept": nat.native.nbytes,
+            "state_bytes_regen": NativeDetector(det, keep_weights=False).native.nbytes}
 
 
 def render(args, rows, moves, curves, sizes, tput, seconds) -> str:
@@ -263,6 +303,7 @@ def render(args, rows, moves, curves, sizes, tput, seconds) -> str:
             out.append(f"| {a['from']} | {a['phase']} | {f(a['fpr'])} | {f(b['fpr'])} | {f(a['tpr'])} | {f(b['tpr'])} |")
         out.append("")
     if tput:
+        upd = tput.pop("_update", None)
         ref = tput["river HalfSpaceTrees"]
         out += ["## Streaming throughput (one thread, same stream, same run)", "",
                 "Samples of fan-damage1-noisy (512 bins) scored and then learned one at a time.", "",
@@ -270,6 +311,17 @@ def render(args, rows, moves, curves, sizes, tput, seconds) -> str:
         for k, v in tput.items():
             out.append(f"| {k} | {v:,.0f} | {v / ref:.1f}x |")
         out.append("")
+        if upd:
+            out += ["## One OS-ELM update in C against its arithmetic", "",
+                    f"L = {upd['L']} hidden units, m = {upd['m']} outputs (the 512-bin autoencoder): an update is "
+                    f"2 L^2 + 2 L m = {upd['macs']:,} multiply-adds. Measured: {upd['update_us']:.1f} us per update "
+                    f"(scoring alone: {upd['score_us']:.1f} us, 2 L m multiply-adds, i.e. "
+                    f"{upd['rate_gmacs']:.2f} G multiply-adds/s through the same kernels), so the arithmetic "
+                    f"alone would take "
+                    f"{upd['ideal_us']:.1f} us: the update costs **{upd['ratio']:.1f}x** its arithmetic.", "",
+                    f"State of one detector environment in C: {upd['state_bytes_regen']:,} bytes with the random "
+                    f"input weights regenerated from the seed per sample (what a Cortex-M4 would hold), "
+                    f"{upd['state_bytes_kept']:,} bytes with them kept in the state (the host default, faster).", ""]
     return "\n".join(out)
 
 

@@ -1,10 +1,12 @@
 /* OS-ELM in portable C99: see et_oselm.h for the layout and the numerics. */
 #include "et_oselm.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
 #include "et_core.h"
+#include "et_kernels.h"
 
 #define ET_OSELM_ALIGN 16
 
@@ -117,8 +119,7 @@ int et_oselm_hidden(void *buf, const float *x, float *h) {
     for (int32_t j = 0; j < L; j++) {
         float acc = 0.0f;
         if (c->keep_weights) {
-            const float *w = s + o.W + (size_t)j * n;
-            for (int32_t i = 0; i < n; i++) acc += w[i] * x[i];
+            acc = et_dot(s + o.W + (size_t)j * n, x, n);
         } else {
             uint32_t base = (uint32_t)j * (uint32_t)n;
             for (int32_t i = 0; i < n; i++) {
@@ -135,11 +136,7 @@ int et_oselm_hidden(void *buf, const float *x, float *h) {
 static void output(const et_oselm_config *c, const float *beta, const float *h, float *y) {
     int32_t L = c->n_hidden, m = c->n_outputs;
     for (int32_t q = 0; q < m; q++) y[q] = 0.0f;
-    for (int32_t j = 0; j < L; j++) {
-        const float *row = beta + (size_t)j * m;
-        float hj = h[j];
-        for (int32_t q = 0; q < m; q++) y[q] += hj * row[q];
-    }
+    for (int32_t j = 0; j < L; j++) et_axpy(m, h[j], beta + (size_t)j * m, y);
 }
 
 int et_oselm_predict(void *buf, const float *x, float *y) {
@@ -174,13 +171,13 @@ int et_oselm_update_hidden(void *buf, const float *h, const float *t) {
     float pmax = 0.0f;
     for (int32_t i = 0; i < L; i++) {
         const float *row = P + (size_t)i * L;
-        float acc = 0.0f;
-        for (int32_t j = 0; j < L; j++) acc += row[j] * h[j];
+        float acc = et_dot(row, h, L);
         ph[i] = acc;
         denom += (double)h[i] * acc;
         if (row[i] > pmax) pmax = row[i];
     }
-    if (!isfinite(denom) || !(denom > 0.0)) return refuse(hd);
+    /* beyond float range the gain k would underflow to 0: the sample would be "learned" as nothing */
+    if (!isfinite(denom) || !(denom > 0.0) || denom > (double)FLT_MAX) return refuse(hd);
     float inv = (float)(1.0 / denom), kmax = 0.0f, phmax = 0.0f;
     for (int32_t i = 0; i < L; i++) {
         k[i] = ph[i] * inv;
@@ -202,31 +199,22 @@ int et_oselm_update_hidden(void *buf, const float *h, const float *t) {
     for (int32_t i = 0; i < L; i++)  /* the new diagonal must stay positive */
         if (!((P[(size_t)i * L + i] - k[i] * ph[i]) > 0.0f)) return refuse(hd);
     /* commit */
-    for (int32_t i = 0; i < L; i++) {
-        float *brow = beta + (size_t)i * m, ki = k[i];
-        for (int32_t q = 0; q < m; q++) brow[q] += ki * e[q];
-    }
+    for (int32_t i = 0; i < L; i++) et_axpy(m, k[i], e, beta + (size_t)i * m);
     float il = 1.0f / lam;
     for (int32_t i = 0; i < L; i++) {
-        float *row = P + (size_t)i * L, ki = k[i];
-        if (lam == 1.0f) for (int32_t j = 0; j < L; j++) row[j] -= ki * ph[j];
-        else for (int32_t j = 0; j < L; j++) row[j] = (row[j] - ki * ph[j]) * il;
+        float *row = P + (size_t)i * L;
+        et_axpy(L, -k[i], ph, row);
+        if (lam < 1.0f) for (int32_t j = 0; j < L; j++) row[j] *= il;
     }
     if (lam < 1.0f) {  /* keep the regularisation alive: R += c e_j e_j' */
         int32_t jj = (int32_t)(hd->n_updates % L);
         float cc = (float)L * (1.0f - lam) * c->delta;
         for (int32_t i = 0; i < L; i++) ph[i] = P[(size_t)i * L + jj];  /* column jj (reuses ph) */
         float g = cc / (1.0f + cc * ph[jj]);
-        for (int32_t i = 0; i < L; i++) {
-            float *row = P + (size_t)i * L, gi = g * ph[i];
-            for (int32_t j = 0; j < L; j++) row[j] -= gi * ph[j];
-        }
+        for (int32_t i = 0; i < L; i++) et_axpy(L, -g * ph[i], ph, P + (size_t)i * L);
         const float *bj = beta + (size_t)jj * m;
         for (int32_t q = 0; q < m; q++) e[q] = bj[q];
-        for (int32_t i = 0; i < L; i++) {
-            float *brow = beta + (size_t)i * m, gi = g * ph[i];
-            for (int32_t q = 0; q < m; q++) brow[q] -= gi * e[q];
-        }
+        for (int32_t i = 0; i < L; i++) et_axpy(m, -g * ph[i], e, beta + (size_t)i * m);
     }
     hd->n_updates++;
     if (hd->n_updates % c->symmetrize_every == 0) {
@@ -272,12 +260,9 @@ int et_oselm_ae_stream(void *buf, const float *z, int32_t n_samples, float learn
         }
         et_oselm_hidden(buf, x, s + o.h);
         output(c, s + o.beta, s + o.h, s + o.y);
-        float acc = 0.0f;
-        for (int32_t i = 0; i < n; i++) {
-            float d = s[o.y + i] - x[i];
-            acc += d * d;
-        }
-        err[r] = acc / (float)n;
+        float *y = s + o.y;
+        for (int32_t i = 0; i < n; i++) y[i] -= x[i];
+        err[r] = et_dot(y, y, n) / (float)n;
         int got = 0;
         if (err[r] <= learn_below_err) got = et_oselm_update_hidden(buf, s + o.h, x) == ET_OK ? 1 : 2;
         if (learned) learned[r] = got;

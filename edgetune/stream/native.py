@@ -163,8 +163,18 @@ class NativeDetector:
 
     def stream(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
         """Scores (higher is more normal, -1 the threshold) and what was learned, per row."""
-        f = self.det._features(self.det._check_x(x, "stream", allow_nonfinite=True))
-        z = (f - self.env.mean) / self.env.std
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.det.n_features_in_:
+            raise DataError(f"stream: x must have shape (samples, {self.det.n_features_in_}), got {x.shape}")
+        if self.det.kind != "oselm":
+            f = self.det._features(x.astype(np.float64)).astype(np.float32)
+        elif self.det.transform == "log":
+            if np.any(x < 0):
+                raise DataError("transform='log' takes non-negative inputs")
+            f = np.log(x + np.float32(1e-3))   # the detector's transform, in float32
+        else:
+            f = x
+        z = (f - self.env.mean.astype(np.float32)) / self.env.std.astype(np.float32)
         thr = self.env.threshold
         err, learned = self.native.ae_stream(z, self.det.learn_below * thr)
         return -err.astype(np.float64) / thr, learned
