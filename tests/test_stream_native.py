@@ -110,3 +110,26 @@ def test_native_detector_scores_like_the_python_detector():
     expected = det.score_samples(q[:1])
     s, learned = native.NativeDetector(det).stream(q)
     np.testing.assert_allclose(s[0], expected[0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("sanitize", [False, True])
+def test_c_program_warning_free_and_sanitizer_clean(tmp_path, sanitize):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cc = shutil.which("gcc")
+    if cc is None:
+        pytest.skip("gcc not found: install the Debian package gcc")
+    root = Path(__file__).resolve().parent.parent
+    core = root / "edgetune" / "core"
+    flags = ["-std=c99", "-O2", "-ffp-contract=fast", "-fno-wrapv", "-Wall", "-Wextra", "-Werror", f"-I{core}"]
+    if sanitize:
+        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+    exe = tmp_path / "test_oselm"
+    r = subprocess.run([cc, *flags, str(root / "tests" / "c" / "test_oselm.c"), str(core / "et_oselm.c"),
+                        str(core / "et_kernels.c"), "-lm", "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1].endswith("passed, 0 failed")
