@@ -102,6 +102,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_force_arg(st)
     _outputs(st)
 
+    ex = sub.add_parser("export", help="a C project that streams samples through the detector on a device",
+                        description="Write a C project (the engine's OS-ELM sources, the detector's state as a "
+                                    "checksummed blob, an example program streaming the task's test samples "
+                                    "test-then-train, and a Makefile) for a target: host, aarch64-linux, "
+                                    "cortex-m4, cortex-m7 ('make run'; microcontrollers under QEMU).")
+    ex.add_argument("--model", required=True, metavar="DIR", help="detector directory")
+    ex.add_argument("--target", required=True, choices=("host", "aarch64-linux", "cortex-m4", "cortex-m7"))
+    _task_args(ex)
+    ex.add_argument("--samples", type=positive_int, default=100, help="test samples embedded (default 100)")
+    ex.add_argument("--environment", type=int, default=-1,
+                    help="which learned environment to export (default -1: the last, the current room)")
+    ex.add_argument("--out", required=True, metavar="DIR", help="project directory to write")
+    add_force_arg(ex)
+    _outputs(ex)
+
     ts = sub.add_parser("tasks", help="list the built-in anomaly tasks")
     _outputs(ts)
 
@@ -111,8 +126,29 @@ def run(args: argparse.Namespace) -> int:
 
     action = getattr(args, "action", None)
     if action is None:
-        raise UsageError("choose an action: fit, score, adapt, stream or tasks (see 'edgetune detect --help')")
-    return {"fit": _fit, "score": _score, "adapt": _adapt, "stream": _stream, "tasks": _tasks}[action](args)
+        raise UsageError("choose an action: fit, score, adapt, stream, export or tasks (see 'edgetune detect --help')")
+    return {"fit": _fit, "score": _score, "adapt": _adapt, "stream": _stream, "tasks": _tasks,
+            "export": _export}[action](args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..export.detector import export_detector
+    from ..stream import AnomalyDetector
+
+    check_outputs(args.json, args=args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"{out} is not empty; pass --force to write the project into it")
+    det = AnomalyDetector.load(args.model)
+    task = _load_task(args)
+    manifest = export_detector(det, args.target, out, task.x_test[:args.samples], args.environment)
+    write_json(args.json, manifest)
+    info(args, f"detect export: {args.target} project in {out} (state {manifest['state_bytes']:,} bytes, "
+               f"{manifest['samples']} samples); run it with 'make -C {out} run'")
+    return 0
 
 
 def _check_out_dir(args: argparse.Namespace, out: str | None) -> None:

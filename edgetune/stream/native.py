@@ -143,13 +143,17 @@ class NativeOSELM:
 
 
 class NativeDetector:
-    """A fitted AnomalyDetector's first environment, streaming in C (score, then learn if well
-    inside the threshold); the transform and standardisation run vectorised in NumPy."""
+    """One environment of a fitted AnomalyDetector (default: the last learned, the current
+    room), streaming in C: score, then learn if well inside the threshold. The transform and
+    standardisation run vectorised in NumPy."""
 
-    def __init__(self, det: Any, *, keep_weights: bool = True):
+    def __init__(self, det: Any, *, keep_weights: bool = True, environment: int = -1):
         det._check_fitted()
         self.det = det
-        env = det.environments_[0]
+        n_env = len(det.environments_)
+        if not -n_env <= environment < n_env:
+            raise UsageError(f"environment {environment}: the detector has {n_env} (0..{n_env - 1})")
+        env = det.environments_[environment]
         m = env.model
         self.env = env
         self.native = NativeOSELM(m.n_inputs, m.n_outputs, m.n_hidden, seed=m.seed, delta=m.delta,
