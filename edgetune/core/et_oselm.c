@@ -155,8 +155,9 @@ static int refuse(et_oselm_header *hd) {
     return ET_OSELM_REFUSED;
 }
 
-int et_oselm_update_hidden(void *buf, const float *h, const float *t) {
-    if (!buf || !h || !t) return ET_ERR_ARGUMENT;
+/* The RLS step from hidden vector h and the output error e = t - beta' h (held in the state's
+ * e scratch on entry; the autoencoder stream has it from scoring, so it is not computed twice). */
+static int update_with_error(void *buf, const float *h) {
     et_oselm_header *hd = head_of(buf);
     const et_oselm_config *c = &hd->cfg;
     layout o = layout_of(c);
@@ -165,7 +166,6 @@ int et_oselm_update_hidden(void *buf, const float *h, const float *t) {
     int32_t L = c->n_hidden, m = c->n_outputs;
     float lam = c->forgetting;
     for (int32_t j = 0; j < L; j++) if (!isfinite(h[j])) return refuse(hd);
-    for (int32_t q = 0; q < m; q++) if (!isfinite(t[q])) return refuse(hd);
     /* ph = P h (P symmetric: row j of P times h), denom = lam + h' P h */
     double denom = lam;
     float pmax = 0.0f;
@@ -185,11 +185,8 @@ int et_oselm_update_hidden(void *buf, const float *h, const float *t) {
         if (fabsf(k[i]) > kmax) kmax = fabsf(k[i]);
         if (fabsf(ph[i]) > phmax) phmax = fabsf(ph[i]);
     }
-    /* e = t - beta' h */
-    output(c, beta, h, e);
     float emax = 0.0f;
     for (int32_t q = 0; q < m; q++) {
-        e[q] = t[q] - e[q];
         if (!isfinite(e[q])) return refuse(hd);
         if (fabsf(e[q]) > emax) emax = fabsf(e[q]);
     }
@@ -228,6 +225,17 @@ int et_oselm_update_hidden(void *buf, const float *h, const float *t) {
     return ET_OK;
 }
 
+int et_oselm_update_hidden(void *buf, const float *h, const float *t) {
+    if (!buf || !h || !t) return ET_ERR_ARGUMENT;
+    et_oselm_header *hd = head_of(buf);
+    const et_oselm_config *c = &hd->cfg;
+    float *e = f_of(buf) + layout_of(c).e;
+    for (int32_t q = 0; q < c->n_outputs; q++) if (!isfinite(t[q])) return refuse(hd);
+    output(c, et_oselm_beta(buf), h, e);                 /* e = t - beta' h */
+    for (int32_t q = 0; q < c->n_outputs; q++) e[q] = t[q] - e[q];
+    return update_with_error(buf, h);
+}
+
 int et_oselm_update(void *buf, const float *x, const float *t) {
     if (!buf || !x || !t) return ET_ERR_ARGUMENT;
     et_oselm_header *hd = head_of(buf);
@@ -259,12 +267,12 @@ int et_oselm_ae_stream(void *buf, const float *z, int32_t n_samples, float learn
             continue;
         }
         et_oselm_hidden(buf, x, s + o.h);
-        output(c, s + o.beta, s + o.h, s + o.y);
-        float *y = s + o.y;
-        for (int32_t i = 0; i < n; i++) y[i] -= x[i];
-        err[r] = et_dot(y, y, n) / (float)n;
+        float *e = s + o.e;
+        output(c, s + o.beta, s + o.h, e);
+        for (int32_t i = 0; i < n; i++) e[i] = x[i] - e[i];   /* the error the update needs, too */
+        err[r] = et_dot(e, e, n) / (float)n;
         int got = 0;
-        if (err[r] <= learn_below_err) got = et_oselm_update_hidden(buf, s + o.h, x) == ET_OK ? 1 : 2;
+        if (err[r] <= learn_below_err) got = update_with_error(buf, s + o.h) == ET_OK ? 1 : 2;
         if (learned) learned[r] = got;
     }
     return ET_OK;
