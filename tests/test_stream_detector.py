@@ -127,13 +127,19 @@ def test_save_and_load_give_the_same_detector(tmp_path):
         AnomalyDetector.load(tmp_path / "d")
 
 
-def test_backbone_kind_reads_hidden_features():
+def test_backbone_kind_reads_hidden_features(tmp_path):
     from tests.conftest import small_backbone
 
     bb = small_backbone((6, 12, 12, 2))
     det = AnomalyDetector("backbone", backbone=bb, n_hidden=16).fit(_normal(300))
-    s = det.score_samples(np.vstack([_normal(50, seed=1), _normal(50, seed=2) + 5]))
+    q = np.vstack([_normal(50, seed=1), _normal(50, seed=2) + 5])
+    s = det.score_samples(q)
     assert s[:50].mean() > s[50:].mean()
+    det.save(tmp_path / "d")
+    np.testing.assert_array_equal(AnomalyDetector.load(tmp_path / "d").score_samples(q), s)
+    small_backbone((6, 12, 12, 2), seed=5).save(tmp_path / "d" / "backbone")   # another backbone
+    with pytest.raises(ModelFileError, match="digest differs"):
+        AnomalyDetector.load(tmp_path / "d")
 
 
 def test_bad_input_is_refused_with_clear_errors():

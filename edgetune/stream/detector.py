@@ -360,7 +360,9 @@ class AnomalyDetector:
 
     def save(self, path: str | os.PathLike) -> Path:
         """A directory: ``detector.safetensors`` + ``detector_config.json`` (with the tensors'
-        SHA-256), written as one set. The random input weights are not stored: the seed is."""
+        SHA-256), written as one set, and for ``kind="backbone"`` the backbone as a model
+        directory ``backbone/`` (its digest in the config). The random input weights are not
+        stored: the seed is."""
         from ..io_atomic import json_text, write_dir_atomic
         from ..safetensors import dumps
 
@@ -369,13 +371,13 @@ class AnomalyDetector:
         for k, e in enumerate(self.environments_):
             tensors[f"env.{k}.mean"], tensors[f"env.{k}.std"] = e.mean, e.std
             tensors[f"env.{k}.P"], tensors[f"env.{k}.beta"] = e.model.P_, e.model.beta_
-        if self.kind == "backbone":
-            for name, t in self.backbone.tensors().items():
-                tensors[f"backbone.{name}"] = t
         blob = dumps(tensors, {"format": FORMAT})
         cfg = self._config()
         cfg["weights_sha256"] = hashlib.sha256(blob).hexdigest()
-        return write_dir_atomic(path, {WEIGHTS_NAME: blob, CONFIG_NAME: json_text(cfg).encode()})
+        out = write_dir_atomic(path, {WEIGHTS_NAME: blob, CONFIG_NAME: json_text(cfg).encode()})
+        if self.kind == "backbone":  # in its own format, beside; the config holds its digest
+            self.backbone.save(Path(path) / "backbone")
+        return out
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AnomalyDetector":
@@ -403,13 +405,10 @@ class AnomalyDetector:
             backbone = None
             if params.get("kind") == "backbone":
                 from ..nn.mlp import Backbone
-                b = cfg["backbone"]
-                n = len(b["sizes"]) - 1
-                backbone = Backbone([tensors[f"backbone.layers.{k}.weight"] for k in range(n)],
-                                    [tensors[f"backbone.layers.{k}.bias"] for k in range(n)],
-                                    activation=b["activation"], labels=b["labels"],
-                                    input_mean=tensors.get("backbone.input.mean"),
-                                    input_std=tensors.get("backbone.input.std"))
+                backbone = Backbone.load(path / "backbone")
+                if backbone.digest() != cfg["backbone"]["digest"]:
+                    raise ModelFileError(f"{path / 'backbone'} is not the backbone this detector was "
+                                         f"learned on (digest differs)")
             det = cls(**params, backbone=backbone)
             det._validate_params()
             det.n_features_in_ = n_in
