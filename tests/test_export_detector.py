@@ -36,6 +36,12 @@ def _run(target: str, det, stream, tmp_path):
     r = subprocess.run(["make", "-s", "-C", str(out), "run"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = [json.loads(x) for x in r.stdout.strip().splitlines() if x.startswith("{")]
+    if t.kind == "mcu":  # the linker's RAM (data + bss + stack) is within the plan
+        size = subprocess.run(["arm-none-eabi-size", "-A", "-d", str(out / "detect.elf")], capture_output=True,
+                              text=True, timeout=60).stdout
+        sec = {ln.split()[0]: int(ln.split()[1]) for ln in size.splitlines() if ln.startswith(".")}
+        ram = sec.get(".data", 0) + sec.get(".bss", 0) + sec.get(".stack", 0)
+        assert manifest["state_bytes"] < ram <= manifest["planned_ram_bytes"], (ram, manifest)
     return manifest, lines[:-1], lines[-1]
 
 
@@ -87,6 +93,13 @@ def test_export_refuses_what_it_cannot_do(detector_and_stream, tmp_path):
     big = AnomalyDetector(n_hidden=512).fit(np.random.default_rng(0).normal(size=(40, 512)))
     with pytest.raises(BudgetError, match="RAM"):
         export_detector(big, "cortex-m4", tmp_path / "c", np.zeros((1, 512)))
+    from edgetune.export.detector import plan_detector
+    plan = plan_detector(det, "cortex-m4")
+    with pytest.raises(BudgetError, match="--budget"):
+        export_detector(det, "cortex-m4", tmp_path / "d", stream, budget=plan["ram_bytes"] - 1)
+    assert not (tmp_path / "d").exists()
+    m = export_detector(det, "cortex-m4", tmp_path / "e", stream, budget=plan["ram_bytes"])
+    assert m["planned_ram_bytes"] == plan["ram_bytes"] and m["state_bytes"] == plan["state_bytes"]
 
 
 def test_damaged_blob_is_refused_on_the_device(detector_and_stream, tmp_path):

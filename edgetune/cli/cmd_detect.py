@@ -111,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--target", required=True, choices=("host", "aarch64-linux", "cortex-m4", "cortex-m7"))
     _task_args(ex)
     ex.add_argument("--samples", type=positive_int, default=100, help="test samples embedded (default 100)")
+    ex.add_argument("--budget", metavar="SIZE",
+                    help="RAM the detector may use, e.g. 200KB (default: a microcontroller's RAM); refused "
+                         "before anything is written if the plan exceeds it")
     ex.add_argument("--environment", type=int, default=-1,
                     help="which learned environment to export (default -1: the last, the current room)")
     ex.add_argument("--out", required=True, metavar="DIR", help="project directory to write")
@@ -144,9 +147,12 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} is not empty; pass --force to write the project into it")
     det = AnomalyDetector.load(args.model)
     task = _load_task(args)
-    manifest = export_detector(det, args.target, out, task.x_test[:args.samples], args.environment)
+    from ..units import parse_bytes
+    budget = parse_bytes(args.budget, "--budget") if args.budget is not None else None
+    manifest = export_detector(det, args.target, out, task.x_test[:args.samples], args.environment, budget)
     write_json(args.json, manifest)
-    info(args, f"detect export: {args.target} project in {out} (state {manifest['state_bytes']:,} bytes, "
+    info(args, f"detect export: {args.target} project in {out} (RAM {manifest['planned_ram_bytes']:,} bytes planned, "
+               f"state {manifest['state_bytes']:,} bytes, "
                f"{manifest['samples']} samples); run it with 'make -C {out} run'")
     return 0
 
