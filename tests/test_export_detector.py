@@ -89,6 +89,8 @@ def test_export_refuses_what_it_cannot_do(detector_and_stream, tmp_path):
         export_detector(det, "host", tmp_path / "a", stream[:, :5])
     with pytest.raises(UsageError, match="unknown target"):
         export_detector(det, "z80", tmp_path / "b", stream)
+    with pytest.raises(UsageError, match="not yet to riscv32"):
+        export_detector(det, "riscv32", tmp_path / "b", stream)
     from edgetune.errors import BudgetError
     big = AnomalyDetector(n_hidden=512).fit(np.random.default_rng(0).normal(size=(40, 512)))
     with pytest.raises(BudgetError, match="RAM"):

@@ -108,7 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "test-then-train, and a Makefile) for a target: host, aarch64-linux, "
                                     "cortex-m4, cortex-m7 ('make run'; microcontrollers under QEMU).")
     ex.add_argument("--model", required=True, metavar="DIR", help="detector directory")
-    ex.add_argument("--target", required=True, choices=("host", "aarch64-linux", "cortex-m4", "cortex-m7"))
+    from ..export.detector import TARGETS
+    ex.add_argument("--target", required=True, choices=TARGETS, help="where the program runs")
     _task_args(ex)
     ex.add_argument("--samples", type=positive_int, default=100, help="test samples embedded (default 100)")
     ex.add_argument("--budget", metavar="SIZE",

@@ -27,6 +27,8 @@ from .targets import KB, get_target
 
 CORE = Path(__file__).resolve().parent.parent / "core"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+#: The targets a detector exports to (the RISC-V ones of ``edgetune export`` not yet).
+TARGETS = ("host", "aarch64-linux", "cortex-m4", "cortex-m7")
 CORE_FILES = ("et_oselm.c", "et_oselm.h", "et_kernels.c", "et_kernels.h", "et_core.h")
 
 
@@ -155,6 +157,8 @@ def plan_detector(det: Any, target_name: str, environment: int = -1) -> dict[str
     from ..stream.native import NativeDetector
 
     target = get_target(target_name)
+    if target.name not in TARGETS:
+        raise UsageError(f"a detector exports to {', '.join(TARGETS)}; not yet to {target.name}")
     nat = NativeDetector(det, keep_weights=target.kind != "mcu", environment=environment)
     state = nat.native.nbytes
     extra = 4 * det.n_features_in_ + (target.stack + target.statics if target.kind == "mcu" else 0)
