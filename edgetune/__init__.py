@@ -16,9 +16,11 @@ from .data.task import Task, load_task
 from .errors import BudgetError, DataError, EdgetuneError, ModelFileError, UsageError
 from .methods import METHODS, make_method
 from .nn.mlp import Backbone
+from .stream import AnomalyDetector
 from .train import History, TrainConfig, fit
 
 __all__ = [
-    "AdapterBank", "Backbone", "BudgetError", "DataError", "EdgetuneError", "FineTuner", "History", "METHODS",
+    "AdapterBank", "AnomalyDetector", "Backbone", "BudgetError", "DataError", "EdgetuneError", "FineTuner", "History",
+    "METHODS",
     "ModelFileError", "Task", "TrainConfig", "UsageError", "fit", "load_task", "make_method", "pretrain",
 ]

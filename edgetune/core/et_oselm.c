@@ -1,0 +1,290 @@
+/* OS-ELM in portable C99: see et_oselm.h for the layout and the numerics. */
+#include "et_oselm.h"
+
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "et_core.h"
+#include "et_kernels.h"
+
+#define ET_OSELM_ALIGN 16
+
+static size_t align_up(size_t v) { return (v + ET_OSELM_ALIGN - 1) / ET_OSELM_ALIGN * ET_OSELM_ALIGN; }
+
+static int valid_config(const et_oselm_config *c) {
+    if (!c) return 0;
+    if (c->n_inputs < 1 || c->n_hidden < 1 || c->n_outputs < 1) return 0;
+    if (c->n_inputs > (1 << 20) || c->n_hidden > 4096 || c->n_outputs > (1 << 20)) return 0;
+    if ((int64_t)c->n_hidden * c->n_inputs + c->n_hidden > (int64_t)UINT32_MAX) return 0;
+    if (c->activation < ET_OSELM_SIGMOID || c->activation > ET_OSELM_IDENTITY) return 0;
+    if (c->symmetrize_every < 1 || (c->keep_weights != 0 && c->keep_weights != 1)) return 0;
+    if (!(c->delta > 0.0f) || !isfinite(c->delta)) return 0;
+    if (!(c->forgetting > 0.0f) || !(c->forgetting <= 1.0f)) return 0;
+    return 1;
+}
+
+/* Offsets (in floats) of the arrays after the header. */
+typedef struct layout { size_t P, beta, h, ph, k, e, y, W, end; } layout;
+
+static layout layout_of(const et_oselm_config *c) {
+    layout o;
+    size_t L = (size_t)c->n_hidden, m = (size_t)c->n_outputs, n = (size_t)c->n_inputs;
+    size_t head = align_up(sizeof(et_oselm_header)) / sizeof(float);
+    o.P = head;
+    o.beta = o.P + L * L;
+    o.h = o.beta + L * m;
+    o.ph = o.h + L;
+    o.k = o.ph + L;
+    o.e = o.k + L;
+    o.y = o.e + m;
+    o.W = o.y + m;
+    o.end = o.W + (c->keep_weights ? L * n : 0);
+    return o;
+}
+
+size_t et_oselm_state_size(const et_oselm_config *cfg) {
+    if (!valid_config(cfg)) return 0;
+    return align_up(layout_of(cfg).end * sizeof(float));
+}
+
+static uint32_t hash32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+float et_oselm_uniform(uint32_t seed, uint32_t i) {
+    uint32_t z = hash32(hash32(seed) + i);
+    return (float)(z >> 8) * (1.0f / 8388608.0f) - 1.0f;
+}
+
+static et_oselm_header *head_of(void *buf) { return (et_oselm_header *)buf; }
+static float *f_of(void *buf) { return (float *)buf; }
+
+int et_oselm_check(const void *buf, size_t bytes) {
+    const et_oselm_header *hd = (const et_oselm_header *)buf;
+    if (!buf || bytes < sizeof(et_oselm_header)) return ET_ERR_ARGUMENT;
+    if (hd->magic != ET_OSELM_MAGIC || hd->version != ET_OSELM_VERSION) return ET_ERR_UNSUPPORTED;
+    if (!valid_config(&hd->cfg)) return ET_ERR_ARGUMENT;
+    if (hd->total_bytes != et_oselm_state_size(&hd->cfg) || bytes < hd->total_bytes) return ET_ERR_WORKSPACE;
+    return ET_OK;
+}
+
+int et_oselm_init(void *buf, size_t bytes, const et_oselm_config *cfg) {
+    size_t need = et_oselm_state_size(cfg);
+    if (!buf || need == 0) return ET_ERR_ARGUMENT;
+    if (bytes < need) return ET_ERR_WORKSPACE;
+    memset(buf, 0, need);
+    et_oselm_header *hd = head_of(buf);
+    hd->magic = ET_OSELM_MAGIC;
+    hd->version = ET_OSELM_VERSION;
+    hd->cfg = *cfg;
+    hd->total_bytes = need;
+    layout o = layout_of(cfg);
+    float *s = f_of(buf);
+    int32_t L = cfg->n_hidden;
+    for (int32_t i = 0; i < L; i++) s[o.P + (size_t)i * L + i] = 1.0f / cfg->delta;
+    if (cfg->keep_weights) {
+        float scale = sqrtf(3.0f / (float)cfg->n_inputs);
+        size_t nw = (size_t)L * cfg->n_inputs;
+        for (size_t i = 0; i < nw; i++) s[o.W + i] = scale * et_oselm_uniform(cfg->seed, (uint32_t)i);
+    }
+    return ET_OK;
+}
+
+float *et_oselm_P(void *buf) { return f_of(buf) + layout_of(&head_of(buf)->cfg).P; }
+float *et_oselm_beta(void *buf) { return f_of(buf) + layout_of(&head_of(buf)->cfg).beta; }
+
+static float activate(float z, int32_t act) {
+    switch (act) {
+    case ET_OSELM_SIGMOID: return 0.5f * (1.0f + tanhf(0.5f * z));
+    case ET_OSELM_TANH: return tanhf(z);
+    case ET_OSELM_RELU: return z > 0.0f ? z : 0.0f;
+    default: return z;
+    }
+}
+
+int et_oselm_hidden(void *buf, const float *x, float *h) {
+    if (!buf || !x || !h) return ET_ERR_ARGUMENT;
+    const et_oselm_config *c = &head_of(buf)->cfg;
+    layout o = layout_of(c);
+    const float *s = f_of(buf);
+    int32_t n = c->n_inputs, L = c->n_hidden;
+    float scale = sqrtf(3.0f / (float)n);
+    uint32_t key = hash32(c->seed);
+    for (int32_t j = 0; j < L; j++) {
+        float acc = 0.0f;
+        if (c->keep_weights) {
+            acc = et_dot(s + o.W + (size_t)j * n, x, n);
+        } else {
+            uint32_t base = (uint32_t)j * (uint32_t)n;
+            for (int32_t i = 0; i < n; i++) {
+                uint32_t z = hash32(key + base + (uint32_t)i);
+                acc += (scale * ((float)(z >> 8) * (1.0f / 8388608.0f) - 1.0f)) * x[i];
+            }
+        }
+        float b = et_oselm_uniform(c->seed, (uint32_t)L * (uint32_t)n + (uint32_t)j);
+        h[j] = activate(acc + b, c->activation);
+    }
+    return ET_OK;
+}
+
+static void output(const et_oselm_config *c, const float *beta, const float *h, float *y) {
+    int32_t L = c->n_hidden, m = c->n_outputs;
+    for (int32_t q = 0; q < m; q++) y[q] = 0.0f;
+    for (int32_t j = 0; j < L; j++) et_axpy(m, h[j], beta + (size_t)j * m, y);
+}
+
+int et_oselm_predict(void *buf, const float *x, float *y) {
+    if (!buf || !x || !y) return ET_ERR_ARGUMENT;
+    const et_oselm_config *c = &head_of(buf)->cfg;
+    layout o = layout_of(c);
+    float *s = f_of(buf);
+    int rc = et_oselm_hidden(buf, x, s + o.h);
+    if (rc) return rc;
+    output(c, s + o.beta, s + o.h, y);
+    return ET_OK;
+}
+
+static int refuse(et_oselm_header *hd) {
+    hd->n_refused++;
+    return ET_OSELM_REFUSED;
+}
+
+/* The RLS step from hidden vector h and the output error e = t - beta' h (held in the state's
+ * e scratch on entry; the autoencoder stream has it from scoring, so it is not computed twice). */
+static int update_with_error(void *buf, const float *h) {
+    et_oselm_header *hd = head_of(buf);
+    const et_oselm_config *c = &hd->cfg;
+    layout o = layout_of(c);
+    float *s = f_of(buf);
+    float *P = s + o.P, *beta = s + o.beta, *ph = s + o.ph, *k = s + o.k, *e = s + o.e;
+    int32_t L = c->n_hidden, m = c->n_outputs;
+    float lam = c->forgetting;
+    for (int32_t j = 0; j < L; j++) if (!isfinite(h[j])) return refuse(hd);
+    /* ph = P h (P symmetric: row j of P times h), denom = lam + h' P h */
+    double denom = lam;
+    float pmax = 0.0f;
+    for (int32_t i = 0; i < L; i++) {
+        const float *row = P + (size_t)i * L;
+        float acc = et_dot(row, h, L);
+        ph[i] = acc;
+        denom += (double)h[i] * acc;
+        if (row[i] > pmax) pmax = row[i];
+    }
+    /* beyond float range the gain k would underflow to 0: the sample would be "learned" as nothing */
+    if (!isfinite(denom) || !(denom > 0.0) || denom > (double)FLT_MAX) return refuse(hd);
+    float inv = (float)(1.0 / denom), kmax = 0.0f, phmax = 0.0f;
+    for (int32_t i = 0; i < L; i++) {
+        k[i] = ph[i] * inv;
+        if (!isfinite(k[i]) || !isfinite(ph[i])) return refuse(hd);
+        if (fabsf(k[i]) > kmax) kmax = fabsf(k[i]);
+        if (fabsf(ph[i]) > phmax) phmax = fabsf(ph[i]);
+    }
+    float emax = 0.0f;
+    for (int32_t q = 0; q < m; q++) {
+        if (!isfinite(e[q])) return refuse(hd);
+        if (fabsf(e[q]) > emax) emax = fabsf(e[q]);
+    }
+    /* |P_ij| <= max diagonal (P is SPD): the update cannot overflow below these bounds */
+    const float big = 1e30f;
+    if (pmax > big || kmax * phmax > big || kmax * emax > big) return refuse(hd);
+    for (int32_t i = 0; i < L; i++)  /* the new diagonal must stay positive */
+        if (!((P[(size_t)i * L + i] - k[i] * ph[i]) > 0.0f)) return refuse(hd);
+    /* commit */
+    for (int32_t i = 0; i < L; i++) et_axpy(m, k[i], e, beta + (size_t)i * m);
+    float il = 1.0f / lam;
+    for (int32_t i = 0; i < L; i++) {
+        float *row = P + (size_t)i * L;
+        et_axpy(L, -k[i], ph, row);
+        if (lam < 1.0f) for (int32_t j = 0; j < L; j++) row[j] *= il;
+    }
+    if (lam < 1.0f) {  /* keep the regularisation alive: R += c e_j e_j' */
+        int32_t jj = (int32_t)(hd->n_updates % L);
+        float cc = (float)L * (1.0f - lam) * c->delta;
+        for (int32_t i = 0; i < L; i++) ph[i] = P[(size_t)i * L + jj];  /* column jj (reuses ph) */
+        float g = cc / (1.0f + cc * ph[jj]);
+        for (int32_t i = 0; i < L; i++) et_axpy(L, -g * ph[i], ph, P + (size_t)i * L);
+        const float *bj = beta + (size_t)jj * m;
+        for (int32_t q = 0; q < m; q++) e[q] = bj[q];
+        for (int32_t i = 0; i < L; i++) et_axpy(m, -g * ph[i], e, beta + (size_t)i * m);
+    }
+    hd->n_updates++;
+    if (hd->n_updates % c->symmetrize_every == 0) {
+        for (int32_t i = 0; i < L; i++)
+            for (int32_t j = i + 1; j < L; j++) {
+                float v = 0.5f * (P[(size_t)i * L + j] + P[(size_t)j * L + i]);
+                P[(size_t)i * L + j] = v;
+                P[(size_t)j * L + i] = v;
+            }
+    }
+    return ET_OK;
+}
+
+int et_oselm_update_hidden(void *buf, const float *h, const float *t) {
+    if (!buf || !h || !t) return ET_ERR_ARGUMENT;
+    et_oselm_header *hd = head_of(buf);
+    const et_oselm_config *c = &hd->cfg;
+    float *e = f_of(buf) + layout_of(c).e;
+    for (int32_t q = 0; q < c->n_outputs; q++) if (!isfinite(t[q])) return refuse(hd);
+    output(c, et_oselm_beta(buf), h, e);                 /* e = t - beta' h */
+    for (int32_t q = 0; q < c->n_outputs; q++) e[q] = t[q] - e[q];
+    return update_with_error(buf, h);
+}
+
+int et_oselm_update(void *buf, const float *x, const float *t) {
+    if (!buf || !x || !t) return ET_ERR_ARGUMENT;
+    et_oselm_header *hd = head_of(buf);
+    layout o = layout_of(&hd->cfg);
+    float *h = f_of(buf) + o.h;
+    for (int32_t i = 0; i < hd->cfg.n_inputs; i++) if (!isfinite(x[i])) return refuse(hd);
+    int rc = et_oselm_hidden(buf, x, h);
+    if (rc) return rc;
+    return et_oselm_update_hidden(buf, h, t);
+}
+
+int et_oselm_ae_stream(void *buf, const float *z, int32_t n_samples, float learn_below_err,
+                       float *err, int32_t *learned) {
+    if (!buf || !z || !err || n_samples < 0) return ET_ERR_ARGUMENT;
+    et_oselm_header *hd = head_of(buf);
+    const et_oselm_config *c = &hd->cfg;
+    if (c->n_inputs != c->n_outputs) return ET_ERR_UNSUPPORTED;
+    layout o = layout_of(c);
+    float *s = f_of(buf);
+    int32_t n = c->n_inputs;
+    for (int32_t r = 0; r < n_samples; r++) {
+        const float *x = z + (size_t)r * n;
+        int finite = 1;
+        for (int32_t i = 0; i < n; i++) if (!isfinite(x[i])) { finite = 0; break; }
+        if (!finite) {
+            err[r] = NAN;
+            hd->n_refused++;
+            if (learned) learned[r] = 2;
+            continue;
+        }
+        et_oselm_hidden(buf, x, s + o.h);
+        float *e = s + o.e;
+        output(c, s + o.beta, s + o.h, e);
+        for (int32_t i = 0; i < n; i++) e[i] = x[i] - e[i];   /* the error the update needs, too */
+        err[r] = et_dot(e, e, n) / (float)n;
+        int got = 0;
+        if (err[r] <= learn_below_err) got = update_with_error(buf, s + o.h) == ET_OK ? 1 : 2;
+        if (learned) learned[r] = got;
+    }
+    return ET_OK;
+}
+
+uint32_t et_oselm_checksum(const void *buf) {
+    const et_oselm_header *hd = (const et_oselm_header *)buf;
+    const unsigned char *p = (const unsigned char *)buf;
+    uint32_t hsh = 2166136261u;
+    for (size_t i = 8; i < (size_t)hd->total_bytes; i++) {
+        hsh ^= p[i];
+        hsh *= 16777619u;
+    }
+    return hsh;
+}

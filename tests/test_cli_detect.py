@@ -1,0 +1,137 @@
+"""edgetune detect: fit, score, adapt, stream (on stdin and on a FIFO), and its errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from edgetune.data.anomaly import AnomalyTask
+
+
+def _cli(*args, stdin=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "edgetune", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory):
+    r = np.random.default_rng(0)
+    mix = r.normal(size=(3, 8))
+    normal = lambda n, shift=0.0: r.normal(size=(n, 3)) @ mix + 0.1 * r.normal(size=(n, 8)) + shift
+    x_test = np.vstack([normal(100, 3.0), normal(100, 3.0) + 4 * r.normal(size=(100, 8))])
+    y_test = np.r_[np.zeros(100), np.ones(100)].astype(np.int64)
+    x_old = np.vstack([normal(50), normal(50) + 4 * r.normal(size=(50, 8))])
+    task = AnomalyTask("toy", normal(400), x_test, y_test, x_adapt=normal(300, 3.0),
+                       extra_tests={"old": (x_old, y_test[::2])})
+    path = tmp_path_factory.mktemp("task") / "toy.npz"
+    task.save_npz(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(task_file, tmp_path_factory):
+    d = tmp_path_factory.mktemp("det")
+    r = _cli("detect", "fit", "--task", task_file, "--out", d / "m", "--transform", "none", "--hidden", "24",
+             "--json", d / "fit.json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    return d
+
+
+def test_fit_score_adapt(task_file, fitted):
+    fit = json.loads((fitted / "fit.json").read_text())
+    assert fit["train_samples"] == 400 and fit["threshold"] > 0
+    r = _cli("detect", "score", "--model", fitted / "m", "--task", task_file, "--json", "-")
+    assert r.returncode == 0, r.stderr
+    before = json.loads(r.stdout)
+    assert {"auc", "pauc", "threshold", "tpr", "fpr"} <= set(before)
+    assert before["fpr"] > 0.9           # the new room looks anomalous before re-learning
+    r = _cli("detect", "adapt", "--model", fitted / "m", "--task", task_file, "--out", fitted / "m2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    after = json.loads(_cli("detect", "score", "--model", fitted / "m2", "--task", task_file, "--json", "-").stdout)
+    assert after["environments"] == 2 and after["auc"] > 0.95 and after["fpr"] < 0.2
+    assert after["old"]["auc"] > 0.95    # the old room is not forgotten
+
+
+def _lines(rows):
+    return "".join(",".join(f"{v:.6g}" for v in row) + "\n" for row in rows)
+
+
+def test_stream_on_stdin(fitted, tmp_path):
+    rows = np.random.default_rng(1).normal(size=(5, 8))
+    text = _lines(rows) + json.dumps({"x": rows[0].tolist()}) + "\n" + "nan" + ",0" * 7 + "\n"
+    r = _cli("detect", "stream", "--model", fitted / "m", "--json", tmp_path / "s.json", "--quiet", stdin=text)
+    assert r.returncode == 0, r.stderr
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(out) == 7 and [o["line"] for o in out] == list(range(1, 8))
+    assert out[6]["refused"] is True and out[6]["learned"] is False
+    assert all(isinstance(o["score"], float) for o in out[:6])
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["samples"] == 7 and summary["refused"] == 1
+
+
+def test_stream_bad_line_exit_1(fitted):
+    r = _cli("detect", "stream", "--model", fitted / "m", stdin="1,2,3\n")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "expected 8 values" in json.loads(r.stdout.splitlines()[0])["error"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_stream_on_a_fifo_answers_each_sample_as_it_arrives(fitted, tmp_path):
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    p = subprocess.Popen([sys.executable, "-m", "edgetune", "detect", "stream", "--model", str(fitted / "m"),
+                          "--input", str(fifo), "--quiet", "--out", str(tmp_path / "after")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rows = np.random.default_rng(2).normal(size=(3, 8))
+        got = []
+        with open(fifo, "w") as w:
+            for row in rows:
+                w.write(_lines([row]))
+                w.flush()
+                line = []
+                t = threading.Thread(target=lambda: line.append(p.stdout.readline()))
+                t.start()
+                t.join(60)
+                assert line and line[0], "no answer while the FIFO is still open"
+                got.append(json.loads(line[0]))
+        assert p.wait(60) == 0, p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert [g["line"] for g in got] == [1, 2, 3]
+    assert (tmp_path / "after" / "detector_config.json").is_file()
+
+
+def test_usage_errors_exit_2(task_file, fitted, tmp_path):
+    r = _cli("detect", "fit", "--task", "fan-nope-noisy", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "unknown anomaly task" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("detect", "fit", "--task", task_file, "--out", fitted / "m")
+    assert r.returncode == 2 and "--force" in r.stderr
+    r = _cli("detect", "stream", "--model", fitted / "m", "--json", "-", stdin="")
+    assert r.returncode == 2
+    r = _cli("detect")
+    assert r.returncode == 2 and "choose an action" in r.stderr
+
+
+def test_failures_exit_1(tmp_path, task_file):
+    r = _cli("detect", "score", "--model", tmp_path / "missing", "--task", task_file)
+    assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
+    noadapt = tmp_path / "t.npz"
+    AnomalyTask("t", np.ones((20, 3)) + np.arange(60).reshape(20, 3), np.ones((4, 3)), np.array([0, 1, 0, 1])).save_npz(noadapt)
+    assert _cli("detect", "fit", "--task", noadapt, "--out", tmp_path / "d", "--transform", "none").returncode == 0
+    r = _cli("detect", "adapt", "--model", tmp_path / "d", "--task", noadapt, "--out", tmp_path / "d2")
+    assert r.returncode == 1 and "no x_adapt" in r.stderr
+
+
+def test_help_of_every_action():
+    for action in ("fit", "score", "adapt", "stream", "tasks"):
+        r = _cli("detect", action, "--help")
+        assert r.returncode == 0 and "--json" in r.stdout and "--quiet" in r.stdout
+    assert "fan-damage1-move" in _cli("detect", "tasks").stdout
