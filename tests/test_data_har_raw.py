@@ -140,6 +140,14 @@ def test_windowing_by_hand_on_one_recording(raw):
     for i, s in zip(seg0, raw.start[seg0]):
         want = np.concatenate([body[s:s + 128], gyro[s:s + 128]], axis=1).T
         np.testing.assert_allclose(raw.x[i], want, rtol=0, atol=2e-6)
+    # How many windows lie within 10 s (500 rows) of their recording's start or end, where
+    # the gravity estimate depends on how the recording is extended (docs/data.md).
+    with zipfile.ZipFile(HAPT_ZIP) as z:
+        rows = {}
+        for e, u in set(zip(raw.experiment.tolist(), raw.subject.tolist())):
+            rows[e] = min(z.read(f"RawData/{k}_exp{e:02d}_user{u:02d}.txt").count(b"\n") for k in ("acc", "gyro"))
+    ends = np.array([rows[e] for e in raw.experiment.tolist()])
+    assert np.sum((raw.start < 500) | (raw.start + 128 > ends - 500)) == 134
     # Every window of experiment 1 is its rows, gravity removed.
     exp1 = np.flatnonzero(raw.experiment == 1)
     assert len(exp1) > 100
