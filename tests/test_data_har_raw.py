@@ -107,6 +107,19 @@ def test_gather_in_place_is_fancy_indexing(n, data):
     np.testing.assert_array_equal(got, want)
 
 
+def test_cache_files_are_npz_files():
+    arrays = {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4)[:, :, ::2], "n": np.array(5),
+              "empty": np.zeros((0, 3)), "long": np.arange(300_001, dtype=np.int64)}
+    buf = io.BytesIO()
+    har._save_npz(buf, arrays)
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as z:
+        assert sorted(z.files) == sorted(arrays)
+        for k, a in arrays.items():
+            assert z[k].dtype == a.dtype and z[k].shape == a.shape, k
+            np.testing.assert_array_equal(z[k], a)
+
+
 # ---------------------------------------------------------------- real data
 
 @needs_data

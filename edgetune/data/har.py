@@ -393,13 +393,26 @@ def _load(data_dir: str | os.PathLike | None, *, cache: bool, raw: bool) -> HarW
     hw = extract(path)
     from ..io_atomic import write_atomic
     try:
-        write_atomic(cfile, lambda f: np.savez(f, **{k: getattr(hw, k) for k in fields}))
+        write_atomic(cfile, lambda f: _save_npz(f, {k: getattr(hw, k) for k in fields}))
         for old in cfile.parent.glob(f"{kind}-*.npz"):
             if old != cfile:
                 old.unlink(missing_ok=True)
     except OSError:
         pass  # a read-only cache only costs speed
     return hw
+
+
+def _save_npz(f: Any, arrays: dict[str, np.ndarray]) -> None:
+    """What ``np.savez`` writes (an uncompressed zip of .npy files), a megabyte at a time:
+    ``np.savez`` copies 16 MB buffers, which put 14 MB on the first raw load's peak."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            a = np.asarray(a, order="C")
+            with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(a))
+                flat, step = a.reshape(-1), max(1, (1 << 20) // a.itemsize)
+                for lo in range(0, flat.size, step):
+                    member.write(flat[lo:lo + step].tobytes())
 
 
 # ---------------------------------------------------------------- the task
