@@ -36,9 +36,10 @@ def pretrain_on_task(task: Task, *, hidden: list[int] | None = None, arch: str |
     the task's convolutional preset), else ``hidden`` widths, else the task's default."""
     d = task.defaults
     if arch == "cnn":
-        arch = d.get("cnn_arch")
+        arch = d.get("arch")
         if arch is None:
-            raise UsageError(f"task '{task.name}' has no convolutional preset; write an architecture with --arch")
+            raise UsageError(f"task '{task.name}' has no convolutional preset (its samples are flat); write an "
+                             f"architecture with --arch, or use its channels-first variant (e.g. damage1-1d)")
     if arch is None and hidden is None:
         arch = d.get("arch")
     hidden = hidden or d.get("hidden", [96, 96])
@@ -48,7 +49,7 @@ def pretrain_on_task(task: Task, *, hidden: list[int] | None = None, arch: str |
                            batch_size=batch_size or d.get("batch_size", 20),
                            optimizer=optimizer or d.get("pretrain_optimizer", "sgd"),
                            seed=seed, progress=progress)
-    report = {"task": task.name, "sizes": model.sizes, "pretrain_epochs": len(hist.epochs),
+    report = {"task": task.name, "sizes": model.sizes, "arch": arch, "pretrain_epochs": len(hist.epochs),
               "pretrain_seconds": hist.train_seconds, "pretrain_final_loss": hist.final_loss,
               "accuracy_pretrain": backbone_accuracy(model, task.x_pretrain, task.y_pretrain),
               "accuracy_test": backbone_accuracy(model, task.x_test, task.y_test)}

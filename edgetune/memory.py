@@ -123,6 +123,9 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
         raise UsageError(f"cache must be 'float32' or 'int8', got {cache!r}")
     if scheme is not None and method != "sparse":
         raise UsageError(f"method {method} has no update scheme: a scheme applies to the sparse method only")
+    if any(spec.kind != "dense" for spec in backbone.specs):
+        raise UsageError("the memory planner models MLP backbones (dense layers) in this version; this backbone "
+                         "has " + ", ".join(sorted({s.kind for s in backbone.specs} - {"dense"})) + " layers")
     is_q = backbone.is_int8
     int8 = is_q if int8 is None else int8
     if is_q and not int8:
@@ -504,7 +507,11 @@ def check_fits_machine(sizes: Sequence[int], method: str = "ft-all", *, batch_si
     """Refuse, before anything is allocated, a run whose planned memory exceeds what this machine has."""
     from types import SimpleNamespace
 
-    shape_only = SimpleNamespace(sizes=[int(v) for v in sizes], input_mean=None, dtype=np.float32, is_int8=False)
+    from .nn.layers import chain_specs
+
+    widths = [int(v) for v in sizes]
+    shape_only = SimpleNamespace(sizes=widths, input_mean=None, dtype=np.float32, is_int8=False,
+                                 specs=chain_specs(widths, "relu"))
     plan = plan_memory(shape_only, method, batch_size=batch_size, n_samples=n_samples, optimizer=optimizer,
                        rank=rank)  # type: ignore[arg-type]
     have = available_memory()

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ModelFileError, UsageError
+from .nn.layers import lora_specs
 from .nn.mlp import Backbone
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,13 +37,18 @@ PREFIX = "base_model.model."
 PEFT_METHODS = ("lora-all", "lora-last")
 
 
-def default_module_names(n_layers: int) -> list[str]:
-    """Names of the Linear layers in ``edgetune.torch.to_torch(backbone)``: "0", "2", ..."""
-    return [str(2 * k) for k in range(n_layers)]
+def default_module_names(backbone: Backbone | int) -> list[str]:
+    """Names of the layers in ``edgetune.torch.to_torch(backbone)``: an MLP's Linear layers
+    are "0", "2", ... of an ``nn.Sequential``; any other backbone's layer k is "layers.k"."""
+    if isinstance(backbone, int):
+        return [str(2 * k) for k in range(backbone)]
+    if backbone.is_plain_mlp():
+        return [str(2 * k) for k in range(backbone.n_layers)]
+    return [f"layers.{k}" for k in range(backbone.n_layers)]
 
 
 def _names(backbone: Backbone, module_names: Sequence[str] | None) -> list[str]:
-    names = default_module_names(backbone.n_layers) if module_names is None else [str(n) for n in module_names]
+    names = default_module_names(backbone) if module_names is None else [str(n) for n in module_names]
     if len(names) != backbone.n_layers or len(set(names)) != len(names):
         raise UsageError(f"module_names must give {backbone.n_layers} distinct names (one per layer), got {names}")
     return names
@@ -152,8 +158,12 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
         if (ka in tensors) != (kb in tensors):
             raise ModelFileError(f"{w_path}: layer '{name}' has only one of lora_A / lora_B")
         if ka in tensors:
-            out_k, in_k = backbone.weights[k].shape
-            for key, shape in ((ka, (r, in_k)), (kb, (out_k, r))):
+            pair = lora_specs(backbone.specs[k], r)
+            if pair is None:
+                raise ModelFileError(f"{w_path}: layer '{name}' ({backbone.specs[k].kind}"
+                                     f"{', grouped' if backbone.specs[k].groups > 1 else ''}) takes no LoRA adapter "
+                                     f"in edgetune")
+            for key, shape in ((ka, pair[0].weight_shape), (kb, pair[1].weight_shape)):
                 if tensors[key].shape != shape:
                     raise ModelFileError(f"{w_path}: '{key}' has shape {list(tensors[key].shape)}, "
                                          f"expected {list(shape)} for this backbone with r={r}")
@@ -166,7 +176,9 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
                 continue
             used.add(key)
             b = tensors[key]
-            if b.shape != backbone.biases[k].shape:
+            if backbone.biases[k] is None or b.shape != backbone.biases[k].shape:
+                if backbone.biases[k] is None:
+                    raise ModelFileError(f"{w_path}: '{key}': layer '{name}' has no bias")
                 raise ModelFileError(f"{w_path}: '{key}' has shape {list(b.shape)}, expected {list(backbone.biases[k].shape)}")
             d = b.astype(dtype) - backbone.biases[k]
             if k == last:
@@ -179,14 +191,18 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
         raise ModelFileError(f"{w_path}: tensors edgetune cannot place on this backbone {extra[:5]}"
                              f"{' ...' if len(extra) > 5 else ''} (expected layer names {names}; "
                              f"edgetune.torch.to_torch(backbone) names its Linear layers so)")
-    if lora_layers == list(range(n)) and meta.get("edgetune_method") != "lora-last":
+    from .methods import method_class
+
+    every = [k for k, p in enumerate(method_class("lora-all").layer_plans(backbone.specs, r)) if p.lora]
+    final = [k for k, p in enumerate(method_class("lora-last").layer_plans(backbone.specs, r)) if p.lora]
+    if lora_layers == every and meta.get("edgetune_method") != "lora-last":
         method = "lora-all"
-    elif lora_layers == [last]:
+    elif lora_layers == final:
         method = "lora-last"
     else:
         raise ModelFileError(f"{w_path}: LoRA on layers {[names[k] for k in lora_layers]}; edgetune's LoRA "
-                             f"methods put adapters on every layer {names} (lora-all) or the last "
-                             f"['{names[last]}'] (lora-last)")
+                             f"methods put adapters on the layers {[names[k] for k in every]} (lora-all) or "
+                             f"{[names[k] for k in final]} (lora-last)")
     train_last_bias = delta is not None
     if train_last_bias:
         out["head.bias_delta"] = delta

@@ -128,7 +128,8 @@ def reproduce(out_dir: str | os.PathLike, *, tasks: Sequence[str] = PAPER_TASKS,
         model, pre = pretrain_on_task(task, epochs=pre_epochs, seed=0)
         model_dir = out / "models" / task.name
         model.save(model_dir)
-        log(f"[{task.name}] pre-trained {'-'.join(map(str, model.sizes))} in {pre['pretrain_seconds']:.1f} s: "
+        log(f"[{task.name}] pre-trained {pre.get('arch') or '-'.join(map(str, model.sizes))} in "
+            f"{pre['pretrain_seconds']:.1f} s: "
             f"test accuracy {pre['accuracy_test']:.3f}")
         entry: dict[str, Any] = {"description": task.description, "summary": task.summary(),
                                  "backbone": {**pre, "model_dir": str(model_dir)},
@@ -186,7 +187,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     for name, e in results["tasks"].items():
         b = e["backbone"]
         lines += [f"## {name}", "", e["summary"], "",
-                  f"Backbone {'-'.join(map(str, b['sizes']))}, pre-trained {b['pretrain_epochs']} epochs "
+                  f"Backbone {b.get('arch') or '-'.join(map(str, b['sizes']))}, pre-trained {b['pretrain_epochs']} epochs "
                   f"(test accuracy {b['accuracy_test']:.3f}); fine-tuning {e['epochs']} epochs, batch "
                   f"{e['batch_size']}, SGD lr {e['lr']}. Mean ± std over seeds; times are training only.", ""]
         has_silent = any("silent_accuracy_after" in m for m in e["methods"].values())

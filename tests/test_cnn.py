@@ -276,3 +276,32 @@ def test_from_torch_folds_batch_norm_and_refuses_what_does_not_convert():
                          (nn.Sequential(nn.Conv1d(3, 4, 3)), "must end with one value per class")):
         with pytest.raises(UsageError, match=message):
             from_torch(bad.eval(), input_shape=(3, 8))
+
+
+@pytest.mark.parametrize("method", ["lora-all", "lora-last"])
+def test_conv_lora_adapters_load_in_peft_and_back(tmp_path, method):
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    peft = pytest.importorskip("peft")
+    from edgetune.torch import to_torch
+
+    bb = _cnn(dtype=np.float32, act="relu")
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(40, 3, 12)).astype(np.float32), rng.integers(0, 3, 40)
+    t = et.FineTuner(bb, method, rank=2, alpha=3, train_last_bias=True, epochs=3, lr=0.05).fit(x, y)
+    t.save_adapter(tmp_path / "a", format="peft")
+    import json
+
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    # lora-all: every layer with weights but the depthwise one (groups > 1: no mergeable adapter)
+    want = ["layers.0", "layers.2", "layers.5", "layers.7", "layers.8"] if method == "lora-all" else ["layers.8"]
+    assert cfg["target_modules"] == want
+    model = peft.PeftModel.from_pretrained(to_torch(bb), str(tmp_path / "a"))
+    got = model(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, t.decision_function(x), rtol=1e-4, atol=1e-5)
+    back = et.FineTuner.load_adapter(bb, tmp_path / "a")
+    assert back.method_name == method
+    np.testing.assert_allclose(back.decision_function(x), t.decision_function(x), rtol=1e-5, atol=1e-6)
+    merged = t.merged()
+    np.testing.assert_allclose(merged.forward(merged.prepare(x)), t.decision_function(x), rtol=1e-4, atol=1e-5)

@@ -117,7 +117,7 @@ def edit(tmp_path, config=None, tensors=None):
     ({"peft_type": "IA3"}, None, "only PEFT LoRA"),
     ({"r": 3}, None, "expected"),
     (None, lambda t: t.pop("base_model.model.2.lora_B.weight"), "only one of"),
-    (None, lambda t: [t.pop(f"base_model.model.2.lora_{ab}.weight") for ab in "AB"], "every layer"),
+    (None, lambda t: [t.pop(f"base_model.model.2.lora_{ab}.weight") for ab in "AB"], r"\(lora-all\) or"),
     (None, lambda t: t.update({"base_model.model.0.base_layer.bias": np.ones(6, np.float32)}), "bias of layer '0'"),
     (None, lambda t: t.update({"base_model.model.9.lora_A.weight": np.ones((2, 6), np.float32)}), "cannot place"),
     (None, lambda t: t["base_model.model.0.lora_A.weight"].fill(np.nan), "NaN"),

@@ -12,19 +12,29 @@ DESCRIPTION = """Find, download and describe the data sets of the built-in tasks
 Data sets are looked for in --data-dir if given, else in $EDGETUNE_DATA, then in the
 user cache ($XDG_CACHE_HOME/edgetune/data, default ~/.cache/edgetune/data).
 
-  cooling-fan  fan vibration spectra (tasks damage1, damage2)
-  hapt         UCI smartphone activity signals (task har)
+  cooling-fan  fan vibration spectra (tasks damage1, damage2; damage1-1d, damage2-1d
+               give each spectrum as one channel (1, 512) for a 1-D CNN)
+  hapt         UCI smartphone activity signals (task har: 150 window features; har-raw:
+               raw windows (6, 128) of body acceleration and gyroscope for a 1-D CNN)
 
 examples:
   edgetune data list
   edgetune data fetch cooling-fan
   edgetune data fetch hapt --data-dir ~/datasets
   edgetune data info damage1
+  edgetune data info har-raw
   edgetune data info cooling-fan --json -"""
 ORDER = 60
 
-TASK_DATASET = {"damage1": "cooling-fan", "damage2": "cooling-fan", "har": "hapt"}
-DATASET_TASKS = {"cooling-fan": ["damage1", "damage2"], "hapt": ["har"]}
+
+def _tasks_of(data_set: str) -> list[str]:
+    from ..data.task import BUILTIN_TASKS
+
+    return [name for name, t in BUILTIN_TASKS.items() if t.data_set == data_set]
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return str(shape[0]) if len(shape) == 1 else "(" + ", ".join(map(str, shape)) + ")"
 
 
 def _outputs(p: argparse.ArgumentParser, quiet: bool = True) -> None:
@@ -54,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _outputs(fe, quiet=False)
 
     info = sub.add_parser("info", help="load a built-in task (or every task of a data set) and print its splits")
-    info.add_argument("name", metavar="NAME", help="a task (damage1, damage2, har) or a data set (cooling-fan, hapt)")
+    info.add_argument("name", metavar="NAME", help="a task (damage1, damage2, damage1-1d, damage2-1d, har, har-raw) "
+                                                "or a data set (cooling-fan, hapt)")
     info.add_argument("--data-dir", metavar="DIR", help="where the data sets are")
     _outputs(info)
 
@@ -82,6 +93,7 @@ def _size(n: int) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     from ..data.fetch import status
+    from ..data.task import BUILTIN_TASKS
     from ._common import check_outputs, write_json
 
     check_outputs(args.json)
@@ -94,8 +106,14 @@ def _list(args: argparse.Namespace) -> int:
             extra = f", {row['files']}" if "files" in row else ""
             print(f"{row['name']:<12} {_size(row['bytes']):>9}  {row['path']}  "
                   f"(from {row['source']}{extra})")
-    write_json(args.json, {"data_sets": [{k: (str(v) if k == "path" and v is not None else v) for k, v in r.items()}
-                                         for r in rows]})
+        tasks = _tasks_of(row["name"])
+        if tasks and not args.quiet:
+            print(f"{'':<12} tasks: " + ", ".join(
+                f"{t} {_shape(BUILTIN_TASKS[t].input_shape)}" for t in tasks))
+    write_json(args.json, {
+        "data_sets": [{**{k: (str(v) if k == "path" and v is not None else v) for k, v in r.items()},
+                       "tasks": {t: list(BUILTIN_TASKS[t].input_shape) for t in _tasks_of(r["name"])}}
+                      for r in rows]})
     return 0
 
 
@@ -115,31 +133,34 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..data.task import load_task
+    from ..data.task import BUILTIN_TASKS, load_task
     from ..errors import UsageError
     from ._common import check_outputs, write_json
 
-    if args.name in DATASET_TASKS:
-        names = DATASET_TASKS[args.name]
-    elif args.name in TASK_DATASET:
+    data_sets = sorted({t.data_set for t in BUILTIN_TASKS.values()})
+    if args.name in data_sets:
+        names = _tasks_of(args.name)
+    elif args.name in BUILTIN_TASKS:
         names = [args.name]
     else:
-        raise UsageError(f"unknown name '{args.name}': a task ({', '.join(TASK_DATASET)}) or a data set "
-                         f"({', '.join(DATASET_TASKS)})")
+        raise UsageError(f"unknown name '{args.name}': a task ({', '.join(BUILTIN_TASKS)}) or a data set "
+                         f"({', '.join(data_sets)})")
     check_outputs(args.json)
     facts = []
     for name in names:
         t0 = time.perf_counter()
         task = load_task(name, args.data_dir)
         seconds = time.perf_counter() - t0
+        data_set = BUILTIN_TASKS[name].data_set
         print(task.summary())
         if task.description and not args.quiet:
             print(task.description)
         print("defaults: " + ", ".join(f"{k}={v}" for k, v in task.defaults.items()))
         if not args.quiet:
-            print(f"data set: {TASK_DATASET[name]}; loaded in {seconds:.2f} s")
-        facts.append({"task": name, "data_set": TASK_DATASET[name], "summary": task.summary(),
+            print(f"data set: {data_set}; loaded in {seconds:.2f} s")
+        facts.append({"task": name, "data_set": data_set, "summary": task.summary(),
                       "description": task.description, "defaults": task.defaults,
+                      "input_shape": list(task.input_shape),
                       "n_features": task.n_features, "n_classes": task.n_classes, "labels": list(task.labels),
                       "samples": {"pretrain": int(len(task.y_pretrain)), "finetune": int(len(task.y_finetune)),
                                   "test": int(len(task.y_test))}})

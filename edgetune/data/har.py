@@ -11,8 +11,10 @@ folder or straight from a zip (``RawData/`` may sit under a top folder inside th
 Windows follow the UCI HAR recipe: 128 samples (2.56 s) with 50 % overlap, cut inside each
 labelled segment of the six basic activities (1..6); postural transitions (7..12) are
 ignored. Each window becomes the feature vector described by ``HAR_FEATURE_NAMES`` (see
-:func:`window_features`). Extraction takes a few seconds, so features are cached in
-``<cache>/parsed/hapt/``, keyed by the source's size and mtime.
+:func:`window_features`) for the ``har`` task, or stays raw, (6, 128) ``RAW_CHANNELS``
+(body acceleration and gyroscope, see :func:`raw_signals`), for the ``har-raw`` task.
+Extraction takes a few seconds, so both are cached in ``<cache>/parsed/hapt/``, keyed by
+the source's size and mtime.
 """
 from __future__ import annotations
 
@@ -118,6 +120,44 @@ def window_features(w: np.ndarray) -> np.ndarray:
     return feats.astype(np.float32)
 
 
+# ---------------------------------------------------------------- raw windows
+
+#: Channels of a raw window (``har-raw``), in this order: body acceleration (total
+#: acceleration minus the gravity estimate of :func:`gravity`) in g, gyroscope in rad/s.
+RAW_CHANNELS = ["body_acc_x", "body_acc_y", "body_acc_z", "gyro_x", "gyro_y", "gyro_z"]
+RAW_VERSION = 1  # bump when the raw windows change, so caches are rebuilt
+#: Gravity is what a 3rd-order Butterworth low-pass at 0.3 Hz keeps (the UCI HAR authors'
+#: corner frequency), applied forward and backward, so it has no phase delay.
+GRAVITY_CUTOFF_HZ = 0.3
+GRAVITY_ORDER = 3
+def gravity(acc: np.ndarray, rate: float = RATE_HZ, cutoff: float = GRAVITY_CUTOFF_HZ,
+            order: int = GRAVITY_ORDER) -> np.ndarray:
+    """The slow part of signals ``acc`` (rows, k): a zero-phase low-pass of one recording.
+
+    The gain at frequency f is ``1 / (1 + (tan(pi f / rate) / tan(pi cutoff / rate)) ** (2 order))``:
+    the squared magnitude of the digital (bilinear) Butterworth low-pass of that order, which
+    is what filtering forward and backward with it (``filtfilt``) applies. It is applied in
+    the frequency domain to the recording followed by its mirror image (rows n-2 .. 1), a
+    periodic signal without a jump at either end: near a recording's ends the estimate
+    assumes the motion continues as its reflection."""
+    acc = np.asarray(acc, dtype=np.float64)
+    n = len(acc)
+    ext = np.concatenate([acc, acc[-2:0:-1]])
+    freq = np.fft.rfftfreq(len(ext), d=1.0 / rate)
+    ratio = np.tan(np.pi * freq / rate) / np.tan(np.pi * cutoff / rate)
+    with np.errstate(over="ignore"):
+        gain = 1.0 / (1.0 + ratio ** (2 * order))
+    return np.fft.irfft(np.fft.rfft(ext, axis=0) * gain[:, None], n=len(ext), axis=0)[:n]
+
+
+def raw_signals(data: np.ndarray) -> np.ndarray:
+    """One recording's (rows, 6) acc x y z (g), gyro x y z (rad/s) -> the ``RAW_CHANNELS``:
+    body acceleration (acc minus :func:`gravity` of acc) and the gyroscope as recorded."""
+    out = np.array(data, dtype=np.float64)
+    out[:, 0:3] -= gravity(out[:, 0:3])
+    return out
+
+
 # ---------------------------------------------------------------- reading RawData
 
 class _RawSource:
@@ -199,8 +239,8 @@ def parse_table(blob: bytes, columns: int, where: str, dtype: Any = np.float64) 
 
 @dataclass
 class HarWindows:
-    """All windows of the six basic activities with their features and where they came from."""
-    x: np.ndarray           # (n, len(HAR_FEATURE_NAMES)) float32 features
+    """All windows of the six basic activities, as features or raw, and where they came from."""
+    x: np.ndarray           # (n, len(HAR_FEATURE_NAMES)) features, or (n, 6, 128) raw windows; float32
     activity: np.ndarray    # (n,) int64 class index 0..5 (activity id - 1)
     subject: np.ndarray     # (n,) int64 user 1..30
     experiment: np.ndarray  # (n,) int64 experiment 1..61
@@ -212,64 +252,105 @@ def extract_windows(path: str | os.PathLike) -> HarWindows:
     """Read RawData (folder or zip), cut windows and compute their features (no cache)."""
     src = _RawSource(Path(path))
     try:
-        return _extract(src)
+        return _extract(src, raw=False)
     finally:
         src.close()
 
 
-def _extract(src: _RawSource) -> HarWindows:
-    labels = parse_table(src.read("labels.txt"), 5, src.where("labels.txt"), dtype=np.int64)
-    if len(labels) == 0:
-        raise DataError(f"{src.where('labels.txt')}: no labelled segments")
-    names = set(src.names())
-    features, meta = [], []
+def extract_raw_windows(path: str | os.PathLike) -> HarWindows:
+    """Read RawData (folder or zip) and cut the same windows as :func:`extract_windows`,
+    kept raw: (n, 6, 128) float32, channels ``RAW_CHANNELS`` (see :func:`raw_signals`)."""
+    src = _RawSource(Path(path))
+    try:
+        return _extract(src, raw=True)
+    finally:
+        src.close()
+
+
+@dataclass
+class _Experiment:
+    """One experiment's labelled segments of activities 1..6 and their window starts."""
+    exp: int
+    user: int
+    first_row: int                                   # its first line in labels.txt (0-based)
+    segments: list[tuple[int, int, int, np.ndarray]]  # (labels row, activity, end, starts)
+
+
+def _plan(labels: np.ndarray, where: str) -> list[_Experiment]:
+    """Every window, from labels.txt alone: which experiment, segment and start row."""
+    plan = []
     for exp in np.unique(labels[:, 0]):
         rows = np.flatnonzero(labels[:, 0] == exp)
         users = np.unique(labels[rows, 1])
         if len(users) != 1:
-            raise DataError(f"{src.where('labels.txt')}: experiment {exp} lists several users")
-        user = int(users[0])
+            raise DataError(f"{where}: experiment {exp} lists several users")
         basic = rows[(labels[rows, 2] >= 1) & (labels[rows, 2] <= 6)]
         if basic.size == 0:
             continue
-        sig = []
-        for kind in ("acc", "gyro"):
-            name = f"{kind}_exp{exp:02d}_user{user:02d}.txt"
-            if name not in names:
-                raise DataError(f"{src.where(name)}: missing (labels.txt line {rows[0] + 1} "
-                                f"refers to experiment {exp}, user {user})")
-            sig.append(parse_table(src.read(name), 3, src.where(name)))
-        n_rows = min(len(sig[0]), len(sig[1]))
-        data = np.concatenate([sig[0][:n_rows], sig[1][:n_rows]], axis=1)
+        segments = []
         for r in basic:
             _, _, act, start, end = (int(v) for v in labels[r])
             if start < 0 or end < start:
-                raise DataError(f"{src.where('labels.txt')} line {r + 1}: bad segment {start}..{end}")
-            if end >= n_rows:
-                short = "acc" if len(sig[0]) <= len(sig[1]) else "gyro"
-                raise DataError(
-                    f"{src.where('labels.txt')} line {r + 1}: segment ends at row {end} but "
-                    f"{short}_exp{exp:02d}_user{user:02d}.txt has only {n_rows} rows")
-            starts = np.arange(start, end + 2 - WINDOW, STEP)
-            if starts.size == 0:
-                continue
-            # Features a block of windows at a time, as each segment is read: the float64
-            # intermediates of all ~10k windows at once took ~0.5 GB.
-            for lo in range(0, starts.size, FEATURE_BLOCK):
-                idx = starts[lo:lo + FEATURE_BLOCK, None] + np.arange(WINDOW)[None, :]
-                features.append(window_features(data[idx].astype(np.float32)))
-            meta.append(np.stack([np.full(starts.size, act - 1), np.full(starts.size, user),
-                                  np.full(starts.size, exp), starts, np.full(starts.size, r)], axis=1))
-    if not features:
+                raise DataError(f"{where} line {r + 1}: bad segment {start}..{end}")
+            segments.append((int(r), act, end, np.arange(start, end + 2 - WINDOW, STEP)))
+        plan.append(_Experiment(int(exp), int(users[0]), int(rows[0]), segments))
+    return plan
+
+
+def _read_experiment(src: _RawSource, e: _Experiment, names: set[str]) -> np.ndarray:
+    """(rows, 6) float64: acc x y z (g) and gyro x y z (rad/s), checked against the segments."""
+    sig = []
+    for kind in ("acc", "gyro"):
+        name = f"{kind}_exp{e.exp:02d}_user{e.user:02d}.txt"
+        if name not in names:
+            raise DataError(f"{src.where(name)}: missing (labels.txt line {e.first_row + 1} "
+                            f"refers to experiment {e.exp}, user {e.user})")
+        sig.append(parse_table(src.read(name), 3, src.where(name)))
+    n_rows = min(len(sig[0]), len(sig[1]))
+    for r, _, end, _ in e.segments:
+        if end >= n_rows:
+            short = "acc" if len(sig[0]) <= len(sig[1]) else "gyro"
+            raise DataError(
+                f"{src.where('labels.txt')} line {r + 1}: segment ends at row {end} but "
+                f"{short}_exp{e.exp:02d}_user{e.user:02d}.txt has only {n_rows} rows")
+    return np.concatenate([sig[0][:n_rows], sig[1][:n_rows]], axis=1)
+
+
+def _extract(src: _RawSource, *, raw: bool) -> HarWindows:
+    labels = parse_table(src.read("labels.txt"), 5, src.where("labels.txt"), dtype=np.int64)
+    if len(labels) == 0:
+        raise DataError(f"{src.where('labels.txt')}: no labelled segments")
+    plan = _plan(labels, src.where("labels.txt"))
+    meta = [np.stack([np.full(starts.size, act - 1), np.full(starts.size, e.user),
+                      np.full(starts.size, e.exp), starts, np.full(starts.size, r)], axis=1)
+            for e in plan for r, act, _, starts in e.segments]
+    n = sum(len(m) for m in meta)
+    if n == 0:
         raise DataError(f"{src.where('labels.txt')}: no window of {WINDOW} samples fits in any "
                         f"segment of activities 1..6")
+    # One output array, filled an experiment at a time: the peak is the result plus one
+    # recording, never a list of blocks and their concatenation.
+    x = np.empty((n, len(RAW_CHANNELS), WINDOW) if raw else (n, len(HAR_FEATURE_NAMES)), np.float32)
+    names = set(src.names())
+    k = 0
+    for e in plan:
+        data = _read_experiment(src, e, names)
+        if raw:
+            data = raw_signals(data)
+        for _, _, _, starts in e.segments:
+            # A block of windows at a time: the float64 feature intermediates of all ~10k
+            # windows at once took ~0.5 GB.
+            for lo in range(0, starts.size, FEATURE_BLOCK):
+                idx = starts[lo:lo + FEATURE_BLOCK, None] + np.arange(WINDOW)[None, :]
+                w = data[idx]  # (m, 128, 6)
+                x[k:k + len(w)] = w.transpose(0, 2, 1) if raw else window_features(w.astype(np.float32))
+                k += len(w)
     m = np.concatenate(meta).astype(np.int64)
-    x = np.concatenate(features)
     return HarWindows(x, m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4])
 
 
-def _source_key(path: Path) -> str:
-    h = hashlib.sha256(f"v{FEATURE_VERSION}:{path.resolve()}".encode())
+def _source_key(path: Path, version: str) -> str:
+    h = hashlib.sha256(f"{version}:{path.resolve()}".encode())
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     for f in files:
         st = f.stat()
@@ -278,12 +359,25 @@ def _source_key(path: Path) -> str:
 
 
 def load_har_windows(data_dir: str | os.PathLike | None = None, *, cache: bool = True) -> HarWindows:
-    """All HAR windows and features, through the feature cache."""
+    """All HAR windows and features, through the parsed cache (``features-<key>.npz``)."""
+    return _load(data_dir, cache=cache, raw=False)
+
+
+def load_har_raw_windows(data_dir: str | os.PathLike | None = None, *, cache: bool = True) -> HarWindows:
+    """All HAR windows kept raw, (n, 6, 128), through the parsed cache (``raw-<key>.npz``).
+    The same windows in the same order as :func:`load_har_windows`."""
+    return _load(data_dir, cache=cache, raw=True)
+
+
+def _load(data_dir: str | os.PathLike | None, *, cache: bool, raw: bool) -> HarWindows:
     path = find_dataset("hapt", data_dir).path
+    extract = extract_raw_windows if raw else extract_windows
     if not cache:
-        return extract_windows(path)
+        return extract(path)
+    kind, version = ("raw", f"raw{RAW_VERSION}") if raw else ("features", f"v{FEATURE_VERSION}")
+    shape = (len(RAW_CHANNELS), WINDOW) if raw else (len(HAR_FEATURE_NAMES),)
     try:
-        cfile = cache_root() / "parsed" / "hapt" / f"features-{_source_key(path)}.npz"
+        cfile = cache_root() / "parsed" / "hapt" / f"{kind}-{_source_key(path, version)}.npz"
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     fields = list(HarWindows.__dataclass_fields__)
@@ -291,20 +385,34 @@ def load_har_windows(data_dir: str | os.PathLike | None = None, *, cache: bool =
         try:
             with np.load(cfile, allow_pickle=False) as z:
                 hw = HarWindows(**{k: z[k] for k in fields})
-            if hw.x.dtype == np.float32 and hw.x.shape[1] == len(HAR_FEATURE_NAMES):
+            if hw.x.dtype == np.float32 and hw.x.shape[1:] == shape and \
+                    all(len(getattr(hw, k)) == len(hw.x) for k in fields):
                 return hw
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             pass
-    hw = extract_windows(path)
+    hw = extract(path)
     from ..io_atomic import write_atomic
     try:
-        write_atomic(cfile, lambda f: np.savez(f, **{k: getattr(hw, k) for k in fields}))
-        for old in cfile.parent.glob("features-*.npz"):
+        write_atomic(cfile, lambda f: _save_npz(f, {k: getattr(hw, k) for k in fields}))
+        for old in cfile.parent.glob(f"{kind}-*.npz"):
             if old != cfile:
                 old.unlink(missing_ok=True)
     except OSError:
         pass  # a read-only cache only costs speed
     return hw
+
+
+def _save_npz(f: Any, arrays: dict[str, np.ndarray]) -> None:
+    """What ``np.savez`` writes (an uncompressed zip of .npy files), a megabyte at a time:
+    ``np.savez`` copies 16 MB buffers, which put 14 MB on the first raw load's peak."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            a = np.asarray(a, order="C")
+            with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(a))
+                flat, step = a.reshape(-1), max(1, (1 << 20) // a.itemsize)
+                for lo in range(0, flat.size, step):
+                    member.write(flat[lo:lo + step].tobytes())
 
 
 # ---------------------------------------------------------------- the task
@@ -342,6 +450,31 @@ def _subjects(value: Iterable[int] | range, what: str) -> set[int]:
     return s
 
 
+def _check_fraction(finetune_fraction: float) -> float:
+    if not 0.0 < float(finetune_fraction) < 1.0:
+        raise UsageError(f"finetune_fraction must be between 0 and 1, got {finetune_fraction}")
+    return float(finetune_fraction)
+
+
+def subject_splits(hw: HarWindows, pre: set[int], finetune_fraction: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The new-subject protocol of ``har`` and ``har-raw``: indices of the pre-training
+    windows (users in ``pre``) and of the other users' windows split by time
+    (:func:`split_by_time`) into fine-tune and test."""
+    in_pre = np.isin(hw.subject, sorted(pre))
+    if not in_pre.any() or in_pre.all():
+        raise UsageError(f"pretrain_subjects {sorted(pre)} leave no subject for "
+                         f"{'pre-training' if not in_pre.any() else 'fine-tuning'}")
+    i_ft, i_te = split_by_time(hw, ~in_pre, finetune_fraction)
+    return np.flatnonzero(in_pre), i_ft, i_te
+
+
+def _split_description(hw: HarWindows, pre: set[int]) -> str:
+    new = sorted(set(hw.subject[~np.isin(hw.subject, sorted(pre))].tolist()))
+    return (f"pre-train subjects {_ranges(sorted(pre))}, fine-tune/test subjects "
+            f"{_ranges(new)} split by time per activity")
+
+
 def har_task(data_dir: str | os.PathLike | None = None, *,
              pretrain_subjects: Iterable[int] = range(1, 16),
              finetune_fraction: float = 0.5, standardize: bool = False,
@@ -356,22 +489,15 @@ def har_task(data_dir: str | os.PathLike | None = None, *,
         raise UsageError(f"har: unknown option(s) {', '.join(sorted(options))}; this task takes "
                          f"pretrain_subjects, finetune_fraction, standardize, cache")
     pre = _subjects(pretrain_subjects, "pretrain_subjects")
-    if not 0.0 < float(finetune_fraction) < 1.0:
-        raise UsageError(f"finetune_fraction must be between 0 and 1, got {finetune_fraction}")
+    fraction = _check_fraction(finetune_fraction)
     hw = load_har_windows(data_dir, cache=cache)
-    in_pre = np.isin(hw.subject, sorted(pre))
-    if not in_pre.any() or in_pre.all():
-        raise UsageError(f"pretrain_subjects {sorted(pre)} leave no subject for "
-                         f"{'pre-training' if not in_pre.any() else 'fine-tuning'}")
-    i_pre = np.flatnonzero(in_pre)
-    i_ft, i_te = split_by_time(hw, ~in_pre, float(finetune_fraction))
+    i_pre, i_ft, i_te = subject_splits(hw, pre, fraction)
     x = hw.x
     if standardize:
         mu = x[i_pre].mean(axis=0, dtype=np.float64)
         sd = x[i_pre].std(axis=0, dtype=np.float64)
         sd = np.where(sd > 1e-8, sd, 1.0)
         x = ((x - mu) / sd).astype(np.float32)
-    new = sorted(set(hw.subject[~in_pre].tolist()))
     return Task(
         name="har", labels=list(ACTIVITIES),
         x_pretrain=x[i_pre], y_pretrain=hw.activity[i_pre],
@@ -380,9 +506,61 @@ def har_task(data_dir: str | os.PathLike | None = None, *,
         defaults={"hidden": [96, 96], "epochs": 200, "batch_size": 20, "lr": 0.01,
                   "pretrain_epochs": 50},
         description=(f"UCI HAPT, 6 activities, {len(HAR_FEATURE_NAMES)} window features; "
-                     f"pre-train subjects {_ranges(sorted(pre))}, fine-tune/test subjects "
-                     f"{_ranges(new)} split by time per activity"),
+                     + _split_description(hw, pre)),
     )
+
+
+def har_raw_task(data_dir: str | os.PathLike | None = None, *,
+                 pretrain_subjects: Iterable[int] = range(1, 16),
+                 finetune_fraction: float = 0.5, cache: bool = True, **options: Any) -> Task:
+    """``har`` with raw windows for a 1-D CNN: the same windows, labels and splits, each
+    sample (6, 128): body acceleration x y z (g) and gyroscope x y z (rad/s) over 2.56 s
+    (``RAW_CHANNELS``). Not standardised here: the backbone's per-channel input
+    normalisation, fitted on the pre-training split, does that."""
+    if options:
+        raise UsageError(f"har-raw: unknown option(s) {', '.join(sorted(options))}; this task takes "
+                         f"pretrain_subjects, finetune_fraction, cache")
+    pre = _subjects(pretrain_subjects, "pretrain_subjects")
+    fraction = _check_fraction(finetune_fraction)
+    hw = load_har_raw_windows(data_dir, cache=cache)
+    i_pre, i_ft, i_te = subject_splits(hw, pre, fraction)
+    # The splits are consecutive slices of the windows reordered in place: indexing each
+    # split out of hw.x would hold a second copy of all 32 MB of windows.
+    order = np.concatenate([i_pre, i_ft, i_te])
+    x = _gather_in_place(hw.x, order)
+    a, b = len(i_pre), len(i_pre) + len(i_ft)
+    return Task(
+        name="har-raw", labels=list(ACTIVITIES),
+        x_pretrain=x[:a], y_pretrain=hw.activity[i_pre],
+        x_finetune=x[a:b], y_finetune=hw.activity[i_ft],
+        x_test=x[b:], y_test=hw.activity[i_te],
+        defaults={"epochs": 200, "batch_size": 20, "lr": 0.01, "pretrain_epochs": 50},
+        description=(f"UCI HAPT, 6 activities, raw windows of {len(RAW_CHANNELS)} channels x "
+                     f"{WINDOW} samples (body acc xyz in g, gyro xyz in rad/s, 50 Hz); "
+                     + _split_description(hw, pre)),
+    )
+
+
+def _gather_in_place(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``x[order]`` (distinct indices) built inside ``x`` itself: rows are moved along the
+    cycles of the permutation, one row of scratch. Returns the first ``len(order)`` rows."""
+    n = len(x)
+    perm = np.concatenate([order, np.setdiff1d(np.arange(n), order)])  # new row i <- old perm[i]
+    done = np.zeros(n, dtype=bool)
+    for i in np.flatnonzero(perm != np.arange(n)).tolist():
+        if done[i]:
+            continue
+        held = x[i].copy()
+        j = i
+        while True:
+            done[j] = True
+            src = int(perm[j])
+            if src == i:
+                x[j] = held
+                break
+            x[j] = x[src]
+            j = src
+    return x[:len(order)]
 
 
 def _ranges(values: list[int]) -> str:

@@ -1,6 +1,7 @@
 """A fine-tuning task: pre-train, fine-tune and test splits, plus what describes them.
 
-A task comes from a built-in name (``damage1``, ``damage2``, ``har``) or from an ``.npz``
+A task comes from a built-in name (``BUILTIN_TASKS``: ``damage1``, ``damage2``, ``har``,
+and their convolutional forms ``damage1-1d``, ``damage2-1d``, ``har-raw``) or from an ``.npz``
 file with the arrays ``x_pretrain, y_pretrain, x_finetune, y_finetune, x_test, y_test``
 (optional: ``labels``, and extra test sets as ``x_eval_<name>`` / ``y_eval_<name>``).
 """
@@ -19,12 +20,22 @@ from ..errors import DataError, UsageError
 
 SPLITS = ("pretrain", "finetune", "test")
 
-# Built-in tasks: name -> "module:function". The function takes (data_dir, **options)
-# and returns a Task. Imported only when asked for, so the core stays light.
-BUILTIN_TASKS: dict[str, str] = {
-    "damage1": "edgetune.data.fan:damage1_task",
-    "damage2": "edgetune.data.fan:damage2_task",
-    "har": "edgetune.data.har:har_task",
+@dataclass(frozen=True)
+class BuiltinTask:
+    """A built-in task: where its loader is, which data set it reads, one sample's shape."""
+    loader: str                    # "module:function", called as (data_dir, **options) -> Task
+    data_set: str                  # the data set it reads (edgetune data fetch NAME)
+    input_shape: tuple[int, ...]   # (features,), or channels first (C, L)
+
+
+# Built-in tasks by name. Loaders are imported only when asked for, so the core stays light.
+BUILTIN_TASKS: dict[str, BuiltinTask] = {
+    "damage1": BuiltinTask("edgetune.data.fan:damage1_task", "cooling-fan", (512,)),
+    "damage2": BuiltinTask("edgetune.data.fan:damage2_task", "cooling-fan", (512,)),
+    "damage1-1d": BuiltinTask("edgetune.data.fan:damage1_1d_task", "cooling-fan", (1, 512)),
+    "damage2-1d": BuiltinTask("edgetune.data.fan:damage2_1d_task", "cooling-fan", (1, 512)),
+    "har": BuiltinTask("edgetune.data.har:har_task", "hapt", (150,)),
+    "har-raw": BuiltinTask("edgetune.data.har:har_raw_task", "hapt", (6, 128)),
 }
 
 
@@ -230,7 +241,7 @@ def load_npz_task(path: str | os.PathLike) -> Task:
 def load_task(spec: str, data_dir: str | os.PathLike | None = None, **options: Any) -> Task:
     """A built-in task by name, or a task file (``.npz``) by path."""
     if spec in BUILTIN_TASKS:
-        mod_name, fn_name = BUILTIN_TASKS[spec].split(":")
+        mod_name, fn_name = BUILTIN_TASKS[spec].loader.split(":")
         fn: Callable[..., Task] = getattr(importlib.import_module(mod_name), fn_name)
         return fn(data_dir, **options)
     if spec.endswith(".npz") or os.path.sep in spec or Path(spec).is_file():

@@ -178,9 +178,11 @@ def from_torch(module: nn.Module, *, labels: list[str] | None = None,
     if input_shape is not None and len(tuple(input_shape)) > 1:
         from .graph import from_graph
         return from_graph(module, tuple(input_shape), labels=labels)
-    if any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in module.modules()):
-        raise UsageError(f"{type(module).__name__} has convolutions: give the shape of one sample, "
-                         f"from_torch(module, input_shape=(C, L)) or (C, H, W)")
+    convs = [(name, m) for name, m in module.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    if convs:
+        name, m = convs[0]
+        raise UsageError(f"{type(module).__name__} has convolutions (layer '{name}' is {type(m).__name__}): give "
+                         f"the shape of one sample, from_torch(module, input_shape=(C, L)) or (C, H, W)")
     mean = std = None
     if type(module) in (nn.Sequential, NormalizedSequential):
         ops = _sequential_ops(module)
