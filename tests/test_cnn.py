@@ -102,6 +102,7 @@ def test_any_conv1d_shape_is_built_or_refused_clearly(c, length, o, k, s, p, g):
     (dict(kind="gap", in_shape=(5,), out_channels=5), "gap takes"),
     (dict(kind="add", in_shape=(3, 4), out_channels=3), "source"),
     (dict(kind="flatten", in_shape=(3, 4), out_channels=11), "gives 12 features"),
+    (dict(kind="dense", in_shape=(3,), out_channels=2, source=0), "only an add layer has a source"),
 ])
 def test_bad_spatial_specs_are_refused(kwargs, message):
     with pytest.raises(UsageError, match=message):

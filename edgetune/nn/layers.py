@@ -89,6 +89,8 @@ class LayerSpec:
             raise UsageError(f"a {self.kind} layer's input shape must be whole numbers >= 1, got {list(self.in_shape)}")
         if self.out_channels < 1:
             raise UsageError(f"a {self.kind} layer needs at least one output channel, got {self.out_channels}")
+        if self.kind != "add" and self.source != -1:
+            raise UsageError(f"only an add layer has a source layer (a {self.kind} layer has source {self.source})")
         self.ops.check(self)
 
     # -- construction -----------------------------------------------------------------
