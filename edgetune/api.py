@@ -115,8 +115,11 @@ class FineTuner:
         return self.method.merged_backbone()
 
     # -- adapter files -----------------------------------------------------------------
-    def save_adapter(self, path: str | os.PathLike, *, format: str = "edgetune") -> Path:
+    def save_adapter(self, path: str | os.PathLike, *, format: str = "edgetune", overwrite: bool = False) -> Path:
         """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into directory ``path``.
+
+        A ``path`` that already holds an adapter or a model is replaced only with
+        ``overwrite=True`` (the command line's ``--force``); the replacement is atomic.
 
         ``format="peft"`` (``lora-all``/``lora-last`` only) writes Hugging Face PEFT's key
         names and config, loadable by PEFT onto ``edgetune.torch.to_torch(backbone)`` and
@@ -129,7 +132,7 @@ class FineTuner:
             raise UsageError(f"format must be 'edgetune' or 'peft', got {format!r}")
         if format == "peft":
             from .peft_format import save_peft_adapter
-            return save_peft_adapter(self.method, path)
+            return save_peft_adapter(self.method, path, overwrite=overwrite)
         blob = dumps(self.method.adapter_tensors(), {"format": ADAPTER_FORMAT, "method": self.method_name})
         opts = describe_options(self.method.options)
         config = {
@@ -139,7 +142,8 @@ class FineTuner:
             "base_model_sizes": self.backbone.sizes, "base_model_digest": self.backbone.digest(),
             "adapter_sha256": hashlib.sha256(blob).hexdigest(),
         }
-        path = write_dir_atomic(path, {ADAPTER_WEIGHTS: blob, ADAPTER_CONFIG: json_text(config).encode()})
+        path = write_dir_atomic(path, {ADAPTER_WEIGHTS: blob, ADAPTER_CONFIG: json_text(config).encode()},
+                                overwrite=overwrite)
         return path
 
     def _scheme_config(self) -> dict[str, Any]:

@@ -325,12 +325,40 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
+def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes], *, overwrite: bool = True) -> Path:
     """Write the files of a model or adapter directory as one set.
 
     The new set is written into a hidden directory beside ``path``, fsynced, then swapped
     with the old directory, so that a reader (or a crash) sees the old set or the new one,
     never a mix. Other files in an existing directory are carried over (hard links).
+    Without ``overwrite``, a ``path`` that already holds a model or adapter is refused.
+    """
+    def fill(new: Path) -> None:
+        for name, data in files.items():
+            fd = os.open(new / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            _test_hook("file-written")
+
+    def refuse_existing(p: Path) -> None:
+        if not overwrite and is_model_dir(p):
+            raise UsageError(f"{p} already holds a model or adapter; pass overwrite=True (--force) to replace it")
+
+    return replace_dir_atomic(path, fill, keep=lambda name: name not in files, check=refuse_existing)
+
+
+def replace_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None], *,
+                       keep: Callable[[str], bool] | None = None,
+                       check: Callable[[Path], None] | None = None) -> Path:
+    """Put a new directory at ``path`` in one step: ``fill(new)`` writes it into a hidden
+    directory beside ``path``, which is then exchanged with the old one atomically (or, where
+    the file system cannot exchange, renamed in two steps that ``recover_dir`` completes after
+    a crash). Holds ``path``'s lock throughout; ``check(path)`` runs under that lock before
+    anything is written (to refuse an existing output). Entries of the old directory for which
+    ``keep(name)`` is true are carried over (hard links); with ``keep`` None nothing is.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -339,21 +367,16 @@ def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
     with target_lock(path):
         recover_dir(path)
         clean_stale(path)
+        if check is not None:
+            check(path)
         new = path.parent / f".{path.name}{_TAG}new-{os.getpid()}-{secrets.token_hex(4)}"
         placed = False
         try:
             os.mkdir(new)  # 0777 less the umask, like any directory
-            for name, data in files.items():
-                fd = os.open(new / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                             0o666 & ~_umask())
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                _test_hook("file-written")
-            if path.is_dir():
+            fill(new)
+            if keep is not None and path.is_dir():
                 for e in os.scandir(path):
-                    if e.name not in files and not (e.name.startswith(".") and _TAG in e.name):
+                    if keep(e.name) and not (e.name.startswith(".") and _TAG in e.name):
                         if e.is_dir(follow_symlinks=False):
                             shutil.copytree(e.path, new / e.name, symlinks=True, copy_function=_link_or_copy)
                         else:
@@ -385,6 +408,27 @@ def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
                 raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
             raise
     return path
+
+
+def check_not_input(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *,
+                    option: str = "output", replaced: bool = False) -> None:
+    """Refuse an output that equals, contains or lies inside an input (resolved through
+    symlinks): writing it would replace or delete what the command reads. ``inputs`` maps a
+    name for the message (e.g. "--model") to a path; None entries are skipped. For a
+    directory that is ``replaced`` whole, the current directory counts as an input too: it
+    would be swapped away under the user's feet."""
+    out = os.path.realpath(output)
+    named = {"the current directory": os.getcwd()} if replaced else {}
+    named.update({k: v for k, v in inputs.items() if v is not None and str(v) != "-"})
+    for name, i in named.items():
+        real = os.path.realpath(i)
+        if out == real:
+            raise UsageError(f"{option} {output} is {name} ({i}); refusing to write an output over an input")
+        if real.startswith(out.rstrip(os.sep) + os.sep):
+            raise UsageError(f"{option} {output} contains {name} ({i}); refusing to replace a directory that "
+                             f"holds an input")
+        if name != "the current directory" and out.startswith(real.rstrip(os.sep) + os.sep) and os.path.isdir(real):
+            raise UsageError(f"{option} {output} lies inside {name} ({i}); write outputs elsewhere")
 
 
 def _link_or_copy(src: str, dst: str | os.PathLike) -> None:

@@ -93,14 +93,15 @@ def peft_files(method: Any, *, module_names: Sequence[str] | None = None
 
 
 def save_peft_adapter(method: Any, path: str | os.PathLike, *,
-                      module_names: Sequence[str] | None = None) -> Path:
-    """Write a PEFT-loadable adapter directory for a ``lora-all``/``lora-last`` method."""
+                      module_names: Sequence[str] | None = None, overwrite: bool = False) -> Path:
+    """Write a PEFT-loadable adapter directory for a ``lora-all``/``lora-last`` method
+    (an existing adapter or model at ``path`` only with ``overwrite``)."""
     from .io_atomic import json_text, write_dir_atomic
     from .safetensors import dumps
 
     tensors, config, metadata = peft_files(method, module_names=module_names)
     return write_dir_atomic(path, {ADAPTER_WEIGHTS: dumps(tensors, metadata),
-                                   ADAPTER_CONFIG: json_text(config).encode()})
+                                   ADAPTER_CONFIG: json_text(config).encode()}, overwrite=overwrite)
 
 
 def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,

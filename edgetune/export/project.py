@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BudgetError, UsageError
+from ..errors import BackboneMismatch, BudgetError, UsageError
 from ..units import format_bytes
 from .targets import KB, QEMU_MEMORY, Target, get_target
 
@@ -54,6 +54,7 @@ class ExportOptions:
     flash: str | None = None
     force: bool = False
     toolchain_check: bool = True
+    strict: bool = True         # refuse an --adapter trained on another backbone
 
 
 @dataclass
@@ -182,8 +183,14 @@ def _load_inputs(opts: ExportOptions, target: Target):
     train = {"epochs": opts.epochs or d.get("epochs", 100), "batch_size": opts.batch_size or d.get("batch_size", 20),
              "lr": opts.lr or d.get("lr", 0.01), "optimizer": opts.optimizer or "sgd", "seed": opts.seed}
     if opts.adapter:
-        tuner = FineTuner.load_adapter(model, opts.adapter, epochs=train["epochs"], batch_size=train["batch_size"],
-                                       lr=train["lr"], optimizer=train["optimizer"], seed=opts.seed, engine="c")
+        try:
+            tuner = FineTuner.load_adapter(model, opts.adapter, strict=opts.strict, epochs=train["epochs"],
+                                           batch_size=train["batch_size"], lr=train["lr"],
+                                           optimizer=train["optimizer"], seed=opts.seed, engine="c")
+        except BackboneMismatch:
+            raise BackboneMismatch(f"{opts.adapter}: adapter was trained on a different backbone (same shape, other "
+                                   f"weights); pass --no-strict (ExportOptions(strict=False)) to export it "
+                                   f"anyway") from None
         if tuner.method_name != opts.method:
             raise UsageError(f"--adapter {opts.adapter} holds a {tuner.method_name} adapter, not {opts.method}")
     else:
@@ -499,21 +506,74 @@ def _copy_template(name: str, dest: Path) -> None:
     shutil.copyfile(TEMPLATES / f"{name}.in", dest)
 
 
-def export_project(opts: ExportOptions) -> ExportResult:
-    """Write the project for ``opts`` into ``opts.out`` atomically (a temporary folder beside it, renamed)."""
-    from .. import core as core_pkg
+def check_out(opts: ExportOptions) -> Path:
+    """The project directory ``opts.out`` will replace, checked before any work: not an input
+    (model, adapter, task file, data folder), not holding one or lying inside one, not the
+    current directory or one holding it (resolved through symlinks; --force does not change
+    that), not a file, and a symlink only if it leads to a directory (which is replaced)."""
+    from ..io_atomic import check_not_input, check_writable
 
-    out = Path(opts.out)
-    if out.exists() and not opts.force:
-        raise UsageError(f"{out} exists; choose another --out or pass --force to replace it")
+    text = str(opts.out)
+    if not text.strip():
+        raise UsageError("--out: empty path; give the project directory to write")
+    out = Path(text)
+    if out.is_symlink():
+        real = os.path.realpath(out)
+        if not os.path.isdir(real):
+            why = "a file" if os.path.exists(real) else "nothing (a dangling or looping link)"
+            raise UsageError(f"--out {text} is a symbolic link to {os.readlink(out)}, which is {why}; remove the "
+                             f"link or choose another --out")
+        out = Path(real)
+    out = Path(os.path.abspath(out))
+    if out == Path(out.anchor) or not out.name:
+        raise UsageError(f"--out {text}: the file system's root cannot be a project directory")
+    task_file = opts.task if opts.task and Path(opts.task).exists() else None
+    check_not_input(out, {"--model": opts.model, "--adapter": opts.adapter, "--task": task_file,
+                          "--data-dir": opts.data_dir}, option="--out", replaced=True)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a directory")
-    d = plan_export(opts)
+        raise UsageError(f"--out {text} exists and is not a directory")
+    if out.exists() and not opts.force:
+        raise UsageError(f"{text} exists; choose another --out or pass --force to replace it")
+    check_writable(out, directory=True)
+    return out
+
+
+def _recover_old_swap(out: Path) -> None:
+    """Earlier versions of the export moved the old project aside as ``.NAME.old-PID`` before
+    renaming the new one in; a crash between the two left only that copy. Put it back when
+    ``out`` is missing, else remove it (only copies of processes that are gone)."""
+    from ..io_atomic import _pid_alive
+
+    prefix = f".{out.name}.old-"
+    try:
+        entries = [e for e in os.scandir(out.parent) if e.name.startswith(prefix) and e.name[len(prefix):].isdigit()]
+    except OSError:
+        return
+    for e in sorted(entries, key=lambda e: e.stat(follow_symlinks=False).st_mtime, reverse=True):
+        if _pid_alive(int(e.name[len(prefix):])) or not e.is_dir(follow_symlinks=False):
+            continue
+        if not out.exists():
+            os.rename(e.path, out)
+        else:
+            shutil.rmtree(e.path, ignore_errors=True)
+
+
+def export_project(opts: ExportOptions, plan: dict[str, Any] | None = None) -> ExportResult:
+    """Write the project for ``opts`` into ``opts.out`` atomically: it is written into a hidden
+    folder beside it and exchanged with the old project in one step, under ``opts.out``'s
+    lock (the same machinery as model saves, so a crash leaves the old project or the new one
+    and the next run removes what a dead process left). ``plan``: ``plan_export(opts)``'s
+    result when the caller has it already."""
+    from .. import core as core_pkg
+    from ..io_atomic import replace_dir_atomic
+
+    out = check_out(opts)
+    d = plan if plan is not None else plan_export(opts)
     target, tuner, train = d["target"], d["tuner"], d["train"]
     adapter_files = _adapter_files(tuner)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    manifest = _manifest(d, opts)
+
+    def fill(tmp: Path) -> None:
         for f in (*core_pkg.SOURCES, *core_pkg.HEADERS):
             if target.kind == "mcu" and f == "et_clock.c":
                 continue  # POSIX only
@@ -544,20 +604,20 @@ def export_project(opts: ExportOptions) -> ExportResult:
                 "Makefile.linux", TARGET=target.name, CC=target.compiler(), CC_PACKAGE=target.cc_package,
                 RUN=run, STATIC="-static" if target.name != "host" else "",
                 QEMU=target.qemu or "", QEMU_PACKAGE=target.qemu_package or ""))
-        manifest = _manifest(d, opts)
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(d, manifest))
-        old = None
-        if out.exists():  # --force: move the old project aside, put the new one in, then delete the old
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportResult(out=out, target=target.name, manifest=manifest)
+        for f in tmp.iterdir():  # durable before the swap, like a model's files
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+    def still_free(path: Path) -> None:  # under the lock: another export may have written it meanwhile
+        _recover_old_swap(path)
+        if path.exists() and not opts.force:
+            raise UsageError(f"{opts.out} exists (written by another process meanwhile); choose another --out "
+                             f"or pass --force to replace it")
+
+    replace_dir_atomic(out, fill, check=still_free)
+    return ExportResult(out=Path(opts.out), target=target.name, manifest=manifest)
 
 
 def _manifest(d: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:

@@ -1,0 +1,185 @@
+"""Hostile input as a table: each case is a command line run against a small world of real
+files (a model, an adapter, a task, a checkpoint), with the exit code it must give, a piece
+of the message it must print, no traceback, the files it must leave unchanged, and no
+temporary left behind.
+
+A case that needs more than a command line (killed processes, two processes at once, the
+Python API) is a test function further down; they check the same four things.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import edgetune as et
+from edgetune.cli import main
+from edgetune.errors import UsageError
+from tests.conftest import toy_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Names of temporaries that a finished command must not leave (lock files may stay).
+LEFTOVER = re.compile(r"\.edgetune-(tmp|new|old)-|\.old-\d+$|\.tmp$")
+
+#: What every case may read and must never change.
+INPUTS = ("model", "adapter", "task.npz", "other-model")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """The world each case starts from (copied per case)."""
+    root = tmp_path_factory.mktemp("world")
+    x0, y0 = toy_task(n=90, d=7, classes=3, seed=1)
+    x1, y1 = toy_task(n=70, d=7, classes=3, seed=1, shift=0.7)
+    np.savez(root / "task.npz", x_pretrain=x0, y_pretrain=y0, x_finetune=x1[:40], y_finetune=y1[:40],
+             x_test=x1[40:], y_test=y1[40:])
+    model, _ = et.pretrain(x0, y0, hidden=[6], epochs=2)
+    model.save(root / "model")
+    other, _ = et.pretrain(x0, y0, hidden=[6], epochs=2, seed=5)  # same shape, other weights
+    other.save(root / "other-model")
+    et.FineTuner(model, "skip2-lora", epochs=1).fit(x1, y1).save_adapter(root / "adapter")
+    (root / "afile").write_text("a file, not a directory\n")
+    return root
+
+
+@pytest.fixture
+def world(pristine, tmp_path, monkeypatch) -> Path:
+    w = tmp_path / "w"
+    shutil.copytree(pristine, w, symlinks=True)
+    monkeypatch.chdir(w)
+    monkeypatch.delenv("EDGETUNE_TEST_HOOK", raising=False)
+    return w
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Every file under ``path`` (not following links) with a digest of its bytes or link target."""
+    out: dict[str, str] = {}
+    if path.is_symlink():
+        return {".": "link:" + os.readlink(path)}
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    for p in sorted(path.rglob("*")) if path.is_dir() else []:
+        rel = str(p.relative_to(path))
+        if p.is_symlink():
+            out[rel] = "link:" + os.readlink(p)
+        elif p.is_file() and not p.name.endswith(".edgetune-lock"):
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def leftovers(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob("*") if LEFTOVER.search(p.name)]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@dataclass
+class Case:
+    name: str
+    argv: list[str]
+    exit: int
+    says: str = ""                               # a piece of the message on stderr
+    setup: Callable[[Path], None] | None = None
+    protect: tuple[str, ...] = INPUTS            # must be unchanged afterwards
+    absent: tuple[str, ...] = ()                 # must not exist afterwards
+
+    def __str__(self) -> str:
+        return self.name
+
+
+EXPORT = ["export", "--model", "model", "--method", "skip2-lora", "--target", "host", "--no-toolchain-check",
+          "--quiet"]
+FINETUNE = ["finetune", "--task", "task.npz", "--model", "model", "--method", "skip2-lora", "--epochs", "2",
+            "--quiet"]
+
+
+def _move_model_into_box(w: Path) -> None:
+    (w / "box").mkdir()
+    shutil.copytree(w / "model", w / "box" / "model")
+
+
+CASES = [
+    # 1. no output may equal, contain or lie inside an input; --force does not change that
+    Case("export --out the model --force", EXPORT + ["--out", "model", "--force"], 2, "is --model"),
+    Case("export --out a folder holding the model --force",
+         ["export", "--model", "box/model", "--target", "host", "--no-toolchain-check", "--out", "box", "--force"],
+         2, "contains --model", setup=_move_model_into_box, protect=INPUTS + ("box",)),
+    Case("export --adapter A --out A --force", EXPORT + ["--adapter", "adapter", "--out", "adapter", "--force"],
+         2, "is --adapter"),
+    Case("export --out inside the model --force", EXPORT + ["--out", "model/proj", "--force"], 2,
+         "lies inside --model", absent=("model/proj",)),
+    Case("export --out a symlink to the model --force", EXPORT + ["--out", "link", "--force"], 2, "is --model",
+         setup=lambda w: os.symlink("model", w / "link"), protect=INPUTS + ("link",)),
+    Case("export --out the task file --force", EXPORT + ["--task", "task.npz", "--out", "task.npz", "--force"], 2,
+         "is --task"),
+    Case("finetune --save-adapter inside the model", FINETUNE + ["--save-adapter", "model/a"], 2,
+         "lies inside --model", absent=("model/a",)),
+    Case("finetune --save-adapter the model --force", FINETUNE + ["--save-adapter", "model", "--force"], 2,
+         "is --model"),
+    Case("finetune --json the checkpoint", FINETUNE + ["--checkpoint", "ck", "--json", "ck"], 2,
+         "is --checkpoint", absent=("ck",)),
+    Case("finetune --checkpoint the task", FINETUNE + ["--checkpoint", "task.npz"], 2, "is --task"),
+    Case("pretrain --out the folder holding the task --force",
+         ["pretrain", "--task", "box/task.npz", "--out", "box", "--force", "--epochs", "1", "--quiet"], 2,
+         "contains --task", setup=lambda w: (w / "box").mkdir() or shutil.copy(w / "task.npz", w / "box"),
+         protect=INPUTS + ("box",)),
+    # 5. every output checked before anything is written
+    Case("export --json under a file", EXPORT + ["--out", "proj", "--json", "afile/x.json"], 1, "afile",
+         absent=("proj",), protect=INPUTS + ("afile",)),
+    Case("export --json inside --out", EXPORT + ["--out", "proj", "--json", "proj/x.json"], 2, "lies inside --out",
+         absent=("proj",)),
+    # 8. the current directory
+    Case("export --out . --force", EXPORT + ["--out", ".", "--force"], 2, "current directory"),
+    Case("export --out .", EXPORT + ["--out", "."], 2, "current directory"),
+    Case("finetune --save-adapter . --force", FINETUNE + ["--save-adapter", ".", "--force"], 2,
+         "current directory"),
+    # 13. messages that name the real problem
+    Case("export --out a dangling symlink", EXPORT + ["--out", "dangling"], 2, "dangling or looping",
+         setup=lambda w: os.symlink("nowhere", w / "dangling"), absent=("nowhere",)),
+    Case("export --out a looping symlink", EXPORT + ["--out", "loop"], 2, "dangling or looping",
+         setup=lambda w: os.symlink("loop", w / "loop")),
+    Case("export --out under a file", EXPORT + ["--out", "afile/proj"], 1, "afile is a file, not a directory",
+         protect=INPUTS + ("afile",)),
+    Case("export --flash -1MB", ["export", "--model", "model", "--target", "cortex-m4", "--no-toolchain-check",
+                                 "--out", "proj", "--flash", "-1MB"], 2, "--flash must be a positive size",
+         absent=("proj",)),
+    Case("export an adapter of another backbone", ["export", "--model", "other-model", "--adapter", "adapter",
+                                                   "--target", "host", "--no-toolchain-check", "--out", "proj"],
+         1, "--no-strict", absent=("proj",)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_hostile_case(case: Case, world: Path, capsys):
+    if case.setup:
+        case.setup(world)
+    before = {p: snapshot(world / p) for p in case.protect}
+    code, out, err = run_cli(case.argv, capsys)
+    assert "Traceback" not in err + out, err
+    assert code == case.exit, f"exit {code}, expected {case.exit}: {err}"
+    assert case.says in err, err
+    assert err.count("error:") == 1 or case.exit == 0, err  # one clear line
+    for p in case.protect:
+        assert snapshot(world / p) == before[p], f"{p} changed"
+    for p in case.absent:
+        assert not os.path.lexists(world / p), f"{p} was written"
+    assert leftovers(world) == []
