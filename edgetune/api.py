@@ -125,14 +125,20 @@ class FineTuner:
         names and config, loadable by PEFT onto ``edgetune.torch.to_torch(backbone)`` and
         by ``load_adapter``; see ``edgetune.peft_format``.
         """
-        from .io_atomic import json_text, write_dir_atomic
-        from .safetensors import dumps
+        from .io_atomic import write_dir_atomic
 
         if format not in ("edgetune", "peft"):
             raise UsageError(f"format must be 'edgetune' or 'peft', got {format!r}")
         if format == "peft":
             from .peft_format import save_peft_adapter
             return save_peft_adapter(self.method, path, overwrite=overwrite)
+        return write_dir_atomic(path, self.adapter_files(), overwrite=overwrite)
+
+    def adapter_files(self) -> dict[str, bytes]:
+        """The bytes of the adapter directory's files, by name, as ``save_adapter`` writes them."""
+        from .io_atomic import json_text
+        from .safetensors import dumps
+
         blob = dumps(self.method.adapter_tensors(), {"format": ADAPTER_FORMAT, "method": self.method_name})
         opts = describe_options(self.method.options)
         config = {
@@ -142,9 +148,7 @@ class FineTuner:
             "base_model_sizes": self.backbone.sizes, "base_model_digest": self.backbone.digest(),
             "adapter_sha256": hashlib.sha256(blob).hexdigest(),
         }
-        path = write_dir_atomic(path, {ADAPTER_WEIGHTS: blob, ADAPTER_CONFIG: json_text(config).encode()},
-                                overwrite=overwrite)
-        return path
+        return {ADAPTER_WEIGHTS: blob, ADAPTER_CONFIG: json_text(config).encode()}
 
     def _scheme_config(self) -> dict[str, Any]:
         """The sparse method's resolved scheme and QAS switch (nothing for other methods)."""

@@ -183,3 +183,116 @@ def test_hostile_case(case: Case, world: Path, capsys):
     for p in case.absent:
         assert not os.path.lexists(world / p), f"{p} was written"
     assert leftovers(world) == []
+
+
+# ------------------------------------------------------------------ cases beyond one command line
+def _edgetune(args: list[str], cwd: Path, hook: str | None = None, exchange: bool = True, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("EDGETUNE_TEST_HOOK", None)
+    if hook:
+        env["EDGETUNE_TEST_HOOK"] = hook
+    if not exchange:
+        env["EDGETUNE_TEST_NO_EXCHANGE"] = "1"
+    return subprocess.Popen([sys.executable, "-m", "edgetune", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _old_project(w: Path) -> None:
+    """An existing project the next exports replace (with --force); its marker tells it apart."""
+    (w / "proj").mkdir()
+    (w / "proj" / "marker.txt").write_text("the old project\n")
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_export_killed_inside_the_swap_loses_nothing_and_the_next_run_cleans_up(world, capsys, exchange):
+    """A kill -9 at each step of export's swap leaves the old project or the new one; the next
+    export puts a moved-aside project back and removes the dead process's temporaries."""
+    steps = ["set-written", "swapped"] + ([] if exchange else ["moved-aside"])
+    for step in steps:
+        shutil.rmtree(world / "proj", ignore_errors=True)
+        _old_project(world)
+        p = _edgetune(EXPORT + ["--out", "proj", "--force", "--seed", "3"], world, hook=f"{step}=kill",
+                      exchange=exchange)
+        p.communicate(timeout=120)
+        assert p.returncode == -9, f"{step}: the export was not killed there"
+        # the next command sees the old project or the new one, never nothing
+        code, _, err = run_cli(EXPORT + ["--out", "proj"], capsys)
+        assert code == 2 and "exists" in err and "Traceback" not in err
+        old = (world / "proj" / "marker.txt").exists()
+        new = (world / "proj" / "export.json").exists()
+        assert old != new, f"{step}: the project is {'a mix' if old else 'missing'}"
+        assert old == (step in ("set-written", "moved-aside")), step
+        code, _, err = run_cli(EXPORT + ["--out", "proj", "--force"], capsys)
+        assert code == 0, err
+        assert leftovers(world) == [], f"{step}: {leftovers(world)}"
+
+
+def test_export_puts_back_a_project_an_earlier_version_moved_aside(world, capsys):
+    """Earlier exports moved the old project aside as .NAME.old-PID; a crash there left only it."""
+    _old_project(world)
+    os.rename(world / "proj", world / ".proj.old-999999")
+    code, _, err = run_cli(EXPORT + ["--out", "proj"], capsys)
+    assert code == 2 and "exists" in err
+    assert (world / "proj" / "marker.txt").read_text() == "the old project\n" and leftovers(world) == []
+
+
+def test_two_exports_to_one_out_without_force_do_not_both_succeed(world, capsys, monkeypatch):
+    """A second export to the same --out runs to its end while the first one is planning:
+    the first one then refuses (at the lock, or finding the project) instead of replacing it."""
+    import edgetune.export as export_pkg
+    import edgetune.export.project as project
+
+    real_plan, second = project.plan_export, {}
+
+    def plan_then_let_another_export_run(opts):
+        d = real_plan(opts)
+        p = _edgetune(EXPORT + ["--out", "proj", "--seed", "2"], world)
+        second["code"], second["err"] = p.wait(timeout=120), p.communicate()[1]
+        return d
+
+    monkeypatch.setattr(project, "plan_export", plan_then_let_another_export_run)
+    monkeypatch.setattr(export_pkg, "plan_export", plan_then_let_another_export_run)
+    code, _, err = run_cli(EXPORT + ["--out", "proj", "--seed", "1"], capsys)
+    assert second["code"] == 0, second["err"]
+    assert code == 2 and "exists" in err and "Traceback" not in err, err
+    assert json.loads((world / "proj" / "export.json").read_text())["seed"] == 2
+    assert leftovers(world) == []
+
+
+HOLD_LOCK = """
+import sys, time
+from edgetune.io_atomic import target_lock
+with target_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_finetune_writes_nothing_unless_it_holds_every_output(world, capsys):
+    """Another process writing --save-adapter: finetune stops before training, and its --json
+    (which would describe this run, not the adapter on disk) is not written."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, "ad", "60"], cwd=world, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run_cli(FINETUNE + ["--save-adapter", "ad", "--json", "j.json", "--force"], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 1 and "another edgetune process" in err and "Traceback" not in err
+    assert not (world / "j.json").exists() and not (world / "ad").exists()
+
+
+def test_save_adapter_replaces_an_adapter_only_with_overwrite(world):
+    """The Python API agrees with the command line's --force."""
+    model = et.Backbone.load(world / "model")
+    before = snapshot(world / "adapter")
+    tuner = et.FineTuner(model, "skip2-lora", seed=7)
+    with pytest.raises(UsageError, match="overwrite=True"):
+        tuner.save_adapter(world / "adapter")
+    with pytest.raises(UsageError, match="overwrite=True"):
+        tuner.save_adapter(world / "model")  # a model directory is protected the same way
+    assert snapshot(world / "adapter") == before
+    tuner.save_adapter(world / "adapter", overwrite=True)
+    assert snapshot(world / "adapter") != before and leftovers(world) == []
+    tuner.save_adapter(world / "fresh")  # a new directory needs nothing

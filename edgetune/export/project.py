@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,10 +423,11 @@ const char et_adapter_config[] = {json.dumps(config)};
 
 def _adapter_files(tuner: Any) -> tuple[bytes, str]:
     """The adapter files' safetensors header (with its length prefix) and config, as edgetune writes them."""
-    with tempfile.TemporaryDirectory(prefix="edgetune-export-") as tmp:
-        tuner.save_adapter(tmp)
-        blob = (Path(tmp) / "adapter_model.safetensors").read_bytes()
-        cfg = json.loads((Path(tmp) / "adapter_config.json").read_text())
+    from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    files = tuner.adapter_files()
+    blob = files[ADAPTER_WEIGHTS]
+    cfg = json.loads(files[ADAPTER_CONFIG])
     (n,) = struct.unpack("<Q", blob[:8])
     cfg.pop("adapter_sha256", None)  # the device writes the data; the loader checks shapes and the backbone digest
     cfg["written_by"] = "edgetune export (device program)"
@@ -511,7 +511,7 @@ def check_out(opts: ExportOptions) -> Path:
     (model, adapter, task file, data folder), not holding one or lying inside one, not the
     current directory or one holding it (resolved through symlinks; --force does not change
     that), not a file, and a symlink only if it leads to a directory (which is replaced)."""
-    from ..io_atomic import check_not_input, check_writable
+    from ..io_atomic import check_not_input, check_writable, recover_dir
 
     text = str(opts.out)
     if not text.strip():
@@ -527,6 +527,8 @@ def check_out(opts: ExportOptions) -> Path:
     out = Path(os.path.abspath(out))
     if out == Path(out.anchor) or not out.name:
         raise UsageError(f"--out {text}: the file system's root cannot be a project directory")
+    _recover_old_swap(out)  # a project moved aside by a killed export is put back first
+    recover_dir(out)
     task_file = opts.task if opts.task and Path(opts.task).exists() else None
     check_not_input(out, {"--model": opts.model, "--adapter": opts.adapter, "--task": task_file,
                           "--data-dir": opts.data_dir}, option="--out", replaced=True)
