@@ -261,7 +261,8 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                                              or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise UsageError(f"checkpoint_every must be a whole number >= 1 (or None: by time), got {checkpoint_every!r}")
         fp = ckpt.fingerprint(method, config, x, y, x_val, y_val)
-        saved = ckpt.load(checkpoint, fp)
+        journal = ckpt.HistoryJournal(checkpoint)  # each save appends only the epochs since the last one
+        saved = ckpt.load(checkpoint, fp, journal)
         if saved is not None:
             method.params.flat[...] = saved["params"]
             opt.load_state(saved["optimizer"])
@@ -325,10 +326,10 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                 if checkpoint is not None and (due or epoch == config.epochs or hist.stopped_early):
                     last_save = clock()
                     ckpt.save(checkpoint, fp=fp, epoch=epoch, params=method.params.flat, opt_state=opt.state(),
-                              rng=rng, history=[asdict(e) for e in hist.epochs],
+                              rng=rng, history=hist.epochs,
                               best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch,
                                     "stopped_early": hist.stopped_early},
-                              best_params=best_params)
+                              best_params=best_params, journal=journal)
                 post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
                 bar.update(1, post)
                 epoch += 1

@@ -35,6 +35,7 @@ LEFTOVER = re.compile(r"\.edgetune-(tmp|new|old)-|\.old-\d+$|\.tmp$")
 
 #: What every case may read and must never change.
 INPUTS = ("model", "adapter", "task.npz", "other-model")
+CHECKPOINT = ("ck", ".ck.edgetune-history")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,12 @@ def pristine(tmp_path_factory) -> Path:
     other.save(root / "other-model")
     et.FineTuner(model, "skip2-lora", epochs=1).fit(x1, y1).save_adapter(root / "adapter")
     (root / "afile").write_text("a file, not a directory\n")
+    cwd = os.getcwd()
+    try:
+        os.chdir(root)
+        assert main(FINETUNE + ["--checkpoint", "ck", "--checkpoint-every", "1"]) == 0
+    finally:
+        os.chdir(cwd)
     return root
 
 
@@ -99,7 +106,7 @@ class Case:
     exit: int
     says: str = ""                               # a piece of the message on stderr
     setup: Callable[[Path], None] | None = None
-    protect: tuple[str, ...] = INPUTS            # must be unchanged afterwards
+    protect: tuple[str, ...] = INPUTS + CHECKPOINT  # must be unchanged afterwards
     absent: tuple[str, ...] = ()                 # must not exist afterwards
 
     def __str__(self) -> str:
@@ -117,34 +124,56 @@ def _move_model_into_box(w: Path) -> None:
     shutil.copytree(w / "model", w / "box" / "model")
 
 
+def _edit_checkpoint(field: str, value, *, resign: bool = False) -> Callable[[Path], None]:
+    """Change one metadata field of the world's checkpoint; ``resign`` also recomputes the
+    checksum, as someone who knows the format would: the values must then be checked too."""
+    def edit(w: Path) -> None:
+        from edgetune.checkpoint import _digest
+        from edgetune.safetensors import load_file, save_file
+
+        tensors, meta = load_file(w / "ck")
+        meta = {**meta, field: value}
+        if resign:
+            meta["sha256"] = _digest(tensors, meta)
+        save_file(tensors, w / "ck", meta)
+    return edit
+
+
+def _edit_history(w: Path) -> None:
+    journal = w / ".ck.edgetune-history"
+    journal.write_bytes(journal.read_bytes().replace(b'"epoch": 2', b'"epoch": 7'))
+
+
+RESUME = FINETUNE + ["--checkpoint", "ck", "--checkpoint-every", "1"]
+
 CASES = [
     # 1. no output may equal, contain or lie inside an input; --force does not change that
     Case("export --out the model --force", EXPORT + ["--out", "model", "--force"], 2, "is --model"),
     Case("export --out a folder holding the model --force",
          ["export", "--model", "box/model", "--target", "host", "--no-toolchain-check", "--out", "box", "--force"],
-         2, "contains --model", setup=_move_model_into_box, protect=INPUTS + ("box",)),
+         2, "contains --model", setup=_move_model_into_box, protect=INPUTS + CHECKPOINT + ("box",)),
     Case("export --adapter A --out A --force", EXPORT + ["--adapter", "adapter", "--out", "adapter", "--force"],
          2, "is --adapter"),
     Case("export --out inside the model --force", EXPORT + ["--out", "model/proj", "--force"], 2,
          "lies inside --model", absent=("model/proj",)),
     Case("export --out a symlink to the model --force", EXPORT + ["--out", "link", "--force"], 2, "is --model",
-         setup=lambda w: os.symlink("model", w / "link"), protect=INPUTS + ("link",)),
+         setup=lambda w: os.symlink("model", w / "link"), protect=INPUTS + CHECKPOINT + ("link",)),
     Case("export --out the task file --force", EXPORT + ["--task", "task.npz", "--out", "task.npz", "--force"], 2,
          "is --task"),
     Case("finetune --save-adapter inside the model", FINETUNE + ["--save-adapter", "model/a"], 2,
          "lies inside --model", absent=("model/a",)),
     Case("finetune --save-adapter the model --force", FINETUNE + ["--save-adapter", "model", "--force"], 2,
          "is --model"),
-    Case("finetune --json the checkpoint", FINETUNE + ["--checkpoint", "ck", "--json", "ck"], 2,
-         "is --checkpoint", absent=("ck",)),
+    Case("finetune --json the checkpoint", FINETUNE + ["--checkpoint", "ck2", "--json", "ck2"], 2,
+         "is --checkpoint", absent=("ck2",)),
     Case("finetune --checkpoint the task", FINETUNE + ["--checkpoint", "task.npz"], 2, "is --task"),
     Case("pretrain --out the folder holding the task --force",
          ["pretrain", "--task", "box/task.npz", "--out", "box", "--force", "--epochs", "1", "--quiet"], 2,
          "contains --task", setup=lambda w: (w / "box").mkdir() or shutil.copy(w / "task.npz", w / "box"),
-         protect=INPUTS + ("box",)),
+         protect=INPUTS + CHECKPOINT + ("box",)),
     # 5. every output checked before anything is written
     Case("export --json under a file", EXPORT + ["--out", "proj", "--json", "afile/x.json"], 1, "afile",
-         absent=("proj",), protect=INPUTS + ("afile",)),
+         absent=("proj",), protect=INPUTS + CHECKPOINT + ("afile",)),
     Case("export --json inside --out", EXPORT + ["--out", "proj", "--json", "proj/x.json"], 2, "lies inside --out",
          absent=("proj",)),
     # 8. the current directory
@@ -158,10 +187,22 @@ CASES = [
     Case("export --out a looping symlink", EXPORT + ["--out", "loop"], 2, "dangling or looping",
          setup=lambda w: os.symlink("loop", w / "loop")),
     Case("export --out under a file", EXPORT + ["--out", "afile/proj"], 1, "afile is a file, not a directory",
-         protect=INPUTS + ("afile",)),
+         protect=INPUTS + CHECKPOINT + ("afile",)),
     Case("export --flash -1MB", ["export", "--model", "model", "--target", "cortex-m4", "--no-toolchain-check",
                                  "--out", "proj", "--flash", "-1MB"], 2, "--flash must be a positive size",
          absent=("proj",)),
+    # 7. checkpoint metadata is covered by the checksum, and its values checked
+    *[Case(f"checkpoint with an edited {f}", RESUME, 1, "checksum differs", setup=_edit_checkpoint(f, v))
+      for f, v in [("epoch", "999"), ("epoch", "-3"), ("rng", '{"bit_generator": "PCG64"}'),
+                   ("best", '{"loss": "x"}'), ("fingerprint", "[]"), ("history_count", "1")]],
+    *[Case(f"checkpoint re-signed with {f} {v}", RESUME, 1, "damaged checkpoint metadata",
+           setup=_edit_checkpoint(f, v, resign=True))
+      for f, v in [("epoch", "999"), ("epoch", "-3"), ("epoch", "x"), ("rng", '{"bit_generator": "PCG64"}'),
+                   ("rng", "[1]"), ("best", '{"loss": "x"}'), ("best", "null"), ("fingerprint", "[]"),
+                   ("fingerprint", "{"), ("history_count", "-1")]],
+    Case("checkpoint re-signed with history_count 1", RESUME, 1, "does not hold the 1 epochs",
+         setup=_edit_checkpoint("history_count", "1", resign=True)),
+    Case("checkpoint whose history was edited", RESUME, 1, "history file", setup=_edit_history),
     Case("export an adapter of another backbone", ["export", "--model", "other-model", "--adapter", "adapter",
                                                    "--target", "host", "--no-toolchain-check", "--out", "proj"],
          1, "--no-strict", absent=("proj",)),

@@ -1,0 +1,73 @@
+"""The cost of a checkpoint save early and late in a long run, side by side.
+
+    python -m benchmarks.checkpoint_cost --epochs 2000
+
+A fine-tune saves its checkpoint after every epoch (``checkpoint_every=1``); each save's wall
+time is recorded. A save writes the parameters, the optimizer state and the epochs since the
+last save (the history journal), so its time should not grow with the epoch: the ratio of the
+last saves' median to the first saves' median should stay near 1. Each save fsyncs its files,
+so the absolute time is the disk's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint_cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--window", type=int, default=50, help="saves per median (first and last)")
+    args = p.parse_args(argv)
+
+    from edgetune import Backbone, checkpoint
+    from edgetune.methods import make_method
+    from edgetune.train import TrainConfig, fit
+
+    from ._util import machine_info
+
+    rng = np.random.default_rng(0)
+    bb = Backbone.build([7, 12, 8, 3], seed=0)
+    x = rng.normal(size=(50, 7)).astype(np.float32)
+    y = rng.integers(0, 3, 50)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=8, lr=0.01)
+    times: list[float] = []
+    real_save = checkpoint.save
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        real_save(*a, **kw)
+        times.append(time.perf_counter() - t0)
+
+    checkpoint.save = timed
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            fit(make_method("skip2-lora", bb), x, y, cfg, checkpoint=os.path.join(d, "c"), checkpoint_every=1)
+            with_ck = time.perf_counter() - t0
+    finally:
+        checkpoint.save = real_save
+    t0 = time.perf_counter()
+    fit(make_method("skip2-lora", bb), x, y, cfg)
+    without = time.perf_counter() - t0
+    w = min(args.window, len(times) // 2)
+    first, last = float(np.median(times[:w])), float(np.median(times[-w:]))
+    info = machine_info()
+    print(f"machine: {info.get('cpu', '?')}; {args.epochs} epochs of skip2-lora on a 7-12-8-3 model, 50 samples")
+    print("| saves | median save ms |")
+    print("|---|---|")
+    print(f"| first {w} | {1e3 * first:.2f} |")
+    print(f"| last {w} | {1e3 * last:.2f} |")
+    print(f"last / first: {last / first:.2f}")
+    print(f"whole fit: {with_ck:.2f} s with a checkpoint every epoch, {without:.2f} s without")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
