@@ -337,3 +337,16 @@ def test_save_adapter_replaces_an_adapter_only_with_overwrite(world):
     tuner.save_adapter(world / "adapter", overwrite=True)
     assert snapshot(world / "adapter") != before and leftovers(world) == []
     tuner.save_adapter(world / "fresh")  # a new directory needs nothing
+
+
+def test_plan_for_a_target_uses_the_epochs_export_uses(world, capsys):
+    """One default: a plan that fits is the export's plan (the linked-in shuffles grow with the epochs)."""
+    common = ["--model", "model", "--budget", "256KB", "--target", "cortex-m4", "--task", "task.npz"]
+    code, out, err = run_cli(["plan", *common, "--json", "plan.json"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["export", *common[:2], *common[4:], "--budget", "256KB", "--out", "proj",
+                            "--no-toolchain-check", "--quiet", "--json", "export.json"], capsys)
+    assert code == 0, err
+    plan, export = (json.loads((world / f).read_text()) for f in ("plan.json", "export.json"))
+    assert plan["flash_estimate"] == export["flash_estimate"]
+    assert plan["memory"] == export["memory"] and plan["train"]["epochs"] == export["epochs"] == 100
