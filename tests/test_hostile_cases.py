@@ -181,6 +181,14 @@ CASES = [
     Case("export --out .", EXPORT + ["--out", "."], 2, "current directory"),
     Case("finetune --save-adapter . --force", FINETUNE + ["--save-adapter", ".", "--force"], 2,
          "current directory"),
+    # 9. unbounded work is refused against the program's bounds and the machine, before any work
+    Case("export --epochs 100000000", EXPORT + ["--out", "proj", "--epochs", "100000000"], 2,
+         "at most 1000000 epochs", absent=("proj",)),
+    Case("export --max-samples 1000000000", EXPORT + ["--out", "proj", "--max-samples", "1000000000"], 1,
+         "does not link", absent=("proj",)),
+    Case("export --int8 --max-samples 1000000000", EXPORT + ["--out", "proj", "--int8", "--task", "task.npz",
+                                                             "--max-samples", "1000000000"], 1,
+         "int8 skip-cache alone would be", absent=("proj",)),
     # 13. messages that name the real problem
     Case("export --out a dangling symlink", EXPORT + ["--out", "dangling"], 2, "dangling or looping",
          setup=lambda w: os.symlink("nowhere", w / "dangling"), absent=("nowhere",)),

@@ -201,6 +201,11 @@ def _load_inputs(opts: ExportOptions, target: Target):
     if cls.uses_cache:
         cache = "int8" if opts.int8 else "float32"
         if cache == "int8":
+            row = sum(model.sizes[:-1])  # an int8 cache row: the inputs of every skip adapter
+            if max_samples * row >= MAX_STATIC_ARENA:
+                raise BudgetError(f"--max-samples {max_samples}: the int8 skip-cache alone would be "
+                                  f"{format_bytes(max_samples * row)} ({max_samples * row} bytes); a device arena "
+                                  f"of 2 GiB or more does not link; lower --max-samples")
             attach_int8_cache(tuner.method, max_samples)
     return model, task, tuner, train, max_samples, cache
 
@@ -278,6 +283,9 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
             hint = f"; try {' or '.join(hints)}" if hints else \
                 "; nothing of this method fits: try a smaller --batch-size or another method (edgetune plan)"
             raise BudgetError(f"{p.explain(ram_limit)} ({what}): over by {format_bytes(p.total - ram_limit)}{hint}")
+    if not mcu:
+        _check_linux_limits(target, p.total, train["epochs"], n_train,
+                            0 if test_idx is None else len(test_idx), model.sizes[0], _existing_parent(opts.out))
     # Flash: the weights, the example program's samples and the code.
     from ..core.engine import CoreModel
 
@@ -306,6 +314,49 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
             "max_samples": max_samples, "cache": cache, "capacity": capacity, "plan": p, "budget": budget,
             "ram_limit": ram_limit, "flash_limit": flash_limit if mcu else None, "flash_estimate": flash,
             "train_idx": train_idx, "test_idx": test_idx}
+
+
+#: The exported Linux program's own bound on --epochs (main_linux.c.in): ET_MODEL_EPOCHS is an int32.
+MAX_EPOCHS = 1_000_000
+#: A static array at or above 2 GiB does not link on x86-64 or aarch64 (the small code model).
+MAX_STATIC_ARENA = 2 * 1024 ** 3
+
+
+def _existing_parent(out: str) -> Path | None:
+    """The nearest existing folder at or above ``out``'s parent (where the project will be written)."""
+    if not str(out).strip():
+        return None
+    p = Path(os.path.abspath(out)).parent
+    while not p.is_dir() and p != p.parent:
+        p = p.parent
+    return p if p.is_dir() else None
+
+
+def _check_linux_limits(target: Target, arena: int, epochs: int, n_train: int, n_test: int, inputs: int,
+                        out_dir: Path | None) -> None:
+    """Refuse, before any work, a Linux export that cannot build or run: the program's epoch bound,
+    a static arena that does not link, an arena that does not fit this machine's memory (host),
+    a samples file that does not fit the disk under ``out_dir``; with the numbers and what to change."""
+    from ..memory import available_memory
+
+    if epochs > MAX_EPOCHS:
+        raise UsageError(f"--epochs {epochs}: the exported program trains at most {MAX_EPOCHS} epochs; export "
+                         f"fewer (beyond the exported shuffles the program shuffles itself: ./train --epochs N)")
+    if arena >= MAX_STATIC_ARENA:
+        raise BudgetError(f"the device program's RAM would be {format_bytes(arena)} ({arena} bytes): a static arena "
+                          f"of 2 GiB or more does not link; lower --max-samples or use --partial-cache with --budget")
+    have = available_memory()
+    if target.name == "host" and have is not None and arena > have:
+        raise BudgetError(f"the device program's RAM would be {format_bytes(arena)} ({arena} bytes); this machine "
+                          f"has {format_bytes(have)} ({have} bytes) available; lower --max-samples or use "
+                          f"--partial-cache with --budget")
+    samples = 24 + (n_train + n_test) * (4 * inputs + 4) + 4 * epochs * n_train
+    free = shutil.disk_usage(out_dir).free if out_dir is not None else None
+    if n_train and free is not None and samples > free:
+        raise BudgetError(f"samples.bin would be {format_bytes(samples)} ({samples} bytes), mostly the shuffles of "
+                          f"{epochs} epochs of {n_train} samples; the disk has {format_bytes(free)} free; export "
+                          f"fewer --epochs (beyond the exported shuffles the program shuffles itself: "
+                          f"./train --epochs N)")
 
 
 def _model_c(d: dict[str, Any], adapter_files: tuple[bytes, str]) -> tuple[str, str]:
@@ -434,20 +485,30 @@ def _adapter_files(tuner: Any) -> tuple[bytes, str]:
     return blob[:8 + n], json.dumps(cfg, indent=2) + "\n"
 
 
-def _samples_bin(d: dict[str, Any]) -> bytes:
-    """The Linux program's samples file: raw inputs (the program normalises them), labels, shuffles."""
+def _write_samples_bin(d: dict[str, Any], f: Any) -> None:
+    """The Linux program's samples file: raw inputs (the program normalises them), labels, shuffles.
+    The shuffles are generated and written a block of epochs at a time, so a long run's file
+    never sits whole in memory."""
     task, tr, te = d["task"], d["train_idx"], d["test_idx"]
-    orders = _orders(len(tr), d["train"])
+    epochs = d["train"]["epochs"]
     xs, ys = task.x_finetune[tr].astype("<f4"), task.y_finetune[tr].astype("<i4")
     xt, yt = task.x_test[te].astype("<f4"), task.y_test[te].astype("<i4")
-    head = SAMPLES_MAGIC + struct.pack("<4i", xs.shape[1], len(ys), len(yt), len(orders))
-    return head + xs.tobytes() + ys.tobytes() + xt.tobytes() + yt.tobytes() + orders.astype("<i4").tobytes()
+    f.write(SAMPLES_MAGIC + struct.pack("<4i", xs.shape[1], len(ys), len(yt), epochs))
+    for part in (xs, ys, xt, yt):
+        f.write(part.tobytes())
+    rng = np.random.default_rng(d["train"]["seed"])
+    block = max(1, (8 << 20) // (4 * max(len(tr), 1)))
+    for start in range(0, epochs, block):
+        f.write(_orders(len(tr), min(block, epochs - start), rng).astype("<i4").tobytes())
 
 
-def _orders(n: int, train: dict[str, Any]) -> np.ndarray:
-    """The trainer's shuffles: one ``rng.permutation(n)`` per epoch from ``default_rng(seed)`` (edgetune/train.py)."""
-    rng = np.random.default_rng(train["seed"])
-    return np.stack([rng.permutation(n) for _ in range(train["epochs"])]).astype(np.int32)
+def _orders(n: int, epochs: int, rng: np.random.Generator) -> np.ndarray:
+    """The trainer's shuffles: one ``rng.permutation(n)`` per epoch from ``default_rng(seed)``
+    (edgetune/train.py); ``rng`` carries on from block to block."""
+    out = np.empty((epochs, n), np.int32)
+    for e in range(epochs):
+        out[e] = rng.permutation(n)
+    return out
 
 
 def _samples_c(d: dict[str, Any]) -> str:
@@ -465,7 +526,8 @@ def _samples_c(d: dict[str, Any]) -> str:
     out.append(_c_array("et_train_y", task.y_finetune[tr].astype(np.int32), static=False))
     out.append(_c_array("et_test_x", model.prepare(task.x_test[te]), static=False))
     out.append(_c_array("et_test_y", task.y_test[te].astype(np.int32), static=False))
-    out.append(_c_array("et_orders", _orders(len(tr), d["train"]), static=False))
+    out.append(_c_array("et_orders", _orders(len(tr), d["train"]["epochs"], np.random.default_rng(d["train"]["seed"])),
+                        static=False))
     return "".join(out)
 
 
@@ -600,7 +662,8 @@ def export_project(opts: ExportOptions, plan: dict[str, Any] | None = None) -> E
         else:
             _copy_template("main_linux.c", tmp / "main.c")
             if d["task"] is not None:
-                (tmp / "samples.bin").write_bytes(_samples_bin(d))
+                with open(tmp / "samples.bin", "wb") as f:
+                    _write_samples_bin(d, f)
             run = "" if target.name == "host" or target.compiler() == "cc" else f"{target.qemu} "
             (tmp / "Makefile").write_text(_template(
                 "Makefile.linux", TARGET=target.name, CC=target.compiler(), CC_PACKAGE=target.cc_package,
