@@ -493,6 +493,16 @@ def check_config_field(cfg: dict[str, Any], cfg_path: Path, name: str, ok: Calla
         raise ModelFileError(f"{cfg_path}: field '{name}' must be {expected}, got {shown}")
 
 
+def check_input_std(std: Any, w_path: Path) -> None:
+    """A model's ``input.std`` divides every input: each entry must be a positive number."""
+    import numpy as np
+
+    if std is not None and not np.all(np.asarray(std) > 0):
+        bad = int(np.argmin(np.asarray(std)))
+        raise ModelFileError(f"{w_path}: tensor 'input.std' must be positive (it divides the inputs), but entry "
+                             f"{bad} is {float(np.asarray(std)[bad])}")
+
+
 def check_model_config(cfg: dict[str, Any], cfg_path: Path) -> None:
     """The fields a model loader reads: sizes, activation, labels (float and int8 alike)."""
     from .nn.activations import ACTIVATIONS

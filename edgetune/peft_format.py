@@ -48,6 +48,30 @@ def _names(backbone: Backbone, module_names: Sequence[str] | None) -> list[str]:
     return names
 
 
+def _check_target_modules(targets: Any, names: list[str], lora_layers: list[int], cfg_path: Path) -> None:
+    """The layers the config's ``target_modules`` names must be the layers the tensors adapt
+    (a list of names, matched as PEFT does: the whole name or its last dotted parts; or a
+    regular expression over the whole name). 'all-linear' and a missing field are not checked."""
+    import re
+
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            named = [k for k, n in enumerate(names) if re.fullmatch(targets, n)]
+        except re.error as e:
+            raise ModelFileError(f"{cfg_path}: target_modules {targets!r} is not a regular expression ({e})") from None
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        named = [k for k, n in enumerate(names) if any(n == t or n.endswith("." + t) for t in targets)]
+    else:
+        raise ModelFileError(f"{cfg_path}: target_modules must be a list of layer names or a regular expression, "
+                             f"got {json.dumps(targets)[:60]}")
+    if named != lora_layers:
+        raise ModelFileError(f"{cfg_path}: target_modules {json.dumps(targets)[:60]} names the layers "
+                             f"{[names[k] for k in named]}, but the adapter's tensors adapt "
+                             f"{[names[k] for k in lora_layers]}")
+
+
 def _number(v: float) -> int | float:
     return int(v) if float(v).is_integer() else float(v)
 
@@ -155,6 +179,9 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
         if ka in tensors:
             out_k, in_k = backbone.weights[k].shape
             for key, shape in ((ka, (r, in_k)), (kb, (out_k, r))):
+                if tensors[key].dtype.kind != "f":
+                    raise ModelFileError(f"{w_path}: '{key}' holds {tensors[key].dtype} values; LoRA tensors are "
+                                         f"floating point")
                 if tensors[key].shape != shape:
                     raise ModelFileError(f"{w_path}: '{key}' has shape {list(tensors[key].shape)}, "
                                          f"expected {list(shape)} for this backbone with r={r}")
@@ -188,6 +215,7 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
         raise ModelFileError(f"{w_path}: LoRA on layers {[names[k] for k in lora_layers]}; edgetune's LoRA "
                              f"methods put adapters on every layer {names} (lora-all) or the last "
                              f"['{names[last]}'] (lora-last)")
+    _check_target_modules(cfg.get("target_modules"), names, lora_layers, cfg_path)
     train_last_bias = delta is not None
     if train_last_bias:
         out["head.bias_delta"] = delta

@@ -253,7 +253,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                          weight_decay=config.weight_decay)
     hist = History(method=method.name, trainable_params=method.n_trainable, config=asdict(config))
     best_loss, best_params, since_best = np.inf, None, 0
-    bs = config.batch_size
+    bs = min(config.batch_size, n)  # a batch beyond the data is the whole data: the same on both engines
     clock = time.perf_counter
     first_epoch = 1
     if checkpoint is not None:
@@ -265,7 +265,10 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
         saved = ckpt.load(checkpoint, fp, journal)
         if saved is not None:
             method.params.flat[...] = saved["params"]
-            opt.load_state(saved["optimizer"])
+            try:
+                opt.load_state(saved["optimizer"])
+            except UsageError as e:
+                raise ckpt.ModelFileError(f"{checkpoint}: {e}; delete the checkpoint to start over") from None
             rng.bit_generator.state = saved["rng"]
             hist.epochs = [EpochRecord(**e) for e in saved["history"]]
             best_loss, since_best = saved["best"]["loss"], saved["best"]["since"]

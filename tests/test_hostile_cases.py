@@ -144,6 +144,57 @@ def _edit_history(w: Path) -> None:
     journal.write_bytes(journal.read_bytes().replace(b'"epoch": 2', b'"epoch": 7'))
 
 
+def _model_with_std(value: float) -> Callable[[Path], None]:
+    """A copy of the model ('badstd') whose input.std has ``value`` in one entry, checksum updated."""
+    def setup(w: Path) -> None:
+        from edgetune.safetensors import load_file, save_file
+
+        shutil.copytree(w / "model", w / "badstd")
+        tensors, meta = load_file(w / "badstd" / "model.safetensors")
+        tensors["input.std"] = tensors["input.std"].copy()
+        tensors["input.std"][2] = value
+        save_file(tensors, w / "badstd" / "model.safetensors", meta)
+        _resign(w / "badstd", "config.json", "model.safetensors", "weights_sha256")
+    return setup
+
+
+def _resign(d: Path, config: str, weights: str, field: str, **changes) -> None:
+    cfg = json.loads((d / config).read_text())
+    cfg.update(changes)
+    for k in [k for k, v in changes.items() if v is None]:
+        del cfg[k]
+    cfg[field] = hashlib.sha256((d / weights).read_bytes()).hexdigest()
+    (d / config).write_text(json.dumps(cfg))
+
+
+def _adapter_as_int32(w: Path) -> None:
+    from edgetune.safetensors import load_file, save_file
+
+    shutil.copytree(w / "adapter", w / "intadapter")
+    tensors, meta = load_file(w / "intadapter" / "adapter_model.safetensors")
+    save_file({k: (v * 1000).astype(np.int32) for k, v in tensors.items()}, w / "intadapter" / "adapter_model.safetensors",
+              meta)
+    _resign(w / "intadapter", "adapter_config.json", "adapter_model.safetensors", "adapter_sha256")
+
+
+def _adapter_without_sizes(w: Path) -> None:
+    shutil.copytree(w / "adapter", w / "nosizes")
+    _resign(w / "nosizes", "adapter_config.json", "adapter_model.safetensors", "adapter_sha256",
+            base_model_sizes=None)
+
+
+def _peft_adapter_targeting(targets) -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        model = et.Backbone.load(w / "model")
+        et.FineTuner(model, "lora-all").save_adapter(w / "peft", format="peft")
+        cfg = json.loads((w / "peft" / "adapter_config.json").read_text())
+        cfg["target_modules"] = targets
+        (w / "peft" / "adapter_config.json").write_text(json.dumps(cfg))
+    return setup
+
+
+EVALUATE = ["evaluate", "--task", "task.npz", "--model", "model", "--quiet"]
+
 RESUME = FINETUNE + ["--checkpoint", "ck", "--checkpoint-every", "1"]
 
 CASES = [
@@ -189,6 +240,25 @@ CASES = [
     Case("export --int8 --max-samples 1000000000", EXPORT + ["--out", "proj", "--int8", "--task", "task.npz",
                                                              "--max-samples", "1000000000"], 1,
          "int8 skip-cache alone would be", absent=("proj",)),
+    # 11. model and adapter files are checked field by field
+    Case("a model whose input_std is 0", ["evaluate", "--task", "task.npz", "--model", "badstd", "--quiet"], 1,
+         "'input.std' must be positive", setup=_model_with_std(0.0)),
+    Case("a model whose input_std is negative", FINETUNE[:4] + ["badstd"] + FINETUNE[5:], 1,
+         "'input.std' must be positive", setup=_model_with_std(-2.0)),
+    Case("an adapter of int32 tensors", EVALUATE + ["--adapter", "intadapter"], 1, "holds int32 values",
+         setup=_adapter_as_int32),
+    Case("an adapter config without base_model_sizes", EVALUATE + ["--adapter", "nosizes"], 1,
+         "'base_model_sizes' is missing", setup=_adapter_without_sizes),
+    Case("a PEFT adapter whose target_modules name fewer layers", EVALUATE + ["--adapter", "peft"], 1,
+         "target_modules", setup=_peft_adapter_targeting(["layers.0"])),
+    Case("a PEFT adapter whose target_modules is a regex of no layer", EVALUATE + ["--adapter", "peft"], 1,
+         "target_modules", setup=_peft_adapter_targeting("nothing.*")),
+    Case("finetune --save-adapter into a symlink loop", FINETUNE + ["--save-adapter", "loop"], 2, "a loop",
+         setup=lambda w: os.symlink("loop", w / "loop")),
+    Case("finetune --save-adapter a dangling symlink", FINETUNE + ["--save-adapter", "dangling"], 2, "dangling",
+         setup=lambda w: os.symlink("nowhere", w / "dangling"), absent=("nowhere",)),
+    Case("finetune --json into a symlink loop", FINETUNE + ["--json", "loop"], 2, "a loop",
+         setup=lambda w: os.symlink("loop", w / "loop")),
     # 13. messages that name the real problem
     Case("export --out a dangling symlink", EXPORT + ["--out", "dangling"], 2, "dangling or looping",
          setup=lambda w: os.symlink("nowhere", w / "dangling"), absent=("nowhere",)),
@@ -358,3 +428,41 @@ def test_plan_for_a_target_uses_the_epochs_export_uses(world, capsys):
     plan, export = (json.loads((world / f).read_text()) for f in ("plan.json", "export.json"))
     assert plan["flash_estimate"] == export["flash_estimate"]
     assert plan["memory"] == export["memory"] and plan["train"]["epochs"] == export["epochs"] == 100
+
+
+def test_load_adapter_blames_the_caller_for_the_callers_options(world):
+    """A bad training option given to load_adapter is the caller's mistake, not adapter_config.json's."""
+    from edgetune.errors import ModelFileError
+
+    model = et.Backbone.load(world / "model")
+    with pytest.raises(UsageError, match="epochs must be a whole number >= 1, got -5") as e:
+        et.FineTuner.load_adapter(model, world / "adapter", epochs=-5)
+    assert not isinstance(e.value, ModelFileError) and "adapter_config.json" not in str(e.value)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "c"])
+def test_a_batch_larger_than_the_data_is_the_whole_data_on_both_engines(engine):
+    from edgetune import core
+
+    if engine == "c" and not core.available():
+        pytest.skip("the compiled engine is not built")
+    x, y = toy_task(n=40, d=7, classes=3, seed=2)
+    model = et.Backbone.build([7, 6, 3], seed=0)
+    huge = et.FineTuner(model, "skip2-lora", batch_size=10 ** 9, epochs=3, engine=engine).fit(x, y)
+    whole = et.FineTuner(model, "skip2-lora", batch_size=40, epochs=3, engine=engine).fit(x, y)
+    assert [e.loss for e in huge.history_.epochs] == [e.loss for e in whole.history_.epochs]
+
+
+def test_a_short_optimizer_state_in_a_checkpoint_is_named(world, capsys):
+    """A checkpoint re-signed with a cut Adam state: its shapes are named, not two equal key lists."""
+    from edgetune.checkpoint import _digest
+    from edgetune.safetensors import load_file, save_file
+
+    args = FINETUNE + ["--optimizer", "adam", "--checkpoint", "adam-ck", "--checkpoint-every", "1"]
+    assert run_cli(args, capsys)[0] == 0
+    tensors, meta = load_file(world / "adam-ck")
+    tensors["optimizer.m"] = tensors["optimizer.m"][:3].copy()
+    meta["sha256"] = _digest(tensors, meta)
+    save_file(tensors, world / "adam-ck", meta)
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "optimizer state 'm' has shape [3], expected" in err and "Traceback" not in err

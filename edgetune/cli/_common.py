@@ -159,6 +159,23 @@ def input_paths(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+def _refuse_broken_link(path: str, *, dangling_ok: bool) -> None:
+    """A symbolic link that loops can never be written; one that dangles cannot hold a directory
+    (a file output is written where it points). Said before any work, with the link's target."""
+    import errno
+
+    if not os.path.islink(path):
+        return
+    try:
+        os.stat(path)
+        return
+    except OSError as e:
+        looping = e.errno == errno.ELOOP
+    if looping or not dangling_ok:
+        raise UsageError(f"{path} is a symbolic link to {os.readlink(path)}, which leads nowhere "
+                         f"({'a loop' if looping else 'dangling'}); remove the link or choose another path")
+
+
 def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = (),
                   args: argparse.Namespace | None = None, replaced: bool = True, own: str | None = None) -> None:
     """Fail before any work if an output could not be written, would equal, contain or lie
@@ -177,12 +194,14 @@ def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = (),
         if not f.strip():
             raise UsageError("empty output path; give a file path")
         check_not_input(f, inputs, option="output")
+        _refuse_broken_link(f, dangling_ok=True)
         if Path(f).is_dir():
             raise UsageError(f"{f} is a directory; give a file path")
         check_writable(f)
     for d in dirs:
         if d:
             check_not_input(d, inputs, option="output", replaced=replaced)
+            _refuse_broken_link(d, dangling_ok=False)
             if is_model_dir(d) and not getattr(args, "force", False):
                 raise UsageError(f"{d} already holds a model; pass --force to overwrite it")
             check_writable(d, directory=True)

@@ -238,7 +238,8 @@ class Backbone:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Backbone":
-        from ..io_atomic import check_config_field, check_model_config, read_json_config, recover_dir
+        from ..io_atomic import (check_config_field, check_input_std, check_model_config, read_json_config,
+                                 recover_dir)
         from ..safetensors import loads
 
         path = Path(path)
@@ -287,6 +288,7 @@ class Backbone:
         for name, t in tensors.items():
             if not np.all(np.isfinite(t)):
                 raise ModelFileError(f"{w_path}: tensor '{name}' contains NaN or inf")
+        check_input_std(tensors.get("input.std"), w_path)
         try:
             return cls(weights, biases, activation=cfg.get("activation", "relu"), labels=cfg.get("labels"),
                        input_mean=tensors.get("input.mean"), input_std=tensors.get("input.std"))

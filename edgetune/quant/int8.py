@@ -364,6 +364,8 @@ class QuantBackbone(Backbone):
                 raise ModelFileError(f"{w_path}: tensor '{name}' is {t.dtype}{list(t.shape)}, expected {dt}{list(shape)}")
             if dt.kind == "f" and not np.all(np.isfinite(t)):
                 raise ModelFileError(f"{w_path}: tensor '{name}' contains NaN or inf")
+        from ..io_atomic import check_input_std
+        check_input_std(tensors.get("input.std"), w_path)
         try:
             return cls([tensors[f"layers.{k}.weight"] for k in range(n)],
                        [tensors[f"layers.{k}.weight_scale"] for k in range(n)],
