@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackboneMismatch, BudgetError, UsageError
-from ..units import format_bytes
+from ..units import format_bytes, format_exact
 from .targets import KB, QEMU_MEMORY, Target, get_target
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -232,8 +232,8 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
     if budget is not None and budget <= 0:
         raise UsageError(f"--budget must be more than 0 bytes, got {opts.budget!r}")
     if mcu and budget is not None and budget > QEMU_MEMORY:
-        raise UsageError(f"--budget {format_bytes(budget)}: the emulated {target.name} board has "
-                         f"{format_bytes(QEMU_MEMORY)} of RAM")
+        raise UsageError(f"--budget {format_exact(budget)}: the emulated {target.name} board has "
+                         f"{format_exact(QEMU_MEMORY)} of RAM")
     ram_limit = budget if budget is not None else (target.ram_bytes if mcu else None)
 
     train_idx = test_idx = None
@@ -282,7 +282,8 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
                 hints.append(f"--max-samples {fit_n}")
             hint = f"; try {' or '.join(hints)}" if hints else \
                 "; nothing of this method fits: try a smaller --batch-size or another method (edgetune plan)"
-            raise BudgetError(f"{p.explain(ram_limit)} ({what}): over by {format_bytes(p.total - ram_limit)}{hint}")
+            raise BudgetError(f"{p.explain(ram_limit)} ({what}; {p.total} of {ram_limit} bytes): over by "
+                              f"{format_exact(p.total - ram_limit)}{hint}")
     if not mcu:
         _check_linux_limits(target, p.total, train["epochs"], n_train,
                             0 if test_idx is None else len(test_idx), model.sizes[0], _existing_parent(opts.out))
@@ -298,16 +299,16 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
     flash_limit = parse_bytes(opts.flash) if opts.flash else target.flash_bytes
     if mcu:
         if flash_limit > QEMU_MEMORY:
-            raise UsageError(f"--flash {format_bytes(flash_limit)}: the emulated board has {format_bytes(QEMU_MEMORY)}")
+            raise UsageError(f"--flash {format_exact(flash_limit)}: the emulated board has {format_exact(QEMU_MEMORY)}")
         if weights + CODE_ESTIMATE > flash_limit:
             raise BudgetError(f"the model does not fit {target.name}'s flash: its weights are {format_bytes(weights)} "
-                              f"(+ about {format_bytes(CODE_ESTIMATE)} of code), the flash is {format_bytes(flash_limit)}"
+                              f"(+ about {format_bytes(CODE_ESTIMATE)} of code), the flash is {format_exact(flash_limit)}"
                               f"; use a smaller or an int8 model (--int8), or --flash BYTES for a larger part")
         if flash > flash_limit:
             raise BudgetError(f"the project does not fit {target.name}'s flash: weights {format_bytes(weights)}, "
                               f"linked-in samples {format_bytes(sample_bytes)} ({n_train} training, {len(test_idx)} test, "
                               f"{train['epochs']} epochs of shuffles), code about {format_bytes(CODE_ESTIMATE)}: "
-                              f"{format_bytes(flash)} of {format_bytes(flash_limit)}; link fewer samples "
+                              f"{format_exact(flash)} of {format_exact(flash_limit)}; link fewer samples "
                               f"(--max-samples, --test-samples) or fewer --epochs")
     p.flash_weights = weights
     return {"target": target, "model": model, "task": task, "tuner": tuner, "core": core, "train": train,
