@@ -472,3 +472,109 @@ def test_a_short_optimizer_state_in_a_checkpoint_is_named(world, capsys):
     save_file(tensors, world / "adam-ck", meta)
     code, _, err = run_cli(args, capsys)
     assert code == 1 and "optimizer state 'm' has shape [3], expected" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ fleets: refused before any process starts
+def _flwr() -> bool:
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _self_signed(w: Path, name: str) -> None:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-keyout", str(w / f"{name}.key"), "-out", str(w / f"{name}.pem")], check=True,
+                   capture_output=True)
+
+
+def _tls_pairs(w: Path) -> None:
+    _self_signed(w, "a")
+    _self_signed(w, "b")
+
+
+def _damaged_state(server_json: str | None, npz: bytes | None = None) -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        (w / "st" / "server").mkdir(parents=True)
+        if server_json is not None:
+            (w / "st" / "server" / "server.json").write_text(server_json)
+        if npz is not None:
+            (w / "st" / "server" / "global.npz").write_bytes(npz)
+    return setup
+
+
+def _nan_task(w: Path) -> None:
+    with np.load(w / "task.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["x_finetune"] = arrays["x_finetune"].copy()
+    arrays["x_finetune"][3, 2] = np.nan
+    np.savez(w / "nan-task.npz", **arrays)
+
+
+def _held_port() -> int:
+    """A port this test process listens on (another process, to the server under test)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _held_port.sockets.append(s)  # kept open for the test session
+    return s.getsockname()[1]
+
+
+_held_port.sockets = []
+ROUND = '{"identity": {}, "results": {"rounds": [{"round": 1}]}}'
+SERVER = ["fleet", "server", "--model", "model", "--rounds", "1", "--min-clients", "1", "--timeout", "30", "--quiet"]
+CLIENT = ["fleet", "client", "--model", "model", "--task", "task.npz", "--partition", "0/2", "--server",
+          "127.0.0.1:9", "--max-wait", "5", "--quiet"]
+
+FLEET_CASES = [
+    Case("fleet client with a garbage --root-certificates", CLIENT + ["--root-certificates", "afile"], 2,
+         "not a CA certificate"),
+    Case("fleet server with a garbage certificate", SERVER + ["--ssl-certfile", "afile", "--ssl-keyfile", "a.key",
+                                                            "--ssl-ca-certfile", "a.pem"], 2,
+         "not a PEM file", setup=_tls_pairs),
+    Case("fleet server with a key of another certificate", SERVER + ["--ssl-certfile", "a.pem", "--ssl-keyfile",
+                                                                   "b.key", "--ssl-ca-certfile", "a.pem"], 2,
+         "the private key does not belong to the certificate", setup=_tls_pairs),
+    Case("fleet server with a garbage CA", SERVER + ["--ssl-certfile", "a.pem", "--ssl-keyfile", "a.key",
+                                                   "--ssl-ca-certfile", "afile"], 2, "not a CA certificate",
+         setup=_tls_pairs),
+    Case("fleet server on an address that does not resolve", SERVER + ["--insecure", "--address",
+                                                                     "no-such-host.invalid:9092"], 2,
+         "cannot resolve the host"),
+    Case("fleet server --state-dir a file", SERVER + ["--insecure", "--state-dir", "afile"], 2,
+         "--state-dir afile is a file"),
+    Case("fleet server with server.json not JSON", SERVER + ["--insecure", "--state-dir", "st"], 1,
+         "not readable JSON", setup=_damaged_state("{not json")),
+    Case("fleet server with a rounds list of strings", SERVER + ["--insecure", "--state-dir", "st"], 1,
+         "'results.rounds' must be a list", setup=_damaged_state('{"identity": {}, "results": {"rounds": ["x"]}}')),
+    Case("fleet server with rounds but no global.npz", SERVER + ["--insecure", "--state-dir", "st"], 1,
+         "global.npz, the global adapter after round 1, is missing", setup=_damaged_state(ROUND)),
+    Case("fleet server with a damaged global.npz", SERVER + ["--insecure", "--state-dir", "st"], 1,
+         "global.npz cannot be read", setup=_damaged_state(ROUND, b"PK\x03\x04 not a zip")),
+    Case("fleet client --state-dir a file", CLIENT + ["--insecure", "--state-dir", "afile"], 2,
+         "--state-dir afile is a file"),
+    Case("fleet client with a NaN task", CLIENT[:5] + ["nan-task.npz"] + CLIENT[6:] + ["--insecure"], 1, "NaN",
+         setup=_nan_task),
+    Case("fleet client --partition-by by-subject on a task without subjects",
+         CLIENT + ["--insecure", "--partition-by", "by-subject"], 2, "by-subject"),
+]
+
+
+@pytest.mark.skipif(not _flwr(), reason="needs the fleet extra (pip install edgetune[fleet-device])")
+@pytest.mark.parametrize("case", FLEET_CASES, ids=str)
+def test_fleet_case(case: Case, world: Path, capsys):
+    t0 = time.monotonic()
+    test_hostile_case(case, world, capsys)
+    assert time.monotonic() - t0 < 20, "refused only after waiting"
+
+
+@pytest.mark.skipif(not _flwr(), reason="needs the fleet extra (pip install edgetune[fleet-device])")
+def test_fleet_server_names_a_port_held_by_another_process(world, capsys):
+    port = _held_port()
+    t0 = time.monotonic()
+    code, _, err = run_cli(SERVER + ["--insecure", "--address", f"127.0.0.1:{port}", "--state-dir", "st"], capsys)
+    assert code == 1 and "in use by another process" in err and "Traceback" not in err, err
+    assert time.monotonic() - t0 < 20

@@ -87,6 +87,26 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_port_free(address: str) -> None:
+    """Refuse now, naming it, a port another process holds (the SuperLink would fail later)."""
+    import errno
+
+    host, port = parse_address(address)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"{address}: cannot resolve the host ({e.strerror or e})") from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise FleetError(f"{address}: the port is in use by another process; stop it or choose another "
+                                 f"--address") from None
+            raise FleetError(f"{address}: cannot listen there ({e.strerror or e})") from None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
