@@ -38,12 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     y = rng.integers(0, 3, 50)
     cfg = TrainConfig(epochs=args.epochs, batch_size=8, lr=0.01)
     times: list[float] = []
+    written: list[int] = []  # bytes a save wrote: the checkpoint file and what it appended to the journal
     real_save = checkpoint.save
 
-    def timed(*a, **kw):
+    def timed(path, **kw):
+        journal = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.edgetune-history")
+        before = os.path.getsize(journal) if os.path.exists(journal) else 0
         t0 = time.perf_counter()
-        real_save(*a, **kw)
+        real_save(path, **kw)
         times.append(time.perf_counter() - t0)
+        after = os.path.getsize(journal) if os.path.exists(journal) else 0
+        written.append(os.path.getsize(path) + after - before)
 
     checkpoint.save = timed
     try:
@@ -60,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     first, last = float(np.median(times[:w])), float(np.median(times[-w:]))
     info = machine_info()
     print(f"machine: {info.get('cpu', '?')}; {args.epochs} epochs of skip2-lora on a 7-12-8-3 model, 50 samples")
-    print("| saves | median save ms |")
-    print("|---|---|")
-    print(f"| first {w} | {1e3 * first:.2f} |")
-    print(f"| last {w} | {1e3 * last:.2f} |")
+    print("| saves | median save ms | median bytes written |")
+    print("|---|---|---|")
+    print(f"| first {w} | {1e3 * first:.2f} | {int(np.median(written[:w]))} |")
+    print(f"| last {w} | {1e3 * last:.2f} | {int(np.median(written[-w:]))} |")
     print(f"last / first: {last / first:.2f}")
     print(f"whole fit: {with_ck:.2f} s with a checkpoint every epoch, {without:.2f} s without")
     return 0

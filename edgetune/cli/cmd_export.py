@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
 
     from ..export import ExportOptions, check_out, plan_export
-    from ..units import format_bytes, parse_bytes
+    from ..units import parse_bytes
 
     if args.budget is not None:  # refused here so the message names the option
         parse_bytes(args.budget, "--budget")
