@@ -519,7 +519,7 @@ def _held_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen()
-    _held_port.sockets.append(s)  # kept open for the test session
+    _held_port.sockets.append(s)  # kept open until the tests end
     return s.getsockname()[1]
 
 

@@ -172,7 +172,7 @@ def _refuse_broken_link(path: str, *, dangling_ok: bool) -> None:
     except OSError as e:
         looping = e.errno == errno.ELOOP
     if looping or not dangling_ok:
-        raise UsageError(f"{path} is a symbolic link to {os.readlink(path)}, which leads nowhere "
+        raise UsageError(f"{path} is a symbolic link to {os.readlink(path)}, which points nowhere "
                          f"({'a loop' if looping else 'dangling'}); remove the link or choose another path")
 
 

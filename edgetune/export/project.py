@@ -573,7 +573,7 @@ def check_out(opts: ExportOptions) -> Path:
     """The project directory ``opts.out`` will replace, checked before any work: not an input
     (model, adapter, task file, data folder), not holding one or lying inside one, not the
     current directory or one holding it (resolved through symlinks; --force does not change
-    that), not a file, and a symlink only if it leads to a directory (which is replaced)."""
+    that), not a file, and a symlink only if it points to a directory (which is replaced)."""
     from ..io_atomic import check_not_input, check_writable, recover_dir
 
     text = str(opts.out)
