@@ -578,3 +578,20 @@ def test_fleet_server_names_a_port_held_by_another_process(world, capsys):
     code, _, err = run_cli(SERVER + ["--insecure", "--address", f"127.0.0.1:{port}", "--state-dir", "st"], capsys)
     assert code == 1 and "in use by another process" in err and "Traceback" not in err, err
     assert time.monotonic() - t0 < 20
+
+
+def test_a_flower_process_that_dies_is_reported_with_its_own_error(tmp_path):
+    """Not "(is the port in use?)": the error line the process wrote to its log in this run."""
+    from edgetune.fleet.runner import FleetError, _wait_port
+
+    log = tmp_path / "superlink.log"
+    log.write_text("ERROR: an earlier run's error\n")
+    since = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("INFO: starting\nERROR: Invalid address: 'no:such:address'\nINFO: exiting\n")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    proc.wait()
+    with pytest.raises(FleetError) as e:
+        _wait_port("127.0.0.1", 9, proc, 5, log, since)
+    assert "Invalid address: 'no:such:address'" in str(e.value) and "earlier run" not in str(e.value)
+    assert "is the port in use" not in str(e.value) and str(log) in str(e.value)
