@@ -98,6 +98,9 @@ def check_port_free(address: str) -> None:
         raise UsageError(f"{address}: cannot resolve the host ({e.strerror or e})") from None
     family, _, _, _, sockaddr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # like the SuperLink: connections of a stopped server waiting out TIME_WAIT do not count,
+        # a process listening there does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(sockaddr)
         except OSError as e:
