@@ -11,6 +11,7 @@ Five lines::
 __version__ = "0.1.0"
 
 from .api import FineTuner, pretrain
+from .bank import AdapterBank
 from .data.task import Task, load_task
 from .errors import BudgetError, DataError, EdgetuneError, ModelFileError, UsageError
 from .methods import METHODS, make_method
@@ -18,6 +19,6 @@ from .nn.mlp import Backbone
 from .train import History, TrainConfig, fit
 
 __all__ = [
-    "Backbone", "BudgetError", "DataError", "EdgetuneError", "FineTuner", "History", "METHODS",
+    "AdapterBank", "Backbone", "BudgetError", "DataError", "EdgetuneError", "FineTuner", "History", "METHODS",
     "ModelFileError", "Task", "TrainConfig", "UsageError", "fit", "load_task", "make_method", "pretrain",
 ]

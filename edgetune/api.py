@@ -127,18 +127,19 @@ class FineTuner:
         """
         from .io_atomic import write_dir_atomic
 
-        if format not in ("edgetune", "peft"):
-            raise UsageError(f"format must be 'edgetune' or 'peft', got {format!r}")
-        if format == "peft":
-            from .peft_format import save_peft_adapter
-            return save_peft_adapter(self.method, path, overwrite=overwrite)
-        return write_dir_atomic(path, self.adapter_files(), overwrite=overwrite)
+        return write_dir_atomic(path, self.adapter_files(format=format), overwrite=overwrite)
 
-    def adapter_files(self) -> dict[str, bytes]:
-        """The bytes of the adapter directory's files, by name, as ``save_adapter`` writes them."""
+    def adapter_files(self, *, format: str = "edgetune") -> dict[str, bytes]:
+        """The two files of ``save_adapter`` as bytes, by file name (nothing written)."""
         from .io_atomic import json_text
         from .safetensors import dumps
 
+        if format not in ("edgetune", "peft"):
+            raise UsageError(f"format must be 'edgetune' or 'peft', got {format!r}")
+        if format == "peft":
+            from .peft_format import peft_files
+            tensors, peft_config, metadata = peft_files(self.method)
+            return {ADAPTER_WEIGHTS: dumps(tensors, metadata), ADAPTER_CONFIG: json_text(peft_config).encode()}
         blob = dumps(self.method.adapter_tensors(), {"format": ADAPTER_FORMAT, "method": self.method_name})
         opts = describe_options(self.method.options)
         config = {
@@ -215,13 +216,16 @@ class FineTuner:
         return tuner
 
 
-def pretrain(x: Any, y: Any, *, hidden: Sequence[int] = (96, 96), labels: Sequence[str] | None = None,
+def pretrain(x: Any, y: Any, *, hidden: Sequence[int] = (96, 96), arch: str | None = None,
+             labels: Sequence[str] | None = None,
              activation: str = "relu", epochs: int = 100, batch_size: int = 20, lr: float = 0.01,
              optimizer: str = "sgd", momentum: float = 0.9, seed: int = 0,
              x_val: Any = None, y_val: Any = None, patience: int | None = None,
              progress: bool | None = False, backbone: Backbone | None = None) -> tuple[Backbone, History]:
     """Train a backbone from scratch (or continue ``backbone``) with every tensor trainable.
 
+    The backbone is an MLP of ``hidden`` widths, or the architecture string ``arch``
+    (edgetune.nn.arch: convolutions, pooling, residual blocks...) on samples of ``x``'s shape.
     The input normalisation is fitted on ``x`` (pre-training data only) and saved with
     the model.
     """
@@ -229,7 +233,15 @@ def pretrain(x: Any, y: Any, *, hidden: Sequence[int] = (96, 96), labels: Sequen
     n_classes = len(labels) if labels is not None else int(y_arr.max()) + 1
     if labels is not None and y_arr.max() >= n_classes:
         raise DataError(f"pre-training labels go up to {int(y_arr.max())} but only {n_classes} label names were given")
-    if backbone is None:
+    if backbone is None and arch is not None:
+        from .nn.arch import build_layers, parse_arch
+        specs = parse_arch(arch, x_arr.shape[1:], n_classes)
+        backbone = Backbone.from_layers(build_layers(specs, seed=seed), labels=labels, activation=activation)
+        backbone.fit_normalizer(x_arr)
+    elif backbone is None:
+        if x_arr.ndim > 2:
+            raise UsageError(f"samples of shape {list(x_arr.shape[1:])} need an architecture (arch=...) or "
+                             f"flat rows for an MLP")
         if any(int(h) < 1 for h in hidden):
             raise UsageError(f"hidden widths must be >= 1, got {list(hidden)}")
         from .memory import check_fits_machine

@@ -11,7 +11,7 @@ import numpy as np
 
 from .api import FineTuner, pretrain
 from .data.task import Task
-from .errors import DataError
+from .errors import DataError, UsageError
 from .nn.mlp import Backbone
 
 
@@ -20,18 +20,29 @@ def backbone_accuracy(backbone: Backbone, x: np.ndarray, y: np.ndarray) -> float
 
 
 def check_compatible(backbone: Backbone, task: Task) -> None:
-    if backbone.sizes[0] != task.n_features:
-        raise DataError(f"the model takes {backbone.sizes[0]} features but task '{task.name}' has {task.n_features}")
+    if backbone.sizes[0] != task.n_features or (len(task.input_shape) > 1 and task.input_shape != backbone.input_shape):
+        want = backbone.sizes[0] if len(backbone.input_shape) == 1 else list(backbone.input_shape)
+        have = task.n_features if len(task.input_shape) == 1 else list(task.input_shape)
+        raise DataError(f"the model takes {want} features but task '{task.name}' has {have}")
     if backbone.sizes[-1] != task.n_classes:
         raise DataError(f"the model has {backbone.sizes[-1]} outputs but task '{task.name}' has {task.n_classes} classes")
 
 
-def pretrain_on_task(task: Task, *, hidden: list[int] | None = None, epochs: int | None = None,
-                     lr: float | None = None, batch_size: int | None = None, optimizer: str | None = None,
-                     seed: int = 0, progress: bool | None = False) -> tuple[Backbone, dict[str, Any]]:
+def pretrain_on_task(task: Task, *, hidden: list[int] | None = None, arch: str | None = None,
+                     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+                     optimizer: str | None = None, seed: int = 0,
+                     progress: bool | None = False) -> tuple[Backbone, dict[str, Any]]:
+    """Pre-train on the task's pre-train split: ``arch`` (an architecture string, or 'cnn' for
+    the task's convolutional preset), else ``hidden`` widths, else the task's default."""
     d = task.defaults
+    if arch == "cnn":
+        arch = d.get("cnn_arch")
+        if arch is None:
+            raise UsageError(f"task '{task.name}' has no convolutional preset; write an architecture with --arch")
+    if arch is None and hidden is None:
+        arch = d.get("arch")
     hidden = hidden or d.get("hidden", [96, 96])
-    model, hist = pretrain(task.x_pretrain, task.y_pretrain, hidden=hidden, labels=task.labels,
+    model, hist = pretrain(task.x_pretrain, task.y_pretrain, hidden=hidden, arch=arch, labels=task.labels,
                            epochs=epochs or d.get("pretrain_epochs", d.get("epochs", 100)),
                            lr=lr or d.get("pretrain_lr", d.get("lr", 0.01)),
                            batch_size=batch_size or d.get("batch_size", 20),

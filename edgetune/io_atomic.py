@@ -325,15 +325,20 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes], *, overwrite: bool = True) -> Path:
+def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes], *, carry_over: bool = True,
+                     overwrite: bool = True) -> Path:
     """Write the files of a model or adapter directory as one set.
 
     The new set is written into a hidden directory beside ``path``, fsynced, then swapped
     with the old directory, so that a reader (or a crash) sees the old set or the new one,
-    never a mix. Other files in an existing directory are carried over (hard links).
+    never a mix. Other files in an existing directory are carried over (hard links) unless
+    ``carry_over`` is False. A name may hold sub-folders (``"a/adapter_config.json"``).
     Without ``overwrite``, a ``path`` that already holds a model or adapter is refused.
     """
     def fill(new: Path) -> None:
+        subdirs = sorted({str(Path(name).parent) for name in files} - {"."})
+        for sub in subdirs:
+            (new / sub).mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             fd = os.open(new / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                          0o666 & ~_umask())
@@ -342,12 +347,16 @@ def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes], *, overwr
                 f.flush()
                 os.fsync(f.fileno())
             _test_hook("file-written")
+        for sub in subdirs:
+            fsync_dir(new / sub)
 
     def refuse_existing(p: Path) -> None:
         if not overwrite and is_model_dir(p):
             raise UsageError(f"{p} already holds a model or adapter; pass overwrite=True (--force) to replace it")
 
-    return replace_dir_atomic(path, fill, keep=lambda name: name not in files, check=refuse_existing)
+    tops = {Path(name).parts[0] for name in files}
+    return replace_dir_atomic(path, fill, keep=(lambda name: name not in tops) if carry_over else None,
+                              check=refuse_existing)
 
 
 def replace_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None], *,

@@ -123,7 +123,7 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
         raise UsageError(f"cache must be 'float32' or 'int8', got {cache!r}")
     if scheme is not None and method != "sparse":
         raise UsageError(f"method {method} has no update scheme: a scheme applies to the sparse method only")
-    is_q = hasattr(backbone, "qweights")
+    is_q = backbone.is_int8
     int8 = is_q if int8 is None else int8
     if is_q and not int8:
         raise UsageError("an int8 backbone cannot be planned as float")
@@ -240,49 +240,69 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
     return plan
 
 
-CORE_ALIGN = 64
+def _core_lib(what: str) -> Any:
+    """The compiled engine's library, which alone knows its memory layout; a clear error without it."""
+    from .core import load, unavailable_reason
+
+    lib = load()
+    if lib is None:
+        raise UsageError(f"{what} is computed by the compiled engine, which is not available here: "
+                         f"{unavailable_reason()}")
+    return lib
 
 
 def core_workspace_bytes(sizes: Sequence[int], kind: str, *, batch: int, n_params: int, rank: int = 1,
                          int8: bool = False, first: int = 0, pack: int = 0, pointer_bytes: int = 8) -> int:
-    """The compiled engine's workspace, exactly as ``et_workspace_size`` computes it (et_train.c).
+    """The compiled engine's workspace for a dense backbone of ``sizes``, as C computes it
+    (``et_workspace_size_for`` in et_train.c, asked through the binding: nothing is re-derived here).
 
     ``kind`` is "layerwise", "skip" or "sparse"; ``pack`` the largest (in x out) weight that
-    the layer-wise backward pass transposes into the workspace (trained weights after the
-    first trained layer); ``pointer_bytes`` 4 on a 32-bit target. Every piece is rounded up
-    to 64 bytes, plus 64 for alignment.
+    the layer-wise backward pass transposes into the workspace (a trained weight after the
+    first trained layer; 0: none); ``pointer_bytes`` 4 on a 32-bit target. Needs the
+    compiled engine (UsageError naming the reason without it).
     """
-    def piece(nbytes: int) -> int:
-        return -(-int(nbytes) // CORE_ALIGN) * CORE_ALIGN
+    import ctypes
 
-    B, n, mw, d = int(batch), len(sizes) - 1, max(sizes), sum(sizes[:-1])
-    total = piece(4 * n_params) + 3 * piece(4 * B)
-    if kind == "skip":  # the logits and their gradient only
-        total += piece(4 * B * sizes[-1])
-    else:  # the gradient flowing back, two buffers of the widest layer
-        total += 2 * piece(4 * B * mw)
-    if kind == "skip":
-        total += piece(4 * B * (d + sizes[-1])) + piece(pointer_bytes * B) + 2 * piece(4 * B * n * rank)
-        if int8:
-            total += piece(B * d) + piece(4 * B * mw)
-    else:
-        total += sum(piece(4 * B * w) for w in sizes)
-        if kind == "layerwise":
-            total += piece(4 * n * B * rank) + piece(4 * B * rank) + piece(4 * pack)
-        elif int8:
-            total += piece(4 * mw) + 2 * piece(B * mw) + piece(4 * B * mw)
-    return total + CORE_ALIGN
+    from .core import Method as CMethod
+    from .core.engine import KINDS, dense_backbone
+
+    lib = _core_lib("the compiled engine's workspace")
+    if kind not in KINDS:
+        raise UsageError(f"unknown method kind {kind!r}: use one of {', '.join(KINDS)}")
+    bb = dense_backbone([int(v) for v in sizes], "relu")
+    for name, v, lo, hi in (("batch", batch, 1, 2 ** 31 - 1), ("rank", rank, 1, 2 ** 31 - 1),
+                            ("first", first, 0, len(sizes) - 2), ("n_params", n_params, 0, 2 ** 62),
+                            ("pack", pack, 0, 2 ** 62), ("pointer_bytes", pointer_bytes, 4, 8)):
+        if not isinstance(v, (int, np.integer)) or not lo <= v <= hi:  # ctypes would wrap an int32 silently
+            raise UsageError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+    bb.is_int8 = int(bool(int8))
+    n = bb.n_layers
+    # Weights are not needed for a size; C reads only whether a layer's W (out, in) is given.
+    given = (ctypes.c_float * 1)()
+    for k in range(n):
+        bb.layers[k].w = given
+    if pack:
+        need = [k for k in range(first + 1, n) if int(sizes[k]) * int(sizes[k + 1]) == pack]
+        if not need:
+            raise UsageError(f"pack {pack}: no layer after the first trained one ({first}) has in x out = {pack}")
+        bb.layers[need[0]].w = None
+    m = CMethod()
+    m.kind, m.rank, m.first, m.n_params = KINDS[kind], int(rank), int(first), int(n_params)
+    for k in range(len(m.off_weight)):
+        m.off_weight[k] = m.off_bias[k] = m.off_lora_a[k] = m.off_lora_b[k] = -1
+    m.off_bias_delta = m.off_skip_a = m.off_skip_b = -1
+    nbytes = lib.et_workspace_size_for(ctypes.byref(bb), ctypes.byref(m), None, int(batch), int(pointer_bytes))
+    if nbytes == 0:
+        raise UsageError(f"the compiled engine refuses a {kind} workspace for sizes {list(sizes)} at batch {batch}")
+    return int(nbytes)
 
 
-def core_workspace_for(method: Any, batch: int) -> int:
-    """``core_workspace_bytes`` for a method instance (what the trainer allocates for it)."""
-    spec = method.core_spec()
-    sizes = method.backbone.sizes
-    pack = max([0] + [sizes[k] * sizes[k + 1] for k in range(spec["first"] + 1, len(sizes) - 1)
-                      if spec["kind"] == "layerwise" and spec["weight"][k] >= 0])
-    return core_workspace_bytes(sizes, spec["kind"], batch=batch, n_params=method.params.flat.size,
-                                rank=spec["rank"], int8=hasattr(method.backbone, "qweights"),
-                                first=spec["first"], pack=pack)
+def core_workspace_for(method: Any, batch: int, pointer_bytes: int | None = None) -> int:
+    """The workspace the trainer allocates for a method instance: C's figure for its structs."""
+    from .core.engine import CoreModel
+
+    _core_lib("the compiled engine's workspace")
+    return CoreModel(method, batch).workspace_bytes(pointer_bytes=pointer_bytes)
 
 
 def _ufunc_buffers(n: int, operands: int, itemsize: int = 4) -> int:
@@ -373,8 +393,6 @@ def _optimizer_arrays(opt) -> list[np.ndarray]:
 
 def backbone_bytes(bb: Backbone) -> int:
     """Bytes of every array a backbone holds (weights, biases, scales, normalisation)."""
-    if hasattr(bb, "qweights"):
-        return bb.nbytes
     return bb.nbytes + sum(a.nbytes for a in (bb.input_mean, bb.input_std) if a is not None)
 
 
@@ -423,7 +441,7 @@ def candidates(backbone: Backbone, *, budget: int, batch_size: int | Sequence[in
                 return Candidate(p, True)
         return Candidate(p, False)
 
-    is_q = hasattr(backbone, "qweights")
+    is_q = backbone.is_int8
     variants = [True] if is_q else ([False, True] if int8_available else [False])
     out = []
     for int8 in variants:
@@ -486,7 +504,7 @@ def check_fits_machine(sizes: Sequence[int], method: str = "ft-all", *, batch_si
     """Refuse, before anything is allocated, a run whose planned memory exceeds what this machine has."""
     from types import SimpleNamespace
 
-    shape_only = SimpleNamespace(sizes=[int(v) for v in sizes], input_mean=None, dtype=np.float32)
+    shape_only = SimpleNamespace(sizes=[int(v) for v in sizes], input_mean=None, dtype=np.float32, is_int8=False)
     plan = plan_memory(shape_only, method, batch_size=batch_size, n_samples=n_samples, optimizer=optimizer,
                        rank=rank)  # type: ignore[arg-type]
     have = available_memory()
@@ -561,8 +579,26 @@ class DevicePlan:
         return text
 
 
-def _piece(nbytes: int) -> int:
-    return -(-int(nbytes) // CORE_ALIGN) * CORE_ALIGN
+def device_model_desc(core: Any, *, optimizer: str, cache: str | None, cache_capacity: int, max_samples: int,
+                      store_samples: bool) -> Any:
+    """The et_model_desc (et_device.h) of a ``CoreModel``'s structs, as the export writes it; it
+    points into ``core``, which must outlive it."""
+    import ctypes
+
+    from .core import ModelDesc, enum
+    from .core.engine import CACHE_KINDS
+
+    desc = ModelDesc()
+    desc.backbone = ctypes.pointer(core.bb)
+    desc.method = ctypes.pointer(core.m)
+    desc.initial_params = core.params.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    desc.optimizer = enum("optimizer")[optimizer]
+    desc.batch = core.batch
+    desc.cache_kind = CACHE_KINDS[{None: "none", "float32": "float", "int8": "int8"}[cache]]
+    desc.cache_capacity = int(cache_capacity)
+    desc.max_samples = int(max_samples)
+    desc.store_samples = int(bool(store_samples))
+    return desc
 
 
 def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimizer: str = "sgd",
@@ -570,53 +606,50 @@ def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimi
                        pointer_bytes: int = 4, statics: int = 0, stack: int = 0) -> DevicePlan:
     """RAM of the exported program for ``method`` (an instance: its parameters and backbone).
 
-    Mirrors ``et_device_arena_bytes`` (edgetune/export/templates/et_device.c.in) piece by piece:
-    parameters, gradients, optimizer state, the skip-cache (``cache_capacity`` rows and a
-    fill flag per sample), the sample store (when ``store_samples``), the shuffle order and
-    the engine's workspace (``core_workspace_bytes`` at ``pointer_bytes``), every piece
-    rounded up to 64 bytes, plus ``statics`` and ``stack`` as the caller measured them.
+    The arena is what ``et_device_arena_breakdown`` (edgetune/core/et_device.c) reports for
+    the very structs the export writes, at ``pointer_bytes``: parameters, gradients, optimizer
+    state, the skip-cache (``cache_capacity`` rows and a fill flag per sample), the sample
+    store (when ``store_samples``), the shuffle order, the engine's workspace and the 64-byte
+    rounding of the pieces; ``statics`` and ``stack`` are added as the caller measured them.
+    Needs the compiled engine (UsageError naming the reason without it).
     """
+    import ctypes
+
+    from .core import DEVICE_PIECES
+    from .core.engine import CoreModel
+
     if optimizer not in OPTIMIZER_COPIES:
         raise UsageError(f"unknown optimizer '{optimizer}': use one of {', '.join(OPTIMIZER_COPIES)}")
     if batch_size < 1 or max_samples < 1:
         raise UsageError("batch_size and max_samples must be >= 1")
     if cache not in (None, "float32", "int8"):
         raise UsageError(f"cache must be None, 'float32' or 'int8', got {cache!r}")
-    sizes = method.backbone.sizes
-    P = int(method.params.flat.size)
     N = int(max_samples)
     C = N if cache_capacity is None else int(cache_capacity)
     if cache is None:
         C = 0
     if not 0 <= C <= N:
         raise UsageError(f"cache_capacity {C} is outside 0..{N}")
-    d, out, inp = sum(sizes[:-1]), sizes[-1], sizes[0]
-    raw = {"params": 4 * P, "gradients": 4 * P,
-           "optimizer": {"sgd": 0, "momentum": 4 * P, "adam": 8 * P}[optimizer]}
-    pieces = [4 * P, 4 * P] + {"sgd": [], "momentum": [4 * P], "adam": [4 * P, 4 * P]}[optimizer]
-    cache_pieces: list[int] = []
-    if cache == "float32":
-        cache_pieces = [4 * C * (d + out)]
-    elif cache == "int8":
-        cache_pieces = [C * d, 4 * C * out]
-    if cache is not None:
-        cache_pieces.append(N)  # one fill flag per sample
-    sample_pieces = [4 * N * inp, 4 * N] if store_samples else []
-    pieces += cache_pieces + sample_pieces + [4 * N]
-    spec = method.core_spec()
-    pack = max([0] + [sizes[k] * sizes[k + 1] for k in range(spec["first"] + 1, len(sizes) - 1)
-                      if spec["kind"] == "layerwise" and spec["weight"][k] >= 0])
-    ws = core_workspace_bytes(sizes, spec["kind"], batch=batch_size, n_params=P, rank=spec["rank"],
-                              int8=hasattr(method.backbone, "qweights"), first=spec["first"], pack=pack,
-                              pointer_bytes=pointer_bytes)
-    exact = sum(raw.values()) + sum(cache_pieces) + sum(sample_pieces) + 4 * N
-    arena = sum(_piece(p) for p in pieces) + ws + CORE_ALIGN
-    return DevicePlan(method=method.name, backbone="int8" if hasattr(method.backbone, "qweights") else "float32",
-                      batch_size=int(batch_size), max_samples=N, optimizer=optimizer, n_params=P, cache=cache,
-                      cache_capacity=C, params=raw["params"], gradients=raw["gradients"],
-                      optimizer_state=raw["optimizer"], cache_bytes=sum(cache_pieces), samples=sum(sample_pieces),
-                      order=4 * N, workspace=ws, alignment=arena - ws - exact, statics=int(statics),
-                      stack=int(stack))
+    if N > 2 ** 31 - 1:
+        raise UsageError(f"max_samples {N} is too large for the compiled engine")
+    lib = _core_lib("the device arena")
+    core = CoreModel(method, batch_size)
+    desc = device_model_desc(core, optimizer=optimizer, cache=cache, cache_capacity=C, max_samples=N,
+                             store_samples=store_samples)
+    pieces = (ctypes.c_size_t * len(DEVICE_PIECES))()
+    arena = lib.et_device_arena_breakdown(ctypes.byref(desc), int(pointer_bytes), pieces)
+    if arena == 0:
+        raise UsageError(f"the compiled engine refuses the device arena for {method.name} at batch {batch_size}")
+    got = dict(zip(DEVICE_PIECES, (int(v) for v in pieces)))
+    plan = DevicePlan(method=method.name, backbone="int8" if method.backbone.is_int8 else "float32",
+                      batch_size=int(batch_size), max_samples=N, optimizer=optimizer,
+                      n_params=int(method.params.flat.size), cache=cache, cache_capacity=C, params=got["params"],
+                      gradients=got["gradients"], optimizer_state=got["optimizer"], cache_bytes=got["cache"],
+                      samples=got["samples"], order=got["order"], workspace=got["workspace"],
+                      alignment=got["alignment"], statics=int(statics), stack=int(stack))
+    if plan.arena != arena:  # the pieces C reports add up to its total
+        raise RuntimeError(f"the device arena's pieces add up to {plan.arena}, C's total is {arena}")
+    return plan
 
 __all__ = ["MemoryPlan", "plan_memory", "measure_memory", "sparse_schemes", "candidates", "check_budget",
            "backbone_bytes", "COMPONENTS", "DevicePlan", "plan_device_memory"]

@@ -10,7 +10,7 @@ import edgetune as et
 from edgetune import core
 from edgetune.core.engine import CoreModel, CoreRunner, resolve_engine
 from edgetune.errors import UsageError
-from edgetune.memory import core_workspace_for
+from edgetune.memory import core_workspace_bytes, core_workspace_for
 from edgetune.methods import make_method
 
 from .conftest import small_backbone, toy_task
@@ -99,15 +99,132 @@ def test_divergence_restores_and_raises():
     assert t.method.params.flat.shape == before.shape
 
 
-def test_workspace_size_matches_memory_model():
+def _pack(m) -> int:
+    """The largest weight the layer-wise backward pass transposes (what core_workspace_bytes takes)."""
+    spec, sizes = m.core_spec(), m.backbone.sizes
+    return max([0] + [sizes[k] * sizes[k + 1] for k in range(spec["first"] + 1, len(sizes) - 1)
+                      if spec["kind"] == "layerwise" and spec["weight"][k] >= 0])
+
+
+def test_the_planner_asks_c_for_the_workspace_the_trainer_allocates():
+    """core_workspace_bytes (sizes only, no weights) is C's figure for the structs the trainer runs on."""
+    from edgetune.optim import make_optimizer
+    from edgetune.quant.int8 import quantize
+
     x, y = toy_task(n=20, d=9, classes=3)
     for sizes in [(9, 12, 3), (9, 20, 10, 3), (9, 5, 7, 6, 3)]:
         bb = small_backbone(sizes=sizes, dtype=np.float32)
-        for method in METHODS:
-            for batch in (1, 7, 20):
-                m = make_method(method, bb, rank=2 if "lora" in method else 1)
-                model = CoreModel(m, batch)
-                assert model.workspace().nbytes == core_workspace_for(m, batch), (sizes, method, batch)
+        for int8 in (False, True):
+            b = quantize(bb, x) if int8 else bb
+            for method in METHODS:
+                if int8 and method.startswith(("ft-", "lora-")):
+                    continue
+                for batch in (1, 7, 20):
+                    m = make_method(method, b, rank=2 if "lora" in method else 1)
+                    runner = CoreRunner(m, make_optimizer("sgd", m.params, 0.1), b.prepare(x), y, batch)
+                    spec = m.core_spec()
+                    planned = core_workspace_bytes(sizes, spec["kind"], batch=batch, n_params=m.params.flat.size,
+                                                   rank=spec["rank"], int8=int8, first=spec["first"], pack=_pack(m))
+                    assert runner.ws.nbytes == planned == core_workspace_for(m, batch), (sizes, method, batch)
+                    # a 32-bit target differs only by the batch's row pointers (skip methods)
+                    small = core_workspace_bytes(sizes, spec["kind"], batch=batch, n_params=m.params.flat.size,
+                                                 rank=spec["rank"], int8=int8, first=spec["first"], pack=_pack(m),
+                                                 pointer_bytes=4)
+                    assert small == core_workspace_for(m, batch, pointer_bytes=4)
+                    assert (planned - small) == (0 if spec["kind"] != "skip" else
+                                                 -(-8 * batch // 64) * 64 - -(-4 * batch // 64) * 64)
+
+
+@pytest.mark.parametrize("sizes,kw,message", [
+    ([5, 2 ** 40, 2], {}, "layer width 1"), ([5, 0, 2], {}, "layer width 1"), ([5], {}, "1..16 layers"),
+    (list(range(2, 20)), {}, "1..16 layers"), ([5, 8, 2], {"batch": 2 ** 32 + 4}, "batch"),
+    ([5, 8, 2], {"pointer_bytes": 2}, "pointer_bytes"), ([5, 8, 2], {"first": 2}, "first"),
+    ([5, 8, 2], {"pack": 7, "kind": "layerwise"}, "pack 7"), ([5, 8, 2], {"kind": "conv"}, "unknown method kind")])
+def test_the_planner_refuses_what_c_cannot_take(sizes, kw, message):
+    """Every value is checked before it reaches a ctypes int32 (which would wrap silently)."""
+    kw = {"kind": "skip", "batch": 4, "n_params": 10, **kw}
+    with pytest.raises(UsageError, match=message):
+        core_workspace_bytes(sizes, kw.pop("kind"), **kw)
+
+
+def test_the_device_arena_is_what_the_device_needs():
+    """plan_device_memory's arena is exactly what et_device_init accepts: not one byte less."""
+    from edgetune.memory import device_model_desc, plan_device_memory
+
+    lib = core.load()
+    lib.et_device_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                   ctypes.c_uint32]
+    lib.et_device_init.restype = ctypes.c_int32
+    bb = small_backbone(sizes=(9, 20, 10, 3), dtype=np.float32)
+    for method, cache in [("skip2-lora", "float32"), ("skip-lora", None), ("lora-all", None), ("ft-last", None),
+                          ("sparse", None)]:
+        m = make_method(method, bb)
+        for optimizer in ("sgd", "momentum", "adam"):
+            for store, capacity in ((True, 50), (False, 17)):
+                kw = dict(optimizer=optimizer, cache=cache, cache_capacity=capacity, max_samples=50,
+                          store_samples=store)
+                plan = plan_device_memory(m, batch_size=7, pointer_bytes=ctypes.sizeof(ctypes.c_void_p), **kw)
+                model = CoreModel(m, 7)
+                desc = device_model_desc(model, **{**kw, "cache_capacity": capacity if cache else 0})
+                assert plan.arena == lib.et_device_arena_bytes(ctypes.byref(desc))
+                assert plan.workspace == model.workspace_bytes()
+                assert plan.params == plan.gradients == 4 * m.params.flat.size
+                assert plan.optimizer_state == {"sgd": 0, "momentum": 1, "adam": 2}[optimizer] * plan.params
+                assert plan.samples == (50 * 4 * 9 + 50 * 4 if store else 0) and plan.order == 50 * 4
+                assert 0 <= plan.alignment < 64 * 12
+                device = np.zeros(4096, np.uint8)
+                arena = np.zeros(plan.arena + 64, np.uint8)
+                base = arena.ctypes.data + (-arena.ctypes.data) % 64  # aligned: no slack taken at the start
+                assert lib.et_device_init(device.ctypes.data, ctypes.addressof(desc), base, plan.arena - 1, 1) == -2
+                assert lib.et_device_init(device.ctypes.data, ctypes.addressof(desc), base, plan.arena, 1) == 0
+
+
+def test_a_wrong_field_offset_refuses_the_library(monkeypatch):
+    lib = core.load()
+    core.check_layout(lib, core.STRUCTS, core.ENUMS)  # the real binding agrees with C
+
+    class Method(ctypes.Structure):  # `scale` widened to a double: the fields after it move
+        _fields_ = [(n, ctypes.c_double if n == "scale" else t) for n, t in core.Method._fields_]
+
+    bad = tuple(Method if s is core.Method else s for s in core.STRUCTS)
+    with pytest.raises(OSError, match=r"struct Method: field 'first' is at offset 12 in C, 16 in Python"):
+        core.check_layout(lib, bad, core.ENUMS)
+
+    class Layer(ctypes.Structure):  # a field missing
+        _fields_ = [f for f in core.Layer._fields_ if f[0] != "groups"]
+
+    bad = tuple(Layer if s is core.Layer else s for s in core.STRUCTS)
+    with pytest.raises(OSError, match=r"struct Layer: field 13 is 'groups' in C, 'activation' in Python"):
+        core.check_layout(lib, bad, core.ENUMS)
+    enums = {**core.ENUMS, "activation": ("relu", "tanh", "leaky_relu", "sigmoid", "identity")}
+    with pytest.raises(OSError, match=r"enum activation: value 1 is 'leaky_relu' in C, 'tanh' in Python"):
+        core.check_layout(lib, core.STRUCTS, enums)
+    with pytest.raises(OSError, match=r"enum layer: value 1 \('conv2d'\) is not in C"):
+        core.check_layout(lib, core.STRUCTS, {**core.ENUMS, "layer": ("dense", "conv2d")})
+    # at load: the library is refused, with the struct and field named
+    monkeypatch.setattr(core, "STRUCTS", tuple(Method if s is core.Method else s for s in core.STRUCTS))
+    monkeypatch.setattr(core, "_loaded", False)
+    monkeypatch.setattr(core, "_lib", None)
+    monkeypatch.setattr(core, "_error", None)
+    assert core.load() is None and not core.available()
+    assert "struct Method: field 'first' is at offset 12 in C, 16 in Python" in core.unavailable_reason()
+
+
+def test_an_unknown_layer_kind_is_refused_by_c():
+    from edgetune.core.engine import CoreError
+
+    lib = core.load()
+    bb = small_backbone(sizes=(6, 8, 3), dtype=np.float32)
+    x, y = toy_task(n=12, d=6, classes=3)
+    model = CoreModel(make_method("lora-all", bb), 4)
+    assert lib.et_backbone_check(ctypes.byref(model.bb)) == 0
+    model.bb.layers[1].kind = 7
+    assert lib.et_backbone_check(ctypes.byref(model.bb)) == -3  # ET_ERR_UNSUPPORTED
+    with pytest.raises(CoreError, match="refused"):
+        model.batch_gradient(bb.prepare(x).astype(np.float32), y.astype(np.int32), np.arange(3, dtype=np.int32))
+    model.bb.layers[1].kind = 0
+    model.bb.layers[1].in_c = 9  # layer 1 no longer reads layer 0's 8 outputs
+    assert lib.et_backbone_check(ctypes.byref(model.bb)) == -1
 
 
 def test_engine_selection(monkeypatch):
@@ -201,13 +318,13 @@ def test_c_gradient_matches_finite_differences():
 
 
 def test_int8_forward_is_bit_identical():
-    from edgetune.quant.int8 import quantize
+    from edgetune.quant.int8 import int8_forward_taps, quantize
 
     bb = small_backbone(sizes=(12, 20, 16, 4), dtype=np.float32, seed=3)
     x, _ = toy_task(n=37, d=12, classes=4, seed=5)
     q = quantize(bb, x)
     xp = q.prepare(x)
-    rows, logits = q.forward_taps_int8(xp)
+    rows, logits = int8_forward_taps(q, xp)
     m = make_method("skip-lora", q)
     model = CoreModel(m, 8)
     lib = core.load()

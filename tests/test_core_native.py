@@ -141,6 +141,16 @@ try:
     raise SystemExit("engine='c' should have been refused")
 except UsageError as e:
     assert "does not load" in str(e)
+# the sizes of C memory come from C only: without it the planner says why, it does not guess
+from edgetune.memory import core_workspace_bytes, plan_device_memory
+from edgetune.methods import make_method
+for call in (lambda: core_workspace_bytes([5, 8, 2], "skip", batch=4, n_params=10),
+             lambda: plan_device_memory(make_method("skip2-lora", bb), batch_size=4, max_samples=10)):
+    try:
+        call()
+        raise SystemExit("a C figure without the compiled engine should have been refused")
+    except UsageError as e:
+        assert "computed by the compiled engine" in str(e) and "does not load" in str(e), str(e)
 print("ok")
 """
     env = {**os.environ, "EDGETUNE_CORE_LIB": str(bogus)}

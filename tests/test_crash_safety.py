@@ -88,7 +88,13 @@ def test_random_sigkills_during_saves_never_leave_neither(tmp_path, kind, exchan
     bad = 0
     for _ in range(3):
         p = _saver(out, kind, env)
-        time.sleep(0.5 + rnd.random() * 0.3)
+        # Kill at a random instant once a first save has completed (before it, there is no old
+        # set to keep: on a loaded machine the saver may take longer than the delay to start).
+        deadline = time.monotonic() + 60
+        while not (out / ("adapter_config.json" if kind == "adapter" else "config.json")).exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the saver never completed a save"
+            time.sleep(0.02)
+        time.sleep(0.05 + rnd.random() * 0.3)
         p.send_signal(signal.SIGKILL)
         p.wait()
         try:

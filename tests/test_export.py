@@ -47,8 +47,9 @@ def needs(*tools: tuple[str, str]) -> None:
 
 
 def make(out: Path, *goals: str, timeout: float = 120) -> str:
-    res = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(out), *goals], capture_output=True,
-                         text=True, timeout=timeout)
+    """Run make in an exported project; every build is warning-free (-Werror) on every target."""
+    res = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(out), "EXTRA_CFLAGS=-Werror", *goals],
+                         capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
 

@@ -101,7 +101,6 @@ def test_model_config_fields_are_checked_by_name(tmp_path, field, value):
     import edgetune as et
     from edgetune.errors import ModelFileError
     from edgetune.quant import quantize
-    from edgetune.quant.int8 import QuantBackbone
 
     from .conftest import small_backbone
 
@@ -115,7 +114,7 @@ def test_model_config_fields_are_checked_by_name(tmp_path, field, value):
     quantize(bb, toy_task(n=20)[0]).save(tmp_path / "q")
     _edit_json(tmp_path / "q" / "config.json", **{field: value})
     with pytest.raises(ModelFileError, match=rf"config\.json: field '{field}' must be"):
-        QuantBackbone.load(tmp_path / "q")
+        et.Backbone.load(tmp_path / "q")
 
 
 @pytest.mark.parametrize("field,value", [

@@ -94,6 +94,13 @@ def test_model_files_damaged_or_mismatched(tmp_path):
     c = json.loads(cfg.read_text())
     c["sizes"] = [7, 5, 9, 3]
     cfg.write_text(json.dumps(c))
+    with pytest.raises(ModelFileError, match=r"field 'sizes' \[7, 5, 9, 3\] does not match its layers"):
+        et.Backbone.load(tmp_path / "m")
+    # The layer descriptions and the tensors disagree: the tensor is named.
+    c["sizes"] = [7, 5, 9, 3]
+    c["layers"][1]["out_channels"] = 9
+    c["layers"][2]["in_shape"] = [9]
+    cfg.write_text(json.dumps(c))
     with pytest.raises(ModelFileError, match="layers.1.weight"):
         et.Backbone.load(tmp_path / "m")
     cfg.write_text("{not json")

@@ -7,7 +7,7 @@ import pytest
 
 import edgetune as et
 from edgetune.errors import ModelFileError, UsageError
-from edgetune.quant import QuantBackbone, attach_int8_cache, load_any, quantize, quantize_weight
+from edgetune.quant import attach_int8_cache, dequantize, load_any, quantize, quantize_weight
 from edgetune.quant.int8 import requant_params, requantize
 
 from .conftest import DATA_DIR as DATA
@@ -49,11 +49,11 @@ def test_int8_forward_close_to_float_and_kernels_identical():
     assert np.abs(f - i).max() < 0.05 * np.abs(f).max()
     assert np.mean(f.argmax(1) == i.argmax(1)) > 0.95
     q32 = q.copy()
-    q32.kernel = "int32"
+    q32.int8_kernel = "int32"
     np.testing.assert_array_equal(q32.forward(xp), i)
     taps = q.forward_taps(xp)
     np.testing.assert_allclose(taps, bb.forward_taps(xp), atol=0.1 * np.abs(taps).max())
-    np.testing.assert_allclose(q.dequantize().forward(xp), f, atol=0.05 * np.abs(f).max())
+    np.testing.assert_allclose(dequantize(q).forward(xp), f, atol=0.05 * np.abs(f).max())
 
 
 def test_save_load_round_trip_and_bad_files(tmp_path):
@@ -61,17 +61,17 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     q = quantize(bb, x)
     q.save(tmp_path / "q")
     back = load_any(tmp_path / "q")
-    assert isinstance(back, QuantBackbone) and back.digest() == q.digest()
-    assert isinstance(load_any(bb.save(tmp_path / "f")), et.Backbone)
+    assert back.is_int8 and back.digest() == q.digest()
+    np.testing.assert_array_equal(back.forward(bb.prepare(x)), q.forward(bb.prepare(x)))
+    f = load_any(bb.save(tmp_path / "f"))
+    assert isinstance(f, et.Backbone) and not f.is_int8
     blob = (tmp_path / "q" / "model.safetensors").read_bytes()
     (tmp_path / "q" / "model.safetensors").write_bytes(blob[:-3])
     with pytest.raises(ModelFileError, match="checksum"):
-        QuantBackbone.load(tmp_path / "q")
-    with pytest.raises(ModelFileError, match="not an edgetune int8 model"):
-        QuantBackbone.load(tmp_path / "f")
+        et.Backbone.load(tmp_path / "q")
     (tmp_path / "q" / "config.json").write_text("{")
     with pytest.raises(ModelFileError, match="not valid JSON"):
-        QuantBackbone.load(tmp_path / "q")
+        et.Backbone.load(tmp_path / "q")
 
 
 def test_float_only_methods_refused_on_int8():

@@ -87,7 +87,9 @@ def test_int8_frozen_tensors_bit_identical_and_qas_factors():
     bb = _bb(np.float32).fit_normalizer(x)
     q = quantize(bb, x)
     xp = q.prepare(x)
-    before = [w.copy() for w in q.qweights] + [b.copy() for b in q.qbiases]
+    qw = lambda bb: [layer.quant.qweight for layer in bb.layers]  # noqa: E731
+    qb = lambda bb: [layer.quant.qbias for layer in bb.layers]  # noqa: E731
+    before = [w.copy() for w in qw(q)] + [b.copy() for b in qb(q)]
     ids = np.arange(20)
     grads = {}
     for qas in (False, True):
@@ -98,7 +100,7 @@ def test_int8_frozen_tensors_bit_identical_and_qas_factors():
         # Direct derivation: dL/dW (float) = g^T h; W = s_W Wq  =>  dL/dWq = s_W dL/dW.
         h = m._kept[2]
         gw = g.T @ h
-        s_w, s_x = q.wscales[2], q.act_scales[2]
+        s_w, s_x = q.layers[2].quant.wscale, np.float32(q.layers[2].quant.input_scale)
         np.testing.assert_allclose(grads[qas]["layers.2.weight"],
                                    gw / s_w[:, None] if qas else gw * s_w[:, None], rtol=1e-4, atol=1e-7)
         gb = g.sum(0)
@@ -106,13 +108,13 @@ def test_int8_frozen_tensors_bit_identical_and_qas_factors():
                                    rtol=1e-4, atol=1e-9)
     # QAS = plain gradient times s_W^-2 (weights) and (s_W s_x)^-2 (biases), per output channel
     np.testing.assert_allclose(grads[True]["layers.2.weight"],
-                               grads[False]["layers.2.weight"] / q.wscales[2][:, None] ** 2, rtol=1e-4)
+                               grads[False]["layers.2.weight"] / q.layers[2].quant.wscale[:, None] ** 2, rtol=1e-4)
     m = SparseUpdate(q, SparseOptions(scheme="b1,w2:1/2"))
     et.fit(m, xp, y, et.TrainConfig(epochs=3, batch_size=10, lr=0.05))
-    assert all(np.array_equal(a, b) for a, b in zip(before, q.qweights + q.qbiases))
+    assert all(np.array_equal(a, b) for a, b in zip(before, qw(q) + qb(q)))
     merged = m.merged_backbone()
-    assert merged.qweights[2].dtype == np.int8
-    assert np.array_equal(merged.qweights[0], before[0]) and np.array_equal(merged.qweights[2][2:], before[2][2:])
+    assert merged.is_int8 and qw(merged)[2].dtype == np.int8
+    assert np.array_equal(qw(merged)[0], before[0]) and np.array_equal(qw(merged)[2][2:], before[2][2:])
 
 
 def test_registry_default_scheme():

@@ -152,10 +152,10 @@ def input_paths(args: argparse.Namespace) -> dict[str, str]:
     task = getattr(args, "task", None)
     if task and Path(task).exists():
         out["--task"] = task
-    for name in ("model", "adapter", "checkpoint"):
+    for name in ("model", "adapter", "onnx_file", "checkpoint"):
         v = getattr(args, name, None)
         if v:
-            out[f"--{name}"] = v
+            out[f"--{name.replace('_', '-')}"] = v
     return out
 
 

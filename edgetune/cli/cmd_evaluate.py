@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_output_args, add_task_args, check_outputs, load_task_arg, write_json
+from ._common import add_output_args, add_task_args, check_outputs, load_task_arg, output_path, write_json
 
 NAME = "evaluate"
 HELP = "accuracy of a model, with or without an adapter, on every split of a task"
@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="DIR", help="adapter directory saved by 'finetune --save-adapter'")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="load an adapter trained on another backbone of the same shape (its digest differs)")
+    p.add_argument("--onnx", metavar="FILE", type=output_path,
+                   help="also write the model (with the adapter merged, or skip adapters as an added branch) as an "
+                        "ONNX graph; needs the onnx extra")
     add_output_args(p)
 
 
@@ -30,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from ..experiment import check_compatible
     from ..quant import load_any
 
-    check_outputs(args.json, args=args)
+    check_outputs(args.json, args.onnx, args=args)
+    if args.onnx:
+        from ..onnx import require_onnx
+        require_onnx()
     model = load_any(args.model)  # a float or an int8 model
     task = load_task_arg(args)
     check_compatible(model, task)
@@ -48,5 +54,9 @@ def run(args: argparse.Namespace) -> int:
     for name, (x, y) in splits.items():
         result[f"accuracy_{name}"] = tuner.score(x, y)
         print(f"{name:10s} accuracy {result[f'accuracy_{name}']:.4f}  ({len(y)} samples)")
+    if args.onnx:
+        from ..onnx import to_onnx
+        to_onnx(tuner if args.adapter else model, args.onnx)
+        result["onnx"] = args.onnx
     write_json(args.json, result)
     return 0

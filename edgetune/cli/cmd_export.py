@@ -22,7 +22,8 @@ Targets: host and aarch64-linux (a Raspberry Pi Zero 2 W class board): 'make -C 
 DIR/train, which trains on DIR/samples.bin (with --task) and prints one JSON line;
 cortex-m4 and cortex-m7: 'make -C DIR' builds DIR/train.elf with arm-none-eabi-gcc and
 newlib, 'make -C DIR run' runs it under QEMU (mps2-an386 / mps2-an500), 'make -C DIR size'
-prints flash and RAM.
+prints flash and RAM; riscv32 (RV32IMAC, no FPU, like an ESP32-C3) and riscv32f (RV32IMAFC):
+the same with riscv64-unknown-elf-gcc and picolibc, run under qemu-system-riscv32 (virt).
 
 With the same model, method, seed, epochs, batch size and learning rate, the exported
 program reaches the loss 'edgetune finetune' reaches: it starts from the same adapter and

@@ -7,7 +7,8 @@ import sys
 
 from ..errors import UsageError
 from ._common import (add_force_arg, add_output_args, add_task_args, add_train_args, check_outputs, info,
-                      int_list, load_task_arg, lock_outputs, positive_float, positive_int, train_kwargs,
+                      int_list, load_task_arg, lock_outputs, output_path, positive_float, positive_int,
+                      train_kwargs,
                       write_json)
 
 NAME = "finetune"
@@ -54,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve", action="store_true", help="measure test accuracy after every epoch (not counted as training time)")
     p.add_argument("--save-adapter", metavar="DIR", help="save the trained adapter (adapter_model.safetensors + adapter_config.json)")
     p.add_argument("--save-model", metavar="DIR", help="save the fine-tuned model merged into a plain backbone (ft-*, lora-*)")
+    p.add_argument("--onnx", metavar="FILE", type=output_path,
+                   help="write the fine-tuned model as an ONNX graph (adapter merged, or skip adapters as an added "
+                        "branch; int8 backbones as QDQ); needs the onnx extra")
     add_force_arg(p)
     add_output_args(p)
 
@@ -83,7 +87,10 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     limit = parse_bytes(args.budget, "--budget") if args.budget is not None else None
     if args.checkpoint_every and not args.checkpoint:
         raise UsageError("--checkpoint-every needs --checkpoint FILE")
-    check_outputs(args.json, dirs=(args.save_adapter, args.save_model), args=args)
+    check_outputs(args.json, args.onnx, dirs=(args.save_adapter, args.save_model), args=args)
+    if args.onnx:
+        from ..onnx import require_onnx
+        require_onnx()  # a missing extra is said before training, not after
     if args.checkpoint:
         check_outputs(args.checkpoint, args=args, own="--checkpoint")
     # every output locked before any work, so nothing is written by a run that cannot finish
@@ -134,4 +141,8 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     if args.save_model:
         tuner.merged().save(args.save_model)
         info(args, f"merged model saved to {args.save_model}")
+    if args.onnx:
+        from ..onnx import to_onnx
+        to_onnx(tuner, args.onnx)
+        info(args, f"ONNX graph saved to {args.onnx}")
     return 0

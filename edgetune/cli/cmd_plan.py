@@ -21,7 +21,7 @@ Ranking without --task: skip2-lora, then skip-lora, then the sparse scheme with 
 trainable parameters (float before int8 when both fit, then the larger batch). With --task:
 the highest accuracy, ties broken by the smaller plan.
 
-With --target (host, aarch64-linux, cortex-m4, cortex-m7) it plans one program as
+With --target (host, aarch64-linux, cortex-m4, cortex-m7, riscv32, riscv32f) it plans one program as
 'edgetune export' would write it for that device instead: the compiled engine's arena
 (parameters, gradients, optimizer, skip-cache, workspace), the program's static data and
 stack, and the frozen weights as flash; --partial-cache caches as many rows as fit.
@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluate", type=positive_int, default=6, metavar="K",
                    help="with --task: fine-tune the K best-ranked candidates (default 6)")
     g = p.add_argument_group("a device program (the plan 'edgetune export' uses)")
-    g.add_argument("--target", metavar="TARGET", help="plan for this export target: host, aarch64-linux, cortex-m4, cortex-m7")
+    g.add_argument("--target", metavar="TARGET", help="plan for this export target: host, aarch64-linux, cortex-m4, cortex-m7, "
+                                                       "riscv32, riscv32f")
     g.add_argument("--method", default="skip2-lora", help="with --target: the method (default skip2-lora)")
     g.add_argument("--int8", action="store_true", help="with --target: int8 backbone and skip-cache (needs --task)")
     g.add_argument("--partial-cache", action="store_true", help="with --target: cache as many rows as fit the budget")
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         qmodel = None
         for c in fit[:args.evaluate]:
             bb = model
-            if c.plan.backbone == "int8" and not hasattr(model, "qweights"):
+            if c.plan.backbone == "int8" and not model.is_int8:
                 qmodel = qmodel or quantize(model, task.x_pretrain)
                 bb = qmodel
             info(args, f"fine-tuning {c.plan.label} for {args.epochs} epochs")
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     where = "RAM (frozen weights in flash)" if args.weights_in_flash else "memory"
     print(f"budget {format_bytes(budget)} of {where} ({budget} B); model {'-'.join(map(str, model.sizes))} "
-          f"({'int8' if hasattr(model, 'qweights') else 'float32'}); {n} samples, {batch_text}, "
+          f"({'int8' if model.is_int8 else 'float32'}); {n} samples, {batch_text}, "
           f"{args.optimizer}", file=out)
     if not fit:
         smallest = min(cands, key=lambda c: c.plan.total)

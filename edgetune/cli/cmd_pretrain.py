@@ -21,7 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_task_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
     add_force_arg(p)
-    p.add_argument("--hidden", type=int_list, metavar="W1,W2,...", help="hidden widths (task default, else 96,96)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--hidden", type=int_list, metavar="W1,W2,...",
+                       help="an MLP of these hidden widths (task default, else 96,96)")
+    shape.add_argument("--arch", metavar="SPEC",
+                       help="an architecture string, e.g. 'conv:32:5:1:same,relu,maxpool:2,gap,dense:64,relu' "
+                            "(docs/cnn.md), or 'cnn' for the task's convolutional preset")
     add_train_args(p, what="pre-training")
     add_output_args(p)
 
@@ -40,12 +45,13 @@ def _run(args: argparse.Namespace) -> int:
 
     task = load_task_arg(args)
     info(args, task.summary())
-    model, rep = pretrain_on_task(task, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
+    model, rep = pretrain_on_task(task, hidden=args.hidden, arch=args.arch, epochs=args.epochs, lr=args.lr,
                                   batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed,
                                   progress=None if not args.quiet else False)
     model.save(args.out)
     rep["model"] = args.out
-    print(f"pre-trained {'-'.join(map(str, model.sizes))} on {task.name} in {rep['pretrain_seconds']:.2f} s "
+    shape = '-'.join(map(str, model.sizes)) if model.is_plain_mlp() else f"a {len(model.layers)}-layer network"
+    print(f"pre-trained {shape} on {task.name} in {rep['pretrain_seconds']:.2f} s "
           f"({rep['pretrain_epochs']} epochs), saved to {args.out}")
     for k, v in rep.items():
         if k.startswith("accuracy_"):

@@ -1,10 +1,12 @@
 """The compiled training engine: portable C99 sources beside this file, loaded with ctypes.
 
 ``pip install .`` compiles ``et_*.c`` into the shared library ``_edgetune_core``. This
-module finds and loads it, mirrors its structs (``et_core.h``) as ``ctypes`` structures,
-and checks that both sides agree on their sizes before anything runs. If the library is
-missing or does not load, ``available()`` is False and ``unavailable_reason()`` says why;
-the NumPy engine then runs instead (see ``edgetune.core.engine``).
+module finds and loads it, mirrors its structs (``et_core.h``, ``et_device.h``) as ``ctypes``
+structures, and before anything runs checks against the library's own tables
+(``et_abi.c``) that both sides agree on every struct's size and every field's name and
+offset, and on the name of every enum value the binding uses (``ENUMS``). If the library is
+missing, does not load or disagrees, ``available()`` is False and ``unavailable_reason()``
+says why; the NumPy engine then runs instead (see ``edgetune.core.engine``).
 
 ``EDGETUNE_CORE_LIB=/path/to/lib.so`` loads another build of the same sources (the test
 suite uses it for a sanitizer build).
@@ -18,11 +20,26 @@ from pathlib import Path
 from typing import Any
 
 MAX_LAYERS = 16
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE_DIR = Path(__file__).resolve().parent
 #: The library's C sources, in the order they are compiled (the clock is POSIX-only).
-SOURCES = ("et_kernels.c", "et_int8.c", "et_train.c", "et_clock.c")
-HEADERS = ("et_core.h", "et_kernels.h", "et_int8.h")
+SOURCES = ("et_kernels.c", "et_layers.c", "et_int8.c", "et_train.c", "et_device.c", "et_abi.c", "et_clock.c")
+HEADERS = ("et_core.h", "et_kernels.h", "et_layers.h", "et_int8.h", "et_device.h")
+
+#: The C enums the binding uses, each value's name at its number (et_abi.c's tables); checked at load.
+ENUMS: dict[str, tuple[str, ...]] = {
+    "activation": ("relu", "leaky_relu", "tanh", "sigmoid", "identity"),
+    "method": ("layerwise", "skip", "sparse"),
+    "optimizer": ("sgd", "momentum", "adam"),
+    "cache": ("none", "float", "int8"),
+    "layer": ("dense",),
+}
+ENUM_IDS = {name: i for i, name in enumerate(ENUMS)}  # enum et_enum_id
+
+
+def enum(name: str) -> dict[str, int]:
+    """``{value name: number}`` of one C enum, e.g. ``enum("activation")["relu"] == 0``."""
+    return {v: i for i, v in enumerate(ENUMS[name])}
 
 ERRORS = {-1: "invalid argument", -2: "workspace too small", -3: "unsupported configuration"}
 
@@ -33,12 +50,20 @@ _i32p = ctypes.POINTER(ctypes.c_int32)
 _u8p = ctypes.POINTER(ctypes.c_uint8)
 
 
+_i32 = ctypes.c_int32
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("kind", _i32), ("in_c", _i32), ("in_h", _i32), ("in_w", _i32),
+                ("out_c", _i32), ("out_h", _i32), ("out_w", _i32), ("kernel_h", _i32), ("kernel_w", _i32),
+                ("stride_h", _i32), ("stride_w", _i32), ("pad_h", _i32), ("pad_w", _i32), ("groups", _i32),
+                ("activation", _i32), ("wt", _f32p), ("w", _f32p), ("bias", _f32p),
+                ("qw", _i8p), ("wscale", _f32p), ("qbias", _i32p), ("rq_mult", _i32p), ("rq_shift", _i32p),
+                ("act_scale", ctypes.c_float)]
+
+
 class Backbone(ctypes.Structure):
-    _fields_ = [("n_layers", ctypes.c_int32), ("sizes", ctypes.c_int32 * (L + 1)),
-                ("activation", ctypes.c_int32), ("is_int8", ctypes.c_int32),
-                ("wt", _f32p * L), ("w", _f32p * L), ("bias", _f32p * L),
-                ("qw", _i8p * L), ("wscale", _f32p * L), ("qbias", _i32p * L),
-                ("rq_mult", _i32p * L), ("rq_shift", _i32p * L), ("act_scale", ctypes.c_float * L)]
+    _fields_ = [("n_layers", _i32), ("is_int8", _i32), ("layers", Layer * L)]
 
 
 class Method(ctypes.Structure):
@@ -70,7 +95,19 @@ class EpochStats(ctypes.Structure):
                 ("diverged", ctypes.c_int32), ("batches", ctypes.c_int32)]
 
 
-STRUCTS = (Backbone, Method, Optimizer, Cache, EpochStats)  # the order of et_sizeof()
+class ModelDesc(ctypes.Structure):
+    """et_model_desc (et_device.h): what an exported device program is built around."""
+    _fields_ = [("backbone", ctypes.POINTER(Backbone)), ("method", ctypes.POINTER(Method)),
+                ("initial_params", _f32p), ("optimizer", _i32), ("lr", ctypes.c_double),
+                ("momentum", ctypes.c_double), ("weight_decay", ctypes.c_double), ("beta1", ctypes.c_double),
+                ("beta2", ctypes.c_double), ("eps", ctypes.c_double), ("batch", _i32), ("cache_kind", _i32),
+                ("cache_capacity", _i32), ("col_scales", _f32p), ("max_samples", _i32), ("store_samples", _i32),
+                ("input_mean", _f32p), ("input_std", _f32p), ("n_tensors", _i32), ("tensors", ctypes.c_void_p)]
+
+
+STRUCTS = (Backbone, Method, Optimizer, Cache, EpochStats, Layer, ModelDesc)  # numbered as in et_sizeof()
+#: The arena's pieces in et_device_arena_breakdown() (enum et_device_piece).
+DEVICE_PIECES = ("params", "gradients", "optimizer", "cache", "samples", "order", "workspace", "alignment")
 
 _lib: Any = None
 _error: str | None = None
@@ -95,8 +132,17 @@ def _declare(lib: Any) -> None:
     lib.et_abi_version.restype = i32
     lib.et_sizeof.argtypes, lib.et_sizeof.restype = [i32], sz
     lib.et_build_info.restype = ctypes.c_char_p
+    lib.et_field_name.argtypes, lib.et_field_name.restype = [i32, i32], ctypes.c_char_p
+    lib.et_field_offset.argtypes, lib.et_field_offset.restype = [i32, i32], ctypes.c_int64
+    lib.et_enum_name.argtypes, lib.et_enum_name.restype = [i32, i32], ctypes.c_char_p
+    lib.et_backbone_check.argtypes, lib.et_backbone_check.restype = [P(Backbone)], i32
     lib.et_workspace_size.argtypes = [P(Backbone), P(Method), P(Cache), i32]
     lib.et_workspace_size.restype = sz
+    lib.et_workspace_size_for.argtypes = [P(Backbone), P(Method), P(Cache), i32, i32]
+    lib.et_workspace_size_for.restype = sz
+    lib.et_device_arena_bytes.argtypes, lib.et_device_arena_bytes.restype = [P(ModelDesc)], sz
+    lib.et_device_arena_breakdown.argtypes = [P(ModelDesc), i32, P(sz)]
+    lib.et_device_arena_breakdown.restype = sz
     lib.et_train_epochs.argtypes = [P(Backbone), P(Method), P(Optimizer), P(Cache), vp, vp, vp, vp, i32, i32,
                                     vp, i32, vp, vp, sz, P(EpochStats)]
     lib.et_train_epochs.restype = i32
@@ -128,15 +174,44 @@ def load() -> Any:
         _declare(lib)
         if lib.et_abi_version() != ABI_VERSION:
             raise OSError(f"ABI version {lib.et_abi_version()}, expected {ABI_VERSION}")
-        for i, st in enumerate(STRUCTS):
-            if lib.et_sizeof(i) != ctypes.sizeof(st):
-                raise OSError(f"struct {st.__name__} is {lib.et_sizeof(i)} bytes in C, "
-                              f"{ctypes.sizeof(st)} in Python")
+        check_layout(lib, STRUCTS, ENUMS)
     except (OSError, AttributeError) as e:
         _error = f"the compiled engine at {path} does not load ({e}); reinstall with 'pip install .'"
         return None
     _lib = lib
     return lib
+
+
+def check_layout(lib: Any, structs: tuple = STRUCTS, enums: dict[str, tuple[str, ...]] = ENUMS) -> None:
+    """Raise OSError unless the library agrees with ``structs`` (numbered as in et_sizeof) on
+    every struct's size and every field's name and offset, and with ``enums`` on every value's
+    name; the message names the struct and field (or enum and value) that differ."""
+    for i, st in enumerate(structs):
+        for j, (name, _) in enumerate(st._fields_):
+            c_name = lib.et_field_name(i, j)
+            if c_name is None:
+                raise OSError(f"struct {st.__name__}: field {j} ({name!r}) is not in C")
+            if c_name.decode() != name:
+                raise OSError(f"struct {st.__name__}: field {j} is {c_name.decode()!r} in C, {name!r} in Python")
+            off = getattr(st, name).offset
+            if lib.et_field_offset(i, j) != off:
+                raise OSError(f"struct {st.__name__}: field {name!r} is at offset {lib.et_field_offset(i, j)} "
+                              f"in C, {off} in Python")
+        extra = lib.et_field_name(i, len(st._fields_))
+        if extra is not None:
+            raise OSError(f"struct {st.__name__}: field {extra.decode()!r} is in C, not in Python")
+        if lib.et_sizeof(i) != ctypes.sizeof(st):
+            raise OSError(f"struct {st.__name__} is {lib.et_sizeof(i)} bytes in C, {ctypes.sizeof(st)} in Python")
+    for e, (name, values) in enumerate(enums.items()):
+        for v, value in enumerate(values):
+            c_name = lib.et_enum_name(e, v)
+            if c_name is None:
+                raise OSError(f"enum {name}: value {v} ({value!r}) is not in C")
+            if c_name.decode() != value:
+                raise OSError(f"enum {name}: value {v} is {c_name.decode()!r} in C, {value!r} in Python")
+        extra = lib.et_enum_name(e, len(values))
+        if extra is not None:
+            raise OSError(f"enum {name}: value {len(values)} ({extra.decode()!r}) is in C, not in Python")
 
 
 def available() -> bool:

@@ -21,12 +21,15 @@ import numpy as np
 
 from ..errors import EdgetuneError, UsageError
 from . import MAX_LAYERS, ERRORS, Backbone as CBackbone, Cache as CCache, EpochStats, Method as CMethod
-from . import Optimizer as COptimizer, load, unavailable_reason
+from . import Optimizer as COptimizer, enum, load, unavailable_reason
 
 ENGINES = ("auto", "c", "numpy")
-ACTIVATIONS = {"relu": 0, "leaky_relu": 1, "tanh": 2, "sigmoid": 3, "identity": 4}
-KINDS = {"layerwise": 0, "skip": 1, "sparse": 2}
-OPTIMIZERS = {"SGD": 0, "Momentum": 1, "Adam": 2}
+# The C enums, as the binding checked them against the library at load (edgetune/core/__init__.py).
+ACTIVATIONS = enum("activation")
+KINDS = enum("method")
+LAYER_KINDS = enum("layer")
+CACHE_KINDS = enum("cache")
+OPTIMIZERS = {cls: enum("optimizer")[cls.lower()] for cls in ("SGD", "Momentum", "Adam")}
 INT32_MAX = 2 ** 31 - 1
 _warned = False
 
@@ -67,6 +70,10 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
         return "a layer is too wide for the compiled engine"
     if np.dtype(bb.dtype) != np.float32:
         return f"the compiled engine computes in float32 (this backbone is {bb.dtype})"
+    if any(layer.spec.kind != "dense" for layer in bb.layers):
+        return "the compiled engine runs dense layers only"
+    if not bb.is_plain_mlp():
+        return "the compiled engine takes one activation between layers and none after the last"
     if bb.activation.name not in ACTIVATIONS:
         return f"activation {bb.activation.name} has no compiled implementation"
     if getattr(method, "takes_scheme", False):
@@ -133,46 +140,47 @@ class CoreModel:
         return _kept(self._keep, a)
 
     def _backbone(self, bb: Any, spec: dict) -> CBackbone:
-        s = CBackbone()
+        s = dense_backbone(bb.sizes, bb.activation.name)
         sizes = bb.sizes
         n = bb.n_layers
-        s.n_layers = n
-        for k, w in enumerate(sizes):
-            s.sizes[k] = w
-        s.activation = ACTIVATIONS[bb.activation.name]
-        s.is_int8 = int(hasattr(bb, "qweights"))
+        s.is_int8 = int(bb.is_int8)
         wt = spec.get("wt")
         for k in range(n):
             shape = (sizes[k + 1], sizes[k])
+            layer = s.layers[k]
             if s.is_int8:
-                s.qw[k] = self._keep_array(_check(bb.qweights[k], shape, np.int8, f"layer {k} int8 weight")) \
+                q = bb.layers[k].quant
+                layer.qw = self._keep_array(_check(q.qweight, shape, np.int8, f"layer {k} int8 weight")) \
                     .ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-                s.wscale[k] = _f32(self._keep_array(_check(bb.wscales[k], shape[:1], np.float32,
-                                                           f"layer {k} weight scale")))
-                s.qbias[k] = self._keep_array(_check(bb.qbiases[k], shape[:1], np.int32, f"layer {k} int32 bias")) \
+                layer.wscale = _f32(self._keep_array(_check(q.wscale, shape[:1], np.float32,
+                                                            f"layer {k} weight scale")))
+                layer.qbias = self._keep_array(_check(q.qbias, shape[:1], np.int32, f"layer {k} int32 bias")) \
                     .ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-                s.act_scale[k] = float(bb.act_scales[k])
+                layer.act_scale = float(q.input_scale)
                 if k < n - 1:
-                    mult, shift = bb._requant[k]
+                    mult, shift = q.requant
                     if np.any(mult < 0) or np.any(mult > INT32_MAX) or np.any(shift < 1) or np.any(shift > 62):
                         raise UsageError(f"layer {k}: requantisation parameters out of range")
                     m32 = self._keep_array(np.ascontiguousarray(mult, np.int32))
                     s32 = self._keep_array(np.ascontiguousarray(shift, np.int32))
                     _check(m32, shape[:1], np.int32, f"layer {k} requant multiplier")
                     _check(s32, shape[:1], np.int32, f"layer {k} requant shift")
-                    s.rq_mult[k] = m32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-                    s.rq_shift[k] = s32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+                    layer.rq_mult = m32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+                    layer.rq_shift = s32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
                 continue
             # Frozen tensors C reads in place; a non-contiguous one (a view) is read from a copy.
             bias = self._keep_array(np.ascontiguousarray(bb.biases[k]))
-            s.bias[k] = _f32(_check(bias, shape[:1], np.float32, f"layer {k} bias"))
+            layer.bias = _f32(_check(bias, shape[:1], np.float32, f"layer {k} bias"))
             frozen = spec["kind"] == "sparse" or (spec["kind"] == "layerwise" and spec["weight"][k] < 0)
             if frozen:  # the sparse method's weights, and the layer-wise backward pass's frozen W
                 w = self._keep_array(np.ascontiguousarray(bb.weights[k]))
-                s.w[k] = _f32(_check(w, shape, np.float32, f"layer {k} weight"))
+                layer.w = _f32(_check(w, shape, np.float32, f"layer {k} weight"))
             if spec["kind"] != "sparse" and wt is not None and wt[k] is not None:
-                s.wt[k] = _f32(self._keep_array(_check(wt[k], shape[::-1], np.float32,
-                                                       f"layer {k} transposed weight")))
+                layer.wt = _f32(self._keep_array(_check(wt[k], shape[::-1], np.float32,
+                                                        f"layer {k} transposed weight")))
+        rc = self.lib.et_backbone_check(ctypes.byref(s))
+        if rc != 0:
+            raise CoreError(f"the compiled engine refused the backbone: {ERRORS.get(rc, rc)}")
         return s
 
     def _offset(self, off: int, shape: tuple[int, ...], name: str) -> int:
@@ -209,7 +217,7 @@ class CoreModel:
                 s.off_lora_b[k] = self._offset(spec["lora_b"][k], (sizes[k + 1], r), f"layer {k} lora_B")
                 if (s.off_lora_a[k] < 0) != (s.off_lora_b[k] < 0):
                     raise UsageError(f"layer {k}: a LoRA adapter needs both A and B")
-                if s.off_weight[k] < 0 and self.bb.wt[k] is None:
+                if s.off_weight[k] < 0 and not self.bb.layers[k].wt:
                     raise UsageError(f"layer {k}: no transposed weight for the forward pass")
         elif spec["kind"] == "skip":
             d = sum(sizes[:-1])
@@ -217,7 +225,7 @@ class CoreModel:
             s.off_skip_b = self._offset(spec["skip_b"], (sizes[-1], n * r), "skip.lora_B")
             if s.off_skip_a < 0 or s.off_skip_b < 0:
                 raise UsageError("skip adapters need both A and B")
-            if not self.bb.is_int8 and any(self.bb.wt[k] is None for k in range(n)) and any(
+            if not self.bb.is_int8 and any(not self.bb.layers[k].wt for k in range(n)) and any(
                     spec["wt"] is None or spec["wt"][k] is None for k in range(n)):
                 raise UsageError("skip adapters need every layer's transposed weight")
         else:
@@ -240,12 +248,22 @@ class CoreModel:
         return s
 
     # -- calls ---------------------------------------------------------------------------
-    def workspace(self, cache: CCache | None = None) -> np.ndarray:
-        nbytes = self.lib.et_workspace_size(ctypes.byref(self.bb), ctypes.byref(self.m),
-                                            ctypes.byref(cache) if cache is not None else None, self.batch)
+    def workspace_bytes(self, cache: CCache | None = None, pointer_bytes: int | None = None) -> int:
+        """Bytes of workspace C needs for these structs (et_workspace_size), or for a target with
+        ``pointer_bytes``-wide pointers (et_workspace_size_for)."""
+        c = ctypes.byref(cache) if cache is not None else None
+        if pointer_bytes is None:
+            nbytes = self.lib.et_workspace_size(ctypes.byref(self.bb), ctypes.byref(self.m), c, self.batch)
+        else:
+            nbytes = self.lib.et_workspace_size_for(ctypes.byref(self.bb), ctypes.byref(self.m), c, self.batch,
+                                                    int(pointer_bytes))
         if nbytes == 0:
             raise CoreError("the compiled engine refused the model's sizes")
-        return np.empty(nbytes, np.uint8)
+        return int(nbytes)
+
+    def workspace(self, cache: CCache | None = None) -> np.ndarray:
+        """A buffer of exactly the workspace C asks for."""
+        return np.empty(self.workspace_bytes(cache), np.uint8)
 
     def _inputs(self, x: np.ndarray, what: str = "x") -> np.ndarray:
         if not (isinstance(x, np.ndarray) and x.ndim == 2):
@@ -327,11 +345,34 @@ def _kept(keep: list, a: np.ndarray) -> np.ndarray:
     return a
 
 
+def dense_backbone(sizes: Any, activation: str) -> CBackbone:
+    """An et_backbone of dense layers ``sizes[0] -> ... -> sizes[-1]`` without tensors: each
+    layer the 1x1 case, ``activation`` after every layer but the last (identity there)."""
+    s = CBackbone()
+    n = len(sizes) - 1
+    if not 1 <= n <= MAX_LAYERS:
+        raise UsageError(f"the compiled engine takes 1..{MAX_LAYERS} layers (got {n})")
+    if activation not in ACTIVATIONS:
+        raise UsageError(f"activation {activation} has no compiled implementation")
+    for k, v in enumerate(sizes):  # ctypes would wrap a value past int32 silently
+        if not isinstance(v, (int, np.integer)) or not 1 <= v <= INT32_MAX:
+            raise UsageError(f"layer width {k} is {v!r}; the compiled engine takes 1..{INT32_MAX}")
+    s.n_layers = n
+    for k in range(n):
+        layer = s.layers[k]
+        layer.kind = LAYER_KINDS["dense"]
+        layer.in_c, layer.out_c = int(sizes[k]), int(sizes[k + 1])
+        layer.in_h = layer.in_w = layer.out_h = layer.out_w = 1
+        layer.kernel_h = layer.kernel_w = layer.stride_h = layer.stride_w = layer.groups = 1
+        layer.activation = ACTIVATIONS[activation if k < n - 1 else "identity"]
+    return s
+
+
 def _cache_struct(cache: Any, n: int, row_width: int, d_in: int, n_out: int, eager: bool, keep: list) -> CCache:
     s = CCache()
     s.n_samples, s.row_width, s.d_in, s.eager = n, row_width, d_in, int(eager)
     if cache is None:
-        s.kind = 0
+        s.kind = CACHE_KINDS["none"]
         return s
     if cache.n_samples != n or cache.row_width != row_width:
         raise UsageError(f"the skip-cache holds {cache.n_samples} rows of {cache.row_width}, "
@@ -343,13 +384,13 @@ def _cache_struct(cache: Any, n: int, row_width: int, d_in: int, n_out: int, eag
     filled = _check(cache.filled, (n,), np.bool_, "skip-cache fill mask")
     s.filled = _kept(keep, filled).ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
     if hasattr(cache, "col_scales"):  # the int8 cache
-        s.kind = 2
+        s.kind = CACHE_KINDS["int8"]
         s.qrows = _kept(keep, _check(cache.data, (cap, d_in), np.int8, "int8 cache rows")) \
             .ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
         s.logits = _f32(_kept(keep, _check(cache.logits, (cap, n_out), np.float32, "int8 cache logits")))
         s.col_scales = _f32(_kept(keep, _check(cache.col_scales, (d_in,), np.float32, "int8 cache scales")))
     else:
-        s.kind = 1
+        s.kind = CACHE_KINDS["float"]
         s.rows = _f32(_kept(keep, _check(cache.data, (cap, row_width), np.float32, "cache rows")))
     return s
 

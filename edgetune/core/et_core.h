@@ -6,18 +6,19 @@
  * Python extension, a Linux-board program and a microcontroller firmware.
  *
  * The model is described by four plain structs that hold sizes and pointers:
- *   et_backbone   the frozen network (float32 or int8 weights)
+ *   et_backbone   the frozen network: one et_layer per layer (float32 or int8 tensors)
  *   et_method     what trains, as offsets into one flat parameter vector
  *   et_optimizer  SGD, momentum or Adam, with its state arrays
  *   et_cache      the skip-cache (float32 or int8 rows), or none
  * and one call runs whole epochs:
  *   et_train_epochs(...)   n_epochs over the training set, one shuffled order per epoch
  * The scratch memory it needs is one caller-owned workspace of et_workspace_size() bytes.
+ * What a layer computes is looked up in a table of operations per layer kind (et_layers.h).
  *
- * Layouts: all matrices are row-major. A float layer's weight is given transposed,
- * wt[k] of shape (in, out), because the forward pass reads it that way; the backward
- * pass of the layer-wise methods reads w[k] (out, in) where given (else it transposes wt
- * into the workspace), and the sparse method reads w[k] only. int8 weights are (out, in).
+ * Layouts: all matrices are row-major. A float dense layer's weight is given transposed,
+ * wt (in, out), because the forward pass reads it that way; the backward pass of the
+ * layer-wise methods reads w (out, in) where given (else it transposes wt into the
+ * workspace), and the sparse method reads w only. int8 weights are (out, in).
  */
 #ifndef ET_CORE_H
 #define ET_CORE_H
@@ -26,7 +27,7 @@
 #include <stdint.h>
 
 #define ET_MAX_LAYERS 16
-#define ET_ABI_VERSION 1
+#define ET_ABI_VERSION 2
 
 /* Return codes (negative: the call was refused before anything ran). */
 #define ET_OK 0
@@ -38,25 +39,61 @@ enum et_activation { ET_RELU = 0, ET_LEAKY_RELU = 1, ET_TANH = 2, ET_SIGMOID = 3
 enum et_method_kind { ET_LAYERWISE = 0, ET_SKIP = 1, ET_SPARSE = 2 };
 enum et_optimizer_kind { ET_SGD = 0, ET_MOMENTUM = 1, ET_ADAM = 2 };
 enum et_cache_kind { ET_CACHE_NONE = 0, ET_CACHE_FLOAT = 1, ET_CACHE_INT8 = 2 };
+enum et_layer_kind { ET_LAYER_DENSE = 0 };
+/* The enums by number, for et_enum_name(): the binding reads every name from here. */
+enum et_enum_id { ET_ENUM_ACTIVATION = 0, ET_ENUM_METHOD = 1, ET_ENUM_OPTIMIZER = 2, ET_ENUM_CACHE = 3,
+                  ET_ENUM_LAYER = 4 };
 
-/* The frozen backbone: n_layers fully-connected layers, sizes[0] inputs .. sizes[n] outputs. */
+/*
+ * One layer, described as a convolution in the manner of CMSIS-NN's dims structs:
+ * input (in_c, in_h, in_w) channels-first, output (out_c, out_h, out_w), kernel, stride,
+ * padding and groups. A dense layer is the 1x1 case: in_h = in_w = out_h = out_w = 1,
+ * kernel 1x1, stride 1, padding 0, groups 1, in = in_c inputs and out = out_c outputs.
+ * `activation` is applied to this layer's output (identity on the last layer).
+ * Tensors: float32 (wt, w, bias) or int8 (qw .. act_scale), as the backbone's is_int8 says.
+ */
+typedef struct et_layer {
+    int32_t kind;                           /* enum et_layer_kind */
+    int32_t in_c, in_h, in_w;
+    int32_t out_c, out_h, out_w;
+    int32_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, groups;
+    int32_t activation;                     /* enum et_activation, on this layer's output */
+    /* float32 */
+    const float *wt;                        /* dense: (in, out); NULL where unused */
+    const float *w;                         /* dense: (out, in), or NULL: see above */
+    const float *bias;                      /* (out_c) */
+    /* int8: W ~= wscale[o] * qw[o, i]; this layer's input ~= act_scale * q */
+    const int8_t *qw;                       /* dense: (out, in) */
+    const float *wscale;                    /* (out_c) */
+    const int32_t *qbias;                   /* (out_c), in the accumulator's unit */
+    const int32_t *rq_mult;                 /* (out_c) hidden layers: requantise acc * mult >> shift */
+    const int32_t *rq_shift;                /* (out_c), 1..62 */
+    float act_scale;
+} et_layer;
+
+/* The frozen backbone: n_layers layers, each reading the previous one's output. */
 typedef struct et_backbone {
     int32_t n_layers;
-    int32_t sizes[ET_MAX_LAYERS + 1];
-    int32_t activation;                     /* enum et_activation, between layers */
-    int32_t is_int8;                        /* 0: float32 weights; 1: int8 weights */
-    /* float32 backbone */
-    const float *wt[ET_MAX_LAYERS];         /* (in, out); NULL where unused */
-    const float *w[ET_MAX_LAYERS];          /* (out, in), or NULL: see above */
-    const float *bias[ET_MAX_LAYERS];       /* (out) */
-    /* int8 backbone: W ~= wscale[o] * qw[o, i]; layer k's input ~= act_scale[k] * q */
-    const int8_t *qw[ET_MAX_LAYERS];        /* (out, in) */
-    const float *wscale[ET_MAX_LAYERS];     /* (out) */
-    const int32_t *qbias[ET_MAX_LAYERS];    /* (out), in the accumulator's unit */
-    const int32_t *rq_mult[ET_MAX_LAYERS];  /* (out) hidden layers: requantise acc * mult >> shift */
-    const int32_t *rq_shift[ET_MAX_LAYERS]; /* (out), 1..62 */
-    float act_scale[ET_MAX_LAYERS];
+    int32_t is_int8;                        /* 0: float32 tensors; 1: int8 tensors */
+    et_layer layers[ET_MAX_LAYERS];
 } et_backbone;
+
+/* Values in a layer's input and output (channels x height x width). */
+static inline int32_t et_layer_in(const et_layer *l) { return l->in_c * l->in_h * l->in_w; }
+static inline int32_t et_layer_out(const et_layer *l) { return l->out_c * l->out_h * l->out_w; }
+
+/* Width of the activations between layers: k = 0 the input, else layer k-1's output
+ * (k = n_layers: the logits). et_backbone_check() makes layer k's input the same width. */
+static inline int32_t et_width(const et_backbone *bb, int32_t k) {
+    return k == 0 ? et_layer_in(&bb->layers[0]) : et_layer_out(&bb->layers[k - 1]);
+}
+
+/*
+ * ET_OK if every layer of bb is a kind this build implements with consistent shapes (each
+ * layer's input is the previous one's output) and a known activation; ET_ERR_UNSUPPORTED
+ * for an unknown layer kind; ET_ERR_ARGUMENT otherwise. Every entry point checks this first.
+ */
+int32_t et_backbone_check(const et_backbone *bb);
 
 /*
  * What trains. Every trainable tensor lives in one flat vector `params` (its gradient at
@@ -129,12 +166,17 @@ typedef struct et_epoch_stats {
 /* A monotonic clock in seconds, or NULL for no timing (a microcontroller without one). */
 typedef double (*et_clock_fn)(void);
 
-/* Bytes of workspace et_train_epochs needs at this batch size (64-byte aligned pieces). */
+/* Bytes of workspace et_train_epochs needs at this batch size (64-byte aligned pieces);
+ * 0 when the backbone or method is refused. */
 size_t et_workspace_size(const et_backbone *bb, const et_method *m, const et_cache *cache,
                          int32_t batch);
+/* The same for a target whose pointers are pointer_bytes (4 or 8) wide: what a program built
+ * for that target computes (edgetune's planner asks this for microcontrollers). */
+size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et_cache *cache,
+                             int32_t batch, int32_t pointer_bytes);
 
 /*
- * Run n_epochs epochs. x (n, sizes[0]) prepared inputs, y (n) labels, orders
+ * Run n_epochs epochs. x (n, et_width(bb, 0)) prepared inputs, y (n) labels, orders
  * (n_epochs, n) a permutation of 0..n-1 per epoch; mini-batches of `batch` rows in
  * that order. Writes one et_epoch_stats per epoch run. Stops after an epoch whose
  * loss or parameters are not finite (restoring that epoch's starting parameters).
@@ -163,9 +205,19 @@ int32_t et_int8_forward_taps(const et_backbone *bb, const float *x, int32_t coun
                              float *logits, void *workspace, size_t workspace_bytes);
 size_t et_int8_workspace_size(const et_backbone *bb, int32_t rows);
 
-/* Compile-time facts for `edgetune info`: ABI version, struct sizes, compiler and flags. */
+/*
+ * Compile-time facts, read by the binding at load (and by `edgetune info`): ABI version,
+ * struct sizes and field offsets, the enums' names, compiler and flags. Structs by number:
+ * 0 et_backbone, 1 et_method, 2 et_optimizer, 3 et_cache, 4 et_epoch_stats, 5 et_layer,
+ * 6 et_model_desc (et_device.h).
+ */
 int32_t et_abi_version(void);
-size_t et_sizeof(int32_t which);            /* 0 backbone, 1 method, 2 optimizer, 3 cache, 4 stats */
+size_t et_sizeof(int32_t which);            /* 0 for an unknown struct */
+/* Field `index` of struct `which` (declaration order): its name, and its byte offset; NULL / -1 past the end. */
+const char *et_field_name(int32_t which, int32_t index);
+int64_t et_field_offset(int32_t which, int32_t index);
+/* The name of value `value` of enum `which` (enum et_enum_id), or NULL past the last one. */
+const char *et_enum_name(int32_t which, int32_t value);
 const char *et_build_info(void);
 
 /* A POSIX monotonic clock (et_clock.c; not part of microcontroller builds). */

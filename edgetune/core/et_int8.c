@@ -9,6 +9,7 @@
  */
 #include "et_int8.h"
 #include "et_core.h"
+#include "et_layers.h"
 
 #include <math.h>
 
@@ -18,8 +19,8 @@ static int64_t shift_floor(int64_t v, int s) {
 }
 
 void et_int8_quantize_input(const et_backbone *bb, const float *x, int ldx, int rows, int8_t *q, int ldq) {
-    const float s = bb->act_scale[0];
-    const int in = bb->sizes[0];
+    const float s = bb->layers[0].act_scale;
+    const int in = et_width(bb, 0);
     for (int r = 0; r < rows; r++) {
         for (int i = 0; i < in; i++) {
             float v = rintf(x[(size_t)r * ldx + i] / s);
@@ -30,27 +31,18 @@ void et_int8_quantize_input(const et_backbone *bb, const float *x, int ldx, int 
 }
 
 void et_int8_accumulate(const et_backbone *bb, int k, const int8_t *q, int ldq, int rows, int32_t *acc) {
-    const int in = bb->sizes[k], out = bb->sizes[k + 1];
-    const int8_t *w = bb->qw[k];
-    const int32_t *b = bb->qbias[k];
-    for (int r = 0; r < rows; r++) {
-        const int8_t *qr = q + (size_t)r * ldq;
-        for (int o = 0; o < out; o++) {
-            const int8_t *wo = w + (size_t)o * in;
-            int32_t s = 0;
-            for (int i = 0; i < in; i++) s += (int32_t)qr[i] * (int32_t)wo[i];
-            acc[(size_t)r * out + o] = s + b[o];
-        }
-    }
+    const et_layer *l = &bb->layers[k];
+    et_layer_ops_of(l->kind)->int8_accumulate(l, q, ldq, rows, acc);
 }
 
 void et_int8_requantize(const et_backbone *bb, int k, const int32_t *acc, int rows, int8_t *q, int ldq) {
-    const int out = bb->sizes[k + 1];
-    const int32_t lo = bb->activation == ET_RELU ? 0 : -127;
+    const et_layer *l = &bb->layers[k];
+    const int out = et_layer_out(l);
+    const int32_t lo = l->activation == ET_RELU ? 0 : -127;
     for (int r = 0; r < rows; r++) {
         for (int o = 0; o < out; o++) {
-            const int s = bb->rq_shift[k][o];
-            int64_t p = (int64_t)acc[(size_t)r * out + o] * (int64_t)bb->rq_mult[k][o];
+            const int s = l->rq_shift[o];
+            int64_t p = (int64_t)acc[(size_t)r * out + o] * (int64_t)l->rq_mult[o];
             p = shift_floor(p + ((int64_t)1 << (s - 1)), s);
             p = p < lo ? lo : (p > 127 ? 127 : p);
             q[(size_t)r * ldq + o] = (int8_t)p;
@@ -59,10 +51,11 @@ void et_int8_requantize(const et_backbone *bb, int k, const int32_t *acc, int ro
 }
 
 void et_int8_logits(const et_backbone *bb, const int32_t *acc, int rows, float *logits, int ldl) {
-    const int k = bb->n_layers - 1, out = bb->sizes[k + 1];
+    const et_layer *l = &bb->layers[bb->n_layers - 1];
+    const int out = et_layer_out(l);
     for (int r = 0; r < rows; r++) {
         for (int o = 0; o < out; o++) {
-            const float unit = bb->act_scale[k] * bb->wscale[k][o];
+            const float unit = l->act_scale * l->wscale[o];
             logits[(size_t)r * ldl + o] = (float)((double)acc[(size_t)r * out + o] * (double)unit);
         }
     }
@@ -78,27 +71,28 @@ void et_int8_run(const et_backbone *bb, const float *x, int ldx, int rows, int8_
         if (k == n - 1) {
             et_int8_logits(bb, acc, rows, logits, ldl);
         } else {
-            et_int8_requantize(bb, k, acc, rows, taps + col + bb->sizes[k], ldt);
-            col += bb->sizes[k];
+            et_int8_requantize(bb, k, acc, rows, taps + col + et_width(bb, k), ldt);
+            col += et_width(bb, k);
         }
     }
 }
 
 size_t et_int8_workspace_size(const et_backbone *bb, int32_t rows) {
     int maxw = 0;
-    for (int k = 1; k <= bb->n_layers; k++) maxw = bb->sizes[k] > maxw ? bb->sizes[k] : maxw;
+    if (et_backbone_check(bb) != ET_OK) return 0;
+    for (int k = 1; k <= bb->n_layers; k++) maxw = et_width(bb, k) > maxw ? et_width(bb, k) : maxw;
     return (size_t)rows * (size_t)maxw * sizeof(int32_t);
 }
 
 int32_t et_int8_forward_taps(const et_backbone *bb, const float *x, int32_t count, int8_t *taps,
                              float *logits, void *workspace, size_t workspace_bytes) {
-    if (!bb || !x || !taps || !logits || count < 1 || !bb->is_int8 || bb->n_layers < 1
-        || bb->n_layers > ET_MAX_LAYERS)
-        return ET_ERR_ARGUMENT;
+    const int32_t rc = et_backbone_check(bb);
+    if (rc != ET_OK) return rc;
+    if (!x || !taps || !logits || count < 1 || !bb->is_int8) return ET_ERR_ARGUMENT;
     if (!workspace || workspace_bytes < et_int8_workspace_size(bb, count)) return ET_ERR_WORKSPACE;
     int d_in = 0;
-    for (int k = 0; k < bb->n_layers; k++) d_in += bb->sizes[k];
-    et_int8_run(bb, x, bb->sizes[0], count, taps, d_in, logits, bb->sizes[bb->n_layers],
+    for (int k = 0; k < bb->n_layers; k++) d_in += et_width(bb, k);
+    et_int8_run(bb, x, et_width(bb, 0), count, taps, d_in, logits, et_width(bb, bb->n_layers),
                 (int32_t *)workspace);
     return ET_OK;
 }

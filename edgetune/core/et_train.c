@@ -6,13 +6,10 @@
 #include "et_core.h"
 #include "et_int8.h"
 #include "et_kernels.h"
+#include "et_layers.h"
 
 #include <math.h>
 #include <string.h>
-
-#ifndef ET_BUILD_FLAGS
-#define ET_BUILD_FLAGS "unknown"
-#endif
 
 #define ALIGN 64
 #define FILL_BLOCK 64 /* rows per block when the cache is filled eagerly in place */
@@ -22,7 +19,7 @@
 typedef struct {
     float *snapshot;                       /* n_params: the epoch's starting parameters */
     int32_t *ybuf, *ids, *missing;         /* batch: labels, ids, positions of uncached rows */
-    float *act[ET_MAX_LAYERS + 1];         /* layer-wise/sparse: batch x sizes[k] */
+    float *act[ET_MAX_LAYERS + 1];         /* layer-wise/sparse: batch x et_width(bb, k) */
     float *lora_u;                         /* layer-wise: n x batch x rank */
     float *gbuf[2];                        /* batch x max width: gradients flowing back */
     float *gu;                             /* batch x (n*rank): gradient of the adapters' middle */
@@ -44,22 +41,24 @@ static size_t take(char **cur, size_t bytes) {
 
 static int max_width(const et_backbone *bb) {
     int w = 0;
-    for (int k = 0; k <= bb->n_layers; k++) w = bb->sizes[k] > w ? bb->sizes[k] : w;
+    for (int k = 0; k <= bb->n_layers; k++) w = et_width(bb, k) > w ? et_width(bb, k) : w;
     return w;
 }
 
 static int d_in_of(const et_backbone *bb) {
     int d = 0;
-    for (int k = 0; k < bb->n_layers; k++) d += bb->sizes[k];
+    for (int k = 0; k < bb->n_layers; k++) d += et_width(bb, k);
     return d;
 }
 
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
- * base == NULL only the size. The Python memory model (edgetune/memory.py,
- * core_workspace_bytes) computes the same sum.
+ * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
+ * size of the batch's row pointers). This is the only place the layout is written:
+ * edgetune's planner asks et_workspace_size_for() through the binding.
  */
-static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, char *base, layout *L) {
+static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, int pointer_bytes, char *base,
+                          layout *L) {
     char *cur = base;
     size_t total = 0;
     const size_t B = (size_t)batch, F = sizeof(float);
@@ -77,15 +76,15 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     PIECE(ids, int32_t *, B * 4);
     PIECE(missing, int32_t *, B * 4);
     if (m->kind == ET_SKIP) { /* the skip adapters need only the logits and their gradient */
-        PIECE(gbuf[0], float *, B * bb->sizes[n] * F);
+        PIECE(gbuf[0], float *, B * et_width(bb, n) * F);
     } else {
         PIECE(gbuf[0], float *, B * mw * F);
         PIECE(gbuf[1], float *, B * mw * F);
     }
     if (m->kind == ET_SKIP) {
-        const size_t nr = (size_t)n * m->rank, row = (size_t)d_in_of(bb) + bb->sizes[n];
+        const size_t nr = (size_t)n * m->rank, row = (size_t)d_in_of(bb) + et_width(bb, n);
         PIECE(taps, float *, B * row * F);
-        PIECE(rowp, const float **, B * sizeof(float *));
+        PIECE(rowp, const float **, B * (size_t)pointer_bytes);
         PIECE(u, float *, B * nr * F);
         PIECE(gu, float *, B * nr * F);
         if (bb->is_int8) {
@@ -93,14 +92,14 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(acc, int32_t *, B * mw * 4);
         }
     } else {
-        for (int k = 0; k <= n; k++) PIECE(act[k], float *, B * bb->sizes[k] * F);
+        for (int k = 0; k <= n; k++) PIECE(act[k], float *, B * et_width(bb, k) * F);
         if (m->kind == ET_LAYERWISE) {
             PIECE(lora_u, float *, (size_t)n * B * m->rank * F);
             PIECE(gu, float *, B * m->rank * F);
-            size_t pack = 0; /* layers whose backward needs W (out, in) that is not given */
+            size_t pack = 0; /* layers whose input gradient needs W (out, in) that is not given */
             for (int k = m->first + 1; k < n; k++)
-                if (m->off_weight[k] >= 0 || !bb->w[k]) {
-                    const size_t p = (size_t)bb->sizes[k] * bb->sizes[k + 1];
+                if (m->off_weight[k] >= 0 || !bb->layers[k].w) {
+                    const size_t p = et_layer_ops_of(bb->layers[k].kind)->scratch_floats(&bb->layers[k]);
                     pack = p > pack ? p : pack;
                 }
             PIECE(pack, float *, pack * F);
@@ -115,12 +114,17 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     return total;
 }
 
-size_t et_workspace_size(const et_backbone *bb, const et_method *m, const et_cache *cache, int32_t batch) {
+size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et_cache *cache, int32_t batch,
+                             int32_t pointer_bytes) {
     (void)cache; /* an eager fill writes straight into the cache rows or reuses the batch buffers */
-    if (!bb || !m || batch < 1 || bb->n_layers < 1 || bb->n_layers > ET_MAX_LAYERS || m->n_params < 0) return 0;
-    for (int k = 0; k <= bb->n_layers; k++)
-        if (bb->sizes[k] < 1) return 0;
-    return plan_layout(bb, m, batch, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
+    if (et_backbone_check(bb) != ET_OK || !m || batch < 1 || m->n_params < 0) return 0;
+    if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE || pointer_bytes < 1 || pointer_bytes > 16) return 0;
+    if (m->kind != ET_SKIP && (m->first < 0 || m->first >= bb->n_layers)) return 0;
+    return plan_layout(bb, m, batch, pointer_bytes, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
+}
+
+size_t et_workspace_size(const et_backbone *bb, const et_method *m, const et_cache *cache, int32_t batch) {
+    return et_workspace_size_for(bb, m, cache, batch, (int32_t)sizeof(const float *));
 }
 
 /* ------------------------------------------------------------------ a run's context */
@@ -131,13 +135,18 @@ typedef struct {
     float *G;
     et_cache *cache;
     const float *x;
+    int32_t width[ET_MAX_LAYERS + 1];      /* et_width(bb, k), read once: the hot loops index it */
+    int32_t d_in;                          /* the sum of the layers' input widths */
     layout L;
 } ctx;
 
 static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float *P, float *G,
                  et_cache *cache, const float *x, int batch, void *ws, size_t ws_bytes) {
-    if (!bb || !m || !x || batch < 1 || et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
+    const int32_t rc = et_backbone_check(bb);
+    if (rc != ET_OK) return rc;
+    if (!m || !x || batch < 1) return ET_ERR_ARGUMENT;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
+    if (et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
     if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
     if (!ws || ws_bytes < et_workspace_size(bb, m, cache, batch)) return ET_ERR_WORKSPACE;
@@ -150,7 +159,9 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->G = G;
     c->cache = cache;
     c->x = x;
-    plan_layout(bb, m, batch, base, &c->L);
+    for (int k = 0; k <= bb->n_layers; k++) c->width[k] = et_width(bb, k);
+    c->d_in = d_in_of(bb);
+    plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L);
     return ET_OK;
 }
 
@@ -171,11 +182,11 @@ static void column_sums(const float *g, int rows, int cols, float *out) {
 
 /* ================================================================== layer-wise (ft-*, lora-*) */
 static const float *lw_weight_t(const ctx *c, int k) {
-    return c->m->off_weight[k] >= 0 ? c->P + c->m->off_weight[k] : c->bb->wt[k];
+    return c->m->off_weight[k] >= 0 ? c->P + c->m->off_weight[k] : c->bb->layers[k].wt;
 }
 
 static const float *lw_bias(const ctx *c, int k) {
-    return c->m->off_bias[k] >= 0 ? c->P + c->m->off_bias[k] : c->bb->bias[k];
+    return c->m->off_bias[k] >= 0 ? c->P + c->m->off_bias[k] : c->bb->layers[k].bias;
 }
 
 /* Logits of `count` gathered inputs in act[0]; keeps what backward needs. Returns act[n]. */
@@ -184,11 +195,11 @@ static float *lw_forward(ctx *c, int count) {
     const et_method *m = c->m;
     const int n = bb->n_layers, r = m->rank;
     for (int k = 0; k < n; k++) {
-        const int in = bb->sizes[k], out = bb->sizes[k + 1];
+        const et_layer *l = &bb->layers[k];
+        const int in = et_layer_in(l), out = et_layer_out(l);
         const float *h = c->L.act[k];
         float *z = c->L.act[k + 1];
-        et_gemm_nn(count, out, in, h, in, lw_weight_t(c, k), out, z, out, 0);
-        add_bias(z, lw_bias(c, k), count, out, out);
+        et_layer_ops_of(l->kind)->forward(l, lw_weight_t(c, k), NULL, lw_bias(c, k), h, in, count, z, out);
         if (m->off_lora_a[k] >= 0) {
             const float *A = c->P + m->off_lora_a[k], *Bm = c->P + m->off_lora_b[k];
             float *u = c->L.lora_u + (size_t)k * count * r;
@@ -202,9 +213,9 @@ static float *lw_forward(ctx *c, int count) {
                 }
             }
         }
-        if (k != n - 1) et_act_forward(bb->activation, z, (int64_t)count * out);
+        et_layer_activate(l, z, out, count);
     }
-    if (m->off_bias_delta >= 0) add_bias(c->L.act[n], c->P + m->off_bias_delta, count, bb->sizes[n], bb->sizes[n]);
+    if (m->off_bias_delta >= 0) add_bias(c->L.act[n], c->P + m->off_bias_delta, count, et_width(bb, n), et_width(bb, n));
     return c->L.act[n];
 }
 
@@ -215,12 +226,13 @@ static void lw_backward(ctx *c, int count) {
     const int n = bb->n_layers, r = m->rank;
     float *g = c->L.act[n];
     int flip = 0;
-    if (m->off_bias_delta >= 0) column_sums(g, count, bb->sizes[n], c->G + m->off_bias_delta);
+    if (m->off_bias_delta >= 0) column_sums(g, count, et_width(bb, n), c->G + m->off_bias_delta);
     for (int k = n - 1; k >= m->first; k--) {
-        const int in = bb->sizes[k], out = bb->sizes[k + 1];
+        const et_layer *l = &bb->layers[k];
+        const et_layer_ops *ops = et_layer_ops_of(l->kind);
+        const int in = et_layer_in(l), out = et_layer_out(l);
         const float *h = c->L.act[k];
-        if (m->off_weight[k] >= 0) /* dWt (in, out) = h^T g */
-            et_gemm_tn(in, out, count, h, in, g, out, c->G + m->off_weight[k], out, 0);
+        if (m->off_weight[k] >= 0) ops->weight_grad(l, h, g, count, c->G + m->off_weight[k]); /* dWt = h^T g */
         if (m->off_bias[k] >= 0) column_sums(g, count, out, c->G + m->off_bias[k]);
         const float *A = NULL;
         if (m->off_lora_a[k] >= 0) {
@@ -239,12 +251,10 @@ static void lw_backward(ctx *c, int count) {
         if (k > m->first) {
             float *dh = c->L.gbuf[flip];
             flip ^= 1;
-            if (m->off_weight[k] < 0 && bb->w[k]) /* dh = g W */
-                et_gemm_nn(count, in, out, g, out, bb->w[k], in, dh, in, 0);
-            else
-                et_gemm_nt(count, in, out, g, out, lw_weight_t(c, k), out, dh, in, 0, c->L.pack);
+            /* dh = g W: from the frozen W (out, in) where given, else from the trained or transposed one */
+            ops->input_grad(l, lw_weight_t(c, k), m->off_weight[k] < 0 ? l->w : NULL, g, count, dh, c->L.pack);
             if (A) et_gemm_nn(count, in, r, c->L.gu, r, A, in, dh, in, 1);
-            et_act_grad_mul(bb->activation, dh, h, (int64_t)count * in);
+            et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
             g = dh;
         }
     }
@@ -256,13 +266,11 @@ static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
     const int n = bb->n_layers;
     int col = 0;
     for (int k = 0; k < n; k++) {
-        const int in = bb->sizes[k], out = bb->sizes[k + 1];
+        const et_layer *l = &bb->layers[k];
+        const int in = et_layer_in(l);
         float *h = rows + col, *z = rows + col + in;
-        if (bb->wt[k]) et_gemm_nn(count, out, in, h, ldr, bb->wt[k], out, z, ldr, 0);
-        else et_gemm_nt(count, out, in, h, ldr, bb->w[k], in, z, ldr, 0, NULL);
-        add_bias(z, bb->bias[k], count, out, ldr);
-        if (k != n - 1)
-            for (int i = 0; i < count; i++) et_act_forward(bb->activation, z + (size_t)i * ldr, out);
+        et_layer_ops_of(l->kind)->forward(l, l->wt, l->w, l->bias, h, ldr, count, z, ldr);
+        et_layer_activate(l, z, ldr, count);
         col += in;
     }
 }
@@ -270,7 +278,7 @@ static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
 /* Taps rows for samples ids[0..count) into dst (row stride = row width), from x. */
 static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
     const et_backbone *bb = c->bb;
-    const int in0 = bb->sizes[0], d = d_in_of(bb), W = d + bb->sizes[bb->n_layers];
+    const int in0 = c->width[0], d = c->d_in, W = d + c->width[bb->n_layers];
     gather_rows(c->x, in0, ids, count, dst, W);
     if (!bb->is_int8) {
         float_taps(bb, dst, W, count);
@@ -283,9 +291,9 @@ static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
         float *row = dst + (size_t)i * W;
         int col = 0;
         for (int k = 0; k < bb->n_layers; k++) {
-            const float s = bb->act_scale[k];
-            for (int j = 0; j < bb->sizes[k]; j++) row[col + j] = (float)q[col + j] * s;
-            col += bb->sizes[k];
+            const float s = bb->layers[k].act_scale;
+            for (int j = 0; j < c->width[k]; j++) row[col + j] = (float)q[col + j] * s;
+            col += c->width[k];
         }
     }
 }
@@ -315,7 +323,7 @@ static int cached(const et_cache *cache, int id) {
 static void skip_fill_cache(ctx *c, int n_samples, int batch) {
     et_cache *cache = c->cache;
     const et_backbone *bb = c->bb;
-    const int d = d_in_of(bb), out = bb->sizes[bb->n_layers], W = d + out;
+    const int d = c->d_in, out = c->width[bb->n_layers], W = d + out;
     const int in_place = cache->kind == ET_CACHE_FLOAT && !bb->is_int8;
     const int block = in_place ? FILL_BLOCK : batch;
     const int cap = cache->capacity < n_samples ? cache->capacity : n_samples;
@@ -342,7 +350,7 @@ static void skip_fill_cache(ctx *c, int n_samples, int batch) {
 static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
     et_cache *cache = use_cache ? c->cache : NULL;
     const et_backbone *bb = c->bb;
-    const int d = d_in_of(bb), out = bb->sizes[bb->n_layers], W = d + out;
+    const int d = c->d_in, out = c->width[bb->n_layers], W = d + out;
     int n_missing = 0;
     for (int i = 0; i < count; i++) {
         c->L.rowp[i] = NULL;
@@ -381,7 +389,7 @@ static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
 static float *skip_forward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank, nr = n * r, d = d_in_of(bb), out = bb->sizes[n];
+    const int n = bb->n_layers, r = m->rank, nr = n * r, d = c->d_in, out = c->width[n];
     const float *A = c->P + m->off_skip_a, *Bm = c->P + m->off_skip_b;
     float *logits = c->L.gbuf[0];
     for (int i = 0; i < count; i++) {
@@ -390,8 +398,8 @@ static float *skip_forward(ctx *c, int count) {
         int col = 0;
         for (int k = 0; k < n; k++) {
             for (int j = 0; j < r; j++)
-                u[k * r + j] = et_dot(A + (size_t)(k * r + j) * d + col, h + col, bb->sizes[k]);
-            col += bb->sizes[k];
+                u[k * r + j] = et_dot(A + (size_t)(k * r + j) * d + col, h + col, c->width[k]);
+            col += c->width[k];
         }
         float *z = logits + (size_t)i * out;
         for (int o = 0; o < out; o++) {
@@ -409,7 +417,7 @@ static float *skip_forward(ctx *c, int count) {
 static void skip_backward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank, nr = n * r, d = d_in_of(bb), out = bb->sizes[n];
+    const int n = bb->n_layers, r = m->rank, nr = n * r, d = c->d_in, out = c->width[n];
     const float *Bm = c->P + m->off_skip_b;
     const float *g = c->L.gbuf[0];
     float *gB = c->G + m->off_skip_b, *gA = c->G + m->off_skip_a, *gu = c->L.gu;
@@ -429,7 +437,7 @@ static void skip_backward(ctx *c, int count) {
     /* dA, block by block (the off-block entries are never written, so they stay zero) */
     int col = 0;
     for (int k = 0; k < n; k++) {
-        const int w = bb->sizes[k];
+        const int w = c->width[k];
         for (int j = 0; j < r; j++)
             et_weighted_rows(count, gu + k * r + j, nr, c->L.rowp, col, w, gA + (size_t)(k * r + j) * d + col);
         col += w;
@@ -444,9 +452,9 @@ static int sp_trained_bias(const ctx *c, int k) { return c->m->off_bias[k] >= 0;
 static const float *sp_row(ctx *c, int k, int o) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int in = bb->sizes[k];
+    const int in = c->width[k];
     if (!bb->is_int8)
-        return o < m->rows[k] ? c->P + m->off_weight[k] + (size_t)o * in : bb->w[k] + (size_t)o * in;
+        return o < m->rows[k] ? c->P + m->off_weight[k] + (size_t)o * in : bb->layers[k].w + (size_t)o * in;
     const float unit = m->w_unit[k][o];
     float *w = c->L.wrow;
     if (o < m->rows[k]) {
@@ -457,7 +465,7 @@ static const float *sp_row(ctx *c, int k, int o) {
             w[i] = v * unit;
         }
     } else {
-        const int8_t *q = bb->qw[k] + (size_t)o * in;
+        const int8_t *q = bb->layers[k].qw + (size_t)o * in;
         for (int i = 0; i < in; i++) w[i] = (float)q[i] * unit;
     }
     return w;
@@ -466,9 +474,9 @@ static const float *sp_row(ctx *c, int k, int o) {
 static float sp_bias(const ctx *c, int k, int o) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    if (!bb->is_int8) return sp_trained_bias(c, k) ? c->P[m->off_bias[k] + o] : bb->bias[k][o];
+    if (!bb->is_int8) return sp_trained_bias(c, k) ? c->P[m->off_bias[k] + o] : bb->layers[k].bias[o];
     if (sp_trained_bias(c, k)) return rintf(c->P[m->off_bias[k] + o]) * m->b_unit[k][o];
-    return (float)((double)bb->qbias[k][o] * (double)m->b_unit[k][o]);
+    return (float)((double)bb->layers[k].qbias[o] * (double)m->b_unit[k][o]);
 }
 
 /* Logits of the gathered inputs in act[0]; act[k] keeps layer k's input for k >= first. */
@@ -479,27 +487,27 @@ static float *sp_forward(ctx *c, int count) {
     const int start = first < n - 1 ? first : n - 1;
     if (bb->is_int8) { /* frozen layers before `first` run the integer kernel */
         int8_t *q = c->L.q[0];
-        const int in0 = bb->sizes[0];
+        const int in0 = et_width(bb, 0);
         et_int8_quantize_input(bb, c->L.act[0], in0, count, q, in0);
         for (int k = 0; k < start; k++) {
-            et_int8_accumulate(bb, k, q, bb->sizes[k], count, c->L.acc);
+            et_int8_accumulate(bb, k, q, et_width(bb, k), count, c->L.acc);
             int8_t *nq = c->L.q[(k + 1) & 1];
-            et_int8_requantize(bb, k, c->L.acc, count, nq, bb->sizes[k + 1]);
+            et_int8_requantize(bb, k, c->L.acc, count, nq, et_width(bb, k + 1));
             q = nq;
         }
-        const float s = bb->act_scale[start];
+        const float s = bb->layers[start].act_scale;
         float *h = c->L.act[start];
-        for (int i = 0; i < count * bb->sizes[start]; i++) h[i] = (float)q[i] * s;
+        for (int i = 0; i < count * c->width[start]; i++) h[i] = (float)q[i] * s;
     } else {
-        for (int k = 0; k < start; k++) {
-            const int in = bb->sizes[k], out = bb->sizes[k + 1];
-            et_gemm_nt(count, out, in, c->L.act[k], in, bb->w[k], in, c->L.act[k + 1], out, 0, NULL);
-            add_bias(c->L.act[k + 1], bb->bias[k], count, out, out);
-            et_act_forward(bb->activation, c->L.act[k + 1], (int64_t)count * out);
+        for (int k = 0; k < start; k++) { /* the frozen layers before `first`, from W (out, in) */
+            const et_layer *l = &bb->layers[k];
+            const int in = et_layer_in(l), out = et_layer_out(l);
+            et_layer_ops_of(l->kind)->forward(l, NULL, l->w, l->bias, c->L.act[k], in, count, c->L.act[k + 1], out);
+            et_layer_activate(l, c->L.act[k + 1], out, count);
         }
     }
     for (int k = start; k < n; k++) {
-        const int in = bb->sizes[k], out = bb->sizes[k + 1];
+        const int in = et_width(bb, k), out = et_width(bb, k + 1);
         const float *h = c->L.act[k];
         float *z = c->L.act[k + 1];
         for (int o = 0; o < out; o++) {
@@ -508,10 +516,10 @@ static float *sp_forward(ctx *c, int count) {
             for (int i = 0; i < count; i++) z[(size_t)i * out + o] = et_dot(h + (size_t)i * in, w, in);
             for (int i = 0; i < count; i++) z[(size_t)i * out + o] += b;
         }
+        et_layer_activate(&bb->layers[k], z, out, count);
         if (k == n - 1) break;
-        et_act_forward(bb->activation, z, (int64_t)count * out);
         if (bb->is_int8) { /* fake-quantise to layer k+1's int8 input */
-            const float s = bb->act_scale[k + 1];
+            const float s = bb->layers[k + 1].act_scale;
             for (int i = 0; i < count * out; i++) {
                 float v = rintf(z[i] / s);
                 v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
@@ -529,7 +537,7 @@ static void sp_backward(ctx *c, int count) {
     float *g = c->L.act[n];
     int flip = 0;
     for (int k = n - 1; k >= m->first; k--) {
-        const int in = bb->sizes[k], out = bb->sizes[k + 1], rows = m->rows[k];
+        const int in = et_width(bb, k), out = et_width(bb, k + 1), rows = m->rows[k];
         const float *h = c->L.act[k];
         if (rows > 0) {
             float *gw = c->G + m->off_weight[k];
@@ -558,8 +566,8 @@ static void sp_backward(ctx *c, int count) {
                 for (int i = 0; i < count; i++) et_axpy(in, g[(size_t)i * out + o], w, dh + (size_t)i * in);
             }
             /* where the gradient passes back through the activation (and the int8 clip) */
-            const float top = bb->is_int8 ? 127.0f * bb->act_scale[k] : 0.0f;
-            if (bb->activation == ET_RELU) et_act_grad_mul(ET_RELU, dh, h, (int64_t)count * in);
+            const float top = bb->is_int8 ? 127.0f * bb->layers[k].act_scale : 0.0f;
+            if (bb->layers[k - 1].activation == ET_RELU) et_act_grad_mul(ET_RELU, dh, h, (int64_t)count * in);
             if (bb->is_int8)
                 for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top);
             g = dh;
@@ -573,7 +581,7 @@ static float *forward(ctx *c, const int32_t *ids, int count, int use_cache) {
         skip_rows(c, ids, count, use_cache);
         return skip_forward(c, count);
     }
-    gather_rows(c->x, c->bb->sizes[0], ids, count, c->L.act[0], c->bb->sizes[0]);
+    gather_rows(c->x, et_width(c->bb, 0), ids, count, c->L.act[0], et_width(c->bb, 0));
     return c->m->kind == ET_LAYERWISE ? lw_forward(c, count) : sp_forward(c, count);
 }
 
@@ -600,7 +608,7 @@ int32_t et_train_epochs(const et_backbone *bb, const et_method *m, et_optimizer 
     if (cache && cache->kind != ET_CACHE_NONE && (cache->n_samples != n || !cache->filled)) return ET_ERR_ARGUMENT;
     const int rc = setup(&c, bb, m, params, grads, cache, x, batch, workspace, workspace_bytes);
     if (rc != ET_OK) return rc;
-    const int out = bb->sizes[bb->n_layers];
+    const int out = et_width(bb, bb->n_layers);
     const int use_cache = m->kind == ET_SKIP && cache && cache->kind != ET_CACHE_NONE;
     for (int e = 0; e < n_epochs; e++) {
         const int32_t *order = orders + (size_t)e * n;
@@ -654,7 +662,7 @@ int32_t et_batch_gradient(const et_backbone *bb, const et_method *m, const float
     if (rc != ET_OK) return rc;
     float *logits = forward(&c, ids, count, 0);
     for (int i = 0; i < count; i++) c.L.ybuf[i] = y[ids[i]];
-    *loss = et_softmax_xent_grad(logits, c.L.ybuf, count, bb->sizes[bb->n_layers]) / count;
+    *loss = et_softmax_xent_grad(logits, c.L.ybuf, count, et_width(bb, bb->n_layers)) / count;
     backward(&c, count);
     return ET_OK;
 }
@@ -666,7 +674,7 @@ int32_t et_predict(const et_backbone *bb, const et_method *m, const float *param
     /* the gradient pointer is never written by a forward pass */
     const int rc = setup(&c, bb, m, params, (float *)params, NULL, x, batch, workspace, workspace_bytes);
     if (rc != ET_OK) return rc;
-    const int out = bb->sizes[bb->n_layers];
+    const int out = et_width(bb, bb->n_layers);
     for (int lo = 0; lo < count; lo += batch) {
         const int rows = count - lo < batch ? count - lo : batch;
         for (int i = 0; i < rows; i++) c.L.ybuf[i] = lo + i;
@@ -674,26 +682,4 @@ int32_t et_predict(const et_backbone *bb, const et_method *m, const float *param
         memcpy(logits + (size_t)lo * out, z, (size_t)rows * out * sizeof(float));
     }
     return ET_OK;
-}
-
-/* ------------------------------------------------------------------ build facts */
-int32_t et_abi_version(void) { return ET_ABI_VERSION; }
-
-size_t et_sizeof(int32_t which) {
-    switch (which) {
-    case 0: return sizeof(et_backbone);
-    case 1: return sizeof(et_method);
-    case 2: return sizeof(et_optimizer);
-    case 3: return sizeof(et_cache);
-    case 4: return sizeof(et_epoch_stats);
-    default: return 0;
-    }
-}
-
-const char *et_build_info(void) {
-#ifdef __VERSION__
-    return "compiler " __VERSION__ "; flags " ET_BUILD_FLAGS;
-#else
-    return "flags " ET_BUILD_FLAGS;
-#endif
 }

@@ -69,21 +69,29 @@ class Task:
                                 f"largest label is {n_classes - 1} (in {where}) and {len(missing)} classes below it never "
                                 f"occur ({shown}); fix the labels or give a 'labels' array naming every class")
             self.labels = [str(i) for i in range(n_classes)]
-        width = self.x_pretrain.shape[1]
+        width = self.x_pretrain.shape[1:]
         for split in SPLITS[1:]:
-            w = getattr(self, f"x_{split}").shape[1]
+            w = getattr(self, f"x_{split}").shape[1:]
             if w != width:
-                raise DataError(f"{self.name}: x_{split} has {w} features but x_pretrain has {width}")
+                raise DataError(f"{self.name}: x_{split} has samples of shape {_shape(w)} but x_pretrain has "
+                                f"{_shape(width)}")
         for key, (x, y) in list(self.extra_tests.items()):
             x, y = validate_xy(x, y, n_classes=len(self.labels), what=f"{self.name}: eval '{key}'",
                                y_name=f"y_eval_{key}", classes_from=named)
-            if x.shape[1] != width:
-                raise DataError(f"{self.name}: eval '{key}' has {x.shape[1]} features, expected {width}")
+            if x.shape[1:] != width:
+                raise DataError(f"{self.name}: eval '{key}' has samples of shape {_shape(x.shape[1:])}, "
+                                f"expected {_shape(width)}")
             self.extra_tests[key] = (x, y)
 
     @property
     def n_features(self) -> int:
-        return int(self.x_pretrain.shape[1])
+        """Values per sample (a sample of shape (C, L) has C * L)."""
+        return int(np.prod(self.x_pretrain.shape[1:]))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (features,), or channels first (C, L) / (C, H, W)."""
+        return tuple(int(v) for v in self.x_pretrain.shape[1:])
 
     @property
     def n_classes(self) -> int:
@@ -92,7 +100,9 @@ class Task:
     def summary(self) -> str:
         parts = [f"{s} {len(getattr(self, 'y_' + s))}" for s in SPLITS]
         parts += [f"{k} {len(y)}" for k, (_, y) in self.extra_tests.items()]
-        return (f"{self.name}: {self.n_features} features, {self.n_classes} classes "
+        shape = f"{self.n_features} features" if len(self.input_shape) == 1 else \
+            f"samples of shape {_shape(self.input_shape)}"
+        return (f"{self.name}: {shape}, {self.n_classes} classes "
                 f"({', '.join(self.labels)}); samples: " + ", ".join(parts))
 
     def save_npz(self, path: str | os.PathLike) -> Path:
@@ -109,6 +119,10 @@ class Task:
         return write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")" if len(shape) != 1 else str(shape[0])
+
+
 def validate_xy(x: Any, y: Any, *, n_classes: int | None = None, what: str = "data", y_name: str = "y",
                 classes_from: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Check and convert a feature matrix and its labels; raise DataError naming the problem.
@@ -121,12 +135,13 @@ def validate_xy(x: Any, y: Any, *, n_classes: int | None = None, what: str = "da
         y = np.asarray(y)
     except ValueError as e:  # ragged nested lists
         raise DataError(f"{what}: x and y must be rectangular arrays ({e})") from None
-    if x.ndim != 2:
-        raise DataError(f"{what}: x must be a 2-D array (samples, features), got shape {x.shape}")
+    if x.ndim < 2:
+        raise DataError(f"{what}: x must be a 2-D array (samples, features), or (samples, channels, ...) "
+                        f"for a convolutional backbone; got shape {x.shape}")
     if x.shape[0] == 0:
         raise DataError(f"{what}: x is empty (0 samples)")
-    if x.shape[1] == 0:
-        raise DataError(f"{what}: x has 0 features")
+    if 0 in x.shape[1:]:
+        raise DataError(f"{what}: x has 0 features (shape {x.shape})")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise DataError(f"{what}: x must be real numbers, got dtype {x.dtype}")
     if y.ndim != 1:

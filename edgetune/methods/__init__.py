@@ -46,33 +46,14 @@ def make_method(name: str, backbone: Backbone, *, seed: int | np.random.Generato
 
 
 def count_trainable(name: str, sizes: list[int], *, rank: int = 1, train_last_bias: bool = False) -> int:
-    """Parameters method ``name`` trains on a backbone of layer widths ``sizes``, counted from the
-    sizes alone (nothing allocated: any architecture can be asked about). Equal to
-    ``make_method(name, backbone).n_trainable`` (tested)."""
-    method_class(name)
-    ins, outs = sizes[:-1], sizes[1:]
-    n, out = len(outs), sizes[-1]
-    tlb = out if train_last_bias else 0
-    if name == "ft-all":
-        return sum(i * o + o for i, o in zip(ins, outs))
-    if name == "ft-last":
-        return ins[-1] * out + out
-    if name == "ft-bias":
-        return sum(outs)
-    if name == "lora-all":
-        return sum(rank * (i + o) for i, o in zip(ins, outs)) + tlb
-    if name == "lora-last":
-        return rank * (ins[-1] + out) + tlb
-    if name in ("skip-lora", "skip2-lora"):
-        return rank * sum(ins) + out * n * rank + tlb
-    from .sparse import DEFAULT_SCHEME, SparseScheme  # the default scheme, as SparseUpdate adapts it
+    """Parameters method ``name`` trains on an MLP of layer widths ``sizes``, counted from the
+    sizes alone (nothing allocated: any architecture can be asked about). Each method counts
+    its own (``Method.count_trainable`` over layer descriptions)."""
+    from ..nn.layers import chain_specs
 
-    scheme = SparseScheme.parse(DEFAULT_SCHEME)
-    scheme = SparseScheme(min(scheme.bias_layers, n), scheme.weights).resolve(n)
-    if train_last_bias and scheme.bias_layers == 0:
-        scheme = SparseScheme(1, scheme.weights)
-    rows = scheme.channels(list(outs))
-    return sum(c * ins[k] for k, c in rows.items()) + sum(outs[k] for k in scheme.bias_set(n))
+    cls = method_class(name)
+    return cls.count_trainable(chain_specs([int(s) for s in sizes], "relu"),
+                               MethodOptions(rank=rank, train_last_bias=train_last_bias))
 
 
 __all__ = ["METHODS", "count_trainable", "Method", "MethodOptions", "make_method", "method_class"]

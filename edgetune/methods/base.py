@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import UsageError
+from ..nn.layers import LayerSpec
 from ..nn.mlp import Backbone
 
 
@@ -136,6 +137,12 @@ class Method:
         if widths and r > max(widths):
             raise UsageError(f"rank {r} is larger than every layer width the {self.name} adapters apply to "
                              f"({', '.join(map(str, widths))}); use a rank of at most {max(widths)}")
+
+    @classmethod
+    def count_trainable(cls, specs: list[LayerSpec], options: MethodOptions) -> int:
+        """Parameters this method trains on layers ``specs``, from the descriptions alone
+        (nothing allocated). Equal to ``cls(backbone, options).n_trainable`` (tested)."""
+        raise NotImplementedError
 
     # -- the trainer's interface -------------------------------------------------------
     def begin_fit(self, x: np.ndarray) -> None:

@@ -7,5 +7,6 @@ class FTAll(LayerwiseMethod):
     description = "Every weight and bias trains (full fine-tuning)."
     trains_backbone = True
 
-    def plan(self, n_layers: int) -> list[LayerPlan]:
+    @classmethod
+    def plan(cls, n_layers: int) -> list[LayerPlan]:
         return [LayerPlan(weight=True, bias=True) for _ in range(n_layers)]

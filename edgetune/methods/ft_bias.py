@@ -7,5 +7,6 @@ class FTBias(LayerwiseMethod):
     description = "Only the biases of every layer train."
     trains_backbone = True
 
-    def plan(self, n_layers: int) -> list[LayerPlan]:
+    @classmethod
+    def plan(cls, n_layers: int) -> list[LayerPlan]:
         return [LayerPlan(bias=True) for _ in range(n_layers)]

@@ -7,5 +7,6 @@ class FTLast(LayerwiseMethod):
     description = "Only the last layer (weight and bias) trains."
     trains_backbone = True
 
-    def plan(self, n_layers: int) -> list[LayerPlan]:
+    @classmethod
+    def plan(cls, n_layers: int) -> list[LayerPlan]:
         return [LayerPlan()] * (n_layers - 1) + [LayerPlan(weight=True, bias=True)]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UsageError
+from ..nn.layers import LayerSpec, apply_layer, lora_specs
 from ..nn.mlp import Backbone
 from .base import Method, MethodOptions, ParamStore, init_lora_a
 
@@ -31,43 +33,76 @@ class LayerwiseMethod(Method):
 
     mergeable = True
 
-    def plan(self, n_layers: int) -> list[LayerPlan]:
+    @classmethod
+    def plan(cls, n_layers: int) -> list[LayerPlan]:
         raise NotImplementedError
+
+    @classmethod
+    def layer_plans(cls, specs: list[LayerSpec], rank: int = 1) -> list[LayerPlan]:
+        """``plan`` spread over the layers with weights (layers without any get nothing; a LoRA
+        adapter only where one fits, see ``lora_specs``)."""
+        weighted = [k for k, s in enumerate(specs) if s.has_params]
+        plans = [LayerPlan()] * len(specs)
+        for k, p in zip(weighted, cls.plan(len(weighted))):
+            plans[k] = LayerPlan(p.weight, p.bias, p.lora and lora_specs(specs[k], rank) is not None)
+        return plans
+
+    @classmethod
+    def count_trainable(cls, specs: list[LayerSpec], options: MethodOptions) -> int:
+        plans = cls.layer_plans(specs, options.rank)
+        total = 0
+        for spec, p in zip(specs, plans):
+            total += (int(np.prod(spec.weight_shape)) if p.weight else 0) + (spec.out_channels if p.bias else 0)
+            if p.lora:
+                total += sum(int(np.prod(s.weight_shape)) for s in lora_specs(spec, options.rank))
+        if options.train_last_bias and not plans[-1].bias:
+            total += specs[-1].out_features
+        return total
 
     def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
                  rng: np.random.Generator | None = None):
+        if backbone.is_int8:
+            raise UsageError(f"{self.name} trains or reads the float weights of an int8 backbone, which it does not "
+                             f"have; on int8 use skip-lora, skip2-lora or sparse (or fine-tune the float model)")
         super().__init__(backbone, options, rng)
         bb = self.backbone
         n = bb.n_layers
-        self.plans = self.plan(n)
-        self.scale = self.options.scale
         r = self.options.rank
-        self.check_rank(sorted({w for k, p in enumerate(self.plans) if p.lora for w in bb.sizes[k:k + 2]}))
+        self.plans = self.layer_plans(bb.specs, r)
+        self.scale = self.options.scale
+        self.check_rank(sorted({w for k, p in enumerate(self.plans) if p.lora
+                                for w in (bb.specs[k].in_shape[0], bb.specs[k].out_channels)}))
+        self.lora = {k: lora_specs(bb.specs[k], r) for k, p in enumerate(self.plans) if p.lora}
         # A trainable last-layer bias for methods that keep the backbone frozen is stored
         # as a delta (initially zero): the backbone itself is never modified.
         self.bias_delta = self.options.train_last_bias and not self.plans[-1].bias
         tensors: dict[str, np.ndarray] = {}
         for k, p in enumerate(self.plans):
-            if p.weight:  # trained as W^T, (in, out): the forward's fast layout (see Backbone.transposed_weights)
-                tensors[f"layers.{k}.weight_t"] = bb.weights[k].T
+            dense = bb.specs[k].kind == "dense"
+            if p.weight:  # dense: trained as W^T, (in, out): the forward's fast layout (Backbone.transposed_weights)
+                tensors[f"layers.{k}.weight_t" if dense else f"layers.{k}.weight"] = \
+                    bb.layers[k].weight.T if dense else bb.layers[k].weight
             if p.bias:
-                tensors[f"layers.{k}.bias"] = bb.biases[k]
+                tensors[f"layers.{k}.bias"] = bb.layers[k].bias
             if p.lora:
-                out_k, in_k = bb.weights[k].shape
-                tensors[f"layers.{k}.lora_A"] = init_lora_a(self.rng, r, in_k, bb.dtype)
-                tensors[f"layers.{k}.lora_B"] = np.zeros((out_k, r), bb.dtype)
+                a, b = self.lora[k]
+                fan_in = int(np.prod(a.weight_shape[1:]))
+                tensors[f"layers.{k}.lora_A"] = init_lora_a(self.rng, r, fan_in, bb.dtype).reshape(a.weight_shape)
+                tensors[f"layers.{k}.lora_B"] = np.zeros(b.weight_shape, bb.dtype)
         if self.bias_delta:
             tensors["head.bias_delta"] = np.zeros(bb.sizes[-1], bb.dtype)
         self.params = ParamStore(tensors, bb.dtype)
-        # Trained backbone tensors become views into the flat parameter buffer (weights as the
-        # (out, in) transpose of the stored (in, out) block).
+        # Trained backbone tensors become views into the flat parameter buffer (dense weights as
+        # the (out, in) transpose of the stored (in, out) block).
         for k, p in enumerate(self.plans):
             if p.weight:
-                bb.weights[k] = self.params[f"layers.{k}.weight_t"].T
+                bb.layers[k].weight = self.params[f"layers.{k}.weight_t"].T if bb.specs[k].kind == "dense" \
+                    else self.params[f"layers.{k}.weight"]
             if p.bias:
-                bb.biases[k] = self.params[f"layers.{k}.bias"]
+                bb.layers[k].bias = self.params[f"layers.{k}.bias"]
         trainable = [k for k, p in enumerate(self.plans) if p.any]
         self.first = min(trainable) if trainable else n - 1
+        self._sources = bb.sources
         self._hs: list[np.ndarray | None] = [None] * n
         self._us: list[np.ndarray | None] = [None] * n
         self._wt: list[np.ndarray | None] | None = None
@@ -82,21 +117,25 @@ class LayerwiseMethod(Method):
 
     def _run(self, h: np.ndarray, keep: bool) -> np.ndarray:
         bb, plans, s, wt = self.backbone, self.plans, self.scale, self._wt
-        last = bb.n_layers - 1
-        for k in range(bb.n_layers):
+        kept: dict[int, np.ndarray] = {}
+        for k, layer in enumerate(bb.layers):
             if keep and k >= self.first:
                 self._hs[k] = h
-            z = h @ (bb.weights[k].T if wt is None or wt[k] is None else wt[k])
-            z += bb.biases[k]
+            if k in self._sources:
+                kept[k] = h
+            spec = layer.spec
+            residual = kept[spec.source] if spec.kind == "add" else None
+            z = apply_layer(layer, h, None if wt is None else wt[k], activate=False, residual=residual)
             if plans[k].lora:
-                u = h @ self.params[f"layers.{k}.lora_A"].T
+                a, b = self.lora[k]
+                u = a.ops.forward(a, h, self.params[f"layers.{k}.lora_A"])
                 if keep:
                     self._us[k] = u
-                d = u @ self.params[f"layers.{k}.lora_B"].T
+                d = b.ops.forward(b, u, self.params[f"layers.{k}.lora_B"])
                 if s != 1.0:
                     d *= s
                 z += d
-            h = z if k == last else bb.activation.forward(z)
+            h = spec.act.forward(z)
         if self.bias_delta:
             h += self.params["head.bias_delta"]
         return h
@@ -105,34 +144,49 @@ class LayerwiseMethod(Method):
         return self._run(x[ids], keep=True)
 
     def predict_logits(self, x: np.ndarray) -> np.ndarray:
-        return self._run(x, keep=False)
+        blocks = list(self.backbone._blocks(x.shape[0]))
+        if len(blocks) == 1:
+            return self._run(x, keep=False)
+        return np.concatenate([self._run(x[b], keep=False) for b in blocks])
 
     def backward(self, g: np.ndarray) -> None:
         bb, s, grads = self.backbone, self.scale, self.params.grads
         last = bb.n_layers - 1
         if self.bias_delta:
             np.sum(g, axis=0, out=grads["head.bias_delta"])
+        pending: dict[int, np.ndarray] = {}  # gradients that reach a layer's input through a residual
         for k in range(last, self.first - 1, -1):
-            h, p = self._hs[k], self.plans[k]
+            h, p, layer = self._hs[k], self.plans[k], bb.layers[k]
+            spec = layer.spec
             if p.weight:
-                np.matmul(h.T, g, out=grads[f"layers.{k}.weight_t"])
+                if spec.kind == "dense":
+                    spec.ops.weight_grad(spec, h, g, out=grads[f"layers.{k}.weight_t"], transposed=True)
+                else:
+                    spec.ops.weight_grad(spec, h, g, out=grads[f"layers.{k}.weight"])
             if p.bias:
-                np.sum(g, axis=0, out=grads[f"layers.{k}.bias"])
+                spec.ops.bias_grad(spec, g, out=grads[f"layers.{k}.bias"])
             gu = None
             if p.lora:
+                sa, sb = self.lora[k]
                 a, b = self.params[f"layers.{k}.lora_A"], self.params[f"layers.{k}.lora_B"]
                 gb = grads[f"layers.{k}.lora_B"]
-                np.matmul(g.T, self._us[k], out=gb)
-                gu = g @ b
+                sb.ops.weight_grad(sb, self._us[k], g, out=gb)
+                gu = sb.ops.input_grad(sb, g, b)
                 if s != 1.0:
                     gb *= s
                     gu *= s
-                np.matmul(gu.T, h, out=grads[f"layers.{k}.lora_A"])
+                sa.ops.weight_grad(sa, h, gu, out=grads[f"layers.{k}.lora_A"])
+            if spec.kind == "add" and spec.source >= self.first:
+                pending[spec.source] = pending[spec.source] + g if spec.source in pending else g
             if k > self.first:
-                dh = g @ bb.weights[k]
+                dh = spec.ops.input_grad(spec, g, layer.weight, h)
+                if dh is g:  # a shape-only layer or an add: g may also be waiting in `pending`
+                    dh = g.copy()
                 if gu is not None:
-                    dh += gu @ a
-                bb.activation.grad_mul(dh, h)
+                    dh += sa.ops.input_grad(sa, gu, a)
+                if k in pending:
+                    dh = dh + pending.pop(k)
+                bb.layers[k - 1].spec.act.grad_mul(dh, h)
                 g = dh
 
     def core_spec(self) -> dict:
@@ -170,7 +224,9 @@ class LayerwiseMethod(Method):
         for k, p in enumerate(self.plans):
             if p.lora:
                 a, b = self.params[f"layers.{k}.lora_A"], self.params[f"layers.{k}.lora_B"]
-                out.weights[k] += (self.scale * (b @ a)).astype(out.dtype)
+                w = out.layers[k].weight
+                w += (self.scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))).reshape(w.shape) \
+                    .astype(out.dtype)
         if self.bias_delta:
             out.biases[-1] += self.params["head.bias_delta"]
         return out

@@ -7,5 +7,6 @@ class LoRAAll(LayerwiseMethod):
     description = "A rank-R LoRA adapter beside every layer (W + s B A); backbone frozen."
     trains_backbone = False
 
-    def plan(self, n_layers: int) -> list[LayerPlan]:
+    @classmethod
+    def plan(cls, n_layers: int) -> list[LayerPlan]:
         return [LayerPlan(lora=True) for _ in range(n_layers)]

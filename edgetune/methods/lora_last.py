@@ -7,5 +7,6 @@ class LoRALast(LayerwiseMethod):
     description = "A rank-R LoRA adapter beside the last layer only; backbone frozen."
     trains_backbone = False
 
-    def plan(self, n_layers: int) -> list[LayerPlan]:
+    @classmethod
+    def plan(cls, n_layers: int) -> list[LayerPlan]:
         return [LayerPlan()] * (n_layers - 1) + [LayerPlan(lora=True)]

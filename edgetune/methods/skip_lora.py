@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..nn.layers import LayerSpec
 from ..nn.mlp import Backbone
 from .base import Method, MethodOptions, ParamStore, init_lora_a
 
@@ -22,15 +23,22 @@ class SkipLoRA(Method):
     description = "Rank-R skip adapters from every layer's input to the last layer's output; backbone frozen."
     uses_cache = False
 
+    @classmethod
+    def count_trainable(cls, specs: list[LayerSpec], options: MethodOptions) -> int:
+        r, out = options.rank, specs[-1].out_features
+        taps = [s.tap_width for s in specs if s.has_params]
+        return r * sum(taps) + out * len(taps) * r + (out if options.train_last_bias else 0)
+
     def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
                  rng: np.random.Generator | None = None):
         super().__init__(backbone, options, rng)
         bb = self.backbone
         sizes = bb.sizes
-        n, r, out = bb.n_layers, self.options.rank, sizes[-1]
+        n, r, out = len(bb.tap_layers), self.options.rank, sizes[-1]
         self.scale = self.options.scale
-        self.in_widths = sizes[:-1]
-        self.check_rank(sorted(set(sizes)))
+        self.in_widths = bb.tap_widths          # adapter k reads layer tap_layers[k]'s input
+        self.tap_layers = bb.tap_layers
+        self.check_rank(sorted(set(self.in_widths) | {out}))
         self.offsets = np.concatenate([[0], np.cumsum(self.in_widths)]).astype(int)
         self.d_in = int(self.offsets[-1])
         self.row_width = self.d_in + out
@@ -118,9 +126,9 @@ class SkipLoRA(Method):
         r = self.options.rank
         a, b = self.params["skip.lora_A"], self.params["skip.lora_B"]
         out = {}
-        for k in range(len(self.in_widths)):
-            out[f"skip.{k}.lora_A"] = np.ascontiguousarray(a[k * r:(k + 1) * r, self.offsets[k]:self.offsets[k + 1]])
-            out[f"skip.{k}.lora_B"] = np.ascontiguousarray(b[:, k * r:(k + 1) * r])
+        for k, layer in enumerate(self.tap_layers):
+            out[f"skip.{layer}.lora_A"] = np.ascontiguousarray(a[k * r:(k + 1) * r, self.offsets[k]:self.offsets[k + 1]])
+            out[f"skip.{layer}.lora_B"] = np.ascontiguousarray(b[:, k * r:(k + 1) * r])
         if self.options.train_last_bias:
             out["head.bias_delta"] = self.params["head.bias_delta"].copy()
         return out
@@ -129,9 +137,9 @@ class SkipLoRA(Method):
         self.check_adapter_tensors(tensors)
         r = self.options.rank
         a, b = self.params["skip.lora_A"], self.params["skip.lora_B"]
-        for k in range(len(self.in_widths)):
-            a[k * r:(k + 1) * r, self.offsets[k]:self.offsets[k + 1]] = tensors[f"skip.{k}.lora_A"]
-            b[:, k * r:(k + 1) * r] = tensors[f"skip.{k}.lora_B"]
+        for k, layer in enumerate(self.tap_layers):
+            a[k * r:(k + 1) * r, self.offsets[k]:self.offsets[k + 1]] = tensors[f"skip.{layer}.lora_A"]
+            b[:, k * r:(k + 1) * r] = tensors[f"skip.{layer}.lora_B"]
         if self.options.train_last_bias:
             self.params["head.bias_delta"][...] = tensors["head.bias_delta"]
 
@@ -145,18 +153,26 @@ class SkipLoRA(Method):
         nonlinear function of h_{k-1}. Those come back as ``{k: (A_k, s * B_k)}`` (layer
         k's input, 0-based), adapters whose product is exactly zero left out.
         """
+        from ..errors import UsageError
+
+        if self.backbone.is_int8:
+            raise UsageError(f"{self.name} adapters on an int8 backbone cannot be folded into its int8 weights; "
+                             f"deploy them beside the backbone (edgetune export, or merge onto the float model)")
         out = self.backbone.copy()
         t = self.adapter_tensors()
         last = out.n_layers - 1
+        if out.specs[last].kind != "dense":
+            raise UsageError(f"{self.name} folds its last adapter into a last dense layer; this backbone ends "
+                             f"with a {out.specs[last].kind} layer. Deploy the adapters beside the backbone")
         rest: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for k in range(out.n_layers):
+        for k in self.tap_layers:
             a, sb = t[f"skip.{k}.lora_A"], (self.scale * t[f"skip.{k}.lora_B"]).astype(out.dtype)
             if k == last:
-                out.weights[k] += (sb @ a).astype(out.dtype)
+                out.layers[k].weight += (sb @ a).astype(out.dtype)
             elif np.any(sb @ a):
                 rest[k] = (a, sb)
         if self.options.train_last_bias:
-            out.biases[last] += t["head.bias_delta"]
+            out.layers[last].bias += t["head.bias_delta"]
         return out, rest
 
     def merged_backbone(self) -> Backbone:
@@ -166,7 +182,7 @@ class SkipLoRA(Method):
         out, rest = self.merge_parts()
         if rest:
             raise UsageError(
-                f"{self.name} cannot be merged into a plain MLP: the adapters on the inputs of layers "
+                f"{self.name} cannot be merged into a plain backbone: the adapters on the inputs of layers "
                 f"{sorted(rest)} (0-based, of {out.n_layers}) read tensors that reach the last layer only "
                 f"through the layers in between, so no change of W_n reproduces them. Only the last "
                 f"layer's adapter and bias fold. "

@@ -10,7 +10,7 @@ trainable, computes a weight gradient only for the trained rows, and keeps a lay
 only where that layer's weight trains; where the gradient merely passes through a ReLU it
 keeps a boolean mask instead of the activation.
 
-On an int8 backbone (``QuantBackbone``) the layers before the first trained one run the
+On an int8 backbone (``backbone.is_int8``) the layers before the first trained one run the
 real int8 kernel; from there on the graph is fake-quantised (weights rounded to int8,
 activations to their int8 scales, gradients straight through). Trained tensors live in
 int8 units (weight ``Wq``, bias ``bq``, as float shadows so small steps accumulate), and
@@ -28,6 +28,7 @@ from fractions import Fraction
 import numpy as np
 
 from ..errors import UsageError
+from ..nn.layers import LayerSpec, apply_layer
 from ..nn.mlp import Backbone
 from .base import Method, MethodOptions, ParamStore
 
@@ -109,15 +110,33 @@ class SparseOptions(MethodOptions):
         SparseScheme.parse(self.scheme or DEFAULT_SCHEME)
 
 
-def is_int8(backbone: Backbone) -> bool:
-    return hasattr(backbone, "qweights")
-
-
 class SparseUpdate(Method):
     name = "sparse"
     description = "Sparse update: biases of the last k layers + chosen weight rows; int8 backbones with QAS."
     takes_scheme = True
     mergeable = True
+
+    @staticmethod
+    def resolve_scheme(text: str | None, n_layers: int, train_last_bias: bool = False) -> SparseScheme:
+        """The scheme a sparse update runs on ``n_layers`` layers (the default adapts to a
+        shallow backbone; ``train_last_bias`` adds the last layer's bias)."""
+        text = text or DEFAULT_SCHEME
+        scheme = SparseScheme.parse(text)
+        if text == DEFAULT_SCHEME:
+            scheme = SparseScheme(min(scheme.bias_layers, n_layers), scheme.weights)
+        scheme = scheme.resolve(n_layers)
+        if train_last_bias and scheme.bias_layers == 0:
+            scheme = SparseScheme(1, scheme.weights)
+        return scheme
+
+    @classmethod
+    def count_trainable(cls, specs: list[LayerSpec], options: MethodOptions) -> int:
+        specs = [s for s in specs if s.has_params]
+        scheme = cls.resolve_scheme(options.scheme, len(specs), options.train_last_bias)
+        rows = scheme.channels([s.out_channels for s in specs])
+        fan_in = [int(np.prod(s.weight_shape[1:])) for s in specs]
+        return sum(c * fan_in[k] for k, c in rows.items()) + sum(specs[k].out_channels
+                                                                for k in scheme.bias_set(len(specs)))
 
     def __init__(self, backbone: Backbone, options: MethodOptions | None = None,
                  rng: np.random.Generator | None = None):
@@ -127,33 +146,35 @@ class SparseUpdate(Method):
         bb = self.backbone
         n = bb.n_layers
         opts: SparseOptions = self.options  # type: ignore[assignment]
-        text = opts.scheme or DEFAULT_SCHEME
-        scheme = SparseScheme.parse(text)
-        if text == DEFAULT_SCHEME:  # the default adapts to a shallow backbone
-            scheme = SparseScheme(min(scheme.bias_layers, n), scheme.weights)
-        self.scheme = scheme.resolve(n)
-        if opts.train_last_bias and self.scheme.bias_layers == 0:
-            self.scheme = SparseScheme(1, self.scheme.weights)
-        self.int8 = is_int8(bb)
+        # The scheme counts the layers with weights (for an MLP: every layer).
+        weighted = bb.tap_layers
+        self.scheme = self.resolve_scheme(opts.scheme, len(weighted), opts.train_last_bias)
+        self.int8 = bb.is_int8
         self.qas = self.int8 if opts.qas is None else bool(opts.qas)
         dt = bb.dtype
-        self.rows = self.scheme.channels(bb.sizes[1:])
-        self.train_bias = self.scheme.bias_set(n)
+        self.rows = {weighted[i]: c for i, c in
+                     self.scheme.channels([bb.specs[k].out_channels for k in weighted]).items()}
+        self.train_bias = {weighted[i] for i in self.scheme.bias_set(len(weighted))}
+        # An MLP runs the pruned, tiled path below (the compiled engine's twin); any other
+        # chain of layers runs one generic loop.
+        self.generic = not all(s.kind == "dense" for s in bb.specs)
+        self._sources = bb.sources
         tensors: dict[str, np.ndarray] = {}
         for k in range(n):
             if k in self.rows:
-                w = bb.qweights[k] if self.int8 else bb.weights[k]
+                w = bb.layers[k].quant.qweight if self.int8 else bb.layers[k].weight
                 tensors[f"layers.{k}.weight"] = np.asarray(w[:self.rows[k]], dt)
             if k in self.train_bias:
-                b = bb.qbiases[k] if self.int8 else bb.biases[k]
+                b = bb.layers[k].quant.qbias if self.int8 else bb.layers[k].bias
                 tensors[f"layers.{k}.bias"] = np.asarray(b, dt)
         self.params = ParamStore(tensors, dt)
         trainable = sorted(set(self.rows) | self.train_bias)
         self.first = trainable[0] if trainable else n
         # Per-layer float scales: the weight unit s_W (out,) and the bias unit s_x s_W (out,).
         if self.int8:
-            self.w_unit = [s.astype(dt) for s in bb.wscales]
-            self.b_unit = [(s * a).astype(dt) for s, a in zip(bb.wscales, bb.act_scales)]
+            q = [layer.quant for layer in bb.layers]
+            self.w_unit = [p.wscale.astype(dt) for p in q]
+            self.b_unit = [(p.wscale * np.float32(p.input_scale)).astype(dt) for p in q]
         self._kept: list[np.ndarray | None] = [None] * n
         self._masks: list[np.ndarray | None] = [None] * n
 
@@ -170,10 +191,11 @@ class SparseUpdate(Method):
             if c:
                 yield 0, c, self.params[f"layers.{k}.weight"]
             if c < bb.sizes[k + 1]:
-                yield c, bb.sizes[k + 1], bb.weights[k][c:]
+                yield c, bb.sizes[k + 1], bb.layers[k].weight[c:]
             return
         from ..quant.int8 import TILE_BYTES
-        out_k, in_k = bb.qweights[k].shape
+        qweight = bb.layers[k].quant.qweight
+        out_k, in_k = qweight.shape
         t = max(1, TILE_BYTES // (in_k * 4))
         unit = self.w_unit[k]
         for lo, hi in ((0, c), (c, out_k)):
@@ -182,7 +204,7 @@ class SparseUpdate(Method):
                 if r0 < c:
                     w = np.clip(np.rint(self.params[f"layers.{k}.weight"][r0:r1]), -127, 127)
                 else:
-                    w = bb.qweights[k][r0:r1].astype(bb.dtype)
+                    w = qweight[r0:r1].astype(bb.dtype)
                 w *= unit[r0:r1, None]
                 yield r0, r1, w
 
@@ -204,22 +226,22 @@ class SparseUpdate(Method):
     def _bias(self, k: int) -> np.ndarray:
         bb = self.backbone
         if not self.int8:
-            return self.params[f"layers.{k}.bias"] if k in self.train_bias else bb.biases[k]
-        b = np.rint(self.params[f"layers.{k}.bias"]) if k in self.train_bias else bb.qbiases[k]
+            return self.params[f"layers.{k}.bias"] if k in self.train_bias else bb.layers[k].bias
+        b = np.rint(self.params[f"layers.{k}.bias"]) if k in self.train_bias else bb.layers[k].quant.qbias
         return (b * self.b_unit[k]).astype(bb.dtype)
 
     # -- forward / backward -------------------------------------------------------------
     def _start(self, x: np.ndarray) -> np.ndarray:
         """The float input of layer ``first`` (frozen layers before it run as they are)."""
         bb = self.backbone
+        start = min(self.first, bb.n_layers - 1)
         if self.int8:
-            q = bb.run_int8(bb.quantize_input(x), 0, min(self.first, bb.n_layers - 1))
-            return q * bb.act_scales[min(self.first, bb.n_layers - 1)]
+            from ..quant.int8 import quantize_input, run_int8
+            q = run_int8(bb, quantize_input(bb, x), 0, start)
+            return q * np.float32(bb.layers[start].quant.input_scale)
         h = x
-        for k in range(min(self.first, bb.n_layers - 1)):
-            z = h @ bb.weights[k].T
-            z += bb.biases[k]
-            h = bb.activation.forward(z)
+        for layer in bb.layers[:start]:
+            h = apply_layer(layer, h)
         return h
 
     def _run(self, x: np.ndarray, keep: bool) -> np.ndarray:
@@ -238,9 +260,9 @@ class SparseUpdate(Method):
             z = self._linear(h, k)
             if k == last:
                 return z
-            h = bb.activation.forward(z)
+            h = bb.layers[k].spec.act.forward(z)
             if self.int8:  # fake-quantise to layer k+1's int8 input
-                s = bb.act_scales[k + 1]
+                s = np.float32(bb.layers[k + 1].quant.input_scale)
                 h /= s
                 np.rint(h, out=h)
                 np.clip(h, -127, 127, out=h)
@@ -249,20 +271,74 @@ class SparseUpdate(Method):
 
     def _mask_of(self, k: int, h: np.ndarray) -> np.ndarray:
         """Where the gradient passes back through layer k-1's activation (and int8 clip)."""
-        mask = h > 0 if self.backbone.activation.name == "relu" else np.ones(h.shape, bool)
+        layers = self.backbone.layers
+        mask = h > 0 if layers[k - 1].spec.activation == "relu" else np.ones(h.shape, bool)
         if self.int8:
-            mask &= h < 127 * self.backbone.act_scales[k]
+            mask &= h < 127 * np.float32(layers[k].quant.input_scale)
         return mask
 
     def forward(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return self._run(x[ids], keep=True)
+        return (self._run_generic if self.generic else self._run)(x[ids], keep=True)
 
     def predict_logits(self, x: np.ndarray) -> np.ndarray:
-        return self._run(x, keep=False)
+        if not self.generic:
+            return self._run(x, keep=False)
+        return np.concatenate([self._run_generic(x[b], keep=False) for b in self.backbone._blocks(x.shape[0])])
+
+    # -- any chain of layers (convolutions, pooling, residual adds): float backbones --------
+    def _weight(self, k: int) -> np.ndarray | None:
+        """Layer k's weight as the forward pass uses it: the trained rows, then the frozen ones."""
+        w = self.backbone.layers[k].weight
+        c = self.rows.get(k, 0)
+        if not c:
+            return w
+        return np.concatenate([self.params[f"layers.{k}.weight"], w[c:]])
+
+    def _bias_generic(self, k: int) -> np.ndarray | None:
+        return self.params[f"layers.{k}.bias"] if k in self.train_bias else self.backbone.layers[k].bias
+
+    def _run_generic(self, h: np.ndarray, keep: bool) -> np.ndarray:
+        bb = self.backbone
+        kept: dict[int, np.ndarray] = {}
+        for k, layer in enumerate(bb.layers):
+            spec = layer.spec
+            if keep and k >= self.first:
+                self._kept[k] = h
+            if k in self._sources:
+                kept[k] = h
+            residual = kept[spec.source] if spec.kind == "add" else None
+            z = spec.ops.forward(spec, h, self._weight(k), residual=residual)
+            if spec.has_params:
+                z = spec.ops.add_bias(spec, z, self._bias_generic(k))
+            h = spec.act.forward(z)
+        return h
+
+    def _backward_generic(self, g: np.ndarray) -> None:
+        bb, grads = self.backbone, self.params.grads
+        pending: dict[int, np.ndarray] = {}
+        for k in range(bb.n_layers - 1, self.first - 1, -1):
+            spec, h = bb.specs[k], self._kept[k]
+            c = self.rows.get(k, 0)
+            if c:
+                grads[f"layers.{k}.weight"][...] = spec.ops.weight_grad(spec, h, g)[:c]
+            if k in self.train_bias:
+                spec.ops.bias_grad(spec, g, out=grads[f"layers.{k}.bias"])
+            if spec.kind == "add" and spec.source >= self.first:
+                pending[spec.source] = pending[spec.source] + g if spec.source in pending else g
+            if k > self.first:
+                dh = spec.ops.input_grad(spec, g, self._weight(k), h)
+                if dh is g:
+                    dh = g.copy()
+                if k in pending:
+                    dh = dh + pending.pop(k)
+                bb.specs[k - 1].act.grad_mul(dh, h)
+                g = dh
 
     def backward(self, g: np.ndarray) -> None:
         bb, grads = self.backbone, self.params.grads
-        if bb.activation.name not in ("relu", "identity"):
+        if self.generic:
+            return self._backward_generic(g)
+        if any(layer.spec.activation not in ("relu", "identity") for layer in bb.layers[:-1]):
             raise UsageError("sparse update supports ReLU and identity activations")
         for k in range(bb.n_layers - 1, self.first - 1, -1):
             c = self.rows.get(k, 0)
@@ -302,16 +378,16 @@ class SparseUpdate(Method):
         if self.int8:
             qw = {}
             for k, c in self.rows.items():
-                w = bb.qweights[k].copy()
+                w = bb.layers[k].quant.qweight.copy()
                 w[:c] = np.clip(np.rint(self.params[f"layers.{k}.weight"]), -127, 127)
                 qw[k] = w
             qb = {k: np.rint(self.params[f"layers.{k}.bias"]) for k in self.train_bias}
-            return bb.replace(qw, qb)
+            return bb.replace_int8(qw, qb)
         out = bb.copy()
         for k, c in self.rows.items():
-            out.weights[k][:c] = self.params[f"layers.{k}.weight"]
+            out.layers[k].weight[:c] = self.params[f"layers.{k}.weight"]
         for k in self.train_bias:
-            out.biases[k][...] = self.params[f"layers.{k}.bias"]
+            out.layers[k].bias[...] = self.params[f"layers.{k}.bias"]
         return out
 
     def kept_bytes(self) -> int:

@@ -28,6 +28,14 @@ def _relu_grad(dh: np.ndarray, h: np.ndarray) -> None:
     dh *= h > 0
 
 
+def _relu6_fwd(z: np.ndarray) -> np.ndarray:
+    return np.clip(z, 0, 6, out=z)
+
+
+def _relu6_grad(dh: np.ndarray, h: np.ndarray) -> None:
+    dh *= (h > 0) & (h < 6)
+
+
 def _leaky_fwd(z: np.ndarray) -> np.ndarray:
     return np.multiply(z, z.dtype.type(0.01), out=z, where=z < 0)
 
@@ -67,6 +75,7 @@ def _identity_grad(dh: np.ndarray, h: np.ndarray) -> None:
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a for a in (
         Activation("relu", _relu_fwd, _relu_grad),
+        Activation("relu6", _relu6_fwd, _relu6_grad),
         Activation("leaky_relu", _leaky_fwd, _leaky_grad),
         Activation("tanh", _tanh_fwd, _tanh_grad),
         Activation("sigmoid", _sigmoid_fwd, _sigmoid_grad),

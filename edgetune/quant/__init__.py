@@ -2,11 +2,12 @@
 an int8 skip-cache, and files. Training on the int8 graph (QAS) is the ``sparse`` method.
 
     qmodel = quantize(model, x_pretrain)          # per-channel int8 weights, calibrated scales
-    qmodel.save("model-int8"); QuantBackbone.load("model-int8")
+    qmodel.is_int8                                # True: an ordinary Backbone with int8 layers
+    qmodel.save("model-int8"); Backbone.load("model-int8")
     FineTuner(qmodel, "skip2-lora").fit(x, y)     # adapters on the frozen int8 backbone
 """
 from .cache import Int8SkipCache, attach_int8_cache
-from .int8 import QuantBackbone, calibrate, load_any, quantize, quantize_weight
+from .int8 import calibrate, dequantize, int8_backbone, load_any, quantize, quantize_weight
 
-__all__ = ["Int8SkipCache", "QuantBackbone", "attach_int8_cache", "calibrate", "load_any", "quantize",
-           "quantize_weight"]
+__all__ = ["Int8SkipCache", "attach_int8_cache", "calibrate", "dequantize", "int8_backbone", "load_any",
+           "quantize", "quantize_weight"]

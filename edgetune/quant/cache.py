@@ -15,7 +15,7 @@ import numpy as np
 
 from ..cache import SkipCache
 from ..errors import UsageError
-from .int8 import QMAX, QuantBackbone, calibrate
+from .int8 import QMAX, calibrate, tap_scales
 
 
 class Int8SkipCache(SkipCache):
@@ -85,8 +85,8 @@ def attach_int8_cache(method, n_samples: int, *, x_calib: np.ndarray | None = No
     if not getattr(method, "uses_cache", False):
         raise UsageError(f"method {method.name} has no skip-cache")
     bb = method.backbone
-    if isinstance(bb, QuantBackbone):
-        scales = bb.tap_scales()
+    if bb.is_int8:
+        scales = tap_scales(bb)
     else:
         if x_calib is None:
             raise UsageError("an int8 cache on a float backbone needs calibration inputs (x_calib)")

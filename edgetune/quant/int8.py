@@ -12,6 +12,10 @@ where ``requant`` is a fixed-point multiply and shift, as an MCU kernel does it.
 layer's accumulator is dequantised to float logits. The input normalisation stays float
 (it is folded into the input quantisation).
 
+An int8 model is an ordinary ``Backbone`` whose layers hold ``QuantParams`` (``is_int8``);
+this module quantises a float backbone and runs the int8 pass on one, layer by layer through
+each kind's ``int8_accumulate`` (edgetune.nn.layers).
+
 NumPy has no BLAS for integer matrices: an int32 matmul is about twice as slow as float32
 here. The default kernel therefore multiplies the integer values in float32 (float64 when
 the layer is too wide): every partial sum is an integer below 2**24 (2**53), so the result
@@ -19,27 +23,19 @@ is bit-identical to the int32 accumulation. ``kernel="int32"`` runs the integer 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import ModelFileError, UsageError
-from ..nn.activations import get_activation
-from ..nn.mlp import Backbone
+from ..errors import UsageError
+from ..nn.layers import QMAX, TILE_BYTES, Layer, QuantParams, chain_specs
+from ..nn.mlp import INT8_KERNELS as KERNELS, Backbone
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "edgetune-int8-backbone"
-FORMAT_VERSION = 1
-QMAX = 127
-KERNELS = ("blas", "int32")
-_F32_EXACT = 2 ** 24
-#: Bytes of widened weight rows per matmul tile (a working buffer, not a copy of the model).
-TILE_BYTES = 16 * 1024
+__all__ = ["KERNELS", "QMAX", "TILE_BYTES", "accumulate", "act_scales", "calibrate", "check_int8_layers",
+           "dequantize", "int8_backbone", "int8_forward", "int8_forward_taps", "layer_int8", "load_any",
+           "logits_from", "quantize", "quantize_activation", "quantize_input", "quantize_weight",
+           "requant_params", "requantize", "run_int8", "tap_scales"]
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,301 +76,148 @@ def requantize(acc: np.ndarray, mult: np.ndarray, shift: np.ndarray, lo: int, hi
     return np.clip(prod, lo, hi).astype(np.int8)
 
 
-class QuantBackbone(Backbone):
-    """An int8 MLP, usable wherever the frozen backbone of ``skip-lora``/``skip2-lora`` or
-    ``sparse`` is expected: ``forward``/``forward_taps`` return float32 like a Backbone.
-
-    ``qweights[k]`` int8 (out, in), ``wscales[k]`` float32 (out,), ``qbiases[k]`` int32 (out,),
-    ``act_scales[k]`` the float scale of layer k's input.
-    """
-
-    def __init__(self, qweights: Sequence[np.ndarray], wscales: Sequence[np.ndarray],
-                 qbiases: Sequence[np.ndarray], act_scales: Sequence[float], *, activation: str = "relu",
-                 labels: Sequence[str] | None = None, input_mean: np.ndarray | None = None,
-                 input_std: np.ndarray | None = None, kernel: str = "blas"):
-        # Backbone.__init__ validates float tensors; an int8 model validates its own.
-        n = len(qweights)
-        if n < 1 or not (len(wscales) == len(qbiases) == len(act_scales) == n):
-            raise UsageError("an int8 backbone needs one weight, weight scale, bias and input scale per layer")
-        self.qweights = [np.ascontiguousarray(w) for w in qweights]
-        self.wscales = [np.asarray(s, np.float32) for s in wscales]
-        self.qbiases = [np.asarray(b) for b in qbiases]
-        self.act_scales = np.asarray(act_scales, np.float32).reshape(n)
-        for k, (w, s, b) in enumerate(zip(self.qweights, self.wscales, self.qbiases)):
-            if w.dtype != np.int8 or w.ndim != 2:
-                raise UsageError(f"layer {k}: int8 weight (out, in) expected, got {w.dtype}{list(w.shape)}")
-            if s.shape != (w.shape[0],) or b.shape != (w.shape[0],) or b.dtype != np.int32:
-                raise UsageError(f"layer {k}: weight scale {s.shape} / int32 bias {b.dtype}{b.shape} "
-                                 f"do not fit {w.shape[0]} output channels")
-            if k and w.shape[1] != self.qweights[k - 1].shape[0]:
-                raise UsageError(f"layer {k} takes {w.shape[1]} inputs but layer {k - 1} gives "
-                                 f"{self.qweights[k - 1].shape[0]}")
-            if not (np.all(np.isfinite(s)) and np.all(s > 0)):
-                raise UsageError(f"layer {k}: weight scales must be positive and finite")
-            # int32 accumulator: |sum q_x q_w| <= in * 128 * 127, plus the bias.
-            bound = w.shape[1] * 128 * QMAX + int(np.abs(b.astype(np.int64)).max(initial=0))
-            if bound >= 2 ** 31:
-                raise UsageError(f"layer {k}: the int32 accumulator could overflow ({bound} >= 2**31)")
-        if not (np.all(np.isfinite(self.act_scales)) and np.all(self.act_scales > 0)):
+def check_int8_layers(layers: Sequence[Layer]) -> None:
+    """Check every int8 layer's tensors and set its requantiser (from its own and the next
+    layer's input scales). Raises UsageError naming the layer."""
+    n = len(layers)
+    for k, layer in enumerate(layers):
+        if layer.spec.kind != "dense":
+            raise UsageError(f"layer {k} is {layer.spec.kind}: int8 backbones are MLPs (dense layers) in this "
+                             f"version")
+        q, spec = layer.quant, layer.spec
+        q.qweight = np.ascontiguousarray(q.qweight)
+        q.wscale = np.asarray(q.wscale, np.float32)
+        q.qbias = np.asarray(q.qbias)
+        w, s, b = q.qweight, q.wscale, q.qbias
+        if w.dtype != np.int8 or w.shape != spec.weight_shape:
+            raise UsageError(f"layer {k}: int8 weight {list(spec.weight_shape)} expected, got {w.dtype}{list(w.shape)}")
+        if s.shape != spec.bias_shape or b.shape != spec.bias_shape or b.dtype != np.int32:
+            raise UsageError(f"layer {k}: weight scale {s.shape} / int32 bias {b.dtype}{b.shape} "
+                             f"do not fit {spec.out_channels} output channels")
+        if not (np.all(np.isfinite(s)) and np.all(s > 0)):
+            raise UsageError(f"layer {k}: weight scales must be positive and finite")
+        if isinstance(q.input_scale, bool) or not np.isfinite(q.input_scale) or not q.input_scale > 0:
             raise UsageError("activation scales must be positive and finite")
-        self.activation = get_activation(activation)
-        if self.activation.name not in ("relu", "identity") and n > 1:
+        q.input_scale = float(np.float32(q.input_scale))
+        # int32 accumulator: |sum q_x q_w| <= fan_in * 128 * 127, plus the bias.
+        fan_in = int(np.prod(spec.weight_shape[1:]))
+        bound = fan_in * 128 * QMAX + int(np.abs(b.astype(np.int64)).max(initial=0))
+        if bound >= 2 ** 31:
+            raise UsageError(f"layer {k}: the int32 accumulator could overflow ({bound} >= 2**31)")
+        if k < n - 1 and spec.activation not in ("relu", "identity"):
             raise UsageError(f"the int8 forward pass fuses ReLU into requantisation; "
-                             f"activation '{self.activation.name}' is not supported")
-        if kernel not in KERNELS:
-            raise UsageError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        self.kernel = kernel
-        self.labels = list(labels) if labels is not None else [str(i) for i in range(self.sizes[-1])]
-        if len(self.labels) != self.sizes[-1]:
-            raise UsageError(f"{len(self.labels)} label names for {self.sizes[-1]} outputs")
-        self.input_mean = None if input_mean is None else np.asarray(input_mean, np.float32)
-        self.input_std = None if input_std is None else np.asarray(input_std, np.float32)
-        self._requant = []
-        for k in range(n - 1):
-            m = self.act_scales[k].astype(np.float64) * self.wscales[k] / self.act_scales[k + 1]
-            self._requant.append(requant_params(m))
+                             f"activation '{spec.activation}' is not supported")
+    for k in range(n - 1):
+        q = layers[k].quant
+        m = np.float64(np.float32(q.input_scale)) * q.wscale / np.float32(layers[k + 1].quant.input_scale)
+        q.requant = requant_params(m)
+    layers[-1].quant.requant = None
 
-    # -- the Backbone interface that does not apply to int8 weights ----------------------
-    @property
-    def weights(self):  # type: ignore[override]
-        raise UsageError("this is an int8 backbone: its float weights do not exist. Methods that train or "
-                         "read float weights (ft-*, lora-*) need the float model; on int8 use skip-lora, "
-                         "skip2-lora or sparse (or .dequantize())")
 
-    @property
-    def biases(self):  # type: ignore[override]
-        return self.weights
+def int8_backbone(qweights: Sequence[np.ndarray], wscales: Sequence[np.ndarray], qbiases: Sequence[np.ndarray],
+                  act_scales: Sequence[float], *, activation: str = "relu", labels: Sequence[str] | None = None,
+                  input_mean: np.ndarray | None = None, input_std: np.ndarray | None = None,
+                  kernel: str = "blas") -> Backbone:
+    """An int8 MLP from its tensors: ``qweights[k]`` int8 (out, in), ``wscales[k]`` float32
+    (out,), ``qbiases[k]`` int32 (out,), ``act_scales[k]`` the float scale of layer k's input."""
+    n = len(qweights)
+    if n < 1 or not (len(wscales) == len(qbiases) == len(act_scales) == n):
+        raise UsageError("an int8 backbone needs one weight, weight scale, bias and input scale per layer")
+    for k, w in enumerate(qweights):
+        if np.ndim(w) != 2:
+            raise UsageError(f"layer {k}: int8 weight (out, in) expected, got shape {list(np.shape(w))}")
+    sizes = [np.shape(qweights[0])[1]] + [np.shape(w)[0] for w in qweights]
+    specs = chain_specs(sizes, activation)
+    scales = np.asarray(act_scales, np.float32).reshape(n)
+    layers = [Layer(spec, quant=QuantParams(np.asarray(w), np.asarray(s), np.asarray(b), float(a)))
+              for spec, w, s, b, a in zip(specs, qweights, wscales, qbiases, scales)]
+    return Backbone.from_layers(layers, labels=labels, input_mean=input_mean, input_std=input_std,
+                                int8_kernel=kernel, activation=activation)
 
-    def astype(self, dtype: type) -> "Backbone":
-        raise UsageError("an int8 backbone cannot change dtype; use .dequantize() for a float model")
 
-    def copy(self) -> "QuantBackbone":
-        return self.replace()
+def _need_int8(bb: Backbone) -> None:
+    if not bb.is_int8:
+        raise UsageError("this needs an int8 backbone (edgetune.quant.quantize makes one)")
 
-    def replace(self, qweights: dict[int, np.ndarray] | None = None,
-                qbiases: dict[int, np.ndarray] | None = None) -> "QuantBackbone":
-        """A copy, with some layers' int8 weights / int32 biases replaced (same scales)."""
-        qw = [np.array((qweights or {}).get(k, w), np.int8) for k, w in enumerate(self.qweights)]
-        qb = [np.array((qbiases or {}).get(k, b), np.int32) for k, b in enumerate(self.qbiases)]
-        return QuantBackbone(qw, [s.copy() for s in self.wscales], qb, self.act_scales.copy(),
-                             activation=self.activation.name, labels=self.labels,
-                             input_mean=self.input_mean, input_std=self.input_std, kernel=self.kernel)
 
-    def fit_normalizer(self, x: np.ndarray) -> "Backbone":
-        raise UsageError("the input normalisation of an int8 backbone is fixed at quantisation")
+def act_scales(bb: Backbone) -> np.ndarray:
+    """The float scale of every layer's int8 input, (n_layers,) float32."""
+    _need_int8(bb)
+    return np.asarray([layer.quant.input_scale for layer in bb.layers], np.float32)
 
-    # -- properties ---------------------------------------------------------------------
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype of what ``forward`` returns and of adapters trained on top."""
-        return np.dtype(np.float32)
 
-    @property
-    def sizes(self) -> list[int]:
-        return [self.qweights[0].shape[1]] + [w.shape[0] for w in self.qweights]
+def quantize_input(bb: Backbone, x: np.ndarray) -> np.ndarray:
+    """Prepared (normalised) float inputs -> int8 at the first layer's input scale."""
+    return quantize_activation(x, bb.layers[0].quant.input_scale)
 
-    @property
-    def n_layers(self) -> int:
-        return len(self.qweights)
 
-    @property
-    def n_params(self) -> int:
-        return sum(w.size + b.size for w, b in zip(self.qweights, self.qbiases))
+def accumulate(bb: Backbone, k: int, q: np.ndarray) -> np.ndarray:
+    """int32 accumulator of layer k for int8 inputs ``q`` (samples, in_k), bias included."""
+    layer = bb.layers[k]
+    return layer.spec.ops.int8_accumulate(layer.spec, q, layer.quant, bb.int8_kernel)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of everything the int8 model holds (weights, biases, scales, requantisers)."""
-        total = sum(a.nbytes for a in (*self.qweights, *self.wscales, *self.qbiases, self.act_scales))
-        total += sum(m.nbytes + s.nbytes for m, s in self._requant)
-        total += sum(a.nbytes for a in (self.input_mean, self.input_std) if a is not None)
-        return total
 
-    def __repr__(self) -> str:
-        return f"QuantBackbone(sizes={self.sizes}, int8, kernel='{self.kernel}')"
+def layer_int8(bb: Backbone, k: int, q: np.ndarray) -> np.ndarray:
+    """Hidden layer k on int8 inputs: the int8 input of layer k+1 (ReLU fused)."""
+    layer = bb.layers[k]
+    mult, shift = layer.quant.requant
+    lo = 0 if layer.spec.activation == "relu" else -QMAX
+    return requantize(accumulate(bb, k, q), mult, shift, lo, QMAX)
 
-    # -- the int8 pass ------------------------------------------------------------------
-    def quantize_input(self, x: np.ndarray) -> np.ndarray:
-        """Prepared (normalised) float inputs -> int8 at the first layer's input scale."""
-        return quantize_activation(x, self.act_scales[0])
 
-    def tile_rows(self, k: int) -> int:
-        """Weight rows converted per matmul tile, so no layer's weight is ever widened whole."""
-        return max(1, TILE_BYTES // (self.qweights[k].shape[1] * 4))
+def run_int8(bb: Backbone, q: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Hidden layers ``start .. stop-1`` on int8 input of layer ``start``; int8 input of ``stop``."""
+    stop = bb.n_layers - 1 if stop is None else stop
+    for k in range(start, stop):
+        q = layer_int8(bb, k, q)
+    return q
 
-    def accumulate(self, k: int, q: np.ndarray) -> np.ndarray:
-        """int32 accumulator of layer k for int8 inputs ``q`` (samples, in_k)."""
-        w = self.qweights[k]
-        out_k, in_k = w.shape
-        if self.kernel == "int32":
-            ft = np.int32
-        else:
-            ft = np.float32 if in_k * 128 * QMAX < _F32_EXACT else np.float64
-        qc = q.astype(ft)
-        acc = np.empty((q.shape[0], out_k), np.int32)
-        t = self.tile_rows(k)
-        for r0 in range(0, out_k, t):
-            acc[:, r0:r0 + t] = qc @ w[r0:r0 + t].astype(ft).T
-        acc += self.qbiases[k]
-        return acc
 
-    def layer_int8(self, k: int, q: np.ndarray) -> np.ndarray:
-        """Hidden layer k on int8 inputs: the int8 input of layer k+1 (ReLU fused)."""
-        mult, shift = self._requant[k]
-        lo = 0 if self.activation.name == "relu" else -QMAX
-        return requantize(self.accumulate(k, q), mult, shift, lo, QMAX)
+def logits_from(bb: Backbone, q_last: np.ndarray) -> np.ndarray:
+    """Float logits from the int8 input of the last layer."""
+    k = bb.n_layers - 1
+    q = bb.layers[k].quant
+    acc = accumulate(bb, k, q_last)
+    return (acc * (np.float32(q.input_scale) * q.wscale)).astype(np.float32)
 
-    def run_int8(self, q: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Hidden layers ``start .. stop-1`` on int8 input of layer ``start``; int8 input of ``stop``."""
-        stop = self.n_layers - 1 if stop is None else stop
-        for k in range(start, stop):
-            q = self.layer_int8(k, q)
-        return q
 
-    def logits_from(self, q_last: np.ndarray) -> np.ndarray:
-        """Float logits from the int8 input of the last layer."""
-        k = self.n_layers - 1
-        acc = self.accumulate(k, q_last)
-        return (acc * (self.act_scales[k] * self.wscales[k])).astype(np.float32)
+def int8_forward(bb: Backbone, x: np.ndarray) -> np.ndarray:
+    """Float logits for prepared inputs, computed by the int8 kernel."""
+    _need_int8(bb)
+    return logits_from(bb, run_int8(bb, quantize_input(bb, x)))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Float logits for prepared inputs, computed by the int8 kernel."""
-        return self.logits_from(self.run_int8(self.quantize_input(x)))
 
-    def forward_taps_int8(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(int8 rows [q_0 | ... | q_{n-1}], float32 logits): the skip adapters' inputs, exactly."""
-        sizes = self.sizes
-        rows = np.empty((x.shape[0], sum(sizes[:-1])), np.int8)
-        q = self.quantize_input(x)
-        col = 0
-        for k in range(self.n_layers):
-            rows[:, col:col + sizes[k]] = q
-            col += sizes[k]
-            if k < self.n_layers - 1:
-                q = self.layer_int8(k, q)
-        return rows, self.logits_from(q)
+def int8_forward_taps(bb: Backbone, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 rows [q_0 | ... | q_{n-1}], float32 logits): the skip adapters' inputs, exactly."""
+    _need_int8(bb)
+    widths = bb.in_widths
+    rows = np.empty((x.shape[0], sum(widths)), np.int8)
+    q = quantize_input(bb, x)
+    col = 0
+    for k in range(bb.n_layers):
+        rows[:, col:col + widths[k]] = q
+        col += widths[k]
+        if k < bb.n_layers - 1:
+            q = layer_int8(bb, k, q)
+    return rows, logits_from(bb, q)
 
-    def tap_scales(self) -> np.ndarray:
-        """One dequantisation scale per column of the int8 tap rows."""
-        return np.repeat(self.act_scales, self.sizes[:-1]).astype(np.float32)
 
-    def transposed_weights(self, layers=None):  # type: ignore[override]
-        """None: an int8 backbone has its own integer kernels, no float copies to make."""
-        return None
+def tap_scales(bb: Backbone) -> np.ndarray:
+    """One dequantisation scale per column of the int8 tap rows."""
+    return np.repeat(act_scales(bb), bb.in_widths).astype(np.float32)
 
-    def forward_taps(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows [x | h_1 | ... | h_{n-1} | z_n] as a float Backbone gives them, dequantised."""
-        rows, logits = self.forward_taps_int8(x)
-        d = rows.shape[1]
-        if out is None:
-            out = np.empty((x.shape[0], d + logits.shape[1]), np.float32)
-        np.multiply(rows, self.tap_scales(), out=out[:, :d])
-        out[:, d:] = logits
-        return out
 
-    def dequantize(self) -> Backbone:
-        """The float model this int8 model approximates (for comparison, not deployment)."""
-        ws = [(w * s[:, None]).astype(np.float32) for w, s in zip(self.qweights, self.wscales)]
-        bs = [(b * (a * s)).astype(np.float32) for b, a, s in zip(self.qbiases, self.act_scales, self.wscales)]
-        return Backbone(ws, bs, activation=self.activation.name, labels=self.labels,
-                        input_mean=self.input_mean, input_std=self.input_std)
-
-    # -- identity and files -----------------------------------------------------------
-    def digest(self) -> str:
-        hsh = hashlib.blake2b(digest_size=16)
-        hsh.update(json.dumps([FORMAT, self.sizes, self.activation.name]).encode())
-        for a in (*self.qweights, *self.wscales, *self.qbiases, self.act_scales, self.input_mean, self.input_std):
-            hsh.update(b"-" if a is None else memoryview(np.ascontiguousarray(a)).cast("B"))
-        return hsh.hexdigest()
-
-    def tensors(self) -> dict[str, np.ndarray]:
-        t: dict[str, np.ndarray] = {}
-        for k in range(self.n_layers):
-            t[f"layers.{k}.weight"] = self.qweights[k]
-            t[f"layers.{k}.weight_scale"] = self.wscales[k]
-            t[f"layers.{k}.bias"] = self.qbiases[k]
-            t[f"layers.{k}.input_scale"] = self.act_scales[k:k + 1]
-        if self.input_mean is not None:
-            t["input.mean"] = self.input_mean
-        if self.input_std is not None:
-            t["input.std"] = self.input_std
-        return t
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """``model.safetensors`` (int8/int32/float32 tensors) + ``config.json``, written as one set."""
-        from ..io_atomic import json_text, write_dir_atomic
-        from ..safetensors import dumps
-
-        blob = dumps(self.tensors(), {"format": FORMAT})
-        config = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "sizes": self.sizes,
-            "activation": self.activation.name, "labels": self.labels,
-            "normalization": self.input_mean is not None, "quantization": {
-                "weights": "int8 symmetric per output channel", "biases": "int32",
-                "activations": "int8 symmetric per tensor"},
-            "weights_sha256": hashlib.sha256(blob).hexdigest(),
-        }
-        path = write_dir_atomic(path, {WEIGHTS_NAME: blob, CONFIG_NAME: json_text(config).encode()})
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, kernel: str = "blas") -> "QuantBackbone":
-        from ..io_atomic import check_model_config, read_json_config, recover_dir
-        from ..safetensors import loads
-
-        path = Path(path)
-        if path.is_file() and path.name == CONFIG_NAME:
-            path = path.parent
-        path = recover_dir(path)
-        if not path.is_dir():
-            raise ModelFileError(f"model directory not found: {path}")
-        cfg, cfg_path, w_path = read_json_config(path, CONFIG_NAME, WEIGHTS_NAME, "an edgetune model")
-        if cfg.get("format") != FORMAT:
-            raise ModelFileError(f"{cfg_path}: not an edgetune int8 model (format != '{FORMAT}')")
-        if cfg.get("format_version", 0) > FORMAT_VERSION:
-            raise ModelFileError(f"{cfg_path}: format version {cfg['format_version']} is newer than this "
-                                 f"edgetune reads ({FORMAT_VERSION})")
-        check_model_config(cfg, cfg_path)
-        blob = w_path.read_bytes()
-        if cfg.get("weights_sha256") and hashlib.sha256(blob).hexdigest() != cfg["weights_sha256"]:
-            raise ModelFileError(f"{w_path} does not match {cfg_path.name} (checksum differs: the files come "
-                                 f"from different saves, or one is damaged)")
-        tensors, _ = loads(blob, str(w_path))
-        try:
-            sizes = [int(s) for s in cfg["sizes"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelFileError(f"{cfg_path}: bad or missing field 'sizes' ({e})") from None
-        n = len(sizes) - 1
-        want: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-        for k in range(n):
-            want[f"layers.{k}.weight"] = ((sizes[k + 1], sizes[k]), np.dtype(np.int8))
-            want[f"layers.{k}.weight_scale"] = ((sizes[k + 1],), np.dtype(np.float32))
-            want[f"layers.{k}.bias"] = ((sizes[k + 1],), np.dtype(np.int32))
-            want[f"layers.{k}.input_scale"] = ((1,), np.dtype(np.float32))
-        optional = {"input.mean": ((sizes[0],), np.dtype(np.float32)), "input.std": ((sizes[0],), np.dtype(np.float32))}
-        extra = set(tensors) - set(want) - set(optional)
-        if extra:
-            raise ModelFileError(f"{w_path}: unexpected tensors {sorted(extra)}")
-        for name, (shape, dt) in {**want, **optional}.items():
-            t = tensors.get(name)
-            if t is None:
-                if name in want:
-                    raise ModelFileError(f"{w_path}: tensor '{name}' is missing")
-                continue
-            if t.shape != shape or t.dtype != dt:
-                raise ModelFileError(f"{w_path}: tensor '{name}' is {t.dtype}{list(t.shape)}, expected {dt}{list(shape)}")
-            if dt.kind == "f" and not np.all(np.isfinite(t)):
-                raise ModelFileError(f"{w_path}: tensor '{name}' contains NaN or inf")
-        from ..io_atomic import check_input_std
-        check_input_std(tensors.get("input.std"), w_path)
-        try:
-            return cls([tensors[f"layers.{k}.weight"] for k in range(n)],
-                       [tensors[f"layers.{k}.weight_scale"] for k in range(n)],
-                       [tensors[f"layers.{k}.bias"] for k in range(n)],
-                       [float(tensors[f"layers.{k}.input_scale"][0]) for k in range(n)],
-                       activation=cfg.get("activation", "relu"), labels=cfg.get("labels"),
-                       input_mean=tensors.get("input.mean"), input_std=tensors.get("input.std"), kernel=kernel)
-        except UsageError as e:
-            raise ModelFileError(f"{cfg_path}: {e}") from None
+def dequantize(bb: Backbone) -> Backbone:
+    """The float model an int8 model approximates (for comparison, not deployment)."""
+    _need_int8(bb)
+    layers = []
+    for layer in bb.layers:
+        q = layer.quant
+        w = (q.qweight * q.wscale.reshape((-1,) + (1,) * (q.qweight.ndim - 1))).astype(np.float32)
+        b = (q.qbias * (np.float32(q.input_scale) * q.wscale)).astype(np.float32)
+        layers.append(Layer(layer.spec, w, b))
+    return Backbone.from_layers(layers, labels=bb.labels, input_mean=bb.input_mean, input_std=bb.input_std,
+                                activation=bb.activation.name)
 
 
 def calibrate(backbone: Backbone, x: np.ndarray, *, percentile: float = 100.0) -> np.ndarray:
@@ -394,13 +237,18 @@ def calibrate(backbone: Backbone, x: np.ndarray, *, percentile: float = 100.0) -
 
 
 def quantize(backbone: Backbone, x_calib: np.ndarray, *, percentile: float = 100.0,
-             kernel: str = "blas") -> QuantBackbone:
+             kernel: str = "blas") -> Backbone:
     """Post-training quantisation of a trained float backbone, calibrated on raw inputs ``x_calib``
     (pre-training data: the device never needs the fine-tuning data for this)."""
-    if isinstance(backbone, QuantBackbone):
+    if backbone.is_int8:
         raise UsageError("this backbone is already int8")
-    if backbone.activation.name not in ("relu", "identity") and backbone.n_layers > 1:
-        raise UsageError(f"int8 quantisation supports ReLU MLPs, not '{backbone.activation.name}'")
+    for layer in backbone.layers:
+        if layer.spec.kind != "dense":
+            raise UsageError(f"int8 quantisation supports MLPs (dense layers) in this version; this backbone has "
+                             f"a {layer.spec.kind} layer")
+    for layer in backbone.layers[:-1]:
+        if layer.spec.activation not in ("relu", "identity"):
+            raise UsageError(f"int8 quantisation supports ReLU MLPs, not '{layer.spec.activation}'")
     scales = calibrate(backbone, x_calib, percentile=percentile)[:-1]
     qw, ws, qb = [], [], []
     for k, (w, b) in enumerate(zip(backbone.weights, backbone.biases)):
@@ -411,20 +259,13 @@ def quantize(backbone: Backbone, x_calib: np.ndarray, *, percentile: float = 100
         qw.append(q)
         ws.append(s)
         qb.append(bq.astype(np.int32))
-    return QuantBackbone(qw, ws, qb, scales, activation=backbone.activation.name, labels=backbone.labels,
-                         input_mean=backbone.input_mean, input_std=backbone.input_std, kernel=kernel)
+    layers = [Layer(layer.spec, quant=QuantParams(q, s, b, float(a)))
+              for layer, q, s, b, a in zip(backbone.layers, qw, ws, qb, scales)]
+    return Backbone.from_layers(layers, labels=backbone.labels, input_mean=backbone.input_mean,
+                                input_std=backbone.input_std, int8_kernel=kernel,
+                                activation=backbone.activation.name)
 
 
 def load_any(path: str | os.PathLike) -> Backbone:
-    """A float or an int8 model directory, whichever ``path`` holds."""
-    from ..io_atomic import recover_dir
-
-    p = Path(path)
-    cfg = recover_dir(p.parent if p.name == CONFIG_NAME else p) / CONFIG_NAME
-    try:
-        fmt = json.loads(cfg.read_text()).get("format") if cfg.is_file() else None
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        fmt = None
-    if fmt == FORMAT:
-        return QuantBackbone.load(path)
+    """A float or an int8 model directory, whichever ``path`` holds (``Backbone.load`` reads both)."""
     return Backbone.load(path)

@@ -39,8 +39,9 @@ def require_torch() -> Any:
             "install it with: pip install edgetune[torch]") from None
 
 
-def to_torch(backbone: "Backbone", *, normalize: bool = True) -> "torch.nn.Sequential":
-    """The backbone as an ``nn.Sequential`` of Linear and activation modules ("0", "1", ...).
+def to_torch(backbone: "Backbone", *, normalize: bool = True) -> "torch.nn.Module":
+    """An MLP as an ``nn.Sequential`` of Linear and activation modules ("0", "1", ...); any
+    other backbone as a ``LayerChain`` module (edgetune.torch.graph) computing the same.
 
     With ``normalize`` (default) and a backbone that carries an input normalisation, the
     result subtracts the mean and divides by the std before layer "0", so it takes raw
@@ -52,16 +53,21 @@ def to_torch(backbone: "Backbone", *, normalize: bool = True) -> "torch.nn.Seque
     return impl(backbone, normalize=normalize)
 
 
-def from_torch(module: "torch.nn.Module", *, labels: list[str] | None = None) -> "Backbone":
-    """An edgetune Backbone from a module whose forward is a chain of Linear and activations.
+def from_torch(module: "torch.nn.Module", *, labels: list[str] | None = None,
+               input_shape: tuple[int, ...] | None = None) -> "Backbone":
+    """An edgetune Backbone from a PyTorch module.
 
-    Supported: ``nn.Linear`` (with or without bias), ReLU, LeakyReLU(0.01), Tanh, Sigmoid,
-    Identity, the same activation between every pair of Linear layers and none after the
-    last. Anything else raises ``UsageError`` naming the module.
+    An MLP: a chain of ``nn.Linear`` (with or without bias) and ReLU, LeakyReLU(0.01), Tanh,
+    Sigmoid or Identity, the same activation between every pair of Linear layers and none
+    after the last. A convolutional network: give ``input_shape`` = (C, L) or (C, H, W) of
+    one sample; its ``torch.fx`` graph is read (Conv1d/Conv2d with any groups, BatchNorm
+    folded, ReLU/ReLU6/..., pooling, AdaptiveAvgPool to 1, Flatten, Dropout, Linear, nested
+    Sequentials and residual adds such as torchvision's InvertedResidual; see docs/cnn.md).
+    Anything else raises ``UsageError`` naming the module, before anything is built.
     """
     require_torch()
     from .convert import from_torch as impl
-    return impl(module, labels=labels)
+    return impl(module, labels=labels, input_shape=input_shape)
 
 
 def skip2lora(model: "torch.nn.Module", taps: list[str] | None = None, rank: int = 1,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..nn.layers import Layer
 from ..nn.mlp import Backbone
 
 ACTIVATION_MODULES = {
@@ -45,20 +46,37 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(a, copy=True))
 
 
+def _dense_to_torch(layer: Layer) -> nn.Module:
+    # Built on the meta device, then given the backbone's tensors: no random
+    # initialisation, so the global torch RNG is left untouched.
+    spec = layer.spec
+    lin = nn.Linear(spec.in_features, spec.out_channels, device="meta")
+    lin.weight = nn.Parameter(_tensor(layer.weight))
+    lin.bias = nn.Parameter(_tensor(layer.bias))
+    return lin
+
+
+#: One converter per layer kind (edgetune.nn.layers.LAYER_KINDS).
+_TO_TORCH = {"dense": _dense_to_torch}
+
+
 def to_torch(backbone: Backbone, *, normalize: bool = True) -> nn.Sequential:
+    """An ``nn.Sequential`` computing what ``backbone`` computes (layer k at index 2k, its
+    activation at 2k+1, as ``nn.Sequential(Linear, ReLU, ..., Linear)`` numbers them)."""
     if not isinstance(backbone, Backbone):
         raise UsageError(f"to_torch needs an edgetune Backbone, got {type(backbone).__name__}")
+    if backbone.is_int8:
+        raise UsageError("to_torch converts float backbones; for an int8 one use "
+                         "edgetune.quant.dequantize(backbone) first")
+    if not all(s.kind == "dense" for s in backbone.specs):
+        from .graph import to_module
+        return to_module(backbone, normalize=normalize)
     layers: list[nn.Module] = []
     last = backbone.n_layers - 1
-    for k, (w, b) in enumerate(zip(backbone.weights, backbone.biases)):
-        # Built on the meta device, then given the backbone's tensors: no random
-        # initialisation, so the global torch RNG is left untouched.
-        lin = nn.Linear(w.shape[1], w.shape[0], device="meta")
-        lin.weight = nn.Parameter(_tensor(w))
-        lin.bias = nn.Parameter(_tensor(b))
-        layers.append(lin)
-        if k != last:
-            layers.append(ACTIVATION_MODULES[backbone.activation.name]())
+    for k, layer in enumerate(backbone.layers):
+        layers.append(_TO_TORCH[layer.spec.kind](layer))
+        if k != last or layer.spec.activation != "identity":
+            layers.append(ACTIVATION_MODULES[layer.spec.activation]())
     has_norm = backbone.input_mean is not None or backbone.input_std is not None
     if normalize and has_norm:
         return NormalizedSequential(
@@ -150,9 +168,19 @@ def _traced_ops(module: nn.Module) -> list[tuple[str, str, object]]:
     return ops
 
 
-def from_torch(module: nn.Module, *, labels: list[str] | None = None) -> Backbone:
+def from_torch(module: nn.Module, *, labels: list[str] | None = None,
+               input_shape: tuple[int, ...] | None = None) -> Backbone:
     if not isinstance(module, nn.Module):
         raise UsageError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
+    from .graph import LayerChain, from_chain
+    if isinstance(module, LayerChain):
+        return from_chain(module, labels=labels)
+    if input_shape is not None and len(tuple(input_shape)) > 1:
+        from .graph import from_graph
+        return from_graph(module, tuple(input_shape), labels=labels)
+    if any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in module.modules()):
+        raise UsageError(f"{type(module).__name__} has convolutions: give the shape of one sample, "
+                         f"from_torch(module, input_shape=(C, L)) or (C, H, W)")
     mean = std = None
     if type(module) in (nn.Sequential, NormalizedSequential):
         ops = _sequential_ops(module)

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "../../edgetune/core/et_core.h"
+#include "../../edgetune/core/et_layers.h"
 
 #define N_SAMPLES 37
 #define BATCH 6
@@ -78,12 +79,12 @@ static et_backbone float_backbone(int activation) {
     et_backbone bb;
     memset(&bb, 0, sizeof bb);
     bb.n_layers = NL;
-    for (int k = 0; k <= NL; k++) bb.sizes[k] = SIZES[k];
-    bb.activation = activation;
-    for (int k = 0; k < NL; k++) {
-        bb.wt[k] = WT[k];
-        bb.w[k] = W[k];
-        bb.bias[k] = BIAS[k];
+    for (int k = 0; k < NL; k++) { /* the activation between layers; none after the last */
+        et_layer *l = &bb.layers[k];
+        et_layer_dense(l, SIZES[k], SIZES[k + 1], k < NL - 1 ? activation : ET_IDENTITY);
+        l->wt = WT[k];
+        l->w = W[k];
+        l->bias = BIAS[k];
     }
     return bb;
 }
@@ -284,8 +285,30 @@ int main(void) {
               "no samples is refused");
         CHECK(et_train_epochs(NULL, &m, &o, NULL, P, G, X, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, need, st)
                   == ET_ERR_ARGUMENT, "no backbone is refused");
+        /* a layer kind this build does not implement: refused where the backbone is checked */
+        bb.layers[1].kind = 99;
+        CHECK(et_backbone_check(&bb) == ET_ERR_UNSUPPORTED, "an unknown layer kind is refused");
+        CHECK(et_workspace_size(&bb, &m, NULL, BATCH) == 0, "no workspace for an unknown layer kind");
+        CHECK(et_train_epochs(&bb, &m, &o, NULL, P, G, X, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, need, st)
+                  == ET_ERR_UNSUPPORTED, "training with an unknown layer kind is refused");
+        bb = float_backbone(ET_RELU);
+        bb.layers[1].in_c = H1 + 1; /* layer 1 no longer reads layer 0's output */
+        CHECK(et_backbone_check(&bb) == ET_ERR_ARGUMENT, "layers that do not chain are refused");
+        CHECK(et_train_epochs(&bb, &m, &o, NULL, P, G, X, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, need, st)
+                  == ET_ERR_ARGUMENT, "training layers that do not chain is refused");
+        bb = float_backbone(ET_RELU);
+        bb.layers[0].kernel_w = 3; /* a dense layer is the 1x1 case */
+        CHECK(et_backbone_check(&bb) == ET_ERR_ARGUMENT, "a dense layer with a 3-wide kernel is refused");
+        bb = float_backbone(ET_RELU);
+        bb.layers[2].activation = 17;
+        CHECK(et_backbone_check(&bb) == ET_ERR_ARGUMENT, "an unknown activation is refused");
+        bb = float_backbone(ET_RELU);
+        CHECK(et_backbone_check(&bb) == ET_OK, "the test backbone is accepted");
+        /* the workspace for 4-byte pointers differs from the 8-byte one only by the batch's row pointers */
+        CHECK(et_workspace_size_for(&bb, &m, NULL, BATCH, (int32_t)sizeof(void *)) == need,
+              "et_workspace_size is et_workspace_size_for at this machine's pointer size");
         bb.n_layers = ET_MAX_LAYERS + 1;
-        CHECK(et_workspace_size(&bb, &m, NULL, BATCH) == 0 || et_train_epochs(&bb, &m, &o, NULL, P, G, X, Y,
+        CHECK(et_workspace_size(&bb, &m, NULL, BATCH) == 0 && et_train_epochs(&bb, &m, &o, NULL, P, G, X, Y,
               N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, WS_BYTES, st) == ET_ERR_ARGUMENT, "too many layers is refused");
     }
     printf("%d passed, %d failed\n", failures ? 0 : 1, failures);

@@ -1,4 +1,5 @@
-/* The device API of an exported project: see et_device.h. */
+/* The device API of an exported project: see et_device.h. Also compiled into edgetune's Python
+ * extension, whose planner reads the arena's size and breakdown from et_device_arena_breakdown(). */
 #include "et_device.h"
 
 #include <math.h>
@@ -10,22 +11,27 @@ static size_t round_up(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
 
 static int32_t d_in_of(const et_backbone *bb) {
     int32_t d = 0;
-    for (int32_t k = 0; k < bb->n_layers; k++) d += bb->sizes[k];
+    for (int32_t k = 0; k < bb->n_layers; k++) d += et_width(bb, k);
     return d;
 }
 
-/* The arena's pieces, in order; with base == NULL only their total. edgetune's memory model
- * (edgetune/memory.py, device_arena_bytes) computes the same sum. */
-static size_t layout(et_device *d, const et_model_desc *md, char *base) {
+/*
+ * The arena's pieces, in order; with base == NULL only their total (rounded pieces). With
+ * `bytes`, each piece's exact size is added to bytes[its et_device_piece]. This is the only
+ * place the arena's layout is written.
+ */
+static size_t layout(et_device *d, const et_model_desc *md, char *base, size_t *bytes) {
     const et_backbone *bb = md->backbone;
     const size_t P = (size_t)md->method->n_params, N = (size_t)md->max_samples, C = (size_t)md->cache_capacity;
-    const size_t in = (size_t)bb->sizes[0], out = (size_t)bb->sizes[bb->n_layers], din = (size_t)d_in_of(bb);
+    const size_t in = (size_t)et_width(bb, 0), out = (size_t)et_width(bb, bb->n_layers), din = (size_t)d_in_of(bb);
     char *cur = base;
     size_t total = 0;
-#define PIECE(dst, type, bytes)                                   \
+    int32_t what = ET_PIECE_PARAMS;
+#define PIECE(dst, type, nbytes)                                  \
     do {                                                          \
-        const size_t b_ = round_up(bytes);                        \
+        const size_t b_ = round_up(nbytes);                       \
         if (base) dst = (type)(void *)cur;                        \
+        if (bytes) bytes[what] += (nbytes);                       \
         cur += b_;                                                \
         total += b_;                                              \
     } while (0)
@@ -35,8 +41,10 @@ static size_t layout(et_device *d, const et_model_desc *md, char *base) {
     uint8_t *u8 = NULL;
     PIECE(f, float *, P * 4);
     if (d) d->params = f;
+    what = ET_PIECE_GRADIENTS;
     PIECE(f, float *, P * 4);
     if (d) d->grads = f;
+    what = ET_PIECE_OPTIMIZER;
     if (md->optimizer == ET_MOMENTUM || md->optimizer == ET_ADAM) {
         PIECE(f, float *, P * 4);
         if (d) d->opt.m = f;
@@ -45,6 +53,7 @@ static size_t layout(et_device *d, const et_model_desc *md, char *base) {
         PIECE(f, float *, P * 4);
         if (d) d->opt.v = f;
     }
+    what = ET_PIECE_CACHE;
     if (md->cache_kind == ET_CACHE_FLOAT) {
         PIECE(f, float *, C * (din + out) * 4);
         if (d) d->cache.rows = f;
@@ -58,43 +67,63 @@ static size_t layout(et_device *d, const et_model_desc *md, char *base) {
         PIECE(u8, uint8_t *, N);
         if (d) d->cache.filled = u8;
     }
+    what = ET_PIECE_SAMPLES;
     if (md->store_samples) {
         PIECE(f, float *, N * in * 4);
         if (d) d->x = f;
         PIECE(i32, int32_t *, N * 4);
         if (d) d->y = i32;
     }
+    what = ET_PIECE_ORDER;
     PIECE(i32, int32_t *, N * 4);
     if (d) d->order = i32;
 #undef PIECE
     return total;
 }
 
-static size_t workspace_bytes(const et_model_desc *md) {
+static size_t workspace_bytes(const et_model_desc *md, int32_t pointer_bytes) {
     et_cache c;
     memset(&c, 0, sizeof(c));
     c.kind = md->cache_kind;
-    return et_workspace_size(md->backbone, md->method, &c, md->batch);
+    return et_workspace_size_for(md->backbone, md->method, &c, md->batch, pointer_bytes);
+}
+
+size_t et_device_arena_breakdown(const et_model_desc *md, int32_t pointer_bytes, size_t *bytes) {
+    if (bytes)
+        for (int32_t i = 0; i < ET_DEVICE_PIECES; i++) bytes[i] = 0;
+    if (!md || !md->backbone || !md->method || md->max_samples < 1 || md->batch < 1) return 0;
+    if (md->cache_capacity < 0 || md->cache_capacity > md->max_samples) return 0;
+    if (md->optimizer < ET_SGD || md->optimizer > ET_ADAM) return 0;
+    if (md->cache_kind < ET_CACHE_NONE || md->cache_kind > ET_CACHE_INT8) return 0;
+    const size_t ws = workspace_bytes(md, pointer_bytes); /* 0: the backbone or method is refused */
+    if (ws == 0) return 0;
+    const size_t total = layout(NULL, md, NULL, bytes) + ws + ALIGN;
+    if (bytes) {
+        size_t exact = 0;
+        for (int32_t i = 0; i < ET_PIECE_WORKSPACE; i++) exact += bytes[i];
+        bytes[ET_PIECE_WORKSPACE] = ws;
+        bytes[ET_PIECE_ALIGNMENT] = total - ws - exact;
+    }
+    return total;
 }
 
 size_t et_device_arena_bytes(const et_model_desc *md) {
-    if (!md || !md->backbone || !md->method || md->max_samples < 1 || md->batch < 1) return 0;
-    return layout(NULL, md, NULL) + workspace_bytes(md) + ALIGN;
+    return et_device_arena_breakdown(md, (int32_t)sizeof(void *), NULL);
 }
 
 int32_t et_device_init(et_device *d, const et_model_desc *md, void *arena, size_t arena_bytes, uint32_t seed) {
     if (!d || !md || !arena) return ET_ERR_ARGUMENT;
     const size_t need = et_device_arena_bytes(md);
-    if (need == 0 || md->cache_capacity < 0 || md->cache_capacity > md->max_samples) return ET_ERR_ARGUMENT;
+    if (need == 0) return ET_ERR_ARGUMENT;
     if (arena_bytes < need) return ET_ERR_WORKSPACE;
     memset(d, 0, sizeof(*d));
     char *base = (char *)arena;
     const uintptr_t mis = (uintptr_t)base % ALIGN;
     if (mis) base += ALIGN - mis;
     d->model = md;
-    const size_t used = layout(d, md, base);
+    const size_t used = layout(d, md, base, NULL);
     d->workspace = base + used;
-    d->workspace_bytes = workspace_bytes(md);
+    d->workspace_bytes = workspace_bytes(md, (int32_t)sizeof(void *));
     const size_t P = (size_t)md->method->n_params;
     memcpy(d->params, md->initial_params, P * sizeof(float));
     memset(d->grads, 0, P * sizeof(float));
@@ -112,7 +141,7 @@ int32_t et_device_init(et_device *d, const et_model_desc *md, void *arena, size_
     d->cache.kind = md->cache_kind;
     d->cache.eager = 1;
     d->cache.d_in = d_in_of(bb);
-    d->cache.row_width = d->cache.d_in + bb->sizes[bb->n_layers];
+    d->cache.row_width = d->cache.d_in + et_width(bb, bb->n_layers);
     d->cache.col_scales = md->col_scales;
     if (d->cache.filled) memset(d->cache.filled, 0, (size_t)md->max_samples);
     d->xs = d->x;
@@ -123,7 +152,7 @@ int32_t et_device_init(et_device *d, const et_model_desc *md, void *arena, size_
 
 void et_device_normalize(const et_device *d, const float *raw, float *out) {
     const et_model_desc *md = d->model;
-    for (int32_t i = 0; i < md->backbone->sizes[0]; i++) {
+    for (int32_t i = 0; i < et_width(md->backbone, 0); i++) {
         float v = raw[i];
         if (md->input_mean) v -= md->input_mean[i];
         if (md->input_std) v /= md->input_std[i];
@@ -134,9 +163,9 @@ void et_device_normalize(const et_device *d, const float *raw, float *out) {
 int32_t et_device_add_sample(et_device *d, const float *raw, int32_t label) {
     const et_backbone *bb = d->model->backbone;
     if (!d->model->store_samples || d->xs != d->x) return ET_ERR_UNSUPPORTED;
-    if (!raw || label < 0 || label >= bb->sizes[bb->n_layers]) return ET_ERR_ARGUMENT;
+    if (!raw || label < 0 || label >= et_width(bb, bb->n_layers)) return ET_ERR_ARGUMENT;
     if (d->n >= d->model->max_samples) return ET_ERR_FULL;
-    et_device_normalize(d, raw, d->x + (size_t)d->n * bb->sizes[0]);
+    et_device_normalize(d, raw, d->x + (size_t)d->n * et_width(bb, 0));
     d->y[d->n] = label;
     d->n++;
     return ET_OK;
@@ -147,7 +176,7 @@ int32_t et_device_use_samples(et_device *d, const float *x, const int32_t *y, in
     if (n > d->model->max_samples) return ET_ERR_FULL;
     const et_backbone *bb = d->model->backbone;
     for (int32_t i = 0; i < n; i++)
-        if (y[i] < 0 || y[i] >= bb->sizes[bb->n_layers]) return ET_ERR_ARGUMENT;
+        if (y[i] < 0 || y[i] >= et_width(bb, bb->n_layers)) return ET_ERR_ARGUMENT;
     d->xs = x;
     d->ys = y;
     d->n = n;

@@ -41,7 +41,7 @@ typedef struct et_model_desc {
     const float *col_scales;           /* int8 cache: (d_in) */
     int32_t max_samples;               /* samples the device trains on at most */
     int32_t store_samples;             /* 1: the arena keeps the samples; 0: they are given in place */
-    const float *input_mean, *input_std; /* (sizes[0]) raw -> normalised input, or NULL */
+    const float *input_mean, *input_std; /* (et_width(backbone, 0)) raw -> normalised input, or NULL */
     int32_t n_tensors;
     const et_adapter_tensor *tensors;
 } et_model_desc;
@@ -51,7 +51,7 @@ typedef struct et_device {
     et_optimizer opt;
     et_cache cache;
     float *params, *grads;
-    float *x;                          /* store: (max_samples, sizes[0]) normalised inputs */
+    float *x;                          /* store: (max_samples, et_width(backbone, 0)) normalised inputs */
     int32_t *y;                        /* store: (max_samples) labels */
     const float *xs;                   /* the samples trained on (store or in place) */
     const int32_t *ys;
@@ -62,19 +62,29 @@ typedef struct et_device {
     size_t workspace_bytes;
 } et_device;
 
-/* Bytes of arena et_device_init needs for this model (every piece 64-byte aligned, + 64). */
+/* The arena's pieces, in the order et_device_init carves them (the engine's workspace last). */
+enum et_device_piece { ET_PIECE_PARAMS = 0, ET_PIECE_GRADIENTS, ET_PIECE_OPTIMIZER, ET_PIECE_CACHE,
+                       ET_PIECE_SAMPLES, ET_PIECE_ORDER, ET_PIECE_WORKSPACE, ET_PIECE_ALIGNMENT, ET_DEVICE_PIECES };
+
+/* Bytes of arena et_device_init needs for this model (every piece 64-byte aligned, + 64); 0 if refused. */
 size_t et_device_arena_bytes(const et_model_desc *model);
+/*
+ * The same total for a target whose pointers are pointer_bytes wide, and, with `bytes`
+ * (ET_DEVICE_PIECES entries), each piece's exact size; ET_PIECE_ALIGNMENT receives the
+ * rounding of the pieces to 64 bytes. edgetune's planner reads this through its binding.
+ */
+size_t et_device_arena_breakdown(const et_model_desc *model, int32_t pointer_bytes, size_t *bytes);
 
 /* Carve the arena, copy the initial adapter, clear the cache. seed: the device's shuffle. */
 int32_t et_device_init(et_device *d, const et_model_desc *model, void *arena, size_t arena_bytes, uint32_t seed);
 
-/* Normalise raw (sizes[0] floats) into the store with its label. ET_ERR_FULL when full. */
+/* Normalise raw (et_width(backbone, 0) floats) into the store with its label. ET_ERR_FULL when full. */
 int32_t et_device_add_sample(et_device *d, const float *raw, int32_t label);
 
-/* Train on n samples kept elsewhere: x (n, sizes[0]) already normalised, y (n). n <= max_samples. */
+/* Train on n samples kept elsewhere: x (n, et_width(backbone, 0)) already normalised, y (n). n <= max_samples. */
 int32_t et_device_use_samples(et_device *d, const float *x, const int32_t *y, int32_t n);
 
-/* out (sizes[0]) = the normalised raw input (the model's input mean and std). */
+/* out (et_width(backbone, 0)) = the normalised raw input (the model's input mean and std). */
 void et_device_normalize(const et_device *d, const float *raw, float *out);
 
 /*
