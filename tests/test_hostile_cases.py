@@ -222,6 +222,8 @@ CASES = [
          ["pretrain", "--task", "box/task.npz", "--out", "box", "--force", "--epochs", "1", "--quiet"], 2,
          "contains --task", setup=lambda w: (w / "box").mkdir() or shutil.copy(w / "task.npz", w / "box"),
          protect=INPUTS + CHECKPOINT + ("box",)),
+    Case("plan --json over the model's config", ["plan", "--model", "model", "--budget", "256KB", "--json",
+                                                 "model/config.json", "--quiet"], 2, "lies inside --model"),
     # 5. every output checked before anything is written
     Case("export --json under a file", EXPORT + ["--out", "proj", "--json", "afile/x.json"], 1, "afile",
          absent=("proj",), protect=INPUTS + CHECKPOINT + ("afile",)),
@@ -544,6 +546,8 @@ FLEET_CASES = [
     Case("fleet server on an address that does not resolve", SERVER + ["--insecure", "--address",
                                                                      "no-such-host.invalid:9092"], 2,
          "cannot resolve the host"),
+    Case("fleet server --json inside the model", SERVER + ["--insecure", "--json", "model/r.json"], 2,
+         "lies inside --model", absent=("model/r.json",)),
     Case("fleet server --state-dir a file", SERVER + ["--insecure", "--state-dir", "afile"], 2,
          "--state-dir afile is a file"),
     Case("fleet server with server.json not JSON", SERVER + ["--insecure", "--state-dir", "st"], 1,

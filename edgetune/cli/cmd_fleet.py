@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     require_flwr()
     json_out = getattr(args, "json", None)
     if json_out and json_out != "-":
-        check_outputs(json_out)
+        check_outputs(json_out, args=args)
     return {"simulate": _simulate, "server": _server, "client": _client}[args.fleet_command](args)
 
 

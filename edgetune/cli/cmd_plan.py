@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_output_args, info, positive_int, print_table, write_json
+from ._common import add_output_args, check_outputs, info, positive_int, print_table, write_json
 
 NAME = "plan"
 HELP = "list the methods and sparse-update schemes whose training fits a memory budget"
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ..quant import load_any, quantize
     from ..units import format_bytes, parse_bytes
 
+    check_outputs(args.json, args=args)  # writable, and not over the model or the task
     budget = parse_bytes(args.budget, "--budget")
     if budget <= 0:
         raise UsageError(f"--budget must be more than 0 bytes, got {args.budget!r}")
