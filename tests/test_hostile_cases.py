@@ -599,3 +599,20 @@ def test_a_flower_process_that_dies_is_reported_with_its_own_error(tmp_path):
         _wait_port("127.0.0.1", 9, proc, 5, log, since)
     assert "Invalid address: 'no:such:address'" in str(e.value) and "earlier run" not in str(e.value)
     assert "is the port in use" not in str(e.value) and str(log) in str(e.value)
+
+
+def test_sigterm_during_an_export_leaves_no_temporary(world):
+    """SIGTERM (a service stopping, a timeout) runs the command's clean-up: the old project stays
+    whole and nothing half-written is left beside it."""
+    import signal
+
+    _old_project(world)
+    p = _edgetune(EXPORT + ["--out", "proj", "--force"], world, hook="set-written=sleep:30")
+    deadline = time.time() + 60
+    while not list(world.glob(".proj.edgetune-new-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    assert (world / "proj" / "marker.txt").exists() and leftovers(world) == []
