@@ -115,8 +115,11 @@ class FineTuner:
         return self.method.merged_backbone()
 
     # -- adapter files -----------------------------------------------------------------
-    def save_adapter(self, path: str | os.PathLike, *, format: str = "edgetune") -> Path:
+    def save_adapter(self, path: str | os.PathLike, *, format: str = "edgetune", overwrite: bool = False) -> Path:
         """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into directory ``path``.
+
+        A ``path`` that already holds an adapter or a model is replaced only with
+        ``overwrite=True`` (the command line's ``--force``); the replacement is atomic.
 
         ``format="peft"`` (``lora-all``/``lora-last`` only) writes Hugging Face PEFT's key
         names and config, loadable by PEFT onto ``edgetune.torch.to_torch(backbone)`` and
@@ -124,7 +127,7 @@ class FineTuner:
         """
         from .io_atomic import write_dir_atomic
 
-        return write_dir_atomic(path, self.adapter_files(format=format))
+        return write_dir_atomic(path, self.adapter_files(format=format), overwrite=overwrite)
 
     def adapter_files(self, *, format: str = "edgetune") -> dict[str, bytes]:
         """The two files of ``save_adapter`` as bytes, by file name (nothing written)."""
@@ -186,20 +189,29 @@ class FineTuner:
         blob = w_path.read_bytes()
         if cfg.get("adapter_sha256") and hashlib.sha256(blob).hexdigest() != cfg["adapter_sha256"]:
             raise ModelFileError(f"{w_path} does not match {cfg_path.name} (checksum differs)")
-        if cfg.get("base_model_sizes") != backbone.sizes:
-            raise ModelFileError(f"adapter was made for a backbone of sizes {cfg.get('base_model_sizes')}, "
+        if "base_model_sizes" not in cfg:
+            raise ModelFileError(f"{cfg_path}: field 'base_model_sizes' is missing (the sizes of the backbone the "
+                                 f"adapter was made for)")
+        if cfg["base_model_sizes"] != backbone.sizes:
+            raise ModelFileError(f"adapter was made for a backbone of sizes {cfg['base_model_sizes']}, "
                                  f"this backbone has {backbone.sizes}")
         if strict and cfg.get("base_model_digest") != backbone.digest():
             raise BackboneMismatch("adapter was trained on a different backbone (same shape, other weights); "
                                    "pass strict=False to load it anyway")
-        try:
+        from_file = {"rank": int(cfg.get("r", 1)), "alpha": cfg.get("lora_alpha"),
+                     "train_last_bias": bool(cfg.get("train_last_bias", False)), "scheme": cfg.get("scheme"),
+                     "qas": cfg.get("qas")}
+        try:  # what the file says, on its own: a refusal here is the file's
             method_class(cfg["method"])
-            tuner = cls(backbone, cfg["method"], rank=int(cfg.get("r", 1)), alpha=cfg.get("lora_alpha"),
-                        train_last_bias=bool(cfg.get("train_last_bias", False)), scheme=cfg.get("scheme"),
-                        qas=cfg.get("qas"), **train_options)
+            cls(backbone, cfg["method"], **from_file)
         except (KeyError, TypeError, ValueError, UsageError) as e:
             raise ModelFileError(f"{cfg_path}: bad adapter config ({e})") from None
+        tuner = cls(backbone, cfg["method"], **from_file, **train_options)  # a refusal here is the caller's
         tensors, _ = loads(blob, str(w_path))
+        for name, t in tensors.items():
+            if t.dtype.kind != "f":
+                raise ModelFileError(f"{w_path}: tensor '{name}' holds {t.dtype} values; adapter tensors are "
+                                     f"floating point")
         tuner.method.load_adapter_tensors(tensors)
         return tuner
 

@@ -253,7 +253,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                          weight_decay=config.weight_decay)
     hist = History(method=method.name, trainable_params=method.n_trainable, config=asdict(config))
     best_loss, best_params, since_best = np.inf, None, 0
-    bs = config.batch_size
+    bs = min(config.batch_size, n)  # a batch beyond the data is the whole data: the same on both engines
     clock = time.perf_counter
     first_epoch = 1
     if checkpoint is not None:
@@ -261,10 +261,14 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                                              or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise UsageError(f"checkpoint_every must be a whole number >= 1 (or None: by time), got {checkpoint_every!r}")
         fp = ckpt.fingerprint(method, config, x, y, x_val, y_val)
-        saved = ckpt.load(checkpoint, fp)
+        journal = ckpt.HistoryJournal(checkpoint)  # each save appends only the epochs since the last one
+        saved = ckpt.load(checkpoint, fp, journal)
         if saved is not None:
             method.params.flat[...] = saved["params"]
-            opt.load_state(saved["optimizer"])
+            try:
+                opt.load_state(saved["optimizer"])
+            except UsageError as e:
+                raise ckpt.ModelFileError(f"{checkpoint}: {e}; delete the checkpoint to start over") from None
             rng.bit_generator.state = saved["rng"]
             hist.epochs = [EpochRecord(**e) for e in saved["history"]]
             best_loss, since_best = saved["best"]["loss"], saved["best"]["since"]
@@ -325,10 +329,10 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                 if checkpoint is not None and (due or epoch == config.epochs or hist.stopped_early):
                     last_save = clock()
                     ckpt.save(checkpoint, fp=fp, epoch=epoch, params=method.params.flat, opt_state=opt.state(),
-                              rng=rng, history=[asdict(e) for e in hist.epochs],
+                              rng=rng, history=hist.epochs,
                               best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch,
                                     "stopped_early": hist.stopped_early},
-                              best_params=best_params)
+                              best_params=best_params, journal=journal)
                 post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
                 bar.update(1, post)
                 epoch += 1

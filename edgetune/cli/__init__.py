@@ -94,6 +94,14 @@ def _join_size_values(argv: list[str]) -> list[str]:
     return out
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the command so that every ``finally`` runs (temporaries removed)."""
+
+
+def _on_sigterm(signum, _frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_size_values(sys.argv[1:] if argv is None else list(argv)))
@@ -102,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import os
 
+    import signal
+    import threading
+
     engine_before = os.environ.get("EDGETUNE_ENGINE")
+    sigterm_before = None
+    if threading.current_thread() is threading.main_thread():
+        sigterm_before = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _set_threads(args.threads)
         if args.engine is not None:  # read by every FineTuner of the command and of its child processes
@@ -121,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edgetune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"edgetune {args.command}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        return 143
     finally:  # main() called from Python (tests, notebooks) leaves the caller's environment as it was
+        if sigterm_before is not None:
+            signal.signal(signal.SIGTERM, sigterm_before)
         if args.engine is not None:
             if engine_before is None:
                 os.environ.pop("EDGETUNE_ENGINE", None)
