@@ -388,28 +388,30 @@ size_t et_gap_scratch_bytes(const et_conv_dims *d, int count) {
 }
 
 /*
- * The first maximum of the window at output (oy, ox) of channel plane xc (H, W), scanning
- * the padded window row by row with the padding as -inf (so an all -inf window picks its
- * first place, padding or not, as NumPy's argmax does). Writes its value; returns its
- * index in the plane, or -1 when it is padding.
+ * The first maximum of the window at output (oy, ox) of channel plane xc (H, W), in the
+ * order of NumPy's argmax over the padded window (row by row, padding as -inf, a NaN the
+ * maximum). Only the inputs are scanned: padding wins only where it comes first and no
+ * input is larger (all -inf), so the scan starts from it when the window's first place is
+ * padding. Writes the value; returns its index in the plane, or -1 for the padding.
  */
 static int64_t window_max(const et_conv_dims *d, const float *xc, int oy, int ox, float *value) {
-    const int y0 = oy * d->stride_h - d->pad_h, x0 = ox * d->stride_w - d->pad_w;
-    float best = 0.0f;
+    const int W = d->in_w, y0 = oy * d->stride_h - d->pad_h, x0 = ox * d->stride_w - d->pad_w;
+    const int ylo = y0 < 0 ? 0 : y0, yhi = y0 + d->kernel_h < d->in_h ? y0 + d->kernel_h : d->in_h;
+    const int xlo = x0 < 0 ? 0 : x0, xhi = x0 + d->kernel_w < W ? x0 + d->kernel_w : W;
     int64_t where = -1;
-    int first = 1;
-    for (int i = 0; i < d->kernel_h; i++) {
-        const int iy = y0 + i;
-        for (int j = 0; j < d->kernel_w; j++) {
-            const int ix = x0 + j;
-            const int inside = iy >= 0 && iy < d->in_h && ix >= 0 && ix < d->in_w;
-            const float v = inside ? xc[(size_t)iy * d->in_w + ix] : -INFINITY;
-            /* a NaN wins and is kept: once best is NaN no comparison is true */
-            if (first || v > best || (v != v && best == best)) {
-                best = v;
-                where = inside ? (int64_t)iy * d->in_w + ix : -1;
-                first = 0;
-            }
+    float best = -INFINITY;
+    if (y0 >= 0 && x0 >= 0) { /* the window starts inside: its first input is the first candidate */
+        where = (int64_t)y0 * W + x0;
+        best = xc[where];
+    }
+    for (int iy = ylo; iy < yhi; iy++) {
+        const float *xr = xc + (size_t)iy * W;
+        for (int ix = xlo; ix < xhi; ix++) {
+            /* selects, not a branch: on random data a branch mispredicts every other window */
+            const float v = xr[ix];
+            const int take = (v > best) | ((v != v) & (best == best)); /* a NaN stays once taken */
+            best = take ? v : best;
+            where = take ? (int64_t)iy * W + ix : where;
         }
     }
     *value = best;
