@@ -313,8 +313,9 @@ def test_scratch_sizes_come_from_c_and_are_enough():
     for op in ("conv_forward", "conv_input_grad", "conv_weight_grad"):
         assert cb.scratch_bytes(dw, op, 20) == 0
     assert cb.scratch_bytes(pw, "conv_forward", 20) == cb.scratch_bytes(pw, "conv_input_grad", 20) == 0
-    assert cb.scratch_bytes(pw, "conv_weight_grad", 20) == 6 * 9 * 4
-    assert cb.scratch_bytes(full, "conv_forward", 20) == 6 * 5 * 128 * 4
+    assert cb.scratch_bytes(pw, "conv_weight_grad", 20) == (8 * 9 + 6 * 8) * 4   # g^T packed, the sum
+    assert cb.scratch_bytes(full, "conv_forward", 20) == 6 * 5 * 128 * 4             # im2col
+    assert cb.scratch_bytes(full, "conv_weight_grad", 20) == (30 * 128 + 32 * 128 + 30 * 32) * 4
     assert cb.scratch_bytes(LayerSpec.pool("max", (3, 8), 2), "pool", 5) == 0
     assert cb.scratch_bytes(LayerSpec.gap((3, 8)), "gap", 5) == 0
     # with exactly that many bytes, nothing past them is touched
