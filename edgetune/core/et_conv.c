@@ -385,107 +385,148 @@ size_t et_gap_scratch_bytes(const et_conv_dims *d, int count) {
 }
 
 /*
- * The first maximum of the window at output (oy, ox) of channel plane xc (H, W), in the
- * order of NumPy's argmax over the padded window (row by row, padding as -inf, a NaN the
- * maximum). Only the inputs are scanned: padding wins only where it comes first and no
- * input is larger (all -inf), so the scan starts from it when the window's first place is
- * padding. Writes the value; returns its index in the plane, or -1 for the padding.
+ * Pooling runs one output row at a time with the kernel taps outside and the output
+ * positions inside (over the span where the tap reads the input, as the depthwise loops),
+ * so the inner loops are long and free of bounds checks and data-dependent branches.
  */
-static int64_t window_max(const et_conv_dims *d, const float *xc, int oy, int ox, float *value) {
-    const int W = d->in_w, y0 = oy * d->stride_h - d->pad_h, x0 = ox * d->stride_w - d->pad_w;
-    const int ylo = y0 < 0 ? 0 : y0, yhi = y0 + d->kernel_h < d->in_h ? y0 + d->kernel_h : d->in_h;
-    const int xlo = x0 < 0 ? 0 : x0, xhi = x0 + d->kernel_w < W ? x0 + d->kernel_w : W;
-    int64_t where = -1;
-    float best = -INFINITY;
-    if (y0 >= 0 && x0 >= 0) { /* the window starts inside: its first input is the first candidate */
-        where = (int64_t)y0 * W + x0;
-        best = xc[where];
+#define POOL_CHUNK 64 /* outputs of a row whose maxima are tracked at once (on the stack) */
+
+/*
+ * Max pooling, one output row (oy) of one channel plane xc (H, W), outputs [a, b): best[]
+ * the maxima and where[] their index in the plane (-1: the padding). Taps are visited in
+ * row-major order with a strict comparison, so each window keeps its FIRST maximum, as
+ * NumPy's argmax over the padded window (padding -inf, a NaN the maximum and kept): a
+ * window whose first place is an input takes it unconditionally; one whose first place is
+ * padding starts from -inf there.
+ */
+ET_CONV_HOT static void max_row(const et_conv_dims *d, const float *xc, int oy, int a, int b, float *best,
+                                int32_t *where) {
+    const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, sw = d->stride_w;
+    for (int t = 0; t < b - a; t++) {
+        best[t] = -INFINITY;
+        where[t] = -1;
     }
-    for (int iy = ylo; iy < yhi; iy++) {
+    for (int i = 0; i < d->kernel_h; i++) {
+        int ylo, yhi;
+        valid_span(H, OH, d->stride_h, d->pad_h, i, &ylo, &yhi);
+        if (oy < ylo || oy >= yhi) continue;
+        const int iy = oy * d->stride_h - d->pad_h + i;
         const float *xr = xc + (size_t)iy * W;
-        for (int ix = xlo; ix < xhi; ix++) {
-            /* selects, not a branch: on random data a branch mispredicts every other window */
-            const float v = xr[ix];
-            const int take = (v > best) | ((v != v) & (best == best)); /* a NaN stays once taken */
-            best = take ? v : best;
-            where = take ? (int64_t)iy * W + ix : where;
+        for (int j = 0; j < d->kernel_w; j++) {
+            int xlo, xhi;
+            valid_span(W, OW, sw, d->pad_w, j, &xlo, &xhi);
+            xlo = xlo < a ? a : xlo;
+            xhi = xhi > b ? b : xhi;
+            const int first = i == 0 && j == 0;
+            for (int ox = xlo; ox < xhi; ox++) {
+                const int ix = ox * sw + j - d->pad_w, t = ox - a;
+                const float v = xr[ix];
+                /* selects, not a branch: on random data a branch mispredicts every other window */
+                const int take = first | (v > best[t]) | ((v != v) & (best[t] == best[t]));
+                best[t] = take ? v : best[t];
+                where[t] = take ? iy * W + ix : where[t];
+            }
         }
     }
-    *value = best;
-    return where;
 }
 
-void et_maxpool_forward(const et_conv_dims *d, int count, const float *x, float *z) {
-    const size_t HW = (size_t)d->in_h * d->in_w, S = out_positions(d);
+/* The forward pass needs only the maxima: the same scan without positions (a NaN wins). */
+ET_CONV_HOT void et_maxpool_forward(const et_conv_dims *d, int count, const float *x, float *z) {
+    const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, sw = d->stride_w;
+    const size_t HW = (size_t)H * W, S = out_positions(d);
     for (int n = 0; n < count; n++)
         for (int c = 0; c < d->in_c; c++) {
             const float *xc = x + (size_t)n * in_size(d) + (size_t)c * HW;
             float *zc = z + (size_t)n * out_size(d) + (size_t)c * S;
-            for (int oy = 0; oy < d->out_h; oy++)
-                for (int ox = 0; ox < d->out_w; ox++) window_max(d, xc, oy, ox, &zc[(size_t)oy * d->out_w + ox]);
+            for (int oy = 0; oy < OH; oy++) {
+                float *zr = zc + (size_t)oy * OW;
+                for (int ox = 0; ox < OW; ox++) zr[ox] = -INFINITY;
+                for (int i = 0; i < d->kernel_h; i++) {
+                    int ylo, yhi;
+                    valid_span(H, OH, d->stride_h, d->pad_h, i, &ylo, &yhi);
+                    if (oy < ylo || oy >= yhi) continue;
+                    const float *xr = xc + (size_t)(oy * d->stride_h - d->pad_h + i) * W;
+                    for (int j = 0; j < d->kernel_w; j++) {
+                        int xlo, xhi;
+                        valid_span(W, OW, sw, d->pad_w, j, &xlo, &xhi);
+                        for (int ox = xlo; ox < xhi; ox++) {
+                            const float v = xr[ox * sw + j - d->pad_w];
+                            zr[ox] = (v > zr[ox]) | (v != v) ? v : zr[ox];
+                        }
+                    }
+                }
+            }
         }
 }
 
 void et_maxpool_input_grad(const et_conv_dims *d, int count, const float *x, const float *g, float *dx) {
     const size_t HW = (size_t)d->in_h * d->in_w, S = out_positions(d);
+    float best[POOL_CHUNK];
+    int32_t where[POOL_CHUNK];
     memset(dx, 0, (size_t)count * in_size(d) * sizeof(float));
     for (int n = 0; n < count; n++)
         for (int c = 0; c < d->in_c; c++) {
             const size_t off = (size_t)n * in_size(d) + (size_t)c * HW;
             const float *gc = g + (size_t)n * out_size(d) + (size_t)c * S;
             for (int oy = 0; oy < d->out_h; oy++)
-                for (int ox = 0; ox < d->out_w; ox++) {
-                    float v;
-                    const int64_t where = window_max(d, x + off, oy, ox, &v);
-                    if (where >= 0) dx[off + (size_t)where] += gc[(size_t)oy * d->out_w + ox];
+                for (int a = 0; a < d->out_w; a += POOL_CHUNK) {
+                    const int b = a + POOL_CHUNK < d->out_w ? a + POOL_CHUNK : d->out_w;
+                    max_row(d, x + off, oy, a, b, best, where);
+                    const float *gr = gc + (size_t)oy * d->out_w + a;
+                    for (int t = 0; t < b - a; t++)
+                        if (where[t] >= 0) dx[off + (size_t)where[t]] += gr[t];
                 }
         }
 }
 
 void et_avgpool_forward(const et_conv_dims *d, int count, const float *x, float *z) {
-    const size_t HW = (size_t)d->in_h * d->in_w, S = out_positions(d);
+    const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, sw = d->stride_w;
+    const size_t HW = (size_t)H * W, S = out_positions(d);
     const float window = (float)taps(d);
     for (int n = 0; n < count; n++)
         for (int c = 0; c < d->in_c; c++) {
             const float *xc = x + (size_t)n * in_size(d) + (size_t)c * HW;
             float *zc = z + (size_t)n * out_size(d) + (size_t)c * S;
-            for (int oy = 0; oy < d->out_h; oy++) {
-                int ylo, yhi; /* rows iy = oy * sh - ph + i inside the input: i in [ylo, yhi) */
-                const int y0 = oy * d->stride_h - d->pad_h;
-                ylo = y0 < 0 ? -y0 : 0;
-                yhi = d->in_h - y0 < d->kernel_h ? d->in_h - y0 : d->kernel_h;
-                for (int ox = 0; ox < d->out_w; ox++) {
-                    const int x0 = ox * d->stride_w - d->pad_w;
-                    const int xlo = x0 < 0 ? -x0 : 0;
-                    const int xhi = d->in_w - x0 < d->kernel_w ? d->in_w - x0 : d->kernel_w;
-                    float s = 0.0f;
-                    for (int i = ylo; i < yhi; i++)
-                        for (int j = xlo; j < xhi; j++) s += xc[(size_t)(y0 + i) * d->in_w + x0 + j];
-                    zc[(size_t)oy * d->out_w + ox] = s / window;
+            for (int oy = 0; oy < OH; oy++) {
+                float *zr = zc + (size_t)oy * OW;
+                for (int ox = 0; ox < OW; ox++) zr[ox] = 0.0f;
+                for (int i = 0; i < d->kernel_h; i++) {
+                    int ylo, yhi;
+                    valid_span(H, OH, d->stride_h, d->pad_h, i, &ylo, &yhi);
+                    if (oy < ylo || oy >= yhi) continue;
+                    const float *xr = xc + (size_t)(oy * d->stride_h - d->pad_h + i) * W;
+                    for (int j = 0; j < d->kernel_w; j++) {
+                        int xlo, xhi;
+                        valid_span(W, OW, sw, d->pad_w, j, &xlo, &xhi);
+                        for (int ox = xlo; ox < xhi; ox++) zr[ox] += xr[ox * sw + j - d->pad_w];
+                    }
                 }
+                for (int ox = 0; ox < OW; ox++) zr[ox] /= window; /* zero padding counted */
             }
         }
 }
 
 void et_avgpool_input_grad(const et_conv_dims *d, int count, const float *g, float *dx) {
-    const size_t HW = (size_t)d->in_h * d->in_w, S = out_positions(d);
+    const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, sw = d->stride_w;
+    const size_t HW = (size_t)H * W, S = out_positions(d);
     const float window = (float)taps(d);
     memset(dx, 0, (size_t)count * in_size(d) * sizeof(float));
     for (int n = 0; n < count; n++)
         for (int c = 0; c < d->in_c; c++) {
             float *dc = dx + (size_t)n * in_size(d) + (size_t)c * HW;
             const float *gc = g + (size_t)n * out_size(d) + (size_t)c * S;
-            for (int oy = 0; oy < d->out_h; oy++) {
-                const int y0 = oy * d->stride_h - d->pad_h;
-                const int ylo = y0 < 0 ? -y0 : 0;
-                const int yhi = d->in_h - y0 < d->kernel_h ? d->in_h - y0 : d->kernel_h;
-                for (int ox = 0; ox < d->out_w; ox++) {
-                    const int x0 = ox * d->stride_w - d->pad_w;
-                    const int xlo = x0 < 0 ? -x0 : 0;
-                    const int xhi = d->in_w - x0 < d->kernel_w ? d->in_w - x0 : d->kernel_w;
-                    const float v = gc[(size_t)oy * d->out_w + ox] / window;
-                    for (int i = ylo; i < yhi; i++)
-                        for (int j = xlo; j < xhi; j++) dc[(size_t)(y0 + i) * d->in_w + x0 + j] += v;
+            for (int oy = 0; oy < OH; oy++) {
+                const float *gr = gc + (size_t)oy * OW;
+                for (int i = 0; i < d->kernel_h; i++) {
+                    int ylo, yhi;
+                    valid_span(H, OH, d->stride_h, d->pad_h, i, &ylo, &yhi);
+                    if (oy < ylo || oy >= yhi) continue;
+                    float *dr = dc + (size_t)(oy * d->stride_h - d->pad_h + i) * W;
+                    for (int j = 0; j < d->kernel_w; j++) {
+                        int xlo, xhi;
+                        valid_span(W, OW, sw, d->pad_w, j, &xlo, &xhi);
+                        for (int ox = xlo; ox < xhi; ox++) dr[ox * sw + j - d->pad_w] += gr[ox] / window;
+                    }
                 }
             }
         }
