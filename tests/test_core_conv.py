@@ -444,3 +444,13 @@ def test_c_program_on_aarch64_gives_the_same_results(tmp_path, host_sums):
     assert sums.keys() == host_sums.keys()
     for name, v in sums.items():
         assert abs(v - host_sums[name]) <= 1e-5 * abs(host_sums[name]), (name, v, host_sums[name])
+
+
+def test_kernels_compile_for_a_cortex_m4(tmp_path):
+    """The same sources go into microcontroller exports: no warning there either."""
+    cc = _need("arm-none-eabi-gcc", "gcc-arm-none-eabi")
+    r = subprocess.run([cc, "-std=c99", "-O2", "-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16",
+                        "-ffp-contract=fast", "-fno-wrapv", "-Wall", "-Wextra", "-Werror", f"-I{CORE}", "-c",
+                        str(CORE / "et_conv.c"), "-o", str(tmp_path / "et_conv.o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -417,14 +417,20 @@ ET_CONV_HOT static void max_row(const et_conv_dims *d, const float *xc, int oy, 
             valid_span(W, OW, sw, d->pad_w, j, &xlo, &xhi);
             xlo = xlo < a ? a : xlo;
             xhi = xhi > b ? b : xhi;
-            const int first = i == 0 && j == 0;
+            const int base = iy * W + j - d->pad_w; /* where[t] = base + ox * sw */
+            if (i == 0 && j == 0) { /* the window's first place, where it is an input */
+                for (int ox = xlo; ox < xhi; ox++) {
+                    best[ox - a] = xr[ox * sw + j - d->pad_w];
+                    where[ox - a] = base + ox * sw;
+                }
+                continue;
+            }
             for (int ox = xlo; ox < xhi; ox++) {
-                const int ix = ox * sw + j - d->pad_w, t = ox - a;
-                const float v = xr[ix];
                 /* selects, not a branch: on random data a branch mispredicts every other window */
-                const int take = first | (v > best[t]) | ((v != v) & (best[t] == best[t]));
-                best[t] = take ? v : best[t];
-                where[t] = take ? iy * W + ix : where[t];
+                const float v = xr[ox * sw + j - d->pad_w], old = best[ox - a];
+                const int take = (v > old) | ((v != v) & (old == old)); /* greater, or a first NaN */
+                best[ox - a] = take ? v : old;
+                where[ox - a] = take ? base + ox * sw : where[ox - a];
             }
         }
     }
