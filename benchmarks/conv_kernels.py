@@ -17,12 +17,13 @@ data); the first layer's input gradient is timed and shown apart.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
 
-from ._util import emit, finish
+from ._util import blas_description, emit, finish
 
 TARGET = 0.30  # of the matrix product's GFLOP/s
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from edgetune.core import conv_binding as cb
 
+    load_at_start = os.getloadavg()
     set_blas_threads(1)
     rng = np.random.default_rng(0)
     n, reps = args.batch, args.repeats
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{t['numpy_s'] / t['c_s']:.1f} |")
         results[label.split()[0]] = t
     emit("")
+    emit(f"- blas: {blas_description()}")
+    emit("- load: 1/5/15-min load average at start: " + " ".join(f"{v:.2f}" for v in load_at_start))
     finish(results, args.json)
     return 0
 
