@@ -483,3 +483,19 @@ def test_binding_tests_under_sanitizers(tmp_path):
                        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]
+
+
+def test_the_benchmark_runs(tmp_path, capsys):
+    """benchmarks/conv_kernels.py end to end at a tiny size (its numbers go to BENCHMARKS.md, not here)."""
+    import json
+
+    from benchmarks import conv_kernels
+
+    out = tmp_path / "conv.json"
+    assert conv_kernels.main(["--batch", "2", "--repeats", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("| conv") == 9 and text.count("| pool") == 4 and "of the matrix product" in text
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 13 and all(r["c_s"] > 0 for r in data["rows"])
+    assert data["forward"]["flops"] == sum(conv_kernels.conv_flops(s, 2) for name, s in conv_kernels.har_layers()
+                                           if s.has_params)
