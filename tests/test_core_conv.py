@@ -117,6 +117,7 @@ CONV_CASES = [
     ((2, 5), 4, 5, 1, 2, 1),           # padding, kernel = length
     ((6, 9), 6, 1, 1, 0, 1),           # pointwise
     ((4, 10), 8, 1, 1, 0, 2),          # grouped pointwise
+    ((4, 6), 4, 1, 1, 0, 4),           # pointwise and depthwise at once
     ((2, 3), 2, 3, 4, 1, 1),           # stride > kernel
     ((1, 8), 1, 8, 1, 0, 1),           # one channel, one output
     ((1, 13), 5, 4, 3, 2, 1),          # one input channel, even kernel

@@ -268,6 +268,7 @@ int main(void) {
     check_conv("c1d_pad2", 2, 1, 5, 4, 1, 5, 1, 1, 0, 2, 1, 3);
     check_conv("c1d_pointwise", 6, 1, 9, 6, 1, 1, 1, 1, 0, 0, 1, 2);
     check_conv("c1d_pointwise_g2", 4, 1, 10, 8, 1, 1, 1, 1, 0, 0, 2, 2);
+    check_conv("c1d_pointwise_depthwise", 4, 1, 6, 4, 1, 1, 1, 1, 0, 0, 4, 2);
     check_conv("c1d_stride_over_kernel", 2, 1, 3, 2, 1, 3, 1, 4, 0, 1, 1, 3);
     check_conv("c1d_one_channel", 1, 1, 8, 1, 1, 8, 1, 1, 0, 0, 1, 2);
     check_conv("c1d_one_in_channel", 1, 1, 13, 5, 1, 4, 1, 3, 0, 2, 1, 2);
