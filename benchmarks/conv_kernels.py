@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     emit("| layer | op | MFLOP | C ms | C GFLOP/s | of the matrix product | NumPy ms | NumPy / C time |")
     emit("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        gf = r["flops"] / r["c_s"] / 1e9 if r["flops"] else None
-        emit(f"| {r['layer']} | {r['op']} | {r['flops'] / 1e6:.1f} | {1e3 * r['c_s']:.3f} | "
-             f"{'-' if gf is None else f'{gf:.1f}'} | {'-' if gf is None else format(100 * r['of_matmul'], '.0f') + ' %'} | "
+        gf, share = "-", "-"
+        if r["flops"]:
+            gf, share = f"{r['flops'] / r['c_s'] / 1e9:.1f}", f"{100 * r['of_matmul']:.0f} %"
+        emit(f"| {r['layer']} | {r['op']} | {r['flops'] / 1e6:.1f} | {1e3 * r['c_s']:.3f} | {gf} | {share} | "
              f"{1e3 * r['numpy_s']:.3f} | {r['numpy_over_c']:.1f} |")
     results = {"batch": n, "matmul_gflops_median": mm_flops / float(np.median(mm_t)) / 1e9, "rows": rows}
     for label, t in (("forward (3 convolutions)", fwd), ("backward (what training needs)", bwd)):

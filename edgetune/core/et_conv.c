@@ -12,8 +12,9 @@
  * and transposed into dW once at the end. Products of these sizes are where the time goes,
  * and et_gemm's register-blocked kernel (vectorised by the compiler, AVX2 + FMA on x86-64,
  * NEON on the A53) runs them near the core's speed, where direct loops over the seven
- * indices would re-read the input kernel_h * kernel_w times from strided addresses. The copy into the buffer costs one pass over K * S values
- * against 2 * (O/G) * K * S flops. The output comes out channels first with no transpose.
+ * indices would re-read the input kernel_h * kernel_w times from strided addresses. The
+ * copy into the buffer costs one pass over K * S values against 2 * (O/G) * K * S flops.
+ * The output comes out channels first with no transpose.
  * A pointwise layer (1x1, stride 1, no padding) needs no copy forward and backward: its
  * input is already the matrix.
  * Depthwise layers (one input channel per group) use direct loops instead: each product

@@ -50,8 +50,12 @@ int et_gap_dims_derive(et_conv_dims *d);
 /* ---------------------------------------------------------------- convolution */
 /*
  * Scratch bytes of each convolution call for `count` rows (the same for any count: the
- * buffer is reused row by row). 0 for depthwise layers (direct loops) and, forward and
- * input gradient, for pointwise ones (1x1, stride 1, no padding: the input is the matrix).
+ * buffer is reused row by row), with K = in_c / groups * kernel_h * kernel_w,
+ * S = out_h * out_w and O = out_c / groups, in floats:
+ *   forward, input gradient   K * S (im2col)
+ *   weight gradient           K * S (im2col) + S * O (g transposed) + K * O (the sum)
+ * 0 for depthwise layers (direct loops); pointwise ones (1x1, stride 1, no padding: the
+ * input is the matrix) need no im2col.
  */
 size_t et_conv_forward_scratch_bytes(const et_conv_dims *d, int count);
 size_t et_conv_input_grad_scratch_bytes(const et_conv_dims *d, int count);

@@ -78,7 +78,8 @@ static void check_conv(const char *name, int in_c, int in_h, int in_w, int out_c
     const size_t WN = (size_t)out_c * cg * kh * kw;
     float *x = random_floats(count * IN), *w = random_floats(WN), *b = random_floats(out_c);
     float *g = random_floats(count * OUT), *z = malloc(count * OUT * sizeof(float));
-    float *dx = malloc(count * IN * sizeof(float)), *dw = malloc(WN * sizeof(float)), *db = malloc(out_c * sizeof(float));
+    float *dx = malloc(count * IN * sizeof(float)), *dw = malloc(WN * sizeof(float));
+    float *db = malloc(out_c * sizeof(float));
     double *rz = calloc(count * OUT, sizeof(double)), *sz = calloc(count * OUT, sizeof(double));
     double *rdx = calloc(count * IN, sizeof(double)), *sdx = calloc(count * IN, sizeof(double));
     double *rdw = calloc(WN, sizeof(double)), *sdw = calloc(WN, sizeof(double));
@@ -164,7 +165,8 @@ static void check_pool(const char *name, int is_max, int in_c, int in_h, int in_
                     for (int i = 0; i < kh; i++)
                         for (int j = 0; j < kw; j++) {
                             const int iy = oy * sh - ph + i, ix = ox * sw - pw + j;
-                            const double v = inside(&d, iy, ix) ? x[at_in(&d, n, c, iy, ix)] : (is_max ? -INFINITY : 0.0);
+                            const double pad = is_max ? -INFINITY : 0.0;
+                            const double v = inside(&d, iy, ix) ? x[at_in(&d, n, c, iy, ix)] : pad;
                             if (is_max) {
                                 if (v > best) { /* strictly greater: the first maximum */
                                     best = v;
