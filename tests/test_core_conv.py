@@ -178,6 +178,26 @@ def test_gap_kernels_equal_numpy(shape):
     _close(cb.gap_input_grad(spec, g), ops.input_grad(spec, G), ops.input_grad(spec, np.abs(G)), "gap grad")
 
 
+@pytest.mark.parametrize("spec", [LayerSpec.conv((3, 4, 5), 6, 3, padding=1), LayerSpec.conv((4, 9), 4, 3, groups=4),
+                                  LayerSpec.conv((6, 7), 5, 1), LayerSpec.pool("max", (3, 8), 2),
+                                  LayerSpec.pool("avg", (2, 5, 6), 3, 2, 1), LayerSpec.gap((3, 7))])
+def test_forward_passes_read_and_write_rows_inside_wider_rows(spec):
+    """x and out as column slices of wider arrays (the layer table's forward operation reads
+    a layer's rows inside wider ones): the same values, nothing beside them read or written."""
+    x, _, w, b = _data(spec, 3, 4)
+    forward = {"conv": lambda xx, out=None: cb.conv_forward(spec, xx, w, b, out=out),
+               "pool": lambda xx, out=None: cb.pool_forward(spec, xx, out=out),
+               "gap": lambda xx, out=None: cb.gap_forward(spec, xx, out=out)}[cb._family(spec)]
+    ref = forward(x)
+    wide_x = np.full((3, spec.in_features + 5), np.nan, np.float32)   # a NaN read would show
+    wide_x[:, 2:2 + spec.in_features] = x
+    wide_z = np.full((3, spec.out_features + 7), -7.0, np.float32)
+    got = forward(wide_x[:, 2:2 + spec.in_features], out=wide_z[:, 3:3 + spec.out_features])
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(wide_z[:, 3:3 + spec.out_features], ref)
+    assert np.all(wide_z[:, :3] == -7.0) and np.all(wide_z[:, 3 + spec.out_features:] == -7.0)
+
+
 def test_zero_rows():
     spec = LayerSpec.conv((3, 6), 4, 3, padding=1)
     x = np.zeros((0, spec.in_features), np.float32)
@@ -347,16 +367,22 @@ def test_binding_refuses_bad_arrays():
     with pytest.raises(UsageError, match="2-D"):
         cb.conv_forward(spec, [list(r) for r in x], w)
     wide = np.zeros((2, 2 * spec.in_features), np.float32)
-    with pytest.raises(UsageError, match="C-contiguous"):
+    with pytest.raises(UsageError, match="rows must be contiguous"):
         cb.conv_forward(spec, wide[:, ::2], w)
+    with pytest.raises(UsageError, match="rows must be contiguous"):
+        cb.conv_forward(spec, wide[::-1, :spec.in_features], w)
+    with pytest.raises(UsageError, match="C-contiguous"):
+        cb.conv_input_grad(spec, np.zeros((2, 2 * spec.out_features), np.float32)[:, ::2], w)
     with pytest.raises(UsageError, match="weight: shape"):
         cb.conv_forward(spec, x, w.reshape(4, -1))
     with pytest.raises(UsageError, match="weight: dtype"):
         cb.conv_forward(spec, x, w.astype(np.float16))
     with pytest.raises(UsageError, match="bias: shape"):
         cb.conv_forward(spec, x, w, b[:3])
-    with pytest.raises(UsageError, match="out: shape"):
+    with pytest.raises(UsageError, match="out: 3 rows, expected 2"):
         cb.conv_forward(spec, x, w, out=np.zeros((3, spec.out_features), np.float32))
+    with pytest.raises(UsageError, match="out: shape"):
+        cb.conv_input_grad(spec, g, w, out=np.zeros((2, spec.in_features + 1), np.float32))
     ro = np.zeros((2, spec.out_features), np.float32)
     ro.flags.writeable = False
     with pytest.raises(UsageError, match="writable"):

@@ -64,15 +64,15 @@ def _lib() -> Any:
     for name in _SCRATCH.values():
         getattr(lib, name).argtypes, getattr(lib, name).restype = [P, i32], sz
     protos = {
-        "et_conv_forward": [P, i32, vp, vp, vp, vp, vp],
+        "et_conv_forward": [P, i32, vp, i32, vp, vp, vp, i32, vp],
         "et_conv_input_grad": [P, i32, vp, vp, vp, vp],
         "et_conv_weight_grad": [P, i32, vp, vp, vp, i32, vp],
         "et_conv_bias_grad": [P, i32, vp, vp, i32],
-        "et_maxpool_forward": [P, i32, vp, vp],
+        "et_maxpool_forward": [P, i32, vp, i32, vp, i32],
         "et_maxpool_input_grad": [P, i32, vp, vp, vp],
-        "et_avgpool_forward": [P, i32, vp, vp],
+        "et_avgpool_forward": [P, i32, vp, i32, vp, i32],
         "et_avgpool_input_grad": [P, i32, vp, vp],
-        "et_gap_forward": [P, i32, vp, vp],
+        "et_gap_forward": [P, i32, vp, i32, vp, i32],
         "et_gap_input_grad": [P, i32, vp, vp],
     }
     for name, args in protos.items():
@@ -178,6 +178,41 @@ def _rows(a: Any, width: int, what: str) -> tuple[np.ndarray, int]:
     return _array(a, (a.shape[0], width), what), _count(a.shape[0])
 
 
+def _strided_rows(a: Any, width: int, what: str, *, writable: bool = False) -> tuple[np.ndarray, int, int]:
+    """A batch whose rows may sit inside wider ones (a column slice of a wider array: rows
+    contiguous, any row stride >= width, as the forward passes take them). Returns the
+    array, its row count and its row stride in floats."""
+    if not isinstance(a, np.ndarray) or a.ndim != 2:
+        raise UsageError(f"{what}: expected a 2-D array (rows, {width}), got "
+                         f"{list(a.shape) if isinstance(a, np.ndarray) else type(a).__name__}")
+    if a.dtype != np.float32:
+        raise UsageError(f"{what}: dtype {a.dtype}, expected float32")
+    if a.shape[1] != width:
+        raise UsageError(f"{what}: shape {list(a.shape)}, expected [rows, {width}]")
+    n = _count(a.shape[0])
+    ld = a.strides[0] // 4 if n > 1 else width
+    if (n and width > 1 and a.strides[1] != 4) or (n > 1 and (a.strides[0] % 4 or ld < width or ld > INT32_MAX)):
+        raise UsageError(f"{what}: rows must be contiguous, at a row stride of at least {width} floats "
+                         f"(strides {a.strides})")
+    if not a.flags.aligned:
+        raise UsageError(f"{what}: must be aligned")
+    if writable and not a.flags.writeable:
+        raise UsageError(f"{what}: must be writable")
+    return a, n, ld
+
+
+def _strided_output(out: Any, n: int, width: int, inputs: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    if out is None:
+        return np.empty((n, width), np.float32), width
+    z, nz, ld = _strided_rows(out, width, "out", writable=True)
+    if nz != n:
+        raise UsageError(f"out: {nz} rows, expected {n}")
+    for a in inputs:
+        if np.shares_memory(z, a):
+            raise UsageError("out must not overlap an input")
+    return z, ld
+
+
 def _output(out: Any, shape: tuple[int, ...], what: str, inputs: list[np.ndarray]) -> np.ndarray:
     if out is None:
         return np.empty(shape, np.float32)
@@ -217,18 +252,19 @@ def _kind(spec: Any, kinds: tuple[str, ...]) -> LayerSpec:
 # ---------------------------------------------------------------------- convolution
 def conv_forward(spec: LayerSpec, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None,
                  out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
-    """(rows, out_features) = the convolution of x (rows, in_features) [+ bias per channel]."""
+    """(rows, out_features) = the convolution of x (rows, in_features) [+ bias per channel].
+    x and out may be column slices of wider arrays (rows inside wider rows)."""
     _kind(spec, CONV_KINDS)
     d = layer_dims(spec)
-    x, n = _rows(x, spec.in_features, "x")
+    x, n, ldx = _strided_rows(x, spec.in_features, "x")
     _array(w, spec.weight_shape, "weight")
     if bias is not None:
         _array(bias, (spec.out_channels,), "bias")
     ins = [a for a in (x, w, bias) if a is not None]
-    z = _output(out, (n, spec.out_features), "out", ins)
+    z, ldz = _strided_output(out, n, spec.out_features, ins)
     lib = _lib()
     s = _scratch(scratch, lib.et_conv_forward_scratch_bytes(ctypes.byref(d), n), ins + [z])
-    lib.et_conv_forward(ctypes.byref(d), n, _ptr(x), _ptr(w), _ptr(bias), _ptr(z), _ptr(s))
+    lib.et_conv_forward(ctypes.byref(d), n, _ptr(x), ldx, _ptr(w), _ptr(bias), _ptr(z), ldz, _ptr(s))
     return z
 
 
@@ -279,13 +315,14 @@ def conv_bias_grad(spec: LayerSpec, g: np.ndarray, out: np.ndarray | None = None
 
 # ---------------------------------------------------------------------- pooling
 def pool_forward(spec: LayerSpec, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Max or average pooling (by the spec's kind) of x (rows, in_features)."""
+    """Max or average pooling (by the spec's kind) of x (rows, in_features); x and out may be
+    column slices of wider arrays."""
     _kind(spec, POOL_KINDS)
     d = layer_dims(spec)
-    x, n = _rows(x, spec.in_features, "x")
-    z = _output(out, (n, spec.out_features), "out", [x])
+    x, n, ldx = _strided_rows(x, spec.in_features, "x")
+    z, ldz = _strided_output(out, n, spec.out_features, [x])
     fn = _lib().et_maxpool_forward if spec.kind.startswith("max") else _lib().et_avgpool_forward
-    fn(ctypes.byref(d), n, _ptr(x), _ptr(z))
+    fn(ctypes.byref(d), n, _ptr(x), ldx, _ptr(z), ldz)
     return z
 
 
@@ -310,12 +347,13 @@ def pool_input_grad(spec: LayerSpec, g: np.ndarray, x: np.ndarray | None = None,
 
 
 def gap_forward(spec: LayerSpec, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Global average pooling: (rows, C * positions) -> (rows, C)."""
+    """Global average pooling: (rows, C * positions) -> (rows, C); x and out may be column
+    slices of wider arrays."""
     _kind(spec, ("gap",))
     d = layer_dims(spec)
-    x, n = _rows(x, spec.in_features, "x")
-    z = _output(out, (n, spec.out_features), "out", [x])
-    _lib().et_gap_forward(ctypes.byref(d), n, _ptr(x), _ptr(z))
+    x, n, ldx = _strided_rows(x, spec.in_features, "x")
+    z, ldz = _strided_output(out, n, spec.out_features, [x])
+    _lib().et_gap_forward(ctypes.byref(d), n, _ptr(x), ldx, _ptr(z), ldz)
     return z
 
 

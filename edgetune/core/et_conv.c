@@ -275,14 +275,14 @@ size_t et_conv_weight_grad_scratch_bytes(const et_conv_dims *d, int count) {
     return (is_pointwise(d) ? 0 : cols_bytes(d)) + (og * out_positions(d) + K * og) * sizeof(float);
 }
 
-void et_conv_forward(const et_conv_dims *d, int count, const float *x, const float *w, const float *bias,
-                     float *z, float *scratch) {
+void et_conv_forward(const et_conv_dims *d, int count, const float *x, int ldx, const float *w, const float *bias,
+                     float *z, int ldz, float *scratch) {
     const int G = d->groups, cg = d->in_c / G, og = d->out_c / G;
     const int S = (int)out_positions(d), K = cg * taps(d);
     const size_t HW = (size_t)d->in_h * d->in_w;
     for (int n = 0; n < count; n++) {
-        const float *xn = x + (size_t)n * in_size(d);
-        float *zn = z + (size_t)n * out_size(d);
+        const float *xn = x + (size_t)n * ldx;
+        float *zn = z + (size_t)n * ldz;
         if (is_depthwise(d)) {
             depthwise_forward(d, xn, w, zn);
         } else {
@@ -437,13 +437,13 @@ ET_CONV_HOT static void max_row(const et_conv_dims *d, const float *xc, int oy, 
 }
 
 /* The forward pass needs only the maxima: the same scan without positions (a NaN wins). */
-ET_CONV_HOT void et_maxpool_forward(const et_conv_dims *d, int count, const float *x, float *z) {
+ET_CONV_HOT void et_maxpool_forward(const et_conv_dims *d, int count, const float *x, int ldx, float *z, int ldz) {
     const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, sw = d->stride_w;
     const size_t HW = (size_t)H * W, S = out_positions(d);
     for (int n = 0; n < count; n++)
         for (int c = 0; c < d->in_c; c++) {
-            const float *xc = x + (size_t)n * in_size(d) + (size_t)c * HW;
-            float *zc = z + (size_t)n * out_size(d) + (size_t)c * S;
+            const float *xc = x + (size_t)n * ldx + (size_t)c * HW;
+            float *zc = z + (size_t)n * ldz + (size_t)c * S;
             for (int oy = 0; oy < OH; oy++) {
                 float *zr = zc + (size_t)oy * OW;
                 for (int ox = 0; ox < OW; ox++) zr[ox] = -INFINITY;
@@ -485,14 +485,14 @@ void et_maxpool_input_grad(const et_conv_dims *d, int count, const float *x, con
         }
 }
 
-void et_avgpool_forward(const et_conv_dims *d, int count, const float *x, float *z) {
+void et_avgpool_forward(const et_conv_dims *d, int count, const float *x, int ldx, float *z, int ldz) {
     const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, sw = d->stride_w;
     const size_t HW = (size_t)H * W, S = out_positions(d);
     const float window = (float)taps(d);
     for (int n = 0; n < count; n++)
         for (int c = 0; c < d->in_c; c++) {
-            const float *xc = x + (size_t)n * in_size(d) + (size_t)c * HW;
-            float *zc = z + (size_t)n * out_size(d) + (size_t)c * S;
+            const float *xc = x + (size_t)n * ldx + (size_t)c * HW;
+            float *zc = z + (size_t)n * ldz + (size_t)c * S;
             for (int oy = 0; oy < OH; oy++) {
                 float *zr = zc + (size_t)oy * OW;
                 for (int ox = 0; ox < OW; ox++) zr[ox] = 0.0f;
@@ -538,14 +538,14 @@ void et_avgpool_input_grad(const et_conv_dims *d, int count, const float *g, flo
         }
 }
 
-void et_gap_forward(const et_conv_dims *d, int count, const float *x, float *z) {
+void et_gap_forward(const et_conv_dims *d, int count, const float *x, int ldx, float *z, int ldz) {
     const size_t HW = (size_t)d->in_h * d->in_w;
     for (int n = 0; n < count; n++)
         for (int c = 0; c < d->in_c; c++) {
-            const float *xc = x + (size_t)n * in_size(d) + (size_t)c * HW;
+            const float *xc = x + (size_t)n * ldx + (size_t)c * HW;
             float s = 0.0f;
             for (size_t i = 0; i < HW; i++) s += xc[i];
-            z[(size_t)n * d->in_c + c] = s / (float)HW;
+            z[(size_t)n * ldz + c] = s / (float)HW;
         }
 }
 

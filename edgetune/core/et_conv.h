@@ -63,10 +63,13 @@ size_t et_conv_weight_grad_scratch_bytes(const et_conv_dims *d, int count);
 
 /*
  * z (count, OUT) = conv(x (count, IN), w (WEIGHT)) [+ bias (out_c), per output channel;
- * bias may be NULL]. scratch: et_conv_forward_scratch_bytes.
+ * bias may be NULL]. Row r of x starts at x + r * ldx (ldx >= IN) and of z at z + r * ldz
+ * (ldz >= OUT), as the forward operation of the engine's layer table reads rows inside
+ * wider ones; the rest of a wider row is neither read nor written. scratch:
+ * et_conv_forward_scratch_bytes.
  */
-void et_conv_forward(const et_conv_dims *d, int count, const float *x, const float *w, const float *bias,
-                     float *z, float *scratch);
+void et_conv_forward(const et_conv_dims *d, int count, const float *x, int ldx, const float *w, const float *bias,
+                     float *z, int ldz, float *scratch);
 /* dx (count, IN) = d loss / d x, given g (count, OUT) = d loss / d z; dx is overwritten. */
 void et_conv_input_grad(const et_conv_dims *d, int count, const float *g, const float *w, float *dx,
                         float *scratch);
@@ -85,19 +88,21 @@ size_t et_pool_scratch_bytes(const et_conv_dims *d, int count);
 size_t et_gap_scratch_bytes(const et_conv_dims *d, int count);
 
 /*
+ * The forward passes below take row strides ldx >= IN and ldz >= OUT as et_conv_forward.
+ *
  * Max pooling, x (count, IN) -> z (count, OUT), padding counted as -inf. The input
  * gradient dx (count, IN) (overwritten) sends each window's gradient g (count, OUT) whole
  * to the window's FIRST maximum in row-major order (a NaN counts as the maximum), as
  * PyTorch and NumPy's argmax do; it reads x again instead of keeping indices.
  */
-void et_maxpool_forward(const et_conv_dims *d, int count, const float *x, float *z);
+void et_maxpool_forward(const et_conv_dims *d, int count, const float *x, int ldx, float *z, int ldz);
 void et_maxpool_input_grad(const et_conv_dims *d, int count, const float *x, const float *g, float *dx);
 /* Average pooling over kernel_h * kernel_w values, zero padding included (PyTorch's default). */
-void et_avgpool_forward(const et_conv_dims *d, int count, const float *x, float *z);
+void et_avgpool_forward(const et_conv_dims *d, int count, const float *x, int ldx, float *z, int ldz);
 void et_avgpool_input_grad(const et_conv_dims *d, int count, const float *g, float *dx);
 
 /* Global average pooling: x (count, IN) -> z (count, in_c); dx (count, IN) from g (count, in_c). */
-void et_gap_forward(const et_conv_dims *d, int count, const float *x, float *z);
+void et_gap_forward(const et_conv_dims *d, int count, const float *x, int ldx, float *z, int ldz);
 void et_gap_input_grad(const et_conv_dims *d, int count, const float *g, float *dx);
 
 #endif

@@ -110,9 +110,22 @@ static void check_conv(const char *name, int in_c, int in_h, int in_w, int out_c
                             }
                 }
     float *scratch = scratch_of(et_conv_forward_scratch_bytes(&d, count));
-    et_conv_forward(&d, count, x, w, b, z, scratch);
+    et_conv_forward(&d, count, x, (int)IN, w, b, z, (int)OUT, scratch);
     CHECK(close_to(z, rz, sz, count * OUT), "forward", name);
     report("forward", name, z, count * OUT);
+    /* rows inside wider rows: the same values, and nothing beside them read or written */
+    const size_t ldx = IN + 3, ldz = OUT + 5;
+    float *xw = malloc(count * ldx * sizeof(float)), *zw = malloc(count * ldz * sizeof(float));
+    for (size_t i = 0; i < count * ldx; i++) xw[i] = NAN;
+    for (size_t i = 0; i < count * ldz; i++) zw[i] = -7.0f;
+    for (int r = 0; r < count; r++) memcpy(xw + r * ldx, x + r * IN, IN * sizeof(float));
+    et_conv_forward(&d, count, xw, (int)ldx, w, b, zw, (int)ldz, scratch);
+    int same = 1;
+    for (int r = 0; r < count; r++)
+        for (size_t i = 0; i < ldz; i++)
+            same &= i < OUT ? zw[r * ldz + i] == z[r * OUT + i] : zw[r * ldz + i] == -7.0f;
+    CHECK(same, "forward with row strides", name);
+    free(xw), free(zw);
     free(scratch);
 
     scratch = scratch_of(et_conv_input_grad_scratch_bytes(&d, count));
@@ -191,10 +204,10 @@ static void check_pool(const char *name, int is_max, int in_c, int in_h, int in_
                     }
                 }
     if (is_max) {
-        et_maxpool_forward(&d, count, x, z);
+        et_maxpool_forward(&d, count, x, (int)IN, z, (int)OUT);
         et_maxpool_input_grad(&d, count, x, g, dx);
     } else {
-        et_avgpool_forward(&d, count, x, z);
+        et_avgpool_forward(&d, count, x, (int)IN, z, (int)OUT);
         et_avgpool_input_grad(&d, count, g, dx);
     }
     CHECK(close_to(z, rz, sz, count * OUT), "forward", name);
@@ -220,7 +233,7 @@ static void check_gap(const char *name, int in_c, int in_h, int in_w, int count)
             rdx[r * HW + i] = g[r] / (double)HW;
             sdx[r * HW + i] = fabs(g[r]) / (double)HW;
         }
-    et_gap_forward(&d, count, x, z);
+    et_gap_forward(&d, count, x, (int)IN, z, in_c);
     et_gap_input_grad(&d, count, g, dx);
     CHECK(close_to(z, rz, sz, (size_t)count * in_c), "forward", name);
     CHECK(close_to(dx, rdx, sdx, count * IN), "input_grad", name);
