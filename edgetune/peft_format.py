@@ -173,7 +173,7 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
         alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha/sqrt(r); edgetune by alpha/r
     tensors, meta = load_file(w_path)
     names = _names(backbone, module_names)
-    n, last, dtype = backbone.n_layers, backbone.n_layers - 1, backbone.dtype
+    last, dtype = backbone.n_layers - 1, backbone.dtype
     out: dict[str, np.ndarray] = {}
     used: set[str] = set()
     lora_layers = []

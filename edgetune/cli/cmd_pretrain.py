@@ -32,8 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import pretrain_on_task
-
     check_outputs(args.json, dirs=(args.out,), args=args)
     with contextlib.ExitStack() as outputs:  # a second run to the same outputs is refused now, not after training
         lock_outputs(outputs, args.out, args.json)

@@ -642,7 +642,7 @@ def export_project(opts: ExportOptions, plan: dict[str, Any] | None = None) -> E
 
     out = check_out(opts)
     d = plan if plan is not None else plan_export(opts)
-    target, tuner, train = d["target"], d["tuner"], d["train"]
+    target, tuner = d["target"], d["tuner"]
     adapter_files = _adapter_files(tuner)
     manifest = _manifest(d, opts)
 

@@ -261,7 +261,7 @@ def _activation(name: str) -> Callable[[Any, _Build], None]:
             if abs(alpha - 0.01) > 1e-7:
                 raise g.refuse(node, f"has alpha={alpha}; edgetune's leaky_relu has slope 0.01")
         if not g.layers or not g.bias_open:
-            where = "before the first layer" if not g.layers else f"right after another activation"
+            where = "before the first layer" if not g.layers else "right after another activation"
             raise g.refuse(node, f"is an activation {where}: edgetune backbones have one activation between "
                                  f"every pair of layers")
         layer = g.layers[-1]
