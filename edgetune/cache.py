@@ -8,6 +8,7 @@ invalidated, if a sample changes its row is, so a stale activation is never serv
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -48,6 +49,8 @@ class SkipCache:
         self.n_samples = n_samples
         self.capacity = capacity
         self.row_width = row_width
+        self._budget, self._overflow = budget_bytes, overflow
+        self._buffer: np.ndarray | None = None  # grow(): the doubling buffer ``data`` views
         self.filled = np.zeros(n_samples, dtype=bool)
         self.key: tuple[str, str] | None = None
         self.complete = False
@@ -57,8 +60,8 @@ class SkipCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache (rows plus the filled-mask)."""
-        return self.data.nbytes + self.filled.nbytes
+        """Bytes held by the cache (rows, with the room made by ``grow``, plus the filled-mask)."""
+        return (self.data if self._buffer is None else self._buffer).nbytes + self.filled.nbytes
 
     @property
     def n_filled(self) -> int:
@@ -92,6 +95,37 @@ class SkipCache:
             self.filled[changed] = False
             self.complete = False
             self.invalidations += 1
+
+    def grow(self, n_samples: int) -> None:
+        """Make room for ``n_samples`` (more than now) keeping every filled row: the stream of
+        ``FineTuner.partial_fit``. The rows live in a buffer that doubles, so that growing one
+        sample at a time copies each row O(1) times on average; ``data`` stays a contiguous view."""
+        if n_samples <= self.n_samples:
+            return
+        row_bytes = self.row_width * self.data.dtype.itemsize
+        limit = None if self._budget is None else int(self._budget // row_bytes)
+        capacity = n_samples
+        if limit is not None and n_samples > limit:
+            if self._overflow == "error":
+                raise BudgetError(f"the skip-cache needs {format_bytes(n_samples * row_bytes)} for {n_samples} "
+                                  f"samples but the budget is {format_bytes(self._budget)}; raise the budget, or "
+                                  f"allow a partial cache")
+            capacity = limit
+        buf = self._buffer if self._buffer is not None else self.data
+        if buf.shape[0] < capacity:
+            rows = max(capacity, 2 * buf.shape[0])
+            if limit is not None:
+                rows = min(rows, limit)  # >= capacity, which is at most the limit
+            new = np.empty((rows, self.row_width), self.data.dtype)
+            new[:self.capacity] = self.data[:self.capacity]
+            buf = new
+        self._buffer = buf
+        self.data = buf[:capacity]
+        filled = np.zeros(n_samples, dtype=bool)
+        filled[:self.n_samples] = self.filled
+        self.filled = filled
+        self.n_samples, self.capacity = n_samples, capacity
+        self.complete = False
 
     def reset_stats(self) -> None:
         """Count hits and misses from zero (the trainer does this at the start of each fit)."""
@@ -130,3 +164,96 @@ class SkipCache:
         return {"cache_bytes": self.nbytes, "cache_capacity": self.capacity, "cache_filled": self.n_filled,
                 "cache_hits": self.hits, "cache_misses": self.misses,
                 "cache_invalidations": self.invalidations}
+
+
+def _immutable(a: np.ndarray) -> bool:
+    """True when no one can write ``a``'s memory: it is read-only and its memory belongs to a
+    ``bytes`` object. NumPy refuses to make such an array writeable again (an array that owns
+    its memory, or views a writeable array, can be made writeable by its owner; a base array
+    can be written through another view), so only this case is trusted without a comparison."""
+    if a.flags.writeable:
+        return False
+    base = a.base
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    return type(base) is bytes
+
+
+def _same_bits(a: np.ndarray, snap: np.ndarray) -> bool:
+    """``a`` holds exactly the bytes of ``snap`` (same shape and dtype; -0.0 differs from 0.0)."""
+    if a.shape != snap.shape or a.dtype != snap.dtype:
+        return False
+    if a.dtype.kind == "f":  # compare bit patterns: NaN equals itself, -0.0 differs from 0.0
+        unsigned = np.dtype(f"u{a.dtype.itemsize}")
+        return bool(np.array_equal(np.ascontiguousarray(a).view(unsigned), snap.view(unsigned)))
+    return bool(np.array_equal(a, snap))
+
+
+class BackboneKey:
+    """A backbone's digest (the skip-cache's key), hashed again only when the backbone may have
+    changed; one per backbone object (``backbone_key``).
+
+    Hashing every tensor with blake2b costs about a millisecond on the paper's backbone, many
+    times a small fit's epochs. This keeps the digest with a bit-exact snapshot of every tensor
+    that determines the outputs (``Backbone.tensors()``) and of the layer descriptions; a later
+    call compares the backbone with the snapshot (one pass over memory, ~20x cheaper than the
+    hash) and hashes again on any difference, whoever wrote it: an in-place edit of a weight,
+    an edit of a base array through another view, an array made writeable again, a layer
+    replaced. Tensors no one can write (read-only views of ``bytes``, see ``_immutable``) are
+    kept by reference and not compared.
+
+    It also keeps the transposed weight copies the forward passes use (``transposed_weights``),
+    made once per digest and shared, read-only, by every method on this backbone.
+    """
+
+    def __init__(self) -> None:
+        self._digest: str | None = None
+        self._structure: tuple | None = None
+        self._snapshot: dict[str, np.ndarray] = {}
+        self._wt: list[np.ndarray | None] | None = None
+        self.hashes = 0  # how many times the tensors were hashed (tests and benchmarks read it)
+
+    @staticmethod
+    def _describe(backbone) -> tuple:
+        return tuple(backbone.specs), backbone.activation.name, backbone.is_int8
+
+    def digest(self, backbone) -> str:
+        """``backbone.digest()``, from the snapshot when no tensor changed since it was taken."""
+        tensors = backbone.tensors()
+        structure = self._describe(backbone)
+        snap = self._snapshot
+        if self._digest is not None and structure == self._structure and tensors.keys() == snap.keys() and all(
+                (a is snap[k] and _immutable(a)) or _same_bits(a, snap[k]) for k, a in tensors.items()):
+            return self._digest
+        self._digest = backbone.digest()
+        self._structure = structure
+        self._snapshot = {k: a if _immutable(a) else np.array(a, copy=True) for k, a in tensors.items()}
+        self._wt = None
+        self.hashes += 1
+        return self._digest
+
+    def transposed_weights(self, backbone, digest: str) -> list[np.ndarray | None] | None:
+        """``backbone.transposed_weights()`` for the tensors that gave ``digest`` (the value
+        ``digest(backbone)`` just returned), read-only; made once per digest."""
+        if digest != self._digest:
+            raise ValueError("transposed_weights asked for a digest other than the current one")
+        if self._wt is None:
+            wt = backbone.transposed_weights()
+            for w in wt or ():
+                if w is not None:
+                    w.flags.writeable = False
+            self._wt = wt
+        return self._wt
+
+
+_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def backbone_key(backbone) -> BackboneKey:
+    """The ``BackboneKey`` of this backbone object (made on first use, dropped with the backbone)."""
+    key = _KEYS.get(backbone)
+    if key is None:
+        key = _KEYS[backbone] = BackboneKey()
+    return key
