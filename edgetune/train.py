@@ -215,6 +215,20 @@ def make_runner(engine: str | None, method: Method, opt: Any, x: np.ndarray, y: 
     return CoreRunner(method, opt, x, y, batch_size, model=kept[2])
 
 
+def _generator(seed: int, keep: dict | None) -> np.random.Generator:
+    """``np.random.default_rng(seed)``, as it is when made; with ``keep``, one generator per
+    caller reset to that state (1 us instead of the 26 us of seeding one again)."""
+    if keep is None:
+        return np.random.default_rng(seed)
+    kept = keep.get("rng")
+    if kept is None or kept[0] != seed:
+        rng = np.random.default_rng(seed)
+        keep["rng"] = (seed, rng, rng.bit_generator.state)
+        return rng
+    kept[1].bit_generator.state = kept[2]
+    return kept[1]
+
+
 #: A finite loss this many times the first epoch's (and above ``EXPLODED_LOSS``) has diverged too:
 #: with Adam at a huge learning rate the loss can stay finite at 1e12 while nothing is learnt.
 EXPLODED_FACTOR = 1e6
@@ -267,7 +281,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     validate = x_val is not None and y_val is not None
     if config.patience is not None and not validate:
         raise UsageError("patience (early stopping) needs validation data: pass x_val and y_val")
-    rng = np.random.default_rng(config.seed)
+    rng = _generator(config.seed, keep)
     opt = make_optimizer(config.optimizer, method.params, config.lr, momentum=config.momentum,
                          weight_decay=config.weight_decay)
     hist = History(method=method.name, trainable_params=method.n_trainable, config=dict(vars(config)))
