@@ -95,12 +95,68 @@ def measure(data_dir: str | None, repeats: int) -> list[dict]:
     return out
 
 
+def setup_pieces(repeats: int) -> list[tuple[str, float, float]]:
+    """Two pieces of a fit's set-up, before and after they were kept: (what, old us, new us)."""
+    import edgetune as et
+    from edgetune.cache import backbone_key
+
+    bb = et.Backbone.build([512, 96, 96, 2], seed=0)
+    key = backbone_key(bb)
+    key.digest(bb)
+    state = np.random.default_rng(0).bit_generator.state
+    gen = np.random.default_rng(0)
+
+    def reset() -> None:
+        gen.bit_generator.state = state
+
+    out = []
+    for what, old, new in (("backbone digest: blake2b of every tensor vs the snapshot check", bb.digest,
+                            lambda: key.digest(bb)),
+                           ("batches' generator: default_rng(seed) vs reset to its seeded state",
+                            lambda: np.random.default_rng(0), reset)):
+        t_old, t_new = [], []
+        for _ in range(repeats):
+            for fn, dst in ((old, t_old), (new, t_new)):
+                t0 = time.perf_counter()
+                fn()
+                dst.append(time.perf_counter() - t0)
+        out.append((what, 1e6 * float(np.median(t_old)), 1e6 * float(np.median(t_new))))
+    return out
+
+
+RATIO_CASES = (("damage1", 100, 25.0), ("speed-12cm", 30, 15.0), ("speed-8cm", 30, 15.0))
+
+
+def end_to_end(data_dir: str | None, runs: int) -> list[dict]:
+    """skip2-lora vs lora-all, whole ``fit`` wall time (new FineTuner each), interleaved runs."""
+    import edgetune as et
+
+    from .cache_precision import FAN_TASKS, speed_task
+
+    out = []
+    for name, epochs, want in RATIO_CASES:
+        task = speed_task(name, data_dir) if name in FAN_TASKS else et.load_task(name, data_dir)
+        bb, _ = et.pretrain(task.x_pretrain, task.y_pretrain, hidden=[96, 96], labels=task.labels, epochs=20)
+        times: dict[str, list[float]] = {"skip2-lora": [], "lora-all": []}
+        for i in range(runs + 1):
+            for method in times:
+                t0 = time.perf_counter()
+                et.FineTuner(bb, method, epochs=epochs).fit(task.x_finetune, task.y_finetune)
+                if i:  # the first run of each warms up
+                    times[method].append(time.perf_counter() - t0)
+        s2, la = float(np.median(times["skip2-lora"])), float(np.median(times["lora-all"]))
+        out.append({"task": name, "epochs": epochs, "samples": len(task.y_finetune), "skip2_ms": s2 * 1e3,
+                    "lora_ms": la * 1e3, "ratio": la / s2, "want": want})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fixed_costs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir")
     p.add_argument("--repeats", type=int, default=200, help="calls per case (default 200)")
     p.add_argument("--fleet-rounds", type=int, default=50, help="fleet rounds (0: no fleet row; default 50)")
+    p.add_argument("--ratio-runs", type=int, default=10, help="runs per method, end to end (0: none; default 10)")
     args = p.parse_args(argv)
     from edgetune.threads import set_blas_threads
 
@@ -121,6 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         status = "" if want is None else ("PASS" if r["ratio"] <= want else "MISS")
         print(f"| {r['case']} | {r['calls']} | {r['wall_ms']:.4g} | {r['engine_ms']:.4g} | {r['ratio']:.3g} "
               f"| {'' if want is None else f'<= {want:g}'} | {status} |")
+    print("\n| set-up piece (512-96-96-2 backbone) | before us | now us | before / now |")
+    print("|---|---|---|---|")
+    for what, old, new in setup_pieces(args.repeats):
+        print(f"| {what} | {old:.3g} | {new:.3g} | {old / new:.3g} |")
+    if args.ratio_runs:
+        print("\n| skip2-lora vs lora-all, end to end (compiled engine, new FineTuner) | samples | epochs "
+              "| lora-all ms | skip2-lora ms | ratio | target | status |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in end_to_end(args.data_dir, args.ratio_runs):
+            print(f"| {r['task']} | {r['samples']} | {r['epochs']} | {r['lora_ms']:.4g} | {r['skip2_ms']:.4g} "
+                  f"| {r['ratio']:.3g} | >= {r['want']:g} | {'PASS' if r['ratio'] >= r['want'] else 'MISS'} |")
     return 0
 
 

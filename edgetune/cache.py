@@ -195,11 +195,11 @@ class BackboneKey:
     """A backbone's digest (the skip-cache's key), hashed again only when the backbone may have
     changed; one per backbone object (``backbone_key``).
 
-    Hashing every tensor with blake2b costs about a millisecond on the paper's backbone, many
-    times a small fit's epochs. This keeps the digest with a bit-exact snapshot of every tensor
-    that determines the outputs (``Backbone.tensors()``) and of the layer descriptions; a later
-    call compares the backbone with the snapshot (one pass over memory, ~20x cheaper than the
-    hash) and hashes again on any difference, whoever wrote it: an in-place edit of a weight,
+    Hashing every tensor with blake2b costs many times a small fit's epochs. This keeps the
+    digest with a bit-exact snapshot of every tensor that determines the outputs
+    (``Backbone.tensors()``) and of the layer descriptions; a later call compares the backbone
+    with the snapshot (one pass over memory, several times cheaper than the hash: see
+    ``benchmarks/fixed_costs.py``) and hashes again on any difference, whoever wrote it: an in-place edit of a weight,
     an edit of a base array through another view, an array made writeable again, a layer
     replaced. Tensors no one can write (read-only views of ``bytes``, see ``_immutable``) are
     kept by reference and not compared.
