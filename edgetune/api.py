@@ -40,7 +40,8 @@ class FineTuner:
     ``merged()``). ``engine`` runs the epochs: 'auto' (the compiled C engine when built,
     else NumPy; also what None means unless ``EDGETUNE_ENGINE`` says otherwise), 'c' or
     'numpy'. ``cache_fill`` ('eager' or 'lazy') fills the skip-cache before the first batch
-    or as batches come (same math).
+    or as batches come (same math). ``stream_capacity`` and ``stream_policy`` ('oldest' or
+    'reservoir') bound the samples ``partial_fit`` keeps (see docs/streaming.md).
     """
 
     def __init__(self, backbone: Backbone, method: str = "skip2-lora", *, rank: int = 1,

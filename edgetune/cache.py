@@ -195,23 +195,29 @@ class BackboneKey:
     """A backbone's digest (the skip-cache's key), hashed again only when the backbone may have
     changed; one per backbone object (``backbone_key``).
 
-    Hashing every tensor with blake2b costs many times a small fit's epochs. This keeps the
-    digest with a bit-exact snapshot of every tensor that determines the outputs
-    (``Backbone.tensors()``) and of the layer descriptions; a later call compares the backbone
-    with the snapshot (one pass over memory, several times cheaper than the hash: see
-    ``benchmarks/fixed_costs.py``) and hashes again on any difference, whoever wrote it: an in-place edit of a weight,
-    an edit of a base array through another view, an array made writeable again, a layer
-    replaced. Tensors no one can write (read-only views of ``bytes``, see ``_immutable``) are
-    kept by reference and not compared.
-
-    It also keeps the transposed weight copies the forward passes use (``transposed_weights``),
-    made once per digest and shared, read-only, by every method on this backbone.
+    Hashing every tensor with blake2b costs many times a small fit's epochs. A float MLP's
+    forward passes read contiguous transposed copies of its weights (``transposed_weights``);
+    this keeps them, made when the digest is computed, shared read-only by every method on the
+    backbone, and with them the digest. A later call compares every tensor that determines
+    the outputs (``Backbone.tensors()``) bit for bit with what was hashed: each weight with
+    its transposed copy, the small tensors (biases, input normalisation) with copies, and the
+    layer descriptions; one pass over memory, several times cheaper than the hash (see
+    ``benchmarks/fixed_costs.py``), and no extra copy of the weights. Any difference hashes
+    again, whoever wrote it: an in-place edit of a weight, an edit of a base array through
+    another view, an array made writeable again, a layer replaced. Tensors no one can write
+    (read-only views of ``bytes``, see ``_immutable``) are kept by reference, not compared.
+    Backbones without transposed copies (int8, convolutions) are hashed on every call.
     """
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the digest and drop the transposed copies (the next call hashes again)."""
         self._digest: str | None = None
         self._structure: tuple | None = None
-        self._snapshot: dict[str, np.ndarray] = {}
+        self._reference: dict[str, np.ndarray] = {}   # tensor name -> what it must equal
+        self._transposed: set[str] = set()            # names whose reference is a transposed copy
         self._wt: list[np.ndarray | None] | None = None
         self.hashes = 0  # how many times the tensors were hashed (tests and benchmarks read it)
 
@@ -219,40 +225,56 @@ class BackboneKey:
     def _describe(backbone) -> tuple:
         return tuple(backbone.specs), backbone.activation.name, backbone.is_int8
 
+    def _unchanged(self, name: str, a: np.ndarray) -> bool:
+        ref = self._reference[name]
+        if a is ref and _immutable(a):
+            return True
+        return _same_bits(a, ref.T if name in self._transposed else ref)
+
     def digest(self, backbone) -> str:
-        """``backbone.digest()``, from the snapshot when no tensor changed since it was taken."""
+        """``backbone.digest()``, from what was hashed when no tensor changed since."""
         tensors = backbone.tensors()
         structure = self._describe(backbone)
-        snap = self._snapshot
-        if self._digest is not None and structure == self._structure and tensors.keys() == snap.keys() and all(
-                (a is snap[k] and _immutable(a)) or _same_bits(a, snap[k]) for k, a in tensors.items()):
+        if self._digest is not None and structure == self._structure and tensors.keys() == self._reference.keys() \
+                and all(self._unchanged(k, a) for k, a in tensors.items()):
             return self._digest
-        self._digest = backbone.digest()
-        self._structure = structure
-        self._snapshot = {k: a if _immutable(a) else np.array(a, copy=True) for k, a in tensors.items()}
-        self._wt = None
-        self.hashes += 1
-        return self._digest
+        hashes = self.hashes
+        self.clear()
+        self.hashes = hashes + 1
+        digest = backbone.digest()
+        wt = backbone.transposed_weights()
+        names = [f"layers.{k}.weight" for k in range(backbone.n_layers)]
+        if wt is None or any(n in tensors and w is None for n, w in zip(names, wt)):
+            return digest  # nothing to compare with short of a copy of every weight: hash every call
+        for w in wt:
+            if w is not None:
+                w.flags.writeable = False
+        reference = {k: a if _immutable(a) else np.array(a, copy=True) for k, a in tensors.items()
+                     if k not in names}
+        for n, w in zip(names, wt):
+            if n in tensors:
+                if _immutable(tensors[n]):
+                    reference[n] = tensors[n]
+                else:
+                    reference[n] = w
+                    self._transposed.add(n)
+        self._digest, self._structure, self._reference, self._wt = digest, structure, reference, wt
+        return digest
 
     def transposed_weights(self, backbone, digest: str) -> list[np.ndarray | None] | None:
         """``backbone.transposed_weights()`` for the tensors that gave ``digest`` (the value
-        ``digest(backbone)`` just returned), read-only; made once per digest."""
-        if digest != self._digest:
-            raise ValueError("transposed_weights asked for a digest other than the current one")
-        if self._wt is None:
-            wt = backbone.transposed_weights()
-            for w in wt or ():
-                if w is not None:
-                    w.flags.writeable = False
-            self._wt = wt
-        return self._wt
+        ``digest(backbone)`` just returned), read-only and shared; made anew when not kept."""
+        if self._digest is not None and digest == self._digest and self._wt is not None:
+            return self._wt
+        return backbone.transposed_weights()
 
 
 _KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def backbone_key(backbone) -> BackboneKey:
-    """The ``BackboneKey`` of this backbone object (made on first use, dropped with the backbone)."""
+    """The ``BackboneKey`` of this backbone object (made on first use, dropped with the backbone;
+    ``backbone_key(b).clear()`` frees its transposed copies at once)."""
     key = _KEYS.get(backbone)
     if key is None:
         key = _KEYS[backbone] = BackboneKey()

@@ -121,7 +121,7 @@ def test_a_backbone_nobody_can_write_is_not_compared():
     key = BackboneKey()
     d = key.digest(frozen)
     assert d == bb.digest() and key.digest(frozen) == d and key.hashes == 1
-    assert all(key._snapshot[k] is a for k, a in frozen.tensors().items())  # kept by reference, no copy
+    assert all(key._reference[k] is a for k, a in frozen.tensors().items())  # kept by reference, no copy
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -260,3 +260,27 @@ def test_cache_grow_keeps_rows_and_respects_the_budget():
     part = SkipCache(3, 2, np.float32, budget_bytes=40, overflow="partial")
     part.grow(9)
     assert (part.n_samples, part.capacity) == (9, 5) and part.nbytes <= 40 + 9
+
+
+def test_key_holds_no_copy_of_the_weights():
+    bb = _bb()
+    key = BackboneKey()
+    key.digest(bb)
+    wt = key.transposed_weights(bb, key.digest(bb))
+    for k, w in enumerate(bb.weights):
+        assert key._reference[f"layers.{k}.weight"] is wt[k]       # compared with the forward's copy
+        np.testing.assert_array_equal(wt[k], w.T)
+        assert not wt[k].flags.writeable
+    held = sum(a.nbytes for k, a in key._reference.items() if "weight" not in k)
+    assert held == sum(b.nbytes for b in bb.biases)
+
+
+def test_int8_backbones_are_hashed_every_call():
+    from edgetune.quant import quantize
+
+    x, y = toy_task(n=40, shift=0.5)
+    q = quantize(_bb(), x.astype(np.float32))
+    key = BackboneKey()
+    assert key.digest(q) == key.digest(q) == q.digest() and key.hashes == 2
+    q.layers[0].quant.qweight[0, 0] ^= 1
+    assert key.digest(q) == q.digest()
