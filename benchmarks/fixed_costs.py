@@ -110,7 +110,7 @@ def setup_pieces(repeats: int) -> list[tuple[str, float, float]]:
         gen.bit_generator.state = state
 
     out = []
-    for what, old, new in (("backbone digest: blake2b of every tensor vs the snapshot check", bb.digest,
+    for what, old, new in (("backbone digest: blake2b of every tensor vs the bit-exact check against the kept copies", bb.digest,
                             lambda: key.digest(bb)),
                            ("batches' generator: default_rng(seed) vs reset to its seeded state",
                             lambda: np.random.default_rng(0), reset)):
