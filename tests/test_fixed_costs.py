@@ -284,3 +284,26 @@ def test_int8_backbones_are_hashed_every_call():
     assert key.digest(q) == key.digest(q) == q.digest() and key.hashes == 2
     q.layers[0].quant.qweight[0, 0] ^= 1
     assert key.digest(q) == q.digest()
+
+
+# -- start-up: import only what is used -------------------------------------------------------
+def test_import_edgetune_loads_only_the_errors_until_a_name_is_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, edgetune as et; assert 'edgetune.api' not in sys.modules and 'numpy' not in sys.modules; "
+            "et.FineTuner; assert 'edgetune.api' in sys.modules; et.quant.quantize; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_cli_builds_only_the_command_it_runs():
+    from edgetune.cli import _command_in, build_parser
+
+    assert _command_in(["--threads", "2", "finetune", "--task", "x"]) == "finetune"
+    assert _command_in(["--engine", "c", "info"]) == "info"
+    assert _command_in(["--help"]) is None and _command_in(["nosuch"]) is None and _command_in([]) is None
+    sub = next(a for a in build_parser("info")._actions if a.dest == "command")
+    assert list(sub.choices) == ["info"]
+    full = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "finetune" in full.choices and "info" in full.choices
