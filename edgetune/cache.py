@@ -181,6 +181,13 @@ def _immutable(a: np.ndarray) -> bool:
     return type(base) is bytes
 
 
+def unwritable(a: np.ndarray) -> np.ndarray:
+    """A read-only copy of ``a`` that no one can make writeable (a view of a ``bytes`` object):
+    edgetune trusts such arrays not to change between calls, and skips checking them again."""
+    a = np.asarray(a)
+    return np.frombuffer(np.ascontiguousarray(a).tobytes(), a.dtype).reshape(a.shape)
+
+
 def _same_bits(a: np.ndarray, snap: np.ndarray) -> bool:
     """``a`` holds exactly the bytes of ``snap`` (same shape and dtype; -0.0 differs from 0.0)."""
     if a.shape != snap.shape or a.dtype != snap.dtype:

@@ -307,3 +307,41 @@ def test_cli_builds_only_the_command_it_runs():
     assert list(sub.choices) == ["info"]
     full = next(a for a in build_parser()._actions if a.dest == "command")
     assert "finetune" in full.choices and "info" in full.choices
+
+
+# -- inputs no one can write are validated once ------------------------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unwritable_inputs_are_prepared_once_and_results_unchanged(engine, monkeypatch):
+    from edgetune.cache import unwritable
+    import edgetune.api as api
+
+    bb = _bb()
+    x, y = toy_task(n=40, shift=0.5)
+    xu, yu = unwritable(x), unwritable(y)
+    with pytest.raises(ValueError):
+        xu.flags.writeable = True
+    calls = []
+    real = api.validate_xy
+    monkeypatch.setattr(api, "validate_xy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = _tuner(bb, engine)
+    for _ in range(3):
+        a.fit(xu, yu)
+    assert len(calls) == 1
+    b = _tuner(bb, engine)
+    for _ in range(3):
+        b.fit(x, y)                                   # writable arrays: checked every call
+    assert len(calls) == 4
+    np.testing.assert_array_equal(a.method.params.flat, b.method.params.flat)
+
+
+def test_prepared_inputs_follow_the_normalisation():
+    from edgetune.cache import unwritable
+
+    bb = _bb()
+    x, y = toy_task(n=40, shift=0.5)
+    bb.fit_normalizer(x)
+    xu, yu = unwritable(x), unwritable(y)
+    t = _tuner(bb, "numpy").fit(xu, yu)
+    bb.input_mean[0] += 1.0                           # the backbone's normalisation edited in place
+    t.fit(xu, yu)
+    np.testing.assert_array_equal(t.method.cache.data[:, :7], bb.prepare(x))
