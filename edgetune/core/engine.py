@@ -400,8 +400,13 @@ class CoreRunner:
 
     name = "c"
 
-    def __init__(self, method: Any, opt: Any, x: np.ndarray, y: np.ndarray, batch_size: int):
-        self.model = CoreModel(method, batch_size)
+    def __init__(self, method: Any, opt: Any, x: np.ndarray, y: np.ndarray, batch_size: int,
+                 model: CoreModel | None = None):
+        """``model``: the structs of an earlier fit of the same method on the same backbone tensors
+        (the trainer keeps them between fits); None builds them."""
+        if model is not None and (model.method is not method or model.batch != batch_size):
+            raise UsageError("a kept CoreModel belongs to another method or batch size")
+        self.model = model if model is not None else CoreModel(method, batch_size)
         self.method, self.opt = method, opt
         self.x = self.model._inputs(x)
         self.n = self.x.shape[0]
