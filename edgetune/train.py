@@ -208,7 +208,7 @@ def make_runner(engine: str | None, method: Method, opt: Any, x: np.ndarray, y: 
         keep["engine"] = (question, resolve_engine(engine, method, type(opt).__name__.lower()))
     if keep["engine"][1] != "c":
         return NumpyRunner(method, opt, x, y, batch_size)
-    wt = method.core_spec()["wt"]
+    wt = method.core_spec().wt
     kept = keep.get("core")
     if kept is None or kept[0] != fit_key or kept[1] is not wt or kept[2].batch != batch_size:
         kept = keep["core"] = (fit_key, wt, CoreModel(method, batch_size))
