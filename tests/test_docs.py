@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from edgetune.torch import MissingExtraError
+
 from .conftest import DATA_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +46,10 @@ def test_the_python_examples_of_a_page_run_in_order(page, tmp_path, monkeypatch)
             import torch
             torch.set_num_threads(1)
         code = code.replace('"../shared/data"', repr(str(DATA_DIR)))
-        exec(compile(code, f"{page.name} python block {i + 1}", "exec"), namespace)
+        try:
+            exec(compile(code, f"{page.name} python block {i + 1}", "exec"), namespace)
+        except MissingExtraError as e:  # reached through edgetune (e.g. edgetune.onnx): the extra is not here
+            pytest.skip(f"{page.name} block {i + 1}: {e}")
         ran += 1
     assert ran == len(python_blocks(page))
 

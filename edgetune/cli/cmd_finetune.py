@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..experiment import finetune_on_task, pretrain_on_task
     from ..methods import method_class
-    from ..quant import QuantBackbone, load_any, quantize
+    from ..quant import load_any, quantize
     from ..units import parse_bytes
 
     cls = method_class(args.method)  # unknown names fail before any work
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     progress = None if not args.quiet else False
     if args.model:
         model = load_any(args.model)
-        if args.int8 and not isinstance(model, QuantBackbone):
+        if args.int8 and not model.is_int8:
             from ..experiment import check_compatible
 
             check_compatible(model, task)

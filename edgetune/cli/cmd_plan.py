@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     flash = f" + {format_bytes(best.plan.flash)} of weights in flash" if args.weights_in_flash else ""
     print(f"recommended: {best.plan.label} at batch {best.plan.batch_size}: {format_bytes(best.plan.total)} of "
           f"{format_bytes(budget)}{flash}{acc}", file=out)
-    is_q = hasattr(model, "qweights")
+    is_q = model.is_int8
     print(f"run it: {finetune_command(args, best.plan, is_q)}", file=out)
     if not args.task:
         print("(TASK: the task to fine-tune on, a built-in name or an .npz file)", file=out)

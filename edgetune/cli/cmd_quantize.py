@@ -43,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..experiment import backbone_accuracy, check_compatible
-    from ..quant import QuantBackbone, load_any, quantize
+    from ..quant import load_any, quantize
 
     model = load_any(args.model)
-    if isinstance(model, QuantBackbone):
+    if model.is_int8:
         raise UsageError(f"{args.model} is already an int8 model")
     task = load_task_arg(args)
     check_compatible(model, task)
