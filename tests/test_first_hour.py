@@ -270,6 +270,23 @@ def test_every_kind_of_plan_candidate_runs_as_its_command(work: Path):
         assert res["trainable_params"] == c["trainable_params"], c["command"]
 
 
+def test_a_device_plan_carries_the_export_command_that_writes_it(work: Path):
+    r = edgetune("plan", "--model", "model", "--budget", "2MB", "--target", "host", "--task", "task.npz",
+                 "--samples", "20", "--epochs", "3", "--json", "-", "--quiet", cwd=work)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    argv = shlex.split(plan["command"])
+    assert argv[:2] == ["edgetune", "export"] and argv[-2:] == ["--out", "OUT"]
+    out = edgetune(*argv[1:-1], "dev-project", "--quiet", "--no-toolchain-check", cwd=work)
+    try:
+        assert out.returncode == 0, out.stderr[-2000:]
+        written = json.loads((work / "dev-project" / "export.json").read_text())
+        assert written["memory"] == plan["memory"]  # the program the plan described, to the byte
+    finally:
+        import shutil
+        shutil.rmtree(work / "dev-project", ignore_errors=True)
+
+
 def test_finetune_help_example_model_int8_can_be_made():
     from edgetune.cli import build_parser
 

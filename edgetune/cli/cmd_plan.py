@@ -219,6 +219,29 @@ def _run_device(args: argparse.Namespace, budget: int) -> int:
     if plan.cache:
         print(f"skip-cache: {plan.cache_capacity} of {plan.max_samples} samples' rows")
     print(f"flash: frozen weights {format_bytes(plan.flash_weights)}, program about {format_bytes(d['flash_estimate'])}")
+    command = export_command(args)
+    print(f"write it: {command}")
     write_json(args.json, {"target": args.target, "budget": budget, "memory": plan.as_dict(),
-                           "flash_estimate": d["flash_estimate"]})
+                           "flash_estimate": d["flash_estimate"], "command": command})
     return 0
+
+
+def export_command(args: argparse.Namespace) -> str:
+    """The 'edgetune export' command line that writes the program this device plan describes."""
+    import shlex
+
+    parts = ["edgetune", "export", "--model", args.model, "--method", args.method, "--target", args.target]
+    if args.task:
+        parts += ["--task", args.task] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    for flag, on in (("--int8", args.int8), ("--partial-cache", args.partial_cache)):
+        if on:
+            parts.append(flag)
+    for flag, value in (("--batch-size", args.batch_size), ("--rank", args.rank if args.rank != 1 else None),
+                        ("--max-samples", args.samples), ("--test-samples", args.test_samples),
+                        ("--epochs", args.epochs)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.optimizer != "sgd":
+        parts += ["--optimizer", args.optimizer]
+    parts += ["--budget", args.budget, "--out", "OUT"]
+    return " ".join(shlex.quote(p) for p in parts)
