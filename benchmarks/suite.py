@@ -722,7 +722,13 @@ def run(args: argparse.Namespace, s: Settings | None = None, prog: str = "edgetu
     emit(text)
     if args.markdown:
         write_markdown(args.markdown, text)
-    if args.json:
+    if args.json == "-":  # stdout, which 'edgetune bench --json -' keeps for the JSON alone
+        from edgetune.cli import _common
+
+        out = _common.JSON_STDOUT or sys.stdout
+        out.write(json.dumps(rep.data, indent=2, default=str) + "\n")
+        out.flush()
+    elif args.json:
         Path(args.json).write_text(json.dumps(rep.data, indent=2, default=str))
     missed = text.count("| MISS ")
     if missed:  # a target is a goal set for this project, not a test: the benchmark still exits 0

@@ -155,6 +155,7 @@ CASES = [
          json_keys=("accuracy_test",), stderr_has=("accuracy",)),
     Case("16-plan", "plan --model model --budget 64KB --json -", json_stdout=True, json_keys=("fits",),
          stderr_has=("recommended",)),
+    Case("16-bench", "bench --tiny --only methods --json - --quiet", json_stdout=True, json_keys=("methods",)),
     Case("16-predict", "predict --model model --input inputs.npy --json -", json_stdout=True,
          json_keys=("predictions",), check=_predictions),
     # 17: an int8 model can be made, fine-tuned and planned for
