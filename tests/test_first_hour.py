@@ -138,66 +138,66 @@ def _csv_task(r, d):
 
 
 CASES = [
-    # 16: with --json -, stdout is the JSON alone; the report goes to stderr (with or without --quiet)
-    Case("16-info", "info --json -", json_stdout=True, json_keys=("edgetune", "core"), stderr_has=("engine:",)),
-    Case("16-methods", "methods --json -", json_stdout=True, json_keys=("methods",), stderr_has=("skip2-lora",)),
-    Case("16-methods-quiet", "methods --json - --quiet", json_stdout=True, json_keys=("methods",)),
-    Case("16-data-list", "data list --data-dir DATA --json -", json_stdout=True, json_keys=("data_sets",),
+    # with --json -, stdout is the JSON alone; the report goes to stderr (with or without --quiet)
+    Case("json-info", "info --json -", json_stdout=True, json_keys=("edgetune", "core"), stderr_has=("engine:",)),
+    Case("json-methods", "methods --json -", json_stdout=True, json_keys=("methods",), stderr_has=("skip2-lora",)),
+    Case("json-methods-quiet", "methods --json - --quiet", json_stdout=True, json_keys=("methods",)),
+    Case("json-data-list", "data list --data-dir DATA --json -", json_stdout=True, json_keys=("data_sets",),
          needs_data=True),
-    Case("16-data-info", "data info damage1 --data-dir DATA --json - --quiet", json_stdout=True, json_keys=("tasks",),
+    Case("json-data-info", "data info damage1 --data-dir DATA --json - --quiet", json_stdout=True, json_keys=("tasks",),
          needs_data=True),
-    Case("16-pretrain", "pretrain --task task.npz --out m2 --hidden 8 --epochs 2 --json -", json_stdout=True,
+    Case("json-pretrain", "pretrain --task task.npz --out m2 --hidden 8 --epochs 2 --json -", json_stdout=True,
          json_keys=("accuracy_test",), stderr_has=("pre-trained",), creates=("m2",)),
-    Case("16-finetune", "finetune --task task.npz --model model --epochs 3 --json -", json_stdout=True,
+    Case("json-finetune", "finetune --task task.npz --model model --epochs 3 --json -", json_stdout=True,
          json_keys=("accuracy_after", "loss_curve"), stderr_has=("test accuracy",)),
-    Case("16-finetune-quiet", "finetune --task task.npz --model model --epochs 3 --json - --quiet", json_stdout=True),
-    Case("16-evaluate", "evaluate --task task.npz --model model --json -", json_stdout=True,
+    Case("json-finetune-quiet", "finetune --task task.npz --model model --epochs 3 --json - --quiet", json_stdout=True),
+    Case("json-evaluate", "evaluate --task task.npz --model model --json -", json_stdout=True,
          json_keys=("accuracy_test",), stderr_has=("accuracy",)),
-    Case("16-plan", "plan --model model --budget 64KB --json -", json_stdout=True, json_keys=("fits",),
+    Case("json-plan", "plan --model model --budget 64KB --json -", json_stdout=True, json_keys=("fits",),
          stderr_has=("recommended",)),
-    Case("16-bench", "bench --tiny --only methods --json - --quiet", json_stdout=True, json_keys=("methods",)),
-    Case("16-predict", "predict --model model --input inputs.npy --json -", json_stdout=True,
+    Case("json-bench", "bench --tiny --only methods --json - --quiet", json_stdout=True, json_keys=("methods",)),
+    Case("json-predict", "predict --model model --input inputs.npy --json -", json_stdout=True,
          json_keys=("predictions",), check=_predictions),
-    # 17: an int8 model can be made, fine-tuned and planned for
-    Case("17-quantize", "quantize --model model --task task.npz --out q2 --json -", json_stdout=True,
+    # an int8 model can be made, fine-tuned and planned for
+    Case("int8-quantize", "quantize --model model --task task.npz --out q2 --json -", json_stdout=True,
          creates=("q2",), check=_int8_model),
-    Case("17-quantize-int8-again", "quantize --model model-int8 --task task.npz --out q3", exit=2,
+    Case("int8-quantize-int8-again", "quantize --model model-int8 --task task.npz --out q3", exit=2,
          stderr_has=("already an int8 model",)),
-    Case("17-finetune-int8", "finetune --task task.npz --model model --int8 --int8-cache --epochs 5 --json - --quiet",
+    Case("int8-finetune-int8", "finetune --task task.npz --model model --int8 --int8-cache --epochs 5 --json - --quiet",
          json_stdout=True, check=_int8_finetune),
-    Case("17-finetune-int8-model", "finetune --task task.npz --model model-int8 --method sparse --epochs 3 --quiet"),
-    Case("17-int8-cache-needs-a-cache", "finetune --task task.npz --model model --method lora-all --int8-cache",
+    Case("int8-finetune-int8-model", "finetune --task task.npz --model model-int8 --method sparse --epochs 3 --quiet"),
+    Case("int8-int8-cache-needs-a-cache", "finetune --task task.npz --model model --method lora-all --int8-cache",
          exit=2, stderr_has=("--int8-cache applies to methods with a skip-cache",)),
-    Case("17-plan-prints-the-command", "plan --model model --budget 64KB --task task.npz",
+    Case("int8-plan-prints-the-command", "plan --model model --budget 64KB --task task.npz",
          stdout_has=("run it: edgetune finetune --task task.npz --model model --method",)),
-    # 20: where the data are
-    Case("20-data-dir-missing", "data list --data-dir nonexistent", exit=1, stderr_has=("no such folder",)),
-    Case("20-data-info-missing", "data info damage1 --data-dir nonexistent", exit=1, stderr_has=("no such folder",)),
-    Case("20-data-dir-empty", "finetune --task damage1 --data-dir empty", exit=1,
+    # where the data are
+    Case("data-data-dir-missing", "data list --data-dir nonexistent", exit=1, stderr_has=("no such folder",)),
+    Case("data-data-info-missing", "data info damage1 --data-dir nonexistent", exit=1, stderr_has=("no such folder",)),
+    Case("data-data-dir-empty", "finetune --task damage1 --data-dir empty", exit=1,
          stderr_has=("not found in empty", "edgetune data fetch cooling-fan --data-dir empty")),
-    Case("20-list-empty-says-where", "data list --data-dir empty", stdout_has=("data fetch hapt --data-dir empty",)),
-    Case("20-failed-fetch-leaves-nothing", "data fetch hapt --data-dir new-data --url file:///nonexistent/hapt.zip "
+    Case("data-list-empty-says-where", "data list --data-dir empty", stdout_has=("data fetch hapt --data-dir empty",)),
+    Case("data-failed-fetch-leaves-nothing", "data fetch hapt --data-dir new-data --url file:///nonexistent/hapt.zip "
          "--quiet", exit=1, stderr_has=("download of",), check=_no_folders_left),
-    # 23: what a user expects to find
-    Case("23-loss-curve", "finetune --task task.npz --model model --epochs 7 --json - --quiet", json_stdout=True,
+    # what a user expects to find
+    Case("use-loss-curve", "finetune --task task.npz --model model --epochs 7 --json - --quiet", json_stdout=True,
          check=_loss_curve),
-    Case("23-plot", "finetune --task task.npz --model model --epochs 4 --plot loss.png --quiet", creates=("loss.png",),
+    Case("use-plot", "finetune --task task.npz --model model --epochs 4 --plot loss.png --quiet", creates=("loss.png",),
          check=_png),
-    Case("23-confusion", "evaluate --task task.npz --model model --json - --quiet", json_stdout=True, check=_confusion),
-    Case("23-evaluate-table", "evaluate --task task.npz --model model", stdout_has=("precision", "recall", "f1")),
-    Case("23-predict-csv", "predict --model model --input inputs.npy --out pred.csv --quiet", creates=("pred.csv",),
+    Case("use-confusion", "evaluate --task task.npz --model model --json - --quiet", json_stdout=True, check=_confusion),
+    Case("use-evaluate-table", "evaluate --task task.npz --model model", stdout_has=("precision", "recall", "f1")),
+    Case("use-predict-csv", "predict --model model --input inputs.npy --out pred.csv --quiet", creates=("pred.csv",),
          check=_predictions_csv),
-    Case("23-predict-wrong-width", "predict --model model --input task.npz", exit=1,
+    Case("use-predict-wrong-width", "predict --model model --input task.npz", exit=1,
          stderr_has=("an .npz input needs an array named 'x'",)),
-    Case("23-early-stopping", "finetune --task task.npz --model model --epochs 200 --lr 0.05 --val-split 0.3 "
+    Case("use-early-stopping", "finetune --task task.npz --model model --epochs 200 --lr 0.05 --val-split 0.3 "
          "--patience 3 --json - --quiet", json_stdout=True, check=_early_stop),
-    Case("23-patience-needs-validation", "finetune --task task.npz --model model --patience 3", exit=2,
+    Case("use-patience-needs-validation", "finetune --task task.npz --model model --patience 3", exit=2,
          stderr_has=("needs --val-split",)),
-    Case("23-did-you-mean-command", "finetnue --task task.npz", exit=2, stderr_has=("did you mean 'finetune'?",)),
-    Case("23-did-you-mean-option", "finetune --task task.npz --epohcs 3", exit=2, stderr_has=("'--epochs'",)),
-    Case("23-did-you-mean-choice", "finetune --task task.npz --optimizer adma", exit=2,
+    Case("use-did-you-mean-command", "finetnue --task task.npz", exit=2, stderr_has=("did you mean 'finetune'?",)),
+    Case("use-did-you-mean-option", "finetune --task task.npz --epohcs 3", exit=2, stderr_has=("'--epochs'",)),
+    Case("use-did-you-mean-choice", "finetune --task task.npz --optimizer adma", exit=2,
          stderr_has=("did you mean 'adam'?",)),
-    Case("23-csv-task", "finetune --task csv-task --model model --epochs 3 --json - --quiet", json_stdout=True,
+    Case("use-csv-task", "finetune --task csv-task --model model --epochs 3 --json - --quiet", json_stdout=True,
          check=_csv_task),
 ]
 
@@ -250,7 +250,7 @@ def test_first_hour_case(case: Case, work: Path):
             path.unlink()
 
 
-# ---------------------------------------------------------------- 17: every plan candidate runs
+# ---------------------------------------------------------------- every plan candidate runs
 
 def test_every_kind_of_plan_candidate_runs_as_its_command(work: Path):
     r = edgetune("plan", "--model", "model", "--budget", "1MB", "--task", "task.npz", "--evaluate", "1",
@@ -297,7 +297,7 @@ def test_finetune_help_example_model_int8_can_be_made():
     assert "edgetune quantize" in r.stdout and "--int8" in r.stdout
 
 
-# ---------------------------------------------------------------- 21: Ctrl-C, checkpoints, resuming
+# ---------------------------------------------------------------- Ctrl-C, checkpoints, resuming
 
 def _interrupt(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     p = subprocess.Popen([sys.executable, "-m", "edgetune", *argv], cwd=cwd, stdout=subprocess.PIPE,
@@ -331,7 +331,7 @@ def test_a_resumed_run_says_from_which_epoch(work: Path):
     (work / "ck2.bin").unlink()
 
 
-# ---------------------------------------------------------------- 18: the documented torch install is the CPU build
+# ---------------------------------------------------------------- the documented torch install is the CPU build
 
 def _readme_install_line(extra: str) -> str:
     block = (ROOT / "README.md").read_text().split("## Install", 1)[1].split("```", 2)[1]
@@ -357,7 +357,7 @@ def test_the_documented_torch_install_line_resolves_the_cpu_build(tmp_path):
     assert not [n for n in names if n.startswith(("nvidia-", "triton", "cuda-"))], sorted(names)
 
 
-# ---------------------------------------------------------------- 19: fleets
+# ---------------------------------------------------------------- fleets
 
 def test_fleet_examples_use_the_settings_that_learn():
     """docs/fleet.md measures that a HAR fleet at lr 0.01 does not move in 5 rounds (0.9558 ->
@@ -409,7 +409,7 @@ def test_a_refused_fleet_client_says_why_and_quiet_hides_flower(work, tmp_path):
     assert "INFO" not in r.stdout and "\x1b[" not in r.stdout, r.stdout  # --quiet: none of Flower's lines
 
 
-# ---------------------------------------------------------------- 23: scikit-learn's model selection
+# ---------------------------------------------------------------- scikit-learn's model selection
 
 def test_finetuner_works_with_scikit_learn_clone_and_grid_search():
     sklearn = pytest.importorskip("sklearn")  # noqa: F841
@@ -442,7 +442,7 @@ def test_set_params_rebuilds_and_refuses_unknown_names():
         t.set_params(learning_rate=0.1)
 
 
-# ---------------------------------------------------------------- 24: packaging
+# ---------------------------------------------------------------- packaging
 
 def test_license_file_and_metadata_agree():
     import tomllib
@@ -469,7 +469,7 @@ def test_the_sdist_carries_the_tests_the_benchmarks_and_the_license(tmp_path):
     assert not [n for n in names if "__pycache__" in n or n.endswith(".so")]
 
 
-# ---------------------------------------------------------------- 25: the test suite on a machine without cross compilers
+# ---------------------------------------------------------------- the test suite on a machine without cross compilers
 
 def test_export_tests_pass_without_the_cross_toolchains(tmp_path):
     """What scripts/test runs on a machine without gcc-arm-none-eabi, gcc-aarch64-linux-gnu, the
