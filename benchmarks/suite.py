@@ -5,7 +5,7 @@ interleaved repeat by repeat, after a warm-up; each timing is a median over repe
 Run from a source checkout:
 
     python -m benchmarks                  # full run, a few minutes
-    python -m benchmarks --quick          # well under a minute
+    python -m benchmarks --quick          # a smoke run (each section prints its time on stderr)
     edgetune bench --quick                # the same through the CLI
 
 Sections: ``methods`` (every method on both engines vs the faster lora-all), ``torch``
@@ -722,6 +722,16 @@ def run(args: argparse.Namespace, s: Settings | None = None, prog: str = "edgetu
     emit(text)
     if args.markdown:
         write_markdown(args.markdown, text)
-    if args.json:
+    if args.json == "-":  # stdout, which 'edgetune bench --json -' keeps for the JSON alone
+        from edgetune.cli import _common
+
+        out = _common.JSON_STDOUT or sys.stdout
+        out.write(json.dumps(rep.data, indent=2, default=str) + "\n")
+        out.flush()
+    elif args.json:
         Path(args.json).write_text(json.dumps(rep.data, indent=2, default=str))
+    missed = text.count("| MISS ")
+    if missed:  # a target is a goal set for this project, not a test: the benchmark still exits 0
+        print(f"{missed} target(s) not reached on this machine (MISS rows above); a benchmark reports them "
+              f"and exits 0: the tests check correctness", file=sys.stderr)
     return 0

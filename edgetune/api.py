@@ -53,6 +53,8 @@ class FineTuner:
                  momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
                  patience: int | None = None, progress: bool | None = False, engine: str | None = None,
                  stream_capacity: int | None = None, stream_policy: str = "oldest"):
+        # The constructor's arguments, as given: get_params/set_params (scikit-learn's clone, GridSearchCV).
+        self._params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if not isinstance(backbone, Backbone):
             raise UsageError(f"backbone must be an edgetune Backbone, got {type(backbone).__name__}")
         self.backbone = backbone
@@ -80,6 +82,28 @@ class FineTuner:
         self.stream_capacity = None if stream_capacity is None else int(stream_capacity)
         self.stream_policy = stream_policy
         self._stream: _Stream | None = None
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments (scikit-learn's estimator protocol; ``deep`` has no nested
+        estimators to expand)."""
+        return dict(self._params)
+
+    def set_params(self, **params: Any) -> "FineTuner":
+        """Change constructor arguments and start over: the method is rebuilt (an unfitted
+        adapter), as scikit-learn's ``set_params`` followed by ``fit`` expects."""
+        unknown = sorted(set(params) - set(self._params))
+        if unknown:
+            raise UsageError(f"unknown parameter(s) {', '.join(unknown)}; FineTuner takes "
+                             f"{', '.join(self._params)}")
+        self.__init__(**{**self._params, **params})
+        return self
+
+    def __sklearn_tags__(self):
+        """A classifier, for scikit-learn's model selection (imported only when scikit-learn asks)."""
+        from sklearn.utils import ClassifierTags, Tags, TargetTags
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
+                    classifier_tags=ClassifierTags())
 
     @property
     def n_trainable(self) -> int:

@@ -61,25 +61,49 @@ def pretrain_on_task(task: Task, *, hidden: list[int] | None = None, arch: str |
 def finetune_on_task(task: Task, backbone: Backbone, method: str, *, method_options: dict[str, Any] | None = None,
                      train_options: dict[str, Any] | None = None, curve: bool = False,
                      progress: bool | None = False, checkpoint: str | None = None,
-                     checkpoint_every: int | None = None) -> tuple[FineTuner, dict[str, Any]]:
+                     checkpoint_every: int | None = None,
+                     int8_cache: bool = False, val_fraction: float | None = None
+                     ) -> tuple[FineTuner, dict[str, Any]]:
     """Fine-tune ``backbone`` on the task's fine-tune split and report test accuracy before/after.
 
     With ``curve`` the test accuracy is measured after every epoch (its time is recorded
-    as evaluation, not training).
+    as evaluation, not training). ``int8_cache`` gives skip2-lora an int8 skip-cache
+    (calibrated on the pre-train split when the backbone is float). ``val_fraction`` holds
+    that share of the fine-tune split out (seeded) as validation data, measured every epoch:
+    what early stopping (``patience`` in ``train_options``) watches.
     """
     check_compatible(backbone, task)
     d = task.defaults
     t = {"epochs": d.get("epochs", 100), "batch_size": d.get("batch_size", 20), "lr": d.get("lr", 0.01),
          **{k: v for k, v in (train_options or {}).items() if v is not None}}
     tuner = FineTuner(backbone, method, progress=progress, **(method_options or {}), **t)
+    if int8_cache:
+        from .quant import attach_int8_cache
+
+        attach_int8_cache(tuner.method, len(task.y_finetune), x_calib=task.x_pretrain)
     before = {"accuracy_before": backbone_accuracy(backbone, task.x_test, task.y_test)}
     for name, (x, y) in task.extra_tests.items():
         before[f"{name}_accuracy_before"] = backbone_accuracy(backbone, x, y)
-    if curve:
-        tuner.fit(task.x_finetune, task.y_finetune, x_val=task.x_test, y_val=task.y_test, checkpoint=checkpoint,
+    x_ft, y_ft = task.x_finetune, task.y_finetune
+    if val_fraction is not None:
+        if curve:
+            raise UsageError("a validation split and the test-accuracy curve both use the per-epoch evaluation; "
+                             "choose one")
+        if not 0.0 < val_fraction < 1.0:
+            raise UsageError(f"the validation share must be between 0 and 1, got {val_fraction}")
+        order = np.random.default_rng([tuner.config.seed, 3]).permutation(len(y_ft))
+        n_val = int(round(val_fraction * len(y_ft)))
+        if n_val < 1 or n_val >= len(y_ft):
+            raise UsageError(f"a validation share of {val_fraction} of {len(y_ft)} fine-tune samples leaves "
+                             f"{n_val} for validation and {len(y_ft) - n_val} for training; both need at least 1")
+        val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+        tuner.fit(x_ft[train], y_ft[train], x_val=x_ft[val], y_val=y_ft[val], checkpoint=checkpoint,
+                  checkpoint_every=checkpoint_every)
+    elif curve:
+        tuner.fit(x_ft, y_ft, x_val=task.x_test, y_val=task.y_test, checkpoint=checkpoint,
                   checkpoint_every=checkpoint_every)
     else:
-        tuner.fit(task.x_finetune, task.y_finetune, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+        tuner.fit(x_ft, y_ft, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     hist = tuner.history_
     assert hist is not None
     result: dict[str, Any] = {"task": task.name, "method": method, **hist.summary(), **before,
@@ -91,6 +115,12 @@ def finetune_on_task(task: Task, backbone: Backbone, method: str, *, method_opti
                               "optimizer": tuner.config.optimizer, "seed": tuner.config.seed}
     for name, (x, y) in task.extra_tests.items():
         result[f"{name}_accuracy_after"] = tuner.score(x, y)
+    if int8_cache:
+        result["cache"] = "int8"
     if curve:
         result["curve"] = [e.val_accuracy for e in hist.epochs]
+    if val_fraction is not None:
+        result["validation_samples"] = n_val
+        result["finetune_samples"] = int(len(y_ft) - n_val)
+        result["val_loss_curve"] = [e.val_loss for e in hist.epochs]
     return tuner, result

@@ -184,22 +184,36 @@ def target_lock(path: str | os.PathLike) -> Iterator[None]:
         return
     ensure_parent(key)
     lock = Path(key).parent / f".{Path(key).name}{_TAG}lock"
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OutputError(f"{path} is being written by another edgetune process; wait for it to finish "
+                              f"or choose another output path") from None
+        # The holder before us removes the file as it lets go: a lock taken on a removed file
+        # guards nothing, so take it again on the file the path names now.
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         os.close(fd)
-        raise OutputError(f"{path} is being written by another edgetune process; wait for it to finish "
-                          f"or choose another output path") from None
     _held[key] = [fd, 1]
     try:
         _test_hook("locked")
         yield
     finally:
         del _held[key]
+        try:  # no lock file is left beside the output: removed while still held, then released
+            os.unlink(lock)
+        except OSError:
+            pass
         os.close(fd)
 
 

@@ -7,6 +7,7 @@ Skip2-LoRA paper's tables. Evaluation time is recorded apart and never counted a
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -90,6 +91,8 @@ class History:
     memory: dict[str, int] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
     engine: str = "numpy"
+    #: The last epoch a checkpoint held when this run resumed from it (None: a fresh start).
+    resumed_from_epoch: int | None = None
 
     def _sum(self, key: str) -> float:
         return float(sum(getattr(e, key) for e in self.epochs))
@@ -114,6 +117,7 @@ class History:
             "first_epoch_seconds": first,
             "later_epoch_seconds": float(np.mean(later)) if later else None,
             "final_loss": self.final_loss, "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+            "resumed_from_epoch": self.resumed_from_epoch,
             **self.memory, **self.cache,
         }
 
@@ -310,6 +314,10 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
             hist.stopped_early = bool(saved["best"].get("stopped_early", False))
             # A run that stopped early is finished: resuming it trains nothing more.
             first_epoch = config.epochs + 1 if hist.stopped_early else saved["epoch"] + 1
+            hist.resumed_from_epoch = int(saved["epoch"])
+            if progress is not False:  # the command line says so; the Python API stays quiet
+                print(f"resuming from epoch {saved['epoch']} of {config.epochs} (checkpoint {checkpoint})",
+                      file=sys.stderr)
     method.begin_fit(x)
     runner = make_runner(engine, method, opt, x, y, bs, keep)
     hist.engine = runner.name

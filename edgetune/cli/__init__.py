@@ -36,7 +36,31 @@ def _command_modules(only: str | None = None) -> list[ModuleType]:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 on usage errors; keep that
         self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)}\n")
+
+    def _suggestion(self, message: str) -> str:
+        """'did you mean ...?' for a mistyped command, choice or option."""
+        import difflib
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'?([^',\s]+)'?", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            return f" (did you mean '{close[0]}'?)" if close else ""
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for subparsers in (a for a in self._actions if isinstance(a, argparse._SubParsersAction)):
+                for sub in subparsers.choices.values():
+                    options += [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+            hints = []
+            for word in m.group(1).split():
+                if word.startswith("--"):
+                    close = difflib.get_close_matches(word.split("=")[0], sorted(set(options)), n=1, cutoff=0.7)
+                    if close:
+                        hints.append(f"'{close[0]}' for '{word.split('=')[0]}'")
+            return f" (did you mean {', '.join(hints)}?)" if hints else ""
+        return ""
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -126,6 +150,17 @@ def _command_in(argv: list[str]) -> str | None:
     return None
 
 
+def _interrupt_hint(args: argparse.Namespace) -> str:
+    """What an interrupted run kept, and how not to lose the next one."""
+    if not hasattr(args, "checkpoint"):
+        return ""
+    if args.checkpoint:
+        return (f"; {args.checkpoint} holds the run up to its last save: run the same command again "
+                f"to resume from it")
+    return ("; nothing was saved. With --checkpoint FILE the run is saved as it goes and the same "
+            "command resumes it")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _join_size_values(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(_command_in(argv))
@@ -138,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    from . import _common
+
     engine_before = os.environ.get("EDGETUNE_ENGINE")
+    stdout_before = sys.stdout
+    json_to_stdout = getattr(args, "json", None) == "-"
     sigterm_before = None
     if threading.current_thread() is threading.main_thread():
         sigterm_before = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -146,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         _set_threads(args.threads)
         if args.engine is not None:  # read by every FineTuner of the command and of its child processes
             os.environ["EDGETUNE_ENGINE"] = args.engine
+        if json_to_stdout:  # stdout carries the JSON alone: the human report goes to stderr
+            _common.JSON_STDOUT = stdout_before
+            sys.stdout = sys.stderr
         return int(args._run(args) or 0)
     except UsageError as e:
         print(f"edgetune {args.command}: error: {e}", file=sys.stderr)
@@ -158,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgetune {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"edgetune {args.command}: interrupted", file=sys.stderr)
+        print(f"edgetune {args.command}: interrupted{_interrupt_hint(args)}", file=sys.stderr)
         return 130
     except _Terminated:
         print(f"edgetune {args.command}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
@@ -166,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # main() called from Python (tests, notebooks) leaves the caller's environment as it was
         if sigterm_before is not None:
             signal.signal(signal.SIGTERM, sigterm_before)
+        if json_to_stdout:
+            sys.stdout = stdout_before
+            _common.JSON_STDOUT = None
         if args.engine is not None:
             if engine_before is None:
                 os.environ.pop("EDGETUNE_ENGINE", None)

@@ -56,8 +56,9 @@ def int_list(text: str) -> list[int]:
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, metavar="TASK",
-                   help="a built-in task (damage1, damage2, har) or the path of an .npz task file "
-                        "with x_/y_ pretrain, finetune and test arrays")
+                   help="a built-in task (damage1, damage2, har), the path of an .npz task file "
+                        "with x_/y_ pretrain, finetune and test arrays, or a folder of CSV files "
+                        "(pretrain.csv, finetune.csv, test.csv; label column 'label', else the last)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="where the built-in data sets are (default: $EDGETUNE_DATA, then the user cache)")
 
@@ -113,6 +114,11 @@ def train_kwargs(args: argparse.Namespace, defaults: dict[str, Any], *, prefix: 
     return out
 
 
+#: Where ``--json -`` writes: the command's real stdout, set by ``main`` while the human report is
+#: sent to stderr so that stdout carries the JSON alone.
+JSON_STDOUT = None
+
+
 def write_json(path: str | None, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path``: '-' is stdout; devices, FIFOs and /dev, /proc paths are
     written through (never replaced); a symlink's target is replaced atomically, like a file."""
@@ -124,8 +130,9 @@ def write_json(path: str | None, obj: Any) -> None:
         raise UsageError("--json: empty path; give a file path (or - for stdout)")
     text = json_text(obj)
     if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        out = JSON_STDOUT or sys.stdout
+        out.write(text)
+        out.flush()
         return
     p = Path(path)
     if p.is_dir():

@@ -9,7 +9,9 @@ SECTIONS = ("methods", "torch", "memory", "scaling", "limit", "instructions")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="fewer repeats and epochs: well under a minute")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and epochs, a smoke run with noisy ratios: each section prints its time "
+                        "on stderr (instructions, under valgrind, takes the longest: 1-2 minutes; "
+                        "--only to leave it out)")
     p.add_argument("--tiny", action="store_true", help="smoke test on tiny synthetic shapes (numbers are meaningless)")
     p.add_argument("--data-dir", metavar="DIR", help="where the built-in data sets are (default: $EDGETUNE_DATA, then the user cache)")
     p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of: {', '.join(SECTIONS)}")

@@ -9,8 +9,10 @@ NAME = "data"
 HELP = "list, fetch and describe the built-in data sets (cooling-fan, hapt)"
 DESCRIPTION = """Find, download and describe the data sets of the built-in tasks.
 
-Data sets are looked for in --data-dir if given, else in $EDGETUNE_DATA, then in the
-user cache ($XDG_CACHE_HOME/edgetune/data, default ~/.cache/edgetune/data).
+Data sets are looked for in --data-dir if given (only there), else in $EDGETUNE_DATA, then
+in the user cache ($XDG_CACHE_HOME/edgetune/data, default ~/.cache/edgetune/data). A source
+checkout's scripts and tests read them from ../shared/data: pass --data-dir ../shared/data
+(or set EDGETUNE_DATA) to use that copy.
 
   cooling-fan  fan vibration spectra (tasks damage1, damage2; damage1-1d, damage2-1d
                give each spectrum as one channel (1, 512) for a 1-D CNN)
@@ -18,7 +20,7 @@ user cache ($XDG_CACHE_HOME/edgetune/data, default ~/.cache/edgetune/data).
                raw windows (6, 128) of body acceleration and gyroscope for a 1-D CNN)
 
 examples:
-  edgetune data list
+  edgetune data list --data-dir ../shared/data
   edgetune data fetch cooling-fan
   edgetune data fetch hapt --data-dir ~/datasets
   edgetune data info damage1
@@ -93,14 +95,17 @@ def _size(n: int) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     from ..data.fetch import status
+    from ..data.locate import check_data_dir, search_dirs
     from ..data.task import BUILTIN_TASKS
     from ._common import check_outputs, write_json
 
     check_outputs(args.json)
+    check_data_dir(args.data_dir)
     rows = status(args.data_dir)
+    where = f" --data-dir {args.data_dir}" if args.data_dir else ""
     for row in rows:
         if row["path"] is None:
-            print(f"{row['name']:<12} missing   (get it: edgetune data fetch {row['name']}; "
+            print(f"{row['name']:<12} missing   (get it: edgetune data fetch {row['name']}{where}; "
                   f"home: {row['home']})")
         else:
             extra = f", {row['files']}" if "files" in row else ""
@@ -110,10 +115,13 @@ def _list(args: argparse.Namespace) -> int:
         if tasks and not args.quiet:
             print(f"{'':<12} tasks: " + ", ".join(
                 f"{t} {_shape(BUILTIN_TASKS[t].input_shape)}" for t in tasks))
+    if any(row["path"] is None for row in rows) and not args.quiet:
+        print("looked in: " + ", ".join(f"{d} ({src})" for d, src in search_dirs(args.data_dir)), file=sys.stderr)
     write_json(args.json, {
         "data_sets": [{**{k: (str(v) if k == "path" and v is not None else v) for k, v in r.items()},
                        "tasks": {t: list(BUILTIN_TASKS[t].input_shape) for t in _tasks_of(r["name"])}}
-                      for r in rows]})
+                      for r in rows],
+        "looked_in": [str(d) for d, _ in search_dirs(args.data_dir)]})
     return 0
 
 
@@ -145,7 +153,10 @@ def _info(args: argparse.Namespace) -> int:
     else:
         raise UsageError(f"unknown name '{args.name}': a task ({', '.join(BUILTIN_TASKS)}) or a data set "
                          f"({', '.join(data_sets)})")
+    from ..data.locate import check_data_dir
+
     check_outputs(args.json)
+    check_data_dir(args.data_dir)
     facts = []
     for name in names:
         t0 = time.perf_counter()

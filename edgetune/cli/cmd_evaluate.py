@@ -50,13 +50,45 @@ def run(args: argparse.Namespace) -> int:
         tuner = FineTuner(model, "lora-last")
     splits = {"pretrain": (task.x_pretrain, task.y_pretrain), "finetune": (task.x_finetune, task.y_finetune),
               "test": (task.x_test, task.y_test), **task.extra_tests}
-    result = {"task": task.name, "model": args.model, "adapter": args.adapter}
+    labels = [str(lb) for lb in task.labels] or [str(k) for k in range(task.n_classes)]
+    result = {"task": task.name, "model": args.model, "adapter": args.adapter, "labels": labels}
     for name, (x, y) in splits.items():
         result[f"accuracy_{name}"] = tuner.score(x, y)
         print(f"{name:10s} accuracy {result[f'accuracy_{name}']:.4f}  ({len(y)} samples)")
+    for name, (x, y) in splits.items():
+        result[f"classes_{name}"] = class_report(y, tuner.predict(x), task.n_classes)
+    _print_classes(result["classes_test"], labels)
     if args.onnx:
         from ..onnx import to_onnx
         to_onnx(tuner if args.adapter else model, args.onnx)
         result["onnx"] = args.onnx
     write_json(args.json, result)
     return 0
+
+
+def class_report(y_true, y_pred, n_classes: int) -> dict:
+    """Confusion matrix (rows: true class, columns: predicted) and per-class precision, recall, F1
+    (0.0 where a class is never predicted or never present, as scikit-learn's zero_division=0)."""
+    import numpy as np
+
+    y_true = np.asarray(y_true, np.int64)
+    y_pred = np.asarray(y_pred, np.int64)
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    predicted, present = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros(n_classes), where=predicted > 0)
+    recall = np.divide(tp, present, out=np.zeros(n_classes), where=present > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_classes),
+                   where=(precision + recall) > 0)
+    return {"confusion": cm.tolist(), "precision": precision.tolist(), "recall": recall.tolist(),
+            "f1": f1.tolist(), "support": present.tolist(), "macro_f1": float(f1.mean())}
+
+
+def _print_classes(rep: dict, labels: list[str]) -> None:
+    width = max(len(str(lb)) for lb in labels)
+    print(f"test split per class ({'macro F1 %.4f' % rep['macro_f1']}):")
+    print(f"  {'class':{width}s}  precision  recall  f1      support  predicted as: " + " ".join(map(str, labels)))
+    for k, lb in enumerate(labels):
+        print(f"  {str(lb):{width}s}  {rep['precision'][k]:.4f}     {rep['recall'][k]:.4f}  {rep['f1'][k]:.4f}  "
+              f"{rep['support'][k]:7d}  " + " ".join(str(v) for v in rep['confusion'][k]))

@@ -20,7 +20,9 @@ Without --model, a backbone is first pre-trained on the task's pre-train split.
 examples:
   edgetune finetune --task damage1 --data-dir ../shared/data --method skip2-lora
   edgetune finetune --task task.npz --model model/ --method lora-all --rank 2 --json out.json
-  edgetune finetune --task damage1 --model model-int8/ --method sparse --scheme b2,w-1:1/2 --budget 256KB"""
+  edgetune quantize --task damage1 --model model/ --out model-int8/
+  edgetune finetune --task damage1 --model model-int8/ --method sparse --scheme b2,w-1:1/2 --budget 256KB
+  edgetune finetune --task damage1 --model model/ --int8 --int8-cache --method skip2-lora --budget 256KB"""
 ORDER = 30
 
 
@@ -38,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheme", metavar="SCHEME",
                    help="sparse: update scheme, e.g. b2,w-1:1/2 = biases of the last 2 layers and half the last "
                         "layer's weight rows (default b2,w-1; see 'edgetune plan')")
+    g.add_argument("--int8", action="store_true",
+                   help="quantise a float --model to int8 first (calibrated on the task's pre-train split, as "
+                        "'edgetune quantize' does); an int8 model is used as it is")
+    g.add_argument("--int8-cache", action="store_true",
+                   help="skip2-lora: keep the skip-cache as int8 rows (a quarter of the float cache)")
     g.add_argument("--no-qas", dest="qas", action="store_const", const=False,
                    help="sparse on an int8 model: plain gradients, without Quantization-Aware Scaling")
     g.add_argument("--budget", metavar="BYTES",
@@ -52,7 +59,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "after a crash")
     p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="with --checkpoint: save every N epochs (default: every 10 s of training, and at the end)")
+    g = p.add_argument_group("validation and early stopping")
+    g.add_argument("--val-split", type=positive_float, metavar="F",
+                   help="hold out this share of the fine-tune split (e.g. 0.2, seeded by --seed) as validation "
+                        "data, evaluated after every epoch")
+    g.add_argument("--patience", type=positive_int, metavar="N",
+                   help="with --val-split: stop after N epochs without a lower validation loss and keep the best "
+                        "epoch's adapter")
     p.add_argument("--curve", action="store_true", help="measure test accuracy after every epoch (not counted as training time)")
+    p.add_argument("--plot", metavar="PNG", help="draw the training loss per epoch (and with --curve the test "
+                                                 "accuracy) to PNG (needs the plot extra)")
     p.add_argument("--save-adapter", metavar="DIR", help="save the trained adapter (adapter_model.safetensors + adapter_config.json)")
     p.add_argument("--save-model", metavar="DIR", help="save the fine-tuned model merged into a plain backbone (ft-*, lora-*)")
     p.add_argument("--onnx", metavar="FILE", type=output_path,
@@ -70,13 +86,15 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     from ..experiment import finetune_on_task, pretrain_on_task
     from ..methods import method_class
-    from ..quant import load_any
+    from ..quant import load_any, quantize
     from ..units import parse_bytes
 
     cls = method_class(args.method)  # unknown names fail before any work
     if (args.cache_budget or args.partial_cache) and not cls.uses_cache:
         raise UsageError(f"--cache-budget and --partial-cache apply to methods with a skip-cache "
                          f"(skip2-lora), not {args.method}")
+    if args.int8_cache and not cls.uses_cache:
+        raise UsageError(f"--int8-cache applies to methods with a skip-cache (skip2-lora), not {args.method}")
     if args.partial_cache and not args.cache_budget:
         raise UsageError("--partial-cache needs --cache-budget")
     if args.save_model and not cls.mergeable:
@@ -85,12 +103,23 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
                          f"use --save-adapter, or a lora-*/ft-* method for a merged model")
     budget = parse_bytes(args.cache_budget, "--cache-budget") if args.cache_budget else None
     limit = parse_bytes(args.budget, "--budget") if args.budget is not None else None
+    if args.patience is not None and args.val_split is None:
+        raise UsageError("--patience (early stopping) needs --val-split F: the validation data it watches")
+    if args.val_split is not None and not args.val_split < 1:
+        raise UsageError(f"--val-split must be less than 1 (a share of the fine-tune split), got {args.val_split}")
+    if args.val_split is not None and args.curve:
+        raise UsageError("--val-split and --curve both evaluate after every epoch; choose one")
     if args.checkpoint_every and not args.checkpoint:
         raise UsageError("--checkpoint-every needs --checkpoint FILE")
-    check_outputs(args.json, args.onnx, dirs=(args.save_adapter, args.save_model), args=args)
+    check_outputs(args.json, args.onnx, args.plot, dirs=(args.save_adapter, args.save_model), args=args)
     if args.onnx:
         from ..onnx import require_onnx
         require_onnx()  # a missing extra is said before training, not after
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'edgetune[plot]'") from None
     if args.checkpoint:
         check_outputs(args.checkpoint, args=args, own="--checkpoint")
     # every output locked before any work, so nothing is written by a run that cannot finish
@@ -100,26 +129,38 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     progress = None if not args.quiet else False
     if args.model:
         model = load_any(args.model)
+        if args.int8 and not model.is_int8:
+            from ..experiment import check_compatible
+
+            check_compatible(model, task)
+            model = quantize(model, task.x_pretrain)
+            info(args, f"quantised {args.model} to int8 (calibrated on {len(task.y_pretrain)} pre-train samples)")
     else:
         info(args, "no --model given: pre-training a backbone on the task's pre-train split")
         model, rep = pretrain_on_task(task, hidden=args.hidden, epochs=args.pretrain_epochs, seed=args.seed,
                                       progress=progress)
         info(args, f"pre-trained {'-'.join(map(str, model.sizes))} in {rep['pretrain_seconds']:.2f} s; "
                    f"test accuracy {rep['accuracy_test']:.4f}")
+        if args.int8:
+            model = quantize(model, task.x_pretrain)
+            info(args, "quantised it to int8")
     train = train_kwargs(args, task.defaults)
+    if args.patience is not None:
+        train["patience"] = args.patience
     if limit is not None:
         from ..memory import check_budget, plan_memory
 
         check_budget(plan_memory(model, args.method, batch_size=train["batch_size"], n_samples=len(task.y_finetune),
                                  optimizer=train["optimizer"], rank=args.rank,
-                                 train_last_bias=args.train_last_bias, scheme=args.scheme), limit)
+                                 train_last_bias=args.train_last_bias, scheme=args.scheme,
+                                 cache="int8" if args.int8_cache else "float32"), limit)
     tuner, result = finetune_on_task(
         task, model, args.method,
         method_options={"rank": args.rank, "alpha": args.alpha, "train_last_bias": args.train_last_bias,
                         "cache_budget": budget, "cache_overflow": "partial" if args.partial_cache else "error",
                         "scheme": args.scheme, "qas": args.qas},
         train_options=train, curve=args.curve, progress=progress, checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every)
+        checkpoint_every=args.checkpoint_every, int8_cache=args.int8_cache, val_fraction=args.val_split)
     out = sys.stdout
     print(f"{args.method} on {task.name}: {result['trainable_params']} trainable parameters, "
           f"{result['epochs']} epochs, batch {result['batch_size']}, lr {result['lr']}", file=out)
@@ -134,6 +175,13 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     if "cache_bytes" in result:
         print(f"  skip-cache     {result['cache_bytes']} bytes, {result['cache_filled']} samples", file=out)
     print(f"  final loss     {result['final_loss']:.5f}", file=out)
+    if result.get("stopped_early"):
+        print(f"  early stop     after epoch {len(result['val_loss_curve'])}, kept epoch {result['best_epoch']} "
+              f"(lowest validation loss on {result['validation_samples']} held-out samples)", file=out)
+    result["loss_curve"] = [e.loss for e in tuner.history_.epochs]
+    if args.plot:
+        _plot(args.plot, result)
+        info(args, f"loss curve drawn to {args.plot}")
     write_json(args.json, result)  # the results first: an optional save below cannot lose them
     if args.save_adapter:
         tuner.save_adapter(args.save_adapter, overwrite=args.force)
@@ -146,3 +194,33 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
         to_onnx(tuner, args.onnx)
         info(args, f"ONNX graph saved to {args.onnx}")
     return 0
+
+
+def _plot(path: str, result: dict) -> None:
+    """The training loss per epoch (and the test accuracy with --curve), written atomically."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io_atomic import write_bytes_atomic
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = range(1, len(result["loss_curve"]) + 1)
+    ax.plot(epochs, result["loss_curve"], label="training loss")
+    if result.get("val_loss_curve"):
+        ax.plot(epochs, result["val_loss_curve"], label="validation loss")
+        ax.legend()
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{result['method']} on {result['task']}")
+    if result.get("curve"):
+        ax2 = ax.twinx()
+        ax2.plot(epochs, result["curve"], color="tab:orange", label="test accuracy")
+        ax2.set_ylabel("test accuracy")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())

@@ -19,8 +19,8 @@ pip install "edgetune[fleet]". See docs/fleet.md.
 
 examples:
   edgetune fleet simulate --task har --data-dir ../shared/data --model runs/har-model \\
-      --clients 8 --rounds 5 --method skip2-lora --partition by-subject --json fleet.json
-  edgetune fleet server --model runs/har-model --method skip2-lora --rounds 5 --min-clients 2 \\
+      --clients 8 --rounds 20 --lr 0.05 --method skip2-lora --partition by-subject --json fleet.json
+  edgetune fleet server --model runs/har-model --method skip2-lora --rounds 20 --lr 0.05 --min-clients 2 \\
       --address 0.0.0.0:9092 --insecure --json fleet.json
   edgetune fleet client --model runs/har-model --task har --data-dir ../shared/data \\
       --partition 0/2 --partition-by by-subject --server 192.168.1.10:9092 --insecure"""
@@ -45,7 +45,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=positive_int, default=1, help="LoRA rank R (default 1)")
     g.add_argument("--epochs", type=positive_int, default=20, help="local epochs per round (default 20)")
     g.add_argument("--batch-size", type=positive_int, default=20, help="mini-batch size (default 20)")
-    g.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default 0.01)")
+    g.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default 0.01; on HAR by subject a fleet learns at 0.05, see docs/fleet.md)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial adapter and shuffling")
     g.add_argument("--aggregation", choices=["fedavg", "product"], default="fedavg",
                    help="fedavg: average A and B apart, weighted by samples (default); product: average the "
@@ -183,8 +183,8 @@ def _print_results(res: dict[str, Any]) -> None:
 
 def _emit(args: argparse.Namespace, res: dict[str, Any]) -> None:
     if args.json == "-":
-        from ._common import dumps_compact
-        print(dumps_compact(res))
+        from . import _common
+        print(_common.dumps_compact(res), file=_common.JSON_STDOUT or sys.stdout)
         return
     if not args.quiet:
         _print_results(res)
@@ -214,10 +214,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from ..fleet import require_simulation
     from ..fleet.apps import ServerSpec
     from ..fleet.partition import make_fleet
     from ..fleet.runner import simulate
 
+    require_simulation()
     spec_train = _train_spec(args)
     faults = _faults(args.fault, args.clients)
     _check_model(args.model)
@@ -398,4 +400,4 @@ def _client(args: argparse.Namespace) -> int:
                 root_certificates=str(Path(args.root_certificates).resolve()) if args.root_certificates else None,
                 runtime_port=args.runtime_port, max_wait=args.max_wait,
                 device_key=str(Path(args.device_key).resolve()) if args.device_key else None,
-                log=lambda s: info(args, s))
+                log=lambda s: info(args, s), quiet=args.quiet)

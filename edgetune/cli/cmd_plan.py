@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-samples", type=positive_int, metavar="N",
                    help="with --target and --task: test samples linked into a microcontroller's flash")
     p.add_argument("--show", type=positive_int, default=12, metavar="K",
-                   help="sparse schemes shown in the table (most trainable first; default 12)")
+                   help="sparse schemes shown in the table, in the ranking's order (without --task the most "
+                        "trainable first; with --task the fine-tuned ones by accuracy, then the rest as ranked "
+                        "without --task); default 12")
     add_output_args(p)
 
 
@@ -76,6 +78,40 @@ def _rank_key(c):
     order = {"skip2-lora": 0, "skip-lora": 1}.get(p.method, 2)
     return (order, -p.n_trainable if order == 2 else 0, p.backbone != "float32", p.cache == "int8", -p.batch_size,
             p.total)
+
+
+def trainable_params(plan, sizes: list[int], rank: int) -> int:
+    """The parameters ``plan``'s method trains, as 'edgetune methods' and 'finetune' count them (a
+    skip method stores its adapters as one masked block matrix: the plan's memory holds more values)."""
+    from ..methods import count_trainable
+
+    if plan.method == "sparse":
+        return plan.n_trainable
+    return count_trainable(plan.method, sizes, rank=rank)
+
+
+def finetune_command(args: argparse.Namespace, plan, model_is_int8: bool) -> str:
+    """The 'edgetune finetune' command line that runs ``plan`` (a candidate of this plan)."""
+    import shlex
+
+    task = args.task or "TASK"
+    parts = ["edgetune", "finetune", "--task", task]
+    if args.data_dir:
+        parts += ["--data-dir", args.data_dir]
+    parts += ["--model", args.model, "--method", plan.method]
+    if plan.backbone == "int8" and not model_is_int8:
+        parts.append("--int8")
+    if plan.cache == "int8":
+        parts.append("--int8-cache")
+    if plan.scheme is not None:
+        parts += ["--scheme", plan.scheme]
+    if args.rank != 1 and plan.method != "sparse" and not plan.method.startswith("ft-"):
+        parts += ["--rank", str(args.rank)]
+    parts += ["--batch-size", str(plan.batch_size)]
+    if args.optimizer != "sgd":
+        parts += ["--optimizer", args.optimizer]
+    parts += ["--budget", args.budget]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,14 +156,18 @@ def run(args: argparse.Namespace) -> int:
                 bb = qmodel
             info(args, f"fine-tuning {c.plan.label} for {args.epochs} epochs")
             c.accuracy = evaluate_candidate(bb, c.plan, task, epochs=args.epochs, lr=task.defaults.get("lr", 0.01))
-        fit = sorted(fit, key=lambda c: (-(c.accuracy if c.accuracy is not None else -1), c.plan.total))
+        # The fine-tuned candidates by accuracy (ties: the smaller plan), then the rest in the ranking's order.
+        rank = {id(c): i for i, c in enumerate(fit)}
+        fit = sorted(fit, key=lambda c: (0, -c.accuracy, c.plan.total) if c.accuracy is not None
+                     else (1, rank[id(c)], 0))
     shown = [c for c in fit if c.plan.method != "sparse"]
     shown += [c for c in fit if c.plan.method == "sparse"][:args.show]
     shown = sorted(shown, key=lambda c: fit.index(c))
     rows = []
     for c in shown:
         b = c.plan.breakdown()
-        rows.append({"label": c.plan.label, "n": c.plan.n_trainable, "batch": c.plan.batch_size,
+        rows.append({"label": c.plan.label, "n": trainable_params(c.plan, model.sizes, args.rank),
+                     "batch": c.plan.batch_size,
                      "total": format_bytes(c.plan.total),
                      **{k: format_bytes(v) for k, v in b.items()},
                      "accuracy": "" if c.accuracy is None else f"{c.accuracy:.4f}"})
@@ -158,9 +198,17 @@ def run(args: argparse.Namespace) -> int:
     flash = f" + {format_bytes(best.plan.flash)} of weights in flash" if args.weights_in_flash else ""
     print(f"recommended: {best.plan.label} at batch {best.plan.batch_size}: {format_bytes(best.plan.total)} of "
           f"{format_bytes(budget)}{flash}{acc}", file=out)
+    is_q = model.is_int8
+    print(f"run it: {finetune_command(args, best.plan, is_q)}", file=out)
+    if not args.task:
+        print("(TASK: the task to fine-tune on, a built-in name or an .npz file)", file=out)
     write_json(args.json, {"budget": budget, "samples": n, "batch_sizes": batches,
-                           "recommended": {**best.plan.as_dict(), "accuracy": best.accuracy},
-                           "fits": [{**c.plan.as_dict(), "accuracy": c.accuracy} for c in fit]})
+                           "recommended": {**best.plan.as_dict(), "accuracy": best.accuracy,
+                                           "trainable_params": trainable_params(best.plan, model.sizes, args.rank),
+                                           "command": finetune_command(args, best.plan, is_q)},
+                           "fits": [{**c.plan.as_dict(), "accuracy": c.accuracy,
+                                     "trainable_params": trainable_params(c.plan, model.sizes, args.rank),
+                                     "command": finetune_command(args, c.plan, is_q)} for c in fit]})
     return 0
 
 
@@ -182,6 +230,29 @@ def _run_device(args: argparse.Namespace, budget: int) -> int:
     if plan.cache:
         print(f"skip-cache: {plan.cache_capacity} of {plan.max_samples} samples' rows")
     print(f"flash: frozen weights {format_bytes(plan.flash_weights)}, program about {format_bytes(d['flash_estimate'])}")
+    command = export_command(args)
+    print(f"write it: {command}")
     write_json(args.json, {"target": args.target, "budget": budget, "train": d["train"], "memory": plan.as_dict(),
-                           "flash_estimate": d["flash_estimate"]})
+                           "flash_estimate": d["flash_estimate"], "command": command})
     return 0
+
+
+def export_command(args: argparse.Namespace) -> str:
+    """The 'edgetune export' command line that writes the program this device plan describes."""
+    import shlex
+
+    parts = ["edgetune", "export", "--model", args.model, "--method", args.method, "--target", args.target]
+    if args.task:
+        parts += ["--task", args.task] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    for flag, on in (("--int8", args.int8), ("--partial-cache", args.partial_cache)):
+        if on:
+            parts.append(flag)
+    for flag, value in (("--batch-size", args.batch_size), ("--rank", args.rank if args.rank != 1 else None),
+                        ("--max-samples", args.samples), ("--test-samples", args.test_samples),
+                        ("--epochs", args.epochs)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.optimizer != "sgd":
+        parts += ["--optimizer", args.optimizer]
+    parts += ["--budget", args.budget, "--out", "OUT"]
+    return " ".join(shlex.quote(p) for p in parts)

@@ -165,9 +165,19 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, url: str | None 
         say(f"{len(files) - len(todo)} of {len(files)} file(s) already present and verified")
     if todo:
         total = sum(rf.size for rf in todo)
-        with Progress(total, f"fetch {name}", enabled=progress) as bar:
-            for rf in todo:
-                out.append(download(rf, root / rf.target, bar))
+        # Folders this fetch creates are removed again if it fails and leaves them empty.
+        made = [d for d in {(root / rf.target).parent for rf in todo} | {root} if not d.exists()]
+        try:
+            with Progress(total, f"fetch {name}", enabled=progress) as bar:
+                for rf in todo:
+                    out.append(download(rf, root / rf.target, bar))
+        except BaseException:
+            for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+                try:
+                    d.rmdir()  # only if empty
+                except OSError:
+                    pass
+            raise
         say(f"downloaded {len(todo)} file(s) into {root / files[0].target.split('/')[0]}")
     return sorted(out)
 

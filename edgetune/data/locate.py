@@ -96,10 +96,31 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Found:
             except OSError:
                 pass
         looked.append(f"  {root} ({source})")
+    if data_dir is not None and str(data_dir) != "":
+        raise DataError(
+            f"data set '{name}' not found in {data_dir} (--data-dir). Get it there with "
+            f"'edgetune data fetch {name} --data-dir {data_dir}', or give the folder that holds it.")
     raise DataError(
         f"data set '{name}' not found. Looked in:\n" + "\n".join(looked) +
-        f"\nGet it with 'edgetune data fetch {name}' (downloads into {default_data_dir()}), "
+        f"\nGet it with 'edgetune data fetch {name}' (downloads into {fetch_dir()}), "
         f"or point to a folder holding it with --data-dir DIR or ${ENV_DATA}.")
+
+
+def fetch_dir() -> Path:
+    """Where ``edgetune data fetch`` without --data-dir stores: ``$EDGETUNE_DATA``, else the user cache."""
+    env = os.environ.get(ENV_DATA, "").strip()
+    return Path(env).expanduser() if env else default_data_dir()
+
+
+def check_data_dir(data_dir: str | os.PathLike | None) -> None:
+    """Refuse a --data-dir that is not a folder (a typo must not read as 'data set missing')."""
+    if data_dir is None or str(data_dir) == "":
+        return
+    p = Path(data_dir).expanduser()
+    if not p.exists():
+        raise DataError(f"--data-dir {data_dir}: no such folder")
+    if not p.is_dir():
+        raise DataError(f"--data-dir {data_dir}: not a folder")
 
 
 def dataset_size(found: Found) -> int:

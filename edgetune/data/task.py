@@ -246,12 +246,15 @@ def load_npz_task(path: str | os.PathLike) -> Task:
 
 
 def load_task(spec: str, data_dir: str | os.PathLike | None = None, **options: Any) -> Task:
-    """A built-in task by name, or a task file (``.npz``) by path."""
+    """A built-in task by name, a task file (``.npz``) or a folder of CSV files by path."""
     if spec in BUILTIN_TASKS:
         mod_name, fn_name = BUILTIN_TASKS[spec].loader.split(":")
         fn: Callable[..., Task] = getattr(importlib.import_module(mod_name), fn_name)
         return fn(data_dir, **options)
+    if Path(spec).is_dir():
+        from .csv_task import load_csv_task
+        return load_csv_task(spec)
     if spec.endswith(".npz") or os.path.sep in spec or Path(spec).is_file():
         return load_npz_task(spec)
-    raise UsageError(f"unknown task '{spec}': use one of {', '.join(sorted(BUILTIN_TASKS))} "
-                     f"or the path of an .npz task file")
+    raise UsageError(f"unknown task '{spec}': use one of {', '.join(sorted(BUILTIN_TASKS))}, the path of an "
+                     f".npz task file or a folder of CSV files (pretrain.csv, finetune.csv, test.csv)")

@@ -24,3 +24,14 @@ def require_flwr() -> None:
     except ImportError as e:
         raise FleetUnavailable(f"fleets need Flower, which is not installed ({e}); install it with: "
                                f"{INSTALL_HINT}") from None
+
+
+def require_simulation() -> None:
+    """Raise FleetUnavailable unless Flower's simulation engine can run: it needs Ray, which
+    the ``fleet-device`` extra leaves out (Flower itself would only print "Exit Code: 701")."""
+    require_flwr()
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise FleetUnavailable(f"'fleet simulate' needs Flower's simulation engine (Ray), which is not installed "
+                               f"(the fleet-device extra leaves it out); install it with: {INSTALL_HINT}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -440,14 +441,23 @@ def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, ti
 REFUSED = "Exit Code: 305"  # what flower-supernode prints when it cannot connect or is not activated
 
 
-def _relay(proc: subprocess.Popen) -> bool:
-    """Copy a SuperNode's output to ours as it comes; True if it said it could not connect or
-    was refused (Flower's exit code 305; the process itself exits with 1 either way)."""
+_ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _relay(proc: subprocess.Popen, quiet: bool = False, tail: list[str] | None = None) -> bool:
+    """Copy a SuperNode's output to ours as it comes (not with ``quiet``); True if it said it
+    could not connect or was refused (Flower's exit code 305; the process itself exits with 1
+    either way). Its ERROR lines (colours removed) are collected in ``tail``."""
     refused = False
-    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    out = None if quiet else (sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None)
     assert proc.stdout is not None
     for line in iter(proc.stdout.readline, b""):
         refused = refused or REFUSED.encode() in line
+        if tail is not None:
+            text = _ANSI.sub(b"", line).decode("utf-8", "replace").strip()
+            if "ERROR" in text or "Exit Code" in text:
+                tail.append(text)
+                del tail[:-5]
         if out is not None:
             try:
                 out.write(line)
@@ -458,7 +468,8 @@ def _relay(proc: subprocess.Popen) -> bool:
 
 
 def join(*, server: str, node_config: dict[str, Any], state_dir: Path, root_certificates: str | None,
-         runtime_port: int | None, max_wait: float | None = None, device_key: str | None = None, log=print) -> int:
+         runtime_port: int | None, max_wait: float | None = None, device_key: str | None = None, log=print,
+         quiet: bool = False) -> int:
     """Run a SuperNode for one device until it is stopped; returns its exit code.
 
     A SuperNode that the server refuses exits at once (Flower does not retry an activation).
@@ -500,16 +511,22 @@ def join(*, server: str, node_config: dict[str, Any], state_dir: Path, root_cert
                                     **_child_kwargs())
             current[:] = [proc]
             seen: list[bool] = []
-            relay = threading.Thread(target=lambda p=proc: seen.append(_relay(p)), daemon=True)
+            errors: list[str] = []
+            relay = threading.Thread(target=lambda p=proc: seen.append(_relay(p, quiet, errors)), daemon=True)
             relay.start()
             rc = proc.wait()
             stop_process(proc)  # what the SuperNode started (its SuperExec) goes with it
             relay.join(10)
             refused = bool(seen and seen[0])
-            if rc == 0 or not refused:
+            if rc == 0:
                 return rc
-            if deadline is not None and time.monotonic() + delay >= deadline:
-                return rc
+            if not refused or (deadline is not None and time.monotonic() + delay >= deadline):
+                why = (" (is this device's public key among the server's --device-keys?)" if device_key and refused
+                       else "")
+                said = "; Flower said: " + " | ".join(errors) if errors else ""
+                what = "the server refused this device or could not be reached" if refused else \
+                    f"the SuperNode exited with code {rc}"
+                raise FleetError(f"{what}{why}{said}")
             why = " (is this device's public key among the server's --device-keys?)" if device_key else ""
             log(f"the server refused this device or could not be reached{why}; trying again in {delay:.0f} s")
             time.sleep(delay)
