@@ -397,17 +397,17 @@ def test_cli_data_list_and_info_show_shapes(capsys):
     from edgetune.cli import main
 
     assert main(["data", "list", "--data-dir", str(DATA), "--json", "-"]) == 0
-    out = capsys.readouterr().out
-    assert "tasks: har 150, har-raw (6, 128)" in out
-    assert "tasks: damage1 512, damage2 512, damage1-1d (1, 512), damage2-1d (1, 512)" in out
-    listed = json.loads(out[out.index("{"):])
+    out, err = capsys.readouterr()  # with --json -, stdout is the JSON alone and the report goes to stderr
+    assert "tasks: har 150, har-raw (6, 128)" in err
+    assert "tasks: damage1 512, damage2 512, damage1-1d (1, 512), damage2-1d (1, 512)" in err
+    listed = json.loads(out)
     hapt = next(d for d in listed["data_sets"] if d["name"] == "hapt")
     assert hapt["tasks"] == {"har": [150], "har-raw": [6, 128]}
 
     assert main(["data", "info", "har-raw", "--data-dir", str(DATA), "--json", "-"]) == 0
-    out = capsys.readouterr().out
-    assert "har-raw: samples of shape (6, 128), 6 classes" in out
-    info = json.loads(out[out.index('{\n'):])
+    out, err = capsys.readouterr()
+    assert "har-raw: samples of shape (6, 128), 6 classes" in err
+    info = json.loads(out)
     (fact,) = info["tasks"]
     assert fact["input_shape"] == [6, 128] and fact["data_set"] == "hapt"
     assert fact["samples"] == {"pretrain": 4754, "finetune": 2835, "test": 2758}
