@@ -79,11 +79,12 @@ class MemoryPlan:
     def explain(self, budget: int | None = None) -> str:
         parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in self.breakdown().items()
                           if v and not (k == "frozen_weights" and self.weights_in_flash))
-        text = f"{self.label} needs {format_bytes(self.total)} of RAM ({parts})"
+        total = format_bytes(self.total) if budget is None else exact_bytes(self.total)
+        text = f"{self.label} needs {total} of RAM ({parts})"
         if self.weights_in_flash:
             text += f", plus {format_bytes(self.flash)} of frozen weights in flash"
         if budget is not None:
-            text += f"; the budget is {format_bytes(budget)}"
+            text += f"; the budget is {exact_bytes(budget)}"
         return text
 
 
@@ -525,10 +526,17 @@ def check_fits_machine(sizes: Sequence[int], method: str = "ft-all", *, batch_si
                           f"{format_bytes(have)} available. Use smaller layers.")
 
 
+def exact_bytes(n: int) -> str:
+    """A size with its exact byte count where rounding could hide a difference ("256.0 KB
+    (262,145 bytes)"): budgets are compared to the byte."""
+    n = int(n)
+    return format_bytes(n) if abs(n) < 1024 else f"{format_bytes(n)} ({n:,} bytes)"
+
+
 def check_budget(plan: MemoryPlan, budget: int) -> None:
     """Raise BudgetError, with the numbers, unless ``plan`` fits ``budget`` bytes."""
     if plan.total > budget:
-        raise BudgetError(plan.explain(budget) + f": over by {format_bytes(plan.total - budget)}")
+        raise BudgetError(plan.explain(budget) + f": over by {exact_bytes(plan.total - budget)}")
 
 
 
@@ -583,9 +591,10 @@ class DevicePlan:
 
     def explain(self, budget: int | None = None) -> str:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.breakdown().items() if v)
-        text = f"{self.label} at batch {self.batch_size} needs {format_bytes(self.total)} of RAM ({parts})"
+        total = format_bytes(self.total) if budget is None else exact_bytes(self.total)
+        text = f"{self.label} at batch {self.batch_size} needs {total} of RAM ({parts})"
         if budget is not None:
-            text += f"; the budget is {format_bytes(budget)}"
+            text += f"; the budget is {exact_bytes(budget)}"
         return text
 
 

@@ -618,3 +618,16 @@ def test_sigterm_during_an_export_leaves_no_temporary(world):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 143 and "terminated" in err and "Traceback" not in err, err
     assert (world / "proj" / "marker.txt").exists() and leftovers(world) == []
+
+
+def test_a_budget_refusal_gives_exact_bytes_where_rounding_would_hide_the_difference():
+    """Item 13: '256.0 KB of 256.0 KB' is no explanation; the sizes compared are given to the byte."""
+    import edgetune as et
+    from edgetune.errors import BudgetError
+    from edgetune.memory import check_budget, plan_memory
+
+    plan = plan_memory(et.Backbone.build([512, 96, 96, 2]), "skip2-lora", n_samples=470)
+    with pytest.raises(BudgetError) as e:
+        check_budget(plan, plan.total - 1)
+    msg = str(e.value)
+    assert f"({plan.total:,} bytes)" in msg and f"({plan.total - 1:,} bytes)" in msg and "over by 1 B" in msg
