@@ -8,6 +8,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import edgetune as et
 from edgetune.errors import ModelFileError, UsageError
@@ -306,3 +308,51 @@ def test_cli_imports_a_cnn_and_writes_its_fine_tune(tmp_path):
     assert r.returncode == 0, r.stderr
     tuner = et.FineTuner.load_adapter(et.Backbone.load(tmp_path / "m"), tmp_path / "a")
     np.testing.assert_allclose(run_ort(tmp_path / "ft.onnx", x), tuner.decision_function(x), rtol=1e-5, atol=1e-5)
+
+
+def test_clip_bounds_as_attributes_and_same_padding(tmp_path):
+    """Clip's bounds as attributes (opset 10) and SAME_LOWER padding that pads both ends alike."""
+    rng = np.random.default_rng(6)
+    w = rng.normal(size=(4, 2, 3, 3)).astype(np.float32) * 2
+    fc = rng.normal(size=(3, 4)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv", auto_pad="SAME_LOWER"),
+             helper.make_node("Clip", ["a"], ["c"], name="relu6", min=0.0, max=6.0),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], name="fc", transB=1)]
+    path = _graph(tmp_path, nodes, {"w": w, "fc": fc, "fb": np.ones(3, np.float32)}, (2, 5, 6), opset=10)
+    bb = from_onnx(path)
+    assert bb.specs[0].padding == (1, 1) and bb.specs[0].activation == "relu6"
+    x = rng.normal(size=(7, 2, 5, 6)).astype(np.float32)
+    np.testing.assert_allclose(bb.forward(bb.prepare(x)), run_ort(path, x), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=6))
+def test_damaged_cnn_files_give_a_clear_error_or_a_valid_model(tmp_path, flips):
+    """Bytes changed anywhere in a CNN graph: an edgetune error or a backbone, nothing else."""
+    path = tmp_path / "cnn.onnx"
+    if not path.exists():
+        bb = et.Backbone.from_layers([
+            Layer(s, np.full(s.weight_shape, 0.1, np.float32), np.zeros(s.bias_shape, np.float32))
+            if s.has_params else Layer(s) for s in _small_cnn_specs()])
+        to_onnx(bb, path)
+    blob = bytearray(path.read_bytes())
+    for pos, value in flips:
+        blob[pos % len(blob)] = value
+    bad = tmp_path / "flipped.onnx"
+    bad.write_bytes(bytes(blob))
+    try:
+        from_onnx(bad)
+    except (ModelFileError, UsageError):
+        pass
+
+
+def _small_cnn_specs() -> list[LayerSpec]:
+    s0 = LayerSpec.conv((2, 8), 4, 3, padding=1, activation="relu6")
+    s1 = LayerSpec.conv(s0.out_shape, 4, 3, padding=1, groups=4)
+    s2 = LayerSpec.add(s1.out_shape, 1, activation="relu")
+    s3 = LayerSpec.pool("avg", s2.out_shape, 3, 1, 1)
+    s4 = LayerSpec.flatten(s3.out_shape)
+    s5 = LayerSpec.dense(s4.out_features, 3)
+    return [s0, s1, s2, s3, s4, s5]

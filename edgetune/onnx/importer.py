@@ -151,6 +151,22 @@ class _Build:
                 return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
         return default
 
+    def int_attr(self, node: Any, name: str, default: int) -> int:
+        v = self.attr(node, name, None)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise self.refuse(node, f"has {name}={v!r}: expected a whole number")
+        return int(v)
+
+    def float_attr(self, node: Any, name: str, default: float) -> float:
+        v = self.attr(node, name, None)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise self.refuse(node, f"has {name}={v!r}: expected a number")
+        return float(v)
+
     def ints(self, node: Any, name: str, default: Sequence[int], n: int) -> tuple[int, ...]:
         v = self.attr(node, name, None)
         if v is None:
@@ -229,16 +245,16 @@ def _dense(node: Any, g: _Build, w: np.ndarray, bias: np.ndarray | None) -> None
 
 def _op_gemm(node: Any, g: _Build) -> None:
     g.data_input(node)
-    if g.attr(node, "transA", 0):
+    if g.int_attr(node, "transA", 0):
         raise g.refuse(node, "has transA=1: the data path must be A (samples, features)")
     n_in = g.flat(node)
     b_mat = g.const(node, node.input[1])
     if b_mat.ndim != 2:
         raise g.refuse(node, f"has a weight of shape {list(b_mat.shape)}, not 2-D")
-    w = b_mat if g.attr(node, "transB", 0) else b_mat.T
+    w = b_mat if g.int_attr(node, "transB", 0) else b_mat.T
     if w.shape[1] != n_in:
         raise g.refuse(node, f"takes {w.shape[1]} features but the data path has {n_in}")
-    alpha, beta = float(g.attr(node, "alpha", 1.0)), float(g.attr(node, "beta", 1.0))
+    alpha, beta = g.float_attr(node, "alpha", 1.0), g.float_attr(node, "beta", 1.0)
     w = w * np.asarray(alpha, w.dtype) if alpha != 1.0 else w
     bias = None
     if len(node.input) > 2 and node.input[2]:
@@ -313,7 +329,7 @@ def _op_conv(node: Any, g: _Build) -> None:
     if g.ints(node, "kernel_shape", kernel, rank) != kernel:
         raise g.refuse(node, f"has kernel_shape {g.attr(node, 'kernel_shape', None)} but a weight of shape "
                              f"{list(w.shape)}")
-    groups = int(g.attr(node, "group", 1))
+    groups = g.int_attr(node, "group", 1)
     if groups < 1 or w.shape[1] * groups != shape[0]:
         raise g.refuse(node, f"has group={groups} and a weight of shape {list(w.shape)} for {shape[0]} input "
                              f"channels")
@@ -336,13 +352,13 @@ def _op_pool(node: Any, g: _Build) -> None:
     mode = "max" if node.op_type == "MaxPool" else "avg"
     if len(node.output) > 1 and node.output[1]:
         raise g.refuse(node, "returns the indices of its maxima, which edgetune does not compute")
-    if int(g.attr(node, "ceil_mode", 0)):
+    if g.int_attr(node, "ceil_mode", 0):
         raise g.refuse(node, "has ceil_mode=1: only ceil_mode 0 (PyTorch's default) converts")
     kernel = g.ints(node, "kernel_shape", (), rank)
     if not kernel:
         raise g.refuse(node, "has no kernel_shape")
     strides, pads = _window(node, g, shape, kernel)
-    if mode == "avg" and any(pads) and not int(g.attr(node, "count_include_pad", 0)):
+    if mode == "avg" and any(pads) and not g.int_attr(node, "count_include_pad", 0):
         raise g.refuse(node, f"pads {list(pads)} with count_include_pad=0: edgetune's average pooling counts the "
                              f"zero padding (PyTorch's default, count_include_pad=1), or takes pads 0")
     spec = g.spec(node, lambda: LayerSpec.pool(mode, shape, kernel, strides, pads))
@@ -444,7 +460,7 @@ def _affine(kind: str) -> Callable[[Any, _Build], None]:
 
 def _clip_bounds(node: Any, g: _Build) -> tuple[float | None, float | None]:
     """Clip's (min, max): attributes before opset 11, optional inputs after."""
-    lo, hi = g.attr(node, "min", None), g.attr(node, "max", None)
+    lo, hi = g.float_attr(node, "min", None), g.float_attr(node, "max", None)  # type: ignore[arg-type]
     for pos in (1, 2):
         if len(node.input) > pos and node.input[pos]:
             v = np.asarray(g.const(node, node.input[pos]))
@@ -462,7 +478,7 @@ def _activation(name: str) -> Callable[[Any, _Build], None]:
         g.data_input(node)
         act = name
         if node.op_type == "LeakyRelu":
-            alpha = float(g.attr(node, "alpha", 0.01))
+            alpha = g.float_attr(node, "alpha", 0.01)
             if abs(alpha - 0.01) > 1e-7:
                 raise g.refuse(node, f"has alpha={alpha}; edgetune's leaky_relu has slope 0.01")
         if node.op_type == "Clip":
@@ -484,12 +500,12 @@ def _op_batchnorm(node: Any, g: _Build) -> None:
     """Inference BatchNormalization: y = (x - mean) * gamma / sqrt(var + eps) + beta, per channel
     (axis 1), folded into the dense or conv layer before it, or into the input normalisation."""
     g.data_input(node)
-    if int(g.attr(node, "training_mode", 0)) or len(node.output) > 1 and any(node.output[1:]):
+    if g.int_attr(node, "training_mode", 0) or len(node.output) > 1 and any(node.output[1:]):
         raise g.refuse(node, "runs in training mode (running statistics as outputs)")
     if len(node.input) != 5:
         raise g.refuse(node, "needs scale, bias, mean and variance inputs")
     gamma, beta, mean, var = (np.asarray(g.const(node, n), np.float64).reshape(-1) for n in node.input[1:5])
-    eps = float(g.attr(node, "epsilon", 1e-5))
+    eps = g.float_attr(node, "epsilon", 1e-5)
     channels = g.feat_shape[0] if g.feat_shape else 1
     if not all(v.shape == (channels,) for v in (gamma, beta, mean, var)):
         raise g.refuse(node, f"has statistics of shapes {[list(v.shape) for v in (gamma, beta, mean, var)]} for "
@@ -537,7 +553,7 @@ def _op_passthrough(node: Any, g: _Build) -> None:
 def _op_flatten(node: Any, g: _Build) -> None:
     g.data_input(node)
     rank = len(g.feat_shape) + 1
-    axis = int(g.attr(node, "axis", 1))
+    axis = g.int_attr(node, "axis", 1)
     if axis < 0:
         axis += rank
     if axis != 1:
@@ -552,7 +568,7 @@ def _op_reshape(node: Any, g: _Build) -> None:
         raise g.refuse(node, "has no shape input (an opset before 5)")
     shape = [int(s) for s in np.asarray(g.const(node, node.input[1])).reshape(-1)]
     n = math.prod(g.feat_shape)
-    allowzero = int(g.attr(node, "allowzero", 0))
+    allowzero = g.int_attr(node, "allowzero", 0)
     if not shape or allowzero:
         raise g.refuse(node, f"reshapes to {shape}{' with allowzero' if allowzero else ''}")
     feats = [g.feat_shape[i - 1] if s == 0 and 0 < i <= len(g.feat_shape) else s for i, s in enumerate(shape)][1:]
@@ -593,7 +609,7 @@ def _reshape_features(node: Any, g: _Build, feats: tuple[int, ...]) -> None:
 def _op_transpose(node: Any, g: _Build) -> None:
     g.data_input(node)
     rank = len(g.feat_shape) + 1
-    perm = [int(p) for p in g.attr(node, "perm", list(range(rank))[::-1])]
+    perm = list(g.ints(node, "perm", list(range(rank))[::-1], rank))
     if sorted(perm) != list(range(rank)) or perm[0] != 0:
         raise g.refuse(node, f"has perm={perm}: the batch axis must stay first")
     fperm = [p - 1 for p in perm[1:]]
@@ -610,7 +626,7 @@ def _op_transpose(node: Any, g: _Build) -> None:
 
 def _op_softmax(node: Any, g: _Build) -> None:
     g.data_input(node)
-    axis = int(g.attr(node, "axis", -1))
+    axis = g.int_attr(node, "axis", -1)
     if len(g.feat_shape) != 1 or axis not in (1, -1) or not g.layers or not g.open:
         raise g.refuse(node, "is not a softmax over the last layer's outputs")
     g.final = node.op_type
