@@ -356,3 +356,23 @@ def _small_cnn_specs() -> list[LayerSpec]:
     s4 = LayerSpec.flatten(s3.out_shape)
     s5 = LayerSpec.dense(s4.out_features, 3)
     return [s0, s1, s2, s3, s4, s5]
+
+
+def test_a_residual_mlp_converts_both_ways(tmp_path):
+    """Add of an earlier dense layer's input: an add layer on flat rows, not only in CNNs."""
+    rng = np.random.default_rng(8)
+    inits = {"w1": rng.normal(size=(6, 5)).astype(np.float32), "w2": rng.normal(size=(6, 6)).astype(np.float32),
+             "b2": rng.normal(size=6).astype(np.float32), "w3": rng.normal(size=(3, 6)).astype(np.float32)}
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["a"], name="fc1", transB=1),
+             helper.make_node("Tanh", ["a"], ["h"], name="tanh"),
+             helper.make_node("Gemm", ["h", "w2", "b2"], ["z"], name="fc2", transB=1),
+             helper.make_node("Add", ["h", "z"], ["s"], name="residual"),
+             helper.make_node("Gemm", ["s", "w3"], ["y"], name="fc3", transB=1)]
+    path = _graph(tmp_path, nodes, inits, (5,))
+    bb = from_onnx(path)
+    assert [(s.kind, s.source) for s in bb.specs] == [("dense", -1), ("dense", -1), ("add", 1), ("dense", -1)]
+    x = rng.normal(size=(11, 5)).astype(np.float32)
+    np.testing.assert_allclose(bb.forward(bb.prepare(x)), run_ort(path, x), rtol=1e-5, atol=1e-5)
+    out = to_onnx(bb, tmp_path / "back.onnx")
+    np.testing.assert_allclose(run_ort(out, x), run_ort(path, x), rtol=1e-5, atol=1e-5)
+    assert from_onnx(out).digest() == bb.digest()

@@ -89,7 +89,7 @@ class _Build:
         self.notes: list[str] = []
         # Residual adds: the tensors that are a layer's input (name -> layer), and the names
         # the current value goes by (an Identity or Dropout gives it another).
-        self.layer_inputs: dict[str, int] = {}
+        self.layer_inputs: dict[str, tuple[int, tuple[int, ...]]] = {}   # name -> (layer, ONNX shape)
         self.aliases = [input_name]
 
     @property
@@ -231,7 +231,7 @@ class _Build:
                                         "convolution or pooling takes the input as stored, channels first")
         k = len(self.layers)
         for name in self.aliases:
-            self.layer_inputs.setdefault(name, k)
+            self.layer_inputs.setdefault(name, (k, self.feat_shape))
         self.layers.append(_Layer(spec, w, b, node.name or node.op_type))
         self.open = True
         self.advance(node, onnx_shape or spec.out_shape)
@@ -415,11 +415,11 @@ def _residual(node: Any, g: _Build) -> None:
         what = "an earlier tensor of the data path" if other in g.seen_path else "a tensor off the data path"
         raise g.refuse(node, f"adds '{other}', {what} that is not the input of an earlier layer: only residual "
                              f"adds of an earlier layer's input convert")
-    source = g.layer_inputs[other]
+    source, other_shape = g.layer_inputs[other]
     shape = g.layers[-1].spec.out_shape
-    if g.feat_shape != shape and math.prod(g.feat_shape) != math.prod(shape):
-        raise g.refuse(node, f"adds to samples of shape {list(g.feat_shape)}")
     want = g.layers[source].spec.in_shape
+    if g.feat_shape != other_shape:  # ONNX would broadcast the two
+        raise g.refuse(node, f"adds '{other}' of per-sample shape {list(other_shape)} to {list(g.feat_shape)}")
     if want != shape:
         raise g.refuse(node, f"adds the input of layer {source} ('{g.layers[source].node}', shape {list(want)}) "
                              f"to samples of shape {list(shape)}")
