@@ -258,6 +258,26 @@ def test_the_refused_examples_convert_once_fixed(tmp_path):
     np.testing.assert_allclose(bb.forward(bb.prepare(x)), run_ort(path, x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_conv_bias_as_an_add_and_a_batchnorm_fold_into_the_conv(tmp_path):
+    rng = np.random.default_rng(9)
+    inits = {"w": rng.normal(size=(4, 2, 3)).astype(np.float32), "cb": rng.normal(size=(1, 4, 1)).astype(np.float32),
+             "g": rng.uniform(0.5, 2, 4).astype(np.float32), "be": rng.normal(size=4).astype(np.float32),
+             "mu": rng.normal(size=4).astype(np.float32), "var": rng.uniform(0.5, 2, 4).astype(np.float32),
+             "fc": rng.normal(size=(3, 4)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv", pads=[1, 1]),
+             helper.make_node("Add", ["a", "cb"], ["ab"], name="conv_bias"),
+             helper.make_node("BatchNormalization", ["ab", "g", "be", "mu", "var"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["c"], name="relu")] + _GAP_FC
+    path = _graph(tmp_path, nodes, inits)
+    bb = from_onnx(path)
+    assert [s.kind for s in bb.specs] == ["conv1d", "gap", "dense"]
+    x = rng.normal(size=(6, 2, 8)).astype(np.float32)
+    np.testing.assert_allclose(bb.forward(bb.prepare(x)), run_ort(path, x), rtol=1e-5, atol=1e-5)
+    inits["cb"] = rng.normal(size=(1, 4, 8)).astype(np.float32)  # varies along the length: not a bias
+    with pytest.raises(UsageError, match=r"node 'conv_bias' \(Add\) adds a constant of shape \[1, 4, 8\]"):
+        from_onnx(_graph(tmp_path, nodes, inits, name="nobias.onnx"))
+
+
 def test_a_conv_weight_claiming_1e12_elements_is_refused_without_allocating(tmp_path):
     huge = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1_000_000, 1_000_000, 1], raw_data=b"\0" * 48)
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv")] + _GAP_FC, "g",
