@@ -247,7 +247,7 @@ def run_sequence(name: str, data_dir: str, seed: int, out) -> dict:
     # -- budget: one domain fewer than the bank holds
     nb = bank.nbytes()
     per = nb["per_domain"]
-    emit(f"Bytes (float32 on a device): per domain "
+    emit("Bytes (float32 on a device): per domain "
          + ", ".join(f"{n} {v['adapter']} adapter + {v['statistics']} statistics" for n, v in per.items())
          + f"; shared detector {nb['shared']}; total {nb['total']}.\n")
     budget = nb["total"] - min(v["total"] for v in per.values())

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .cache import _immutable, _same_bits
 from .data.task import validate_xy
 from .errors import BackboneMismatch, DataError, ModelFileError, UsageError
 from .methods import make_method, method_class
@@ -39,7 +41,8 @@ class FineTuner:
     ``merged()``). ``engine`` runs the epochs: 'auto' (the compiled C engine when built,
     else NumPy; also what None means unless ``EDGETUNE_ENGINE`` says otherwise), 'c' or
     'numpy'. ``cache_fill`` ('eager' or 'lazy') fills the skip-cache before the first batch
-    or as batches come (same math).
+    or as batches come (same math). ``stream_capacity`` and ``stream_policy`` ('oldest' or
+    'reservoir') bound the samples ``partial_fit`` keeps (see docs/streaming.md).
     """
 
     def __init__(self, backbone: Backbone, method: str = "skip2-lora", *, rank: int = 1,
@@ -48,7 +51,8 @@ class FineTuner:
                  cache_fill: str = "eager", scheme: str | None = None, qas: bool | None = None,
                  epochs: int = 100, batch_size: int = 20, lr: float = 0.01, optimizer: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
-                 patience: int | None = None, progress: bool | None = False, engine: str | None = None):
+                 patience: int | None = None, progress: bool | None = False, engine: str | None = None,
+                 stream_capacity: int | None = None, stream_policy: str = "oldest"):
         if not isinstance(backbone, Backbone):
             raise UsageError(f"backbone must be an edgetune Backbone, got {type(backbone).__name__}")
         self.backbone = backbone
@@ -66,14 +70,39 @@ class FineTuner:
         self.engine = engine
         self.progress = progress
         self.history_: History | None = None
+        self._kept: dict = {}  # the engine's structs, kept between fits (train.make_runner)
+        self._prepared: tuple | None = None  # _xy's last arrays, when no one can write them
+        if stream_capacity is not None and (not isinstance(stream_capacity, (int, np.integer))
+                                            or isinstance(stream_capacity, bool) or stream_capacity < 1):
+            raise UsageError(f"stream_capacity must be a whole number >= 1 or None (no limit), got {stream_capacity!r}")
+        if stream_policy not in STREAM_POLICIES:
+            raise UsageError(f"stream_policy must be one of {', '.join(STREAM_POLICIES)}, got {stream_policy!r}")
+        self.stream_capacity = None if stream_capacity is None else int(stream_capacity)
+        self.stream_policy = stream_policy
+        self._stream: _Stream | None = None
 
     @property
     def n_trainable(self) -> int:
         return self.method.n_trainable
 
     def _xy(self, x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-        x, y = validate_xy(x, y, n_classes=self.backbone.sizes[-1], what=what)
-        return self.backbone.prepare(x, f"{what} x"), y
+        """Validated labels and prepared (normalised) inputs. Arrays no one can write (read-only
+        views of ``bytes``: ``edgetune.cache.unwritable``) are validated once: the same two
+        arrays again, with the same input normalisation, give the same prepared arrays."""
+        bb = self.backbone
+        memo = self._prepared
+        if memo is not None and memo[0] is x and memo[1] is y and memo[2] == what and all(
+                _same_bits(a, b) for a, b in zip((bb.input_mean, bb.input_std), memo[3]) if b is not None) \
+                and (bb.input_mean is None) == (memo[3][0] is None) and (bb.input_std is None) == (memo[3][1] is None):
+            return memo[4], memo[5]
+        xv, yv = validate_xy(x, y, n_classes=bb.sizes[-1], what=what)
+        xp = bb.prepare(xv, f"{what} x")
+        self._prepared = None
+        if isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and _immutable(x) and _immutable(y):
+            xp.flags.writeable = yv.flags.writeable = False  # ours: kept as they are for the next call
+            norm = tuple(None if a is None else np.array(a, copy=True) for a in (bb.input_mean, bb.input_std))
+            self._prepared = (x, y, what, norm, xp, yv)
+        return xp, yv
 
     def fit(self, x: Any, y: Any, *, x_val: Any = None, y_val: Any = None,
             callback: Callable[[EpochRecord], bool | None] | None = None,
@@ -93,7 +122,29 @@ class FineTuner:
             xv, yv = self._xy(x_val, y_val, "validation data")
         self.history_ = fit(self.method, xp, yp, self.config, x_val=xv, y_val=yv,
                             callback=callback, progress=self.progress, checkpoint=checkpoint,
-                            checkpoint_every=checkpoint_every, engine=self.engine)
+                            checkpoint_every=checkpoint_every, engine=self.engine, keep=self._kept)
+        return self
+
+    def partial_fit(self, x: Any, y: Any) -> "FineTuner":
+        """Learn from new samples as they arrive (scikit-learn's ``partial_fit``); returns self.
+
+        The samples join the tuner's stream memory (every sample so far, or at most
+        ``stream_capacity``: when full, a new sample replaces the oldest, or with
+        ``stream_policy="reservoir"`` a uniformly drawn one, so the memory stays a uniform
+        sample of the stream), then one epoch runs over the memory, in batches of
+        ``batch_size`` shuffled by the generator of ``seed`` + the number of earlier calls.
+        skip2-lora keeps the skip-cache rows of the samples it already holds, so each call
+        runs the frozen backbone on the new samples only. As with a second ``fit``, the
+        optimizer starts afresh each call (momentum and Adam state are not carried); with
+        SGD, calls on chunks equal ``fit`` on the memory so far, call by call (tested).
+        """
+        xp, yp = self._xy(x, y, "training data")
+        if self._stream is None:
+            self._stream = _Stream(xp.shape[1], xp.dtype, self.stream_capacity, self.stream_policy, self.config.seed)
+        xs, ys = self._stream.add(xp, yp)
+        config = replace(self.config, epochs=1, patience=None, seed=self.config.seed + self._stream.calls)
+        self._stream.calls += 1
+        self.history_ = fit(self.method, xs, ys, config, progress=False, engine=self.engine, keep=self._kept)
         return self
 
     def decision_function(self, x: Any) -> np.ndarray:
@@ -115,8 +166,11 @@ class FineTuner:
         return self.method.merged_backbone()
 
     # -- adapter files -----------------------------------------------------------------
-    def save_adapter(self, path: str | os.PathLike, *, format: str = "edgetune") -> Path:
+    def save_adapter(self, path: str | os.PathLike, *, format: str = "edgetune", overwrite: bool = False) -> Path:
         """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into directory ``path``.
+
+        A ``path`` that already holds an adapter or a model is replaced only with
+        ``overwrite=True`` (the command line's ``--force``); the replacement is atomic.
 
         ``format="peft"`` (``lora-all``/``lora-last`` only) writes Hugging Face PEFT's key
         names and config, loadable by PEFT onto ``edgetune.torch.to_torch(backbone)`` and
@@ -124,7 +178,7 @@ class FineTuner:
         """
         from .io_atomic import write_dir_atomic
 
-        return write_dir_atomic(path, self.adapter_files(format=format))
+        return write_dir_atomic(path, self.adapter_files(format=format), overwrite=overwrite)
 
     def adapter_files(self, *, format: str = "edgetune") -> dict[str, bytes]:
         """The two files of ``save_adapter`` as bytes, by file name (nothing written)."""
@@ -186,22 +240,74 @@ class FineTuner:
         blob = w_path.read_bytes()
         if cfg.get("adapter_sha256") and hashlib.sha256(blob).hexdigest() != cfg["adapter_sha256"]:
             raise ModelFileError(f"{w_path} does not match {cfg_path.name} (checksum differs)")
-        if cfg.get("base_model_sizes") != backbone.sizes:
-            raise ModelFileError(f"adapter was made for a backbone of sizes {cfg.get('base_model_sizes')}, "
+        if "base_model_sizes" not in cfg:
+            raise ModelFileError(f"{cfg_path}: field 'base_model_sizes' is missing (the sizes of the backbone the "
+                                 f"adapter was made for)")
+        if cfg["base_model_sizes"] != backbone.sizes:
+            raise ModelFileError(f"adapter was made for a backbone of sizes {cfg['base_model_sizes']}, "
                                  f"this backbone has {backbone.sizes}")
         if strict and cfg.get("base_model_digest") != backbone.digest():
             raise BackboneMismatch("adapter was trained on a different backbone (same shape, other weights); "
                                    "pass strict=False to load it anyway")
-        try:
+        from_file = {"rank": int(cfg.get("r", 1)), "alpha": cfg.get("lora_alpha"),
+                     "train_last_bias": bool(cfg.get("train_last_bias", False)), "scheme": cfg.get("scheme"),
+                     "qas": cfg.get("qas")}
+        try:  # what the file says, on its own: a refusal here is the file's
             method_class(cfg["method"])
-            tuner = cls(backbone, cfg["method"], rank=int(cfg.get("r", 1)), alpha=cfg.get("lora_alpha"),
-                        train_last_bias=bool(cfg.get("train_last_bias", False)), scheme=cfg.get("scheme"),
-                        qas=cfg.get("qas"), **train_options)
+            cls(backbone, cfg["method"], **from_file)
         except (KeyError, TypeError, ValueError, UsageError) as e:
             raise ModelFileError(f"{cfg_path}: bad adapter config ({e})") from None
+        tuner = cls(backbone, cfg["method"], **from_file, **train_options)  # a refusal here is the caller's
         tensors, _ = loads(blob, str(w_path))
+        for name, t in tensors.items():
+            if t.dtype.kind != "f":
+                raise ModelFileError(f"{w_path}: tensor '{name}' holds {t.dtype} values; adapter tensors are "
+                                     f"floating point")
         tuner.method.load_adapter_tensors(tensors)
         return tuner
+
+
+STREAM_POLICIES = ("oldest", "reservoir")
+
+
+class _Stream:
+    """The samples ``partial_fit`` trains on: all so far, or ``capacity`` of them chosen by ``policy``.
+
+    Rows live in one buffer that doubles as the stream grows (or is allocated once at
+    ``capacity``); ``add`` returns contiguous views of the rows in use."""
+
+    def __init__(self, width: int, dtype: np.dtype, capacity: int | None, policy: str, seed: int):
+        self.capacity, self.policy = capacity, policy
+        rows = capacity if capacity is not None else 64
+        self.x = np.empty((rows, width), dtype)
+        self.y = np.empty(rows, np.int64)
+        self.n = 0          # rows in use
+        self.seen = 0       # samples offered so far
+        self.calls = 0      # partial_fit calls so far
+        self.rng = np.random.default_rng([seed, 0x5EED])  # reservoir draws, apart from the batches' generator
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cap = self.capacity
+        if x.shape[1] != self.x.shape[1]:
+            raise DataError(f"training data has {x.shape[1]} features, earlier partial_fit calls had {self.x.shape[1]}")
+        if cap is None and self.n + len(x) > len(self.x):
+            rows = max(self.n + len(x), 2 * len(self.x))
+            bx, by = np.empty((rows, self.x.shape[1]), self.x.dtype), np.empty(rows, np.int64)
+            bx[:self.n], by[:self.n] = self.x[:self.n], self.y[:self.n]
+            self.x, self.y = bx, by
+        for i in range(len(x)):
+            if cap is None or self.n < cap:
+                slot = self.n
+                self.n += 1
+            elif self.policy == "oldest":
+                slot = self.seen % cap  # the memory filled slots 0..cap-1 in order: this one is the oldest
+            else:  # reservoir (Vitter's algorithm R): keep the new sample with probability cap / (seen + 1)
+                j = int(self.rng.integers(0, self.seen + 1))
+                slot = j if j < cap else -1
+            if slot >= 0:
+                self.x[slot], self.y[slot] = x[i], y[i]
+            self.seen += 1
+        return self.x[:self.n], self.y[:self.n]
 
 
 def pretrain(x: Any, y: Any, *, hidden: Sequence[int] = (96, 96), arch: str | None = None,

@@ -325,13 +325,49 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes], *, carry_over: bool = True) -> Path:
+def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes], *, carry_over: bool = True,
+                     overwrite: bool = True) -> Path:
     """Write the files of a model or adapter directory as one set.
 
     The new set is written into a hidden directory beside ``path``, fsynced, then swapped
     with the old directory, so that a reader (or a crash) sees the old set or the new one,
     never a mix. Other files in an existing directory are carried over (hard links) unless
     ``carry_over`` is False. A name may hold sub-folders (``"a/adapter_config.json"``).
+    Without ``overwrite``, a ``path`` that already holds a model or adapter is refused.
+    """
+    def fill(new: Path) -> None:
+        subdirs = sorted({str(Path(name).parent) for name in files} - {"."})
+        for sub in subdirs:
+            (new / sub).mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            fd = os.open(new / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            _test_hook("file-written")
+        for sub in subdirs:
+            fsync_dir(new / sub)
+
+    def refuse_existing(p: Path) -> None:
+        if not overwrite and is_model_dir(p):
+            raise UsageError(f"{p} already holds a model or adapter; pass overwrite=True (--force) to replace it")
+
+    tops = {Path(name).parts[0] for name in files}
+    return replace_dir_atomic(path, fill, keep=(lambda name: name not in tops) if carry_over else None,
+                              check=refuse_existing)
+
+
+def replace_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None], *,
+                       keep: Callable[[str], bool] | None = None,
+                       check: Callable[[Path], None] | None = None) -> Path:
+    """Put a new directory at ``path`` in one step: ``fill(new)`` writes it into a hidden
+    directory beside ``path``, which is then exchanged with the old one atomically (or, where
+    the file system cannot exchange, renamed in two steps that ``recover_dir`` completes after
+    a crash). Holds ``path``'s lock throughout; ``check(path)`` runs under that lock before
+    anything is written (to refuse an existing output). Entries of the old directory for which
+    ``keep(name)`` is true are carried over (hard links); with ``keep`` None nothing is.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -340,27 +376,16 @@ def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes], *, carry_
     with target_lock(path):
         recover_dir(path)
         clean_stale(path)
+        if check is not None:
+            check(path)
         new = path.parent / f".{path.name}{_TAG}new-{os.getpid()}-{secrets.token_hex(4)}"
         placed = False
         try:
             os.mkdir(new)  # 0777 less the umask, like any directory
-            subdirs = sorted({str(Path(name).parent) for name in files} - {"."})
-            for sub in subdirs:
-                (new / sub).mkdir(parents=True, exist_ok=True)
-            for name, data in files.items():
-                fd = os.open(new / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                             0o666 & ~_umask())
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                _test_hook("file-written")
-            for sub in subdirs:
-                fsync_dir(new / sub)
-            tops = {Path(name).parts[0] for name in files}
-            if path.is_dir() and carry_over:
+            fill(new)
+            if keep is not None and path.is_dir():
                 for e in os.scandir(path):
-                    if e.name not in tops and not (e.name.startswith(".") and _TAG in e.name):
+                    if keep(e.name) and not (e.name.startswith(".") and _TAG in e.name):
                         if e.is_dir(follow_symlinks=False):
                             shutil.copytree(e.path, new / e.name, symlinks=True, copy_function=_link_or_copy)
                         else:
@@ -392,6 +417,27 @@ def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes], *, carry_
                 raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
             raise
     return path
+
+
+def check_not_input(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *,
+                    option: str = "output", replaced: bool = False) -> None:
+    """Refuse an output that equals, contains or lies inside an input (resolved through
+    symlinks): writing it would replace or delete what the command reads. ``inputs`` maps a
+    name for the message (e.g. "--model") to a path; None entries are skipped. For a
+    directory that is ``replaced`` whole, the current directory counts as an input too: it
+    would be swapped away under the user's feet."""
+    out = os.path.realpath(output)
+    named = {"the current directory": os.getcwd()} if replaced else {}
+    named.update({k: v for k, v in inputs.items() if v is not None and str(v) != "-"})
+    for name, i in named.items():
+        real = os.path.realpath(i)
+        if out == real:
+            raise UsageError(f"{option} {output} is {name} ({i}); refusing to write an output over an input")
+        if real.startswith(out.rstrip(os.sep) + os.sep):
+            raise UsageError(f"{option} {output} contains {name} ({i}); refusing to replace a directory that "
+                             f"holds an input")
+        if name != "the current directory" and out.startswith(real.rstrip(os.sep) + os.sep) and os.path.isdir(real):
+            raise UsageError(f"{option} {output} lies inside {name} ({i}); write outputs elsewhere")
 
 
 def _link_or_copy(src: str, dst: str | os.PathLike) -> None:
@@ -454,6 +500,16 @@ def check_config_field(cfg: dict[str, Any], cfg_path: Path, name: str, ok: Calla
         shown = json.dumps(value)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise ModelFileError(f"{cfg_path}: field '{name}' must be {expected}, got {shown}")
+
+
+def check_input_std(std: Any, w_path: Path) -> None:
+    """A model's ``input.std`` divides every input: each entry must be a positive number."""
+    import numpy as np
+
+    if std is not None and not np.all(np.asarray(std) > 0):
+        bad = int(np.argmin(np.asarray(std)))
+        raise ModelFileError(f"{w_path}: tensor 'input.std' must be positive (it divides the inputs), but entry "
+                             f"{bad} is {float(np.asarray(std)[bad])}")
 
 
 def check_model_config(cfg: dict[str, Any], cfg_path: Path) -> None:

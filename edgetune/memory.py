@@ -349,6 +349,9 @@ def measure_memory(backbone: Backbone, method: str, x: np.ndarray, y: np.ndarray
     from .nn.losses import softmax_cross_entropy
     from .optim import make_optimizer
 
+    from .cache import backbone_key
+
+    backbone_key(backbone).clear()  # measure a first fit: the transposed copies it keeps are made inside
     was_tracing = tracemalloc.is_tracing()
     if not was_tracing:
         tracemalloc.start()

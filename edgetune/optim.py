@@ -36,8 +36,11 @@ class Optimizer:
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         mine = self.state()
-        if set(state) != set(mine) or any(state[k].shape != v.shape for k, v in mine.items()):
+        if set(state) != set(mine):
             raise UsageError(f"optimizer state has {sorted(state)}, expected {sorted(mine)}")
+        for k, v in mine.items():
+            if state[k].shape != v.shape:
+                raise UsageError(f"optimizer state '{k}' has shape {list(state[k].shape)}, expected {list(v.shape)}")
         for k, v in mine.items():
             v[...] = state[k]
         if "t" in mine:

@@ -54,6 +54,30 @@ def _names(backbone: Backbone, module_names: Sequence[str] | None) -> list[str]:
     return names
 
 
+def _check_target_modules(targets: Any, names: list[str], lora_layers: list[int], cfg_path: Path) -> None:
+    """The layers the config's ``target_modules`` names must be the layers the tensors adapt
+    (a list of names, matched as PEFT does: the whole name or its last dotted parts; or a
+    regular expression over the whole name). 'all-linear' and a missing field are not checked."""
+    import re
+
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            named = [k for k, n in enumerate(names) if re.fullmatch(targets, n)]
+        except re.error as e:
+            raise ModelFileError(f"{cfg_path}: target_modules {targets!r} is not a regular expression ({e})") from None
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        named = [k for k, n in enumerate(names) if any(n == t or n.endswith("." + t) for t in targets)]
+    else:
+        raise ModelFileError(f"{cfg_path}: target_modules must be a list of layer names or a regular expression, "
+                             f"got {json.dumps(targets)[:60]}")
+    if named != lora_layers:
+        raise ModelFileError(f"{cfg_path}: target_modules {json.dumps(targets)[:60]} names the layers "
+                             f"{[names[k] for k in named]}, but the adapter's tensors adapt "
+                             f"{[names[k] for k in lora_layers]}")
+
+
 def _number(v: float) -> int | float:
     return int(v) if float(v).is_integer() else float(v)
 
@@ -99,14 +123,15 @@ def peft_files(method: Any, *, module_names: Sequence[str] | None = None
 
 
 def save_peft_adapter(method: Any, path: str | os.PathLike, *,
-                      module_names: Sequence[str] | None = None) -> Path:
-    """Write a PEFT-loadable adapter directory for a ``lora-all``/``lora-last`` method."""
+                      module_names: Sequence[str] | None = None, overwrite: bool = False) -> Path:
+    """Write a PEFT-loadable adapter directory for a ``lora-all``/``lora-last`` method
+    (an existing adapter or model at ``path`` only with ``overwrite``)."""
     from .io_atomic import json_text, write_dir_atomic
     from .safetensors import dumps
 
     tensors, config, metadata = peft_files(method, module_names=module_names)
     return write_dir_atomic(path, {ADAPTER_WEIGHTS: dumps(tensors, metadata),
-                                   ADAPTER_CONFIG: json_text(config).encode()})
+                                   ADAPTER_CONFIG: json_text(config).encode()}, overwrite=overwrite)
 
 
 def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
@@ -148,7 +173,7 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
         alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha/sqrt(r); edgetune by alpha/r
     tensors, meta = load_file(w_path)
     names = _names(backbone, module_names)
-    n, last, dtype = backbone.n_layers, backbone.n_layers - 1, backbone.dtype
+    last, dtype = backbone.n_layers - 1, backbone.dtype
     out: dict[str, np.ndarray] = {}
     used: set[str] = set()
     lora_layers = []
@@ -164,6 +189,9 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
                                      f"{', grouped' if backbone.specs[k].groups > 1 else ''}) takes no LoRA adapter "
                                      f"in edgetune")
             for key, shape in ((ka, pair[0].weight_shape), (kb, pair[1].weight_shape)):
+                if tensors[key].dtype.kind != "f":
+                    raise ModelFileError(f"{w_path}: '{key}' holds {tensors[key].dtype} values; LoRA tensors are "
+                                         f"floating point")
                 if tensors[key].shape != shape:
                     raise ModelFileError(f"{w_path}: '{key}' has shape {list(tensors[key].shape)}, "
                                          f"expected {list(shape)} for this backbone with r={r}")
@@ -203,6 +231,7 @@ def read_peft_adapter(path: str | os.PathLike, backbone: Backbone, *,
         raise ModelFileError(f"{w_path}: LoRA on layers {[names[k] for k in lora_layers]}; edgetune's LoRA "
                              f"methods put adapters on the layers {[names[k] for k in every]} (lora-all) or "
                              f"{[names[k] for k in final]} (lora-last)")
+    _check_target_modules(cfg.get("target_modules"), names, lora_layers, cfg_path)
     train_last_bias = delta is not None
     if train_last_bias:
         out["head.bias_delta"] = delta

@@ -188,13 +188,45 @@ class NumpyRunner:
 
 
 def make_runner(engine: str | None, method: Method, opt: Any, x: np.ndarray, y: np.ndarray,
-                batch_size: int) -> Any:
-    """The epoch runner of ``engine`` ('auto', 'c', 'numpy'; None: EDGETUNE_ENGINE or 'auto')."""
-    from .core.engine import CoreRunner, resolve_engine
+                batch_size: int, keep: dict | None = None) -> Any:
+    """The epoch runner of ``engine`` ('auto', 'c', 'numpy'; None: EDGETUNE_ENGINE or 'auto').
 
-    if resolve_engine(engine, method, type(opt).__name__.lower()) == "c":
+    ``keep`` (a dict the caller holds between fits) keeps the compiled engine's structs: they are
+    reused while the method runs on the same backbone key (``fit_key``, set by methods that guard
+    their backbone) and the same transposed weights, and rebuilt otherwise.
+    """
+    from .core.engine import CoreModel, CoreRunner, resolve_engine
+
+    fit_key = getattr(method, "fit_key", None)
+    if keep is None or fit_key is None:
+        if resolve_engine(engine, method, type(opt).__name__.lower()) != "c":
+            return NumpyRunner(method, opt, x, y, batch_size)
         return CoreRunner(method, opt, x, y, batch_size)
-    return NumpyRunner(method, opt, x, y, batch_size)
+    # What decides the engine: the request, EDGETUNE_ENGINE, the optimizer, the backbone's state.
+    question = (engine, os.environ.get("EDGETUNE_ENGINE"), type(opt).__name__, fit_key)
+    if keep.get("engine", (None,))[0] != question:
+        keep["engine"] = (question, resolve_engine(engine, method, type(opt).__name__.lower()))
+    if keep["engine"][1] != "c":
+        return NumpyRunner(method, opt, x, y, batch_size)
+    wt = method.core_spec().wt
+    kept = keep.get("core")
+    if kept is None or kept[0] != fit_key or kept[1] is not wt or kept[2].batch != batch_size:
+        kept = keep["core"] = (fit_key, wt, CoreModel(method, batch_size))
+    return CoreRunner(method, opt, x, y, batch_size, model=kept[2])
+
+
+def _generator(seed: int, keep: dict | None) -> np.random.Generator:
+    """``np.random.default_rng(seed)``, as it is when made; with ``keep``, one generator per
+    caller reset to that state (cheaper than seeding one again; the same draws)."""
+    if keep is None:
+        return np.random.default_rng(seed)
+    kept = keep.get("rng")
+    if kept is None or kept[0] != seed:
+        rng = np.random.default_rng(seed)
+        keep["rng"] = (seed, rng, rng.bit_generator.state)
+        return rng
+    kept[1].bit_generator.state = kept[2]
+    return kept[1]
 
 
 #: A finite loss this many times the first epoch's (and above ``EXPLODED_LOSS``) has diverged too:
@@ -227,7 +259,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
         x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
         callback: Callable[[EpochRecord], bool | None] | None = None,
         progress: bool | None = False, checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int | None = None, engine: str | None = None) -> History:
+        checkpoint_every: int | None = None, engine: str | None = None, keep: dict | None = None) -> History:
     """Train ``method`` on prepared inputs ``x`` (row i is sample id i) and labels ``y``.
 
     ``callback(record)`` runs after each epoch and may return True to stop. With
@@ -237,7 +269,8 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     ``CHECKPOINT_SECONDS`` of training have passed since the last save, and at the end), and a run
     started again with the same file continues where it stopped, bit-identically.
     ``engine``: 'auto' (the compiled engine when built, else NumPy), 'c' or 'numpy'; None
-    reads EDGETUNE_ENGINE.
+    reads EDGETUNE_ENGINE. ``keep``: a dict held by the caller between fits, where the engine's
+    structs are kept (see ``make_runner``).
     """
     n = len(x)
     if len(y) != n:
@@ -248,12 +281,12 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     validate = x_val is not None and y_val is not None
     if config.patience is not None and not validate:
         raise UsageError("patience (early stopping) needs validation data: pass x_val and y_val")
-    rng = np.random.default_rng(config.seed)
+    rng = _generator(config.seed, keep)
     opt = make_optimizer(config.optimizer, method.params, config.lr, momentum=config.momentum,
                          weight_decay=config.weight_decay)
-    hist = History(method=method.name, trainable_params=method.n_trainable, config=asdict(config))
+    hist = History(method=method.name, trainable_params=method.n_trainable, config=dict(vars(config)))
     best_loss, best_params, since_best = np.inf, None, 0
-    bs = config.batch_size
+    bs = min(config.batch_size, n)  # a batch beyond the data is the whole data: the same on both engines
     clock = time.perf_counter
     first_epoch = 1
     if checkpoint is not None:
@@ -261,10 +294,14 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                                              or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise UsageError(f"checkpoint_every must be a whole number >= 1 (or None: by time), got {checkpoint_every!r}")
         fp = ckpt.fingerprint(method, config, x, y, x_val, y_val)
-        saved = ckpt.load(checkpoint, fp)
+        journal = ckpt.HistoryJournal(checkpoint)  # each save appends only the epochs since the last one
+        saved = ckpt.load(checkpoint, fp, journal)
         if saved is not None:
             method.params.flat[...] = saved["params"]
-            opt.load_state(saved["optimizer"])
+            try:
+                opt.load_state(saved["optimizer"])
+            except UsageError as e:
+                raise ckpt.ModelFileError(f"{checkpoint}: {e}; delete the checkpoint to start over") from None
             rng.bit_generator.state = saved["rng"]
             hist.epochs = [EpochRecord(**e) for e in saved["history"]]
             best_loss, since_best = saved["best"]["loss"], saved["best"]["since"]
@@ -274,7 +311,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
             # A run that stopped early is finished: resuming it trains nothing more.
             first_epoch = config.epochs + 1 if hist.stopped_early else saved["epoch"] + 1
     method.begin_fit(x)
-    runner = make_runner(engine, method, opt, x, y, bs)
+    runner = make_runner(engine, method, opt, x, y, bs, keep)
     hist.engine = runner.name
     bar = Progress(config.epochs, desc=method.name, enabled=progress if progress is not None else None)
     # Epochs with nothing to do in between (no validation, checkpoint or callback) run several per
@@ -325,10 +362,10 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                 if checkpoint is not None and (due or epoch == config.epochs or hist.stopped_early):
                     last_save = clock()
                     ckpt.save(checkpoint, fp=fp, epoch=epoch, params=method.params.flat, opt_state=opt.state(),
-                              rng=rng, history=[asdict(e) for e in hist.epochs],
+                              rng=rng, history=hist.epochs,
                               best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch,
                                     "stopped_early": hist.stopped_early},
-                              best_params=best_params)
+                              best_params=best_params, journal=journal)
                 post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
                 bar.update(1, post)
                 epoch += 1

@@ -34,6 +34,11 @@ def parse_bytes(text: str | int | float, what: str = "") -> int:
     return int(value)
 
 
+def format_exact(n: int) -> str:
+    """``format_bytes`` and the exact count, for limits: "4.0 MB (4194305 bytes)" is over 4.0 MB."""
+    return f"{format_bytes(n)} ({int(n)} bytes)"
+
+
 def format_bytes(n: float) -> str:
     n = float(n)
     for unit in ("B", "KB", "MB", "GB"):

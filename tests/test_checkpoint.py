@@ -108,6 +108,64 @@ def test_checkpoint_with_nan_or_edited_is_refused_and_settings_are_named(tmp_pat
     save_file(tensors, path, meta)  # the old checksum: refused as edited
     with pytest.raises(ModelFileError, match="checksum"):
         fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)
-    save_file(tensors, path, {**meta, "sha256": _digest(tensors)})  # consistent, but NaN
+    save_file(tensors, path, {**meta, "sha256": _digest(tensors, meta)})  # consistent, but NaN
     with pytest.raises(ModelFileError, match="NaN"):
         fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=2), checkpoint=path)
+
+
+def test_a_save_writes_only_the_epochs_since_the_last_one(tmp_path, monkeypatch):
+    """A save's cost does not grow with the epoch: the checkpoint file keeps one size, and the
+    history journal beside it only grows by the new epochs (earlier bytes never rewritten)."""
+    from edgetune import checkpoint as ckpt
+
+    sizes, journals = [], []
+    real_save = ckpt.save
+
+    def watch(path, **kw):
+        real_save(path, **kw)
+        sizes.append(path.stat().st_size)
+        journals.append((path.parent / f".{path.name}.edgetune-history").read_bytes())
+
+    monkeypatch.setattr(ckpt, "save", watch)
+    bb, x, y = _data()
+    fit(make_method("skip2-lora", bb), x, y, TrainConfig(epochs=60, batch_size=8), checkpoint=tmp_path / "c",
+        checkpoint_every=1)
+    assert len(sizes) == 60 and max(sizes) - min(sizes) <= 16  # a few digits of the epoch count
+    for k in range(1, 60):
+        assert journals[k].startswith(journals[k - 1]) and journals[k].count(b"\n") == k + 1
+
+
+def test_a_checkpoint_of_the_earlier_format_still_resumes(tmp_path):
+    """Format 1 kept the history in the metadata and checked only the tensors; it is read, checked
+    field by field, and the run continues bit-identically into the new format."""
+    import json
+    from dataclasses import asdict
+
+    from edgetune import checkpoint as ckpt
+    from edgetune.safetensors import load_file, save_file
+
+    bb, x, y = _data()
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=0.05)
+    straight = fit(make_method("skip2-lora", bb), x, y, cfg)
+
+    def stop_at_3(rec):
+        return rec.epoch == 3
+
+    path = tmp_path / "c"
+    fit(make_method("skip2-lora", bb), x, y, cfg, checkpoint=path, checkpoint_every=1, callback=stop_at_3)
+    tensors, meta = load_file(path)
+    journal = ckpt.HistoryJournal(path)
+    history = journal.read(meta, path)
+    old = {k: v for k, v in meta.items() if not k.startswith("history_") and k != "format_version"}
+    old["history"] = json.dumps(history)
+    old["sha256"] = ckpt._digest(tensors)
+    save_file(tensors, path, old)
+    journal.path.unlink()
+    resumed = fit(make_method("skip2-lora", bb), x, y, cfg, checkpoint=path)
+    assert [e.loss for e in resumed.epochs] == [e.loss for e in straight.epochs]
+    assert load_file(path)[1]["format_version"] == "2"
+    old["epoch"] = "5"  # format 1's metadata was outside the checksum: its values are still checked
+    save_file(tensors, path, old)
+    with pytest.raises(ModelFileError, match="history of 3 epochs for epoch 5"):
+        fit(make_method("skip2-lora", bb), x, y, cfg, checkpoint=path)
+    assert asdict(resumed.epochs[0]).keys() == asdict(straight.epochs[0]).keys()

@@ -102,6 +102,7 @@ def test_any_conv1d_shape_is_built_or_refused_clearly(c, length, o, k, s, p, g):
     (dict(kind="gap", in_shape=(5,), out_channels=5), "gap takes"),
     (dict(kind="add", in_shape=(3, 4), out_channels=3), "source"),
     (dict(kind="flatten", in_shape=(3, 4), out_channels=11), "gives 12 features"),
+    (dict(kind="dense", in_shape=(3,), out_channels=2, source=0), "only an add layer has a source"),
 ])
 def test_bad_spatial_specs_are_refused(kwargs, message):
     with pytest.raises(UsageError, match=message):
@@ -305,3 +306,22 @@ def test_conv_lora_adapters_load_in_peft_and_back(tmp_path, method):
     np.testing.assert_allclose(back.decision_function(x), t.decision_function(x), rtol=1e-5, atol=1e-6)
     merged = t.merged()
     np.testing.assert_allclose(merged.forward(merged.prepare(x)), t.decision_function(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_int8_skip_cache_on_a_cnn_rounds_each_pooled_tap_to_its_own_scale():
+    from edgetune.quant import attach_int8_cache, quantize
+
+    bb = _cnn(dtype=np.float32, act="relu")
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(30, 3, 12)).astype(np.float32), rng.integers(0, 3, 30)
+    float_run = et.FineTuner(bb, "skip2-lora", epochs=3, lr=0.05, engine="numpy").fit(x, y)
+    t = et.FineTuner(bb, "skip2-lora", epochs=3, lr=0.05, engine="numpy")
+    t.fit(x[:2], y[:2])  # builds the method; the cache is attached for the real fit
+    attach_int8_cache(t.method, 30, x_calib=x)
+    assert t.method.cache.col_scales.shape == (sum(bb.tap_widths),)
+    t.fit(x, y)
+    from edgetune.quant import Int8SkipCache
+    assert isinstance(t.method.cache, Int8SkipCache) and t.method.cache.hits > 0
+    np.testing.assert_allclose(t.decision_function(x), float_run.decision_function(x), atol=0.05)
+    with pytest.raises(UsageError, match="MLPs"):
+        quantize(bb, x)

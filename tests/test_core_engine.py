@@ -102,8 +102,8 @@ def test_divergence_restores_and_raises():
 def _pack(m) -> int:
     """The largest weight the layer-wise backward pass transposes (what core_workspace_bytes takes)."""
     spec, sizes = m.core_spec(), m.backbone.sizes
-    return max([0] + [sizes[k] * sizes[k + 1] for k in range(spec["first"] + 1, len(sizes) - 1)
-                      if spec["kind"] == "layerwise" and spec["weight"][k] >= 0])
+    return max([0] + [sizes[k] * sizes[k + 1] for k in range(spec.first + 1, len(sizes) - 1)
+                      if spec.kind == "layerwise" and spec.weight[k] >= 0])
 
 
 def test_the_planner_asks_c_for_the_workspace_the_trainer_allocates():
@@ -123,15 +123,15 @@ def test_the_planner_asks_c_for_the_workspace_the_trainer_allocates():
                     m = make_method(method, b, rank=2 if "lora" in method else 1)
                     runner = CoreRunner(m, make_optimizer("sgd", m.params, 0.1), b.prepare(x), y, batch)
                     spec = m.core_spec()
-                    planned = core_workspace_bytes(sizes, spec["kind"], batch=batch, n_params=m.params.flat.size,
-                                                   rank=spec["rank"], int8=int8, first=spec["first"], pack=_pack(m))
+                    planned = core_workspace_bytes(sizes, spec.kind, batch=batch, n_params=m.params.flat.size,
+                                                   rank=spec.rank, int8=int8, first=spec.first, pack=_pack(m))
                     assert runner.ws.nbytes == planned == core_workspace_for(m, batch), (sizes, method, batch)
                     # a 32-bit target differs only by the batch's row pointers (skip methods)
-                    small = core_workspace_bytes(sizes, spec["kind"], batch=batch, n_params=m.params.flat.size,
-                                                 rank=spec["rank"], int8=int8, first=spec["first"], pack=_pack(m),
+                    small = core_workspace_bytes(sizes, spec.kind, batch=batch, n_params=m.params.flat.size,
+                                                 rank=spec.rank, int8=int8, first=spec.first, pack=_pack(m),
                                                  pointer_bytes=4)
                     assert small == core_workspace_for(m, batch, pointer_bytes=4)
-                    assert (planned - small) == (0 if spec["kind"] != "skip" else
+                    assert (planned - small) == (0 if spec.kind != "skip" else
                                                  -(-8 * batch // 64) * 64 - -(-4 * batch // 64) * 64)
 
 
@@ -279,7 +279,7 @@ def test_bad_arrays_are_refused_before_c_runs():
         model.batch_gradient(x, y.astype(np.int32), np.array([0, 99], np.int32))
     # A tensor offset past the parameter vector is caught in Python.
     spec = m.core_spec()
-    spec["lora_a"][0] = m.params.flat.size - 1
+    spec.lora_a[0] = m.params.flat.size - 1
     m.core_spec = lambda: spec
     with pytest.raises(UsageError, match="runs past"):
         CoreModel(m, 4)

@@ -36,7 +36,7 @@ while True:
     if kind == "adapter":
         import edgetune as et
         t = et.FineTuner(m, "lora-all", rank=1)
-        t.save_adapter(sys.argv[1])
+        t.save_adapter(sys.argv[1], overwrite=True)
     else:
         m.save(sys.argv[1])
     i += 1

@@ -117,9 +117,40 @@ def test_host_program_refuses_a_damaged_samples_file(model_dir, tmp_path):
     blob = (out / "samples.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(blob[:len(blob) // 2])
     (tmp_path / "bad.bin").write_bytes(b"not samples")
-    for f in ("cut.bin", "bad.bin", "missing.bin"):
+    header = np.frombuffer(blob[8:24], "<i4").copy()
+    nan_row = bytearray(blob)
+    nan_row[24:28] = np.float32(np.nan).tobytes()  # the first training sample's first input
+    (tmp_path / "nan.bin").write_bytes(bytes(nan_row))
+    test_at = 24 + int(header[1]) * (4 * int(header[0]) + 4)
+    inf_test = bytearray(blob)
+    inf_test[test_at:test_at + 4] = np.float32(np.inf).tobytes()
+    (tmp_path / "inf.bin").write_bytes(bytes(inf_test))
+    for n_train in (0, -3):
+        head = header.copy()
+        head[1] = n_train
+        (tmp_path / f"count{n_train}.bin").write_bytes(blob[:8] + head.tobytes() + blob[24:])
+    said = {"cut.bin": "is truncated", "bad.bin": "not an edgetune samples file", "missing.bin": "cannot open",
+            "nan.bin": "a training sample holds NaN or inf", "inf.bin": "a test sample holds NaN or inf",
+            "count0.bin": "no training samples", "count-3.bin": "no training samples"}
+    for f, why in said.items():
         res = subprocess.run([str(out / "train"), str(tmp_path / f)], capture_output=True, text=True, timeout=30)
-        assert res.returncode == 1 and "train: error:" in res.stderr and "{" not in res.stdout
+        assert res.returncode == 1 and "train: error: " in res.stderr and why in res.stderr, (f, res.stderr)
+        assert why in last_json(res.stdout)["error"]  # the last line is JSON, always
+
+
+def test_host_program_reports_a_diverged_run_as_json(model_dir, tmp_path):
+    """NaN is not JSON: a diverged run's last line is still JSON (a NaN or inf loss as null),
+    with "diverged": true and exit status 1."""
+    needs(("cc", "gcc"), ("make", "make"))
+    out = tmp_path / "dev"
+    export(model_dir, out, "host", "--epochs", "3", "--max-samples", "20", "--test-samples", "5", "--lr", "1e30")
+    make(out)
+    res = subprocess.run([str(out / "train"), "--quiet"], capture_output=True, text=True, timeout=60)
+    last = res.stdout.strip().splitlines()[-1]
+    doc = json.loads(last, parse_constant=lambda c: pytest.fail(f"{c} is not JSON: {last}"))
+    assert res.returncode == 1 and doc["diverged"] is True, last
+    assert doc["final_loss"] is None or np.isfinite(doc["final_loss"]), last
+    assert "nan" not in last.lower()
 
 
 # ----------------------------------------------------------------------------- aarch64
@@ -229,7 +260,8 @@ def test_an_existing_output_is_replaced_only_with_force(model_dir, tmp_path, cap
     assert code == 2 and "--force" in err and (out / "mine.txt").read_text() == "keep"
     assert main(base + ["--force"]) == 0
     assert (out / "et_train.c").is_file() and not (out / "mine.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["dev"]  # no temporary folder left beside it
+    # no temporary folder left beside it (the lock file stays, as beside a model)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".edgetune-lock")] == ["dev"]
 
 
 def test_the_project_holds_the_package_sources_unchanged(model_dir, tmp_path):

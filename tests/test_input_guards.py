@@ -1,7 +1,6 @@
 """Damaged files, odd configs and out-of-range options get a clear error, not a traceback."""
 from __future__ import annotations
 
-import io
 import zipfile
 
 import numpy as np

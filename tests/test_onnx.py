@@ -3,7 +3,6 @@ hostile files."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tracemalloc

@@ -1,7 +1,6 @@
 """The README's command-line examples run as written (on the real data, in a scratch folder)."""
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 

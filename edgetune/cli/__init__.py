@@ -20,11 +20,16 @@ from ..errors import EdgetuneError, UsageError
 ENGINES = ("auto", "c", "numpy")
 
 
-def _command_modules() -> list[ModuleType]:
+def _command_names() -> list[str]:
+    """The subcommands, from the module names alone (nothing imported)."""
+    return [info.name[len("cmd_"):] for info in pkgutil.iter_modules(__path__) if info.name.startswith("cmd_")]
+
+
+def _command_modules(only: str | None = None) -> list[ModuleType]:
     mods = []
-    for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("cmd_"):
-            mods.append(importlib.import_module(f"{__name__}.{info.name}"))
+    for name in _command_names():
+        if only is None or name == only:
+            mods.append(importlib.import_module(f"{__name__}.cmd_{name}"))
     return sorted(mods, key=lambda m: (getattr(m, "ORDER", 100), m.NAME))
 
 
@@ -34,7 +39,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``edgetune`` parser; with ``only``, just that subcommand's (``main`` runs one command,
+    and importing every command's module would add their imports to its memory)."""
     from .. import __version__
 
     parser = _Parser(
@@ -49,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training engine: auto (compiled C when built, else NumPy; the default, or "
                              "$EDGETUNE_ENGINE), c, numpy. Also accepted after the command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for mod in _command_modules():
+    for mod in _command_modules(only):
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
@@ -94,15 +101,47 @@ def _join_size_values(argv: list[str]) -> list[str]:
     return out
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the command so that every ``finally`` runs (temporaries removed)."""
+
+
+def _on_sigterm(signum, _frame):
+    raise _Terminated()
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (after the global options), if it names one."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--threads", "--engine"):
+            i += 2
+            continue
+        if a.startswith("-"):
+            if a in ("-h", "--help", "--version"):
+                return None
+            i += 1
+            continue
+        return a if a in _command_names() else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(_join_size_values(sys.argv[1:] if argv is None else list(argv)))
+    argv = _join_size_values(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser(_command_in(argv))
+    args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
     import os
 
+    import signal
+    import threading
+
     engine_before = os.environ.get("EDGETUNE_ENGINE")
+    sigterm_before = None
+    if threading.current_thread() is threading.main_thread():
+        sigterm_before = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _set_threads(args.threads)
         if args.engine is not None:  # read by every FineTuner of the command and of its child processes
@@ -121,7 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edgetune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"edgetune {args.command}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        return 143
     finally:  # main() called from Python (tests, notebooks) leaves the caller's environment as it was
+        if sigterm_before is not None:
+            signal.signal(signal.SIGTERM, sigterm_before)
         if args.engine is not None:
             if engine_before is None:
                 os.environ.pop("EDGETUNE_ENGINE", None)

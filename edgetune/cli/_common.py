@@ -41,7 +41,7 @@ def positive_float(text: str) -> float:
 #: Options that take a byte size. A value may start with a minus sign ("-5KB"), which
 #: argparse would take for an option: ``main`` joins such a pair into "--budget=-5KB" so
 #: that the command refuses it with ``units.parse_bytes``'s message.
-SIZE_OPTIONS = ("--budget", "--cache-budget")
+SIZE_OPTIONS = ("--budget", "--cache-budget", "--flash")
 
 
 def int_list(text: str) -> list[int]:
@@ -144,49 +144,81 @@ def write_json(path: str | None, obj: Any) -> None:
     write_bytes_atomic(Path(os.path.realpath(p)) if p.is_symlink() else p, text.encode())
 
 
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def input_paths(args: argparse.Namespace) -> list[str]:
-    """The files and directories a command reads (outputs must not replace them)."""
-    out = []
+def input_paths(args: argparse.Namespace) -> dict[str, str]:
+    """The files and directories a command reads, by option (outputs must not replace them).
+    A checkpoint is read (to resume) as well as written, so it counts as an input of the
+    command's other outputs."""
+    out = {}
     task = getattr(args, "task", None)
     if task and Path(task).exists():
-        out.append(task)
-    for name in ("model", "adapter", "onnx_file"):
+        out["--task"] = task
+    for name in ("model", "adapter", "onnx_file", "checkpoint"):
         v = getattr(args, name, None)
         if v:
-            out.append(v)
+            out[f"--{name.replace('_', '-')}"] = v
     return out
 
 
-def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = (),
-                  args: argparse.Namespace | None = None) -> None:
-    """Fail before any work if an output could not be written, would replace an input, or would
-    overwrite an existing model directory without --force."""
-    from ..io_atomic import check_writable, is_model_dir
+def _refuse_broken_link(path: str, *, dangling_ok: bool) -> None:
+    """A symbolic link that loops can never be written; one that dangles cannot hold a directory
+    (a file output is written where it points). Said before any work, with the link's target."""
+    import errno
 
-    inputs = input_paths(args) if args is not None else []
+    if not os.path.islink(path):
+        return
+    try:
+        os.stat(path)
+        return
+    except OSError as e:
+        looping = e.errno == errno.ELOOP
+    if looping or not dangling_ok:
+        raise UsageError(f"{path} is a symbolic link to {os.readlink(path)}, which points nowhere "
+                         f"({'a loop' if looping else 'dangling'}); remove the link or choose another path")
+
+
+def check_outputs(*files: str | None, dirs: tuple[str | None, ...] = (),
+                  args: argparse.Namespace | None = None, replaced: bool = True, own: str | None = None) -> None:
+    """Fail before any work if an output could not be written, would equal, contain or lie
+    inside an input (resolved through symlinks; --force does not change that), or would
+    overwrite an existing model directory without --force. ``dirs`` are model or adapter
+    directories, ``replaced`` whole by a save (so they may not hold the current directory).
+    ``own``: the option of an output that is also an input (--checkpoint), not checked
+    against itself."""
+    from ..io_atomic import check_not_input, check_writable, is_model_dir
+
+    inputs = input_paths(args) if args is not None else {}
+    inputs.pop(own, None)
     for f in files:
         if f is None or f == "-":
             continue
         if not f.strip():
             raise UsageError("empty output path; give a file path")
-        for i in inputs:
-            if _same_file(f, i) or (Path(i).is_dir() and os.path.realpath(f).startswith(os.path.realpath(i) + os.sep)):
-                raise UsageError(f"{f} is an input ({i}); refusing to write an output over it")
+        check_not_input(f, inputs, option="output")
+        _refuse_broken_link(f, dangling_ok=True)
         if Path(f).is_dir():
             raise UsageError(f"{f} is a directory; give a file path")
         check_writable(f)
     for d in dirs:
         if d:
-            for i in inputs:
-                if _same_file(d, i) or os.path.realpath(i).startswith(os.path.realpath(d) + os.sep):
-                    raise UsageError(f"{d} holds an input ({i}); refusing to write an output over it")
+            check_not_input(d, inputs, option="output", replaced=replaced)
+            _refuse_broken_link(d, dangling_ok=False)
             if is_model_dir(d) and not getattr(args, "force", False):
                 raise UsageError(f"{d} already holds a model; pass --force to overwrite it")
             check_writable(d, directory=True)
+
+
+def lock_outputs(stack: Any, *paths: str | None) -> None:
+    """Take the lock of every output path (None and '-' skipped) on ``stack`` (an ExitStack),
+    before any work: a second command writing the same output then stops at once, before it
+    has written anything, instead of after it has overwritten some of the first one's files.
+    A symlinked file is locked under the path it is written to (its target)."""
+    from ..io_atomic import target_lock
+
+    for p in paths:
+        if p is None or p == "-":
+            continue
+        where = os.path.realpath(p) if Path(p).is_symlink() and not Path(p).is_dir() else p
+        stack.enter_context(target_lock(where))
 
 
 def info(args: argparse.Namespace, text: str) -> None:

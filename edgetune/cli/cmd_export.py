@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from ._common import add_output_args, info, non_negative_int, positive_float, positive_int, write_json
+from ..errors import UsageError
+
+from ._common import (add_output_args, check_outputs, info, lock_outputs, non_negative_int, positive_float,
+                      positive_int, write_json)
 
 NAME = "export"
 HELP = "write a C project that fine-tunes the model on a device (Linux board or microcontroller)"
@@ -41,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the project directory to write (must not exist)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--adapter", metavar="DIR", help="start from this trained adapter instead of a fresh one")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="accept an --adapter trained on another backbone of the same shape")
     p.add_argument("--task", metavar="TASK",
                    help="write this task's fine-tune and test samples into the project (for verification and demos)")
     p.add_argument("--data-dir", metavar="DIR", help="where the built-in data sets are")
@@ -73,18 +79,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import ExportOptions, export_project
-    from ..units import format_bytes, parse_bytes
+    import contextlib
+
+    from ..export import ExportOptions, check_out, plan_export
+    from ..units import parse_bytes
 
     if args.budget is not None:  # refused here so the message names the option
         parse_bytes(args.budget, "--budget")
+    if args.flash is not None:
+        parse_bytes(args.flash, "--flash")
     opts = ExportOptions(model=args.model, method=args.method, target=args.target, out=args.out,
                          adapter=args.adapter, task=args.task, data_dir=args.data_dir, epochs=args.epochs,
                          seed=args.seed, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          rank=args.rank, int8=args.int8, budget=args.budget, partial_cache=args.partial_cache,
                          max_samples=args.max_samples, test_samples=args.test_samples, flash=args.flash,
-                         force=args.force, toolchain_check=args.toolchain_check)
-    res = export_project(opts)
+                         force=args.force, toolchain_check=args.toolchain_check, strict=args.strict)
+    # every output checked, and locked, before anything is written
+    out = check_out(opts)
+    if args.json not in (None, "-"):
+        check_outputs(args.json, args=args)
+        json_real = os.path.realpath(args.json)
+        if json_real == str(out) or json_real.startswith(str(out) + os.sep):
+            raise UsageError(f"--json {args.json} lies inside --out {args.out}, which the export replaces; "
+                             f"write it elsewhere")
+    plan = plan_export(opts)  # refuses what cannot be done before a lock file is made
+    with contextlib.ExitStack() as outputs:
+        lock_outputs(outputs, str(out), args.json)
+        return _export(args, opts, plan)
+
+
+def _export(args: argparse.Namespace, opts, plan) -> int:
+    from ..export import export_project
+    from ..units import format_bytes
+
+    res = export_project(opts, plan)
     m = res.manifest
     mem = m["memory"]
     print(f"wrote {res.out}: {m['method']} on {'-'.join(map(str, m['sizes']))} ({m['backbone']}) for {m['target']}",

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from ..errors import UsageError
 from ._common import (add_force_arg, add_output_args, add_task_args, add_train_args, check_outputs, info,
-                      int_list, load_task_arg, output_path, positive_float, positive_int, train_kwargs,
+                      int_list, load_task_arg, lock_outputs, output_path, positive_float, positive_int,
+                      train_kwargs,
                       write_json)
 
 NAME = "finetune"
@@ -61,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as outputs:
+        return _run(args, outputs)
+
+
+def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     from ..experiment import finetune_on_task, pretrain_on_task
     from ..methods import method_class
     from ..quant import load_any
@@ -85,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
         from ..onnx import require_onnx
         require_onnx()  # a missing extra is said before training, not after
     if args.checkpoint:
-        check_outputs(args.checkpoint)
+        check_outputs(args.checkpoint, args=args, own="--checkpoint")
+    # every output locked before any work, so nothing is written by a run that cannot finish
+    lock_outputs(outputs, args.json, args.checkpoint, args.save_adapter, args.save_model)
     task = load_task_arg(args)
     info(args, task.summary())
     progress = None if not args.quiet else False
@@ -127,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  final loss     {result['final_loss']:.5f}", file=out)
     write_json(args.json, result)  # the results first: an optional save below cannot lose them
     if args.save_adapter:
-        tuner.save_adapter(args.save_adapter)
+        tuner.save_adapter(args.save_adapter, overwrite=args.force)
         info(args, f"adapter saved to {args.save_adapter}")
     if args.save_model:
         tuner.merged().save(args.save_model)

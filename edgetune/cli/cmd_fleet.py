@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     require_flwr()
     json_out = getattr(args, "json", None)
     if json_out and json_out != "-":
-        check_outputs(json_out)
+        check_outputs(json_out, args=args)
     return {"simulate": _simulate, "server": _server, "client": _client}[args.fleet_command](args)
 
 
@@ -255,6 +255,7 @@ def _server(args: argparse.Namespace) -> int:
         for f in given:
             if not Path(f).is_file():
                 raise UsageError(f"TLS file not found: {f}")
+        _check_server_tls(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
         tls = {"cert": str(Path(args.ssl_certfile).resolve()), "key": str(Path(args.ssl_keyfile).resolve()),
                "ca": str(Path(args.ssl_ca_certfile).resolve())}
     elif not args.insecure:
@@ -267,6 +268,12 @@ def _server(args: argparse.Namespace) -> int:
     _check_model(args.model)
     spec_train = _train_spec(args)
     state = args.state_dir or (f"{args.json}.state" if args.json and args.json != "-" else "edgetune-fleet-server")
+    _check_state_dir(state)
+    from ..fleet.runner import check_port_free
+    from ..fleet.state import load_server_state
+
+    load_server_state(Path(state) / "server")  # a damaged checkpoint is refused now, not after --timeout
+    check_port_free(args.address)
     spec = ServerSpec(model=str(Path(args.model).resolve()), train=spec_train, rounds=args.rounds,
                       min_clients=args.min_clients, aggregation=args.aggregation, task=args.task,
                       data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
@@ -283,6 +290,45 @@ def _server(args: argparse.Namespace) -> int:
     elif not args.quiet:
         _print_results(res)
     return 0
+
+
+def _check_state_dir(path: str) -> None:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--state-dir {path} is a file; give a directory (it holds the fleet's state)")
+
+
+def _ssl_reason(e: Exception) -> str:
+    text = str(e)
+    if "KEY_VALUES_MISMATCH" in text:
+        return "the private key does not belong to the certificate"
+    if "PEM" in text or "NO_START_LINE" in text or "NO_CERTIFICATE" in text:
+        return "not a PEM file of the expected kind"
+    return text
+
+
+def _check_ca(path: str, option: str) -> None:
+    """A CA certificate file, loaded as TLS will load it (a garbage file fails here, with its name)."""
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{option} {path}: not a CA certificate ({_ssl_reason(e)})") from None
+
+
+def _check_server_tls(cert: str, key: str, ca: str) -> None:
+    """The server's certificate and key, loaded together as TLS will load them: garbage, a key
+    of another certificate or an encrypted key are named here, not as a port in use later."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise UsageError(f"--ssl-certfile {cert} / --ssl-keyfile {key}: {_ssl_reason(e)} (an encrypted key is "
+                         f"not supported)") from None
+    _check_ca(ca, "--ssl-ca-certfile")
 
 
 def _public_key(path: str) -> str:
@@ -317,6 +363,8 @@ def _client(args: argparse.Namespace) -> int:
         raise UsageError("give --root-certificates (TLS) or --insecure")
     if args.root_certificates and not Path(args.root_certificates).is_file():
         raise UsageError(f"TLS file not found: {args.root_certificates}")
+    if args.root_certificates:
+        _check_ca(args.root_certificates, "--root-certificates")
     if args.device_key:
         if not args.root_certificates:
             raise UsageError("--device-key needs --root-certificates (Flower authenticates devices only over TLS)")
@@ -331,7 +379,13 @@ def _client(args: argparse.Namespace) -> int:
 
     if args.task not in BUILTIN_TASKS and not Path(args.task).is_file():
         raise UsageError(f"unknown task '{args.task}': use one of {', '.join(sorted(BUILTIN_TASKS))} or an .npz file")
-    state = Path(args.state_dir or f"edgetune-device-{i}-of-{k}").resolve()
+    state_arg = args.state_dir or f"edgetune-device-{i}-of-{k}"
+    _check_state_dir(state_arg)
+    from ..fleet.partition import make_fleet
+
+    # the device's data as the ClientApp will split them: a bad --partition-by or task fails now
+    make_fleet(args.task, args.data_dir, args.partition_by, k)
+    state = Path(state_arg).resolve()
     node_config: dict[str, Any] = {"model": str(Path(args.model).resolve()),
                                    "task": args.task if args.task in BUILTIN_TASKS else str(Path(args.task).resolve()),
                                    "partition-id": i, "num-partitions": k, "partition": args.partition_by,

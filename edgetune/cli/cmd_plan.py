@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_output_args, info, positive_int, print_table, write_json
+from ._common import add_output_args, check_outputs, info, positive_int, print_table, write_json
 
 NAME = "plan"
 HELP = "list the methods and sparse-update schemes whose training fits a memory budget"
@@ -49,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a microcontroller: frozen weights stay in flash, the budget is RAM only")
     p.add_argument("--task", metavar="TASK", help="measure accuracy on this task after a short fine-tune")
     p.add_argument("--data-dir", metavar="DIR", help="where the built-in data sets are")
-    p.add_argument("--epochs", type=positive_int, default=20, help="epochs of the short fine-tune (default 20)")
+    p.add_argument("--epochs", type=positive_int,
+                   help="with --task: epochs of the short fine-tune (default 20); with --target: the epochs the "
+                        "exported program trains (default: export's, the task's epochs, else 100)")
     p.add_argument("--evaluate", type=positive_int, default=6, metavar="K",
                    help="with --task: fine-tune the K best-ranked candidates (default 6)")
     g = p.add_argument_group("a device program (the plan 'edgetune export' uses)")
@@ -65,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_args(p)
 
 
+#: Without --target: the epochs of the short fine-tune that ranks candidates by accuracy.
+SHORT_FINETUNE_EPOCHS = 20
+
+
 def _rank_key(c):
     p = c.plan
     order = {"skip2-lora": 0, "skip-lora": 1}.get(p.method, 2)
@@ -78,11 +84,14 @@ def run(args: argparse.Namespace) -> int:
     from ..quant import load_any, quantize
     from ..units import format_bytes, parse_bytes
 
+    check_outputs(args.json, args=args)  # writable, and not over the model or the task
     budget = parse_bytes(args.budget, "--budget")
     if budget <= 0:
         raise UsageError(f"--budget must be more than 0 bytes, got {args.budget!r}")
     if args.target:
         return _run_device(args, budget)
+    if args.epochs is None:
+        args.epochs = SHORT_FINETUNE_EPOCHS
     model = load_any(args.model)
     task = None
     if args.task:
@@ -168,9 +177,11 @@ def _run_device(args: argparse.Namespace, budget: int) -> int:
     d = plan_export(opts)
     plan = d["plan"]
     print(f"{args.target}: {plan.explain(budget)}")
+    print(f"training: {d['train']['epochs']} epochs, batch {d['train']['batch_size']}, {plan.max_samples} samples "
+          f"(the plan 'edgetune export' makes with the same options)")
     if plan.cache:
         print(f"skip-cache: {plan.cache_capacity} of {plan.max_samples} samples' rows")
     print(f"flash: frozen weights {format_bytes(plan.flash_weights)}, program about {format_bytes(d['flash_estimate'])}")
-    write_json(args.json, {"target": args.target, "budget": budget, "memory": plan.as_dict(),
+    write_json(args.json, {"target": args.target, "budget": budget, "train": d["train"], "memory": plan.as_dict(),
                            "flash_estimate": d["flash_estimate"]})
     return 0

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
-from ..io_atomic import target_lock
 from ._common import (add_force_arg, add_output_args, add_task_args, add_train_args, check_outputs, info, int_list,
-                      load_task_arg, write_json)
+                      load_task_arg, lock_outputs, write_json)
 
 NAME = "pretrain"
 HELP = "train a backbone on a task's pre-train split and save it"
@@ -32,10 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import pretrain_on_task
-
     check_outputs(args.json, dirs=(args.out,), args=args)
-    with target_lock(args.out):  # a second run to the same --out is refused now, not after training
+    with contextlib.ExitStack() as outputs:  # a second run to the same outputs is refused now, not after training
+        lock_outputs(outputs, args.out, args.json)
         return _run(args)
 
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ._common import check_outputs, write_json
 
-    check_outputs(args.json, dirs=(args.out,))
+    check_outputs(args.json, dirs=(args.out,), replaced=False)
     tasks = [t for t in args.tasks.split(",") if t]
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(PAPER_METHODS)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))

@@ -23,8 +23,8 @@ MAX_LAYERS = 16
 ABI_VERSION = 2
 SOURCE_DIR = Path(__file__).resolve().parent
 #: The library's C sources, in the order they are compiled (the clock is POSIX-only).
-SOURCES = ("et_kernels.c", "et_layers.c", "et_int8.c", "et_train.c", "et_device.c", "et_abi.c", "et_clock.c")
-HEADERS = ("et_core.h", "et_kernels.h", "et_layers.h", "et_int8.h", "et_device.h")
+SOURCES = ("et_kernels.c", "et_layers.c", "et_conv.c", "et_int8.c", "et_train.c", "et_device.c", "et_abi.c", "et_clock.c")
+HEADERS = ("et_core.h", "et_kernels.h", "et_layers.h", "et_conv.h", "et_int8.h", "et_device.h")
 
 #: The C enums the binding uses, each value's name at its number (et_abi.c's tables); checked at load.
 ENUMS: dict[str, tuple[str, ...]] = {

@@ -139,12 +139,12 @@ class CoreModel:
     def _keep_array(self, a: np.ndarray) -> np.ndarray:
         return _kept(self._keep, a)
 
-    def _backbone(self, bb: Any, spec: dict) -> CBackbone:
+    def _backbone(self, bb: Any, spec: Any) -> CBackbone:
         s = dense_backbone(bb.sizes, bb.activation.name)
         sizes = bb.sizes
         n = bb.n_layers
         s.is_int8 = int(bb.is_int8)
-        wt = spec.get("wt")
+        wt = spec.wt
         for k in range(n):
             shape = (sizes[k + 1], sizes[k])
             layer = s.layers[k]
@@ -171,11 +171,11 @@ class CoreModel:
             # Frozen tensors C reads in place; a non-contiguous one (a view) is read from a copy.
             bias = self._keep_array(np.ascontiguousarray(bb.biases[k]))
             layer.bias = _f32(_check(bias, shape[:1], np.float32, f"layer {k} bias"))
-            frozen = spec["kind"] == "sparse" or (spec["kind"] == "layerwise" and spec["weight"][k] < 0)
+            frozen = spec.kind == "sparse" or (spec.kind == "layerwise" and spec.weight[k] < 0)
             if frozen:  # the sparse method's weights, and the layer-wise backward pass's frozen W
                 w = self._keep_array(np.ascontiguousarray(bb.weights[k]))
                 layer.w = _f32(_check(w, shape, np.float32, f"layer {k} weight"))
-            if spec["kind"] != "sparse" and wt is not None and wt[k] is not None:
+            if spec.kind != "sparse" and wt is not None and wt[k] is not None:
                 layer.wt = _f32(self._keep_array(_check(wt[k], shape[::-1], np.float32,
                                                         f"layer {k} transposed weight")))
         rc = self.lib.et_backbone_check(ctypes.byref(s))
@@ -192,57 +192,57 @@ class CoreModel:
             raise UsageError(f"tensor {name} ({size} values at {off}) runs past the parameters ({self.params.size})")
         return off
 
-    def _method(self, method: Any, spec: dict) -> CMethod:
+    def _method(self, method: Any, spec: Any) -> CMethod:
         s = CMethod()
         sizes = method.backbone.sizes
         n = len(sizes) - 1
-        r = int(spec["rank"])
-        s.kind = KINDS[spec["kind"]]
+        r = int(spec.rank)
+        s.kind = KINDS[spec.kind]
         s.rank = r
-        s.scale = float(spec["scale"])
-        s.first = int(spec["first"])
-        s.qas = int(bool(spec.get("qas", False)))
+        s.scale = float(spec.scale)
+        s.first = int(spec.first)
+        s.qas = int(bool(spec.qas))
         s.n_params = self.params.size
         if not 0 <= s.first < n:
             raise UsageError(f"first trained layer {s.first} is outside 0..{n - 1}")
         for k in range(MAX_LAYERS):
             s.off_weight[k] = s.off_bias[k] = s.off_lora_a[k] = s.off_lora_b[k] = -1
-        s.off_bias_delta = self._offset(spec.get("bias_delta", -1), (sizes[-1],), "head.bias_delta")
+        s.off_bias_delta = self._offset(spec.bias_delta, (sizes[-1],), "head.bias_delta")
         s.off_skip_a = s.off_skip_b = -1
-        if spec["kind"] == "layerwise":
+        if spec.kind == "layerwise":
             for k in range(n):
-                s.off_weight[k] = self._offset(spec["weight"][k], (sizes[k], sizes[k + 1]), f"layer {k} weight")
-                s.off_bias[k] = self._offset(spec["bias"][k], (sizes[k + 1],), f"layer {k} bias")
-                s.off_lora_a[k] = self._offset(spec["lora_a"][k], (r, sizes[k]), f"layer {k} lora_A")
-                s.off_lora_b[k] = self._offset(spec["lora_b"][k], (sizes[k + 1], r), f"layer {k} lora_B")
+                s.off_weight[k] = self._offset(spec.weight[k], (sizes[k], sizes[k + 1]), f"layer {k} weight")
+                s.off_bias[k] = self._offset(spec.bias[k], (sizes[k + 1],), f"layer {k} bias")
+                s.off_lora_a[k] = self._offset(spec.lora_a[k], (r, sizes[k]), f"layer {k} lora_A")
+                s.off_lora_b[k] = self._offset(spec.lora_b[k], (sizes[k + 1], r), f"layer {k} lora_B")
                 if (s.off_lora_a[k] < 0) != (s.off_lora_b[k] < 0):
                     raise UsageError(f"layer {k}: a LoRA adapter needs both A and B")
                 if s.off_weight[k] < 0 and not self.bb.layers[k].wt:
                     raise UsageError(f"layer {k}: no transposed weight for the forward pass")
-        elif spec["kind"] == "skip":
+        elif spec.kind == "skip":
             d = sum(sizes[:-1])
-            s.off_skip_a = self._offset(spec["skip_a"], (n * r, d), "skip.lora_A")
-            s.off_skip_b = self._offset(spec["skip_b"], (sizes[-1], n * r), "skip.lora_B")
+            s.off_skip_a = self._offset(spec.skip_a, (n * r, d), "skip.lora_A")
+            s.off_skip_b = self._offset(spec.skip_b, (sizes[-1], n * r), "skip.lora_B")
             if s.off_skip_a < 0 or s.off_skip_b < 0:
                 raise UsageError("skip adapters need both A and B")
             if not self.bb.is_int8 and any(not self.bb.layers[k].wt for k in range(n)) and any(
-                    spec["wt"] is None or spec["wt"][k] is None for k in range(n)):
+                    spec.wt is None or spec.wt[k] is None for k in range(n)):
                 raise UsageError("skip adapters need every layer's transposed weight")
         else:
             for k in range(n):
-                rows = int(spec["rows"][k])
+                rows = int(spec.rows[k])
                 if not 0 <= rows <= sizes[k + 1]:
                     raise UsageError(f"layer {k}: {rows} trained rows of {sizes[k + 1]}")
                 if rows and k < s.first:
                     raise UsageError(f"layer {k} trains rows but comes before the first trained layer")
                 s.rows[k] = rows
-                s.off_weight[k] = self._offset(spec["weight"][k], (rows, sizes[k]), f"layer {k} weight") \
+                s.off_weight[k] = self._offset(spec.weight[k], (rows, sizes[k]), f"layer {k} weight") \
                     if rows else -1
-                s.off_bias[k] = self._offset(spec["bias"][k], (sizes[k + 1],), f"layer {k} bias")
+                s.off_bias[k] = self._offset(spec.bias[k], (sizes[k + 1],), f"layer {k} bias")
                 if rows and s.off_weight[k] < 0:
                     raise UsageError(f"layer {k}: trained rows without a weight tensor")
                 if self.bb.is_int8:
-                    for name, units in (("w_unit", spec["w_unit"]), ("b_unit", spec["b_unit"])):
+                    for name, units in (("w_unit", spec.w_unit), ("b_unit", spec.b_unit)):
                         a = self._keep_array(_check(units[k], (sizes[k + 1],), np.float32, f"layer {k} {name}"))
                         getattr(s, name)[k] = _f32(a)
         return s
@@ -400,8 +400,13 @@ class CoreRunner:
 
     name = "c"
 
-    def __init__(self, method: Any, opt: Any, x: np.ndarray, y: np.ndarray, batch_size: int):
-        self.model = CoreModel(method, batch_size)
+    def __init__(self, method: Any, opt: Any, x: np.ndarray, y: np.ndarray, batch_size: int,
+                 model: CoreModel | None = None):
+        """``model``: the structs of an earlier fit of the same method on the same backbone tensors
+        (the trainer keeps them between fits); None builds them."""
+        if model is not None and (model.method is not method or model.batch != batch_size):
+            raise UsageError("a kept CoreModel belongs to another method or batch size")
+        self.model = model if model is not None else CoreModel(method, batch_size)
         self.method, self.opt = method, opt
         self.x = self.model._inputs(x)
         self.n = self.x.shape[0]
@@ -410,7 +415,7 @@ class CoreRunner:
         self.c_opt = _optimizer_struct(opt, self.model.params.size, self._keep)
         sizes = self.model.sizes
         d_in = sum(sizes[:-1])
-        cache = getattr(method, "cache", None) if self.model.spec["kind"] == "skip" else None
+        cache = getattr(method, "cache", None) if self.model.spec.kind == "skip" else None
         eager = getattr(method.options, "cache_fill", "eager") == "eager"
         self.cache = cache
         self.c_cache = _cache_struct(cache, self.n, d_in + sizes[-1], d_in, sizes[-1], eager, self._keep)

@@ -21,7 +21,6 @@ Splits are whole recording parts or time ranges, never random samples.
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -172,21 +171,10 @@ def fan_anomaly_task(name: str, data_dir: str | os.PathLike | None = None) -> An
 
 
 def load_npz_anomaly_task(path: str | os.PathLike) -> AnomalyTask:
-    from .task import _check_npz_headers
+    from .task import read_npz_arrays
 
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"task file not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise DataError(f"{path}: not a valid .npz task file (not a zip archive of .npy arrays)")
-    try:
-        _check_npz_headers(path)
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: not a valid .npz task file ({e})") from None
+    arrays = read_npz_arrays(path)
     missing = [k for k in ("x_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(f"{path}: missing arrays {', '.join(missing)} (an anomaly task file needs x_train "

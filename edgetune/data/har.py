@@ -510,6 +510,12 @@ def har_task(data_dir: str | os.PathLike | None = None, *,
     )
 
 
+#: har-raw's 1-D CNN (``edgetune pretrain --task har-raw`` builds it): three convolutions over
+#: the 2.56 s window, pooled to one value per channel. Measured (docs/cnn.md): 0.806 test
+#: accuracy on new subjects after 30 pre-training epochs, 0.85 after fine-tuning.
+HAR_CNN = "conv:16:5:1:same,relu,maxpool:2,conv:32:5:1:same,relu,maxpool:2,conv:32:3:1:same,relu,gap,dense:32,relu"
+
+
 def har_raw_task(data_dir: str | os.PathLike | None = None, *,
                  pretrain_subjects: Iterable[int] = range(1, 16),
                  finetune_fraction: float = 0.5, cache: bool = True, **options: Any) -> Task:
@@ -534,7 +540,8 @@ def har_raw_task(data_dir: str | os.PathLike | None = None, *,
         x_pretrain=x[:a], y_pretrain=hw.activity[i_pre],
         x_finetune=x[a:b], y_finetune=hw.activity[i_ft],
         x_test=x[b:], y_test=hw.activity[i_te],
-        defaults={"epochs": 200, "batch_size": 20, "lr": 0.01, "pretrain_epochs": 50},
+        defaults={"arch": HAR_CNN, "epochs": 60, "batch_size": 20, "lr": 0.01, "pretrain_epochs": 30,
+                  "pretrain_lr": 0.05},
         description=(f"UCI HAPT, 6 activities, raw windows of {len(RAW_CHANNELS)} channels x "
                      f"{WINDOW} samples (body acc xyz in g, gyro xyz in rad/s, 50 Hz); "
                      + _split_description(hw, pre)),

@@ -208,7 +208,9 @@ def _check_npz_headers(path: Path) -> None:
                                 f"the file is damaged")
 
 
-def load_npz_task(path: str | os.PathLike) -> Task:
+def read_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` task file, with each header checked against the bytes the
+    file holds before anything is read (a damaged or hostile file gets a DataError)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"task file not found: {path}")
@@ -217,11 +219,16 @@ def load_npz_task(path: str | os.PathLike) -> Task:
     try:
         _check_npz_headers(path)
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"{path}: not a valid .npz task file ({e})") from None
+
+
+def load_npz_task(path: str | os.PathLike) -> Task:
+    path = Path(path)
+    arrays = read_npz_arrays(path)
     missing = [f"{a}_{s}" for s in SPLITS for a in "xy" if f"{a}_{s}" not in arrays]
     if missing:
         raise DataError(f"{path}: missing arrays {', '.join(missing)} "

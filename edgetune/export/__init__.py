@@ -10,8 +10,8 @@ Makefile. See docs/export.md.
     export_project(ExportOptions(model="model", method="skip2-lora", target="host", out="dev",
                                  task="damage1", data_dir="../shared/data"))
 """
-from .project import ExportOptions, ExportResult, export_project, plan_export
+from .project import ExportOptions, ExportResult, check_out, export_project, plan_export
 from .targets import TARGETS, Target, ToolchainError, get_target
 
-__all__ = ["ExportOptions", "ExportResult", "export_project", "plan_export", "TARGETS", "Target",
+__all__ = ["ExportOptions", "ExportResult", "check_out", "export_project", "plan_export", "TARGETS", "Target",
            "ToolchainError", "get_target"]

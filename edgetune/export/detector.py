@@ -15,7 +15,6 @@ the current room); the change detector and the environment ensemble stay in Pyth
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any

@@ -14,15 +14,14 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import BudgetError, UsageError
-from ..units import format_bytes
+from ..errors import BackboneMismatch, BudgetError, UsageError
+from ..units import format_bytes, format_exact
 from .targets import KB, QEMU_MEMORY, Target, get_target
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -54,6 +53,7 @@ class ExportOptions:
     flash: str | None = None
     force: bool = False
     toolchain_check: bool = True
+    strict: bool = True         # refuse an --adapter trained on another backbone
 
 
 @dataclass
@@ -190,8 +190,14 @@ def _load_inputs(opts: ExportOptions, target: Target):
     train = {"epochs": opts.epochs or d.get("epochs", 100), "batch_size": opts.batch_size or d.get("batch_size", 20),
              "lr": opts.lr or d.get("lr", 0.01), "optimizer": opts.optimizer or "sgd", "seed": opts.seed}
     if opts.adapter:
-        tuner = FineTuner.load_adapter(model, opts.adapter, epochs=train["epochs"], batch_size=train["batch_size"],
-                                       lr=train["lr"], optimizer=train["optimizer"], seed=opts.seed, engine="c")
+        try:
+            tuner = FineTuner.load_adapter(model, opts.adapter, strict=opts.strict, epochs=train["epochs"],
+                                           batch_size=train["batch_size"], lr=train["lr"],
+                                           optimizer=train["optimizer"], seed=opts.seed, engine="c")
+        except BackboneMismatch:
+            raise BackboneMismatch(f"{opts.adapter}: adapter was trained on a different backbone (same shape, other "
+                                   f"weights); pass --no-strict (ExportOptions(strict=False)) to export it "
+                                   f"anyway") from None
         if tuner.method_name != opts.method:
             raise UsageError(f"--adapter {opts.adapter} holds a {tuner.method_name} adapter, not {opts.method}")
     else:
@@ -203,6 +209,11 @@ def _load_inputs(opts: ExportOptions, target: Target):
     if cls.uses_cache:
         cache = "int8" if opts.int8 else "float32"
         if cache == "int8":
+            row = sum(model.sizes[:-1])  # an int8 cache row: the inputs of every skip adapter
+            if max_samples * row >= MAX_STATIC_ARENA:
+                raise BudgetError(f"--max-samples {max_samples}: the int8 skip-cache alone would be "
+                                  f"{format_bytes(max_samples * row)} ({max_samples * row} bytes); a device arena "
+                                  f"of 2 GiB or more does not link; lower --max-samples")
             attach_int8_cache(tuner.method, max_samples)
     return model, task, tuner, train, max_samples, cache
 
@@ -229,8 +240,8 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
     if budget is not None and budget <= 0:
         raise UsageError(f"--budget must be more than 0 bytes, got {opts.budget!r}")
     if mcu and budget is not None and budget > QEMU_MEMORY:
-        raise UsageError(f"--budget {format_bytes(budget)}: the emulated {target.name} board has "
-                         f"{format_bytes(QEMU_MEMORY)} of RAM")
+        raise UsageError(f"--budget {format_exact(budget)}: the emulated {target.name} board has "
+                         f"{format_exact(QEMU_MEMORY)} of RAM")
     ram_limit = budget if budget is not None else (target.ram_bytes if mcu else None)
 
     train_idx = test_idx = None
@@ -279,7 +290,11 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
                 hints.append(f"--max-samples {fit_n}")
             hint = f"; try {' or '.join(hints)}" if hints else \
                 "; nothing of this method fits: try a smaller --batch-size or another method (edgetune plan)"
-            raise BudgetError(f"{p.explain(ram_limit)} ({what}): over by {format_bytes(p.total - ram_limit)}{hint}")
+            raise BudgetError(f"{p.explain(ram_limit)} ({what}; {p.total} of {ram_limit} bytes): over by "
+                              f"{format_exact(p.total - ram_limit)}{hint}")
+    if not mcu:
+        _check_linux_limits(target, p.total, train["epochs"], n_train,
+                            0 if test_idx is None else len(test_idx), model.sizes[0], _existing_parent(opts.out))
     # Flash: the weights, the example program's samples and the code.
     from ..core.engine import CoreModel
 
@@ -292,22 +307,65 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
     flash_limit = parse_bytes(opts.flash) if opts.flash else target.flash_bytes
     if mcu:
         if flash_limit > QEMU_MEMORY:
-            raise UsageError(f"--flash {format_bytes(flash_limit)}: the emulated board has {format_bytes(QEMU_MEMORY)}")
+            raise UsageError(f"--flash {format_exact(flash_limit)}: the emulated board has {format_exact(QEMU_MEMORY)}")
         if weights + CODE_ESTIMATE > flash_limit:
             raise BudgetError(f"the model does not fit {target.name}'s flash: its weights are {format_bytes(weights)} "
-                              f"(+ about {format_bytes(CODE_ESTIMATE)} of code), the flash is {format_bytes(flash_limit)}"
+                              f"(+ about {format_bytes(CODE_ESTIMATE)} of code), the flash is {format_exact(flash_limit)}"
                               f"; use a smaller or an int8 model (--int8), or --flash BYTES for a larger part")
         if flash > flash_limit:
             raise BudgetError(f"the project does not fit {target.name}'s flash: weights {format_bytes(weights)}, "
                               f"linked-in samples {format_bytes(sample_bytes)} ({n_train} training, {len(test_idx)} test, "
                               f"{train['epochs']} epochs of shuffles), code about {format_bytes(CODE_ESTIMATE)}: "
-                              f"{format_bytes(flash)} of {format_bytes(flash_limit)}; link fewer samples "
+                              f"{format_exact(flash)} of {format_exact(flash_limit)}; link fewer samples "
                               f"(--max-samples, --test-samples) or fewer --epochs")
     p.flash_weights = weights
     return {"target": target, "model": model, "task": task, "tuner": tuner, "core": core, "train": train,
             "max_samples": max_samples, "cache": cache, "capacity": capacity, "plan": p, "budget": budget,
             "ram_limit": ram_limit, "flash_limit": flash_limit if mcu else None, "flash_estimate": flash,
             "train_idx": train_idx, "test_idx": test_idx}
+
+
+#: The exported Linux program's own bound on --epochs (main_linux.c.in): ET_MODEL_EPOCHS is an int32.
+MAX_EPOCHS = 1_000_000
+#: A static array at or above 2 GiB does not link on x86-64 or aarch64 (the small code model).
+MAX_STATIC_ARENA = 2 * 1024 ** 3
+
+
+def _existing_parent(out: str) -> Path | None:
+    """The nearest existing folder at or above ``out``'s parent (where the project will be written)."""
+    if not str(out).strip():
+        return None
+    p = Path(os.path.abspath(out)).parent
+    while not p.is_dir() and p != p.parent:
+        p = p.parent
+    return p if p.is_dir() else None
+
+
+def _check_linux_limits(target: Target, arena: int, epochs: int, n_train: int, n_test: int, inputs: int,
+                        out_dir: Path | None) -> None:
+    """Refuse, before any work, a Linux export that cannot build or run: the program's epoch bound,
+    a static arena that does not link, an arena that does not fit this machine's memory (host),
+    a samples file that does not fit the disk under ``out_dir``; with the numbers and what to change."""
+    from ..memory import available_memory
+
+    if epochs > MAX_EPOCHS:
+        raise UsageError(f"--epochs {epochs}: the exported program trains at most {MAX_EPOCHS} epochs; export "
+                         f"fewer (beyond the exported shuffles the program shuffles itself: ./train --epochs N)")
+    if arena >= MAX_STATIC_ARENA:
+        raise BudgetError(f"the device program's RAM would be {format_bytes(arena)} ({arena} bytes): a static arena "
+                          f"of 2 GiB or more does not link; lower --max-samples or use --partial-cache with --budget")
+    have = available_memory()
+    if target.name == "host" and have is not None and arena > have:
+        raise BudgetError(f"the device program's RAM would be {format_bytes(arena)} ({arena} bytes); this machine "
+                          f"has {format_bytes(have)} ({have} bytes) available; lower --max-samples or use "
+                          f"--partial-cache with --budget")
+    samples = 24 + (n_train + n_test) * (4 * inputs + 4) + 4 * epochs * n_train
+    free = shutil.disk_usage(out_dir).free if out_dir is not None else None
+    if n_train and free is not None and samples > free:
+        raise BudgetError(f"samples.bin would be {format_bytes(samples)} ({samples} bytes), mostly the shuffles of "
+                          f"{epochs} epochs of {n_train} samples; the disk has {format_bytes(free)} free; export "
+                          f"fewer --epochs (beyond the exported shuffles the program shuffles itself: "
+                          f"./train --epochs N)")
 
 
 def _model_c(d: dict[str, Any], adapter_files: tuple[bytes, str]) -> tuple[str, str]:
@@ -425,30 +483,41 @@ const char et_adapter_config[] = {json.dumps(config)};
 
 def _adapter_files(tuner: Any) -> tuple[bytes, str]:
     """The adapter files' safetensors header (with its length prefix) and config, as edgetune writes them."""
-    with tempfile.TemporaryDirectory(prefix="edgetune-export-") as tmp:
-        tuner.save_adapter(tmp)
-        blob = (Path(tmp) / "adapter_model.safetensors").read_bytes()
-        cfg = json.loads((Path(tmp) / "adapter_config.json").read_text())
+    from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    files = tuner.adapter_files()
+    blob = files[ADAPTER_WEIGHTS]
+    cfg = json.loads(files[ADAPTER_CONFIG])
     (n,) = struct.unpack("<Q", blob[:8])
     cfg.pop("adapter_sha256", None)  # the device writes the data; the loader checks shapes and the backbone digest
     cfg["written_by"] = "edgetune export (device program)"
     return blob[:8 + n], json.dumps(cfg, indent=2) + "\n"
 
 
-def _samples_bin(d: dict[str, Any]) -> bytes:
-    """The Linux program's samples file: raw inputs (the program normalises them), labels, shuffles."""
+def _write_samples_bin(d: dict[str, Any], f: Any) -> None:
+    """The Linux program's samples file: raw inputs (the program normalises them), labels, shuffles.
+    The shuffles are generated and written a block of epochs at a time, so a long run's file
+    never sits whole in memory."""
     task, tr, te = d["task"], d["train_idx"], d["test_idx"]
-    orders = _orders(len(tr), d["train"])
+    epochs = d["train"]["epochs"]
     xs, ys = task.x_finetune[tr].astype("<f4"), task.y_finetune[tr].astype("<i4")
     xt, yt = task.x_test[te].astype("<f4"), task.y_test[te].astype("<i4")
-    head = SAMPLES_MAGIC + struct.pack("<4i", xs.shape[1], len(ys), len(yt), len(orders))
-    return head + xs.tobytes() + ys.tobytes() + xt.tobytes() + yt.tobytes() + orders.astype("<i4").tobytes()
+    f.write(SAMPLES_MAGIC + struct.pack("<4i", xs.shape[1], len(ys), len(yt), epochs))
+    for part in (xs, ys, xt, yt):
+        f.write(part.tobytes())
+    rng = np.random.default_rng(d["train"]["seed"])
+    block = max(1, (8 << 20) // (4 * max(len(tr), 1)))
+    for start in range(0, epochs, block):
+        f.write(_orders(len(tr), min(block, epochs - start), rng).astype("<i4").tobytes())
 
 
-def _orders(n: int, train: dict[str, Any]) -> np.ndarray:
-    """The trainer's shuffles: one ``rng.permutation(n)`` per epoch from ``default_rng(seed)`` (edgetune/train.py)."""
-    rng = np.random.default_rng(train["seed"])
-    return np.stack([rng.permutation(n) for _ in range(train["epochs"])]).astype(np.int32)
+def _orders(n: int, epochs: int, rng: np.random.Generator) -> np.ndarray:
+    """The trainer's shuffles: one ``rng.permutation(n)`` per epoch from ``default_rng(seed)``
+    (edgetune/train.py); ``rng`` carries on from block to block."""
+    out = np.empty((epochs, n), np.int32)
+    for e in range(epochs):
+        out[e] = rng.permutation(n)
+    return out
 
 
 def _samples_c(d: dict[str, Any]) -> str:
@@ -466,7 +535,8 @@ def _samples_c(d: dict[str, Any]) -> str:
     out.append(_c_array("et_train_y", task.y_finetune[tr].astype(np.int32), static=False))
     out.append(_c_array("et_test_x", model.prepare(task.x_test[te]), static=False))
     out.append(_c_array("et_test_y", task.y_test[te].astype(np.int32), static=False))
-    out.append(_c_array("et_orders", _orders(len(tr), d["train"]), static=False))
+    out.append(_c_array("et_orders", _orders(len(tr), d["train"]["epochs"], np.random.default_rng(d["train"]["seed"])),
+                        static=False))
     return "".join(out)
 
 
@@ -507,21 +577,76 @@ def _copy_template(name: str, dest: Path) -> None:
     shutil.copyfile(TEMPLATES / f"{name}.in", dest)
 
 
-def export_project(opts: ExportOptions) -> ExportResult:
-    """Write the project for ``opts`` into ``opts.out`` atomically (a temporary folder beside it, renamed)."""
-    from .. import core as core_pkg
+def check_out(opts: ExportOptions) -> Path:
+    """The project directory ``opts.out`` will replace, checked before any work: not an input
+    (model, adapter, task file, data folder), not holding one or lying inside one, not the
+    current directory or one holding it (resolved through symlinks; --force does not change
+    that), not a file, and a symlink only if it points to a directory (which is replaced)."""
+    from ..io_atomic import check_not_input, check_writable, recover_dir
 
-    out = Path(opts.out)
-    if out.exists() and not opts.force:
-        raise UsageError(f"{out} exists; choose another --out or pass --force to replace it")
+    text = str(opts.out)
+    if not text.strip():
+        raise UsageError("--out: empty path; give the project directory to write")
+    out = Path(text)
+    if out.is_symlink():
+        real = os.path.realpath(out)
+        if not os.path.isdir(real):
+            why = "a file" if os.path.exists(real) else "nothing (a dangling or looping link)"
+            raise UsageError(f"--out {text} is a symbolic link to {os.readlink(out)}, which is {why}; remove the "
+                             f"link or choose another --out")
+        out = Path(real)
+    out = Path(os.path.abspath(out))
+    if out == Path(out.anchor) or not out.name:
+        raise UsageError(f"--out {text}: the file system's root cannot be a project directory")
+    _recover_old_swap(out)  # a project moved aside by a killed export is put back first
+    recover_dir(out)
+    task_file = opts.task if opts.task and Path(opts.task).exists() else None
+    check_not_input(out, {"--model": opts.model, "--adapter": opts.adapter, "--task": task_file,
+                          "--data-dir": opts.data_dir}, option="--out", replaced=True)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a directory")
-    d = plan_export(opts)
-    target, tuner, train = d["target"], d["tuner"], d["train"]
-    adapter_files = _adapter_files(tuner)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        raise UsageError(f"--out {text} exists and is not a directory")
+    if out.exists() and not opts.force:
+        raise UsageError(f"{text} exists; choose another --out or pass --force to replace it")
+    check_writable(out, directory=True)
+    return out
+
+
+def _recover_old_swap(out: Path) -> None:
+    """Earlier versions of the export moved the old project aside as ``.NAME.old-PID`` before
+    renaming the new one in; a crash between the two left only that copy. Put it back when
+    ``out`` is missing, else remove it (only copies of processes that are gone)."""
+    from ..io_atomic import _pid_alive
+
+    prefix = f".{out.name}.old-"
     try:
+        entries = [e for e in os.scandir(out.parent) if e.name.startswith(prefix) and e.name[len(prefix):].isdigit()]
+    except OSError:
+        return
+    for e in sorted(entries, key=lambda e: e.stat(follow_symlinks=False).st_mtime, reverse=True):
+        if _pid_alive(int(e.name[len(prefix):])) or not e.is_dir(follow_symlinks=False):
+            continue
+        if not out.exists():
+            os.rename(e.path, out)
+        else:
+            shutil.rmtree(e.path, ignore_errors=True)
+
+
+def export_project(opts: ExportOptions, plan: dict[str, Any] | None = None) -> ExportResult:
+    """Write the project for ``opts`` into ``opts.out`` atomically: it is written into a hidden
+    folder beside it and exchanged with the old project in one step, under ``opts.out``'s
+    lock (the same machinery as model saves, so a crash leaves the old project or the new one
+    and the next run removes what a dead process left). ``plan``: ``plan_export(opts)``'s
+    result when the caller has it already."""
+    from .. import core as core_pkg
+    from ..io_atomic import replace_dir_atomic
+
+    out = check_out(opts)
+    d = plan if plan is not None else plan_export(opts)
+    target, tuner = d["target"], d["tuner"]
+    adapter_files = _adapter_files(tuner)
+    manifest = _manifest(d, opts)
+
+    def fill(tmp: Path) -> None:
         for f in (*core_pkg.SOURCES, *core_pkg.HEADERS):
             if target.kind == "mcu" and f == "et_clock.c":
                 continue  # POSIX only
@@ -545,26 +670,27 @@ def export_project(opts: ExportOptions) -> ExportResult:
         else:
             _copy_template("main_linux.c", tmp / "main.c")
             if d["task"] is not None:
-                (tmp / "samples.bin").write_bytes(_samples_bin(d))
+                with open(tmp / "samples.bin", "wb") as f:
+                    _write_samples_bin(d, f)
             run = "" if target.name == "host" or target.compiler() == "cc" else f"{target.qemu} "
             (tmp / "Makefile").write_text(_template(
                 "Makefile.linux", TARGET=target.name, CC=target.compiler(), CC_PACKAGE=target.cc_package,
                 RUN=run, STATIC="-static" if target.name != "host" else "",
                 QEMU=target.qemu or "", QEMU_PACKAGE=target.qemu_package or ""))
-        manifest = _manifest(d, opts)
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(d, manifest))
-        old = None
-        if out.exists():  # --force: move the old project aside, put the new one in, then delete the old
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportResult(out=out, target=target.name, manifest=manifest)
+        for f in tmp.iterdir():  # durable before the swap, like a model's files
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+    def still_free(path: Path) -> None:  # under the lock: another export may have written it meanwhile
+        _recover_old_swap(path)
+        if path.exists() and not opts.force:
+            raise UsageError(f"{opts.out} exists (written by another process meanwhile); choose another --out "
+                             f"or pass --force to replace it")
+
+    replace_dir_atomic(out, fill, check=still_free)
+    return ExportResult(out=Path(opts.out), target=target.name, manifest=manifest)
 
 
 def _manifest(d: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from .aggregate import AGGREGATIONS, Tensors, aggregate, payload_bytes, screen_updates, update_norm  # noqa: E402
 from .device import DeviceTrainer, TrainSpec, get_device, global_tensors, make_tuner  # noqa: E402
 from .partition import make_fleet  # noqa: E402
+from .state import load_server_state  # noqa: E402
 
 log = logging.getLogger("flwr")
 
@@ -274,11 +275,11 @@ def run_fleet_server(grid: Grid, spec: ServerSpec) -> dict[str, Any]:
     }
     state = Path(spec.state_dir) if spec.state_dir else None
     first = 1
-    if state is not None and (state / "server.json").is_file():
-        saved = json.loads((state / "server.json").read_text())
-        if saved.get("identity") == _identity(spec, digest) and saved["results"]["rounds"]:
-            with np.load(state / "global.npz") as z:
-                current = {k: z[k] for k in z.files}
+    loaded = load_server_state(state) if state is not None else None
+    if loaded is not None:
+        saved, saved_tensors = loaded
+        if saved.get("identity") == _identity(spec, digest):
+            current = saved_tensors
             results = saved["results"]
             results["resumed_after_round"] = results["rounds"][-1]["round"]
             first = results["rounds"][-1]["round"] + 1

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cache import unwritable
 from ..errors import UsageError
 from ..nn.mlp import Backbone
 from .aggregate import Tensors, payload_bytes
@@ -96,6 +97,8 @@ class DeviceTrainer:
 
     def __init__(self, backbone: Backbone, data: DeviceData, spec: TrainSpec, state_dir: str | Path | None = None):
         self.backbone, self.data, self.spec = backbone, data, spec
+        # The device's samples as arrays no one can write: each round's fit checks them once, not again.
+        self._x, self._y = unwritable(data.x_train), unwritable(data.y_train)
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.tuner = make_tuner(backbone, spec)
         names = set(self.tuner.method.adapter_tensors())
@@ -119,7 +122,7 @@ class DeviceTrainer:
             self.tuner = make_tuner(self.backbone, self.spec)
         self._load_global(tensors)
         t0 = time.perf_counter()
-        self.tuner.fit(self.data.x_train, self.data.y_train)
+        self.tuner.fit(self._x, self._y)
         seconds = time.perf_counter() - t0
         out = self.tuner.method.adapter_tensors()
         self.personal = {k: out[k] for k in self.personal_names}

@@ -87,6 +87,29 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_port_free(address: str) -> None:
+    """Refuse now, naming it, a port another process holds (the SuperLink would fail later)."""
+    import errno
+
+    host, port = parse_address(address)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"{address}: cannot resolve the host ({e.strerror or e})") from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # like the SuperLink: connections of a stopped server waiting out TIME_WAIT do not count,
+        # a process listening there does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise FleetError(f"{address}: the port is in use by another process; stop it or choose another "
+                                 f"--address") from None
+            raise FleetError(f"{address}: cannot listen there ({e.strerror or e})") from None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -117,12 +140,36 @@ def _install_hint() -> str:
     return INSTALL_HINT
 
 
-def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float) -> None:
+def _log_size(log: Path) -> int:
+    try:
+        return log.stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_reason(log: Path | None, since: int = 0) -> str:
+    """The last error a Flower process wrote to ``log`` after byte ``since`` (its last lines if
+    none says error)."""
+    if log is None:
+        return ""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(since, f.seek(0, os.SEEK_END) - 8192))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    picked = errors[-2:] if errors else lines[-2:]
+    return f": {' / '.join(picked)[-600:]}" if picked else ""
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float, log: Path | None = None,
+               since: int = 0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise FleetError(f"{Path(proc.args[0]).name} exited with code {proc.returncode} before listening "
-                             f"on {host}:{port} (is the port in use?)")
+                             f"on {host}:{port}{_log_reason(log, since)}" + (f" (log: {log})" if log else ""))
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -293,11 +340,12 @@ def register_devices(keys: list[str], *, state_dir: Path, tls: dict[str, str], h
         book = {}
     # a key is its type and its base64 body; the comment after them may change
     wanted = {" ".join(Path(k).read_text().split()[:2]): k for k in keys}
+    since = _log_size(state_dir / "superlink.log")
     with open(state_dir / "superlink.log", "ab") as logf:
         link = subprocess.Popen(_superlink_cmd(host, port, state_dir / "superlink.db", tls, True), env=env,
                                 stdout=logf, stderr=subprocess.STDOUT, cwd=state_dir, **_child_kwargs())
         try:
-            _wait_port(host, port, link, 60)
+            _wait_port(host, port, link, 60, state_dir / "superlink.log", since)
             for text, node in list(book.items()):
                 if text not in wanted:
                     ok, _, msg = _flwr_json(["supernode", "unregister", str(node), "edgetune"], env, state_dir)
@@ -352,6 +400,7 @@ def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, ti
     cmd = _superlink_cmd(host, port, state_dir / "superlink.db", tls, bool(device_keys))
     if device_keys:
         register_devices(device_keys, state_dir=state_dir, tls=tls, host=connect_host, log=log)
+    since = _log_size(state_dir / "superlink.log")
     logf = open(state_dir / "superlink.log", "ab")
     link = None
 
@@ -361,7 +410,7 @@ def serve(spec, *, address: str, state_dir: Path, tls: dict[str, str] | None, ti
     try:
         link = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=state_dir,
                                 **_child_kwargs())
-        _wait_port(connect_host, port, link, 60)
+        _wait_port(connect_host, port, link, 60, state_dir / "superlink.log", since)
         log(f"SuperLink listening on {host}:{port} (log: {state_dir / 'superlink.log'})")
         sub = subprocess.run([_tool("flwr"), "run", str(app_dir), "edgetune", "--format", "json"], env=env,
                              capture_output=True, text=True, timeout=120, cwd=state_dir)

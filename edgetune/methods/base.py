@@ -71,6 +71,30 @@ class ParamStore:
 
 
 @dataclass
+class CoreSpec:
+    """A method as the compiled engine sees it: offsets of its tensors in the flat parameter
+    vector (-1: absent), per layer where a list, and the frozen arrays C reads. The binding
+    (edgetune/core/engine.py) checks every field before C runs."""
+
+    kind: str                                  # "layerwise", "skip" or "sparse"
+    rank: int = 1
+    scale: float = 1.0
+    first: int = 0                             # the first layer with anything trainable
+    bias_delta: int = -1                       # a trainable offset added to the logits
+    weight: list[int] | None = None            # layerwise: W^T (in, out); sparse: the trained rows
+    bias: list[int] | None = None
+    lora_a: list[int] | None = None
+    lora_b: list[int] | None = None
+    skip_a: int = -1                           # skip: A (n*rank, D), block-diagonal
+    skip_b: int = -1                           # skip: B (out, n*rank)
+    rows: list[int] | None = None              # sparse: trained output channels per layer
+    qas: bool = False                          # sparse on int8: Quantization-Aware Scaling
+    w_unit: list[np.ndarray] | None = None     # sparse on int8: weight unit s_W per layer
+    b_unit: list[np.ndarray] | None = None     # sparse on int8: bias unit s_x s_W per layer
+    wt: list[np.ndarray | None] | None = None  # frozen layers' (in, out) weights for the forward pass
+
+
+@dataclass
 class MethodOptions:
     """Options shared by the methods (each ignores what does not apply to it)."""
     rank: int = 1

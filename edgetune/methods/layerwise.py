@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import UsageError
 from ..nn.layers import LayerSpec, apply_layer, lora_specs
 from ..nn.mlp import Backbone
-from .base import Method, MethodOptions, ParamStore, init_lora_a
+from .base import CoreSpec, Method, MethodOptions, ParamStore, init_lora_a
 
 
 @dataclass(frozen=True)
@@ -189,17 +189,17 @@ class LayerwiseMethod(Method):
                 bb.layers[k - 1].spec.act.grad_mul(dh, h)
                 g = dh
 
-    def core_spec(self) -> dict:
+    def core_spec(self) -> CoreSpec:
         """This method as the compiled engine sees it (see edgetune/core/engine.py)."""
         n, off = self.backbone.n_layers, self.params.offset
         wt = self._wt if self._wt is not None else self.backbone.transposed_weights(
             [k for k, p in enumerate(self.plans) if not p.weight])
-        return {"kind": "layerwise", "rank": self.options.rank, "scale": self.scale, "first": self.first,
-                "weight": [off(f"layers.{k}.weight_t") for k in range(n)],
-                "bias": [off(f"layers.{k}.bias") for k in range(n)],
-                "lora_a": [off(f"layers.{k}.lora_A") for k in range(n)],
-                "lora_b": [off(f"layers.{k}.lora_B") for k in range(n)],
-                "bias_delta": off("head.bias_delta"), "wt": wt}
+        return CoreSpec("layerwise", rank=self.options.rank, scale=self.scale, first=self.first,
+                        weight=[off(f"layers.{k}.weight_t") for k in range(n)],
+                        bias=[off(f"layers.{k}.bias") for k in range(n)],
+                        lora_a=[off(f"layers.{k}.lora_A") for k in range(n)],
+                        lora_b=[off(f"layers.{k}.lora_B") for k in range(n)],
+                        bias_delta=off("head.bias_delta"), wt=wt)
 
     def end_fit(self) -> None:
         self._hs = [None] * self.backbone.n_layers

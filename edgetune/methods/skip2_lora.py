@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cache import SkipCache
+from ..cache import SkipCache, backbone_key
 from .skip_lora import SkipLoRA
 
 
@@ -19,16 +19,24 @@ class Skip2LoRA(SkipLoRA):
     uses_cache = True
     cache: SkipCache | None = None
     _fitting = False
+    #: The backbone key the current fit runs on (the trainer keeps the engine's structs for it).
+    fit_key: str | None = None
 
     def begin_fit(self, x: np.ndarray) -> None:
-        super().begin_fit(x)
+        guard = backbone_key(self.backbone)
+        key = guard.digest(self.backbone)
+        # The frozen backbone's transposed weights, made once per backbone state and shared.
+        self._wt = guard.transposed_weights(self.backbone, key)
+        self.fit_key = key
         n = x.shape[0]
+        if type(self.cache) is SkipCache and n > self.cache.n_samples:
+            self.cache.grow(n)  # more samples than last fit (partial_fit): keep the rows already made
         if self.cache is None or self.cache.n_samples != n:
             self.cache = SkipCache(n, self.row_width, self.backbone.dtype,
                                    budget_bytes=self.options.cache_budget,
                                    overflow=self.options.cache_overflow)
         # Never serve stale rows: a changed backbone drops them all, a changed sample its own.
-        self.cache.refresh(self.backbone.digest(), x)
+        self.cache.refresh(key, x)
         self.cache.reset_stats()
         self._fitting = True
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..nn.layers import LayerSpec
 from ..nn.mlp import Backbone
-from .base import Method, MethodOptions, ParamStore, init_lora_a
+from .base import CoreSpec, Method, MethodOptions, ParamStore, init_lora_a
 
 
 class SkipLoRA(Method):
@@ -109,13 +109,12 @@ class SkipLoRA(Method):
     def predict_logits(self, x: np.ndarray) -> np.ndarray:
         return self._head(self.compute_taps(x), keep=False)
 
-    def core_spec(self) -> dict:
+    def core_spec(self) -> CoreSpec:
         """This method as the compiled engine sees it (see edgetune/core/engine.py)."""
         wt = self._wt if self._wt is not None else self.backbone.transposed_weights()
         off = self.params.offset
-        return {"kind": "skip", "rank": self.options.rank, "scale": self.scale, "first": 0,
-                "skip_a": off("skip.lora_A"), "skip_b": off("skip.lora_B"), "bias_delta": off("head.bias_delta"),
-                "wt": wt}
+        return CoreSpec("skip", rank=self.options.rank, scale=self.scale, first=0, skip_a=off("skip.lora_A"),
+                        skip_b=off("skip.lora_B"), bias_delta=off("head.bias_delta"), wt=wt)
 
     def end_fit(self) -> None:
         self._h = self._u = None

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import UsageError
 from ..nn.layers import LayerSpec, apply_layer
 from ..nn.mlp import Backbone
-from .base import Method, MethodOptions, ParamStore
+from .base import CoreSpec, Method, MethodOptions, ParamStore
 
 RATIOS = (Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), Fraction(1))
 _TOKEN = re.compile(r"^(?:b(\d+)|w(-?\d+)(?::([0-9./]+))?)$")
@@ -362,14 +362,14 @@ class SparseUpdate(Method):
         n = self.backbone.n_layers
         self._kept, self._masks = [None] * n, [None] * n
 
-    def core_spec(self) -> dict:
+    def core_spec(self) -> CoreSpec:
         """This method as the compiled engine sees it (see edgetune/core/engine.py)."""
         n, off = self.backbone.n_layers, self.params.offset
-        return {"kind": "sparse", "rank": 1, "scale": 1.0, "first": self.first, "qas": self.qas,
-                "rows": [self.rows.get(k, 0) for k in range(n)],
-                "weight": [off(f"layers.{k}.weight") for k in range(n)],
-                "bias": [off(f"layers.{k}.bias") for k in range(n)],
-                "w_unit": self.w_unit if self.int8 else None, "b_unit": self.b_unit if self.int8 else None}
+        return CoreSpec("sparse", rank=1, scale=1.0, first=self.first, qas=self.qas,
+                        rows=[self.rows.get(k, 0) for k in range(n)],
+                        weight=[off(f"layers.{k}.weight") for k in range(n)],
+                        bias=[off(f"layers.{k}.bias") for k in range(n)],
+                        w_unit=self.w_unit if self.int8 else None, b_unit=self.b_unit if self.int8 else None)
 
     # -- deployment ---------------------------------------------------------------------
     def merged_backbone(self) -> Backbone:

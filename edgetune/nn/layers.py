@@ -25,6 +25,7 @@ inverted-residual blocks of MobileNetV2 and MCUNet).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -89,6 +90,8 @@ class LayerSpec:
             raise UsageError(f"a {self.kind} layer's input shape must be whole numbers >= 1, got {list(self.in_shape)}")
         if self.out_channels < 1:
             raise UsageError(f"a {self.kind} layer needs at least one output channel, got {self.out_channels}")
+        if self.kind != "add" and self.source != -1:
+            raise UsageError(f"only an add layer has a source layer (a {self.kind} layer has source {self.source})")
         self.ops.check(self)
 
     # -- construction -----------------------------------------------------------------
@@ -144,11 +147,11 @@ class LayerSpec:
     @property
     def in_features(self) -> int:
         """Values in one sample's input (the width of the layer's input as a flat row)."""
-        return int(np.prod(self.in_shape))
+        return math.prod(map(int, self.in_shape))  # math.prod: np.prod costs ~5 us per call
 
     @property
     def out_features(self) -> int:
-        return int(np.prod(self.out_shape))
+        return math.prod(map(int, self.out_shape))
 
     @property
     def weight_shape(self) -> tuple[int, ...]:

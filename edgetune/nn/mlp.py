@@ -508,7 +508,8 @@ class Backbone:
     @classmethod
     def load(cls, path: str | os.PathLike, *, int8_kernel: str = "blas") -> "Backbone":
         """A model directory: float or int8, format 2 or the format-1 files earlier versions wrote."""
-        from ..io_atomic import check_config_field, check_model_config, read_json_config, recover_dir
+        from ..io_atomic import (check_config_field, check_input_std, check_model_config, read_json_config,
+                                 recover_dir)
         from ..safetensors import loads
 
         path = Path(path)
@@ -583,6 +584,7 @@ class Backbone:
                                      f"{what} {dt}{list(shape)}")
             if dt.kind == "f" and not np.all(np.isfinite(t)):
                 raise ModelFileError(f"{w_path}: tensor '{name}' contains NaN or inf")
+        check_input_std(tensors.get("input.std"), w_path)
         layers = []
         for k, spec in enumerate(specs):
             if not spec.has_params:

@@ -486,7 +486,7 @@ def _activation(name: str) -> Callable[[Any, _Build], None]:
             if (lo, hi) != (0.0, 6.0):
                 raise g.refuse(node, f"clips to [{lo}, {hi}]: only Clip(0, 6) (ReLU6) converts")
         if not g.layers or not g.open:
-            where = "before the first layer" if not g.layers else f"right after another activation"
+            where = "before the first layer" if not g.layers else "right after another activation"
             raise g.refuse(node, f"is an activation {where}: edgetune backbones have one activation after a "
                                  f"layer")
         layer = g.layers[-1]

@@ -91,7 +91,7 @@ def attach_int8_cache(method, n_samples: int, *, x_calib: np.ndarray | None = No
         if x_calib is None:
             raise UsageError("an int8 cache on a float backbone needs calibration inputs (x_calib)")
         s = calibrate(bb, x_calib, percentile=percentile)[:-1]
-        scales = np.repeat(s, bb.sizes[:-1]).astype(np.float32)
+        scales = np.repeat(s, bb.tap_widths).astype(np.float32)
     opts = method.options
     method.cache = Int8SkipCache(n_samples, scales, bb.sizes[-1], budget_bytes=opts.cache_budget,
                                  overflow=opts.cache_overflow)

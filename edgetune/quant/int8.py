@@ -221,14 +221,14 @@ def dequantize(bb: Backbone) -> Backbone:
 
 
 def calibrate(backbone: Backbone, x: np.ndarray, *, percentile: float = 100.0) -> np.ndarray:
-    """Per-tensor scales of every layer's input (and of the logits, last) on raw inputs ``x``."""
+    """Per-tensor scales of every skip tap (each weighted layer's input; an MLP's every layer
+    input) and of the logits, last, on raw inputs ``x``."""
     if not 50.0 < percentile <= 100.0:
         raise UsageError(f"percentile must be in (50, 100], got {percentile}")
     taps = backbone.forward_taps(backbone.prepare(x, "calibration x"))
-    sizes = backbone.sizes
     scales = []
     col = 0
-    for w in sizes:
+    for w in [*backbone.tap_widths, backbone.sizes[-1]]:
         seg = np.abs(taps[:, col:col + w])
         amax = float(np.percentile(seg, percentile)) if percentile < 100 else float(seg.max())
         scales.append(amax / QMAX if amax > 0 else 1.0)

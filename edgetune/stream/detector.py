@@ -32,7 +32,6 @@ Kinds:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass

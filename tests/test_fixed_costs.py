@@ -1,0 +1,347 @@
+"""What a call costs beyond its arithmetic: the backbone key kept between fits, the engine's
+structs kept per tuner, partial_fit. Nothing here may weaken the skip-cache's guard: every
+way of changing a backbone or the data in place must still drop the rows it made stale."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgetune as et
+from edgetune.cache import BackboneKey, SkipCache, backbone_key
+from edgetune.core import load
+from edgetune.errors import BudgetError, DataError, UsageError
+from edgetune.nn.mlp import Backbone
+
+from .conftest import small_backbone, toy_task
+
+ENGINES = ["numpy", "c"] if load() is not None else ["numpy"]
+
+
+def _same_rows(cache_rows, want):
+    """The C engine's kernels round differently from NumPy's: a stale row is off by far more."""
+    np.testing.assert_allclose(cache_rows, want, rtol=1e-5, atol=1e-6)
+
+
+def _bb(seed: int = 0) -> Backbone:
+    return small_backbone(sizes=(7, 16, 16, 3), dtype=np.float32, seed=seed)
+
+
+def _tuner(bb, engine, **kw):
+    opts = dict(epochs=2, batch_size=8, lr=0.1, seed=3, engine=engine)
+    opts.update(kw)
+    return et.FineTuner(bb, "skip2-lora", **opts)
+
+
+def _fresh_result(bb, x, y, engine, fits=1):
+    """What a tuner that never kept anything computes on ``bb`` now (a copy: no shared state)."""
+    t = _tuner(bb.copy(), engine)
+    for _ in range(fits):
+        t.fit(x, y)
+    return t.method.params.flat.copy()
+
+
+# -- the backbone key -------------------------------------------------------------------
+def test_key_hashes_once_while_nothing_changes():
+    bb = _bb()
+    key = BackboneKey()
+    d = key.digest(bb)
+    assert d == bb.digest()
+    for _ in range(3):
+        assert key.digest(bb) == d
+    assert key.hashes == 1
+
+
+def _views_backbone():
+    """A backbone whose first weight is a view of a larger base array the caller keeps."""
+    bb = _bb()
+    base = np.zeros((2,) + bb.weights[0].shape, np.float32)
+    base[0] = bb.weights[0]
+    w = [base[0]] + [np.array(a) for a in bb.weights[1:]]
+    return Backbone(w, [np.array(b) for b in bb.biases], activation="relu"), base
+
+
+EDITS = {
+    "weight in place": lambda bb, base: bb.weights[1].__setitem__((0, 0), bb.weights[1][0, 0] + 0.25),
+    "bias in place": lambda bb, base: bb.biases[2].__setitem__(1, bb.biases[2][1] - 0.5),
+    "base array through another view": lambda bb, base: base.__setitem__((0, 2, 3), base[0, 2, 3] + 1.0),
+    "made writeable again by its owner": None,  # below
+    "layer replaced": lambda bb, base: setattr(bb.layers[2], "weight", bb.weights[2] * 1.5),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_every_in_place_edit_of_the_backbone_drops_the_rows(edit, engine):
+    bb, base = _views_backbone()
+    x, y = toy_task(n=40, shift=0.5)
+    if edit == "made writeable again by its owner":
+        base.flags.writeable = False    # read-only from the start: still compared, never trusted
+        bb.weights[0].flags.writeable = False
+    t = _tuner(bb, engine).fit(x, y)
+    if edit == "made writeable again by its owner":
+        base.flags.writeable = True     # the owner of the memory writes anyway...
+        base[0, 0, 0] += 2.0
+        base.flags.writeable = False    # ...and makes it read-only again
+    else:
+        EDITS[edit](bb, base)
+    before = backbone_key(bb).hashes
+    t.fit(x, y)
+    assert backbone_key(bb).hashes == before + 1
+    assert t.history_.cache["cache_invalidations"] >= 1
+    _same_rows(t.method.cache.data, bb.forward_taps(bb.prepare(x)))
+    # the kept engine structs were rebuilt: the second fit is what a fresh tuner computes from
+    # the first fit's parameters on the edited backbone
+    ref = _tuner(bb.copy(), engine)
+    ref.method.params.flat[...] = _first_fit_params(bb, base, x, y, engine, edit)
+    ref.fit(x, y)
+    np.testing.assert_array_equal(t.method.params.flat, ref.method.params.flat)
+
+
+def _first_fit_params(bb, base, x, y, engine, edit):
+    """Redo the run up to the edit on an untouched copy of the original backbone."""
+    orig, _ = _views_backbone()
+    return _tuner(orig, engine).fit(x, y).method.params.flat.copy()
+
+
+def test_key_sees_the_sign_of_a_zero():
+    bb = _bb()
+    bb.biases[0][0] = 0.0
+    key = BackboneKey()
+    d = key.digest(bb)
+    bb.biases[0][0] = -0.0                          # equal as numbers, other bytes: another digest
+    assert key.digest(bb) == bb.digest() != d and key.hashes == 2
+
+
+def test_a_backbone_nobody_can_write_is_not_compared():
+    bb = _bb()
+    frozen = Backbone([np.frombuffer(w.tobytes(), np.float32).reshape(w.shape) for w in bb.weights],
+                      [np.frombuffer(b.tobytes(), np.float32) for b in bb.biases], activation="relu")
+    with pytest.raises(ValueError):
+        frozen.weights[0].flags.writeable = True   # NumPy refuses: the memory belongs to bytes
+    key = BackboneKey()
+    d = key.digest(frozen)
+    assert d == bb.digest() and key.digest(frozen) == d and key.hashes == 1
+    assert all(key._reference[k] is a for k, a in frozen.tensors().items())  # kept by reference, no copy
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_in_place_edit_of_the_inputs_drops_their_rows(engine):
+    bb = _bb()
+    x, y = toy_task(n=40, shift=0.5)
+    x = x.astype(np.float32)
+    t = _tuner(bb, engine).fit(x, y)
+    x[5, 1] += 3.0                                  # the same array object, edited
+    t.fit(x, y)
+    assert t.history_.cache["cache_invalidations"] == 1
+    _same_rows(t.method.cache.data, bb.forward_taps(bb.prepare(x)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kept_structs_give_bit_identical_results(engine):
+    bb = _bb()
+    x, y = toy_task(n=40, shift=0.5)
+    kept = _tuner(bb, engine)
+    rebuilt = _tuner(bb, engine)
+    for _ in range(3):
+        kept.fit(x, y)
+        rebuilt._kept.clear()                       # nothing kept: every struct built again
+        rebuilt.fit(x, y)
+    assert kept.history_.engine == engine
+    np.testing.assert_array_equal(kept.method.params.flat, rebuilt.method.params.flat)
+    np.testing.assert_array_equal(kept.method.params.flat, _fresh_result(bb, x, y, engine, fits=3))
+    if engine == "c":
+        assert kept._kept["core"][2] is not None
+
+
+# -- partial_fit -------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+def test_partial_fit_equals_fit_on_the_data_so_far(engine):
+    bb = _bb()
+    x, y = toy_task(n=45, shift=0.5)
+    stream = _tuner(bb, engine)
+    ref = _tuner(bb, engine)
+    for k, lo in enumerate(range(0, 45, 9)):
+        stream.partial_fit(x[lo:lo + 9], y[lo:lo + 9])
+        ref.config.epochs, ref.config.seed = 1, 3 + k
+        ref.fit(x[:lo + 9], y[:lo + 9])
+        np.testing.assert_array_equal(stream.method.params.flat, ref.method.params.flat)
+        # the rows of earlier samples are kept: only the new ones go through the backbone
+        assert stream.history_.cache["cache_misses"] == 9
+    _same_rows(stream.method.cache.data, bb.forward_taps(bb.prepare(x)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_one_sample_at_a_time(engine):
+    bb = _bb()
+    x, y = toy_task(n=30, shift=0.5)
+    t = _tuner(bb, engine)
+    for i in range(30):
+        t.partial_fit(x[i:i + 1], y[i:i + 1])
+        assert t.history_.cache["cache_misses"] == 1
+    assert t.method.cache.n_samples == 30
+    _same_rows(t.method.cache.data, bb.forward_taps(bb.prepare(x)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stream_capacity_oldest_out(engine):
+    bb = _bb()
+    x, y = toy_task(n=25, shift=0.5)
+    t = _tuner(bb, engine, stream_capacity=10)
+    for lo in range(0, 25, 5):
+        t.partial_fit(x[lo:lo + 5], y[lo:lo + 5])
+    mem = t._stream
+    assert mem.n == 10
+    # slots 0..9 hold samples 20..24 (slots 0-4, the newest) and 15..19 (slots 5-9)
+    np.testing.assert_array_equal(mem.x[:10], bb.prepare(np.concatenate([x[20:25], x[15:20]])))
+    assert t.method.cache.n_samples == 10
+    _same_rows(t.method.cache.data, bb.forward_taps(mem.x[:10]))  # replaced rows recomputed
+
+
+def test_stream_capacity_reservoir_keeps_a_uniform_sample():
+    bb = _bb()
+    x, y = toy_task(n=200, shift=0.5)
+    kept = np.zeros(200)
+    for seed in range(20):
+        t = _tuner(bb, "numpy", stream_capacity=20, stream_policy="reservoir", seed=seed, epochs=1)
+        t.partial_fit(x, y)
+        mem = bb.prepare(x)
+        rows = t._stream.x[:20]
+        ids = [int(np.flatnonzero((mem == r).all(axis=1))[0]) for r in rows]
+        assert len(set(ids)) == 20
+        kept[ids] += 1
+    # every sample is kept with probability 20/200: the first and the second half equally often
+    assert abs(kept[:100].sum() - kept[100:].sum()) < 0.3 * kept.sum()
+    _same_rows(t.method.cache.data, bb.forward_taps(t._stream.x[:20]))
+
+
+def test_partial_fit_refuses_bad_options_and_data():
+    bb = _bb()
+    x, y = toy_task(n=10)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(UsageError, match="stream_capacity"):
+            et.FineTuner(bb, "skip2-lora", stream_capacity=bad)
+    with pytest.raises(UsageError, match="stream_policy"):
+        et.FineTuner(bb, "skip2-lora", stream_policy="newest")
+    t = et.FineTuner(bb, "skip2-lora")
+    t.partial_fit(x, y)
+    with pytest.raises(DataError):
+        t.partial_fit(x[:, :5], y)
+    with pytest.raises(DataError):
+        t.partial_fit(x, np.full(len(y), 7))
+
+
+def test_partial_fit_works_for_methods_without_a_cache():
+    bb = _bb()
+    x, y = toy_task(n=20, shift=0.5)
+    a = et.FineTuner(bb, "lora-all", batch_size=5, seed=1)
+    a.partial_fit(x[:10], y[:10]).partial_fit(x[10:], y[10:])
+    b = et.FineTuner(bb, "lora-all", batch_size=5, seed=1, epochs=1)
+    b.fit(x[:10], y[:10])
+    b.config.seed = 2
+    b.fit(x, y)
+    np.testing.assert_array_equal(a.method.params.flat, b.method.params.flat)
+
+
+# -- the cache grows -----------------------------------------------------------------------
+def test_cache_grow_keeps_rows_and_respects_the_budget():
+    c = SkipCache(3, 2, np.float32)
+    c.validate(("a", "b"))
+    compute = lambda ids: np.stack([ids, ids * 10], axis=1).astype(np.float32)
+    c.fetch(np.array([0, 1, 2]), compute)
+    c.grow(5)
+    assert c.n_samples == c.capacity == 5 and c.filled.tolist() == [True] * 3 + [False] * 2
+    np.testing.assert_array_equal(c.data[:3], compute(np.arange(3)))
+    assert c.data.flags.c_contiguous and c.data.shape == (5, 2)
+    c.grow(6)  # within the doubled buffer: no copy
+    assert np.shares_memory(c.data, c._buffer) and c._buffer.shape[0] == 6
+    tight = SkipCache(3, 2, np.float32, budget_bytes=40)
+    with pytest.raises(BudgetError, match="budget"):
+        tight.grow(6)
+    part = SkipCache(3, 2, np.float32, budget_bytes=40, overflow="partial")
+    part.grow(9)
+    assert (part.n_samples, part.capacity) == (9, 5) and part.nbytes <= 40 + 9
+
+
+def test_key_holds_no_copy_of_the_weights():
+    bb = _bb()
+    key = BackboneKey()
+    key.digest(bb)
+    wt = key.transposed_weights(bb, key.digest(bb))
+    for k, w in enumerate(bb.weights):
+        assert key._reference[f"layers.{k}.weight"] is wt[k]       # compared with the forward's copy
+        np.testing.assert_array_equal(wt[k], w.T)
+        assert not wt[k].flags.writeable
+    held = sum(a.nbytes for k, a in key._reference.items() if "weight" not in k)
+    assert held == sum(b.nbytes for b in bb.biases)
+
+
+def test_int8_backbones_are_hashed_every_call():
+    from edgetune.quant import quantize
+
+    x, y = toy_task(n=40, shift=0.5)
+    q = quantize(_bb(), x.astype(np.float32))
+    key = BackboneKey()
+    assert key.digest(q) == key.digest(q) == q.digest() and key.hashes == 2
+    q.layers[0].quant.qweight[0, 0] ^= 1
+    assert key.digest(q) == q.digest()
+
+
+# -- start-up: import only what is used -------------------------------------------------------
+def test_import_edgetune_loads_only_the_errors_until_a_name_is_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, edgetune as et; assert 'edgetune.api' not in sys.modules and 'numpy' not in sys.modules; "
+            "et.FineTuner; assert 'edgetune.api' in sys.modules; et.quant.quantize; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_cli_builds_only_the_command_it_runs():
+    from edgetune.cli import _command_in, build_parser
+
+    assert _command_in(["--threads", "2", "finetune", "--task", "x"]) == "finetune"
+    assert _command_in(["--engine", "c", "info"]) == "info"
+    assert _command_in(["--help"]) is None and _command_in(["nosuch"]) is None and _command_in([]) is None
+    sub = next(a for a in build_parser("info")._actions if a.dest == "command")
+    assert list(sub.choices) == ["info"]
+    full = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "finetune" in full.choices and "info" in full.choices
+
+
+# -- inputs no one can write are validated once ------------------------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unwritable_inputs_are_prepared_once_and_results_unchanged(engine, monkeypatch):
+    from edgetune.cache import unwritable
+    import edgetune.api as api
+
+    bb = _bb()
+    x, y = toy_task(n=40, shift=0.5)
+    xu, yu = unwritable(x), unwritable(y)
+    with pytest.raises(ValueError):
+        xu.flags.writeable = True
+    calls = []
+    real = api.validate_xy
+    monkeypatch.setattr(api, "validate_xy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = _tuner(bb, engine)
+    for _ in range(3):
+        a.fit(xu, yu)
+    assert len(calls) == 1
+    b = _tuner(bb, engine)
+    for _ in range(3):
+        b.fit(x, y)                                   # writable arrays: checked every call
+    assert len(calls) == 4
+    np.testing.assert_array_equal(a.method.params.flat, b.method.params.flat)
+
+
+def test_prepared_inputs_follow_the_normalisation():
+    from edgetune.cache import unwritable
+
+    bb = _bb()
+    x, y = toy_task(n=40, shift=0.5)
+    bb.fit_normalizer(x)
+    xu, yu = unwritable(x), unwritable(y)
+    t = _tuner(bb, "numpy").fit(xu, yu)
+    bb.input_mean[0] += 1.0                           # the backbone's normalisation edited in place
+    t.fit(xu, yu)
+    np.testing.assert_array_equal(t.method.cache.data[:, :7], bb.prepare(x))
