@@ -396,3 +396,16 @@ def test_a_residual_mlp_converts_both_ways(tmp_path):
     out = to_onnx(bb, tmp_path / "back.onnx")
     np.testing.assert_allclose(run_ort(out, x), run_ort(path, x), rtol=1e-5, atol=1e-5)
     assert from_onnx(out).digest() == bb.digest()
+
+
+def test_a_residual_of_a_reordered_input_is_refused(tmp_path):
+    """edgetune's first dense layer takes the input as stored (its columns permuted), so a residual
+    of the Transposed input would add other values: refused by name."""
+    inits = {"w1": np.ones((6, 6), np.float32), "w2": np.ones((3, 6), np.float32)}
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], name="swap", perm=[0, 2, 1]),
+             helper.make_node("Flatten", ["t"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w1"], ["z"], name="fc1", transB=1),
+             helper.make_node("Add", ["z", "f"], ["s"], name="residual"),
+             helper.make_node("Gemm", ["s", "w2"], ["y"], name="fc2", transB=1)]
+    with pytest.raises(UsageError, match=r"node 'residual' \(Add\) adds the graph's input reordered"):
+        from_onnx(_graph(tmp_path, nodes, inits, (2, 3)))

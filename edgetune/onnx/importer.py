@@ -420,6 +420,9 @@ def _residual(node: Any, g: _Build) -> None:
     want = g.layers[source].spec.in_shape
     if g.feat_shape != other_shape:  # ONNX would broadcast the two
         raise g.refuse(node, f"adds '{other}' of per-sample shape {list(other_shape)} to {list(g.feat_shape)}")
+    if source == 0 and not np.array_equal(g.index.reshape(-1), np.arange(g.n_inputs)):
+        raise g.refuse(node, "adds the graph's input reordered (a Transpose before the first layer); edgetune "
+                             "adds the input as stored")
     if want != shape:
         raise g.refuse(node, f"adds the input of layer {source} ('{g.layers[source].node}', shape {list(want)}) "
                              f"to samples of shape {list(shape)}")
