@@ -284,11 +284,11 @@ def test_activation_after_the_last_layer_is_refused(tmp_path):
 
 def test_import_cli_refuses_before_writing(tmp_path):
     nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["h"], name="fc1", transB=1),
-             helper.make_node("Conv", ["h", "W2"], ["y"], name="conv0")]
+             helper.make_node("Concat", ["h", "h"], ["y"], name="concat0", axis=1)]
     path = _graph(tmp_path, nodes, W)
     r = subprocess.run([sys.executable, "-m", "edgetune", "import", str(path), "--out", str(tmp_path / "m")],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "node 'conv0' has op type Conv" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "node 'concat0' has op type Concat" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "m").exists()
 
 

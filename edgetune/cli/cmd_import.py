@@ -1,4 +1,4 @@
-"""edgetune import: an ONNX model (an MLP) as an edgetune model directory."""
+"""edgetune import: an ONNX model (an MLP or a CNN) as an edgetune model directory."""
 from __future__ import annotations
 
 import argparse
@@ -7,14 +7,16 @@ from ..io_atomic import target_lock
 from ._common import add_force_arg, add_output_args, check_outputs, info, write_json
 
 NAME = "import"
-HELP = "convert an ONNX model (an MLP) into an edgetune model directory"
-DESCRIPTION = """Read an ONNX file holding a multi-layer perceptron (from torch.onnx.export, tf2onnx,
-or 'edgetune finetune --onnx') and save it as model.safetensors + config.json for
-'edgetune finetune --model'. Gemm, MatMul+Add, Relu/LeakyRelu/Tanh/Sigmoid, inference
-BatchNormalization (folded), Flatten, Reshape, a leading Transpose and per-feature
-Sub/Mul/Div before the first layer (the input normalisation) convert; anything else is
-refused before anything is written, naming the node and listing what converts (see
-docs/onnx.md). Needs the onnx extra (pip install edgetune[onnx]).
+HELP = "convert an ONNX model (an MLP or a CNN) into an edgetune model directory"
+DESCRIPTION = """Read an ONNX file holding a multi-layer perceptron or a convolutional network (from
+torch.onnx.export, tf2onnx, or 'edgetune finetune --onnx') and save it as
+model.safetensors + config.json for 'edgetune finetune --model'. Gemm, MatMul+Add, Conv
+(1-D and 2-D, any group, dilation 1, symmetric padding), MaxPool, AveragePool,
+GlobalAveragePool, residual Add of an earlier layer's input, Relu/Clip(0,6)/LeakyRelu/
+Tanh/Sigmoid, inference BatchNormalization (folded), Flatten, Reshape, a leading Transpose
+and per-feature Sub/Mul/Div before the first layer (the input normalisation) convert;
+anything else is refused before anything is written, naming the node and listing what
+converts (see docs/onnx.md). Needs the onnx extra (pip install edgetune[onnx]).
 
 examples:
   edgetune import model.onnx --out runs/model
@@ -41,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         imported.backbone.save(args.out)
     rep = {"onnx": args.onnx_file, "model": args.out, **imported.summary()}
     b = imported.backbone
-    print(f"imported {'-'.join(map(str, b.sizes))} ({b.activation.name}, {b.dtype}"
+    what = (f"{'-'.join(map(str, b.sizes))} ({b.activation.name}" if all(s.kind == "dense" for s in b.specs)
+            else f"{b.n_layers} layers ({', '.join(s.kind for s in b.specs)}; input {list(b.input_shape)}")
+    print(f"imported {what}, {b.dtype}"
           f"{', with input normalisation' if b.input_mean is not None else ''}) from {args.onnx_file} "
           f"(input '{imported.input_name}' {imported.input_shape}), saved to {args.out}")
     for note in imported.notes:

@@ -1,4 +1,4 @@
-"""ONNX in and out: ``from_onnx`` reads an MLP graph into a Backbone, ``to_onnx`` writes a
+"""ONNX in and out: ``from_onnx`` reads an MLP or CNN graph into a Backbone, ``to_onnx`` writes a
 backbone or a fine-tuned model as a graph ONNX Runtime runs.
 
 The core of edgetune never imports ``onnx``: this module imports it on first use and says
@@ -35,7 +35,7 @@ def read_onnx(path: str | os.PathLike, *, labels: Sequence[str] | None = None) -
 
 
 def from_onnx(path: str | os.PathLike, *, labels: Sequence[str] | None = None) -> "Backbone":
-    """An edgetune Backbone from an ONNX file holding an MLP (see docs/onnx.md for what converts).
+    """An edgetune Backbone from an ONNX file holding an MLP or a CNN (see docs/onnx.md for what converts).
 
     Every node is checked before anything is returned: an operator that does not convert
     raises ``UsageError`` naming the node, its op type and the list of what converts; a
@@ -47,7 +47,8 @@ def from_onnx(path: str | os.PathLike, *, labels: Sequence[str] | None = None) -
 def to_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17) -> Path:
     """Write ``model`` (a Backbone, an int8 backbone, or a fitted FineTuner) as an ONNX file.
 
-    A float model becomes Gemm and activation nodes after the input normalisation; a
+    A float model becomes one node per layer (Gemm, Conv, MaxPool, AveragePool,
+    GlobalAveragePool, Flatten, Add) and its activation after the input normalisation; a
     FineTuner's adapter is merged in (skip methods: the adapters that do not fold become an
     added branch); an int8 backbone becomes a QDQ graph. Written atomically.
     """
