@@ -178,18 +178,25 @@ def _pm(m: dict[str, Any], key: str, fmt: str = "{:.3f}") -> str:
     return s if not std or math.isnan(std) else f"{s} ± {fmt.format(std)}"
 
 
+def _engines(entry: dict[str, Any]) -> str:
+    """Which engine ran the task's methods (a convolutional backbone runs on NumPy)."""
+    used = sorted({r.get("engine") for m in entry["methods"].values() for r in m.get("runs", []) if r.get("engine")})
+    return f", on the {' and '.join(used)} engine" if used else ""
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     lines = ["# edgetune reproduce: results", ""]
     mi = results["machine"]
     lines += [f"Machine: {mi['cpu']} ({mi['cores']} cores, BLAS threads: {mi.get('blas_threads')}), Python {mi['python']}, NumPy {mi['numpy']}, "
-              f"edgetune {mi['edgetune']}, engine {mi.get('engine', 'numpy')}. Seeds: {len(results['seeds'])}"
+              f"edgetune {mi['edgetune']}, compiled engine {'built' if mi.get('engine') == 'c' else 'not used'}. Seeds: {len(results['seeds'])}"
               + (" (quick mode: epochs / 10)" if results.get("quick") else "") + ".", ""]
     for name, e in results["tasks"].items():
         b = e["backbone"]
         lines += [f"## {name}", "", e["summary"], "",
                   f"Backbone {b.get('arch') or '-'.join(map(str, b['sizes']))}, pre-trained {b['pretrain_epochs']} epochs "
                   f"(test accuracy {b['accuracy_test']:.3f}); fine-tuning {e['epochs']} epochs, batch "
-                  f"{e['batch_size']}, SGD lr {e['lr']}. Mean ± std over seeds; times are training only.", ""]
+                  f"{e['batch_size']}, SGD lr {e['lr']}{_engines(e)}. Mean ± std over seeds; times are training "
+                  f"only.", ""]
         has_silent = any("silent_accuracy_after" in m for m in e["methods"].values())
         head = ["method", "trainable", "accuracy before", "accuracy after"]
         head += ["silent after"] if has_silent else []
