@@ -4,6 +4,7 @@
  * engine (edgetune/methods/) operation for operation.
  */
 #include "et_core.h"
+#include "et_conv.h"
 #include "et_int8.h"
 #include "et_kernels.h"
 #include "et_layers.h"
@@ -31,6 +32,9 @@ typedef struct {
     const float **rowp;                    /* skip: batch row pointers */
     float *u;                              /* skip: batch x (n*rank) */
     int8_t *qtaps;                         /* skip on int8: batch x d_in */
+    float *walk[2];                        /* skip, not an MLP: batch x max width, each layer's input and output */
+    float *kept[ET_MAX_LAYERS];            /* skip, not an MLP: batch x et_width(bb, k), the inputs add layers read */
+    float *scratch;                        /* skip, not an MLP: the layers' forward scratch (im2col) */
 } layout;
 
 static size_t take(char **cur, size_t bytes) {
@@ -45,10 +49,20 @@ static int max_width(const et_backbone *bb) {
     return w;
 }
 
-static int d_in_of(const et_backbone *bb) {
-    int d = 0;
-    for (int k = 0; k < bb->n_layers; k++) d += et_width(bb, k);
-    return d;
+static int is_source(const et_backbone *bb, int k) {
+    for (int j = k + 1; j < bb->n_layers; j++)
+        if (bb->layers[j].kind == ET_LAYER_ADD && bb->layers[j].source == k) return 1;
+    return 0;
+}
+
+/* Bytes of scratch the frozen forward of `batch` rows needs: the most any layer asks. */
+static size_t forward_scratch(const et_backbone *bb, int batch) {
+    size_t most = 0;
+    for (int k = 0; k < bb->n_layers; k++) {
+        const size_t b = et_layer_ops_of(bb->layers[k].kind)->forward_scratch_bytes(&bb->layers[k], batch);
+        most = b > most ? b : most;
+    }
+    return most;
 }
 
 /*
@@ -82,14 +96,21 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         PIECE(gbuf[1], float *, B * mw * F);
     }
     if (m->kind == ET_SKIP) {
-        const size_t nr = (size_t)n * m->rank, row = (size_t)d_in_of(bb) + et_width(bb, n);
+        const size_t nr = (size_t)et_skip_taps(bb, NULL, NULL) * m->rank, row = (size_t)et_skip_d_in(bb) + et_width(bb, n);
         PIECE(taps, float *, B * row * F);
         PIECE(rowp, const float **, B * (size_t)pointer_bytes);
         PIECE(u, float *, B * nr * F);
         PIECE(gu, float *, B * nr * F);
         if (bb->is_int8) {
-            PIECE(qtaps, int8_t *, B * (size_t)d_in_of(bb));
+            PIECE(qtaps, int8_t *, B * (size_t)et_skip_d_in(bb));
             PIECE(acc, int32_t *, B * mw * 4);
+        }
+        if (!et_backbone_is_dense(bb)) { /* the frozen forward runs layer by layer (chain_taps) */
+            PIECE(walk[0], float *, B * mw * F);
+            PIECE(walk[1], float *, B * mw * F);
+            for (int k = 0; k < n; k++)
+                if (is_source(bb, k)) PIECE(kept[k], float *, B * et_width(bb, k) * F);
+            PIECE(scratch, float *, forward_scratch(bb, batch));
         }
     } else {
         for (int k = 0; k <= n; k++) PIECE(act[k], float *, B * et_width(bb, k) * F);
@@ -120,6 +141,7 @@ size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et
     if (et_backbone_check(bb) != ET_OK || !m || batch < 1 || m->n_params < 0) return 0;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE || pointer_bytes < 1 || pointer_bytes > 16) return 0;
     if (m->kind != ET_SKIP && (m->first < 0 || m->first >= bb->n_layers)) return 0;
+    if (m->kind != ET_SKIP && !et_backbone_is_dense(bb)) return 0; /* layer-wise, sparse: MLPs only */
     return plan_layout(bb, m, batch, pointer_bytes, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
 }
 
@@ -136,7 +158,10 @@ typedef struct {
     et_cache *cache;
     const float *x;
     int32_t width[ET_MAX_LAYERS + 1];      /* et_width(bb, k), read once: the hot loops index it */
-    int32_t d_in;                          /* the sum of the layers' input widths */
+    int32_t n_taps;                        /* skip: the adapters (et_skip_taps) */
+    int32_t tap_width[ET_MAX_LAYERS];      /* skip: each adapter's input width */
+    int32_t d_in;                          /* the sum of the taps' widths */
+    int32_t batch;
     layout L;
 } ctx;
 
@@ -146,6 +171,7 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     if (rc != ET_OK) return rc;
     if (!m || !x || batch < 1) return ET_ERR_ARGUMENT;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
+    if (m->kind != ET_SKIP && !et_backbone_is_dense(bb)) return ET_ERR_UNSUPPORTED;
     if (et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
     if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
@@ -160,7 +186,9 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->cache = cache;
     c->x = x;
     for (int k = 0; k <= bb->n_layers; k++) c->width[k] = et_width(bb, k);
-    c->d_in = d_in_of(bb);
+    c->n_taps = et_skip_taps(bb, NULL, c->tap_width);
+    c->d_in = et_skip_d_in(bb);
+    c->batch = batch;
     plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L);
     return ET_OK;
 }
@@ -199,7 +227,8 @@ static float *lw_forward(ctx *c, int count) {
         const int in = et_layer_in(l), out = et_layer_out(l);
         const float *h = c->L.act[k];
         float *z = c->L.act[k + 1];
-        et_layer_ops_of(l->kind)->forward(l, lw_weight_t(c, k), NULL, lw_bias(c, k), h, in, count, z, out);
+        et_layer_ops_of(l->kind)->forward(l, lw_weight_t(c, k), NULL, lw_bias(c, k), h, in, count, z, out, NULL,
+                                          NULL);
         if (m->off_lora_a[k] >= 0) {
             const float *A = c->P + m->off_lora_a[k], *Bm = c->P + m->off_lora_b[k];
             float *u = c->L.lora_u + (size_t)k * count * r;
@@ -261,7 +290,8 @@ static void lw_backward(ctx *c, int count) {
 }
 
 /* ================================================================== the skip adapters */
-/* Rows [x | h_1 | ... | z_n] for `count` rows whose x part is already in place (float backbone). */
+/* An MLP's rows [x | h_1 | ... | z_n] for `count` rows whose x part is already in place: each
+ * layer writes its output straight into the next tap's columns. */
 static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
     const int n = bb->n_layers;
     int col = 0;
@@ -269,9 +299,48 @@ static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
         const et_layer *l = &bb->layers[k];
         const int in = et_layer_in(l);
         float *h = rows + col, *z = rows + col + in;
-        et_layer_ops_of(l->kind)->forward(l, l->wt, l->w, l->bias, h, ldr, count, z, ldr);
+        et_layer_ops_of(l->kind)->forward(l, l->wt, l->w, l->bias, h, ldr, count, z, ldr, NULL, NULL);
         et_layer_activate(l, z, ldr, count);
         col += in;
+    }
+}
+
+/*
+ * Rows [t_1 | ... | t_n | z] (row stride ldd) of count <= batch samples ids, for any chain of
+ * layers: each layer runs through its kind's operations from one workspace buffer into the
+ * other; a layer with weights first writes its tap (its input, pooled to one value per channel
+ * where spatial), a layer an add reads keeps its input, and the last writes the logits.
+ */
+static void chain_taps(ctx *c, const int32_t *ids, int count, float *dst, int ldd) {
+    const et_backbone *bb = c->bb;
+    const int n = bb->n_layers;
+    float *h = c->L.walk[0];
+    int cur = 0, col = 0;
+    gather_rows(c->x, c->width[0], ids, count, h, c->width[0]);
+    for (int k = 0; k < n; k++) {
+        const et_layer *l = &bb->layers[k];
+        const int in = et_layer_in(l), out = et_layer_out(l);
+        if (et_layer_has_weights(l)) {
+            if (l->in_h * l->in_w > 1) {
+                /* global average pooling: the window is the whole input (et_conv.h) */
+                const et_conv_dims g = {l->in_c, l->in_h, l->in_w, l->in_c, 1, 1, l->in_h, l->in_w, 1, 1, 0, 0, 1};
+                et_gap_forward(&g, count, h, in, dst + col, ldd);
+                col += l->in_c;
+            } else {
+                for (int i = 0; i < count; i++)
+                    memcpy(dst + (size_t)i * ldd + col, h + (size_t)i * in, (size_t)in * sizeof(float));
+                col += in;
+            }
+        }
+        if (c->L.kept[k]) memcpy(c->L.kept[k], h, (size_t)count * in * sizeof(float));
+        const int last = k == n - 1;
+        float *z = last ? dst + c->d_in : c->L.walk[cur ^ 1];
+        const int ldz = last ? ldd : out;
+        const float *residual = l->kind == ET_LAYER_ADD ? c->L.kept[l->source] : NULL;
+        et_layer_ops_of(l->kind)->forward(l, l->wt, l->w, l->bias, h, in, count, z, ldz, residual, c->L.scratch);
+        et_layer_activate(l, z, ldz, count);
+        h = z;
+        cur ^= 1;
     }
 }
 
@@ -279,6 +348,13 @@ static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
 static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
     const et_backbone *bb = c->bb;
     const int in0 = c->width[0], d = c->d_in, W = d + c->width[bb->n_layers];
+    if (!et_backbone_is_dense(bb)) { /* a batch at a time: the workspace holds `batch` rows per layer */
+        for (int lo = 0; lo < count; lo += c->batch) {
+            const int rows = count - lo < c->batch ? count - lo : c->batch;
+            chain_taps(c, ids + lo, rows, dst + (size_t)lo * W, W);
+        }
+        return;
+    }
     gather_rows(c->x, in0, ids, count, dst, W);
     if (!bb->is_int8) {
         float_taps(bb, dst, W, count);
@@ -389,7 +465,7 @@ static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
 static float *skip_forward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank, nr = n * r, d = c->d_in, out = c->width[n];
+    const int n = c->n_taps, r = m->rank, nr = n * r, d = c->d_in, out = c->width[bb->n_layers];
     const float *A = c->P + m->off_skip_a, *Bm = c->P + m->off_skip_b;
     float *logits = c->L.gbuf[0];
     for (int i = 0; i < count; i++) {
@@ -398,8 +474,8 @@ static float *skip_forward(ctx *c, int count) {
         int col = 0;
         for (int k = 0; k < n; k++) {
             for (int j = 0; j < r; j++)
-                u[k * r + j] = et_dot(A + (size_t)(k * r + j) * d + col, h + col, c->width[k]);
-            col += c->width[k];
+                u[k * r + j] = et_dot(A + (size_t)(k * r + j) * d + col, h + col, c->tap_width[k]);
+            col += c->tap_width[k];
         }
         float *z = logits + (size_t)i * out;
         for (int o = 0; o < out; o++) {
@@ -417,7 +493,7 @@ static float *skip_forward(ctx *c, int count) {
 static void skip_backward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank, nr = n * r, d = c->d_in, out = c->width[n];
+    const int n = c->n_taps, r = m->rank, nr = n * r, d = c->d_in, out = c->width[bb->n_layers];
     const float *Bm = c->P + m->off_skip_b;
     const float *g = c->L.gbuf[0];
     float *gB = c->G + m->off_skip_b, *gA = c->G + m->off_skip_a, *gu = c->L.gu;
@@ -437,7 +513,7 @@ static void skip_backward(ctx *c, int count) {
     /* dA, block by block (the off-block entries are never written, so they stay zero) */
     int col = 0;
     for (int k = 0; k < n; k++) {
-        const int w = c->width[k];
+        const int w = c->tap_width[k];
         for (int j = 0; j < r; j++)
             et_weighted_rows(count, gu + k * r + j, nr, c->L.rowp, col, w, gA + (size_t)(k * r + j) * d + col);
         col += w;
@@ -502,7 +578,8 @@ static float *sp_forward(ctx *c, int count) {
         for (int k = 0; k < start; k++) { /* the frozen layers before `first`, from W (out, in) */
             const et_layer *l = &bb->layers[k];
             const int in = et_layer_in(l), out = et_layer_out(l);
-            et_layer_ops_of(l->kind)->forward(l, NULL, l->w, l->bias, c->L.act[k], in, count, c->L.act[k + 1], out);
+            et_layer_ops_of(l->kind)->forward(l, NULL, l->w, l->bias, c->L.act[k], in, count, c->L.act[k + 1], out,
+                                              NULL, NULL);
             et_layer_activate(l, c->L.act[k + 1], out, count);
         }
     }

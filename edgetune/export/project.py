@@ -732,7 +732,7 @@ adapter_model.safetensors + adapter_config.json, which `edgetune evaluate --adap
 and `FineTuner.load_adapter` read."""
     return f"""# edgetune device project: {m['method']} on {'-'.join(map(str, m['sizes']))} ({m['backbone']}), {target.name}
 
-Written by `edgetune export`. The C engine (`et_core.h`, `et_kernels.c`, `et_layers.c`,
+Written by `edgetune export`. The C engine (`et_core.h`, `et_kernels.c`, `et_layers.c`, `et_conv.c`,
 `et_int8.c`, `et_train.c`, `et_abi.c`) and the device API `et_device.c/.h` (samples, train,
 predict, adapter bytes) are copies of the files inside the edgetune Python package that
 wrote this project; `et_model.c` holds the model as `const` arrays and the very structs
