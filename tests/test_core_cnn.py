@@ -294,3 +294,16 @@ def test_the_binding_checks_values_before_c():
     w = bb.layers[5].weight
     bb.layers[5].weight = np.asfortranarray(w)
     np.testing.assert_array_equal(CoreModel(make_method("skip-lora", bb), 4).predict(bb.prepare(x)), want)
+
+
+def test_export_refuses_a_cnn_by_name(tmp_path):
+    """The device program stores and normalises flat MLP inputs: a CNN is refused before anything is written."""
+    from edgetune.export.project import ExportOptions, plan_export
+
+    arch, shape = ARCHS["1d-residual"]
+    bb = _backbone(arch, shape)
+    bb.save(tmp_path / "m")
+    with pytest.raises(UsageError, match="writes MLP backbones.*add, conv1d, gap, maxpool1d layers"):
+        plan_export(ExportOptions(model=str(tmp_path / "m"), method="skip2-lora", target="host",
+                                  out=str(tmp_path / "p")))
+    assert not (tmp_path / "p").exists()

@@ -174,6 +174,10 @@ def _load_inputs(opts: ExportOptions, target: Target):
     if opts.partial_cache and not cls.uses_cache:
         raise UsageError(f"--partial-cache applies to methods with a skip-cache (skip2-lora), not {opts.method}")
     model = load_any(opts.model)
+    if not model.is_plain_mlp():  # the device program normalises and stores flat MLP inputs
+        kinds = sorted({spec.kind for spec in model.specs} - {"dense"})
+        raise UsageError(f"edgetune export writes MLP backbones (dense layers, one activation between them) in this "
+                         f"version; {opts.model} has {', '.join(kinds) + ' layers' if kinds else 'an activation per layer'}")
     task = None
     if opts.task:
         from ..data.task import load_task
