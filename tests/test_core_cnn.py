@@ -172,17 +172,71 @@ def test_a_real_har_raw_cnn_runs_in_c_as_in_numpy(data_dir):
     np.testing.assert_array_equal(a.predict(task.x_test[:50]), b.predict(task.x_test[:50]))
 
 
+@pytest.mark.parametrize("method", ["lora-all", "ft-all", "lora-last", "ft-last", "ft-bias"])
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_layer_wise_methods_on_cnns_c_equals_numpy(name, method):
+    """The backward pass through convolutions, pooling, gap, flatten and residual adds in C;
+    LoRA beside a convolution as PEFT builds it (A a convolution with the layer's kernel, B 1x1)."""
+    arch, shape = ARCHS[name]
+    bb = _backbone(arch, shape)
+    x, y = _task(shape)
+    assert resolve_engine("auto", make_method(method, bb)) == "c"
+    a = _fit(bb, method, x, y, "numpy")
+    b = _fit(bb, method, x, y, "c")
+    np.testing.assert_allclose(_losses(b), _losses(a), rtol=1e-5)
+    assert _losses(a)[-1] < _losses(a)[0]
+    np.testing.assert_array_equal(a.predict(x), b.predict(x))
+    np.testing.assert_allclose(b.method.params.flat, a.method.params.flat, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_layer_wise_on_a_cnn_with_optimizers_and_a_trained_last_bias(optimizer):
+    arch, shape = ARCHS["1d-residual"]
+    bb = _backbone(arch, shape)
+    x, y = _task(shape)
+    kw = dict(optimizer=optimizer, lr=0.01, weight_decay=0.01, train_last_bias=True, rank=3, alpha=1.5)
+    a = _fit(bb, "lora-all", x, y, "numpy", **kw)
+    b = _fit(bb, "lora-all", x, y, "c", **kw)
+    np.testing.assert_allclose(_losses(b), _losses(a), rtol=1e-5)
+    np.testing.assert_allclose(b.method.params.flat, a.method.params.flat, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora-all", "ft-all"])
+def test_the_layer_wise_batch_gradient_equals_numpy_on_a_cnn(method):
+    arch, shape = ARCHS["2d"]
+    bb = _backbone(arch, shape)
+    x, y = _task(shape, n=12)
+    m = make_method(method, bb, rank=2, train_last_bias=True)
+    rng = np.random.default_rng(4)
+    for name in m.params.values:  # LoRA B away from zero, so that A's gradient is not zero
+        if name.endswith("lora_B"):
+            m.params[name][...] = rng.normal(size=m.params[name].shape) * 0.3
+    xp = bb.prepare(x)
+    ids = np.arange(6, dtype=np.int32)
+    model = CoreModel(m, 8)
+    loss_c = model.batch_gradient(xp, y.astype(np.int32), ids)
+    grads_c = m.params.grad.copy()
+    logits = m.forward(xp, ids)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g = p.copy()
+    g[np.arange(6), y[:6]] -= 1
+    m.backward(g / 6)
+    np.testing.assert_allclose(loss_c, -np.mean(np.log(p[np.arange(6), y[:6]])), rtol=1e-5)
+    np.testing.assert_allclose(grads_c, m.params.grad, rtol=2e-4, atol=2e-6)
+    assert all(np.any(grads_c[m.params.slices[name]] != 0) for name in m.params.values)
+
+
 # ----------------------------------------------------------------------------- what runs where
-def test_layer_wise_and_sparse_methods_on_a_cnn_stay_on_numpy_and_say_why():
+def test_the_sparse_method_on_a_cnn_stays_on_numpy_and_says_why():
     arch, shape = ARCHS["1d-residual"]
     bb = _backbone(arch, shape)
     x, y = _task(shape, n=20)
-    for method in ("lora-all", "ft-all", "ft-bias", "sparse"):
-        m = make_method(method, bb)
-        assert resolve_engine("auto", m) == "numpy"
-        with pytest.raises(UsageError, match=f"runs {method} on MLPs only.*conv1d"):
-            resolve_engine("c", m)
-    t = et.FineTuner(bb, "lora-all", epochs=1, batch_size=7).fit(x, y)
+    m = make_method("sparse", bb)
+    assert resolve_engine("auto", m) == "numpy"
+    with pytest.raises(UsageError, match="runs sparse on MLPs only.*add, conv1d, gap, maxpool1d layers"):
+        resolve_engine("c", m)
+    t = et.FineTuner(bb, "sparse", epochs=1, batch_size=7).fit(x, y)
     assert t.history_.engine == "numpy"
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import EdgetuneError, UsageError
 from . import MAX_LAYERS, ERRORS, Backbone as CBackbone, Cache as CCache, EpochStats, Method as CMethod
 from . import Optimizer as COptimizer, enum, load, unavailable_reason
+from ..nn.layers import lora_specs
 
 ENGINES = ("auto", "c", "numpy")
 # The C enums, as the binding checked them against the library at load (edgetune/core/__init__.py).
@@ -71,8 +72,8 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
     if np.dtype(bb.dtype) != np.float32:
         return f"the compiled engine computes in float32 (this backbone is {bb.dtype})"
     if not bb.is_plain_mlp():
-        # any chain of layers runs the skip methods (the frozen forward only); the others need an MLP
-        if _core_kind(method) != "skip":
+        # any chain of layers runs the skip and layer-wise methods; the sparse method needs an MLP
+        if _core_kind(method) not in ("skip", "layerwise"):
             kinds = sorted({s.kind for s in bb.specs} - {"dense"})
             why = f"{', '.join(kinds)} layers" if kinds else "an activation per layer"
             return (f"the compiled engine runs {method.name} on MLPs only (dense layers, one activation "
@@ -244,22 +245,33 @@ class CoreModel:
         s.n_params = self.params.size
         if not 0 <= s.first < n:
             raise UsageError(f"first trained layer {s.first} is outside 0..{n - 1}")
-        if spec.kind != "skip" and not method.backbone.is_plain_mlp():
-            raise UsageError(f"the compiled engine runs {spec.kind} methods on MLPs only")
+        if spec.kind == "sparse" and not method.backbone.is_plain_mlp():
+            raise UsageError("the compiled engine runs the sparse method on MLPs only")
         for k in range(MAX_LAYERS):
             s.off_weight[k] = s.off_bias[k] = s.off_lora_a[k] = s.off_lora_b[k] = -1
         s.off_bias_delta = self._offset(spec.bias_delta, (sizes[-1],), "head.bias_delta")
         s.off_skip_a = s.off_skip_b = -1
         if spec.kind == "layerwise":
-            for k in range(n):
-                s.off_weight[k] = self._offset(spec.weight[k], (sizes[k], sizes[k + 1]), f"layer {k} weight")
-                s.off_bias[k] = self._offset(spec.bias[k], (sizes[k + 1],), f"layer {k} bias")
-                s.off_lora_a[k] = self._offset(spec.lora_a[k], (r, sizes[k]), f"layer {k} lora_A")
-                s.off_lora_b[k] = self._offset(spec.lora_b[k], (sizes[k + 1], r), f"layer {k} lora_B")
+            for k, lspec in enumerate(method.backbone.specs):
+                dense = lspec.kind == "dense"
+                offs = (spec.weight[k], spec.bias[k], spec.lora_a[k], spec.lora_b[k])
+                if not lspec.has_params:
+                    if any(o >= 0 for o in offs):
+                        raise UsageError(f"layer {k} ({lspec.kind}) has no weights to train")
+                    continue
+                lora = lora_specs(lspec, r)
+                if lora is None and (spec.lora_a[k] >= 0 or spec.lora_b[k] >= 0):
+                    raise UsageError(f"layer {k}: no LoRA adapter fits a {lspec.kind} layer with groups {lspec.groups}")
+                a_shape, b_shape = (lora[0].weight_shape, lora[1].weight_shape) if lora else ((0,), (0,))
+                s.off_weight[k] = self._offset(spec.weight[k], (sizes[k], sizes[k + 1]) if dense else lspec.weight_shape,
+                                               f"layer {k} weight")
+                s.off_bias[k] = self._offset(spec.bias[k], lspec.bias_shape, f"layer {k} bias")
+                s.off_lora_a[k] = self._offset(spec.lora_a[k], a_shape, f"layer {k} lora_A")
+                s.off_lora_b[k] = self._offset(spec.lora_b[k], b_shape, f"layer {k} lora_B")
                 if (s.off_lora_a[k] < 0) != (s.off_lora_b[k] < 0):
                     raise UsageError(f"layer {k}: a LoRA adapter needs both A and B")
-                if s.off_weight[k] < 0 and not self.bb.layers[k].wt:
-                    raise UsageError(f"layer {k}: no transposed weight for the forward pass")
+                if s.off_weight[k] < 0 and not (self.bb.layers[k].wt if dense else self.bb.layers[k].w):
+                    raise UsageError(f"layer {k}: no weight for the forward pass")
         elif spec.kind == "skip":
             d, taps = self.d_in, len(self.tap_widths)
             s.off_skip_a = self._offset(spec.skip_a, (taps * r, d), "skip.lora_A")

@@ -125,11 +125,14 @@ int32_t et_skip_d_in(const et_backbone *bb);
  *
  * ET_LAYERWISE (ft-*, lora-*): per layer a trained weight wt (in, out), a trained bias
  *   (out), a LoRA pair A (rank, in) and B (out, rank); `first` is the first layer with
- *   anything trainable (the backward pass stops there).
+ *   anything trainable (the backward pass stops there). A convolution's trained weight is as
+ *   stored (out_c, in_c / groups, kernel_h, kernel_w), its bias (out_c), and its LoRA pair
+ *   two convolutions: A (rank, in_c, kernel_h, kernel_w) with the layer's stride and padding,
+ *   B (out_c, rank) a 1x1 one (groups 1 only).
  * ET_SKIP (skip-lora, skip2-lora): n adapters, one per skip tap (et_skip_taps: an MLP's
  *   layers' inputs), A stacked (n*rank, D), block k over tap k's columns (D = et_skip_d_in,
  *   the sum of the taps' widths; off-block entries stay zero), B (out, n*rank). The skip
- *   methods run on every float backbone; the layer-wise and sparse methods on dense ones.
+ *   and layer-wise methods run on every float backbone; the sparse method on dense ones.
  * ET_SPARSE: the first rows[k] output channels of layer k train (stored (rows, in) at
  *   off_weight[k]), trained biases at off_bias[k]; on an int8 backbone trained values are
  *   in int8 units and w_unit/b_unit convert them (QAS scales their gradients).

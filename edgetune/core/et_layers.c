@@ -17,20 +17,30 @@ static void dense_forward(const et_layer *l, const float *wt, const float *w, co
         for (int o = 0; o < out; o++) z[(size_t)r * ldz + o] += bias[o];
 }
 
-static void dense_input_grad(const et_layer *l, const float *wt, const float *w, const float *g, int rows,
-                             float *dx, float *scratch) {
+static void dense_input_grad(const et_layer *l, const float *wt, const float *w, const float *x, const float *g,
+                             int rows, float *dx, float *scratch) {
     const int in = et_layer_in(l), out = et_layer_out(l);
+    (void)x;
     if (w) et_gemm_nn(rows, in, out, g, out, w, in, dx, in, 0);
     else et_gemm_nt(rows, in, out, g, out, wt, out, dx, in, 0, scratch);
 }
 
-static void dense_weight_grad(const et_layer *l, const float *x, const float *g, int rows, float *dwt) {
+static void dense_weight_grad(const et_layer *l, const float *x, const float *g, int rows, float *dwt,
+                              float *scratch) {
     const int in = et_layer_in(l), out = et_layer_out(l);
+    (void)scratch;
     et_gemm_tn(in, out, rows, x, in, g, out, dwt, out, 0);
 }
 
 static size_t dense_scratch_floats(const et_layer *l) {
     return (size_t)et_layer_in(l) * (size_t)et_layer_out(l);
+}
+
+static void dense_bias_grad(const et_layer *l, const float *g, int rows, float *db) {
+    const int out = et_layer_out(l);
+    for (int o = 0; o < out; o++) db[o] = 0.0f;
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < out; o++) db[o] += g[(size_t)r * out + o];
 }
 
 static void dense_int8_accumulate(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc) {
@@ -54,9 +64,14 @@ static size_t no_scratch(const et_layer *l, int rows) {
     return 0;
 }
 
+static size_t no_floats(const et_layer *l) {
+    (void)l;
+    return 0;
+}
+
 /* ------------------------------------------------------------------ spatial kinds (et_conv.c) */
 /* The et_conv_dims of a layer (its own fields; et_backbone_check derived and compared them). */
-static et_conv_dims dims_of(const et_layer *l) {
+et_conv_dims et_layer_dims(const et_layer *l) {
     et_conv_dims d;
     d.in_c = l->in_c, d.in_h = l->in_h, d.in_w = l->in_w;
     d.out_c = l->out_c, d.out_h = l->out_h, d.out_w = l->out_w;
@@ -67,34 +82,85 @@ static et_conv_dims dims_of(const et_layer *l) {
 
 static void conv_forward(const et_layer *l, const float *wt, const float *w, const float *bias, const float *x,
                          int ldx, int rows, float *z, int ldz, const float *residual, float *scratch) {
-    const et_conv_dims d = dims_of(l);
+    const et_conv_dims d = et_layer_dims(l);
     (void)wt;
     (void)residual;
     et_conv_forward(&d, rows, x, ldx, w, bias, z, ldz, scratch);
 }
 
 static size_t conv_scratch_bytes(const et_layer *l, int rows) {
-    const et_conv_dims d = dims_of(l);
+    const et_conv_dims d = et_layer_dims(l);
     return et_conv_forward_scratch_bytes(&d, rows);
+}
+
+static void conv_input_grad(const et_layer *l, const float *wt, const float *w, const float *x, const float *g,
+                            int rows, float *dx, float *scratch) {
+    const et_conv_dims d = et_layer_dims(l);
+    (void)wt, (void)x;
+    et_conv_input_grad(&d, rows, g, w, dx, scratch);
+}
+
+static void conv_weight_grad(const et_layer *l, const float *x, const float *g, int rows, float *dw, float *scratch) {
+    const et_conv_dims d = et_layer_dims(l);
+    et_conv_weight_grad(&d, rows, x, g, dw, 0, scratch);
+}
+
+static void conv_bias_grad(const et_layer *l, const float *g, int rows, float *db) {
+    const et_conv_dims d = et_layer_dims(l);
+    et_conv_bias_grad(&d, rows, g, db, 0);
+}
+
+static size_t conv_backward_scratch_bytes(const et_layer *l, int rows) {
+    const et_conv_dims d = et_layer_dims(l);
+    const size_t a = et_conv_input_grad_scratch_bytes(&d, rows), b = et_conv_weight_grad_scratch_bytes(&d, rows);
+    return a > b ? a : b;
+}
+
+static void maxpool_input_grad(const et_layer *l, const float *wt, const float *w, const float *x, const float *g,
+                               int rows, float *dx, float *scratch) {
+    const et_conv_dims d = et_layer_dims(l);
+    (void)wt, (void)w, (void)scratch;
+    et_maxpool_input_grad(&d, rows, x, g, dx);
+}
+
+static void avgpool_input_grad(const et_layer *l, const float *wt, const float *w, const float *x, const float *g,
+                               int rows, float *dx, float *scratch) {
+    const et_conv_dims d = et_layer_dims(l);
+    (void)wt, (void)w, (void)x, (void)scratch;
+    et_avgpool_input_grad(&d, rows, g, dx);
+}
+
+static void gap_input_grad(const et_layer *l, const float *wt, const float *w, const float *x, const float *g,
+                           int rows, float *dx, float *scratch) {
+    const et_conv_dims d = et_layer_dims(l);
+    (void)wt, (void)w, (void)x, (void)scratch;
+    et_gap_input_grad(&d, rows, g, dx);
+}
+
+/* flatten and add: the gradient passes unchanged (an add's second copy goes to its source). */
+static void copy_input_grad(const et_layer *l, const float *wt, const float *w, const float *x, const float *g,
+                            int rows, float *dx, float *scratch) {
+    (void)wt, (void)w, (void)x, (void)scratch;
+    memcpy(dx, g, (size_t)rows * et_layer_in(l) * sizeof(float));
 }
 
 static void maxpool_forward(const et_layer *l, const float *wt, const float *w, const float *bias, const float *x,
                             int ldx, int rows, float *z, int ldz, const float *residual, float *scratch) {
-    const et_conv_dims d = dims_of(l);
+    const et_conv_dims d = et_layer_dims(l);
     (void)wt, (void)w, (void)bias, (void)residual, (void)scratch;
     et_maxpool_forward(&d, rows, x, ldx, z, ldz);
 }
 
 static void avgpool_forward(const et_layer *l, const float *wt, const float *w, const float *bias, const float *x,
                             int ldx, int rows, float *z, int ldz, const float *residual, float *scratch) {
-    const et_conv_dims d = dims_of(l);
+    const et_conv_dims d = et_layer_dims(l);
     (void)wt, (void)w, (void)bias, (void)residual, (void)scratch;
     et_avgpool_forward(&d, rows, x, ldx, z, ldz);
 }
 
 static void gap_forward(const et_layer *l, const float *wt, const float *w, const float *bias, const float *x,
                         int ldx, int rows, float *z, int ldz, const float *residual, float *scratch) {
-    const et_conv_dims d = dims_of(l);
+    const et_conv_dims d = et_layer_dims(l);
     (void)wt, (void)w, (void)bias, (void)residual, (void)scratch;
     et_gap_forward(&d, rows, x, ldx, z, ldz);
 }
@@ -121,17 +187,21 @@ static void add_forward(const et_layer *l, const float *wt, const float *w, cons
 
 /* ------------------------------------------------------------------ the table */
 static const et_layer_ops OPS[] = {
-    [ET_LAYER_DENSE] = {dense_forward, dense_input_grad, dense_weight_grad, dense_scratch_floats,
-                        dense_int8_accumulate, no_scratch},
-    [ET_LAYER_CONV1D] = {conv_forward, NULL, NULL, NULL, NULL, conv_scratch_bytes},
-    [ET_LAYER_CONV2D] = {conv_forward, NULL, NULL, NULL, NULL, conv_scratch_bytes},
-    [ET_LAYER_MAXPOOL1D] = {maxpool_forward, NULL, NULL, NULL, NULL, no_scratch},
-    [ET_LAYER_MAXPOOL2D] = {maxpool_forward, NULL, NULL, NULL, NULL, no_scratch},
-    [ET_LAYER_AVGPOOL1D] = {avgpool_forward, NULL, NULL, NULL, NULL, no_scratch},
-    [ET_LAYER_AVGPOOL2D] = {avgpool_forward, NULL, NULL, NULL, NULL, no_scratch},
-    [ET_LAYER_GAP] = {gap_forward, NULL, NULL, NULL, NULL, no_scratch},
-    [ET_LAYER_FLATTEN] = {flatten_forward, NULL, NULL, NULL, NULL, no_scratch},
-    [ET_LAYER_ADD] = {add_forward, NULL, NULL, NULL, NULL, no_scratch},
+    /* forward, input_grad, weight_grad, bias_grad, scratch_floats, int8_accumulate, forward_scratch_bytes,
+       backward_scratch_bytes */
+    [ET_LAYER_DENSE] = {dense_forward, dense_input_grad, dense_weight_grad, dense_bias_grad, dense_scratch_floats,
+                        dense_int8_accumulate, no_scratch, no_scratch},
+    [ET_LAYER_CONV1D] = {conv_forward, conv_input_grad, conv_weight_grad, conv_bias_grad, no_floats, NULL,
+                         conv_scratch_bytes, conv_backward_scratch_bytes},
+    [ET_LAYER_CONV2D] = {conv_forward, conv_input_grad, conv_weight_grad, conv_bias_grad, no_floats, NULL,
+                         conv_scratch_bytes, conv_backward_scratch_bytes},
+    [ET_LAYER_MAXPOOL1D] = {maxpool_forward, maxpool_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch},
+    [ET_LAYER_MAXPOOL2D] = {maxpool_forward, maxpool_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch},
+    [ET_LAYER_AVGPOOL1D] = {avgpool_forward, avgpool_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch},
+    [ET_LAYER_AVGPOOL2D] = {avgpool_forward, avgpool_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch},
+    [ET_LAYER_GAP] = {gap_forward, gap_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch},
+    [ET_LAYER_FLATTEN] = {flatten_forward, copy_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch},
+    [ET_LAYER_ADD] = {add_forward, copy_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch},
 };
 
 const et_layer_ops *et_layer_ops_of(int32_t kind) {
@@ -187,7 +257,7 @@ static int layer_shape_ok(const et_backbone *bb, int k) {
     const et_layer *l = &bb->layers[k];
     if (l->kind != ET_LAYER_ADD && l->source != -1) return 0;
     if (is_1d(l->kind) && (l->in_h != 1 || l->kernel_h != 1 || l->stride_h != 1 || l->pad_h != 0)) return 0;
-    et_conv_dims d = dims_of(l);
+    et_conv_dims d = et_layer_dims(l);
     int rc;
     switch (l->kind) {
     case ET_LAYER_DENSE:

@@ -34,7 +34,10 @@ typedef struct {
     int8_t *qtaps;                         /* skip on int8: batch x d_in */
     float *walk[2];                        /* skip, not an MLP: batch x max width, each layer's input and output */
     float *kept[ET_MAX_LAYERS];            /* skip, not an MLP: batch x et_width(bb, k), the inputs add layers read */
-    float *scratch;                        /* skip, not an MLP: the layers' forward scratch (im2col) */
+    float *scratch;                        /* not an MLP: the layers' (and LoRA convolutions') kernel scratch */
+    float *pend[ET_MAX_LAYERS];            /* layer-wise, not an MLP: batch x et_width(bb, k), an add's gradient
+                                              waiting for its source layer's input */
+    float *tmp;                            /* layer-wise, not an MLP: batch x max width, a LoRA convolution's output */
 } layout;
 
 static size_t take(char **cur, size_t bytes) {
@@ -55,14 +58,52 @@ static int is_source(const et_backbone *bb, int k) {
     return 0;
 }
 
-/* Bytes of scratch the frozen forward of `batch` rows needs: the most any layer asks. */
-static size_t forward_scratch(const et_backbone *bb, int batch) {
-    size_t most = 0;
+/* The two convolutions of a LoRA adapter beside convolution l, as PEFT builds them: A with
+ * `rank` output channels and l's kernel, stride and padding, B a 1x1 one from rank to l's outputs. */
+static void lora_dims(const et_layer *l, int rank, et_conv_dims *a, et_conv_dims *b) {
+    *a = et_layer_dims(l);
+    a->out_c = rank;
+    a->groups = 1;
+    *b = et_layer_dims(l);
+    b->in_c = rank, b->in_h = l->out_h, b->in_w = l->out_w;
+    b->kernel_h = b->kernel_w = b->stride_h = b->stride_w = 1;
+    b->pad_h = b->pad_w = 0;
+    b->groups = 1;
+}
+
+static size_t most(size_t a, size_t b) { return a > b ? a : b; }
+
+/* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer asks (the frozen
+ * forward; with `backward` the gradients and the LoRA convolutions too). */
+static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward) {
+    size_t s = 0;
     for (int k = 0; k < bb->n_layers; k++) {
-        const size_t b = et_layer_ops_of(bb->layers[k].kind)->forward_scratch_bytes(&bb->layers[k], batch);
-        most = b > most ? b : most;
+        const et_layer *l = &bb->layers[k];
+        const et_layer_ops *ops = et_layer_ops_of(l->kind);
+        s = most(s, ops->forward_scratch_bytes(l, batch));
+        if (!backward) continue;
+        s = most(s, ops->backward_scratch_bytes(l, batch));
+        if (m->off_lora_a[k] >= 0 && l->kind != ET_LAYER_DENSE) {
+            et_conv_dims a, b;
+            lora_dims(l, m->rank, &a, &b);
+            s = most(s, most(et_conv_forward_scratch_bytes(&a, batch), et_conv_forward_scratch_bytes(&b, batch)));
+            s = most(s, most(et_conv_input_grad_scratch_bytes(&a, batch), et_conv_weight_grad_scratch_bytes(&a, batch)));
+            s = most(s, most(et_conv_input_grad_scratch_bytes(&b, batch), et_conv_weight_grad_scratch_bytes(&b, batch)));
+        }
     }
-    return most;
+    return s;
+}
+
+/* Values per sample of layer k's LoRA middle u (rank x the output positions), 0 without an adapter. */
+static int lora_width(const et_backbone *bb, const et_method *m, int k) {
+    const et_layer *l = &bb->layers[k];
+    return m->off_lora_a[k] < 0 ? 0 : m->rank * l->out_h * l->out_w;
+}
+
+static int max_lora_width(const et_backbone *bb, const et_method *m) {
+    int w = m->rank;
+    for (int k = 0; k < bb->n_layers; k++) w = lora_width(bb, m, k) > w ? lora_width(bb, m, k) : w;
+    return w;
 }
 
 /*
@@ -110,13 +151,14 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(walk[1], float *, B * mw * F);
             for (int k = 0; k < n; k++)
                 if (is_source(bb, k)) PIECE(kept[k], float *, B * et_width(bb, k) * F);
-            PIECE(scratch, float *, forward_scratch(bb, batch));
+            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 0));
         }
     } else {
         for (int k = 0; k <= n; k++) PIECE(act[k], float *, B * et_width(bb, k) * F);
         if (m->kind == ET_LAYERWISE) {
-            PIECE(lora_u, float *, (size_t)n * B * m->rank * F);
-            PIECE(gu, float *, B * m->rank * F);
+            const size_t U = (size_t)max_lora_width(bb, m); /* an MLP's: the rank */
+            PIECE(lora_u, float *, (size_t)n * B * U * F);
+            PIECE(gu, float *, B * U * F);
             size_t pack = 0; /* layers whose input gradient needs W (out, in) that is not given */
             for (int k = m->first + 1; k < n; k++)
                 if (m->off_weight[k] >= 0 || !bb->layers[k].w) {
@@ -124,6 +166,12 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
                     pack = p > pack ? p : pack;
                 }
             PIECE(pack, float *, pack * F);
+            if (!et_backbone_is_dense(bb)) {
+                PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1));
+                PIECE(tmp, float *, B * mw * F);
+                for (int k = m->first; k < n; k++)
+                    if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
+            }
         } else if (bb->is_int8) {
             PIECE(wrow, float *, (size_t)mw * F);
             PIECE(q[0], int8_t *, B * mw);
@@ -141,7 +189,7 @@ size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et
     if (et_backbone_check(bb) != ET_OK || !m || batch < 1 || m->n_params < 0) return 0;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE || pointer_bytes < 1 || pointer_bytes > 16) return 0;
     if (m->kind != ET_SKIP && (m->first < 0 || m->first >= bb->n_layers)) return 0;
-    if (m->kind != ET_SKIP && !et_backbone_is_dense(bb)) return 0; /* layer-wise, sparse: MLPs only */
+    if (m->kind == ET_SPARSE && !et_backbone_is_dense(bb)) return 0; /* sparse: MLPs only */
     return plan_layout(bb, m, batch, pointer_bytes, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
 }
 
@@ -171,7 +219,7 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     if (rc != ET_OK) return rc;
     if (!m || !x || batch < 1) return ET_ERR_ARGUMENT;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
-    if (m->kind != ET_SKIP && !et_backbone_is_dense(bb)) return ET_ERR_UNSUPPORTED;
+    if (m->kind == ET_SPARSE && !et_backbone_is_dense(bb)) return ET_ERR_UNSUPPORTED;
     if (et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
     if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
@@ -209,8 +257,11 @@ static void column_sums(const float *g, int rows, int cols, float *out) {
 }
 
 /* ================================================================== layer-wise (ft-*, lora-*) */
+/* Layer k's weight in its forward layout, trained or frozen (dense: W^T (in, out); conv: as stored). */
 static const float *lw_weight_t(const ctx *c, int k) {
-    return c->m->off_weight[k] >= 0 ? c->P + c->m->off_weight[k] : c->bb->layers[k].wt;
+    const et_layer *l = &c->bb->layers[k];
+    if (c->m->off_weight[k] >= 0) return c->P + c->m->off_weight[k];
+    return l->kind == ET_LAYER_DENSE ? l->wt : l->w;
 }
 
 static const float *lw_bias(const ctx *c, int k) {
@@ -227,11 +278,21 @@ static float *lw_forward(ctx *c, int count) {
         const int in = et_layer_in(l), out = et_layer_out(l);
         const float *h = c->L.act[k];
         float *z = c->L.act[k + 1];
-        et_layer_ops_of(l->kind)->forward(l, lw_weight_t(c, k), NULL, lw_bias(c, k), h, in, count, z, out, NULL,
-                                          NULL);
-        if (m->off_lora_a[k] >= 0) {
+        const int dense = l->kind == ET_LAYER_DENSE;
+        const float *residual = l->kind == ET_LAYER_ADD ? c->L.act[l->source] : NULL;
+        et_layer_ops_of(l->kind)->forward(l, dense ? lw_weight_t(c, k) : NULL, dense ? NULL : lw_weight_t(c, k),
+                                          lw_bias(c, k), h, in, count, z, out, residual, c->L.scratch);
+        if (m->off_lora_a[k] >= 0 && !dense) { /* z += s B(A(h)), A and B convolutions */
+            const int U = lora_width(bb, m, k);
+            float *u = c->L.lora_u + (size_t)k * count * max_lora_width(bb, m);
+            et_conv_dims da, db;
+            lora_dims(l, r, &da, &db);
+            et_conv_forward(&da, count, h, in, c->P + m->off_lora_a[k], NULL, u, U, c->L.scratch);
+            et_conv_forward(&db, count, u, U, c->P + m->off_lora_b[k], NULL, c->L.tmp, out, c->L.scratch);
+            for (int i = 0; i < count * out; i++) z[i] += m->scale != 1.0f ? c->L.tmp[i] * m->scale : c->L.tmp[i];
+        } else if (m->off_lora_a[k] >= 0) {
             const float *A = c->P + m->off_lora_a[k], *Bm = c->P + m->off_lora_b[k];
-            float *u = c->L.lora_u + (size_t)k * count * r;
+            float *u = c->L.lora_u + (size_t)k * count * max_lora_width(bb, m);
             et_gemm_nt(count, r, in, h, in, A, in, u, r, 0, NULL);    /* u = h A^T */
             for (int i = 0; i < count; i++) {                        /* z += s (u B^T) */
                 for (int o = 0; o < out; o++) {
@@ -252,21 +313,36 @@ static float *lw_forward(ctx *c, int count) {
 static void lw_backward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank;
+    const int n = bb->n_layers, r = m->rank, U_max = max_lora_width(bb, m);
     float *g = c->L.act[n];
     int flip = 0;
+    int pending[ET_MAX_LAYERS] = {0}; /* pend[k] holds gradients for layer k's input from add layers */
     if (m->off_bias_delta >= 0) column_sums(g, count, et_width(bb, n), c->G + m->off_bias_delta);
     for (int k = n - 1; k >= m->first; k--) {
         const et_layer *l = &bb->layers[k];
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
-        const int in = et_layer_in(l), out = et_layer_out(l);
+        const int in = et_layer_in(l), out = et_layer_out(l), dense = l->kind == ET_LAYER_DENSE;
         const float *h = c->L.act[k];
-        if (m->off_weight[k] >= 0) ops->weight_grad(l, h, g, count, c->G + m->off_weight[k]); /* dWt = h^T g */
-        if (m->off_bias[k] >= 0) column_sums(g, count, out, c->G + m->off_bias[k]);
+        if (m->off_weight[k] >= 0) ops->weight_grad(l, h, g, count, c->G + m->off_weight[k], c->L.scratch);
+        if (m->off_bias[k] >= 0) ops->bias_grad(l, g, count, c->G + m->off_bias[k]);
         const float *A = NULL;
-        if (m->off_lora_a[k] >= 0) {
+        et_conv_dims da, db;
+        if (m->off_lora_a[k] >= 0 && !dense) { /* LoRA convolutions: dB, gu = s dB/du, dA */
+            const int U = lora_width(bb, m, k);
+            const float *u = c->L.lora_u + (size_t)k * count * U_max;
+            float *gB = c->G + m->off_lora_b[k], *gA = c->G + m->off_lora_a[k];
+            lora_dims(l, r, &da, &db);
+            A = c->P + m->off_lora_a[k];
+            et_conv_weight_grad(&db, count, u, g, gB, 0, c->L.scratch);
+            et_conv_input_grad(&db, count, g, c->P + m->off_lora_b[k], c->L.gu, c->L.scratch);
+            if (m->scale != 1.0f) {
+                for (int i = 0; i < l->out_c * r; i++) gB[i] *= m->scale; /* B: (out_c, rank, 1, 1) */
+                for (int i = 0; i < count * U; i++) c->L.gu[i] *= m->scale;
+            }
+            et_conv_weight_grad(&da, count, h, c->L.gu, gA, 0, c->L.scratch);
+        } else if (m->off_lora_a[k] >= 0) {
             const float *Bm = c->P + m->off_lora_b[k];
-            const float *u = c->L.lora_u + (size_t)k * count * r;
+            const float *u = c->L.lora_u + (size_t)k * count * U_max;
             float *gB = c->G + m->off_lora_b[k], *gA = c->G + m->off_lora_a[k];
             A = c->P + m->off_lora_a[k];
             et_gemm_tn(out, r, count, g, out, u, r, gB, r, 0);          /* dB = g^T u */
@@ -277,12 +353,26 @@ static void lw_backward(ctx *c, int count) {
             }
             et_gemm_tn(r, in, count, c->L.gu, r, h, in, gA, in, 0);     /* dA = gu^T h */
         }
+        if (l->kind == ET_LAYER_ADD && l->source >= m->first) { /* the add's other input: its source's */
+            float *p = c->L.pend[l->source];
+            if (pending[l->source]) for (int i = 0; i < count * in; i++) p[i] += g[i];
+            else memcpy(p, g, (size_t)count * in * sizeof(float));
+            pending[l->source] = 1;
+        }
         if (k > m->first) {
             float *dh = c->L.gbuf[flip];
             flip ^= 1;
-            /* dh = g W: from the frozen W (out, in) where given, else from the trained or transposed one */
-            ops->input_grad(l, lw_weight_t(c, k), m->off_weight[k] < 0 ? l->w : NULL, g, count, dh, c->L.pack);
-            if (A) et_gemm_nn(count, in, r, c->L.gu, r, A, in, dh, in, 1);
+            if (dense) /* dh = g W: from the frozen W (out, in) where given, else from the trained or transposed one */
+                ops->input_grad(l, lw_weight_t(c, k), m->off_weight[k] < 0 ? l->w : NULL, h, g, count, dh, c->L.pack);
+            else
+                ops->input_grad(l, NULL, lw_weight_t(c, k), h, g, count, dh, c->L.scratch);
+            if (A && dense) et_gemm_nn(count, in, r, c->L.gu, r, A, in, dh, in, 1);
+            if (A && !dense) {
+                et_conv_input_grad(&da, count, c->L.gu, A, c->L.tmp, c->L.scratch);
+                for (int i = 0; i < count * in; i++) dh[i] += c->L.tmp[i];
+            }
+            if (pending[k])
+                for (int i = 0; i < count * in; i++) dh[i] += c->L.pend[k][i];
             et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
             g = dh;
         }

@@ -327,7 +327,48 @@ static et_method skip_taps(const et_backbone *bb) {
     return m;
 }
 
-/* skip-lora and skip2-lora (eager, lazy with a partial cache) on a CNN: the same numbers exactly. */
+/* ft-all (lora = 0: every weight in its forward layout and bias) or lora-all (lora = 1: rank 2,
+ * alpha 4, A and B beside every layer with weights but grouped convolutions, as PEFT places them,
+ * and the last bias) over a CNN's layers. */
+static et_method layerwise_cnn(const et_backbone *bb, int lora) {
+    et_method m = empty_method(ET_LAYERWISE);
+    int64_t off = 0;
+    m.rank = 2;
+    m.scale = 2.0f;
+    for (int k = 0; k < bb->n_layers; k++) {
+        const et_layer *l = &bb->layers[k];
+        if (!et_layer_has_weights(l)) continue;
+        const int dense = l->kind == ET_LAYER_DENSE;
+        const int wsize = dense ? et_layer_in(l) * l->out_c : l->out_c * (l->in_c / l->groups) * l->kernel_h * l->kernel_w;
+        if (!lora) {
+            m.off_weight[k] = off;
+            memcpy(P + off, dense ? l->wt : l->w, sizeof(float) * wsize);
+            off += wsize;
+            m.off_bias[k] = off;
+            memcpy(P + off, l->bias, sizeof(float) * l->out_c);
+            off += l->out_c;
+        } else if (l->groups == 1) {
+            const int a = 2 * (dense ? et_layer_in(l) : l->in_c * l->kernel_h * l->kernel_w), b = 2 * l->out_c;
+            m.off_lora_a[k] = off;
+            for (int i = 0; i < a; i++) P[off + i] = 0.3f * uniform();
+            off += a;
+            m.off_lora_b[k] = off;
+            for (int i = 0; i < b; i++) P[off + i] = 0.1f * uniform();
+            off += b;
+        }
+    }
+    if (lora) {
+        const et_layer *l = &bb->layers[bb->n_layers - 1];
+        m.off_bias[bb->n_layers - 1] = off;
+        memcpy(P + off, l->bias, sizeof(float) * l->out_c);
+        off += l->out_c;
+    }
+    m.n_params = off;
+    return m;
+}
+
+/* skip-lora and skip2-lora (eager, lazy with a partial cache) on a CNN: the same numbers exactly;
+ * lora-all and ft-all through the convolutions, pooling, gap, flatten and adds. */
 static void train_cnn(const char *what, const et_backbone *bb) {
     static float pa[MAX_P], pb[MAX_P];
     char name[96];
@@ -347,6 +388,12 @@ static void train_cnn(const char *what, const et_backbone *bb) {
             CHECK(memcmp(l0, l1, sizeof l0) == 0, "CNN: skip2-lora losses == skip-lora losses");
             CHECK(memcmp(pa, pb, sizeof(float) * m.n_params) == 0, "CNN: skip2-lora params == skip-lora params");
         }
+        m = layerwise_cnn(bb, 1);
+        snprintf(name, sizeof name, "lora-all %s %s", what, opts[o]);
+        train(name, bb, &m, o, NULL, NULL, NULL);
+        m = layerwise_cnn(bb, 0);
+        snprintf(name, sizeof name, "ft-all %s %s", what, opts[o]);
+        train(name, bb, &m, o, NULL, NULL, NULL);
     }
     train_x = X;
 }
@@ -400,14 +447,15 @@ static void refuse_cnn(void) {
     bb.n_layers = 1;
     bb.layers[0] = spatial(ET_LAYER_GAP, 4, 1, 12, 4, 1, 12, 1, 0, 1, ET_IDENTITY);
     CHECK(et_backbone_check(&bb) == ET_ERR_ARGUMENT, "a backbone without weights (nothing to tap)");
-    /* the layer-wise and sparse methods run on MLPs only */
+    /* the sparse method runs on MLPs only */
     bb = good;
-    m = empty_method(ET_LAYERWISE);
+    m = empty_method(ET_SPARSE);
+    m.first = 6;
     m.off_bias[6] = 0;
     m.n_params = OUT;
-    CHECK(et_workspace_size(&bb, &m, NULL, BATCH) == 0, "no workspace for a layer-wise method on a CNN");
+    CHECK(et_workspace_size(&bb, &m, NULL, BATCH) == 0, "no workspace for the sparse method on a CNN");
     CHECK(et_train_epochs(&bb, &m, &o, NULL, P, G, XC, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, WS_BYTES, st)
-              == ET_ERR_UNSUPPORTED, "a layer-wise method on a CNN is refused");
+              == ET_ERR_UNSUPPORTED, "the sparse method on a CNN is refused");
     /* a workspace one byte short is refused */
     m = skip_taps(&good);
     const size_t need = et_workspace_size(&good, &m, NULL, BATCH);
