@@ -246,15 +246,20 @@ def test_a_float64_cnn_stays_on_numpy():
     assert resolve_engine("auto", m) == "numpy"  # float64: NumPy (gradient checks)
 
 
-def test_the_planner_workspace_is_what_the_trainer_allocates_on_a_cnn():
+@pytest.mark.parametrize("method", ["skip2-lora", "lora-all", "ft-all"])
+def test_the_planner_workspace_is_what_the_trainer_allocates_on_a_cnn(method):
     arch, shape = ARCHS["2d"]
     bb = _backbone(arch, shape)
     x, y = _task(shape, n=30)
-    m = make_method("skip2-lora", bb)
+    m = make_method(method, bb)
     runner = CoreRunner(m, SGD(m.params, 0.05), bb.prepare(x), y, 6)
     assert core_workspace_for(m, 6) == runner.ws.nbytes
-    mlp_like = core_workspace_for(make_method("skip2-lora", _backbone("conv:6:1,relu,flatten,dense:4", (2, 1, 1))), 6)
-    assert runner.ws.nbytes > mlp_like  # the convolutions' buffers and im2col scratch are in it
+    # C takes exactly that, not one byte less
+    orders = np.arange(30, dtype=np.int32)[None]
+    short = runner._fn(*runner._args_head, orders.ctypes.data, 1, None, runner.ws.ctypes.data, runner.ws.nbytes - 1,
+                       runner._stats)
+    assert short == -2  # ET_ERR_WORKSPACE
+    assert runner.run(orders)[0].loss > 0
 
 
 # ----------------------------------------------------------------------------- the structs
@@ -361,3 +366,26 @@ def test_export_refuses_a_cnn_by_name(tmp_path):
         plan_export(ExportOptions(model=str(tmp_path / "m"), method="skip2-lora", target="host",
                                   out=str(tmp_path / "p")))
     assert not (tmp_path / "p").exists()
+
+
+def test_the_binding_checks_a_layer_wise_description_on_a_cnn():
+    arch, shape = ARCHS["1d-residual"]
+    bb = _backbone(arch, shape)
+    m = make_method("lora-all", bb)
+    spec = m.core_spec()
+    assert spec.lora_a[1] == -1 and spec.lora_a[0] >= 0  # none beside the depthwise convolution
+    # an adapter beside a grouped convolution, a tensor on a layer without weights, one past the end
+    for field, k, value, message in (("lora_a", 1, 0, "no LoRA adapter fits a conv1d layer with groups 8"),
+                                     ("bias", 4, 0, r"layer 4 \(maxpool1d\) has no weights to train"),
+                                     ("lora_b", 0, m.params.flat.size - 1, "layer 0 lora_B.*runs past")):
+        bad = make_method("lora-all", bb)
+        original = bad.core_spec
+
+        def patched(original=original, field=field, k=k, value=value):
+            s = original()
+            getattr(s, field)[k] = value
+            return s
+
+        bad.core_spec = patched
+        with pytest.raises(UsageError, match=message):
+            CoreModel(bad, 4)
