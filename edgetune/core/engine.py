@@ -263,8 +263,8 @@ class CoreModel:
                 if lora is None and (spec.lora_a[k] >= 0 or spec.lora_b[k] >= 0):
                     raise UsageError(f"layer {k}: no LoRA adapter fits a {lspec.kind} layer with groups {lspec.groups}")
                 a_shape, b_shape = (lora[0].weight_shape, lora[1].weight_shape) if lora else ((0,), (0,))
-                s.off_weight[k] = self._offset(spec.weight[k], (sizes[k], sizes[k + 1]) if dense else lspec.weight_shape,
-                                               f"layer {k} weight")
+                w_shape = (sizes[k], sizes[k + 1]) if dense else lspec.weight_shape  # dense: W^T (in, out)
+                s.off_weight[k] = self._offset(spec.weight[k], w_shape, f"layer {k} weight")
                 s.off_bias[k] = self._offset(spec.bias[k], lspec.bias_shape, f"layer {k} bias")
                 s.off_lora_a[k] = self._offset(spec.lora_a[k], a_shape, f"layer {k} lora_A")
                 s.off_lora_b[k] = self._offset(spec.lora_b[k], b_shape, f"layer {k} lora_B")

@@ -167,8 +167,9 @@ typedef struct et_optimizer {
 
 /*
  * The skip-cache: one row per sample id < capacity, [t_1 | ... | t_n | z] (the skip taps and
- * the logits; an MLP's [x | h_1 | ... | h_{n-1} | z_n]), row_width = d_in + out floats. The int8 kind stores the d_in adapter inputs as int8
- * (qrows, times col_scales) and the logits as float32. filled[i] says row i is valid;
+ * the logits; an MLP's [x | h_1 | ... | h_{n-1} | z_n]), row_width = d_in + out floats.
+ * The int8 kind stores the d_in adapter inputs as int8 (qrows, times col_scales) and the
+ * logits as float32. filled[i] says row i is valid;
  * samples with id >= capacity are recomputed every epoch. With `eager` every missing row
  * is computed in blocks before the first batch; otherwise a row is filled the first time
  * its sample is in a batch. Hits and misses are added to the counters.

@@ -87,8 +87,10 @@ static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batc
             et_conv_dims a, b;
             lora_dims(l, m->rank, &a, &b);
             s = most(s, most(et_conv_forward_scratch_bytes(&a, batch), et_conv_forward_scratch_bytes(&b, batch)));
-            s = most(s, most(et_conv_input_grad_scratch_bytes(&a, batch), et_conv_weight_grad_scratch_bytes(&a, batch)));
-            s = most(s, most(et_conv_input_grad_scratch_bytes(&b, batch), et_conv_weight_grad_scratch_bytes(&b, batch)));
+            s = most(s, et_conv_input_grad_scratch_bytes(&a, batch));
+            s = most(s, et_conv_weight_grad_scratch_bytes(&a, batch));
+            s = most(s, et_conv_input_grad_scratch_bytes(&b, batch));
+            s = most(s, et_conv_weight_grad_scratch_bytes(&b, batch));
         }
     }
     return s;
@@ -137,7 +139,8 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         PIECE(gbuf[1], float *, B * mw * F);
     }
     if (m->kind == ET_SKIP) {
-        const size_t nr = (size_t)et_skip_taps(bb, NULL, NULL) * m->rank, row = (size_t)et_skip_d_in(bb) + et_width(bb, n);
+        const size_t nr = (size_t)et_skip_taps(bb, NULL, NULL) * m->rank;
+        const size_t row = (size_t)et_skip_d_in(bb) + et_width(bb, n);
         PIECE(taps, float *, B * row * F);
         PIECE(rowp, const float **, B * (size_t)pointer_bytes);
         PIECE(u, float *, B * nr * F);

@@ -339,7 +339,8 @@ static et_method layerwise_cnn(const et_backbone *bb, int lora) {
         const et_layer *l = &bb->layers[k];
         if (!et_layer_has_weights(l)) continue;
         const int dense = l->kind == ET_LAYER_DENSE;
-        const int wsize = dense ? et_layer_in(l) * l->out_c : l->out_c * (l->in_c / l->groups) * l->kernel_h * l->kernel_w;
+        const int wsize = dense ? et_layer_in(l) * l->out_c
+                                : l->out_c * (l->in_c / l->groups) * l->kernel_h * l->kernel_w;
         if (!lora) {
             m.off_weight[k] = off;
             memcpy(P + off, dense ? l->wt : l->w, sizeof(float) * wsize);
