@@ -389,3 +389,18 @@ def test_the_binding_checks_a_layer_wise_description_on_a_cnn():
         bad.core_spec = patched
         with pytest.raises(UsageError, match=message):
             CoreModel(bad, 4)
+
+
+@pytest.mark.parametrize("method", ["skip2-lora", "lora-all"])
+def test_checkpoint_resume_on_a_cnn_is_bit_identical_in_c(tmp_path, method):
+    arch, shape = ARCHS["2d"]
+    bb = _backbone(arch, shape)
+    x, y = _task(shape, n=30)
+    full = et.FineTuner(bb, method, epochs=6, engine="c", optimizer="adam", lr=0.01).fit(x, y)
+    ck = tmp_path / "run.ckpt"
+    part = et.FineTuner(bb, method, epochs=6, engine="c", optimizer="adam", lr=0.01)
+    part.fit(x, y, checkpoint=ck, callback=lambda rec: rec.epoch == 3)
+    assert len(part.history_.epochs) < 6
+    again = et.FineTuner(bb, method, epochs=6, engine="c", optimizer="adam", lr=0.01).fit(x, y, checkpoint=ck)
+    assert again.history_.engine == "c"
+    np.testing.assert_array_equal(again.method.params.flat, full.method.params.flat)
