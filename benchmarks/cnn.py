@@ -3,8 +3,9 @@
     python -m benchmarks.cnn --data-dir ../shared/data [--samples 500] [--quick]
 
 On har-raw's preset 1-D CNN (docs/cnn.md), with the task's fine-tuning windows:
-  1. skip2-lora against lora-all (edgetune, the faster engine that runs a CNN), end to end
-     at 30 and 100 epochs, and per cached epoch;
+  1. skip2-lora against lora-all (edgetune, the engine `auto` picks for each), end to end at
+     30 and 100 epochs, and per cached epoch; skip2-lora (100 epochs) and lora-all (30 epochs)
+     on the C engine against the NumPy engine;
   2. the same CNN, batches and epochs in PyTorch: lora-all (LoRA as PEFT puts it on a
      convolution: A a convolution with R channels and the layer's kernel, B a 1x1 one),
      ft-all, against edgetune's lora-all, ft-all and skip2-lora;
@@ -45,6 +46,24 @@ def edgetune_fits(model, x, y, epochs: int, repeats: int) -> dict[str, float]:
         out[method] = _median_time(lambda: et.FineTuner(model, method, epochs=epochs, lr=0.01, seed=0).fit(x, y),
                                    repeats)
     return out
+
+
+def engines(model) -> dict[str, str]:
+    """The engine `auto` runs each method on for this backbone."""
+    from edgetune.core.engine import resolve_engine
+    from edgetune.methods import make_method
+
+    return {m: resolve_engine("auto", make_method(m, model)) for m in ("lora-all", "ft-all", "skip2-lora")}
+
+
+def on_engines(model, x, y, method: str, epochs: int, repeats: int) -> dict[str, float]:
+    """``method`` end to end on each engine (the same math, tested equal)."""
+    import edgetune as et
+    from edgetune import core
+
+    names = ("numpy", "c") if core.available() else ("numpy",)
+    return {e: _median_time(lambda: et.FineTuner(model, method, epochs=epochs, lr=0.01, seed=0,
+                                                 engine=e).fit(x, y), repeats) for e in names}
 
 
 def later_epoch(model, x, y, method: str) -> float:
@@ -152,14 +171,21 @@ def main() -> int:
     specs = parse_arch(task.defaults["arch"], task.input_shape, task.n_classes)
     model = et.Backbone.from_layers(build_layers(specs, seed=0), labels=task.labels).fit_normalizer(task.x_pretrain)
     short, long_, repeats = (2, 5, 1) if args.quick else (30, 100, args.repeats)
+    eng = engines(model)
     print(f"har-raw preset CNN ({task.defaults['arch']}), {len(x)} windows of {list(task.input_shape)}, batch 20, "
-          f"1 thread, {repeats} repeats; engine for a CNN: numpy", flush=True)
-    res: dict = {"samples": len(x), "epochs": [short, long_]}
+          f"1 thread, {repeats} repeats; engines: " + ", ".join(f"{k} {v}" for k, v in eng.items()), flush=True)
+    res: dict = {"samples": len(x), "epochs": [short, long_], "engines": eng}
     for epochs in (short, long_):
         et_t = edgetune_fits(model, x, y, epochs, repeats)
         res[f"edgetune_{epochs}"] = et_t
         print(f"{epochs} epochs, edgetune: " + ", ".join(f"{k} {v:.2f} s" for k, v in et_t.items())
               + f"; skip2-lora vs lora-all {et_t['lora-all'] / et_t['skip2-lora']:.1f}x", flush=True)
+    for method, epochs in (("skip2-lora", long_), ("lora-all", short)):
+        se = on_engines(model, x, y, method, epochs, repeats)
+        res[f"engines_{method}_{epochs}"] = se
+        if "c" in se:
+            print(f"{epochs} epochs, {method}: C engine {se['c']:.3f} s, NumPy engine {se['numpy']:.3f} s "
+                  f"({se['numpy'] / se['c']:.1f}x)", flush=True)
     cached = {m: later_epoch(model, x, y, m) for m in ("lora-all", "skip2-lora")}
     res["later_epoch"] = cached
     print(f"per later epoch: lora-all {cached['lora-all'] * 1e3:.1f} ms, skip2-lora {cached['skip2-lora'] * 1e3:.2f} ms"

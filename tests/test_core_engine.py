@@ -199,8 +199,12 @@ def test_a_wrong_field_offset_refuses_the_library(monkeypatch):
     enums = {**core.ENUMS, "activation": ("relu", "tanh", "leaky_relu", "sigmoid", "identity")}
     with pytest.raises(OSError, match=r"enum activation: value 1 is 'leaky_relu' in C, 'tanh' in Python"):
         core.check_layout(lib, core.STRUCTS, enums)
-    with pytest.raises(OSError, match=r"enum layer: value 1 \('conv2d'\) is not in C"):
+    with pytest.raises(OSError, match=r"enum layer: value 1 is 'conv1d' in C, 'conv2d' in Python"):
         core.check_layout(lib, core.STRUCTS, {**core.ENUMS, "layer": ("dense", "conv2d")})
+    with pytest.raises(OSError, match=r"enum layer: value 10 \('lstm'\) is not in C"):
+        core.check_layout(lib, core.STRUCTS, {**core.ENUMS, "layer": core.ENUMS["layer"] + ("lstm",)})
+    with pytest.raises(OSError, match=r"enum layer: value 9 \('add'\) is in C, not in Python"):
+        core.check_layout(lib, core.STRUCTS, {**core.ENUMS, "layer": core.ENUMS["layer"][:-1]})
     # at load: the library is refused, with the struct and field named
     monkeypatch.setattr(core, "STRUCTS", tuple(Method if s is core.Method else s for s in core.STRUCTS))
     monkeypatch.setattr(core, "_loaded", False)
@@ -218,12 +222,15 @@ def test_an_unknown_layer_kind_is_refused_by_c():
     x, y = toy_task(n=12, d=6, classes=3)
     model = CoreModel(make_method("lora-all", bb), 4)
     assert lib.et_backbone_check(ctypes.byref(model.bb)) == 0
-    model.bb.layers[1].kind = 7
+    model.bb.layers[1].kind = len(core.ENUMS["layer"])  # one past the last kind C builds
     assert lib.et_backbone_check(ctypes.byref(model.bb)) == -3  # ET_ERR_UNSUPPORTED
     with pytest.raises(CoreError, match="refused"):
         model.batch_gradient(bb.prepare(x).astype(np.float32), y.astype(np.int32), np.arange(3, dtype=np.int32))
     model.bb.layers[1].kind = 0
     model.bb.layers[1].in_c = 9  # layer 1 no longer reads layer 0's 8 outputs
+    assert lib.et_backbone_check(ctypes.byref(model.bb)) == -1
+    model.bb.layers[1].in_c = 8
+    model.bb.layers[1].kind = core.ENUMS["layer"].index("gap")  # a known kind whose shapes do not fit it
     assert lib.et_backbone_check(ctypes.byref(model.bb)) == -1
 
 

@@ -100,7 +100,7 @@ def test_aarch64_build_gives_the_same_losses(tmp_path, host_losses):
 
 
 def test_python_engine_tests_under_sanitizers(tmp_path):
-    """The binding and every Python-driven path (int8, caches, sparse) against an ASan/UBSan library."""
+    """The binding and every Python-driven path (int8, caches, sparse, CNNs) against an ASan/UBSan library."""
     cc = _need("gcc", "gcc")
     lib = tmp_path / "libedgetune_core_san.so"
     sources = [CORE / s for s in core.SOURCES]
@@ -115,7 +115,7 @@ def test_python_engine_tests_under_sanitizers(tmp_path):
     r = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        str(ROOT / "tests" / "test_core_engine.py")],
+                        str(ROOT / "tests" / "test_core_engine.py"), str(ROOT / "tests" / "test_core_cnn.py")],
                        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout

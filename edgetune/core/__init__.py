@@ -19,8 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..nn.layers import LAYER_KINDS
+
 MAX_LAYERS = 16
-ABI_VERSION = 2
+ABI_VERSION = 3
 SOURCE_DIR = Path(__file__).resolve().parent
 #: The library's C sources, in the order they are compiled (the clock is POSIX-only).
 SOURCES = ("et_kernels.c", "et_layers.c", "et_conv.c", "et_int8.c", "et_train.c", "et_device.c", "et_abi.c", "et_clock.c")
@@ -28,11 +30,11 @@ HEADERS = ("et_core.h", "et_kernels.h", "et_layers.h", "et_conv.h", "et_int8.h",
 
 #: The C enums the binding uses, each value's name at its number (et_abi.c's tables); checked at load.
 ENUMS: dict[str, tuple[str, ...]] = {
-    "activation": ("relu", "leaky_relu", "tanh", "sigmoid", "identity"),
+    "activation": ("relu", "leaky_relu", "tanh", "sigmoid", "identity", "relu6"),
     "method": ("layerwise", "skip", "sparse"),
     "optimizer": ("sgd", "momentum", "adam"),
     "cache": ("none", "float", "int8"),
-    "layer": ("dense",),
+    "layer": LAYER_KINDS,  # the layer description's kinds, in its order
 }
 ENUM_IDS = {name: i for i, name in enumerate(ENUMS)}  # enum et_enum_id
 
@@ -57,7 +59,7 @@ class Layer(ctypes.Structure):
     _fields_ = [("kind", _i32), ("in_c", _i32), ("in_h", _i32), ("in_w", _i32),
                 ("out_c", _i32), ("out_h", _i32), ("out_w", _i32), ("kernel_h", _i32), ("kernel_w", _i32),
                 ("stride_h", _i32), ("stride_w", _i32), ("pad_h", _i32), ("pad_w", _i32), ("groups", _i32),
-                ("activation", _i32), ("wt", _f32p), ("w", _f32p), ("bias", _f32p),
+                ("activation", _i32), ("source", _i32), ("wt", _f32p), ("w", _f32p), ("bias", _f32p),
                 ("qw", _i8p), ("wscale", _f32p), ("qbias", _i32p), ("rq_mult", _i32p), ("rq_shift", _i32p),
                 ("act_scale", ctypes.c_float)]
 
@@ -136,6 +138,8 @@ def _declare(lib: Any) -> None:
     lib.et_field_offset.argtypes, lib.et_field_offset.restype = [i32, i32], ctypes.c_int64
     lib.et_enum_name.argtypes, lib.et_enum_name.restype = [i32, i32], ctypes.c_char_p
     lib.et_backbone_check.argtypes, lib.et_backbone_check.restype = [P(Backbone)], i32
+    lib.et_skip_taps.argtypes, lib.et_skip_taps.restype = [P(Backbone), P(i32), P(i32)], i32
+    lib.et_skip_d_in.argtypes, lib.et_skip_d_in.restype = [P(Backbone)], i32
     lib.et_workspace_size.argtypes = [P(Backbone), P(Method), P(Cache), i32]
     lib.et_workspace_size.restype = sz
     lib.et_workspace_size_for.argtypes = [P(Backbone), P(Method), P(Cache), i32, i32]

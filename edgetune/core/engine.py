@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import EdgetuneError, UsageError
 from . import MAX_LAYERS, ERRORS, Backbone as CBackbone, Cache as CCache, EpochStats, Method as CMethod
 from . import Optimizer as COptimizer, enum, load, unavailable_reason
+from ..nn.layers import lora_specs
 
 ENGINES = ("auto", "c", "numpy")
 # The C enums, as the binding checked them against the library at load (edgetune/core/__init__.py).
@@ -66,15 +67,23 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
     bb = method.backbone
     if bb.n_layers > MAX_LAYERS:
         return f"the compiled engine takes at most {MAX_LAYERS} layers (this backbone has {bb.n_layers})"
-    if max(bb.sizes) > INT32_MAX // 64:
+    if max(_widths(bb)) > INT32_MAX // 64:
         return "a layer is too wide for the compiled engine"
     if np.dtype(bb.dtype) != np.float32:
         return f"the compiled engine computes in float32 (this backbone is {bb.dtype})"
-    if any(layer.spec.kind != "dense" for layer in bb.layers):
-        return "the compiled engine runs dense layers only"
     if not bb.is_plain_mlp():
-        return "the compiled engine takes one activation between layers and none after the last"
-    if bb.activation.name not in ACTIVATIONS:
+        # any chain of layers runs the skip and layer-wise methods; the sparse method needs an MLP
+        if _core_kind(method) not in ("skip", "layerwise"):
+            kinds = sorted({s.kind for s in bb.specs} - {"dense"})
+            why = f"{', '.join(kinds)} layers" if kinds else "an activation per layer"
+            return (f"the compiled engine runs {method.name} on MLPs only (dense layers, one activation "
+                    f"between layers and none after the last); this backbone has {why}")
+        if bb.is_int8:
+            return "the compiled engine runs int8 backbones that are MLPs only"
+        for k, spec in enumerate(bb.specs):
+            if spec.activation not in ACTIVATIONS:
+                return f"activation {spec.activation} (layer {k}) has no compiled implementation"
+    elif bb.activation.name not in ACTIVATIONS:
         return f"activation {bb.activation.name} has no compiled implementation"
     if getattr(method, "takes_scheme", False):
         if method.first >= bb.n_layers:
@@ -84,6 +93,19 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
     if optimizer is not None and optimizer not in ("sgd", "momentum", "adam"):
         return f"optimizer {optimizer} has no compiled implementation"
     return None
+
+
+def _widths(bb: Any) -> list[int]:
+    """Every layer's input and output width (values per sample)."""
+    return [s.in_features for s in bb.specs] + [s.out_features for s in bb.specs]
+
+
+def _core_kind(method: Any) -> str | None:
+    """The kind of engine a method is in C ("layerwise", "skip", "sparse"), None if it cannot say."""
+    try:
+        return method.core_spec().kind
+    except Exception:  # a method that cannot describe itself on this backbone is not run in C
+        return None
 
 
 def resolve_engine(requested: str | None, method: Any, optimizer: str | None = None) -> str:
@@ -122,7 +144,7 @@ class CoreModel:
         if reason is not None:
             raise UsageError(f"engine 'c' cannot run this configuration: {reason}")
         if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= INT32_MAX // max(
-                method.backbone.sizes + [1]) // 64:
+                _widths(method.backbone) + [1]) // 64:
             raise UsageError(f"batch_size {batch_size!r} is out of range for the compiled engine")
         self.lib = lib
         self.method = method
@@ -133,6 +155,8 @@ class CoreModel:
         spec = method.core_spec()
         self.spec = spec
         self.bb = self._backbone(method.backbone, spec)
+        self.tap_widths = self._taps(method.backbone)
+        self.d_in = sum(self.tap_widths)
         self.m = self._method(method, spec)
         self.sizes = list(method.backbone.sizes)
 
@@ -140,7 +164,7 @@ class CoreModel:
         return _kept(self._keep, a)
 
     def _backbone(self, bb: Any, spec: Any) -> CBackbone:
-        s = dense_backbone(bb.sizes, bb.activation.name)
+        s = layer_backbone(bb.specs)
         sizes = bb.sizes
         n = bb.n_layers
         s.is_int8 = int(bb.is_int8)
@@ -168,9 +192,16 @@ class CoreModel:
                     layer.rq_mult = m32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
                     layer.rq_shift = s32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
                 continue
+            lspec = bb.specs[k]
+            if not lspec.has_params:
+                continue
             # Frozen tensors C reads in place; a non-contiguous one (a view) is read from a copy.
             bias = self._keep_array(np.ascontiguousarray(bb.biases[k]))
-            layer.bias = _f32(_check(bias, shape[:1], np.float32, f"layer {k} bias"))
+            layer.bias = _f32(_check(bias, lspec.bias_shape, np.float32, f"layer {k} bias"))
+            if lspec.kind != "dense":  # a convolution reads its weight as stored (out, in/groups, *kernel)
+                w = self._keep_array(np.ascontiguousarray(bb.weights[k]))
+                layer.w = _f32(_check(w, lspec.weight_shape, np.float32, f"layer {k} weight"))
+                continue
             frozen = spec.kind == "sparse" or (spec.kind == "layerwise" and spec.weight[k] < 0)
             if frozen:  # the sparse method's weights, and the layer-wise backward pass's frozen W
                 w = self._keep_array(np.ascontiguousarray(bb.weights[k]))
@@ -182,6 +213,15 @@ class CoreModel:
         if rc != 0:
             raise CoreError(f"the compiled engine refused the backbone: {ERRORS.get(rc, rc)}")
         return s
+
+    def _taps(self, bb: Any) -> list[int]:
+        """The skip taps' widths as C derives them from the layers, checked against the backbone's."""
+        widths = (ctypes.c_int32 * MAX_LAYERS)()
+        n = self.lib.et_skip_taps(ctypes.byref(self.bb), None, widths)
+        got = [int(v) for v in widths[:n]]
+        if got != list(bb.tap_widths):
+            raise CoreError(f"the compiled engine derives skip taps of widths {got}, the backbone {bb.tap_widths}")
+        return got
 
     def _offset(self, off: int, shape: tuple[int, ...], name: str) -> int:
         """A tensor's offset into the parameters, checked against the tensor C will read there."""
@@ -205,29 +245,43 @@ class CoreModel:
         s.n_params = self.params.size
         if not 0 <= s.first < n:
             raise UsageError(f"first trained layer {s.first} is outside 0..{n - 1}")
+        if spec.kind == "sparse" and not method.backbone.is_plain_mlp():
+            raise UsageError("the compiled engine runs the sparse method on MLPs only")
         for k in range(MAX_LAYERS):
             s.off_weight[k] = s.off_bias[k] = s.off_lora_a[k] = s.off_lora_b[k] = -1
         s.off_bias_delta = self._offset(spec.bias_delta, (sizes[-1],), "head.bias_delta")
         s.off_skip_a = s.off_skip_b = -1
         if spec.kind == "layerwise":
-            for k in range(n):
-                s.off_weight[k] = self._offset(spec.weight[k], (sizes[k], sizes[k + 1]), f"layer {k} weight")
-                s.off_bias[k] = self._offset(spec.bias[k], (sizes[k + 1],), f"layer {k} bias")
-                s.off_lora_a[k] = self._offset(spec.lora_a[k], (r, sizes[k]), f"layer {k} lora_A")
-                s.off_lora_b[k] = self._offset(spec.lora_b[k], (sizes[k + 1], r), f"layer {k} lora_B")
+            for k, lspec in enumerate(method.backbone.specs):
+                dense = lspec.kind == "dense"
+                offs = (spec.weight[k], spec.bias[k], spec.lora_a[k], spec.lora_b[k])
+                if not lspec.has_params:
+                    if any(o >= 0 for o in offs):
+                        raise UsageError(f"layer {k} ({lspec.kind}) has no weights to train")
+                    continue
+                lora = lora_specs(lspec, r)
+                if lora is None and (spec.lora_a[k] >= 0 or spec.lora_b[k] >= 0):
+                    raise UsageError(f"layer {k}: no LoRA adapter fits a {lspec.kind} layer with groups {lspec.groups}")
+                a_shape, b_shape = (lora[0].weight_shape, lora[1].weight_shape) if lora else ((0,), (0,))
+                w_shape = (sizes[k], sizes[k + 1]) if dense else lspec.weight_shape  # dense: W^T (in, out)
+                s.off_weight[k] = self._offset(spec.weight[k], w_shape, f"layer {k} weight")
+                s.off_bias[k] = self._offset(spec.bias[k], lspec.bias_shape, f"layer {k} bias")
+                s.off_lora_a[k] = self._offset(spec.lora_a[k], a_shape, f"layer {k} lora_A")
+                s.off_lora_b[k] = self._offset(spec.lora_b[k], b_shape, f"layer {k} lora_B")
                 if (s.off_lora_a[k] < 0) != (s.off_lora_b[k] < 0):
                     raise UsageError(f"layer {k}: a LoRA adapter needs both A and B")
-                if s.off_weight[k] < 0 and not self.bb.layers[k].wt:
-                    raise UsageError(f"layer {k}: no transposed weight for the forward pass")
+                if s.off_weight[k] < 0 and not (self.bb.layers[k].wt if dense else self.bb.layers[k].w):
+                    raise UsageError(f"layer {k}: no weight for the forward pass")
         elif spec.kind == "skip":
-            d = sum(sizes[:-1])
-            s.off_skip_a = self._offset(spec.skip_a, (n * r, d), "skip.lora_A")
-            s.off_skip_b = self._offset(spec.skip_b, (sizes[-1], n * r), "skip.lora_B")
+            d, taps = self.d_in, len(self.tap_widths)
+            s.off_skip_a = self._offset(spec.skip_a, (taps * r, d), "skip.lora_A")
+            s.off_skip_b = self._offset(spec.skip_b, (sizes[-1], taps * r), "skip.lora_B")
             if s.off_skip_a < 0 or s.off_skip_b < 0:
                 raise UsageError("skip adapters need both A and B")
-            if not self.bb.is_int8 and any(not self.bb.layers[k].wt for k in range(n)) and any(
-                    spec.wt is None or spec.wt[k] is None for k in range(n)):
-                raise UsageError("skip adapters need every layer's transposed weight")
+            specs = method.backbone.specs
+            if not self.bb.is_int8 and any(specs[k].has_params and not (self.bb.layers[k].wt or self.bb.layers[k].w)
+                                           for k in range(n)):
+                raise UsageError("skip adapters need every layer's weight (dense: transposed)")
         else:
             for k in range(n):
                 rows = int(spec.rows[k])
@@ -364,7 +418,59 @@ def dense_backbone(sizes: Any, activation: str) -> CBackbone:
         layer.in_c, layer.out_c = int(sizes[k]), int(sizes[k + 1])
         layer.in_h = layer.in_w = layer.out_h = layer.out_w = 1
         layer.kernel_h = layer.kernel_w = layer.stride_h = layer.stride_w = layer.groups = 1
+        layer.source = -1
         layer.activation = ACTIVATIONS[activation if k < n - 1 else "identity"]
+    return s
+
+
+def _layer_fields(spec: Any) -> dict[str, int]:
+    """An et_layer's shape fields from a layer description: channels first, a 1-D layer as a
+    2-D one of height 1, a flat one as 1x1; gap's window is its whole input."""
+    def grid(shape: tuple[int, ...]) -> tuple[int, int, int]:
+        if len(shape) == 1:
+            return shape[0], 1, 1
+        if len(shape) == 2:
+            return shape[0], 1, shape[1]
+        if len(shape) == 3:
+            return shape[0], shape[1], shape[2]
+        raise UsageError(f"the compiled engine takes inputs of 1 to 3 dimensions, got {list(shape)}")
+
+    (ic, ih, iw), (oc, oh, ow) = grid(spec.in_shape), grid(spec.out_shape)
+    f = dict(in_c=ic, in_h=ih, in_w=iw, out_c=oc, out_h=oh, out_w=ow, kernel_h=1, kernel_w=1, stride_h=1,
+             stride_w=1, pad_h=0, pad_w=0, groups=int(spec.groups), source=int(spec.source))
+    if spec.kernel:
+        pad = (1,) * (2 - len(spec.kernel))
+        f["kernel_h"], f["kernel_w"] = pad + tuple(spec.kernel)
+        f["stride_h"], f["stride_w"] = pad + tuple(spec.stride)
+        f["pad_h"], f["pad_w"] = (0,) * (2 - len(spec.padding)) + tuple(spec.padding)
+    if spec.kind == "gap":
+        f["kernel_h"], f["kernel_w"] = ih, iw
+    if spec.kind != "add":
+        f["source"] = -1
+    return f
+
+
+def layer_backbone(specs: Any) -> CBackbone:
+    """An et_backbone of the layer descriptions ``specs`` without tensors: kinds, shapes, kernels,
+    strides, padding, groups, each layer's own activation and an add's source. Every value is
+    checked to fit C's int32 here; C checks that the shapes chain (et_backbone_check)."""
+    s = CBackbone()
+    n = len(specs)
+    if not 1 <= n <= MAX_LAYERS:
+        raise UsageError(f"the compiled engine takes 1..{MAX_LAYERS} layers (got {n})")
+    s.n_layers = n
+    for k, spec in enumerate(specs):
+        if spec.kind not in LAYER_KINDS:
+            raise UsageError(f"layer {k}: kind {spec.kind} has no compiled implementation")
+        if spec.activation not in ACTIVATIONS:
+            raise UsageError(f"layer {k}: activation {spec.activation} has no compiled implementation")
+        layer = s.layers[k]
+        layer.kind = LAYER_KINDS[spec.kind]
+        layer.activation = ACTIVATIONS[spec.activation]
+        for name, v in _layer_fields(spec).items():  # ctypes would wrap a value past int32 silently
+            if not -1 <= v <= INT32_MAX:
+                raise UsageError(f"layer {k}: {name} {v} is out of range for the compiled engine")
+            setattr(layer, name, v)
     return s
 
 
@@ -414,7 +520,7 @@ class CoreRunner:
         self._keep: list[np.ndarray] = []
         self.c_opt = _optimizer_struct(opt, self.model.params.size, self._keep)
         sizes = self.model.sizes
-        d_in = sum(sizes[:-1])
+        d_in = self.model.d_in
         cache = getattr(method, "cache", None) if self.model.spec.kind == "skip" else None
         eager = getattr(method.options, "cache_fill", "eager") == "eager"
         self.cache = cache

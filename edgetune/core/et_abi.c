@@ -24,8 +24,8 @@ static const field LAYER[] = {
     F(et_layer, kind), F(et_layer, in_c), F(et_layer, in_h), F(et_layer, in_w), F(et_layer, out_c),
     F(et_layer, out_h), F(et_layer, out_w), F(et_layer, kernel_h), F(et_layer, kernel_w), F(et_layer, stride_h),
     F(et_layer, stride_w), F(et_layer, pad_h), F(et_layer, pad_w), F(et_layer, groups), F(et_layer, activation),
-    F(et_layer, wt), F(et_layer, w), F(et_layer, bias), F(et_layer, qw), F(et_layer, wscale), F(et_layer, qbias),
-    F(et_layer, rq_mult), F(et_layer, rq_shift), F(et_layer, act_scale)};
+    F(et_layer, source), F(et_layer, wt), F(et_layer, w), F(et_layer, bias), F(et_layer, qw), F(et_layer, wscale),
+    F(et_layer, qbias), F(et_layer, rq_mult), F(et_layer, rq_shift), F(et_layer, act_scale)};
 static const field BACKBONE[] = {F(et_backbone, n_layers), F(et_backbone, is_int8), F(et_backbone, layers)};
 static const field METHOD[] = {
     F(et_method, kind), F(et_method, rank), F(et_method, scale), F(et_method, first), F(et_method, qas),
@@ -67,11 +67,12 @@ static const struct {
 };
 
 /* Value v of each enum is its name at index v (the enums are numbered 0, 1, 2, ...). */
-static const char *const ACTIVATION[] = {"relu", "leaky_relu", "tanh", "sigmoid", "identity"};
+static const char *const ACTIVATION[] = {"relu", "leaky_relu", "tanh", "sigmoid", "identity", "relu6"};
 static const char *const METHOD_KIND[] = {"layerwise", "skip", "sparse"};
 static const char *const OPTIMIZER_KIND[] = {"sgd", "momentum", "adam"};
 static const char *const CACHE_KIND[] = {"none", "float", "int8"};
-static const char *const LAYER_KIND[] = {"dense"};
+static const char *const LAYER_KIND[] = {"dense",     "conv1d",    "conv2d", "maxpool1d", "maxpool2d",
+                                         "avgpool1d", "avgpool2d", "gap",    "flatten",   "add"};
 
 static const struct {
     const char *const *names;
@@ -82,11 +83,11 @@ static const struct {
 };
 
 /* The tables above must list every value the enums declare (a compile-time check). */
-typedef char check_activation[COUNT(ACTIVATION) == ET_IDENTITY + 1 ? 1 : -1];
+typedef char check_activation[COUNT(ACTIVATION) == ET_RELU6 + 1 ? 1 : -1];
 typedef char check_method[COUNT(METHOD_KIND) == ET_SPARSE + 1 ? 1 : -1];
 typedef char check_optimizer[COUNT(OPTIMIZER_KIND) == ET_ADAM + 1 ? 1 : -1];
 typedef char check_cache[COUNT(CACHE_KIND) == ET_CACHE_INT8 + 1 ? 1 : -1];
-typedef char check_layer[COUNT(LAYER_KIND) == ET_LAYER_DENSE + 1 ? 1 : -1];
+typedef char check_layer[COUNT(LAYER_KIND) == ET_LAYER_ADD + 1 ? 1 : -1];
 
 int32_t et_abi_version(void) { return ET_ABI_VERSION; }
 

@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define ET_MAX_LAYERS 16
-#define ET_ABI_VERSION 2
+#define ET_ABI_VERSION 3
 
 /* Return codes (negative: the call was refused before anything ran). */
 #define ET_OK 0
@@ -35,11 +35,18 @@
 #define ET_ERR_WORKSPACE (-2)
 #define ET_ERR_UNSUPPORTED (-3)
 
-enum et_activation { ET_RELU = 0, ET_LEAKY_RELU = 1, ET_TANH = 2, ET_SIGMOID = 3, ET_IDENTITY = 4 };
+enum et_activation { ET_RELU = 0, ET_LEAKY_RELU = 1, ET_TANH = 2, ET_SIGMOID = 3, ET_IDENTITY = 4, ET_RELU6 = 5 };
 enum et_method_kind { ET_LAYERWISE = 0, ET_SKIP = 1, ET_SPARSE = 2 };
 enum et_optimizer_kind { ET_SGD = 0, ET_MOMENTUM = 1, ET_ADAM = 2 };
 enum et_cache_kind { ET_CACHE_NONE = 0, ET_CACHE_FLOAT = 1, ET_CACHE_INT8 = 2 };
-enum et_layer_kind { ET_LAYER_DENSE = 0 };
+/* Layer kinds, numbered as edgetune.nn.layers.LAYER_KINDS (checked at load). A 1-D layer is a
+ * 2-D one of height 1 (in_h = out_h = kernel_h = stride_h = 1, pad_h = 0); gap's window is
+ * its whole input (kernel in_h x in_w, stride 1); flatten and add have none (kernel 1x1,
+ * stride 1, padding 0); an add's `source` names the earlier layer whose input it adds. */
+enum et_layer_kind {
+    ET_LAYER_DENSE = 0, ET_LAYER_CONV1D = 1, ET_LAYER_CONV2D = 2, ET_LAYER_MAXPOOL1D = 3, ET_LAYER_MAXPOOL2D = 4,
+    ET_LAYER_AVGPOOL1D = 5, ET_LAYER_AVGPOOL2D = 6, ET_LAYER_GAP = 7, ET_LAYER_FLATTEN = 8, ET_LAYER_ADD = 9
+};
 /* The enums by number, for et_enum_name(): the binding reads every name from here. */
 enum et_enum_id { ET_ENUM_ACTIVATION = 0, ET_ENUM_METHOD = 1, ET_ENUM_OPTIMIZER = 2, ET_ENUM_CACHE = 3,
                   ET_ENUM_LAYER = 4 };
@@ -58,9 +65,11 @@ typedef struct et_layer {
     int32_t out_c, out_h, out_w;
     int32_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, groups;
     int32_t activation;                     /* enum et_activation, on this layer's output */
+    int32_t source;                         /* add: the earlier layer whose input is added; else -1 */
     /* float32 */
     const float *wt;                        /* dense: (in, out); NULL where unused */
-    const float *w;                         /* dense: (out, in), or NULL: see above */
+    const float *w;                         /* dense: (out, in), or NULL: see above;
+                                               conv: (out_c, in_c / groups, kernel_h, kernel_w) */
     const float *bias;                      /* (out_c) */
     /* int8: W ~= wscale[o] * qw[o, i]; this layer's input ~= act_scale * q */
     const int8_t *qw;                       /* dense: (out, in) */
@@ -90,10 +99,25 @@ static inline int32_t et_width(const et_backbone *bb, int32_t k) {
 
 /*
  * ET_OK if every layer of bb is a kind this build implements with consistent shapes (each
- * layer's input is the previous one's output) and a known activation; ET_ERR_UNSUPPORTED
- * for an unknown layer kind; ET_ERR_ARGUMENT otherwise. Every entry point checks this first.
+ * layer's input is the previous one's output; a spatial layer's output what its kernel,
+ * stride and padding give, as et_conv.h derives it; an add's source an earlier layer with
+ * the same input shape) and a known activation; ET_ERR_UNSUPPORTED for an unknown layer kind
+ * or an int8 backbone with a layer that is not dense; ET_ERR_ARGUMENT otherwise. Every entry
+ * point checks this first.
  */
 int32_t et_backbone_check(const et_backbone *bb);
+
+/*
+ * The skip taps: what the skip adapters read. Tap j is the input of the j-th layer with
+ * weights (dense, conv), pooled to one value per channel by global average pooling where
+ * it is spatial (width in_c), else the input itself (width in_c * in_h * in_w); an MLP's
+ * taps are its layers' inputs. Writes the layers' indices and the taps' widths (arrays of
+ * ET_MAX_LAYERS; either may be NULL) and returns the number of taps. bb must pass
+ * et_backbone_check().
+ */
+int32_t et_skip_taps(const et_backbone *bb, int32_t *layers, int32_t *widths);
+/* D, the sum of the taps' widths: the adapters' input columns in a skip-cache row. */
+int32_t et_skip_d_in(const et_backbone *bb);
 
 /*
  * What trains. Every trainable tensor lives in one flat vector `params` (its gradient at
@@ -101,9 +125,14 @@ int32_t et_backbone_check(const et_backbone *bb);
  *
  * ET_LAYERWISE (ft-*, lora-*): per layer a trained weight wt (in, out), a trained bias
  *   (out), a LoRA pair A (rank, in) and B (out, rank); `first` is the first layer with
- *   anything trainable (the backward pass stops there).
- * ET_SKIP (skip-lora, skip2-lora): A stacked (n*rank, D), block k over layer k's input
- *   columns (D = sum of the layers' input widths; off-block entries stay zero), B (out, n*rank).
+ *   anything trainable (the backward pass stops there). A convolution's trained weight is as
+ *   stored (out_c, in_c / groups, kernel_h, kernel_w), its bias (out_c), and its LoRA pair
+ *   two convolutions: A (rank, in_c, kernel_h, kernel_w) with the layer's stride and padding,
+ *   B (out_c, rank) a 1x1 one (groups 1 only).
+ * ET_SKIP (skip-lora, skip2-lora): n adapters, one per skip tap (et_skip_taps: an MLP's
+ *   layers' inputs), A stacked (n*rank, D), block k over tap k's columns (D = et_skip_d_in,
+ *   the sum of the taps' widths; off-block entries stay zero), B (out, n*rank). The skip
+ *   and layer-wise methods run on every float backbone; the sparse method on dense ones.
  * ET_SPARSE: the first rows[k] output channels of layer k train (stored (rows, in) at
  *   off_weight[k]), trained biases at off_bias[k]; on an int8 backbone trained values are
  *   in int8 units and w_unit/b_unit convert them (QAS scales their gradients).
@@ -137,9 +166,10 @@ typedef struct et_optimizer {
 } et_optimizer;
 
 /*
- * The skip-cache: one row per sample id < capacity, [x | h_1 | ... | h_{n-1} | z_n]
- * (row_width = d_in + out floats). The int8 kind stores the d_in adapter inputs as int8
- * (qrows, times col_scales) and the logits as float32. filled[i] says row i is valid;
+ * The skip-cache: one row per sample id < capacity, [t_1 | ... | t_n | z] (the skip taps and
+ * the logits; an MLP's [x | h_1 | ... | h_{n-1} | z_n]), row_width = d_in + out floats.
+ * The int8 kind stores the d_in adapter inputs as int8 (qrows, times col_scales) and the
+ * logits as float32. filled[i] says row i is valid;
  * samples with id >= capacity are recomputed every epoch. With `eager` every missing row
  * is computed in blocks before the first batch; otherwise a row is filled the first time
  * its sample is in a batch. Hits and misses are added to the counters.

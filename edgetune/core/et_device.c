@@ -9,12 +9,6 @@
 
 static size_t round_up(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
 
-static int32_t d_in_of(const et_backbone *bb) {
-    int32_t d = 0;
-    for (int32_t k = 0; k < bb->n_layers; k++) d += et_width(bb, k);
-    return d;
-}
-
 /*
  * The arena's pieces, in order; with base == NULL only their total (rounded pieces). With
  * `bytes`, each piece's exact size is added to bytes[its et_device_piece]. This is the only
@@ -23,7 +17,7 @@ static int32_t d_in_of(const et_backbone *bb) {
 static size_t layout(et_device *d, const et_model_desc *md, char *base, size_t *bytes) {
     const et_backbone *bb = md->backbone;
     const size_t P = (size_t)md->method->n_params, N = (size_t)md->max_samples, C = (size_t)md->cache_capacity;
-    const size_t in = (size_t)et_width(bb, 0), out = (size_t)et_width(bb, bb->n_layers), din = (size_t)d_in_of(bb);
+    const size_t in = (size_t)et_width(bb, 0), out = (size_t)et_width(bb, bb->n_layers), din = (size_t)et_skip_d_in(bb);
     char *cur = base;
     size_t total = 0;
     int32_t what = ET_PIECE_PARAMS;
@@ -140,7 +134,7 @@ int32_t et_device_init(et_device *d, const et_model_desc *md, void *arena, size_
     const et_backbone *bb = md->backbone;
     d->cache.kind = md->cache_kind;
     d->cache.eager = 1;
-    d->cache.d_in = d_in_of(bb);
+    d->cache.d_in = et_skip_d_in(bb);
     d->cache.row_width = d->cache.d_in + et_width(bb, bb->n_layers);
     d->cache.col_scales = md->col_scales;
     if (d->cache.filled) memset(d->cache.filled, 0, (size_t)md->max_samples);

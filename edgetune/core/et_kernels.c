@@ -213,6 +213,9 @@ ET_HOT void et_act_forward(int act, float *z, int64_t n) {
     case ET_RELU:
         for (i = 0; i < n; i++) z[i] = z[i] < 0.0f ? 0.0f : z[i];
         break;
+    case ET_RELU6:
+        for (i = 0; i < n; i++) z[i] = z[i] < 0.0f ? 0.0f : (z[i] > 6.0f ? 6.0f : z[i]);
+        break;
     case ET_LEAKY_RELU:
         for (i = 0; i < n; i++) z[i] = z[i] < 0.0f ? z[i] * 0.01f : z[i];
         break;
@@ -236,6 +239,9 @@ ET_HOT void et_act_grad_mul(int act, float *dh, const float *h, int64_t n) {
     switch (act) {
     case ET_RELU:
         for (i = 0; i < n; i++) dh[i] *= (float)(h[i] > 0.0f);
+        break;
+    case ET_RELU6:
+        for (i = 0; i < n; i++) dh[i] *= (float)(h[i] > 0.0f) * (float)(h[i] < 6.0f);
         break;
     case ET_LEAKY_RELU:
         for (i = 0; i < n; i++) dh[i] *= 0.01f + 0.99f * (float)(h[i] > 0.0f);

@@ -4,6 +4,7 @@
  * engine (edgetune/methods/) operation for operation.
  */
 #include "et_core.h"
+#include "et_conv.h"
 #include "et_int8.h"
 #include "et_kernels.h"
 #include "et_layers.h"
@@ -31,6 +32,12 @@ typedef struct {
     const float **rowp;                    /* skip: batch row pointers */
     float *u;                              /* skip: batch x (n*rank) */
     int8_t *qtaps;                         /* skip on int8: batch x d_in */
+    float *walk[2];                        /* skip, not an MLP: batch x max width, each layer's input and output */
+    float *kept[ET_MAX_LAYERS];            /* skip, not an MLP: batch x et_width(bb, k), the inputs add layers read */
+    float *scratch;                        /* not an MLP: the layers' (and LoRA convolutions') kernel scratch */
+    float *pend[ET_MAX_LAYERS];            /* layer-wise, not an MLP: batch x et_width(bb, k), an add's gradient
+                                              waiting for its source layer's input */
+    float *tmp;                            /* layer-wise, not an MLP: batch x max width, a LoRA convolution's output */
 } layout;
 
 static size_t take(char **cur, size_t bytes) {
@@ -45,10 +52,60 @@ static int max_width(const et_backbone *bb) {
     return w;
 }
 
-static int d_in_of(const et_backbone *bb) {
-    int d = 0;
-    for (int k = 0; k < bb->n_layers; k++) d += et_width(bb, k);
-    return d;
+static int is_source(const et_backbone *bb, int k) {
+    for (int j = k + 1; j < bb->n_layers; j++)
+        if (bb->layers[j].kind == ET_LAYER_ADD && bb->layers[j].source == k) return 1;
+    return 0;
+}
+
+/* The two convolutions of a LoRA adapter beside convolution l, as PEFT builds them: A with
+ * `rank` output channels and l's kernel, stride and padding, B a 1x1 one from rank to l's outputs. */
+static void lora_dims(const et_layer *l, int rank, et_conv_dims *a, et_conv_dims *b) {
+    *a = et_layer_dims(l);
+    a->out_c = rank;
+    a->groups = 1;
+    *b = et_layer_dims(l);
+    b->in_c = rank, b->in_h = l->out_h, b->in_w = l->out_w;
+    b->kernel_h = b->kernel_w = b->stride_h = b->stride_w = 1;
+    b->pad_h = b->pad_w = 0;
+    b->groups = 1;
+}
+
+static size_t most(size_t a, size_t b) { return a > b ? a : b; }
+
+/* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer asks (the frozen
+ * forward; with `backward` the gradients and the LoRA convolutions too). */
+static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward) {
+    size_t s = 0;
+    for (int k = 0; k < bb->n_layers; k++) {
+        const et_layer *l = &bb->layers[k];
+        const et_layer_ops *ops = et_layer_ops_of(l->kind);
+        s = most(s, ops->forward_scratch_bytes(l, batch));
+        if (!backward) continue;
+        s = most(s, ops->backward_scratch_bytes(l, batch));
+        if (m->off_lora_a[k] >= 0 && l->kind != ET_LAYER_DENSE) {
+            et_conv_dims a, b;
+            lora_dims(l, m->rank, &a, &b);
+            s = most(s, most(et_conv_forward_scratch_bytes(&a, batch), et_conv_forward_scratch_bytes(&b, batch)));
+            s = most(s, et_conv_input_grad_scratch_bytes(&a, batch));
+            s = most(s, et_conv_weight_grad_scratch_bytes(&a, batch));
+            s = most(s, et_conv_input_grad_scratch_bytes(&b, batch));
+            s = most(s, et_conv_weight_grad_scratch_bytes(&b, batch));
+        }
+    }
+    return s;
+}
+
+/* Values per sample of layer k's LoRA middle u (rank x the output positions), 0 without an adapter. */
+static int lora_width(const et_backbone *bb, const et_method *m, int k) {
+    const et_layer *l = &bb->layers[k];
+    return m->off_lora_a[k] < 0 ? 0 : m->rank * l->out_h * l->out_w;
+}
+
+static int max_lora_width(const et_backbone *bb, const et_method *m) {
+    int w = m->rank;
+    for (int k = 0; k < bb->n_layers; k++) w = lora_width(bb, m, k) > w ? lora_width(bb, m, k) : w;
+    return w;
 }
 
 /*
@@ -82,20 +139,29 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         PIECE(gbuf[1], float *, B * mw * F);
     }
     if (m->kind == ET_SKIP) {
-        const size_t nr = (size_t)n * m->rank, row = (size_t)d_in_of(bb) + et_width(bb, n);
+        const size_t nr = (size_t)et_skip_taps(bb, NULL, NULL) * m->rank;
+        const size_t row = (size_t)et_skip_d_in(bb) + et_width(bb, n);
         PIECE(taps, float *, B * row * F);
         PIECE(rowp, const float **, B * (size_t)pointer_bytes);
         PIECE(u, float *, B * nr * F);
         PIECE(gu, float *, B * nr * F);
         if (bb->is_int8) {
-            PIECE(qtaps, int8_t *, B * (size_t)d_in_of(bb));
+            PIECE(qtaps, int8_t *, B * (size_t)et_skip_d_in(bb));
             PIECE(acc, int32_t *, B * mw * 4);
+        }
+        if (!et_backbone_is_dense(bb)) { /* the frozen forward runs layer by layer (chain_taps) */
+            PIECE(walk[0], float *, B * mw * F);
+            PIECE(walk[1], float *, B * mw * F);
+            for (int k = 0; k < n; k++)
+                if (is_source(bb, k)) PIECE(kept[k], float *, B * et_width(bb, k) * F);
+            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 0));
         }
     } else {
         for (int k = 0; k <= n; k++) PIECE(act[k], float *, B * et_width(bb, k) * F);
         if (m->kind == ET_LAYERWISE) {
-            PIECE(lora_u, float *, (size_t)n * B * m->rank * F);
-            PIECE(gu, float *, B * m->rank * F);
+            const size_t U = (size_t)max_lora_width(bb, m); /* an MLP's: the rank */
+            PIECE(lora_u, float *, (size_t)n * B * U * F);
+            PIECE(gu, float *, B * U * F);
             size_t pack = 0; /* layers whose input gradient needs W (out, in) that is not given */
             for (int k = m->first + 1; k < n; k++)
                 if (m->off_weight[k] >= 0 || !bb->layers[k].w) {
@@ -103,6 +169,12 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
                     pack = p > pack ? p : pack;
                 }
             PIECE(pack, float *, pack * F);
+            if (!et_backbone_is_dense(bb)) {
+                PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1));
+                PIECE(tmp, float *, B * mw * F);
+                for (int k = m->first; k < n; k++)
+                    if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
+            }
         } else if (bb->is_int8) {
             PIECE(wrow, float *, (size_t)mw * F);
             PIECE(q[0], int8_t *, B * mw);
@@ -120,6 +192,7 @@ size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et
     if (et_backbone_check(bb) != ET_OK || !m || batch < 1 || m->n_params < 0) return 0;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE || pointer_bytes < 1 || pointer_bytes > 16) return 0;
     if (m->kind != ET_SKIP && (m->first < 0 || m->first >= bb->n_layers)) return 0;
+    if (m->kind == ET_SPARSE && !et_backbone_is_dense(bb)) return 0; /* sparse: MLPs only */
     return plan_layout(bb, m, batch, pointer_bytes, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
 }
 
@@ -136,7 +209,10 @@ typedef struct {
     et_cache *cache;
     const float *x;
     int32_t width[ET_MAX_LAYERS + 1];      /* et_width(bb, k), read once: the hot loops index it */
-    int32_t d_in;                          /* the sum of the layers' input widths */
+    int32_t n_taps;                        /* skip: the adapters (et_skip_taps) */
+    int32_t tap_width[ET_MAX_LAYERS];      /* skip: each adapter's input width */
+    int32_t d_in;                          /* the sum of the taps' widths */
+    int32_t batch;
     layout L;
 } ctx;
 
@@ -146,6 +222,7 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     if (rc != ET_OK) return rc;
     if (!m || !x || batch < 1) return ET_ERR_ARGUMENT;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
+    if (m->kind == ET_SPARSE && !et_backbone_is_dense(bb)) return ET_ERR_UNSUPPORTED;
     if (et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
     if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
@@ -160,7 +237,9 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->cache = cache;
     c->x = x;
     for (int k = 0; k <= bb->n_layers; k++) c->width[k] = et_width(bb, k);
-    c->d_in = d_in_of(bb);
+    c->n_taps = et_skip_taps(bb, NULL, c->tap_width);
+    c->d_in = et_skip_d_in(bb);
+    c->batch = batch;
     plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L);
     return ET_OK;
 }
@@ -181,8 +260,11 @@ static void column_sums(const float *g, int rows, int cols, float *out) {
 }
 
 /* ================================================================== layer-wise (ft-*, lora-*) */
+/* Layer k's weight in its forward layout, trained or frozen (dense: W^T (in, out); conv: as stored). */
 static const float *lw_weight_t(const ctx *c, int k) {
-    return c->m->off_weight[k] >= 0 ? c->P + c->m->off_weight[k] : c->bb->layers[k].wt;
+    const et_layer *l = &c->bb->layers[k];
+    if (c->m->off_weight[k] >= 0) return c->P + c->m->off_weight[k];
+    return l->kind == ET_LAYER_DENSE ? l->wt : l->w;
 }
 
 static const float *lw_bias(const ctx *c, int k) {
@@ -199,10 +281,21 @@ static float *lw_forward(ctx *c, int count) {
         const int in = et_layer_in(l), out = et_layer_out(l);
         const float *h = c->L.act[k];
         float *z = c->L.act[k + 1];
-        et_layer_ops_of(l->kind)->forward(l, lw_weight_t(c, k), NULL, lw_bias(c, k), h, in, count, z, out);
-        if (m->off_lora_a[k] >= 0) {
+        const int dense = l->kind == ET_LAYER_DENSE;
+        const float *residual = l->kind == ET_LAYER_ADD ? c->L.act[l->source] : NULL;
+        et_layer_ops_of(l->kind)->forward(l, dense ? lw_weight_t(c, k) : NULL, dense ? NULL : lw_weight_t(c, k),
+                                          lw_bias(c, k), h, in, count, z, out, residual, c->L.scratch);
+        if (m->off_lora_a[k] >= 0 && !dense) { /* z += s B(A(h)), A and B convolutions */
+            const int U = lora_width(bb, m, k);
+            float *u = c->L.lora_u + (size_t)k * count * max_lora_width(bb, m);
+            et_conv_dims da, db;
+            lora_dims(l, r, &da, &db);
+            et_conv_forward(&da, count, h, in, c->P + m->off_lora_a[k], NULL, u, U, c->L.scratch);
+            et_conv_forward(&db, count, u, U, c->P + m->off_lora_b[k], NULL, c->L.tmp, out, c->L.scratch);
+            for (int i = 0; i < count * out; i++) z[i] += m->scale != 1.0f ? c->L.tmp[i] * m->scale : c->L.tmp[i];
+        } else if (m->off_lora_a[k] >= 0) {
             const float *A = c->P + m->off_lora_a[k], *Bm = c->P + m->off_lora_b[k];
-            float *u = c->L.lora_u + (size_t)k * count * r;
+            float *u = c->L.lora_u + (size_t)k * count * max_lora_width(bb, m);
             et_gemm_nt(count, r, in, h, in, A, in, u, r, 0, NULL);    /* u = h A^T */
             for (int i = 0; i < count; i++) {                        /* z += s (u B^T) */
                 for (int o = 0; o < out; o++) {
@@ -223,21 +316,36 @@ static float *lw_forward(ctx *c, int count) {
 static void lw_backward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank;
+    const int n = bb->n_layers, r = m->rank, U_max = max_lora_width(bb, m);
     float *g = c->L.act[n];
     int flip = 0;
+    int pending[ET_MAX_LAYERS] = {0}; /* pend[k] holds gradients for layer k's input from add layers */
     if (m->off_bias_delta >= 0) column_sums(g, count, et_width(bb, n), c->G + m->off_bias_delta);
     for (int k = n - 1; k >= m->first; k--) {
         const et_layer *l = &bb->layers[k];
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
-        const int in = et_layer_in(l), out = et_layer_out(l);
+        const int in = et_layer_in(l), out = et_layer_out(l), dense = l->kind == ET_LAYER_DENSE;
         const float *h = c->L.act[k];
-        if (m->off_weight[k] >= 0) ops->weight_grad(l, h, g, count, c->G + m->off_weight[k]); /* dWt = h^T g */
-        if (m->off_bias[k] >= 0) column_sums(g, count, out, c->G + m->off_bias[k]);
+        if (m->off_weight[k] >= 0) ops->weight_grad(l, h, g, count, c->G + m->off_weight[k], c->L.scratch);
+        if (m->off_bias[k] >= 0) ops->bias_grad(l, g, count, c->G + m->off_bias[k]);
         const float *A = NULL;
-        if (m->off_lora_a[k] >= 0) {
+        et_conv_dims da, db;
+        if (m->off_lora_a[k] >= 0 && !dense) { /* LoRA convolutions: dB, gu = s dB/du, dA */
+            const int U = lora_width(bb, m, k);
+            const float *u = c->L.lora_u + (size_t)k * count * U_max;
+            float *gB = c->G + m->off_lora_b[k], *gA = c->G + m->off_lora_a[k];
+            lora_dims(l, r, &da, &db);
+            A = c->P + m->off_lora_a[k];
+            et_conv_weight_grad(&db, count, u, g, gB, 0, c->L.scratch);
+            et_conv_input_grad(&db, count, g, c->P + m->off_lora_b[k], c->L.gu, c->L.scratch);
+            if (m->scale != 1.0f) {
+                for (int i = 0; i < l->out_c * r; i++) gB[i] *= m->scale; /* B: (out_c, rank, 1, 1) */
+                for (int i = 0; i < count * U; i++) c->L.gu[i] *= m->scale;
+            }
+            et_conv_weight_grad(&da, count, h, c->L.gu, gA, 0, c->L.scratch);
+        } else if (m->off_lora_a[k] >= 0) {
             const float *Bm = c->P + m->off_lora_b[k];
-            const float *u = c->L.lora_u + (size_t)k * count * r;
+            const float *u = c->L.lora_u + (size_t)k * count * U_max;
             float *gB = c->G + m->off_lora_b[k], *gA = c->G + m->off_lora_a[k];
             A = c->P + m->off_lora_a[k];
             et_gemm_tn(out, r, count, g, out, u, r, gB, r, 0);          /* dB = g^T u */
@@ -248,12 +356,26 @@ static void lw_backward(ctx *c, int count) {
             }
             et_gemm_tn(r, in, count, c->L.gu, r, h, in, gA, in, 0);     /* dA = gu^T h */
         }
+        if (l->kind == ET_LAYER_ADD && l->source >= m->first) { /* the add's other input: its source's */
+            float *p = c->L.pend[l->source];
+            if (pending[l->source]) for (int i = 0; i < count * in; i++) p[i] += g[i];
+            else memcpy(p, g, (size_t)count * in * sizeof(float));
+            pending[l->source] = 1;
+        }
         if (k > m->first) {
             float *dh = c->L.gbuf[flip];
             flip ^= 1;
-            /* dh = g W: from the frozen W (out, in) where given, else from the trained or transposed one */
-            ops->input_grad(l, lw_weight_t(c, k), m->off_weight[k] < 0 ? l->w : NULL, g, count, dh, c->L.pack);
-            if (A) et_gemm_nn(count, in, r, c->L.gu, r, A, in, dh, in, 1);
+            if (dense) /* dh = g W: from the frozen W (out, in) where given, else from the trained or transposed one */
+                ops->input_grad(l, lw_weight_t(c, k), m->off_weight[k] < 0 ? l->w : NULL, h, g, count, dh, c->L.pack);
+            else
+                ops->input_grad(l, NULL, lw_weight_t(c, k), h, g, count, dh, c->L.scratch);
+            if (A && dense) et_gemm_nn(count, in, r, c->L.gu, r, A, in, dh, in, 1);
+            if (A && !dense) {
+                et_conv_input_grad(&da, count, c->L.gu, A, c->L.tmp, c->L.scratch);
+                for (int i = 0; i < count * in; i++) dh[i] += c->L.tmp[i];
+            }
+            if (pending[k])
+                for (int i = 0; i < count * in; i++) dh[i] += c->L.pend[k][i];
             et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
             g = dh;
         }
@@ -261,7 +383,8 @@ static void lw_backward(ctx *c, int count) {
 }
 
 /* ================================================================== the skip adapters */
-/* Rows [x | h_1 | ... | z_n] for `count` rows whose x part is already in place (float backbone). */
+/* An MLP's rows [x | h_1 | ... | z_n] for `count` rows whose x part is already in place: each
+ * layer writes its output straight into the next tap's columns. */
 static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
     const int n = bb->n_layers;
     int col = 0;
@@ -269,9 +392,48 @@ static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
         const et_layer *l = &bb->layers[k];
         const int in = et_layer_in(l);
         float *h = rows + col, *z = rows + col + in;
-        et_layer_ops_of(l->kind)->forward(l, l->wt, l->w, l->bias, h, ldr, count, z, ldr);
+        et_layer_ops_of(l->kind)->forward(l, l->wt, l->w, l->bias, h, ldr, count, z, ldr, NULL, NULL);
         et_layer_activate(l, z, ldr, count);
         col += in;
+    }
+}
+
+/*
+ * Rows [t_1 | ... | t_n | z] (row stride ldd) of count <= batch samples ids, for any chain of
+ * layers: each layer runs through its kind's operations from one workspace buffer into the
+ * other; a layer with weights first writes its tap (its input, pooled to one value per channel
+ * where spatial), a layer an add reads keeps its input, and the last writes the logits.
+ */
+static void chain_taps(ctx *c, const int32_t *ids, int count, float *dst, int ldd) {
+    const et_backbone *bb = c->bb;
+    const int n = bb->n_layers;
+    float *h = c->L.walk[0];
+    int cur = 0, col = 0;
+    gather_rows(c->x, c->width[0], ids, count, h, c->width[0]);
+    for (int k = 0; k < n; k++) {
+        const et_layer *l = &bb->layers[k];
+        const int in = et_layer_in(l), out = et_layer_out(l);
+        if (et_layer_has_weights(l)) {
+            if (l->in_h * l->in_w > 1) {
+                /* global average pooling: the window is the whole input (et_conv.h) */
+                const et_conv_dims g = {l->in_c, l->in_h, l->in_w, l->in_c, 1, 1, l->in_h, l->in_w, 1, 1, 0, 0, 1};
+                et_gap_forward(&g, count, h, in, dst + col, ldd);
+                col += l->in_c;
+            } else {
+                for (int i = 0; i < count; i++)
+                    memcpy(dst + (size_t)i * ldd + col, h + (size_t)i * in, (size_t)in * sizeof(float));
+                col += in;
+            }
+        }
+        if (c->L.kept[k]) memcpy(c->L.kept[k], h, (size_t)count * in * sizeof(float));
+        const int last = k == n - 1;
+        float *z = last ? dst + c->d_in : c->L.walk[cur ^ 1];
+        const int ldz = last ? ldd : out;
+        const float *residual = l->kind == ET_LAYER_ADD ? c->L.kept[l->source] : NULL;
+        et_layer_ops_of(l->kind)->forward(l, l->wt, l->w, l->bias, h, in, count, z, ldz, residual, c->L.scratch);
+        et_layer_activate(l, z, ldz, count);
+        h = z;
+        cur ^= 1;
     }
 }
 
@@ -279,6 +441,13 @@ static void float_taps(const et_backbone *bb, float *rows, int ldr, int count) {
 static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
     const et_backbone *bb = c->bb;
     const int in0 = c->width[0], d = c->d_in, W = d + c->width[bb->n_layers];
+    if (!et_backbone_is_dense(bb)) { /* a batch at a time: the workspace holds `batch` rows per layer */
+        for (int lo = 0; lo < count; lo += c->batch) {
+            const int rows = count - lo < c->batch ? count - lo : c->batch;
+            chain_taps(c, ids + lo, rows, dst + (size_t)lo * W, W);
+        }
+        return;
+    }
     gather_rows(c->x, in0, ids, count, dst, W);
     if (!bb->is_int8) {
         float_taps(bb, dst, W, count);
@@ -389,7 +558,7 @@ static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
 static float *skip_forward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank, nr = n * r, d = c->d_in, out = c->width[n];
+    const int n = c->n_taps, r = m->rank, nr = n * r, d = c->d_in, out = c->width[bb->n_layers];
     const float *A = c->P + m->off_skip_a, *Bm = c->P + m->off_skip_b;
     float *logits = c->L.gbuf[0];
     for (int i = 0; i < count; i++) {
@@ -398,8 +567,8 @@ static float *skip_forward(ctx *c, int count) {
         int col = 0;
         for (int k = 0; k < n; k++) {
             for (int j = 0; j < r; j++)
-                u[k * r + j] = et_dot(A + (size_t)(k * r + j) * d + col, h + col, c->width[k]);
-            col += c->width[k];
+                u[k * r + j] = et_dot(A + (size_t)(k * r + j) * d + col, h + col, c->tap_width[k]);
+            col += c->tap_width[k];
         }
         float *z = logits + (size_t)i * out;
         for (int o = 0; o < out; o++) {
@@ -417,7 +586,7 @@ static float *skip_forward(ctx *c, int count) {
 static void skip_backward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
-    const int n = bb->n_layers, r = m->rank, nr = n * r, d = c->d_in, out = c->width[n];
+    const int n = c->n_taps, r = m->rank, nr = n * r, d = c->d_in, out = c->width[bb->n_layers];
     const float *Bm = c->P + m->off_skip_b;
     const float *g = c->L.gbuf[0];
     float *gB = c->G + m->off_skip_b, *gA = c->G + m->off_skip_a, *gu = c->L.gu;
@@ -437,7 +606,7 @@ static void skip_backward(ctx *c, int count) {
     /* dA, block by block (the off-block entries are never written, so they stay zero) */
     int col = 0;
     for (int k = 0; k < n; k++) {
-        const int w = c->width[k];
+        const int w = c->tap_width[k];
         for (int j = 0; j < r; j++)
             et_weighted_rows(count, gu + k * r + j, nr, c->L.rowp, col, w, gA + (size_t)(k * r + j) * d + col);
         col += w;
@@ -502,7 +671,8 @@ static float *sp_forward(ctx *c, int count) {
         for (int k = 0; k < start; k++) { /* the frozen layers before `first`, from W (out, in) */
             const et_layer *l = &bb->layers[k];
             const int in = et_layer_in(l), out = et_layer_out(l);
-            et_layer_ops_of(l->kind)->forward(l, NULL, l->w, l->bias, c->L.act[k], in, count, c->L.act[k + 1], out);
+            et_layer_ops_of(l->kind)->forward(l, NULL, l->w, l->bias, c->L.act[k], in, count, c->L.act[k + 1], out,
+                                              NULL, NULL);
             et_layer_activate(l, c->L.act[k + 1], out, count);
         }
     }

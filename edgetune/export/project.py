@@ -174,6 +174,10 @@ def _load_inputs(opts: ExportOptions, target: Target):
     if opts.partial_cache and not cls.uses_cache:
         raise UsageError(f"--partial-cache applies to methods with a skip-cache (skip2-lora), not {opts.method}")
     model = load_any(opts.model)
+    if not model.is_plain_mlp():  # the device program normalises and stores flat MLP inputs
+        kinds = sorted({spec.kind for spec in model.specs} - {"dense"})
+        raise UsageError(f"edgetune export writes MLP backbones (dense layers, one activation between them) in this "
+                         f"version; {opts.model} has {', '.join(kinds) + ' layers' if kinds else 'an activation per layer'}")
     task = None
     if opts.task:
         from ..data.task import load_task
@@ -732,7 +736,7 @@ adapter_model.safetensors + adapter_config.json, which `edgetune evaluate --adap
 and `FineTuner.load_adapter` read."""
     return f"""# edgetune device project: {m['method']} on {'-'.join(map(str, m['sizes']))} ({m['backbone']}), {target.name}
 
-Written by `edgetune export`. The C engine (`et_core.h`, `et_kernels.c`, `et_layers.c`,
+Written by `edgetune export`. The C engine (`et_core.h`, `et_kernels.c`, `et_layers.c`, `et_conv.c`,
 `et_int8.c`, `et_train.c`, `et_abi.c`) and the device API `et_device.c/.h` (samples, train,
 predict, adapter bytes) are copies of the files inside the edgetune Python package that
 wrote this project; `et_model.c` holds the model as `const` arrays and the very structs

@@ -195,7 +195,7 @@ class LayerwiseMethod(Method):
         wt = self._wt if self._wt is not None else self.backbone.transposed_weights(
             [k for k, p in enumerate(self.plans) if not p.weight])
         return CoreSpec("layerwise", rank=self.options.rank, scale=self.scale, first=self.first,
-                        weight=[off(f"layers.{k}.weight_t") for k in range(n)],
+                        weight=[max(off(f"layers.{k}.weight_t"), off(f"layers.{k}.weight")) for k in range(n)],
                         bias=[off(f"layers.{k}.bias") for k in range(n)],
                         lora_a=[off(f"layers.{k}.lora_A") for k in range(n)],
                         lora_b=[off(f"layers.{k}.lora_B") for k in range(n)],

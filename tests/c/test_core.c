@@ -195,6 +195,8 @@ static et_optimizer optimizer(int kind) {
 }
 
 /* Train from the parameters in P (kept), print the epoch losses under `name`. */
+static const float *train_x = X; /* the inputs train() runs on */
+
 static void train(const char *name, const et_backbone *bb, const et_method *m, int opt_kind, et_cache *cache,
                   float *out_params, double *losses) {
     static float keep[MAX_P];
@@ -203,7 +205,7 @@ static void train(const char *name, const et_backbone *bb, const et_method *m, i
     memcpy(keep, P, sizeof(float) * m->n_params);
     const size_t need = et_workspace_size(bb, m, cache, BATCH);
     CHECK(need > 0 && need <= WS_BYTES, "workspace size");
-    const int done = et_train_epochs(bb, m, &o, cache, P, G, X, Y, N_SAMPLES, BATCH, ORDERS, EPOCHS, NULL, WS,
+    const int done = et_train_epochs(bb, m, &o, cache, P, G, train_x, Y, N_SAMPLES, BATCH, ORDERS, EPOCHS, NULL, WS,
                                      need, st);
     CHECK(done == EPOCHS, name);
     printf("%s", name);
@@ -221,7 +223,7 @@ static void train(const char *name, const et_backbone *bb, const et_method *m, i
 static float CACHE_ROWS[N_SAMPLES * (IN + H1 + H2 + OUT)];
 static uint8_t FILLED[N_SAMPLES];
 
-static et_cache float_cache(int eager, int capacity) {
+static et_cache float_cache_of(int eager, int capacity, int d_in) {
     et_cache c;
     memset(&c, 0, sizeof c);
     memset(FILLED, 0, sizeof FILLED);
@@ -229,11 +231,237 @@ static et_cache float_cache(int eager, int capacity) {
     c.eager = eager;
     c.n_samples = N_SAMPLES;
     c.capacity = capacity;
-    c.d_in = IN + H1 + H2;
+    c.d_in = d_in;
     c.row_width = c.d_in + OUT;
     c.rows = CACHE_ROWS;
     c.filled = FILLED;
     return c;
+}
+
+static et_cache float_cache(int eager, int capacity) { return float_cache_of(eager, capacity, IN + H1 + H2); }
+
+/* ------------------------------------------------------------------ convolutional backbones */
+/* One input of 25 values per sample: (1, 25) for the 1-D network, (1, 5, 5) for the 2-D one. */
+enum { CIN = 25, CW_MAX = 64 };
+static float XC[N_SAMPLES * CIN];
+static float CWT[8][CW_MAX * 16], CB[8][16];
+
+static et_layer spatial(int kind, int c, int h, int w, int oc, int kh, int kw, int s, int p, int g, int act) {
+    et_layer l;
+    memset(&l, 0, sizeof l);
+    l.kind = kind;
+    l.in_c = c, l.in_h = h, l.in_w = w, l.out_c = oc;
+    l.kernel_h = kh, l.kernel_w = kw, l.stride_h = kind == ET_LAYER_CONV1D || kind == ET_LAYER_MAXPOOL1D
+                                                        || kind == ET_LAYER_AVGPOOL1D ? 1 : s;
+    l.stride_w = s, l.pad_h = h == 1 ? 0 : p, l.pad_w = p, l.groups = g, l.activation = act, l.source = -1;
+    l.out_h = (h + 2 * l.pad_h - kh) / l.stride_h + 1;
+    l.out_w = (w + 2 * p - kw) / s + 1;
+    return l;
+}
+
+/* Random weights for every layer with weights (dense: wt (in, out) and w (out, in) alike). */
+static void conv_weights(et_backbone *bb) {
+    for (int k = 0; k < bb->n_layers; k++) {
+        et_layer *l = &bb->layers[k];
+        if (!et_layer_has_weights(l)) continue;
+        const int in = l->kind == ET_LAYER_DENSE ? et_layer_in(l) : l->in_c / l->groups * l->kernel_h * l->kernel_w;
+        for (int i = 0; i < in * l->out_c; i++) CWT[k][i] = uniform() / sqrtf((float)in);
+        for (int o = 0; o < l->out_c; o++) CB[k][o] = 0.1f * uniform();
+        l->bias = CB[k];
+        if (l->kind == ET_LAYER_DENSE) l->wt = CWT[k]; /* a random matrix: its layout does not matter */
+        else l->w = CWT[k];
+    }
+}
+
+/* conv1d (relu6) - maxpool - grouped conv1d (relu) - add - avgpool (padded) - gap - dense */
+static et_backbone cnn1d(void) {
+    et_backbone bb;
+    memset(&bb, 0, sizeof bb);
+    bb.n_layers = 7;
+    bb.layers[0] = spatial(ET_LAYER_CONV1D, 1, 1, 25, 4, 1, 5, 1, 2, 1, ET_RELU6);
+    bb.layers[1] = spatial(ET_LAYER_MAXPOOL1D, 4, 1, 25, 4, 1, 2, 2, 0, 1, ET_IDENTITY);
+    bb.layers[2] = spatial(ET_LAYER_CONV1D, 4, 1, 12, 4, 1, 3, 1, 1, 2, ET_RELU);
+    bb.layers[3] = spatial(ET_LAYER_ADD, 4, 1, 12, 4, 1, 1, 1, 0, 1, ET_IDENTITY);
+    bb.layers[3].source = 2;
+    bb.layers[4] = spatial(ET_LAYER_AVGPOOL1D, 4, 1, 12, 4, 1, 3, 1, 1, 1, ET_IDENTITY);
+    bb.layers[5] = spatial(ET_LAYER_GAP, 4, 1, 12, 4, 1, 12, 1, 0, 1, ET_IDENTITY);
+    et_layer_dense(&bb.layers[6], 4, OUT, ET_IDENTITY);
+    conv_weights(&bb);
+    return bb;
+}
+
+/* conv2d (tanh, stride 2, padded) - maxpool2d - flatten - dense (relu) - dense */
+static et_backbone cnn2d(void) {
+    et_backbone bb;
+    memset(&bb, 0, sizeof bb);
+    bb.n_layers = 5;
+    bb.layers[0] = spatial(ET_LAYER_CONV2D, 1, 5, 5, 3, 3, 3, 2, 1, 1, ET_TANH);
+    bb.layers[1] = spatial(ET_LAYER_MAXPOOL2D, 3, 3, 3, 3, 2, 2, 1, 0, 1, ET_IDENTITY);
+    bb.layers[2] = spatial(ET_LAYER_FLATTEN, 3, 2, 2, 12, 1, 1, 1, 0, 1, ET_IDENTITY);
+    bb.layers[2].out_h = bb.layers[2].out_w = 1;
+    et_layer_dense(&bb.layers[3], 12, 6, ET_RELU);
+    et_layer_dense(&bb.layers[4], 6, OUT, ET_IDENTITY);
+    conv_weights(&bb);
+    return bb;
+}
+
+/* Skip adapters over the taps C derives (et_skip_taps), as skip() over an MLP's layers. */
+static et_method skip_taps(const et_backbone *bb) {
+    et_method m = empty_method(ET_SKIP);
+    int32_t widths[ET_MAX_LAYERS];
+    const int n = et_skip_taps(bb, NULL, widths), D = et_skip_d_in(bb);
+    const unsigned long long saved = state;
+    state = 2463534242ULL;
+    memset(P, 0, sizeof P);
+    m.off_skip_a = 0;
+    int col = 0;
+    for (int k = 0; k < n; k++) {
+        for (int i = 0; i < widths[k]; i++) P[k * D + col + i] = 0.3f * uniform();
+        col += widths[k];
+    }
+    m.off_skip_b = n * D;
+    for (int i = 0; i < OUT * n; i++) P[m.off_skip_b + i] = 0.2f * uniform();
+    m.off_bias_delta = m.off_skip_b + OUT * n;
+    m.n_params = m.off_bias_delta + OUT;
+    state = saved;
+    return m;
+}
+
+/* ft-all (lora = 0: every weight in its forward layout and bias) or lora-all (lora = 1: rank 2,
+ * alpha 4, A and B beside every layer with weights but grouped convolutions, as PEFT places them,
+ * and the last bias) over a CNN's layers. */
+static et_method layerwise_cnn(const et_backbone *bb, int lora) {
+    et_method m = empty_method(ET_LAYERWISE);
+    int64_t off = 0;
+    m.rank = 2;
+    m.scale = 2.0f;
+    for (int k = 0; k < bb->n_layers; k++) {
+        const et_layer *l = &bb->layers[k];
+        if (!et_layer_has_weights(l)) continue;
+        const int dense = l->kind == ET_LAYER_DENSE;
+        const int wsize = dense ? et_layer_in(l) * l->out_c
+                                : l->out_c * (l->in_c / l->groups) * l->kernel_h * l->kernel_w;
+        if (!lora) {
+            m.off_weight[k] = off;
+            memcpy(P + off, dense ? l->wt : l->w, sizeof(float) * wsize);
+            off += wsize;
+            m.off_bias[k] = off;
+            memcpy(P + off, l->bias, sizeof(float) * l->out_c);
+            off += l->out_c;
+        } else if (l->groups == 1) {
+            const int a = 2 * (dense ? et_layer_in(l) : l->in_c * l->kernel_h * l->kernel_w), b = 2 * l->out_c;
+            m.off_lora_a[k] = off;
+            for (int i = 0; i < a; i++) P[off + i] = 0.3f * uniform();
+            off += a;
+            m.off_lora_b[k] = off;
+            for (int i = 0; i < b; i++) P[off + i] = 0.1f * uniform();
+            off += b;
+        }
+    }
+    if (lora) {
+        const et_layer *l = &bb->layers[bb->n_layers - 1];
+        m.off_bias[bb->n_layers - 1] = off;
+        memcpy(P + off, l->bias, sizeof(float) * l->out_c);
+        off += l->out_c;
+    }
+    m.n_params = off;
+    return m;
+}
+
+/* skip-lora and skip2-lora (eager, lazy with a partial cache) on a CNN: the same numbers exactly;
+ * lora-all and ft-all through the convolutions, pooling, gap, flatten and adds. */
+static void train_cnn(const char *what, const et_backbone *bb) {
+    static float pa[MAX_P], pb[MAX_P];
+    char name[96];
+    double l0[EPOCHS], l1[EPOCHS];
+    CHECK(et_backbone_check(bb) == ET_OK, "the convolutional backbone is accepted");
+    train_x = XC;
+    for (int o = 0; o < 3; o += 2) {
+        static const char *opts[] = {"sgd", "momentum", "adam"};
+        et_method m = skip_taps(bb);
+        snprintf(name, sizeof name, "skip-lora %s %s", what, opts[o]);
+        train(name, bb, &m, o, NULL, pa, l0);
+        for (int eager = 0; eager < 2; eager++) {
+            et_cache c = float_cache_of(eager, eager ? N_SAMPLES : 20, et_skip_d_in(bb));
+            m = skip_taps(bb);
+            snprintf(name, sizeof name, "skip2-lora %s %s %s", what, opts[o], eager ? "eager" : "lazy-partial");
+            train(name, bb, &m, o, &c, pb, l1);
+            CHECK(memcmp(l0, l1, sizeof l0) == 0, "CNN: skip2-lora losses == skip-lora losses");
+            CHECK(memcmp(pa, pb, sizeof(float) * m.n_params) == 0, "CNN: skip2-lora params == skip-lora params");
+        }
+        m = layerwise_cnn(bb, 1);
+        snprintf(name, sizeof name, "lora-all %s %s", what, opts[o]);
+        train(name, bb, &m, o, NULL, NULL, NULL);
+        m = layerwise_cnn(bb, 0);
+        snprintf(name, sizeof name, "ft-all %s %s", what, opts[o]);
+        train(name, bb, &m, o, NULL, NULL, NULL);
+    }
+    train_x = X;
+}
+
+/* Convolutional structs that do not hold together are refused before anything runs. */
+static void refuse_cnn(void) {
+    const et_backbone good = cnn1d();
+    et_method m = skip_taps(&good);
+    et_optimizer o = optimizer(ET_SGD);
+    et_epoch_stats st[1];
+    et_backbone bb;
+    int32_t layers[ET_MAX_LAYERS], widths[ET_MAX_LAYERS];
+    CHECK(et_skip_taps(&good, layers, widths) == 3 && layers[0] == 0 && layers[1] == 2 && layers[2] == 6,
+          "the taps are the layers with weights");
+    CHECK(widths[0] == 1 && widths[1] == 4 && widths[2] == 4 && et_skip_d_in(&good) == 9,
+          "a spatial tap is one value per channel");
+#define REFUSED(change, code, what)                                                                         \
+    do {                                                                                                  \
+        bb = good;                                                                                        \
+        change;                                                                                           \
+        CHECK(et_backbone_check(&bb) == (code), what);                                                    \
+        CHECK(et_workspace_size(&bb, &m, NULL, BATCH) == 0, what);                                        \
+        CHECK(et_train_epochs(&bb, &m, &o, NULL, P, G, XC, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, WS_BYTES, \
+                              st) == (code), what);                                                       \
+    } while (0)
+    REFUSED(bb.layers[0].out_w = 24, ET_ERR_ARGUMENT, "a convolution's output length that its kernel does not give");
+    REFUSED((bb.layers[2].out_w = 11, bb.layers[3].in_w = 11), ET_ERR_ARGUMENT, "a wrong output length, chained");
+    REFUSED(bb.layers[2].groups = 3, ET_ERR_ARGUMENT, "groups that do not divide the channels");
+    REFUSED(bb.layers[0].kernel_h = 2, ET_ERR_ARGUMENT, "a 1-D convolution with a 2-high kernel");
+    REFUSED(bb.layers[0].pad_w = -1, ET_ERR_ARGUMENT, "negative padding");
+    REFUSED(bb.layers[0].stride_w = 0, ET_ERR_ARGUMENT, "a zero stride");
+    REFUSED(bb.layers[0].kernel_w = 40, ET_ERR_ARGUMENT, "a kernel longer than the padded input");
+    REFUSED(bb.layers[1].pad_w = 2, ET_ERR_ARGUMENT, "pooling padded by more than half its kernel");
+    REFUSED(bb.layers[1].out_c = 5, ET_ERR_ARGUMENT, "pooling that changes the channels");
+    REFUSED(bb.layers[5].kernel_w = 6, ET_ERR_ARGUMENT, "a gap whose window is not the whole input");
+    REFUSED(bb.layers[3].source = 3, ET_ERR_ARGUMENT, "an add that reads its own input");
+    REFUSED(bb.layers[3].source = 5, ET_ERR_ARGUMENT, "an add that reads a later layer");
+    REFUSED(bb.layers[3].source = 0, ET_ERR_ARGUMENT, "an add whose source has another shape");
+    REFUSED(bb.layers[3].source = -1, ET_ERR_ARGUMENT, "an add without a source");
+    REFUSED(bb.layers[4].source = 2, ET_ERR_ARGUMENT, "a source on a layer that is not an add");
+    REFUSED(bb.layers[6].activation = ET_RELU6 + 1, ET_ERR_ARGUMENT, "an unknown activation");
+    REFUSED(bb.n_layers = 5, ET_ERR_ARGUMENT, "logits that are not flat");
+    REFUSED(bb.is_int8 = 1, ET_ERR_UNSUPPORTED, "an int8 backbone with convolutions");
+    REFUSED(bb.layers[4].kind = ET_LAYER_ADD + 1, ET_ERR_UNSUPPORTED, "an unknown layer kind");
+#undef REFUSED
+    bb = cnn2d();
+    bb.layers[2].out_c = 11;
+    bb.layers[3].in_c = 11;
+    CHECK(et_backbone_check(&bb) == ET_ERR_ARGUMENT, "a flatten that loses values");
+    bb = good;
+    bb.n_layers = 1;
+    bb.layers[0] = spatial(ET_LAYER_GAP, 4, 1, 12, 4, 1, 12, 1, 0, 1, ET_IDENTITY);
+    CHECK(et_backbone_check(&bb) == ET_ERR_ARGUMENT, "a backbone without weights (nothing to tap)");
+    /* the sparse method runs on MLPs only */
+    bb = good;
+    m = empty_method(ET_SPARSE);
+    m.first = 6;
+    m.off_bias[6] = 0;
+    m.n_params = OUT;
+    CHECK(et_workspace_size(&bb, &m, NULL, BATCH) == 0, "no workspace for the sparse method on a CNN");
+    CHECK(et_train_epochs(&bb, &m, &o, NULL, P, G, XC, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, WS_BYTES, st)
+              == ET_ERR_UNSUPPORTED, "the sparse method on a CNN is refused");
+    /* a workspace one byte short is refused */
+    m = skip_taps(&good);
+    const size_t need = et_workspace_size(&good, &m, NULL, BATCH);
+    CHECK(need > 0 && et_train_epochs(&good, &m, &o, NULL, P, G, XC, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS,
+                                      need - 1, st) == ET_ERR_WORKSPACE, "CNN: a small workspace is refused");
 }
 
 int main(void) {
@@ -271,6 +499,14 @@ int main(void) {
                 train(name, &bb, &m, o, NULL, NULL, NULL);
             }
         }
+    }
+    for (int s = 0; s < N_SAMPLES; s++)
+        for (int i = 0; i < CIN; i++) XC[s * CIN + i] = uniform() + (i % OUT == Y[s] ? 0.5f : 0.0f);
+    {
+        const et_backbone c1 = cnn1d(), c2 = cnn2d();
+        train_cnn("cnn1d", &c1);
+        train_cnn("cnn2d", &c2);
+        refuse_cnn();
     }
     /* Refused calls: nothing runs, nothing is written. */
     {
