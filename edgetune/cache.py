@@ -76,12 +76,17 @@ class SkipCache:
             self.complete = False
             self.key = key
 
-    def refresh(self, backbone_key: str, x: np.ndarray) -> None:
+    def refresh(self, backbone_key: str, x: np.ndarray, *, rows_begin_with_inputs: bool = True) -> None:
         """Keep exactly the rows that this backbone computed from these inputs; drop the rest.
 
-        A row begins with its sample's inputs, so comparing them with ``x`` is an exact
-        check that needs no hash of the data (and drops only the samples that changed).
+        An MLP's row begins with its sample's inputs, so comparing them with ``x`` is an exact
+        check that needs no hash of the data (and drops only the samples that changed). Where
+        a row does not (a convolutional backbone taps its input pooled per channel), the data
+        are identified by their digest: any change drops every row.
         """
+        if not rows_begin_with_inputs:
+            self.validate((backbone_key, data_digest(x)))
+            return
         if self.key is None or self.key[0] != backbone_key:
             self.validate((backbone_key, "rows"))
             return

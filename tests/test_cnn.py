@@ -325,3 +325,59 @@ def test_an_int8_skip_cache_on_a_cnn_rounds_each_pooled_tap_to_its_own_scale():
     np.testing.assert_allclose(t.decision_function(x), float_run.decision_function(x), atol=0.05)
     with pytest.raises(UsageError, match="MLPs"):
         quantize(bb, x)
+
+
+def test_review_findings_on_cnns_stay_fixed(tmp_path):
+    """A last-layer activation is refused (the engines' gradients treat the logits as linear);
+    skip2-lora fits a CNN twice (its rows do not begin with the raw input: the data digest guards
+    them); a replaced layer's activation changes the digest; a bias delta with no last bias is
+    refused on merge; a module whose Identity reads an earlier value is refused."""
+    from torch import nn
+
+    from edgetune.torch import from_torch
+
+    with pytest.raises(UsageError, match="no activation after it"):
+        et.Backbone.from_layers([Layer(LayerSpec.dense(3, 2, "sigmoid"), np.ones((2, 3)), np.zeros(2))])
+    with pytest.raises(UsageError, match="no activation after it"):
+        from_torch(nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(18, 2), nn.Sigmoid()).eval(),
+                   input_shape=(2, 8))
+
+    bb = _cnn(dtype=np.float32)
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(40, 3, 12)).astype(np.float32), rng.integers(0, 3, 40)
+    t = et.FineTuner(bb, "skip2-lora", epochs=2, engine="numpy").fit(x, y)
+    t.fit(x, y)
+    assert t.method.cache.hits > 0  # same data: the rows were kept
+    x2 = x.copy()
+    x2[0, 0, 0] += 1
+    t.fit(x2, y)
+    assert t.method.cache.misses >= 40  # changed data: every row recomputed, never served stale
+
+    mlp = et.Backbone.build([5, 4, 4, 2], activation="relu")
+    before = mlp.digest()
+    old = mlp.layers[0]
+    mlp.layers[0] = Layer(LayerSpec.dense(5, 4, "tanh"), old.weight, old.bias)
+    mlp.layers[1] = Layer(LayerSpec.dense(4, 4, "tanh"), mlp.layers[1].weight, mlp.layers[1].bias)
+    assert mlp.activation.name == "tanh" and mlp.digest() != before
+
+    specs = parse_arch("conv:4:3,relu,gap", (3, 12), 3)[:-1]  # ends with gap: no last bias
+    layers = [Layer(s, rng.normal(size=s.weight_shape).astype(np.float32),
+                    np.zeros(s.bias_shape, np.float32)) if s.has_params else Layer(s) for s in specs]
+    with pytest.raises(UsageError, match="last layer must give one value per class|no bias to fold"):
+        cnn = et.Backbone.from_layers(layers)
+        t = et.FineTuner(cnn, "lora-last", train_last_bias=True, epochs=1).fit(x[:, :, :], y % 4)
+        t.merged()
+
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.idn = nn.Conv1d(2, 2, 1), nn.Conv1d(2, 4, 3), nn.Identity()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.c1(x)
+            h = self.idn(x)  # reads the input again, not h
+            return self.fc(self.c2(h).mean(2))
+
+    with pytest.raises(UsageError, match="previous layer's output|does not convert"):
+        from_torch(Dead().eval(), input_shape=(2, 8))

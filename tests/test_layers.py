@@ -120,7 +120,9 @@ def test_a_newer_format_or_a_bad_layer_list_is_refused(tmp_path):
                           ({"layers": "dense"}, "field 'layers' must be a list"),
                           ({"layers": [{"kind": "dense", "in_shape": [7], "out_channels": 6, "groups": 2},
                                        good["layers"][1]]}, "field 'layers': .*groups"),
-                          ({"layers": good["layers"][:1]}, r"field 'sizes' \[7, 6, 3\] does not match")):
+                          ({"layers": good["layers"][:1]}, "no activation after it"),
+                          ({"layers": [{**good["layers"][0], "activation": "identity"}]},
+                           r"field 'sizes' \[7, 6, 3\] does not match")):
         cfg_path.write_text(json.dumps({**good, **edit}))
         with pytest.raises(ModelFileError, match=message):
             et.Backbone.load(tmp_path / "m")

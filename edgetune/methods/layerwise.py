@@ -228,5 +228,9 @@ class LayerwiseMethod(Method):
                 w += (self.scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))).reshape(w.shape) \
                     .astype(out.dtype)
         if self.bias_delta:
-            out.biases[-1] += self.params["head.bias_delta"]
+            if out.layers[-1].bias is None:
+                raise UsageError(f"{self.name} trained a bias on the logits, but the last layer "
+                                 f"({out.specs[-1].kind}) has no bias to fold it into: deploy the adapter beside "
+                                 f"the backbone, or end the backbone with a dense layer")
+            out.layers[-1].bias += self.params["head.bias_delta"]
         return out

@@ -36,7 +36,12 @@ class Skip2LoRA(SkipLoRA):
                                    budget_bytes=self.options.cache_budget,
                                    overflow=self.options.cache_overflow)
         # Never serve stale rows: a changed backbone drops them all, a changed sample its own.
-        self.cache.refresh(key, x)
+        bb = self.backbone
+        raw = bb.tap_layers[0] == 0 and not bb.layers[0].spec.spatial  # the row starts with the input itself
+        if type(self.cache) is SkipCache:
+            self.cache.refresh(key, x, rows_begin_with_inputs=raw)
+        else:
+            self.cache.refresh(key, x)
         self.cache.reset_stats()
         self._fitting = True
 

@@ -660,4 +660,7 @@ def check_chain(specs: list[LayerSpec]) -> None:
     if len(specs[-1].out_shape) != 1:
         raise UsageError(f"the last layer must give one value per class, but it gives {list(specs[-1].out_shape)}: "
                          f"end with a gap or flatten layer (and a dense one)")
+    if specs[-1].activation != "identity":
+        raise UsageError(f"the last layer gives the logits: no activation after it (it has {specs[-1].activation!r}; "
+                         f"drop it: it does not change the argmax of a softmax classifier)")
 

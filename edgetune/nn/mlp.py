@@ -245,7 +245,7 @@ class Backbone:
         """The activation between layers: the first layer's (a single layer keeps the one it
         was built with, so its identity and files do not change). Per-layer code reads
         ``layers[k].spec.act``."""
-        return self._activation
+        return self.layers[0].spec.act if self.n_layers > 1 else self._activation
 
     @property
     def n_params(self) -> int:

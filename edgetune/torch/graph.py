@@ -104,6 +104,9 @@ def from_graph(module: nn.Module, input_shape: tuple[int, ...], *, labels: list[
 
     def alias(node: Any, src: Any, shape: tuple[int, ...] | None = None) -> None:
         nonlocal head
+        if src is not head:
+            raise UsageError(f"{node} does not read the previous layer's output: edgetune backbones are chains "
+                             f"(with residual adds)")
         v = value_of(src, str(node))
         values[node] = _Value(v.producer, shape or v.shape)
         head = node

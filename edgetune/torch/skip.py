@@ -261,6 +261,10 @@ def skip_head(method: Any, *, normalize: bool = True) -> nn.Module:
     seq = to_torch(folded, normalize=normalize)
     if not rest:
         return seq
+    if not folded.is_plain_mlp():
+        raise UsageError("skip_head deploys the adapters of an MLP's layers as torch modules; on this backbone "
+                         "(convolutions, pooling or adds) deploy with edgetune.onnx.to_onnx, which writes the "
+                         "pooled skip branches, or edgetune export")
     r = method.options.rank
     layers = sorted(rest)
     wrapped = Skip2LoRAModule(seq, taps=[str(2 * k) for k in layers], rank=r, alpha=r, cache=False)
