@@ -107,7 +107,13 @@ class ModelDesc(ctypes.Structure):
                 ("input_mean", _f32p), ("input_std", _f32p), ("n_tensors", _i32), ("tensors", ctypes.c_void_p)]
 
 
-STRUCTS = (Backbone, Method, Optimizer, Cache, EpochStats, Layer, ModelDesc)  # numbered as in et_sizeof()
+class ConvDims(ctypes.Structure):
+    """et_conv_dims (et_conv.h): one convolution's or pooling's shapes, as the kernels read them."""
+    _fields_ = [(name, _i32) for name in ("in_c", "in_h", "in_w", "out_c", "out_h", "out_w", "kernel_h", "kernel_w",
+                                          "stride_h", "stride_w", "pad_h", "pad_w", "groups")]
+
+
+STRUCTS = (Backbone, Method, Optimizer, Cache, EpochStats, Layer, ModelDesc, ConvDims)  # numbered as in et_sizeof()
 #: The arena's pieces in et_device_arena_breakdown() (enum et_device_piece).
 DEVICE_PIECES = ("params", "gradients", "optimizer", "cache", "samples", "order", "workspace", "alignment")
 

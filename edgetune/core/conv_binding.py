@@ -20,11 +20,12 @@ import numpy as np
 
 from ..errors import UsageError
 from ..nn.layers import LayerSpec
-from . import load, unavailable_reason
+from . import ConvDims, load, unavailable_reason
 
 INT32_MAX = 2 ** 31 - 1
-DIM_FIELDS = ("in_c", "in_h", "in_w", "out_c", "out_h", "out_w", "kernel_h", "kernel_w", "stride_h",
-              "stride_w", "pad_h", "pad_w", "groups")
+#: et_conv_dims's fields: the struct mirror lives with the others in edgetune.core, whose load
+#: checks every field's name and offset against C.
+DIM_FIELDS = tuple(name for name, _ in ConvDims._fields_)
 CONV_KINDS = ("conv1d", "conv2d")
 POOL_KINDS = ("maxpool1d", "maxpool2d", "avgpool1d", "avgpool2d")
 #: Which derive function checks a family's dims, and which scratch-size function each operation has.
@@ -32,15 +33,6 @@ _DERIVE = {"conv": "et_conv_dims_derive", "pool": "et_pool_dims_derive", "gap": 
 _SCRATCH = {"conv_forward": "et_conv_forward_scratch_bytes", "conv_input_grad": "et_conv_input_grad_scratch_bytes",
             "conv_weight_grad": "et_conv_weight_grad_scratch_bytes", "pool": "et_pool_scratch_bytes",
             "gap": "et_gap_scratch_bytes"}
-
-
-class ConvDims(ctypes.Structure):
-    """Mirror of ``et_conv_dims`` (its size is checked against C's when the library loads)."""
-
-    _fields_ = [(name, ctypes.c_int32) for name in DIM_FIELDS]
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: int(getattr(self, name)) for name in DIM_FIELDS}
 
 
 _declared: Any = None
@@ -55,10 +47,6 @@ def _lib() -> Any:
     if _declared is lib:
         return lib
     P, vp, i32, sz = ctypes.POINTER(ConvDims), ctypes.c_void_p, ctypes.c_int32, ctypes.c_size_t
-    lib.et_conv_dims_sizeof.argtypes, lib.et_conv_dims_sizeof.restype = [], sz
-    if lib.et_conv_dims_sizeof() != ctypes.sizeof(ConvDims):
-        raise UsageError(f"et_conv_dims is {lib.et_conv_dims_sizeof()} bytes in C, {ctypes.sizeof(ConvDims)} "
-                         f"in Python: rebuild the compiled engine ('pip install .')")
     for name in _DERIVE.values():
         getattr(lib, name).argtypes, getattr(lib, name).restype = [P], i32
     for name in _SCRATCH.values():
@@ -99,7 +87,7 @@ def derive_dims(family: str, **fields: int) -> ConvDims:
             raise UsageError(f"dims: {name} must be a 32-bit whole number, got {v!r}")
         setattr(d, name, int(v))
     if getattr(_lib(), _DERIVE[family])(ctypes.byref(d)) != 0:
-        shown = {k: v for k, v in d.as_dict().items() if k not in ("out_h", "out_w")}
+        shown = {k: v for k, v in ((n, int(getattr(d, n))) for n in DIM_FIELDS) if k not in ("out_h", "out_w")}
         raise UsageError(f"the compiled {family} kernels refuse the layer {shown}")
     return d
 

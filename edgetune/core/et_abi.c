@@ -4,6 +4,7 @@
  * values. edgetune/core/__init__.py compares every ctypes field and every enum it uses
  * against these tables and refuses a library that disagrees.
  */
+#include "et_conv.h"
 #include "et_core.h"
 #include "et_device.h"
 
@@ -51,6 +52,11 @@ static const field MODEL_DESC[] = {
     F(et_model_desc, cache_kind), F(et_model_desc, cache_capacity), F(et_model_desc, col_scales),
     F(et_model_desc, max_samples), F(et_model_desc, store_samples), F(et_model_desc, input_mean),
     F(et_model_desc, input_std), F(et_model_desc, n_tensors), F(et_model_desc, tensors)};
+static const field CONV_DIMS[] = {
+    F(et_conv_dims, in_c), F(et_conv_dims, in_h), F(et_conv_dims, in_w), F(et_conv_dims, out_c),
+    F(et_conv_dims, out_h), F(et_conv_dims, out_w), F(et_conv_dims, kernel_h), F(et_conv_dims, kernel_w),
+    F(et_conv_dims, stride_h), F(et_conv_dims, stride_w), F(et_conv_dims, pad_h), F(et_conv_dims, pad_w),
+    F(et_conv_dims, groups)};
 #undef F
 
 #define COUNT(a) ((int32_t)(sizeof(a) / sizeof((a)[0])))
@@ -63,7 +69,7 @@ static const struct {
     {BACKBONE, COUNT(BACKBONE), sizeof(et_backbone)},   {METHOD, COUNT(METHOD), sizeof(et_method)},
     {OPTIMIZER, COUNT(OPTIMIZER), sizeof(et_optimizer)}, {CACHE, COUNT(CACHE), sizeof(et_cache)},
     {STATS, COUNT(STATS), sizeof(et_epoch_stats)},       {LAYER, COUNT(LAYER), sizeof(et_layer)},
-    {MODEL_DESC, COUNT(MODEL_DESC), sizeof(et_model_desc)},
+    {MODEL_DESC, COUNT(MODEL_DESC), sizeof(et_model_desc)}, {CONV_DIMS, COUNT(CONV_DIMS), sizeof(et_conv_dims)},
 };
 
 /* Value v of each enum is its name at index v (the enums are numbered 0, 1, 2, ...). */
