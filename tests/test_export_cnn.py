@@ -47,20 +47,20 @@ def task2d(task1d, tmp_path_factory):
     return et.load_task(str(path)), ["--task", str(path)]
 
 
-def pretrained(task, arch, path):
+def pretrained(task, arch, path, epochs, lr):
     task = task[0]
-    model, _ = et.pretrain(task.x_pretrain, task.y_pretrain, arch=arch, labels=task.labels, epochs=4, lr=0.02)
+    model, _ = et.pretrain(task.x_pretrain, task.y_pretrain, arch=arch, labels=task.labels, epochs=epochs, lr=lr)
     return model.save(path)
 
 
 @pytest.fixture(scope="module")
 def cnn1d(task1d, tmp_path_factory):
-    return pretrained(task1d, ARCH_1D, tmp_path_factory.mktemp("cnn1d") / "model")
+    return pretrained(task1d, ARCH_1D, tmp_path_factory.mktemp("cnn1d") / "model", 4, 0.02)
 
 
 @pytest.fixture(scope="module")
 def cnn2d(task2d, tmp_path_factory):
-    return pretrained(task2d, ARCH_2D, tmp_path_factory.mktemp("cnn2d") / "model")
+    return pretrained(task2d, ARCH_2D, tmp_path_factory.mktemp("cnn2d") / "model", 10, 0.05)
 
 
 def export(model_dir, task_option: list[str], out, target, *extra) -> dict:
@@ -157,8 +157,8 @@ def test_riscv32f_cnn_program_matches_python(cnn2d, task2d, tmp_path):
     needs(("riscv64-unknown-elf-gcc", "gcc-riscv64-unknown-elf"), ("qemu-system-riscv32", "qemu-system-misc"))
     task, task_option = task2d
     out = tmp_path / "rv"
-    man = export(cnn2d, task_option, out, "riscv32f", "--method", "lora-all", "--batch-size", "8",
-                 "--max-samples", "60", "--test-samples", "40", "--epochs", "2")
+    man = export(cnn2d, task_option, out, "riscv32f", "--method", "lora-all", "--batch-size", "4",
+                 "--max-samples", "60", "--test-samples", "40", "--epochs", "2", "--lr", "0.05")
     make(out, timeout=300)
     res = last_json(make(out, "run", timeout=300))
     _, loss, acc = python_run(et.Backbone.load(cnn2d), task, man)
