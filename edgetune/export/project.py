@@ -754,7 +754,23 @@ in flash and calls et_device_use_samples()."""
 SAMPLES defaults to samples.bin beside the program. --save-adapter DIR writes
 adapter_model.safetensors + adapter_config.json, which `edgetune evaluate --adapter DIR`
 and `FineTuner.load_adapter` read."""
-    return f"""# edgetune device project: {m['method']} on {'-'.join(map(str, m['sizes']))} ({m['backbone']}), {target.name}
+    model = d["model"]
+    if model.is_plain_mlp():
+        on, layers = "-".join(map(str, m["sizes"])), ""
+    else:  # a CNN: its layers, as the engine runs them (one flat channels-first row per sample)
+        on = f"a {len(m['layers'])}-layer network on {'x'.join(map(str, m['input_shape']))} inputs"
+        rows_l = "\n".join(f"| {k} | {text} |" for k, text in enumerate(m["layers"]))
+        layers = f"""
+## Layers
+
+A sample is one flat row of {m['sizes'][0]} floats, channels first; the program normalises it
+per channel (a mean and a std for each of the {model.norm_shape[0]} input channels).
+
+| layer | kind, input -> output shape |
+|---|---|
+{rows_l}
+"""
+    return f"""# edgetune device project: {m['method']} on {on} ({m['backbone']}), {target.name}
 
 Written by `edgetune export`. The C engine (`et_core.h`, `et_kernels.c`, `et_layers.c`, `et_conv.c`,
 `et_int8.c`, `et_train.c`, `et_abi.c`) and the device API `et_device.c/.h` (samples, train,
@@ -762,7 +778,7 @@ predict, adapter bytes) are copies of the files inside the edgetune Python packa
 wrote this project; `et_model.c` holds the model as `const` arrays and the very structs
 that package hands to the engine; one static arena of `ET_MODEL_ARENA_BYTES` holds
 everything that changes.
-
+{layers}
 {run}
 
 Shuffles: for its {m['epochs']} exported epochs the program uses the same per-epoch orders as
