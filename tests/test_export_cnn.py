@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 #: conv1d with stride and padding, max and average pooling, a residual block around a
 #: depthwise (groups = channels) and a pointwise convolution, flatten, dense; relu per layer.
-ARCH_1D = "conv:8:9:4:4,relu,maxpool:2,res(dwconv:3:1:1,relu,conv:8:1),conv:16:5:2:2,relu,avgpool:2,flatten,dense:32,relu"
+ARCH_1D = ("conv:8:9:4:4,relu,maxpool:2,res(dwconv:3:1:1,relu,conv:8:1),conv:16:5:2:2,relu,avgpool:2,flatten,"
+           "dense:32,relu")
 #: conv2d, 2-D pooling, a depthwise 3x3, global average pooling, relu6 and tanh.
 ARCH_2D = "conv:8:3x3:1:1,relu6,maxpool:2,dwconv:3x3:1:1,relu,conv:12:1,avgpool:2,gap,dense:16,tanh"
 
