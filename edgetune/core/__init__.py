@@ -104,7 +104,8 @@ class ModelDesc(ctypes.Structure):
                 ("momentum", ctypes.c_double), ("weight_decay", ctypes.c_double), ("beta1", ctypes.c_double),
                 ("beta2", ctypes.c_double), ("eps", ctypes.c_double), ("batch", _i32), ("cache_kind", _i32),
                 ("cache_capacity", _i32), ("col_scales", _f32p), ("max_samples", _i32), ("store_samples", _i32),
-                ("input_mean", _f32p), ("input_std", _f32p), ("n_tensors", _i32), ("tensors", ctypes.c_void_p)]
+                ("input_mean", _f32p), ("input_std", _f32p), ("norm_channels", _i32), ("n_tensors", _i32),
+                ("tensors", ctypes.c_void_p)]
 
 
 class ConvDims(ctypes.Structure):
