@@ -208,7 +208,7 @@ static int sparse_rows_ok(const et_backbone *bb, const et_method *m) {
     for (int k = 0; k < bb->n_layers; k++) {
         const et_layer *l = &bb->layers[k];
         const int weights = et_layer_has_weights(l);
-        if (weights && !bb->is_int8 && (!l->w || !l->bias)) return 0; /* the float path reads W as stored */
+        if (weights && !bb->is_int8 && !l->w) return 0; /* the float path reads W as stored */
         if (m->rows[k] < 0 || m->rows[k] > (weights ? l->out_c : 0) || (m->rows[k] > 0 && k < m->first)) return 0;
         if ((m->rows[k] > 0) != (m->off_weight[k] >= 0) || (m->off_bias[k] >= 0 && !weights)) return 0;
     }
