@@ -189,6 +189,22 @@ def test_trained_rows_cost_workspace_and_biases_do_not_hold_weights():
     assert sizes["b1,w-1:1/8"] - sizes["b1"] >= int(np.prod(dense.weight_shape)) * 4
 
 
+def test_nothing_below_the_first_trained_layer_stays_in_the_workspace():
+    """The frozen layers before the first trained one write their outputs into two buffers in
+    turn (an add's source keeps its own): training only the head needs less than that saves
+    against training from layer 0 on."""
+    bb = _backbone("1d-residual")
+    batch = 4
+    ws = {s: CoreModel(make_method("sparse", bb, scheme=s), batch).workspace_bytes() for s in ("b1", "w0:1/8,b1")}
+    first = make_method("sparse", bb, scheme="b1").first
+    assert first == bb.n_layers - 1
+    pruned = [k for k in range(1, first) if k not in bb.sources]
+    turns = [max([bb.sizes[k] for k in pruned if k % 2 == j], default=0) for j in (0, 1)]
+    saved = batch * 4 * (sum(bb.sizes[k] for k in pruned) - sum(turns))
+    assert saved > 0
+    assert ws["w0:1/8,b1"] - ws["b1"] >= saved
+
+
 def test_c_refuses_sparse_rows_that_do_not_fit_the_layers():
     bb = _backbone("1d-residual")
     m = make_method("sparse", bb, scheme="b2,w0:1/4")

@@ -38,7 +38,8 @@ typedef struct {
     const float **rowp;                    /* skip: batch row pointers */
     float *u;                              /* skip: batch x (n*rank) */
     int8_t *qtaps;                         /* skip on int8: batch x d_in */
-    float *walk[2];                        /* skip, not an MLP: batch x max width, each layer's input and output */
+    float *walk[2];                        /* skip, not an MLP: batch x max width, each layer's input and output;
+                                              sparse, not an MLP: the frozen layers' outputs before `first` */
     float *kept[ET_MAX_LAYERS];            /* skip, not an MLP: batch x et_width(bb, k), the inputs add layers read */
     float *scratch;                        /* not an MLP: the layers' (and LoRA convolutions') kernel scratch */
     float *pend[ET_MAX_LAYERS];            /* layer-wise, not an MLP: batch x et_width(bb, k), an add's gradient
@@ -165,7 +166,21 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(scratch, float *, kernel_scratch(bb, m, batch, 0));
         }
     } else {
-        for (int k = 0; k <= n; k++) PIECE(act[k], float *, B * et_width(bb, k) * F);
+        /* the sparse update on a chain of layers keeps nothing below its first trained layer: the
+           frozen layers before it write their outputs into two buffers in turn (but an add's source) */
+        const int prune = m->kind == ET_SPARSE && !et_backbone_is_dense(bb);
+        size_t turn[2] = {0, 0}; /* the widest output each buffer takes */
+        for (int k = 1; prune && k < m->first; k++)
+            if (!is_source(bb, k)) turn[k & 1] = most(turn[k & 1], (size_t)et_width(bb, k));
+        if (turn[0]) PIECE(walk[0], float *, B * turn[0] * F);
+        if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
+        for (int k = 0; k <= n; k++) {
+            if (prune && k > 0 && k < m->first && !is_source(bb, k)) {
+                L->act[k] = L->walk[k & 1];
+                continue;
+            }
+            PIECE(act[k], float *, B * et_width(bb, k) * F);
+        }
         if (m->kind == ET_LAYERWISE) {
             const size_t U = (size_t)max_lora_width(bb, m); /* an MLP's: the rank */
             PIECE(lora_u, float *, (size_t)n * B * U * F);
