@@ -270,6 +270,19 @@ def test_what_still_stays_on_numpy_says_why():
         resolve_engine("c", m)
 
 
+def test_a_chain_of_dense_layers_with_relu_and_identity_runs_the_mlp_path_in_c():
+    rng = np.random.default_rng(0)
+    specs = [LayerSpec.dense(5, 8, activation="relu"), LayerSpec.dense(8, 6), LayerSpec.dense(6, 7, activation="relu"),
+             LayerSpec.dense(7, 3)]
+    bb = et.Backbone.from_layers([Layer(s, (rng.normal(size=s.weight_shape) * 0.5).astype(np.float32),
+                                        (rng.normal(size=s.bias_shape) * 0.1).astype(np.float32)) for s in specs])
+    assert not bb.is_plain_mlp()
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5)
+    kw = dict(scheme="b2,w0:1/4,w2:1/2", optimizer="momentum")
+    _same(_fit(bb, x, y, "numpy", **kw), _fit(bb, x, y, "c", **kw), x)
+
+
 def test_sparse_on_a_real_damage_cnn_runs_in_c_as_in_numpy(data_dir):
     task = et.load_task("damage1-1d", data_dir)
     x, y = task.x_finetune[:60], task.y_finetune[:60]

@@ -71,10 +71,9 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
         return "a layer is too wide for the compiled engine"
     if np.dtype(bb.dtype) != np.float32:
         return f"the compiled engine computes in float32 (this backbone is {bb.dtype})"
-    kind = _core_kind(method)
     if not bb.is_plain_mlp():
         # any chain of layers runs the skip, layer-wise and sparse methods (float32)
-        if kind not in ("skip", "layerwise", "sparse"):
+        if _core_kind(method) not in ("skip", "layerwise", "sparse"):
             kinds = sorted({s.kind for s in bb.specs} - {"dense"})
             why = f"{', '.join(kinds)} layers" if kinds else "an activation per layer"
             return (f"the compiled engine runs {method.name} on MLPs only (dense layers, one activation "
@@ -86,7 +85,7 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
                 return f"activation {spec.activation} (layer {k}) has no compiled implementation"
     elif bb.activation.name not in ACTIVATIONS:
         return f"activation {bb.activation.name} has no compiled implementation"
-    if kind == "sparse":
+    if getattr(method, "takes_scheme", False):
         if method.first >= bb.n_layers:
             return "the sparse scheme trains nothing"
         # dense layers only run the pruned MLP path (as in NumPy), which passes gradients back
