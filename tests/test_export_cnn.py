@@ -86,7 +86,7 @@ def python_run(backbone, task, manifest, *, cache_capacity=None):
 
 # ----------------------------------------------------------------------------- host, exactly
 @pytest.mark.parametrize("which", ["cnn1d", "cnn2d"])
-@pytest.mark.parametrize("method", ["lora-all", "skip2-lora", "ft-all"])
+@pytest.mark.parametrize("method", ["lora-all", "skip2-lora", "ft-all", "sparse"])
 def test_host_program_reaches_the_python_loss_exactly(which, method, request, tmp_path):
     needs(("cc", "gcc"), ("make", "make"))
     model_dir = request.getfixturevalue(which)
@@ -207,7 +207,7 @@ def test_plan_target_gives_a_cnn_arena_and_refuses_a_small_budget(cnn1d, task1d,
     assert code == 1 and "150.0 KB" in err and "over by" in err and "workspace" in err and "--max-samples" in err
 
 
-def test_int8_and_sparse_cnn_exports_are_refused_by_name(cnn1d, task1d, tmp_path, capsys):
+def test_int8_cnn_exports_are_refused_by_name(cnn1d, task1d, tmp_path, capsys):
     _, task_option = task1d
     out = tmp_path / "dev"
     base = ["export", "--model", str(cnn1d), "--out", str(out), "--target", "cortex-m4", "--no-toolchain-check",
@@ -215,9 +215,6 @@ def test_int8_and_sparse_cnn_exports_are_refused_by_name(cnn1d, task1d, tmp_path
     assert main(base + ["--int8"]) == 2
     err = capsys.readouterr().err
     assert "int8" in err and "conv1d" in err and "without --int8" in err
-    assert main(base + ["--method", "sparse"]) == 2
-    err = capsys.readouterr().err
-    assert "sparse" in err and "conv1d" in err and "skip2-lora" in err
     assert not out.exists()
 
 

@@ -219,14 +219,9 @@ def _load_inputs(opts: ExportOptions, target: Target):
     return model, task, tuner, train, max_samples, cache
 
 
-#: Methods the device program does not run on a backbone other than a plain MLP yet: the
-#: compiled engine's sparse update of convolutions is new; drop it here once it is tested there.
-NOT_ON_CNN = frozenset({"sparse"})
-
-
 def _check_layers(model: Any, opts: ExportOptions) -> None:
-    """Refuse, naming the layers, what the device program does not run: int8 or sparse on a
-    backbone that is not a plain MLP. Every layer kind of the compiled engine runs otherwise."""
+    """Refuse, naming the layers, what the device program does not run: int8 on a backbone that
+    is not a plain MLP. Every layer kind and method of the compiled engine runs otherwise."""
     if model.is_plain_mlp():
         return
     kinds = sorted({spec.kind for spec in model.specs} - {"dense"})
@@ -234,9 +229,6 @@ def _check_layers(model: Any, opts: ExportOptions) -> None:
     if model.is_int8 or opts.int8:
         raise UsageError(f"edgetune export writes int8 backbones that are MLPs (dense layers) in this version; "
                          f"{opts.model} has {what}: export it as float32 (without --int8)")
-    if opts.method in NOT_ON_CNN:
-        raise UsageError(f"edgetune export runs {opts.method} on MLP backbones only in this version; {opts.model} "
-                         f"has {what}: export skip2-lora, skip-lora, lora-all, lora-last, ft-all, ft-last or ft-bias")
 
 
 def _subset(n: int, k: int | None, seed: int, salt: int) -> np.ndarray:
