@@ -458,6 +458,7 @@ def check_bank_export(bank: Any, x: Any, records: list[dict[str, Any]], *, targe
             np.array([_f64(r["novelty"]) for r in per]) - ref.novelty(x)) / np.maximum(np.abs(ref.novelty(x)), 1e-12)))
         if len(per) else 0.0,
         "routed_counts": {n: int(np.sum(routed_c == k)) for k, n in enumerate(bank.domains)},
+        "routed_index": routed_c.tolist(),
         "ticks": totals.get("ticks"),
     }
     report["ok"] = (report["routing_equal"] == len(per) and report["prediction_equal"] == len(per)
