@@ -90,7 +90,7 @@ def test_host_export_equals_python(made, tmp_path, detector, window):
     assert report["ok"], report
     assert report["samples"] == len(x) and report["window"] == window
     assert min(report["routed_counts"].values()) >= 20
-    assert report["max_logit_difference"] <= 1e-5
+    assert report["max_logit_difference_scaled"] <= 1e-5
 
 
 def test_check_catches_a_wrong_program(made, tmp_path):

@@ -313,16 +313,22 @@ def _export(args: argparse.Namespace) -> int:
         known = np.array([t in bank.domains for t in truth])
         if known.any():
             routed = np.array(bank.domains, dtype=object)[[r for r in report.pop("routed_index")]]
-            report["routing_accuracy"] = float(np.mean(routed[known] == np.array(truth, dtype=object)[known]))
+            true = np.array(truth, dtype=object)[known]
+            report["routing_accuracy"] = float(np.mean(routed[known] == true))
+            python = np.array(bank.domains, dtype=object)[bank.copy().route_index(x, window=report["window"])]
+            report["routing_accuracy_python"] = float(np.mean(python[known] == true))
         else:
             report.pop("routed_index")
         if target.kind == "mcu":
             report["make_size"] = make_size(args.out)
         n = report["samples"]
-        print(f"the program on {target.name}: routed domain equal for {report['routing_equal']}/{n} samples, "
-              f"prediction {report['prediction_equal']}/{n}, novelty flag {report['novelty_flag_equal']}/{n}, "
-              f"largest logit difference {report['max_logit_difference']:.3g} (tolerance {report['tolerance']:g})"
-              + (f"; routing accuracy {report['routing_accuracy']:.4f}" if "routing_accuracy" in report else "")
+        print(f"the program on {target.name}: routed domain equal for {report['routing_equal']}/{n} samples "
+              f"({report['routing_ties']} ties), prediction {report['prediction_equal']}/{n}, novelty flag "
+              f"{report['novelty_flag_equal']}/{n} ({report['novelty_flag_ties']} ties), "
+              f"largest logit difference {report['max_logit_difference']:.3g} ({report['max_logit_difference_scaled']:.3g} "
+              f"of the largest logit; tolerance {report['tolerance']:g})"
+              + (f"; routing accuracy {report['routing_accuracy']:.4f} (in Python "
+                 f"{report['routing_accuracy_python']:.4f})" if "routing_accuracy" in report else "")
               + (f"; make size: flash {report['make_size'].get('flash')} bytes, RAM {report['make_size'].get('ram')}"
                  if "make_size" in report else ""))
         result["check"] = report
