@@ -191,3 +191,17 @@ def test_route_saves_counts_only_when_asked(made, tmp_path):
     # the drop policy reads them: the least routed-to domain goes first
     least = min(routed, key=lambda n: (routed[n], int(loaded.domains_[n].counts.sum())))
     assert loaded.fit_budget(loaded.nbytes()["total"] - 1, strategy="drop") == [f"drop {least}"]
+
+
+def test_host_export_with_a_mixed_domain(made, tmp_path):
+    """A domain learned with learn_mix (coefficients over the other adapters) is applied in C too."""
+    if get_target("host").missing_tools():
+        pytest.skip("no C compiler")
+    bank, x, _ = made
+    mixed = bank.copy()
+    rng = np.random.default_rng(1)
+    mixed.learn_mix("mixed", *_domain(rng, np.ones(10), 40))
+    export_bank(mixed, BankExportOptions(target="host", out=str(tmp_path / "p")), x)
+    report = check_bank_export(mixed, x, run_bank_export(tmp_path / "p"), target="host")
+    assert report["ok"], report
+    assert report["routed_counts"]["mixed"] > 0
