@@ -205,3 +205,31 @@ def test_host_export_with_a_mixed_domain(made, tmp_path):
     report = check_bank_export(mixed, x, run_bank_export(tmp_path / "p"), target="host")
     assert report["ok"], report
     assert report["routed_counts"]["mixed"] > 0
+
+
+def test_cnn_bank_in_python_and_exported(tmp_path):
+    """A bank on a convolutional backbone: its features are the skip taps (Backbone.tap_widths),
+    a domain's logits are its FineTuner's, and the exported program (the engine's forward pass
+    through every layer kind) routes and predicts as Python does."""
+    rng = np.random.default_rng(2)
+
+    def dom(shift, n):
+        x = (rng.normal(size=(n, 2, 32)) + shift).astype(np.float32)
+        return x, (x[:, 0, :4].mean(axis=1) > shift).astype(int)
+
+    backbone, _ = et.pretrain(*dom(0.0, 80), arch="conv:4:3:1:same,relu,maxpool:2,flatten,dense:8,relu", epochs=5)
+    bank = et.AdapterBank(backbone, "skip2-lora", epochs=3)
+    for i, s in enumerate([0.0, 1.0, -1.0]):
+        bank.learn(f"d{i}", *dom(s, 80))
+    assert bank.n_features == sum(backbone.tap_widths[1:])
+    x = np.concatenate([dom(s, 20)[0] for s in [0.0, 1.0, -1.0]])
+    np.testing.assert_allclose(bank.copy().decision_function(x, domain="d2"),
+                               bank.tuner("d2").decision_function(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match="MLP"):
+        et.AdapterBank(backbone, "lora-all")
+    if get_target("host").missing_tools():
+        pytest.skip("no C compiler")
+    export_bank(bank, BankExportOptions(target="host", out=str(tmp_path / "p")), x)
+    report = check_bank_export(bank, x, run_bank_export(tmp_path / "p"), target="host")
+    assert report["ok"], report
+    assert min(report["routed_counts"].values()) >= 10

@@ -66,9 +66,6 @@ def check_exportable(bank: Any) -> None:
                          "relative); this bank routes by energy")
     if bank.backbone.is_int8:
         raise UsageError("edgetune bank export writes float32 backbones; this bank's backbone is int8")
-    if any(s.kind != "dense" for s in bank.backbone.specs):
-        raise UsageError("edgetune bank export writes banks on MLP backbones (the bank's detector features are "
-                         "an MLP's layer outputs)")
     if not bank.domains_:
         raise UsageError("the bank has no domain: nothing to export")
 
@@ -92,8 +89,7 @@ def detector_tables(bank: Any) -> dict[str, Any]:
     (U^T U = P) with v_m = U mu_m, the thresholds, and the feature columns of a row."""
     w, c, owner = bank._linear()
     means, _, _ = bank._component_table()
-    rows = bank.backbone.sizes
-    width = sum(rows[:-1]) + rows[-1]
+    width = sum(bank.backbone.tap_widths) + bank.backbone.sizes[-1]
     cols = bank._features(np.arange(width, dtype=np.float64)[None, :])[0].astype(np.int64)
     if cols.size == 0 or not np.array_equal(cols, np.arange(cols[0], cols[0] + cols.size)):
         raise UsageError("the bank's detector features are not one run of columns of the skip-cache row")
