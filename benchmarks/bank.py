@@ -382,18 +382,20 @@ engine's own C sources. For each sample the program runs the engine's frozen for
 Python (w_m = P mu_m and c_m, float32), routes over the bank's window (`--window` to change
 it; `./bank --window W` on Linux), computes the novelty with a Cholesky factor U of the
 precision (U^T U = P, v_m = U mu_m) and the routed domain's threshold, applies the routed
-domain's adapter (`et_skip_apply`; a mixed domain adds its adapters' weighted deltas) and
+domain's adapter (skip adapters: `et_skip_apply` on the row, a mixed domain adds its
+adapters' weighted deltas; `lora-*`: `et_predict`, the forward pass again with the adapter) and
 prints one JSON line per sample (routed domain, novelty flag, prediction, logits and
 novelty as IEEE bits). `--run` builds and runs it here and checks every sample against
 `AdapterBank.route`, `predict` and `is_novel`: identical, logits within 1e-5 (host; 1e-4
 on the other targets) of the sample's largest logit (at least 1). Two domains whose scores
 agree within 1e-5 of the sample's largest score are a tie, counted apart: float32 sums in
 another order may pick either (NumPy itself can, for the same sample in another batch).
-Exported: banks of skip adapters (`skip2-lora`, `skip-lora`) on float32 MLP backbones,
-detectors `mahalanobis` (the default), `diag`, `centroid`, `relative`; not `energy`, not
-`lora-*` banks. The device stores each adapter's whole parameter vector (A's off-block
-zeros too, the layout the engine reads), so a domain takes more bytes than `nbytes()`
-counts.
+Exported: every bank method on float32 backbones, MLP or convolutional (the engine's forward
+pass runs every layer kind; a bank on a CNN reads the skip taps, `Backbone.tap_widths`),
+detectors `mahalanobis` (the default), `diag`, `centroid`, `relative`; not `energy`, not int8
+backbones. The device stores each adapter's whole parameter vector (a skip adapter's A with
+its off-block zeros, the layout the engine reads), so a domain takes more bytes than
+`nbytes()` counts.
 
 ```
 edgetune bank export --model runs/fan-model --bank runs/bank --sequence fan-rooms --data-dir ../shared/data \\

@@ -233,3 +233,19 @@ def test_cnn_bank_in_python_and_exported(tmp_path):
     report = check_bank_export(bank, x, run_bank_export(tmp_path / "p"), target="host")
     assert report["ok"], report
     assert min(report["routed_counts"].values()) >= 10
+
+
+def test_lora_bank_exported(made, tmp_path):
+    """A lora-all bank: the rows for routing come from a skip method's forward pass, the routed
+    adapter runs inside the layers (et_predict)."""
+    if get_target("host").missing_tools():
+        pytest.skip("no C compiler")
+    bank, x, _ = made
+    rng = np.random.default_rng(3)
+    lora = et.AdapterBank(bank.backbone, "lora-all", epochs=5)
+    for i, s in enumerate(SHIFTS):
+        lora.learn(f"room-{i}", *_domain(rng, s, 120))
+    export_bank(lora, BankExportOptions(target="host", out=str(tmp_path / "p")), x)
+    report = check_bank_export(lora, x, run_bank_export(tmp_path / "p"), target="host")
+    assert report["ok"], report
+    assert min(report["routed_counts"].values()) >= 20

@@ -97,8 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "cortex-m7, riscv32, riscv32f); the samples (--data or --sequence) go into "
                                     "samples.bin (Linux) or the firmware (microcontrollers). With --run it builds "
                                     "and runs the program here and checks every sample against the bank in Python. "
-                                    "Skip-adapter banks (skip2-lora, skip-lora) on MLP backbones, float32, "
-                                    "distance detectors (not energy). See docs/bank.md.")
+                                    "Every bank method, float32 backbones (MLP or convolutional), the distance "
+                                    "detectors (not energy). See docs/bank.md.")
     _common(ex)
     _data_args(ex)
     ex.add_argument("--split", choices=["train", "test"], default="test", help="with --sequence: which half")

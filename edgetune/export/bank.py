@@ -56,11 +56,6 @@ class BankExportOptions:
 # ----------------------------------------------------------------------------- what is exported
 def check_exportable(bank: Any) -> None:
     """Refuse, with the reason, a bank the exported program does not run."""
-    from ..bank import SKIP_METHODS
-
-    if bank.method not in SKIP_METHODS:
-        raise UsageError(f"edgetune bank export writes banks of skip adapters ({', '.join(SKIP_METHODS)}); this "
-                         f"bank's method is {bank.method}")
     if bank.detector == "energy":
         raise UsageError("edgetune bank export writes the distance detectors (mahalanobis, diag, centroid, "
                          "relative); this bank routes by energy")
@@ -117,6 +112,8 @@ def detector_tables(bank: Any) -> dict[str, Any]:
 
 def _adapters(bank: Any) -> tuple[list[str], Any, np.ndarray, np.ndarray, np.ndarray]:
     """(adapter domains, the CoreModel of the first, params (A, n_params), adapter_of (K), mix (K, A))."""
+    from ..api import FineTuner
+    from ..bank import SKIP_METHODS
     from ..core.engine import CoreModel
 
     names = bank._adapter_names()
@@ -128,7 +125,13 @@ def _adapters(bank: Any) -> tuple[list[str], Any, np.ndarray, np.ndarray, np.nda
         if bytes(core.m) != first:
             raise UsageError(f"domain {n!r}'s adapter has another shape than {names[0]!r}'s (rank or bias); the "
                              f"exported program runs one adapter layout")
+    for n in names:
+        if bank.domains_[n].tuner.method_name != bank.method:
+            raise UsageError(f"domain {n!r} holds a {bank.domains_[n].tuner.method_name} adapter in a {bank.method} "
+                             f"bank; the exported program runs one method")
     params = np.stack([np.asarray(bank.domains_[n].tuner.method.params.flat, np.float32) for n in names])
+    # the frozen forward pass with the skip taps: the adapters' own method, or a skip method beside them
+    rows_core = cores[0] if bank.method in SKIP_METHODS else CoreModel(FineTuner(bank.backbone, "skip2-lora").method, 1)
     adapter_of = np.array([names.index(n) if e.tuner is not None else -1 for n, e in bank.domains_.items()],
                           np.int32)
     mix = np.zeros((len(bank.domains_), len(names)), np.float32)
@@ -136,14 +139,14 @@ def _adapters(bank: Any) -> tuple[list[str], Any, np.ndarray, np.ndarray, np.nda
         if e.mix is not None:
             for n, wgt in e.mix.items():
                 mix[k, names.index(n)] = wgt
-    return names, cores[0], params, adapter_of, mix
+    return names, (cores[0], rows_core), params, adapter_of, mix
 
 
 def bank_flash(bank: Any) -> dict[str, Any]:
     """Bytes the exported bank's data take (float32), shared and per domain, as et_bank_data.c
     holds them: the backbone's weights, each adapter's parameter vector, each domain's components
     (routing row w_m, offset c_m, novelty row v_m, owner) and threshold, the shared metric factor."""
-    names, core, params, _, _ = _adapters(bank)
+    names, (core, _), params, _, _ = _adapters(bank)
     t = detector_tables(bank)
     f = t["n_features"]
     backbone = sum(a.nbytes for a in core._keep)
@@ -161,11 +164,15 @@ def bank_flash(bank: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- C text
 def _data_c(bank: Any, target: Target, window: int) -> tuple[str, str, int]:
     """et_bank_data.h and et_bank_data.c, and the workspace bytes on the target."""
-    names, core, params, adapter_of, mix = _adapters(bank)
+    from ..bank import SKIP_METHODS
+
+    names, (core, rows_core), params, adapter_of, mix = _adapters(bank)
     t = detector_tables(bank)
     sizes = bank.backbone.sizes
-    workspace = core.workspace_bytes(pointer_bytes=target.pointer_bytes)
-    row_width = core.d_in + sizes[-1]
+    workspace = max(core.workspace_bytes(pointer_bytes=target.pointer_bytes),
+                    rows_core.workspace_bytes(pointer_bytes=target.pointer_bytes))
+    row_width = rows_core.d_in + sizes[-1]
+    skip = bank.method in SKIP_METHODS
     arrays, addr = [], {}
     for a in core._keep:
         if a.ctypes.data in addr or a.size == 0:
@@ -193,7 +200,7 @@ def _data_c(bank: Any, target: Target, window: int) -> tuple[str, str, int]:
 #define ET_BANK_ROW_WIDTH {row_width}
 /* the scores ring buffer: a microcontroller keeps only its window, a Linux program any up to {MAX_WINDOW} */
 #define ET_BANK_MAX_WINDOW {window if target.kind == "mcu" else MAX_WINDOW}
-/* et_workspace_size at batch 1 on {target.name} ({target.pointer_bytes}-byte pointers), as the engine computed it */
+/* et_workspace_size at batch 1 (the larger of the two methods') on {target.name} ({target.pointer_bytes}-byte pointers), as the engine computed it */
 #define ET_BANK_WORKSPACE_BYTES {workspace}
 
 extern const et_bank_desc et_bank;
@@ -210,12 +217,14 @@ extern const et_bank_desc et_bank;
 static const et_backbone et_bank_backbone = {_c_struct(core.bb, addr)};
 
 static const et_method et_bank_method = {_c_struct(core.m, addr)};
-
+{"" if skip else chr(10) + "static const et_method et_bank_rows_method = " + _c_struct(rows_core.m, addr) + ";" + chr(10)}
 static const double et_bank_thresholds[{len(domains)}] = {{{thresholds}}};
 
 const et_bank_desc et_bank = {{
     .backbone = &et_bank_backbone,
     .method = &et_bank_method,
+    .skip = {int(skip)},
+    .rows_method = &{"et_bank_method" if skip else "et_bank_rows_method"},
     .n_domains = {len(domains)},
     .n_adapters = {len(names)},
     .n_params = {params.shape[1]},
