@@ -89,6 +89,8 @@ def test_host_export_equals_python(made, tmp_path, detector, window):
     report = check_bank_export(bank, x, run_bank_export(tmp_path / "p"), target="host")
     assert report["ok"], report
     assert report["samples"] == len(x) and report["window"] == window
+    out = subprocess.run(["./bank"], cwd=tmp_path / "p", capture_output=True, text=True, timeout=60).stdout
+    assert all(json.loads(line) for line in out.splitlines())  # every line one JSON object, nothing left over
     assert min(report["routed_counts"].values()) >= 20
     assert report["max_logit_difference_scaled"] <= 1e-5
 

@@ -416,11 +416,12 @@ def run_bank_export(out: str | os.PathLike, *, timeout: float = 600.0) -> list[d
     records = []
     for line in run.stdout.splitlines():
         line = line.strip()
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        if not line or (target.kind == "mcu" and not line.startswith("{")):
+            continue  # an emulator's own messages
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise BankExportError(f"the program printed a line that is not JSON: {line[:200]!r}") from None
     if run.returncode != 0 or not records or "error" in records[-1] or "samples" not in records[-1]:
         raise BankExportError(f"running {out} failed (exit {run.returncode}): {run.stdout[-1000:]}{run.stderr[-1000:]}")
     return records
