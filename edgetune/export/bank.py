@@ -1,4 +1,4 @@
-"""An adapter bank as a C project: the frozen backbone, every domain's skip adapter and the
+"""An adapter bank as a C project: the frozen backbone, every domain's adapter and the
 domain detector, routed and applied per sample in C (docs/bank.md).
 
 The program computes each sample's skip-cache row with the compiled engine's own forward
