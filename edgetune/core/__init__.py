@@ -162,6 +162,10 @@ def _declare(lib: Any) -> None:
     lib.et_batch_gradient.restype = i32
     lib.et_predict.argtypes = [P(Backbone), P(Method), vp, vp, i32, i32, vp, vp, sz]
     lib.et_predict.restype = i32
+    lib.et_skip_rows.argtypes = [P(Backbone), P(Method), vp, i32, i32, vp, vp, sz]
+    lib.et_skip_rows.restype = i32
+    lib.et_skip_apply.argtypes = [P(Backbone), P(Method), vp, vp, i32, i32, vp, vp, sz]
+    lib.et_skip_apply.restype = i32
     lib.et_int8_forward_taps.argtypes = [P(Backbone), vp, i32, vp, vp, vp, sz]
     lib.et_int8_forward_taps.restype = i32
     lib.et_int8_workspace_size.argtypes = [P(Backbone), i32]

@@ -927,3 +927,36 @@ int32_t et_predict(const et_backbone *bb, const et_method *m, const float *param
     }
     return ET_OK;
 }
+
+int32_t et_skip_rows(const et_backbone *bb, const et_method *m, const float *x, int32_t count, int32_t batch,
+                     float *rows, void *workspace, size_t workspace_bytes) {
+    ctx c;
+    float unused = 0.0f; /* the frozen forward pass reads no parameter: a stand-in for setup's check */
+    if (!m || m->kind != ET_SKIP || !rows || count < 1) return ET_ERR_ARGUMENT;
+    const int rc = setup(&c, bb, m, &unused, &unused, NULL, x, batch, workspace, workspace_bytes);
+    if (rc != ET_OK) return rc;
+    const size_t W = (size_t)c.d_in + (size_t)c.width[bb->n_layers];
+    for (int lo = 0; lo < count; lo += batch) {
+        const int n = count - lo < batch ? count - lo : batch;
+        for (int i = 0; i < n; i++) c.L.ybuf[i] = lo + i;
+        compute_taps(&c, c.L.ybuf, n, c.L.taps);
+        memcpy(rows + (size_t)lo * W, c.L.taps, (size_t)n * W * sizeof(float));
+    }
+    return ET_OK;
+}
+
+int32_t et_skip_apply(const et_backbone *bb, const et_method *m, const float *params, const float *rows,
+                      int32_t count, int32_t batch, float *logits, void *workspace, size_t workspace_bytes) {
+    ctx c;
+    if (!m || m->kind != ET_SKIP || !rows || !logits || count < 1) return ET_ERR_ARGUMENT;
+    /* the gradient pointer is never written by a forward pass */
+    const int rc = setup(&c, bb, m, params, (float *)params, NULL, rows, batch, workspace, workspace_bytes);
+    if (rc != ET_OK) return rc;
+    const size_t W = (size_t)c.d_in + (size_t)c.width[bb->n_layers], out = (size_t)c.width[bb->n_layers];
+    for (int lo = 0; lo < count; lo += batch) {
+        const int n = count - lo < batch ? count - lo : batch;
+        for (int i = 0; i < n; i++) c.L.rowp[i] = rows + (size_t)(lo + i) * W;
+        memcpy(logits + (size_t)lo * out, skip_forward(&c, n), (size_t)n * out * sizeof(float));
+    }
+    return ET_OK;
+}
