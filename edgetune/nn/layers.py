@@ -710,17 +710,19 @@ def _padded(spec: LayerSpec, n: int, f: int) -> int:
     return n * c * (hh + 2 * ph) * (ww + 2 * pw) * f if ph or pw else 0
 
 
-def _scatter(spec: LayerSpec, n: int, f: int) -> tuple[int, int]:
+def _scatter(spec: LayerSpec, n: int, f: int, buffered: bool = True) -> tuple[int, int]:
     """``_scatter_windows``: (its peak, what it returns): the padded gradient, and when padded
     the unpadded copy the final reshape makes."""
     padded = _padded(spec, n, f)
     plain = n * spec.in_features * f
     # Each window offset adds a strided view of the gradient into a strided slice: buffered
-    # (the gradient's slice; in 2-D or at a stride the slice of the padded rows too).
+    # (the gradient's slice; in 2-D or at a stride the slice of the padded rows too). Average
+    # pooling's gradient is one value per window broadcast over it: its slices need none.
     c, _, _, _, _, _ = _grid(spec)
     values = n * c * (spec.out_features // spec.out_channels if spec.has_params else
                       spec.out_features // c)
-    buffers = _ufunc_buffer(values, f) * (2 if len(spec.in_shape) == 3 or max(spec.stride) > 1 else 1)
+    buffers = _ufunc_buffer(values, f) * (2 if len(spec.in_shape) == 3 or max(spec.stride) > 1 else 1) \
+        if buffered else 0
     return (padded + plain + buffers, plain) if padded else (plain + buffers, plain)
 
 
@@ -785,7 +787,7 @@ def _pool_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
         return CallBytes(pad + (o if mode == "max" else 2 * o), o)
     if call == "weight_grad":
         return CallBytes()
-    peak, out = _scatter(spec, n, f)
+    peak, out = _scatter(spec, n, f, buffered=mode == "max")
     if mode == "avg":  # g / (kh*kw), broadcast over the windows (a view)
         return CallBytes(o + peak, out)
     # max: the windows flat (a copy unless a window is one row high, or the padded row wide),
