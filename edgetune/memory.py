@@ -9,6 +9,7 @@ that fits a budget.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import tracemalloc
 from dataclasses import asdict, dataclass, field
@@ -310,8 +311,8 @@ def _plan_layers(backbone: Backbone, method: str, *, batch_size: int, n_samples:
         trainable = [k for k, pl in enumerate(plans) if pl.any]
         first = min(trainable) if trainable else n - 1
         lora = {k: lora_specs(specs[k], rank) for k, pl in enumerate(plans) if pl.lora}
-        kept, peak = _step_chain(specs, B, f, first=first, lora=lora, weight={k for k, pl in enumerate(plans)
-                                                                             if pl.weight})
+        kept, peak = _step_chain(tuple(specs), B, f, first=first, lora=tuple(sorted(lora.items())),
+                                 weight=frozenset(k for k, pl in enumerate(plans) if pl.weight))
     elif cls is SparseUpdate:
         weighted = [k for k, s in enumerate(specs) if s.has_params]
         sch = SparseUpdate.resolve_scheme(opts.scheme, len(weighted), train_last_bias)
@@ -321,14 +322,14 @@ def _plan_layers(backbone: Backbone, method: str, *, batch_size: int, n_samples:
         biases = {weighted[i] for i in sch.bias_set(len(weighted))}
         trained = sorted(set(rows) | biases)
         first = trained[0] if trained else n
-        kept, peak = _step_chain(specs, B, f, first=first, rows=rows)
+        # Only which layers train rows matters to the step (their weights are joined), not how many.
+        kept, peak = _step_chain(tuple(specs), B, f, first=first, joined=frozenset(k for k, c in rows.items() if c))
     else:  # skip-lora, skip2-lora
-        p = cls.count_trainable(specs, opts)
         taps = backbone.tap_widths
         L, D = len(taps), sum(taps)
         p = L * rank * D + out * L * rank + (out if train_last_bias else 0)  # A stored as one masked block
         copies = sum(f * (s.n_params - s.out_channels) for s in specs if s.kind == "dense")
-        kept, peak = _step_skip(specs, B, f, row=D + out, adapters=L * rank, cached=method == "skip2-lora")
+        kept, peak = _step_skip(tuple(specs), B, f, row=D + out, adapters=L * rank, cached=method == "skip2-lora")
         extra = L * rank * D * f  # the float mask of A's blocks
         if method == "skip2-lora":
             cache_bytes = N * (D + out) * f + N
@@ -349,15 +350,18 @@ def _loss(live: _Live, B: int, out: int, f: int) -> None:
     live.free(B * out * f)
 
 
-def _step_chain(specs: list, B: int, f: int, *, first: int, lora: dict | None = None,
-                weight: set[int] | None = None, rows: dict[int, int] | None = None) -> tuple[int, int]:
+@functools.lru_cache(maxsize=4096)
+def _step_chain(specs: tuple, B: int, f: int, *, first: int, lora: tuple = (), weight: frozenset = frozenset(),
+                joined: frozenset | None = None) -> tuple[int, int]:
     """(bytes kept for backward, peak) of one step of a method that trains beside the layers:
-    the layer-wise methods (``lora`` adapters, trained ``weight`` layers) or the sparse update
-    (``rows``: trained rows per layer, whose forward and backward read the trained rows and the
-    frozen ones joined into one array). The previous step's kept inputs stay held until this
-    step's forward replaces them, layer by layer."""
-    lora, weight = lora or {}, weight or set()
-    sparse = rows is not None
+    the layer-wise methods (``lora``: (layer, (A, B)) adapters, trained ``weight`` layers) or
+    the sparse update (``joined``: the layers whose forward and backward read the trained rows
+    and the frozen ones joined into one new array; ``weight`` unused). The previous step's kept
+    inputs stay held until this step's forward replaces them, layer by layer. Cached: a search
+    plans thousands of sparse schemes that differ only in counts."""
+    lora = dict(lora)
+    sparse = joined is not None
+    rows = {k: 1 for k in joined or ()}
     n = len(specs)
     sources = {s.source for s in specs if s.kind == "add"}
     kept_h = {k: B * specs[k].in_features * f for k in range(first, n)}
@@ -455,7 +459,8 @@ def _step_chain(specs: list, B: int, f: int, *, first: int, lora: dict | None = 
     return new_kept, live.peak
 
 
-def _step_skip(specs: list, B: int, f: int, *, row: int, adapters: int, cached: bool) -> tuple[int, int]:
+@functools.lru_cache(maxsize=256)
+def _step_skip(specs: tuple, B: int, f: int, *, row: int, adapters: int, cached: bool) -> tuple[int, int]:
     """(bytes kept for backward, peak) of one skip-lora step: the taps' rows computed by the
     backbone's forward pass (skip2-lora: every sample missed, the cache's output rows beside),
     then the adapters. The previous step's rows and adapter products stay held until this

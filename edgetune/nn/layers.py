@@ -791,11 +791,11 @@ def _pool_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
     if mode == "avg":  # g / (kh*kw), broadcast over the windows (a view)
         return CallBytes(o + peak, out)
     # max: the windows flat (a copy unless a window is one row high, or the padded row wide),
-    # the argmax (int64),
-    # the windows' gradient, then the scatter.
+    # the argmax (int64), the windows' gradient (put_along_axis: its indexed assignment buffers
+    # the values; measured to stay held through the scatter), then the scatter.
     wide = o * k[0] * k[1]
     flat = 0 if k[0] == 1 or ww + 2 * p[1] == k[1] else wide
-    return CallBytes(pad + flat + 2 * o + wide + peak, out)
+    return CallBytes(pad + flat + 2 * o + wide + _ufunc_buffer(o // f, f) + peak, out)
 
 
 def _gap_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
