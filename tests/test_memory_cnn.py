@@ -11,6 +11,8 @@ from edgetune.methods import method_class
 from edgetune.methods.base import MethodOptions
 from edgetune.nn.layers import Layer, LayerSpec, call_bytes
 
+from .conftest import DATA_DIR
+
 #: Python objects that tracemalloc counts and the model does not (array headers, views, NumPy's
 #: iterators, frames): measured at about 1-4 KB per layer and step. They matter only where the
 #: arrays are tiny (batch 1); the test allows them on top of the 10%.
@@ -170,3 +172,57 @@ def test_int8_cnn_is_refused_clearly():
         plan_memory(bb, "skip-lora", int8=True)
     with pytest.raises(UsageError, match="int8 skip-cache"):
         plan_memory(bb, "skip2-lora", cache="int8")
+
+
+# ---------------------------------------------------------------------------- the commands
+@pytest.fixture(scope="module")
+def fan_cnn(tmp_path_factory, private_cache):
+    """A small 1-D CNN for damage1-1d's spectra (1, 512) -> 2, saved as a model directory."""
+    from edgetune.data.task import load_task
+    from edgetune.nn.arch import build_layers, parse_arch
+
+    d = tmp_path_factory.mktemp("plan-cnn")
+    task = load_task("damage1-1d", DATA_DIR)
+    specs = parse_arch("conv:4:9:4:4,relu,maxpool:2,conv:8:5:2:2,relu,gap,dense:8,relu", (1, 512), 2)
+    bb = et.Backbone.from_layers(build_layers(specs, seed=0), labels=task.labels)
+    bb.fit_normalizer(task.x_pretrain[:200])
+    bb.save(d / "m")
+    return d
+
+
+def test_plan_command_on_a_cnn(fan_cnn, capsys):
+    import json
+
+    from edgetune.cli import main
+
+    out = fan_cnn / "p.json"
+    assert main(["plan", "--model", str(fan_cnn / "m"), "--budget", "256KB", "--samples", "100", "--quiet",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "conv1d" in text and "recommended:" in text
+    res = json.loads(out.read_text())
+    assert res["fits"] and all(f["total"] <= 256 * 1024 for f in res["fits"])
+    assert all(f["backbone"] == "float32" for f in res["fits"])
+    bb = et.Backbone.load(fan_cnn / "m")
+    for f in res["fits"]:
+        if f["method"] not in ("sparse", "skip-lora", "skip2-lora"):
+            assert f["trainable_params"] == method_class(f["method"]).count_trainable(bb.specs, MethodOptions())
+
+
+def test_plan_command_fine_tunes_the_best_cnn_candidates(fan_cnn, capsys):
+    from edgetune.cli import main
+
+    assert main(["plan", "--model", str(fan_cnn / "m"), "--budget", "1MB", "--task", "damage1-1d", "--data-dir",
+                 str(DATA_DIR), "--epochs", "1", "--evaluate", "2", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "acc (1 ep)" in text and "run it: edgetune finetune --task damage1-1d" in text
+
+
+def test_finetune_budget_on_a_cnn(fan_cnn, capsys):
+    from edgetune.cli import main
+
+    args = ["finetune", "--task", "damage1-1d", "--data-dir", str(DATA_DIR), "--model", str(fan_cnn / "m"),
+            "--method", "lora-last", "--epochs", "1", "--quiet"]
+    assert main(args + ["--budget", "20KB"]) == 1
+    assert "over by" in capsys.readouterr().err
+    assert main(args + ["--budget", "1MB"]) == 0
