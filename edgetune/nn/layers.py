@@ -712,13 +712,16 @@ def _padded(spec: LayerSpec, n: int, f: int) -> int:
 
 def _scatter(spec: LayerSpec, n: int, f: int, buffered: bool = True) -> tuple[int, int]:
     """``_scatter_windows``: (its peak, what it returns): the padded gradient, and when padded
-    the unpadded copy the final reshape makes."""
+    the unpadded copy the final reshape makes (a view of the padded one, which it keeps, when
+    the unpadded rows merge: one channel of one row)."""
     padded = _padded(spec, n, f)
     plain = n * spec.in_features * f
+    c, hh, ww, _, _, (ph, pw) = _grid(spec)
+    if padded and _merges((c, (hh + 2 * ph) * (ww + 2 * pw)), (hh, ww + 2 * pw), (ww, 1)):
+        plain, padded = padded, 0
     # Each window offset adds a strided view of the gradient into a strided slice: buffered
     # (the gradient's slice; in 2-D or at a stride the slice of the padded rows too). Average
     # pooling's gradient is one value per window broadcast over it: its slices need none.
-    c, _, _, _, _, _ = _grid(spec)
     values = n * c * (spec.out_features // spec.out_channels if spec.has_params else
                       spec.out_features // c)
     buffers = _ufunc_buffer(values, f) * (2 if len(spec.in_shape) == 3 or max(spec.stride) > 1 else 1) \
