@@ -10,8 +10,9 @@ NAME = "plan"
 HELP = "list the methods and sparse-update schemes whose training fits a memory budget"
 DESCRIPTION = """Plan fine-tuning under a memory budget. Every method is planned on the float model
 and on its int8 version (skip2-lora also with an int8 skip-cache), and every sparse-update
-scheme (biases of the last k layers x each layer's weight at channel ratio 1/8..1) is
-searched exhaustively. Without --batch-size, every candidate is planned at the largest of
+scheme (biases of the last k layers x each layer's weight at channel ratio 1/8..1; layers
+with weights, for a CNN) is searched exhaustively. A convolutional model is planned as float
+(int8 CNNs and their int8 skip-cache are not planned in this version). Without --batch-size, every candidate is planned at the largest of
 the batch sizes 20, 8, 4, 1 at which it fits (the batch column says which; the paper trains
 at batch 1 on microcontrollers); --batch-size N keeps the batch fixed. The table lists what
 fits with its memory breakdown; with --task, the best-ranked candidates are also fine-tuned
