@@ -360,8 +360,7 @@ def _step_chain(specs: tuple, B: int, f: int, *, first: int, lora: tuple = (), w
     inputs stay held until this step's forward replaces them, layer by layer. Cached: a search
     plans thousands of sparse schemes that differ only in counts."""
     lora = dict(lora)
-    sparse = joined is not None
-    rows = {k: 1 for k in joined or ()}
+    joined = joined or frozenset()
     n = len(specs)
     sources = {s.source for s in specs if s.kind == "add"}
     kept_h = {k: B * specs[k].in_features * f for k in range(first, n)}
@@ -381,10 +380,10 @@ def _step_chain(specs: tuple, B: int, f: int, *, first: int, lora: tuple = (), w
             held = True
             if k < first:
                 held_sources += h
-        joined = spec.n_params * f if sparse and rows.get(k) else 0
-        live.alloc(joined)
+        w = spec.n_params * f if k in joined else 0  # the joined weight, alive during the call
+        live.alloc(w)
         live.call(call_bytes(spec, "forward", B, f))
-        live.free(joined)
+        live.free(w)
         z = B * spec.out_features * f
         live.call(call_bytes(spec, "add_bias", B, f))
         if k in lora:
@@ -411,8 +410,8 @@ def _step_chain(specs: tuple, B: int, f: int, *, first: int, lora: tuple = (), w
 
     for k in range(n - 1, first - 1, -1):
         spec = specs[k]
-        joined = spec.n_params * f if sparse and rows.get(k) else 0
-        if sparse and rows.get(k):  # a new array, its trained rows copied into the gradient
+        w = spec.n_params * f if k in joined else 0
+        if k in joined:  # a new array, its trained rows copied into the gradient
             live.call(CallBytes(call_bytes(spec, "weight_grad", B, f).peak))
         elif k in weight and spec.kind != "dense":  # a dense gradient is written in place
             live.call(CallBytes(call_bytes(spec, "weight_grad", B, f).peak))
@@ -435,10 +434,10 @@ def _step_chain(specs: tuple, B: int, f: int, *, first: int, lora: tuple = (), w
             else:
                 pending[spec.source] = g
         if k > first:
-            live.alloc(joined)
+            live.alloc(w)
             ig = call_bytes(spec, "input_grad", B, f)
             live.call(ig)
-            live.free(joined)
+            live.free(w)
             dh = [ig.out]
             if spec.kind in ("flatten", "add"):  # the gradient itself comes back: copied
                 dh = [B * spec.in_features * f]

@@ -782,7 +782,7 @@ def _conv_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
 
 
 def _pool_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
-    c, _, ww, k, s, p = _grid(spec)
+    _, _, ww, k, _, p = _grid(spec)
     o = n * spec.out_features * f
     pad = _padded(spec, n, f)
     mode = spec.kind[:3]
