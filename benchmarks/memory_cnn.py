@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"numpy {np.__version__}, python {platform.python_version()}, {platform.machine()}")
-    print("| task | path | " + " | ".join(f"batch {b}: plan (error)" for b in args.batch) + " |")
+    print("| task | path | " + " | ".join(f"batch {b}: planned / measured (error)" for b in args.batch) + " |")
     print("|---|---|" + "---|" * len(args.batch))
     for task, (arch, shape, classes) in PRESETS.items():
         bb = et.Backbone.from_layers(build_layers(parse_arch(arch, shape, classes), seed=0))
@@ -40,12 +40,14 @@ def main() -> None:
         bb.fit_normalizer(x0)
         x, y = bb.prepare(x0), rng.integers(0, classes, len(x0))
         measure_memory(bb, "lora-all", x[:4], y[:4], batch_size=2)  # NumPy's first calls build tables: not a step
-        for method, scheme in CASES:
+        weighted = len(bb.tap_layers)  # and the sparse scheme that trains every weight
+        every = f"b{weighted}," + ",".join(f"w{k}" for k in range(weighted))
+        for method, scheme in CASES + [("sparse", every)]:
             cells = []
             for batch in args.batch:
                 plan = plan_memory(bb, method, batch_size=batch, n_samples=len(x), scheme=scheme)
                 got = measure_memory(bb, method, x, y, batch_size=batch, scheme=scheme)["peak"]
-                cells.append(f"{format_bytes(plan.total)} ({100 * (plan.total - got) / got:+.1f}%)")
+                cells.append(f"{format_bytes(plan.total)} / {format_bytes(got)} ({100 * (plan.total - got) / got:+.1f}%)")
             print(f"| {task} | {plan.label} | " + " | ".join(cells) + " |", flush=True)
 
 
