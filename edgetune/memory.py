@@ -110,6 +110,9 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
                 cache: str = "float32", weights_in_flash: bool = False) -> MemoryPlan:
     """Bytes one fine-tuning run holds at its peak, component by component.
 
+    Any float backbone of the layer kinds in ``edgetune.nn.layers`` (convolutions, pooling,
+    residual adds: ``_plan_layers``); int8 backbones and the int8 skip-cache are planned for
+    backbones of dense layers only in this version (UsageError otherwise).
     ``int8`` plans for the int8 version of ``backbone`` (default: whatever it is); ``cache``
     is the skip-cache's row format for ``skip2-lora`` ("float32" or "int8"). With
     ``weights_in_flash`` (a microcontroller, whose budget is its RAM) the frozen weights are
