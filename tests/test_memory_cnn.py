@@ -111,14 +111,17 @@ def test_plan_matches_measurement(net, method, scheme, batch):
 
 @pytest.mark.parametrize("net", list(NETS))
 def test_trainable_counts_are_the_methods_own(net):
+    from edgetune.methods import make_method
+    from edgetune.methods.sparse import SparseOptions, SparseUpdate
+
     bb, _, _ = backbone(net)
     for method, scheme in METHODS:
         plan = plan_memory(bb, method, scheme=scheme)
-        want = method_class(method).count_trainable(bb.specs, MethodOptions(scheme=scheme))
-        if method.startswith("skip"):  # the adapters are stored as one block matrix
-            assert plan.n_trainable >= want
-        else:
-            assert plan.n_trainable == want
+        m = SparseUpdate(bb, SparseOptions(scheme=scheme or "b2,w-1")) if method == "sparse" else \
+            make_method(method, bb)
+        assert plan.n_trainable == m.params.flat.size  # what the memory holds (skip: A as one block)
+        if not method.startswith("skip"):
+            assert plan.n_trainable == method_class(method).count_trainable(bb.specs, MethodOptions(scheme=scheme))
 
 
 def test_call_bytes_follow_the_operations():
