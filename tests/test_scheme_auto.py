@@ -275,3 +275,31 @@ def test_scheme_auto_refusals(files, capsys, argv, code, message):
     assert main(args) == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_evolution_finds_what_greedy_misses():
+    """A knapsack where the single best part (layer 0) crowds out two that together buy more."""
+    from types import SimpleNamespace
+
+    from edgetune.methods.sparse import SparseScheme
+
+    n = 4
+    gains = {0: 0.10, 1: 0.06, 2: 0.06}
+    cost = {0: 60, 1: 40, 2: 40}
+    c = Contributions(n, "b1,w3", 0.5, {1: 0.0, 2: -1.0, 3: -1.0, 4: -1.0},
+                      {(k, r): (gains[k] if r == 1 else -1.0) for k in range(3) for r in RATIOS},
+                      1, 8, 0.01, 0, 60, 20, np.arange(20), 0, 0.0)
+
+    def plan(s):
+        sch = SparseScheme.parse(s)
+        return SimpleNamespace(total=100 + 10 * sch.bias_layers + sum(cost[k] for k, _ in sch.weights if k < 3))
+
+    ex = choose_scheme(c, plan, 190, strategy="exhaustive")
+    assert ex.scheme == "b1,w1,w2,w3" and ex.predicted_gain == pytest.approx(0.12)
+    from edgetune.scheme_search import _greedy  # what the evolutionary search starts from
+
+    key = lambda k, genes: (None if plan(scheme_text(n, k, dict(zip(range(3), genes)))).total > 190
+                            else (-c.gain(k, dict(zip(range(3), genes))), 0, ""))
+    assert _greedy((1, (None,) * 3), [1, 2, 3, 4], [None, *RATIOS], key)[1][0] == Fraction(1)  # greedy takes layer 0
+    for seed in range(3):
+        assert choose_scheme(c, plan, 190, strategy="evolution", seed=seed).scheme == ex.scheme

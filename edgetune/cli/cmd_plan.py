@@ -361,11 +361,13 @@ def _run_auto(args: argparse.Namespace, budget: int) -> int:
                          optimizer=args.optimizer, seed=args.seed, val_fraction=args.auto_val_split,
                          layers=args.auto_layers, engine="auto", progress=lambda t: info(args, t))
     c, choice = result.contributions, result.choice
+    # Seconds go to stderr and --json only: the table on stdout is the same from run to run.
+    info(args, f"analysis {c.seconds:.2f} s, search and verification {result.seconds - c.seconds:.2f} s")
     out = sys.stdout
     print(f"budget {format_bytes(budget)} of {where} ({budget} B); model {model_text(model)} "
           f"({'int8' if model.is_int8 else 'float32'}); batch {batch}, {args.optimizer}, lr {lr}", file=out)
     print(f"contribution analysis: {c.runs} fine-tunes of {c.epochs} epochs on {c.n_train} of the task's "
-          f"fine-tuning samples, validated on the other {c.n_val}: {c.seconds:.2f} s", file=out)
+          f"fine-tuning samples, validated on the other {c.n_val} (the test split is not used)", file=out)
     rows = [{"part": r["part"] if r["kind"] == "weight" or r["layers"] > 1 else "baseline: the last layer",
              "scheme": r["scheme"], "ram": format_bytes(plan_fn(r["scheme"], batch).total),
              "acc": f"{r['val_accuracy']:.4f}", "gain": f"{r['gain']:+.4f}"} for r in c.table()]
