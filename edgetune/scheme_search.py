@@ -344,6 +344,15 @@ def _greedy(start: tuple, ks: list[int], options: list, key: Callable) -> tuple:
 
 
 # ---------------------------------------------------------------------------- verify
+def largest_batch(plan_at: Callable[[str, int], Any], n_layers: int, budget: int,
+                  batch_sizes: Sequence[int] = (20, 8, 4, 1)) -> int:
+    """The largest of ``batch_sizes`` at which the search's smallest scheme (the baseline)
+    fits ``budget`` (``plan_at(scheme, batch)``); the smallest batch size when none does."""
+    base = scheme_text(n_layers, 1, {})
+    sizes = sorted(batch_sizes, reverse=True)
+    return next((b for b in sizes if plan_at(base, b).total <= budget), sizes[-1])
+
+
 def last_k_scheme(n_layers: int, k: int) -> str:
     """The paper's 'update the last k layers' baseline: their weights and biases."""
     return str(SparseScheme(k, tuple((i, Fraction(1)) for i in range(n_layers - k, n_layers))))

@@ -330,7 +330,7 @@ def _run_auto(args: argparse.Namespace, budget: int) -> int:
     from ..experiment import check_compatible
     from ..memory import MemoryPlan, exact_bytes, plan_memory
     from ..quant import load_any
-    from ..scheme_search import auto_scheme, scheme_text
+    from ..scheme_search import auto_scheme, largest_batch
     from ..units import format_bytes
 
     if not args.task:
@@ -347,12 +347,7 @@ def _run_auto(args: argparse.Namespace, budget: int) -> int:
         return plan_memory(model, "sparse", batch_size=batch, n_samples=n, optimizer=args.optimizer, scheme=scheme,
                            weights_in_flash=args.weights_in_flash)
 
-    base = scheme_text(n_layers, 1, {})
-    if args.batch_size:
-        batch = args.batch_size
-    else:  # the largest batch at which the smallest scheme of the search fits
-        fitting = [b for b in BATCH_SIZES if plan_fn(base, b).total <= budget]
-        batch = fitting[0] if fitting else BATCH_SIZES[-1]
+    batch = args.batch_size or largest_batch(plan_fn, n_layers, budget, BATCH_SIZES)
     lr = task.defaults.get("lr", 0.01)
     where = "RAM (frozen weights in flash)" if args.weights_in_flash else "memory"
     info(args, f"choosing a sparse scheme for {model_text(model)} in {format_bytes(budget)} of {where}, batch {batch}")
