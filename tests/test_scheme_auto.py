@@ -1,6 +1,7 @@
 """--scheme auto: the contribution analysis, the search under a budget, and the commands."""
 from __future__ import annotations
 
+import itertools
 import json
 from fractions import Fraction
 
@@ -113,7 +114,7 @@ def fake_contributions(n: int, seed: int) -> Contributions:
 
 def all_schemes(c: Contributions):
     for k in c.bias:
-        for genes in __import__("itertools").product([None, *RATIOS], repeat=c.n_layers - 1):
+        for genes in itertools.product([None, *RATIOS], repeat=c.n_layers - 1):
             yield k, dict(zip(range(c.n_layers - 1), genes))
 
 
