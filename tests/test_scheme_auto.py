@@ -245,6 +245,19 @@ def test_plan_auto_never_reads_the_test_split(files, monkeypatch, capsys):
                  "--task", str(files / "t.npz"), "--auto-epochs", "1", "--quiet"]) == 0
 
 
+def test_plan_auto_tries_only_the_layers_and_ratios_asked(files, capsys):
+    out = files / "lim.json"
+    assert main(["plan", "--model", str(files / "m"), "--method", "sparse", "--scheme", "auto", "--budget", "1MB",
+                 "--task", str(files / "t.npz"), "--auto-epochs", "1", "--auto-layers", "2", "--auto-ratios",
+                 "1/4, 1", "--quiet", "--json", str(out)]) == 0
+    table = json.loads(out.read_text())["contributions"]["table"]
+    assert [r["scheme"] for r in table] == ["b1,w2", "b2,w2", "b1,w1:1/4,w2", "b1,w1,w2"]
+    with pytest.raises(SystemExit) as e:  # argparse refuses it
+        main(["plan", "--model", str(files / "m"), "--method", "sparse", "--scheme", "auto", "--budget", "1MB",
+              "--task", str(files / "t.npz"), "--auto-ratios", "1/3", "--quiet"])
+    assert e.value.code == 2 and "1/8, 1/4, 1/2, 1" in capsys.readouterr().err
+
+
 def test_finetune_scheme_auto_trains_the_chosen_scheme(files, capsys):
     out = files / "ft.json"
     assert main(["finetune", "--task", str(files / "t.npz"), "--model", str(files / "m"), "--method", "sparse",

@@ -234,7 +234,7 @@ def _choose_scheme(args: argparse.Namespace, model, task, train: dict, limit: in
         return auto_scheme(model, task.x_finetune, task.y_finetune, budget=limit, plan_fn=plan_fn,
                            epochs=args.auto_epochs, batch_size=train["batch_size"], lr=train["lr"],
                            optimizer=train["optimizer"], seed=train["seed"], val_fraction=args.auto_val_split,
-                           layers=args.auto_layers, engine="auto", verify=False,
+                           layers=args.auto_layers, ratios=args.auto_ratios, engine="auto", verify=False,
                            progress=lambda t: info(args, t))
     except BudgetError as e:
         hint = "; a smaller --batch-size needs less" if train["batch_size"] > 1 else ""

@@ -93,9 +93,26 @@ def add_auto_args(g) -> None:
                    help=f"--scheme auto: epochs of each short fine-tune of the analysis (default {DEFAULT_EPOCHS})")
     g.add_argument("--auto-layers", type=positive_int, metavar="L",
                    help="--scheme auto: try only the last L layers with weights (default all); fewer fine-tunes")
+    g.add_argument("--auto-ratios", metavar="R,R,...", type=_ratio_list,
+                   help="--scheme auto: the channel ratios tried, of 1/8, 1/4, 1/2, 1 (default all four)")
     g.add_argument("--auto-val-split", type=positive_float, default=DEFAULT_VAL_FRACTION, metavar="F",
                    help=f"--scheme auto: share of the fine-tuning data held out to validate the analysis "
                         f"(default {DEFAULT_VAL_FRACTION})")
+
+
+def _ratio_list(text: str) -> list[str]:
+    from fractions import Fraction
+
+    from ..methods.sparse import RATIOS
+
+    items = [t for t in text.replace(" ", "").split(",") if t]
+    try:
+        ok = items and all(Fraction(t) in RATIOS for t in items)
+    except (ValueError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected ratios of 1/8, 1/4, 1/2, 1 separated by commas, got {text!r}")
+    return items
 
 
 def check_auto_args(args: argparse.Namespace, method: str | None) -> bool:
@@ -326,7 +343,7 @@ def export_command(args: argparse.Namespace) -> str:
 def _run_auto(args: argparse.Namespace, budget: int) -> int:
     """--method sparse --scheme auto: choose a scheme for the budget by a contribution analysis on the task."""
     from ..data.task import load_task
-    from ..errors import UsageError
+    from ..errors import BudgetError, UsageError
     from ..experiment import check_compatible
     from ..memory import MemoryPlan, exact_bytes, plan_memory
     from ..quant import load_any
@@ -351,10 +368,14 @@ def _run_auto(args: argparse.Namespace, budget: int) -> int:
     lr = task.defaults.get("lr", 0.01)
     where = "RAM (frozen weights in flash)" if args.weights_in_flash else "memory"
     info(args, f"choosing a sparse scheme for {model_text(model)} in {format_bytes(budget)} of {where}, batch {batch}")
-    result = auto_scheme(model, task.x_finetune, task.y_finetune, budget=budget,
-                         plan_fn=lambda s: plan_fn(s, batch), epochs=args.auto_epochs, batch_size=batch, lr=lr,
-                         optimizer=args.optimizer, seed=args.seed, val_fraction=args.auto_val_split,
-                         layers=args.auto_layers, engine="auto", progress=lambda t: info(args, t))
+    try:
+        result = auto_scheme(model, task.x_finetune, task.y_finetune, budget=budget,
+                             plan_fn=lambda s: plan_fn(s, batch), epochs=args.auto_epochs, batch_size=batch, lr=lr,
+                             optimizer=args.optimizer, seed=args.seed, val_fraction=args.auto_val_split,
+                             layers=args.auto_layers, ratios=args.auto_ratios, engine="auto",
+                             progress=lambda t: info(args, t))
+    except BudgetError as e:
+        raise BudgetError(f"{e} (at batch {batch})") from None
     c, choice = result.contributions, result.choice
     # Seconds go to stderr and --json only: the table on stdout is the same from run to run.
     info(args, f"analysis {c.seconds:.2f} s, search and verification {result.seconds - c.seconds:.2f} s")
