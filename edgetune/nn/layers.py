@@ -332,7 +332,7 @@ def _int_dtype(fan_in: int, kernel: str) -> type:
 
 def round_div(s: np.ndarray, n: int) -> np.ndarray:
     """Integer division of int32 sums by ``n`` rounded half away from zero (int8 average
-    pooling, as TFLM's): the same integers as et_int8_conv.c."""
+    pooling, as TFLM's): the same integers as et_int8.c."""
     s = np.asarray(s, np.int64)
     return np.where(s >= 0, (s + n // 2) // n, -((-s + n // 2) // n)).astype(np.int32)
 
