@@ -303,13 +303,15 @@ def int8_float_taps(bb: Backbone, x: np.ndarray, out: np.ndarray | None = None) 
     _need_int8(bb)
     widths = bb.tap_widths
     d = sum(widths)
-    if out is None:
-        out = np.empty((x.shape[0], d + bb.sizes[-1]), np.float32)
     if all(not s.spatial for s in bb.specs):
-        rows, logits = int8_forward_taps(bb, x)
+        rows, logits = int8_forward_taps(bb, x)  # before `out`: the pass's temporaries are freed by then
+        if out is None:
+            out = np.empty((x.shape[0], d + bb.sizes[-1]), np.float32)
         np.multiply(rows, tap_scales(bb), out=out[:, :d])
         out[:, d:] = logits
         return out
+    if out is None:
+        out = np.empty((x.shape[0], d + bb.sizes[-1]), np.float32)
     cols = dict(zip(bb.tap_layers, np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(int)))
     last = bb.n_layers - 1
     for b in _row_blocks(bb, x.shape[0]):
