@@ -165,34 +165,50 @@ static int32_t div_round(int32_t s, int32_t n) {
     return s >= 0 ? (s + n / 2) / n : -((-s + n / 2) / n);
 }
 
+/* The outputs o in [*lo, *hi] of one axis whose input o * stride - pad + k is inside [0, n);
+ * empty when *lo > *hi. */
+static void valid_range(int n, int out, int stride, int pad, int k, int *lo, int *hi) {
+    const int first = pad - k, last = n - 1 + pad - k; /* o * stride must lie in [first, last] */
+    *lo = first > 0 ? (first + stride - 1) / stride : 0;
+    *hi = last < 0 ? -1 : last / stride;
+    if (*hi > out - 1) *hi = out - 1;
+}
+
 void et_int8_conv_accumulate(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc,
                              const int8_t *residual, int ldr) {
+    /* acc starts at the bias; each weight then adds its products along a row of outputs
+     * (a loop without branches, over contiguous inputs at stride 1, that compilers vectorise) */
     const int cin_g = l->in_c / l->groups, cout_g = l->out_c / l->groups;
-    const int kh = l->kernel_h, kw = l->kernel_w, npos = l->out_h * l->out_w, out = et_layer_out(l);
+    const int kh = l->kernel_h, kw = l->kernel_w, sw = l->stride_w, npos = l->out_h * l->out_w;
+    const int out = et_layer_out(l);
     (void)residual, (void)ldr;
     for (int r = 0; r < rows; r++) {
         const int8_t *x = q + (size_t)r * ldq;
         int32_t *a = acc + (size_t)r * out;
         for (int o = 0; o < l->out_c; o++) {
-            const int g = o / cout_g;
+            int32_t *ao = a + (size_t)o * npos;
             const int8_t *w = l->qw + (size_t)o * cin_g * kh * kw;
-            for (int oy = 0; oy < l->out_h; oy++) {
-                for (int ox = 0; ox < l->out_w; ox++) {
-                    int32_t s = l->qbias[o];
-                    for (int ci = 0; ci < cin_g; ci++) {
-                        const int8_t *xc = x + (size_t)(g * cin_g + ci) * l->in_h * l->in_w;
-                        const int8_t *wc = w + (size_t)ci * kh * kw;
-                        for (int ky = 0; ky < kh; ky++) {
-                            const int iy = oy * l->stride_h - l->pad_h + ky;
-                            if (iy < 0 || iy >= l->in_h) continue;
-                            for (int kx = 0; kx < kw; kx++) {
-                                const int ix = ox * l->stride_w - l->pad_w + kx;
-                                if (ix < 0 || ix >= l->in_w) continue;
-                                s += (int32_t)xc[iy * l->in_w + ix] * (int32_t)wc[ky * kw + kx];
-                            }
+            const int g = o / cout_g;
+            for (int i = 0; i < npos; i++) ao[i] = l->qbias[o];
+            for (int ci = 0; ci < cin_g; ci++) {
+                const int8_t *xc = x + (size_t)(g * cin_g + ci) * l->in_h * l->in_w;
+                for (int ky = 0; ky < kh; ky++) {
+                    for (int oy = 0; oy < l->out_h; oy++) {
+                        const int iy = oy * l->stride_h - l->pad_h + ky;
+                        if (iy < 0 || iy >= l->in_h) continue; /* the padding reads 0 */
+                        const int8_t *xrow = xc + (size_t)iy * l->in_w;
+                        int32_t *arow = ao + (size_t)oy * l->out_w;
+                        for (int kx = 0; kx < kw; kx++) {
+                            const int32_t wv = w[((size_t)ci * kh + ky) * kw + kx];
+                            int lo, hi;
+                            valid_range(l->in_w, l->out_w, sw, l->pad_w, kx, &lo, &hi);
+                            const int off = kx - l->pad_w; /* input of output ox: ox * sw + off */
+                            if (sw == 1)
+                                for (int ox = lo; ox <= hi; ox++) arow[ox] += wv * (int32_t)xrow[ox + off];
+                            else
+                                for (int ox = lo; ox <= hi; ox++) arow[ox] += wv * (int32_t)xrow[ox * sw + off];
                         }
                     }
-                    a[(size_t)o * npos + oy * l->out_w + ox] = s;
                 }
             }
         }
