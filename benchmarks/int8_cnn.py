@@ -1,0 +1,89 @@
+"""int8 CNNs: the forward pass of the preset CNNs, float against int8, NumPy against C, in one run.
+
+    python -m benchmarks.int8_cnn --data-dir ../shared/data [--samples 500] [--repeats 5]
+
+For damage1-1d's and har-raw's preset CNN (`--arch cnn`; pre-trained for a few epochs on a
+subset: the timings do not depend on the weights' values), on `--samples` test windows,
+one BLAS thread:
+  float NumPy   Backbone.forward of the float model
+  int8 NumPy    Backbone.forward of the int8 model (edgetune.quant.int8)
+  int8 C        the compiled engine's int8 pass (edgetune.quant.native.native_forward_taps,
+                which also writes every layer's int8 input)
+with the ratios side by side, the bytes of both models' tensors, and whether the two int8
+passes agree bit for bit. Medians of interleaved repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from ._util import Table, emit, finish, median, set_blas_threads
+
+
+def run(data_dir: str, samples: int, repeats: int) -> dict:
+    import edgetune as et
+    from edgetune import core
+    from edgetune.quant import quantize
+    from edgetune.quant.int8 import int8_forward_taps
+
+    native = None
+    if core.available():
+        from edgetune.quant.native import native_forward_taps as native
+    table = Table("int8 forward pass of the preset CNNs (seconds per call, median)",
+                  [("task", "task"), ("samples", "samples"), ("float", "float NumPy"), ("int8", "int8 NumPy"),
+                   ("c", "int8 C"), ("int8_vs_float", "int8 NumPy / float"), ("c_vs_int8", "int8 C / int8 NumPy"),
+                   ("bytes", "bytes float -> int8"), ("identical", "C == NumPy")])
+    out: dict = {"tasks": {}}
+    from edgetune.data.fan import FAN_CNN
+    from edgetune.data.har import HAR_CNN
+
+    for name, arch in (("damage1-1d", FAN_CNN), ("har-raw", HAR_CNN)):
+        task = et.load_task(name, data_dir)
+        idx = np.random.default_rng(0).permutation(len(task.y_pretrain))[:500]
+        model, _ = et.pretrain(task.x_pretrain[idx], task.y_pretrain[idx], labels=task.labels, arch=arch, epochs=3,
+                               seed=0)
+        q = quantize(model, task.x_pretrain[idx])
+        x = model.prepare(task.x_test[:samples])
+        calls = {"float": lambda: model.forward(x), "int8": lambda: q.forward(x)}
+        if native is not None:
+            calls["c"] = lambda: native(q, x)
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for k in calls:
+            calls[k]()  # warm-up
+        for _ in range(repeats):
+            for k, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        t = {k: median(v) for k, v in times.items()}
+        identical = None
+        if native is not None:
+            rows, logits = int8_forward_taps(q, x)
+            rows_c, logits_c = native(q, x)
+            identical = bool(np.array_equal(rows, rows_c) and np.array_equal(logits, logits_c))
+        row = {"task": name, "samples": len(x), "float": t["float"], "int8": t["int8"], "c": t.get("c"),
+               "int8_vs_float": t["int8"] / t["float"], "c_vs_int8": t["c"] / t["int8"] if "c" in t else None,
+               "bytes": f"{model.nbytes} -> {q.nbytes}", "identical": identical}
+        table.add(**row)
+        out["tasks"][name] = row
+    emit(table.markdown())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    set_blas_threads(1)
+    results = run(args.data_dir, args.samples, args.repeats)
+    finish(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
