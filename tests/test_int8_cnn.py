@@ -120,6 +120,18 @@ def test_one_drawn_layer_numpy_equals_c(case):
     _both(q, x)
 
 
+def test_a_wide_convolution_multiplies_in_float64_exactly():
+    """fan_in * 128 * 127 >= 2**24: the default kernel multiplies in float64; still the integers."""
+    specs = [LayerSpec.conv((70, 20), 4, 15, activation="relu"), LayerSpec.gap((4, 6)), LayerSpec.dense(4, 3)]
+    bb, x = _backbone(specs, n=20)
+    q = quantize(bb, x)
+    _both(q, x)
+    q32 = q.copy()
+    q32.int8_kernel = "int32"
+    xp = q.prepare(x)
+    np.testing.assert_array_equal(int8_forward_taps(q32, xp)[0], int8_forward_taps(q, xp)[0])
+
+
 def test_kernel_longer_than_input_refused():
     with pytest.raises(UsageError, match="longer than the padded input"):
         LayerSpec.conv((2, 4), 3, 5)
