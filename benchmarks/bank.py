@@ -373,6 +373,56 @@ edgetune bank route    --bank runs/bank --model runs/fan-model --data x.npz --wi
 edgetune bank evaluate --bank runs/bank --model runs/fan-model --sequence fan-rooms --data-dir ../shared/data
 ```
 
+**On a device: `edgetune bank export`.** The bank becomes a C project (the targets and
+Makefile conventions of `edgetune export`, [docs/export.md](export.md): `host`,
+`aarch64-linux`, `cortex-m4`, `cortex-m7`, `riscv32`, `riscv32f`) holding the backbone, every
+domain's adapter and the detector's statistics as `const` arrays, with the compiled
+engine's own C sources. For each sample the program runs the engine's frozen forward pass
+(`et_skip_rows`: the skip-cache row), scores the domains with the same linear map as
+Python (w_m = P mu_m and c_m, float32), routes over the bank's window (`--window` to change
+it; `./bank --window W` on Linux), computes the novelty with a Cholesky factor U of the
+precision (U^T U = P, v_m = U mu_m) and the routed domain's threshold, applies the routed
+domain's adapter (skip adapters: `et_skip_apply` on the row, a mixed domain adds its
+adapters' weighted deltas; `lora-*`: `et_predict`, the forward pass again with the adapter) and
+prints one JSON line per sample (routed domain, novelty flag, prediction, logits and
+novelty as IEEE bits). `--run` builds and runs it here and checks every sample against
+`AdapterBank.route`, `predict` and `is_novel`: identical, logits within 1e-5 (host; 1e-4
+on the other targets) of the sample's largest logit (at least 1). Two domains whose scores
+agree within 1e-5 of the sample's largest score are a tie, counted apart: float32 sums in
+another order may pick either (NumPy itself can, for the same sample in another batch).
+Exported: every bank method on float32 backbones, MLP or convolutional (the engine's forward
+pass runs every layer kind; a bank on a CNN reads the skip taps, `Backbone.tap_widths`),
+detectors `mahalanobis` (the default), `diag`, `centroid`, `relative`; not `energy`, not int8
+backbones. The device stores each adapter's whole parameter vector (a skip adapter's A with
+its off-block zeros, the layout the engine reads), so a domain takes more bytes than
+`nbytes()` counts.
+
+```
+edgetune bank export --model runs/fan-model --bank runs/bank --sequence fan-rooms --data-dir ../shared/data \\
+                     --target host --out runs/bank-host --run --json -
+edgetune bank export --model runs/fan-model --bank runs/bank --sequence fan-rooms --data-dir ../shared/data \\
+                     --target cortex-m7 --out runs/bank-m7 --max-samples 150 --run
+make -C runs/bank-m7 size
+```
+
+The fan-rooms bank (`bank learn` as above for 12cm-silentA, 12cm-silentB, 12cm-noisy and
+14cm-silentA, in that order), on the
+test halves of its four domains and of the unseen 8 cm fan: on `host` (3000 samples), the
+routed domain equal for 2999 and one tie,
+predictions and novelty flags equal for all 3000, logits within 6e-7 of the largest logit;
+routing accuracy over the 2400 samples of known domains 0.8337 (Python 0.8342: the tie
+went the other way). On `cortex-m7` under QEMU (`--max-samples 150`: 150 samples of each of
+the five, 750, so that they fit the 2 MB flash beside the bank): every routed domain,
+prediction and novelty flag equal, routing accuracy 0.8267 in both. `make size`: flash
+1939644 bytes, RAM 20204. Of the flash, the linked-in samples are 1536000 bytes, the
+backbone 235792, the shared novelty factor 74120, and each domain 14680 (its adapter's 2124
+parameters 8496 bytes; four class components of 192 routing and 192 novelty numbers, their
+offsets and owners, and its threshold, 6184), as `bank export` prints them.
+
+`edgetune bank route` reads the bank and leaves it unchanged; with `--save-counts` it adds
+the samples routed to each domain to the bank's usage counts (what `fit_budget(...,
+strategy="drop")` removes first: the least used) and saves the bank atomically.
+
 **Files.** A bank is a directory: one sub-folder per learned domain holding
 `adapter_model.safetensors` + `adapter_config.json` (PEFT's multi-adapter layout; a
 `lora-all`/`lora-last` bank writes PEFT's own file format there, so PEFT loads each

@@ -106,7 +106,9 @@ class AdapterBank:
     for every domain. ``detector`` and ``features`` choose the domain detector (see the
     module docstring; ``features``: ``input`` = normalised inputs, ``hidden`` = every
     hidden layer's output, ``last`` = the last hidden layer's output, ``taps`` = the
-    whole skip-cache row). ``window`` is the default routing window (1 = per sample).
+    whole skip-cache row; on a convolutional backbone the skip taps, ``Backbone.tap_widths``:
+    the inputs of the layers with weights, pooled per channel where spatial). ``window`` is
+    the default routing window (1 = per sample). ``lora-*`` banks need an MLP backbone.
     """
 
     def __init__(self, backbone: Backbone, method: str = "skip2-lora", *, detector: str = "mahalanobis",
@@ -119,8 +121,11 @@ class AdapterBank:
             raise UsageError(f"unknown detector {detector!r}: use one of {', '.join(DETECTORS)}")
         if features not in FEATURES:
             raise UsageError(f"unknown features {features!r}: use one of {', '.join(FEATURES)}")
-        if backbone.n_layers < 2 and features in ("hidden", "last"):
-            raise UsageError(f"features={features!r} needs a hidden layer; this backbone has one layer")
+        if len(backbone.tap_layers) < 2 and features in ("hidden", "last"):
+            raise UsageError(f"features={features!r} needs a hidden layer; this backbone has one layer with weights")
+        if method not in SKIP_METHODS and any(spec.kind != "dense" for spec in backbone.specs):
+            raise UsageError(f"a {method} bank needs an MLP backbone (dense layers); on this one use a skip "
+                             f"method ({', '.join(SKIP_METHODS)})")
         if components not in COMPONENTS:
             raise UsageError(f"components must be one of {', '.join(COMPONENTS)}, got {components!r}")
         _check_window(window)
@@ -146,8 +151,9 @@ class AdapterBank:
 
     @property
     def n_features(self) -> int:
-        s = self.backbone.sizes
-        return {"input": s[0], "hidden": sum(s[1:-1]), "last": s[-2], "taps": sum(s[:-1]) + s[-1]}[self.features]
+        t = self.backbone.tap_widths  # an MLP's: its layers' input widths
+        return {"input": t[0], "hidden": sum(t[1:]), "last": t[-1],
+                "taps": sum(t) + self.backbone.sizes[-1]}[self.features]
 
     def __repr__(self) -> str:
         return (f"AdapterBank(method='{self.method}', detector='{self.detector}', features='{self.features}', "
@@ -159,9 +165,9 @@ class AdapterBank:
         return self.backbone.forward_taps(self.backbone.prepare(x, what))
 
     def _features(self, rows: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-        s = self.backbone.sizes
-        d_in = sum(s[:-1])
-        cols = {"input": slice(0, s[0]), "hidden": slice(s[0], d_in), "last": slice(d_in - s[-2], d_in),
+        t = self.backbone.tap_widths
+        d_in = sum(t)
+        cols = {"input": slice(0, t[0]), "hidden": slice(t[0], d_in), "last": slice(d_in - t[-1], d_in),
                 "taps": slice(0, rows.shape[1])}[self.features]
         return rows[:, cols].astype(dtype)
 
@@ -432,13 +438,12 @@ class AdapterBank:
             return sum(w * self._delta(rows, self.domains_[n]) for n, w in entry.mix.items())
         t = entry.tuner.method.adapter_tensors()
         scale = entry.tuner.method.options.scale
-        sizes = self.backbone.sizes
-        out = np.zeros((rows.shape[0], sizes[-1]), np.float64)
+        out = np.zeros((rows.shape[0], self.backbone.sizes[-1]), np.float64)
         col = 0
-        for k in range(self.backbone.n_layers):
-            h = rows[:, col:col + sizes[k]]
+        for k, width in zip(self.backbone.tap_layers, self.backbone.tap_widths):
+            h = rows[:, col:col + width]
             out += (h @ t[f"skip.{k}.lora_A"].T) @ t[f"skip.{k}.lora_B"].T
-            col += sizes[k]
+            col += width
         out *= scale
         if "head.bias_delta" in t:
             out += t["head.bias_delta"]

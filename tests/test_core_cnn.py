@@ -228,16 +228,21 @@ def test_the_layer_wise_batch_gradient_equals_numpy_on_a_cnn(method):
 
 
 # ----------------------------------------------------------------------------- what runs where
-def test_the_sparse_method_on_a_cnn_stays_on_numpy_and_says_why():
+def test_the_sparse_method_on_a_cnn_runs_in_c():
+    """One case here so that it also runs against the sanitizer build (tests/test_core_native.py);
+    the schemes, kinds and optimizers are in tests/test_core_sparse_cnn.py."""
     arch, shape = ARCHS["1d-residual"]
     bb = _backbone(arch, shape)
-    x, y = _task(shape, n=20)
-    m = make_method("sparse", bb)
-    assert resolve_engine("auto", m) == "numpy"
-    with pytest.raises(UsageError, match="runs sparse on MLPs only.*add, conv1d, gap, maxpool1d layers"):
-        resolve_engine("c", m)
-    t = et.FineTuner(bb, "sparse", epochs=1, batch_size=7).fit(x, y)
-    assert t.history_.engine == "numpy"
+    x, y = _task(shape)
+    scheme = "b2,w0:1/4,w1:1/2"  # below the residual add, a depthwise convolution
+    assert resolve_engine("auto", make_method("sparse", bb, scheme=scheme)) == "c"
+    kw = dict(scheme=scheme, optimizer="adam", lr=0.01)
+    a = et.FineTuner(bb, "sparse", engine="numpy", epochs=3, batch_size=7, seed=3, **kw).fit(x, y)
+    b = et.FineTuner(bb, "sparse", engine="c", epochs=3, batch_size=7, seed=3, **kw).fit(x, y)
+    assert b.history_.engine == "c"
+    np.testing.assert_allclose(_losses(b), _losses(a), rtol=1e-5)
+    np.testing.assert_array_equal(a.predict(x), b.predict(x))
+    np.testing.assert_allclose(b.method.params.flat, a.method.params.flat, rtol=1e-4, atol=1e-6)
 
 
 def test_a_float64_cnn_stays_on_numpy():
@@ -355,17 +360,18 @@ def test_the_binding_checks_values_before_c():
     np.testing.assert_array_equal(CoreModel(make_method("skip-lora", bb), 4).predict(bb.prepare(x)), want)
 
 
-def test_export_refuses_a_cnn_by_name(tmp_path):
-    """The device program stores and normalises flat MLP inputs: a CNN is refused before anything is written."""
+def test_export_plans_a_cnn_with_every_method(tmp_path):
+    """The device program runs a CNN with every method of the compiled engine
+    (tests/test_export_cnn.py builds and runs them)."""
     from edgetune.export.project import ExportOptions, plan_export
 
     arch, shape = ARCHS["1d-residual"]
     bb = _backbone(arch, shape)
     bb.save(tmp_path / "m")
-    with pytest.raises(UsageError, match="writes MLP backbones.*add, conv1d, gap, maxpool1d layers"):
-        plan_export(ExportOptions(model=str(tmp_path / "m"), method="skip2-lora", target="host",
-                                  out=str(tmp_path / "p")))
-    assert not (tmp_path / "p").exists()
+    opts = {"model": str(tmp_path / "m"), "target": "host", "out": str(tmp_path / "p"), "toolchain_check": False}
+    assert plan_export(ExportOptions(method="skip2-lora", **opts))["plan"].workspace > 0
+    assert plan_export(ExportOptions(method="sparse", **opts))["plan"].workspace > 0
+    assert not (tmp_path / "p").exists()  # planning writes nothing
 
 
 def test_the_binding_checks_a_layer_wise_description_on_a_cnn():

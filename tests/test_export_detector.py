@@ -37,7 +37,8 @@ def _run(target: str, det, stream, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = [json.loads(x) for x in r.stdout.strip().splitlines() if x.startswith("{")]
     if t.kind == "mcu":  # the linker's RAM (data + bss + stack) is within the plan
-        size = subprocess.run(["arm-none-eabi-size", "-A", "-d", str(out / "detect.elf")], capture_output=True,
+        tool = "riscv64-unknown-elf-size" if t.libc == "picolibc" else "arm-none-eabi-size"
+        size = subprocess.run([tool, "-A", "-d", str(out / "detect.elf")], capture_output=True,
                               text=True, timeout=60).stdout
         sec = {ln.split()[0]: int(ln.split()[1]) for ln in size.splitlines() if ln.startswith(".")}
         ram = sec.get(".data", 0) + sec.get(".bss", 0) + sec.get(".stack", 0)
@@ -52,7 +53,7 @@ def _reference(det, stream):
     return scores_c, learned_c
 
 
-@pytest.mark.parametrize("target", ["host", "aarch64-linux", "cortex-m4", "cortex-m7"])
+@pytest.mark.parametrize("target", ["host", "aarch64-linux", "cortex-m4", "cortex-m7", "riscv32", "riscv32f"])
 def test_exported_detector_equals_python(target, detector_and_stream, tmp_path):
     det, stream = detector_and_stream
     manifest, rows, summary = _run(target, det, stream, tmp_path)
@@ -89,8 +90,6 @@ def test_export_refuses_what_it_cannot_do(detector_and_stream, tmp_path):
         export_detector(det, "host", tmp_path / "a", stream[:, :5])
     with pytest.raises(UsageError, match="unknown target"):
         export_detector(det, "z80", tmp_path / "b", stream)
-    with pytest.raises(UsageError, match="not yet to riscv32"):
-        export_detector(det, "riscv32", tmp_path / "b", stream)
     from edgetune.errors import BudgetError
     big = AnomalyDetector(n_hidden=512).fit(np.random.default_rng(0).normal(size=(40, 512)))
     with pytest.raises(BudgetError, match="RAM"):

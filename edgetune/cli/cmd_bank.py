@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from ..errors import DataError, UsageError
 from ._common import add_json_arg, check_outputs, info, non_negative_int, positive_float, positive_int, print_table, write_json
 
 NAME = "bank"
-HELP = "a bank of per-domain adapters: learn, list, route, evaluate"
+HELP = "a bank of per-domain adapters: learn, list, route, evaluate, export"
 DESCRIPTION = """An adapter bank keeps one small adapter per domain (a room, a fan, a person) on one
 frozen backbone. Learning a domain never changes the others; a detector on the frozen
 features routes each sample to the adapter of the domain it looks like, and says how unlike
@@ -24,7 +25,10 @@ examples:
   edgetune bank learn --model runs/m --bank runs/bank --domain kitchen --data kitchen.npz
   edgetune bank list --model runs/m --bank runs/bank
   edgetune bank route --model runs/m --bank runs/bank --data x.npz --window 10 --json -
-  edgetune bank evaluate --model runs/m --bank runs/bank --sequence fan-rooms --data-dir ../shared/data"""
+  edgetune bank route --model runs/m --bank runs/bank --data x.npz --save-counts
+  edgetune bank evaluate --model runs/m --bank runs/bank --sequence fan-rooms --data-dir ../shared/data
+  edgetune bank export --model runs/m --bank runs/bank --target host --out runs/bank-c \\
+      --sequence fan-rooms --data-dir ../shared/data --run"""
 ORDER = 45
 
 
@@ -79,6 +83,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _data_args(ro)
     ro.add_argument("--window", type=positive_int, help="route over this many recent samples (default: the bank's)")
     ro.add_argument("--split", choices=["train", "test"], default="test", help="with --sequence: which half")
+    ro.add_argument("--save-counts", action="store_true",
+                    help="add the samples routed to each domain to the bank's usage counts and save the bank "
+                         "(atomically); the 'drop' budget strategy removes the least used domain. Without it "
+                         "the bank is only read")
+
+    ex = sub.add_parser("export", help="write a C project that routes samples and applies the adapters on a device",
+                        description="Write DIR: a C project holding the backbone, every domain's skip adapter and "
+                                    "the detector's statistics, with the compiled engine's own C sources. For each "
+                                    "sample it computes the frozen features, routes the sample to a domain, applies "
+                                    "that domain's adapter and prints the domain, the novelty flag and the "
+                                    "prediction. Targets as 'edgetune export' (host, aarch64-linux, cortex-m4, "
+                                    "cortex-m7, riscv32, riscv32f); the samples (--data or --sequence) go into "
+                                    "samples.bin (Linux) or the firmware (microcontrollers). With --run it builds "
+                                    "and runs the program here and checks every sample against the bank in Python. "
+                                    "Every bank method, float32 backbones (MLP or convolutional), the distance "
+                                    "detectors (not energy). See docs/bank.md.")
+    _common(ex)
+    _data_args(ex)
+    ex.add_argument("--split", choices=["train", "test"], default="test", help="with --sequence: which half")
+    ex.add_argument("--target", required=True, help="host, aarch64-linux, cortex-m4, cortex-m7, riscv32, riscv32f")
+    ex.add_argument("--out", required=True, metavar="DIR", help="the project directory to write")
+    ex.add_argument("--max-samples", type=positive_int, metavar="N",
+                    help="at most N samples of each data source, evenly spaced (a microcontroller's flash)")
+    ex.add_argument("--window", type=positive_int, help="the program's routing window (default: the bank's)")
+    ex.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    ex.add_argument("--run", action="store_true",
+                    help="build and run the program here, and check it against the bank (exit 1 if they differ)")
+    ex.add_argument("--no-toolchain-check", dest="toolchain_check", action="store_false",
+                    help="write the project even if the target's compiler is not installed here")
 
     ev = sub.add_parser("evaluate", help="accuracy with routing, with the domain told, and routing accuracy",
                         description="With --data: accuracy routed (and with --domain, told that domain). "
@@ -93,8 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     action = getattr(args, "action", None)
     if action is None:
-        raise UsageError("choose an action: edgetune bank {learn,list,route,evaluate} (see edgetune bank --help)")
-    return {"learn": _learn, "list": _list, "route": _route, "evaluate": _evaluate}[action](args)
+        raise UsageError("choose an action: edgetune bank {learn,list,route,evaluate,export} (see edgetune bank --help)")
+    return {"learn": _learn, "list": _list, "route": _route, "evaluate": _evaluate, "export": _export}[action](args)
 
 
 # ------------------------------------------------------------------------ shared by the actions
@@ -219,8 +252,12 @@ def _route(args: argparse.Namespace) -> int:
     for n, c in counts.items():
         print(f"{n:24s} {c:6d} samples")
     print(f"{'novel':24s} {int(novel.sum()):6d} samples (beyond the routed domain's threshold)")
+    if args.save_counts:
+        bank.save(args.bank)
+        info(args, f"usage counts saved in {args.bank}")
     write_json(args.json, {"counts": counts, "novel": int(novel.sum()), "domains": routed.tolist(),
-                           "novelty": novelty.tolist(), "is_novel": novel.tolist()})
+                           "novelty": novelty.tolist(), "is_novel": novel.tolist(),
+                           "used": {n: e.used for n, e in bank.domains_.items()}, "saved": bool(args.save_counts)})
     return 0
 
 
@@ -243,4 +280,62 @@ def _evaluate(args: argparse.Namespace) -> int:
                        ("accuracy_routed", "acc. routed"), ("accuracy_told", "acc. told"),
                        ("routing_accuracy", "routing acc."), ("flagged_novel", "flagged novel")])
     write_json(args.json, {"bank": args.bank, "window": args.window or bank.window, "domains": rows})
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..export.bank import BankExportOptions, check_bank_export, export_bank, make_size, run_bank_export
+    from ..export.targets import get_target
+
+    _check_outputs(args)
+    target = get_target(args.target)
+    bank = _load_bank(args, _backbone(args))
+    parts, truth = [], []
+    for domain, x, _ in _sources(args, split=args.split, need_y=False, every_domain=True):
+        x = np.asarray(x)
+        if args.max_samples and len(x) > args.max_samples:
+            x = x[np.unique(np.round(np.linspace(0, len(x) - 1, args.max_samples)).astype(int))]
+        parts.append(x)
+        truth += [domain] * len(x)
+    x = np.concatenate(parts)
+    inputs = {"--model": args.model, "--bank": args.bank, "--data": args.data, "--data-dir": args.data_dir}
+    manifest = export_bank(bank, BankExportOptions(target=target.name, out=args.out, window=args.window,
+                                                   force=args.force, toolchain_check=args.toolchain_check),
+                           x, inputs)
+    b = manifest["bytes"]
+    print(f"wrote {args.out}: {len(bank.domains)} domains, {len(x)} samples, {target.name}; data bytes: backbone "
+          f"{b['backbone']}, detector shared {b['detector_shared']}, per domain "
+          + ", ".join(f"{n} {v['total']}" for n, v in b["per_domain"].items()))
+    result: dict[str, Any] = {"out": args.out, **manifest}
+    if args.run:
+        info(args, f"building and running {args.out} ...")
+        report = check_bank_export(bank, x, run_bank_export(args.out), target=target.name)
+        known = np.array([t in bank.domains for t in truth])
+        if known.any():
+            routed = np.array(bank.domains, dtype=object)[[r for r in report.pop("routed_index")]]
+            true = np.array(truth, dtype=object)[known]
+            report["routing_accuracy"] = float(np.mean(routed[known] == true))
+            python = np.array(bank.domains, dtype=object)[bank.copy().route_index(x, window=report["window"])]
+            report["routing_accuracy_python"] = float(np.mean(python[known] == true))
+        else:
+            report.pop("routed_index")
+        if target.kind == "mcu":
+            report["make_size"] = make_size(args.out)
+        n = report["samples"]
+        print(f"the program on {target.name}: routed domain equal for {report['routing_equal']}/{n} samples "
+              f"({report['routing_ties']} ties), prediction {report['prediction_equal']}/{n}, novelty flag "
+              f"{report['novelty_flag_equal']}/{n} ({report['novelty_flag_ties']} ties), "
+              f"largest logit difference {report['max_logit_difference']:.3g} ({report['max_logit_difference_scaled']:.3g} "
+              f"of the largest logit; tolerance {report['tolerance']:g})"
+              + (f"; routing accuracy {report['routing_accuracy']:.4f} (in Python "
+                 f"{report['routing_accuracy_python']:.4f})" if "routing_accuracy" in report else "")
+              + (f"; make size: flash {report['make_size'].get('flash')} bytes, RAM {report['make_size'].get('ram')}"
+                 if "make_size" in report else ""))
+        result["check"] = report
+        write_json(args.json, result)
+        if not report["ok"]:
+            print("the exported program disagrees with the bank in Python", file=sys.stderr)
+            return 1
+        return 0
+    write_json(args.json, result)
     return 0

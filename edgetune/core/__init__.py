@@ -104,7 +104,8 @@ class ModelDesc(ctypes.Structure):
                 ("momentum", ctypes.c_double), ("weight_decay", ctypes.c_double), ("beta1", ctypes.c_double),
                 ("beta2", ctypes.c_double), ("eps", ctypes.c_double), ("batch", _i32), ("cache_kind", _i32),
                 ("cache_capacity", _i32), ("col_scales", _f32p), ("max_samples", _i32), ("store_samples", _i32),
-                ("input_mean", _f32p), ("input_std", _f32p), ("n_tensors", _i32), ("tensors", ctypes.c_void_p)]
+                ("input_mean", _f32p), ("input_std", _f32p), ("norm_channels", _i32), ("n_tensors", _i32),
+                ("tensors", ctypes.c_void_p)]
 
 
 class ConvDims(ctypes.Structure):
@@ -161,6 +162,10 @@ def _declare(lib: Any) -> None:
     lib.et_batch_gradient.restype = i32
     lib.et_predict.argtypes = [P(Backbone), P(Method), vp, vp, i32, i32, vp, vp, sz]
     lib.et_predict.restype = i32
+    lib.et_skip_rows.argtypes = [P(Backbone), P(Method), vp, i32, i32, vp, vp, sz]
+    lib.et_skip_rows.restype = i32
+    lib.et_skip_apply.argtypes = [P(Backbone), P(Method), vp, vp, i32, i32, vp, vp, sz]
+    lib.et_skip_apply.restype = i32
     lib.et_int8_forward_taps.argtypes = [P(Backbone), vp, i32, vp, vp, vp, sz]
     lib.et_int8_forward_taps.restype = i32
     lib.et_int8_workspace_size.argtypes = [P(Backbone), i32]

@@ -72,8 +72,8 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
     if np.dtype(bb.dtype) != np.float32:
         return f"the compiled engine computes in float32 (this backbone is {bb.dtype})"
     if not bb.is_plain_mlp():
-        # any chain of layers runs the skip and layer-wise methods; the sparse method needs an MLP
-        if _core_kind(method) not in ("skip", "layerwise"):
+        # any chain of layers runs the skip, layer-wise and sparse methods (float32)
+        if _core_kind(method) not in ("skip", "layerwise", "sparse"):
             kinds = sorted({s.kind for s in bb.specs} - {"dense"})
             why = f"{', '.join(kinds)} layers" if kinds else "an activation per layer"
             return (f"the compiled engine runs {method.name} on MLPs only (dense layers, one activation "
@@ -88,7 +88,10 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
     if getattr(method, "takes_scheme", False):
         if method.first >= bb.n_layers:
             return "the sparse scheme trains nothing"
-        if bb.activation.name not in ("relu", "identity"):
+        # dense layers only run the pruned MLP path (as in NumPy), which passes gradients back
+        # through ReLU and identity; any other chain of layers runs every activation
+        if all(s.kind == "dense" for s in bb.specs) and any(s.activation not in ("relu", "identity")
+                                                            for s in bb.specs[:-1]):
             return "sparse update supports ReLU and identity activations"
     if optimizer is not None and optimizer not in ("sgd", "momentum", "adam"):
         return f"optimizer {optimizer} has no compiled implementation"
@@ -245,8 +248,6 @@ class CoreModel:
         s.n_params = self.params.size
         if not 0 <= s.first < n:
             raise UsageError(f"first trained layer {s.first} is outside 0..{n - 1}")
-        if spec.kind == "sparse" and not method.backbone.is_plain_mlp():
-            raise UsageError("the compiled engine runs the sparse method on MLPs only")
         for k in range(MAX_LAYERS):
             s.off_weight[k] = s.off_bias[k] = s.off_lora_a[k] = s.off_lora_b[k] = -1
         s.off_bias_delta = self._offset(spec.bias_delta, (sizes[-1],), "head.bias_delta")
@@ -283,16 +284,21 @@ class CoreModel:
                                            for k in range(n)):
                 raise UsageError("skip adapters need every layer's weight (dense: transposed)")
         else:
-            for k in range(n):
+            for k, lspec in enumerate(method.backbone.specs):
                 rows = int(spec.rows[k])
-                if not 0 <= rows <= sizes[k + 1]:
-                    raise UsageError(f"layer {k}: {rows} trained rows of {sizes[k + 1]}")
+                if not lspec.has_params:
+                    if rows or spec.weight[k] >= 0 or spec.bias[k] >= 0:
+                        raise UsageError(f"layer {k} ({lspec.kind}) has no weights to train")
+                    continue
+                if not 0 <= rows <= lspec.out_channels:
+                    raise UsageError(f"layer {k}: {rows} trained rows of {lspec.out_channels}")
                 if rows and k < s.first:
                     raise UsageError(f"layer {k} trains rows but comes before the first trained layer")
                 s.rows[k] = rows
-                s.off_weight[k] = self._offset(spec.weight[k], (rows, sizes[k]), f"layer {k} weight") \
+                # the first `rows` output channels, each as stored: (in,) dense, (in/groups, *kernel) conv
+                s.off_weight[k] = self._offset(spec.weight[k], (rows, *lspec.weight_shape[1:]), f"layer {k} weight") \
                     if rows else -1
-                s.off_bias[k] = self._offset(spec.bias[k], (sizes[k + 1],), f"layer {k} bias")
+                s.off_bias[k] = self._offset(spec.bias[k], lspec.bias_shape, f"layer {k} bias")
                 if rows and s.off_weight[k] < 0:
                     raise UsageError(f"layer {k}: trained rows without a weight tensor")
                 if self.bb.is_int8:

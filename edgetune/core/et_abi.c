@@ -51,7 +51,8 @@ static const field MODEL_DESC[] = {
     F(et_model_desc, beta1), F(et_model_desc, beta2), F(et_model_desc, eps), F(et_model_desc, batch),
     F(et_model_desc, cache_kind), F(et_model_desc, cache_capacity), F(et_model_desc, col_scales),
     F(et_model_desc, max_samples), F(et_model_desc, store_samples), F(et_model_desc, input_mean),
-    F(et_model_desc, input_std), F(et_model_desc, n_tensors), F(et_model_desc, tensors)};
+    F(et_model_desc, input_std), F(et_model_desc, norm_channels), F(et_model_desc, n_tensors),
+    F(et_model_desc, tensors)};
 static const field CONV_DIMS[] = {
     F(et_conv_dims, in_c), F(et_conv_dims, in_h), F(et_conv_dims, in_w), F(et_conv_dims, out_c),
     F(et_conv_dims, out_h), F(et_conv_dims, out_w), F(et_conv_dims, kernel_h), F(et_conv_dims, kernel_w),

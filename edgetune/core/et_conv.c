@@ -224,11 +224,13 @@ ET_CONV_HOT static void depthwise_input_grad(const et_conv_dims *d, const float 
     }
 }
 
-/* One sample: dw (out_c, 1, kh, kw) += sum over positions of g (out_c, S) times the input seen. */
-ET_CONV_HOT static void depthwise_weight_grad(const et_conv_dims *d, const float *x, const float *g, float *dw) {
+/* One sample: dw (out_rows, 1, kh, kw) += sum over positions of g (out_c, S) times the input
+ * seen, for the first out_rows output channels. */
+ET_CONV_HOT static void depthwise_weight_grad(const et_conv_dims *d, const float *x, const float *g, float *dw,
+                                              int out_rows) {
     const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, kh = d->kernel_h, kw = d->kernel_w;
     const int sh = d->stride_h, sw = d->stride_w, m = d->out_c / d->groups;
-    for (int o = 0; o < d->out_c; o++) {
+    for (int o = 0; o < out_rows; o++) {
         const float *xc = x + (size_t)(o / m) * H * W, *go = g + (size_t)o * OH * OW;
         float *dwo = dw + (size_t)o * kh * kw;
         for (int i = 0; i < kh; i++) {
@@ -331,31 +333,37 @@ void et_conv_input_grad(const et_conv_dims *d, int count, const float *g, const 
 
 void et_conv_weight_grad(const et_conv_dims *d, int count, const float *x, const float *g, float *dw,
                          int accumulate, float *scratch) {
+    et_conv_weight_grad_rows(d, count, x, g, d->out_c, dw, accumulate, scratch);
+}
+
+void et_conv_weight_grad_rows(const et_conv_dims *d, int count, const float *x, const float *g, int out_rows,
+                              float *dw, int accumulate, float *scratch) {
     const int G = d->groups, cg = d->in_c / G, og = d->out_c / G;
     const int S = (int)out_positions(d), K = cg * taps(d);
     const size_t HW = (size_t)d->in_h * d->in_w;
-    if (!accumulate) memset(dw, 0, (size_t)d->out_c * K * sizeof(float));
+    if (!accumulate) memset(dw, 0, (size_t)out_rows * K * sizeof(float));
     if (is_depthwise(d)) {
         for (int n = 0; n < count; n++)
-            depthwise_weight_grad(d, x + (size_t)n * in_size(d), g + (size_t)n * out_size(d), dw);
+            depthwise_weight_grad(d, x + (size_t)n * in_size(d), g + (size_t)n * out_size(d), dw, out_rows);
         return;
     }
     float *cols = scratch, *pack = cols + (is_pointwise(d) ? 0 : (size_t)K * S), *sum = pack + (size_t)og * S;
-    for (int gr = 0; gr < G; gr++) {
-        memset(sum, 0, (size_t)K * og * sizeof(float));
+    for (int gr = 0; gr * og < out_rows; gr++) { /* the groups that hold a trained channel */
+        const int on = out_rows - gr * og < og ? out_rows - gr * og : og; /* their first `on` channels */
+        memset(sum, 0, (size_t)K * on * sizeof(float));
         for (int n = 0; n < count; n++) {
             const float *xg = x + (size_t)n * in_size(d) + (size_t)gr * cg * HW;
             const float *gg = g + (size_t)n * out_size(d) + (size_t)gr * og * S;
             if (is_pointwise(d)) {
-                et_gemm_nt(K, og, S, xg, S, gg, S, sum, og, 1, pack); /* the input is cols */
+                et_gemm_nt(K, on, S, xg, S, gg, S, sum, on, 1, pack); /* the input is cols */
             } else {
                 im2col(d, xg, cg, cols);
-                et_gemm_nt(K, og, S, cols, S, gg, S, sum, og, 1, pack);
+                et_gemm_nt(K, on, S, cols, S, gg, S, sum, on, 1, pack);
             }
         }
         float *dwg = dw + (size_t)gr * og * K;
-        for (int o = 0; o < og; o++)
-            for (int k = 0; k < K; k++) dwg[(size_t)o * K + k] += sum[(size_t)k * og + o];
+        for (int o = 0; o < on; o++)
+            for (int k = 0; k < K; k++) dwg[(size_t)o * K + k] += sum[(size_t)k * on + o];
     }
 }
 

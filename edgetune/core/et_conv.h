@@ -79,6 +79,13 @@ void et_conv_input_grad(const et_conv_dims *d, int count, const float *g, const 
  */
 void et_conv_weight_grad(const et_conv_dims *d, int count, const float *x, const float *g, float *dw,
                          int accumulate, float *scratch);
+/*
+ * The same for the first out_rows (1..out_c) output channels only: dw (out_rows * WEIGHT / out_c),
+ * the leading rows of the full gradient, computed without the others (the sparse update trains
+ * a layer's first channels). Scratch: at most et_conv_weight_grad_scratch_bytes.
+ */
+void et_conv_weight_grad_rows(const et_conv_dims *d, int count, const float *x, const float *g, int out_rows,
+                              float *dw, int accumulate, float *scratch);
 /* db (out_c) [+]= g (count, OUT) summed over the rows and positions of each channel. */
 void et_conv_bias_grad(const et_conv_dims *d, int count, const float *g, float *db, int accumulate);
 

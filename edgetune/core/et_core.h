@@ -231,6 +231,20 @@ int32_t et_batch_gradient(const et_backbone *bb, const et_method *m, const float
 int32_t et_predict(const et_backbone *bb, const et_method *m, const float *params, const float *x,
                    int32_t count, int32_t batch, float *logits, void *workspace, size_t workspace_bytes);
 
+/*
+ * Skip methods (m->kind == ET_SKIP), the two halves of et_predict for a caller that reads the
+ * frozen features between them (an adapter bank routes each sample on them):
+ * et_skip_rows writes the skip-cache rows [t_1 | ... | t_n | z] (count, et_skip_d_in(bb) + out)
+ * of count prepared inputs x (count, et_width(bb, 0)), the frozen forward pass only (no
+ * parameter is read); et_skip_apply writes the logits (count, out) of the adapters in params
+ * (m->n_params) on such rows. Both take `batch` rows at a time and the workspace
+ * et_workspace_size(bb, m, NULL, batch) asks for.
+ */
+int32_t et_skip_rows(const et_backbone *bb, const et_method *m, const float *x, int32_t count, int32_t batch,
+                     float *rows, void *workspace, size_t workspace_bytes);
+int32_t et_skip_apply(const et_backbone *bb, const et_method *m, const float *params, const float *rows,
+                      int32_t count, int32_t batch, float *logits, void *workspace, size_t workspace_bytes);
+
 /* The int8 backbone's forward pass (any layer kinds, et_int8.h): every layer's int8 input side
  * by side, taps (count, sum of the layers' input widths), and float logits (count, out). */
 int32_t et_int8_forward_taps(const et_backbone *bb, const float *x, int32_t count, int8_t *taps,

@@ -89,6 +89,9 @@ size_t et_device_arena_breakdown(const et_model_desc *md, int32_t pointer_bytes,
     if (md->cache_capacity < 0 || md->cache_capacity > md->max_samples) return 0;
     if (md->optimizer < ET_SGD || md->optimizer > ET_ADAM) return 0;
     if (md->cache_kind < ET_CACHE_NONE || md->cache_kind > ET_CACHE_INT8) return 0;
+    if ((md->input_mean || md->input_std) &&
+        (md->norm_channels < 1 || et_width(md->backbone, 0) % md->norm_channels != 0))
+        return 0;
     const size_t ws = workspace_bytes(md, pointer_bytes); /* 0: the backbone or method is refused */
     if (ws == 0) return 0;
     const size_t total = layout(NULL, md, NULL, bytes) + ws + ALIGN;
@@ -146,10 +149,12 @@ int32_t et_device_init(et_device *d, const et_model_desc *md, void *arena, size_
 
 void et_device_normalize(const et_device *d, const float *raw, float *out) {
     const et_model_desc *md = d->model;
-    for (int32_t i = 0; i < et_width(md->backbone, 0); i++) {
+    const int32_t width = et_width(md->backbone, 0);
+    const int32_t span = md->norm_channels > 0 ? width / md->norm_channels : width; /* features per value */
+    for (int32_t i = 0; i < width; i++) {
         float v = raw[i];
-        if (md->input_mean) v -= md->input_mean[i];
-        if (md->input_std) v /= md->input_std[i];
+        if (md->input_mean) v -= md->input_mean[i / span];
+        if (md->input_std) v /= md->input_std[i / span];
         out[i] = v;
     }
 }

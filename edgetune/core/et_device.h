@@ -41,7 +41,11 @@ typedef struct et_model_desc {
     const float *col_scales;           /* int8 cache: (d_in) */
     int32_t max_samples;               /* samples the device trains on at most */
     int32_t store_samples;             /* 1: the arena keeps the samples; 0: they are given in place */
-    const float *input_mean, *input_std; /* (et_width(backbone, 0)) raw -> normalised input, or NULL */
+    const float *input_mean, *input_std; /* (norm_channels) raw -> normalised input, or NULL */
+    int32_t norm_channels;             /* values in input_mean/std: et_width(backbone, 0), one per input
+                                          feature (an MLP), or the input's channels, each applied to its
+                                          et_width(backbone, 0) / norm_channels consecutive features (a CNN's
+                                          channels-first rows) */
     int32_t n_tensors;
     const et_adapter_tensor *tensors;
 } et_model_desc;
@@ -84,7 +88,8 @@ int32_t et_device_add_sample(et_device *d, const float *raw, int32_t label);
 /* Train on n samples kept elsewhere: x (n, et_width(backbone, 0)) already normalised, y (n). n <= max_samples. */
 int32_t et_device_use_samples(et_device *d, const float *x, const int32_t *y, int32_t n);
 
-/* out (et_width(backbone, 0)) = the normalised raw input (the model's input mean and std). */
+/* out (et_width(backbone, 0)) = the normalised raw input (the model's input mean and std, per feature
+ * or per channel: norm_channels). */
 void et_device_normalize(const et_device *d, const float *raw, float *out);
 
 /*

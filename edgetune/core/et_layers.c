@@ -33,6 +33,13 @@ static void dense_weight_grad(const et_layer *l, const float *x, const float *g,
     et_gemm_tn(in, out, rows, x, in, g, out, dwt, out, 0);
 }
 
+static void dense_weight_rows_grad(const et_layer *l, const float *x, const float *g, int rows, int out_rows,
+                                   float *dw, float *scratch) {
+    const int in = et_layer_in(l), out = et_layer_out(l);
+    (void)scratch;
+    et_gemm_tn(out_rows, in, rows, g, out, x, in, dw, in, 0); /* dW[:out_rows] = g[:, :out_rows]^T x */
+}
+
 static size_t dense_scratch_floats(const et_layer *l) {
     return (size_t)et_layer_in(l) * (size_t)et_layer_out(l);
 }
@@ -106,6 +113,12 @@ static void conv_input_grad(const et_layer *l, const float *wt, const float *w, 
 static void conv_weight_grad(const et_layer *l, const float *x, const float *g, int rows, float *dw, float *scratch) {
     const et_conv_dims d = et_layer_dims(l);
     et_conv_weight_grad(&d, rows, x, g, dw, 0, scratch);
+}
+
+static void conv_weight_rows_grad(const et_layer *l, const float *x, const float *g, int rows, int out_rows,
+                                  float *dw, float *scratch) {
+    const et_conv_dims d = et_layer_dims(l);
+    et_conv_weight_grad_rows(&d, rows, x, g, out_rows, dw, 0, scratch);
 }
 
 static void conv_bias_grad(const et_layer *l, const float *g, int rows, float *db) {
@@ -191,27 +204,27 @@ static void add_forward(const et_layer *l, const float *wt, const float *w, cons
 /* ------------------------------------------------------------------ the table */
 static const et_layer_ops OPS[] = {
     /* forward, input_grad, weight_grad, bias_grad, scratch_floats, int8_accumulate, forward_scratch_bytes,
-       backward_scratch_bytes */
+       backward_scratch_bytes, weight_rows_grad */
     [ET_LAYER_DENSE] = {dense_forward, dense_input_grad, dense_weight_grad, dense_bias_grad, dense_scratch_floats,
-                        dense_int8_accumulate, no_scratch, no_scratch},
+                        dense_int8_accumulate, no_scratch, no_scratch, dense_weight_rows_grad},
     [ET_LAYER_CONV1D] = {conv_forward, conv_input_grad, conv_weight_grad, conv_bias_grad, no_floats,
-                         et_int8_conv_accumulate,
-                         conv_scratch_bytes, conv_backward_scratch_bytes},
+                         et_int8_conv_accumulate, conv_scratch_bytes, conv_backward_scratch_bytes,
+                         conv_weight_rows_grad},
     [ET_LAYER_CONV2D] = {conv_forward, conv_input_grad, conv_weight_grad, conv_bias_grad, no_floats,
-                         et_int8_conv_accumulate,
-                         conv_scratch_bytes, conv_backward_scratch_bytes},
+                         et_int8_conv_accumulate, conv_scratch_bytes, conv_backward_scratch_bytes,
+                         conv_weight_rows_grad},
     [ET_LAYER_MAXPOOL1D] = {maxpool_forward, maxpool_input_grad, NULL, NULL, no_floats, et_int8_maxpool, no_scratch,
-                            no_scratch},
+                            no_scratch, NULL},
     [ET_LAYER_MAXPOOL2D] = {maxpool_forward, maxpool_input_grad, NULL, NULL, no_floats, et_int8_maxpool, no_scratch,
-                            no_scratch},
+                            no_scratch, NULL},
     [ET_LAYER_AVGPOOL1D] = {avgpool_forward, avgpool_input_grad, NULL, NULL, no_floats, et_int8_avgpool, no_scratch,
-                            no_scratch},
+                            no_scratch, NULL},
     [ET_LAYER_AVGPOOL2D] = {avgpool_forward, avgpool_input_grad, NULL, NULL, no_floats, et_int8_avgpool, no_scratch,
-                            no_scratch},
-    [ET_LAYER_GAP] = {gap_forward, gap_input_grad, NULL, NULL, no_floats, et_int8_gap, no_scratch, no_scratch},
+                            no_scratch, NULL},
+    [ET_LAYER_GAP] = {gap_forward, gap_input_grad, NULL, NULL, no_floats, et_int8_gap, no_scratch, no_scratch, NULL},
     [ET_LAYER_FLATTEN] = {flatten_forward, copy_input_grad, NULL, NULL, no_floats, et_int8_flatten, no_scratch,
-                          no_scratch},
-    [ET_LAYER_ADD] = {add_forward, copy_input_grad, NULL, NULL, no_floats, et_int8_add, no_scratch, no_scratch},
+                          no_scratch, NULL},
+    [ET_LAYER_ADD] = {add_forward, copy_input_grad, NULL, NULL, no_floats, et_int8_add, no_scratch, no_scratch, NULL},
 };
 
 const et_layer_ops *et_layer_ops_of(int32_t kind) {
@@ -242,6 +255,10 @@ void et_layer_dense(et_layer *l, int32_t in, int32_t out, int32_t activation) {
 
 int et_layer_has_weights(const et_layer *l) {
     return l->kind == ET_LAYER_DENSE || l->kind == ET_LAYER_CONV1D || l->kind == ET_LAYER_CONV2D;
+}
+
+int32_t et_layer_row_floats(const et_layer *l) {
+    return l->in_c / l->groups * l->kernel_h * l->kernel_w;
 }
 
 int et_backbone_is_dense(const et_backbone *bb) {

@@ -13,6 +13,9 @@
  *                    and the layer's input (max pooling reads it)
  *   weight_grad      the gradient of the weight in its forward layout (dense: (in, out);
  *                    conv: as stored), and bias_grad the bias's (out_c)
+ *   weight_rows_grad the gradient of the first out_rows output channels' weights only, in
+ *                    the stored layout (out_rows, in / groups, kernel_h, kernel_w); dense:
+ *                    (out_rows, in). The sparse update trains those rows.
  *   backward_scratch_bytes  the scratch input_grad and weight_grad need (a convolution's)
  *   scratch_floats   floats of scratch a dense input_grad needs when the weight is given
  *                    only in the forward layout (in * out, the transposed weight)
@@ -25,10 +28,10 @@
  * et_layer_out(l). The caller passes the weight tensors explicitly (a method may train
  * them), so the ops read shapes only from the layer.
  *
- * The kinds without weights have no weight_grad and bias_grad (NULL). The spatial kinds'
- * forward and gradients are et_conv.c's kernels, their int8_accumulate et_int8.c's.
- * Training takes int8 MLPs only (et_backbone_check); the int8 forward pass takes every
- * kind (et_int8_backbone_check).
+ * The kinds without weights have no weight_grad, weight_rows_grad and bias_grad (NULL). The
+ * spatial kinds' forward and gradients are et_conv.c's kernels, their int8_accumulate
+ * et_int8.c's. Training takes int8 MLPs only (et_backbone_check); the int8 forward pass
+ * takes every kind (et_int8_backbone_check).
  */
 #ifndef ET_LAYERS_H
 #define ET_LAYERS_H
@@ -59,8 +62,12 @@ typedef struct et_layer_ops {
     void (*int8_accumulate)(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc,
                             const int8_t *residual, int ldr);
     size_t (*forward_scratch_bytes)(const et_layer *l, int rows);
-    /* the scratch input_grad and weight_grad need for `rows` rows (a convolution's; else 0) */
+    /* the scratch input_grad and weight_grad (and weight_rows_grad) need for `rows` rows (a convolution's; else 0) */
     size_t (*backward_scratch_bytes)(const et_layer *l, int rows);
+    /* dw (out_rows, in / groups, kh, kw), the first 1..out_c output channels' rows of the weight's gradient
+     * as stored (dense: (out_rows, in) = g[:, :out_rows]^T x) over the rows; NULL for the kinds without weights. */
+    void (*weight_rows_grad)(const et_layer *l, const float *x, const float *g, int rows, int out_rows, float *dw,
+                             float *scratch);
 } et_layer_ops;
 
 /* The operations of a layer kind, or NULL for a kind this build does not implement. */
@@ -74,6 +81,9 @@ et_conv_dims et_layer_dims(const et_layer *l);
 
 /* 1 for the kinds with a weight and a bias (dense, conv1d, conv2d). */
 int et_layer_has_weights(const et_layer *l);
+
+/* Floats of one output channel's weights: in_c / groups * kernel_h * kernel_w (dense: in). */
+int32_t et_layer_row_floats(const et_layer *l);
 
 /* et_backbone_check, with int8 tensors allowed on every layer kind when int8_any_kind is 1
  * (the int8 forward pass; et_int8_backbone_check adds the int8 tensors' own checks). */

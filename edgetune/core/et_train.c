@@ -2,6 +2,12 @@
  * The training loop: the three method engines (layer-wise, skip adapters, sparse update),
  * the skip-cache, and whole epochs per call. The math follows the NumPy reference
  * engine (edgetune/methods/) operation for operation.
+ *
+ * The sparse update runs an MLP on its own pruned path (sp_forward, sp_backward: float and
+ * int8, row by row); on any other chain of layers it runs the layer-wise path (lw_forward,
+ * lw_backward) with the layers' weights as the sparse update sees them (its trained rows
+ * in front of the frozen ones, assembled in the workspace) and gradients of the trained
+ * rows and biases only.
  */
 #include "et_core.h"
 #include "et_conv.h"
@@ -32,12 +38,15 @@ typedef struct {
     const float **rowp;                    /* skip: batch row pointers */
     float *u;                              /* skip: batch x (n*rank) */
     int8_t *qtaps;                         /* skip on int8: batch x d_in */
-    float *walk[2];                        /* skip, not an MLP: batch x max width, each layer's input and output */
+    float *walk[2];                        /* skip, not an MLP: batch x max width, each layer's input and output;
+                                              sparse, not an MLP: the frozen layers' outputs before `first` */
     float *kept[ET_MAX_LAYERS];            /* skip, not an MLP: batch x et_width(bb, k), the inputs add layers read */
     float *scratch;                        /* not an MLP: the layers' (and LoRA convolutions') kernel scratch */
     float *pend[ET_MAX_LAYERS];            /* layer-wise, not an MLP: batch x et_width(bb, k), an add's gradient
                                               waiting for its source layer's input */
     float *tmp;                            /* layer-wise, not an MLP: batch x max width, a LoRA convolution's output */
+    float *sw[ET_MAX_LAYERS];              /* sparse, not an MLP: a layer with trained rows, its weight as the
+                                              forward pass uses it (out_c x et_layer_row_floats) */
 } layout;
 
 static size_t take(char **cur, size_t bytes) {
@@ -157,7 +166,21 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(scratch, float *, kernel_scratch(bb, m, batch, 0));
         }
     } else {
-        for (int k = 0; k <= n; k++) PIECE(act[k], float *, B * et_width(bb, k) * F);
+        /* the sparse update on a chain of layers keeps nothing below its first trained layer: the
+           frozen layers before it write their outputs into two buffers in turn (but an add's source) */
+        const int prune = m->kind == ET_SPARSE && !et_backbone_is_dense(bb);
+        size_t turn[2] = {0, 0}; /* the widest output each buffer takes */
+        for (int k = 1; prune && k < m->first; k++)
+            if (!is_source(bb, k)) turn[k & 1] = most(turn[k & 1], (size_t)et_width(bb, k));
+        if (turn[0]) PIECE(walk[0], float *, B * turn[0] * F);
+        if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
+        for (int k = 0; k <= n; k++) {
+            if (prune && k > 0 && k < m->first && !is_source(bb, k)) {
+                L->act[k] = L->walk[k & 1];
+                continue;
+            }
+            PIECE(act[k], float *, B * et_width(bb, k) * F);
+        }
         if (m->kind == ET_LAYERWISE) {
             const size_t U = (size_t)max_lora_width(bb, m); /* an MLP's: the rank */
             PIECE(lora_u, float *, (size_t)n * B * U * F);
@@ -175,6 +198,13 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
                 for (int k = m->first; k < n; k++)
                     if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
             }
+        } else if (!et_backbone_is_dense(bb)) { /* sparse on a chain of layers: the layer-wise path */
+            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1));
+            for (int k = m->first; k < n; k++)
+                if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
+            for (int k = m->first; k < n; k++)
+                if (m->rows[k] > 0)
+                    PIECE(sw[k], float *, (size_t)bb->layers[k].out_c * et_layer_row_floats(&bb->layers[k]) * F);
         } else if (bb->is_int8) {
             PIECE(wrow, float *, (size_t)mw * F);
             PIECE(q[0], int8_t *, B * mw);
@@ -186,13 +216,27 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     return total;
 }
 
+/* The sparse update's rows and biases fit the layers: trained rows 0..out_c from `first` on and
+ * tensors only on layers with weights; int8 only on an MLP. */
+static int sparse_rows_ok(const et_backbone *bb, const et_method *m) {
+    if (bb->is_int8 && !et_backbone_is_dense(bb)) return 0;
+    for (int k = 0; k < bb->n_layers; k++) {
+        const et_layer *l = &bb->layers[k];
+        const int weights = et_layer_has_weights(l);
+        if (weights && !bb->is_int8 && !l->w) return 0; /* the float path reads W as stored */
+        if (m->rows[k] < 0 || m->rows[k] > (weights ? l->out_c : 0) || (m->rows[k] > 0 && k < m->first)) return 0;
+        if ((m->rows[k] > 0) != (m->off_weight[k] >= 0) || (m->off_bias[k] >= 0 && !weights)) return 0;
+    }
+    return 1;
+}
+
 size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et_cache *cache, int32_t batch,
                              int32_t pointer_bytes) {
     (void)cache; /* an eager fill writes straight into the cache rows or reuses the batch buffers */
     if (et_backbone_check(bb) != ET_OK || !m || batch < 1 || m->n_params < 0) return 0;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE || pointer_bytes < 1 || pointer_bytes > 16) return 0;
     if (m->kind != ET_SKIP && (m->first < 0 || m->first >= bb->n_layers)) return 0;
-    if (m->kind == ET_SPARSE && !et_backbone_is_dense(bb)) return 0; /* sparse: MLPs only */
+    if (m->kind == ET_SPARSE && !sparse_rows_ok(bb, m)) return 0;
     return plan_layout(bb, m, batch, pointer_bytes, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
 }
 
@@ -222,7 +266,7 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     if (rc != ET_OK) return rc;
     if (!m || !x || batch < 1) return ET_ERR_ARGUMENT;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
-    if (m->kind == ET_SPARSE && !et_backbone_is_dense(bb)) return ET_ERR_UNSUPPORTED;
+    if (m->kind == ET_SPARSE && bb->is_int8 && !et_backbone_is_dense(bb)) return ET_ERR_UNSUPPORTED;
     if (et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
     if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
@@ -241,6 +285,11 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->d_in = et_skip_d_in(bb);
     c->batch = batch;
     plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L);
+    for (int k = 0; k < bb->n_layers; k++) /* sparse: the frozen rows behind the trained ones, once a call */
+        if (c->L.sw[k]) {
+            const size_t row = (size_t)et_layer_row_floats(&bb->layers[k]), r = (size_t)m->rows[k];
+            memcpy(c->L.sw[k] + r * row, bb->layers[k].w + r * row, (bb->layers[k].out_c - r) * row * sizeof(float));
+        }
     return ET_OK;
 }
 
@@ -260,11 +309,28 @@ static void column_sums(const float *g, int rows, int cols, float *out) {
 }
 
 /* ================================================================== layer-wise (ft-*, lora-*) */
-/* Layer k's weight in its forward layout, trained or frozen (dense: W^T (in, out); conv: as stored). */
+/* Layer k's weight in its forward layout, trained or frozen (dense: W^T (in, out); conv: as stored).
+ * The sparse update's is always as stored (dense: W (out, in)): lw_weights says which. */
 static const float *lw_weight_t(const ctx *c, int k) {
     const et_layer *l = &c->bb->layers[k];
+    if (c->m->kind == ET_SPARSE) return c->L.sw[k] ? c->L.sw[k] : l->w;
     if (c->m->off_weight[k] >= 0) return c->P + c->m->off_weight[k];
     return l->kind == ET_LAYER_DENSE ? l->wt : l->w;
+}
+
+/* Layer k's weight as the ops take it: *wt the forward layout (dense layer-wise) or *w as stored. */
+static void lw_weights(const ctx *c, int k, const float **wt, const float **w) {
+    const int forward_layout = c->m->kind != ET_SPARSE && c->bb->layers[k].kind == ET_LAYER_DENSE;
+    *wt = forward_layout ? lw_weight_t(c, k) : NULL;
+    *w = forward_layout ? NULL : lw_weight_t(c, k);
+}
+
+/* The sparse update's trained rows into the assembled weights (the frozen rows are there since setup). */
+static void sp_assemble(ctx *c) {
+    for (int k = 0; k < c->bb->n_layers; k++)
+        if (c->L.sw[k])
+            memcpy(c->L.sw[k], c->P + c->m->off_weight[k],
+                   (size_t)c->m->rows[k] * et_layer_row_floats(&c->bb->layers[k]) * sizeof(float));
 }
 
 static const float *lw_bias(const ctx *c, int k) {
@@ -283,8 +349,9 @@ static float *lw_forward(ctx *c, int count) {
         float *z = c->L.act[k + 1];
         const int dense = l->kind == ET_LAYER_DENSE;
         const float *residual = l->kind == ET_LAYER_ADD ? c->L.act[l->source] : NULL;
-        et_layer_ops_of(l->kind)->forward(l, dense ? lw_weight_t(c, k) : NULL, dense ? NULL : lw_weight_t(c, k),
-                                          lw_bias(c, k), h, in, count, z, out, residual, c->L.scratch);
+        const float *wt, *w;
+        lw_weights(c, k, &wt, &w);
+        et_layer_ops_of(l->kind)->forward(l, wt, w, lw_bias(c, k), h, in, count, z, out, residual, c->L.scratch);
         if (m->off_lora_a[k] >= 0 && !dense) { /* z += s B(A(h)), A and B convolutions */
             const int U = lora_width(bb, m, k);
             float *u = c->L.lora_u + (size_t)k * count * max_lora_width(bb, m);
@@ -326,7 +393,10 @@ static void lw_backward(ctx *c, int count) {
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         const int in = et_layer_in(l), out = et_layer_out(l), dense = l->kind == ET_LAYER_DENSE;
         const float *h = c->L.act[k];
-        if (m->off_weight[k] >= 0) ops->weight_grad(l, h, g, count, c->G + m->off_weight[k], c->L.scratch);
+        if (m->kind == ET_SPARSE && m->rows[k] > 0) /* the trained rows only */
+            ops->weight_rows_grad(l, h, g, count, m->rows[k], c->G + m->off_weight[k], c->L.scratch);
+        else if (m->kind != ET_SPARSE && m->off_weight[k] >= 0)
+            ops->weight_grad(l, h, g, count, c->G + m->off_weight[k], c->L.scratch);
         if (m->off_bias[k] >= 0) ops->bias_grad(l, g, count, c->G + m->off_bias[k]);
         const float *A = NULL;
         et_conv_dims da, db;
@@ -365,7 +435,9 @@ static void lw_backward(ctx *c, int count) {
         if (k > m->first) {
             float *dh = c->L.gbuf[flip];
             flip ^= 1;
-            if (dense) /* dh = g W: from the frozen W (out, in) where given, else from the trained or transposed one */
+            if (m->kind == ET_SPARSE) /* W as stored, assembled where rows train */
+                ops->input_grad(l, NULL, lw_weight_t(c, k), h, g, count, dh, c->L.scratch);
+            else if (dense) /* dh = g W: from the frozen W (out, in) where given, else from the trained or transposed one */
                 ops->input_grad(l, lw_weight_t(c, k), m->off_weight[k] < 0 ? l->w : NULL, h, g, count, dh, c->L.pack);
             else
                 ops->input_grad(l, NULL, lw_weight_t(c, k), h, g, count, dh, c->L.scratch);
@@ -752,13 +824,15 @@ static float *forward(ctx *c, const int32_t *ids, int count, int use_cache) {
         return skip_forward(c, count);
     }
     gather_rows(c->x, et_width(c->bb, 0), ids, count, c->L.act[0], et_width(c->bb, 0));
-    return c->m->kind == ET_LAYERWISE ? lw_forward(c, count) : sp_forward(c, count);
+    if (c->m->kind == ET_SPARSE && et_backbone_is_dense(c->bb)) return sp_forward(c, count);
+    if (c->m->kind == ET_SPARSE) sp_assemble(c);
+    return lw_forward(c, count);
 }
 
 static void backward(ctx *c, int count) {
     if (c->m->kind == ET_SKIP) skip_backward(c, count);
-    else if (c->m->kind == ET_LAYERWISE) lw_backward(c, count);
-    else sp_backward(c, count);
+    else if (c->m->kind == ET_SPARSE && et_backbone_is_dense(c->bb)) sp_backward(c, count);
+    else lw_backward(c, count);
 }
 
 static int all_finite(const float *p, int64_t n) {
@@ -850,6 +924,39 @@ int32_t et_predict(const et_backbone *bb, const et_method *m, const float *param
         for (int i = 0; i < rows; i++) c.L.ybuf[i] = lo + i;
         const float *z = forward(&c, c.L.ybuf, rows, 0);
         memcpy(logits + (size_t)lo * out, z, (size_t)rows * out * sizeof(float));
+    }
+    return ET_OK;
+}
+
+int32_t et_skip_rows(const et_backbone *bb, const et_method *m, const float *x, int32_t count, int32_t batch,
+                     float *rows, void *workspace, size_t workspace_bytes) {
+    ctx c;
+    float unused = 0.0f; /* the frozen forward pass reads no parameter: a stand-in for setup's check */
+    if (!m || m->kind != ET_SKIP || !rows || count < 1) return ET_ERR_ARGUMENT;
+    const int rc = setup(&c, bb, m, &unused, &unused, NULL, x, batch, workspace, workspace_bytes);
+    if (rc != ET_OK) return rc;
+    const size_t W = (size_t)c.d_in + (size_t)c.width[bb->n_layers];
+    for (int lo = 0; lo < count; lo += batch) {
+        const int n = count - lo < batch ? count - lo : batch;
+        for (int i = 0; i < n; i++) c.L.ybuf[i] = lo + i;
+        compute_taps(&c, c.L.ybuf, n, c.L.taps);
+        memcpy(rows + (size_t)lo * W, c.L.taps, (size_t)n * W * sizeof(float));
+    }
+    return ET_OK;
+}
+
+int32_t et_skip_apply(const et_backbone *bb, const et_method *m, const float *params, const float *rows,
+                      int32_t count, int32_t batch, float *logits, void *workspace, size_t workspace_bytes) {
+    ctx c;
+    if (!m || m->kind != ET_SKIP || !rows || !logits || count < 1) return ET_ERR_ARGUMENT;
+    /* the gradient pointer is never written by a forward pass */
+    const int rc = setup(&c, bb, m, params, (float *)params, NULL, rows, batch, workspace, workspace_bytes);
+    if (rc != ET_OK) return rc;
+    const size_t W = (size_t)c.d_in + (size_t)c.width[bb->n_layers], out = (size_t)c.width[bb->n_layers];
+    for (int lo = 0; lo < count; lo += batch) {
+        const int n = count - lo < batch ? count - lo : batch;
+        for (int i = 0; i < n; i++) c.L.rowp[i] = rows + (size_t)(lo + i) * W;
+        memcpy(logits + (size_t)lo * out, skip_forward(&c, n), (size_t)n * out * sizeof(float));
     }
     return ET_OK;
 }

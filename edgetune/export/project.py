@@ -174,10 +174,7 @@ def _load_inputs(opts: ExportOptions, target: Target):
     if opts.partial_cache and not cls.uses_cache:
         raise UsageError(f"--partial-cache applies to methods with a skip-cache (skip2-lora), not {opts.method}")
     model = load_any(opts.model)
-    if not model.is_plain_mlp():  # the device program normalises and stores flat MLP inputs
-        kinds = sorted({spec.kind for spec in model.specs} - {"dense"})
-        raise UsageError(f"edgetune export writes MLP backbones (dense layers, one activation between them) in this "
-                         f"version; {opts.model} has {', '.join(kinds) + ' layers' if kinds else 'an activation per layer'}")
+    _check_layers(model, opts)
     task = None
     if opts.task:
         from ..data.task import load_task
@@ -213,13 +210,25 @@ def _load_inputs(opts: ExportOptions, target: Target):
     if cls.uses_cache:
         cache = "int8" if opts.int8 else "float32"
         if cache == "int8":
-            row = sum(model.sizes[:-1])  # an int8 cache row: the inputs of every skip adapter
+            row = sum(model.tap_widths)  # an int8 cache row: the inputs of every skip adapter
             if max_samples * row >= MAX_STATIC_ARENA:
                 raise BudgetError(f"--max-samples {max_samples}: the int8 skip-cache alone would be "
                                   f"{format_bytes(max_samples * row)} ({max_samples * row} bytes); a device arena "
                                   f"of 2 GiB or more does not link; lower --max-samples")
             attach_int8_cache(tuner.method, max_samples)
     return model, task, tuner, train, max_samples, cache
+
+
+def _check_layers(model: Any, opts: ExportOptions) -> None:
+    """Refuse, naming the layers, what the device program does not run: int8 on a backbone that
+    is not a plain MLP. Every layer kind and method of the compiled engine runs otherwise."""
+    if model.is_plain_mlp():
+        return
+    kinds = sorted({spec.kind for spec in model.specs} - {"dense"})
+    what = f"{', '.join(kinds)} layers" if kinds else "an activation per layer"
+    if model.is_int8 or opts.int8:
+        raise UsageError(f"edgetune export writes int8 backbones that are MLPs (dense layers) in this version; "
+                         f"{opts.model} has {what}: export it as float32 (without --int8)")
 
 
 def _subset(n: int, k: int | None, seed: int, salt: int) -> np.ndarray:
@@ -391,7 +400,7 @@ def _model_c(d: dict[str, Any], adapter_files: tuple[bytes, str]) -> tuple[str, 
         extra.append(_c_array("et_col_scales", cache_obj.col_scales))
         col_scales = "et_col_scales"
     mean = std = "NULL"
-    if model.input_mean is not None:
+    if model.input_mean is not None:  # per feature (MLP) or per channel (CNN): norm_shape
         extra.append(_c_array("et_input_mean", np.asarray(model.input_mean, np.float32)))
         mean = "et_input_mean"
     if model.input_std is not None:
@@ -472,6 +481,7 @@ const et_model_desc et_model = {{
     .store_samples = {0 if target.kind == "mcu" else 1},
     .input_mean = {mean},
     .input_std = {std},
+    .norm_channels = {model.norm_shape[0]},
     .n_tensors = {len(layout)},
     .tensors = et_model_tensors,
 }};
@@ -504,8 +514,9 @@ def _write_samples_bin(d: dict[str, Any], f: Any) -> None:
     never sits whole in memory."""
     task, tr, te = d["task"], d["train_idx"], d["test_idx"]
     epochs = d["train"]["epochs"]
-    xs, ys = task.x_finetune[tr].astype("<f4"), task.y_finetune[tr].astype("<i4")
-    xt, yt = task.x_test[te].astype("<f4"), task.y_test[te].astype("<i4")
+    flat = d["model"].sizes[0]  # one flat row per sample: a CNN's (C, L) or (C, H, W) channels first
+    xs, ys = task.x_finetune[tr].reshape(len(tr), flat).astype("<f4"), task.y_finetune[tr].astype("<i4")
+    xt, yt = task.x_test[te].reshape(len(te), flat).astype("<f4"), task.y_test[te].astype("<i4")
     f.write(SAMPLES_MAGIC + struct.pack("<4i", xs.shape[1], len(ys), len(yt), epochs))
     for part in (xs, ys, xt, yt):
         f.write(part.tobytes())
@@ -701,7 +712,8 @@ def _manifest(d: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
     model, tuner, train, p = d["model"], d["tuner"], d["train"], d["plan"]
     return {
         "format": "edgetune-export", "format_version": 1, "target": d["target"].name, "method": tuner.method_name,
-        "model": str(opts.model), "sizes": model.sizes, "backbone": "int8" if model.is_int8 else "float32",
+        "model": str(opts.model), "sizes": model.sizes, "input_shape": list(model.input_shape),
+        "layers": [spec.describe() for spec in model.specs], "backbone": "int8" if model.is_int8 else "float32",
         "model_digest": model.digest(), "rank": tuner.method.options.rank, "adapter": opts.adapter,
         "task": d["task"].name if d["task"] is not None else None, **train,
         "max_samples": d["max_samples"], "cache": d["cache"], "cache_capacity": d["capacity"],
@@ -734,7 +746,23 @@ in flash and calls et_device_use_samples()."""
 SAMPLES defaults to samples.bin beside the program. --save-adapter DIR writes
 adapter_model.safetensors + adapter_config.json, which `edgetune evaluate --adapter DIR`
 and `FineTuner.load_adapter` read."""
-    return f"""# edgetune device project: {m['method']} on {'-'.join(map(str, m['sizes']))} ({m['backbone']}), {target.name}
+    model = d["model"]
+    if model.is_plain_mlp():
+        on, layers = "-".join(map(str, m["sizes"])), ""
+    else:  # a CNN: its layers, as the engine runs them (one flat channels-first row per sample)
+        on = f"a {len(m['layers'])}-layer network on {'x'.join(map(str, m['input_shape']))} inputs"
+        rows_l = "\n".join(f"| {k} | {text} |" for k, text in enumerate(m["layers"]))
+        layers = f"""
+## Layers
+
+A sample is one flat row of {m['sizes'][0]} floats, channels first; the program normalises it
+per channel (a mean and a std for each of the {model.norm_shape[0]} input channels).
+
+| layer | kind, input -> output shape |
+|---|---|
+{rows_l}
+"""
+    return f"""# edgetune device project: {m['method']} on {on} ({m['backbone']}), {target.name}
 
 Written by `edgetune export`. The C engine (`et_core.h`, `et_kernels.c`, `et_layers.c`, `et_conv.c`,
 `et_int8.c`, `et_train.c`, `et_abi.c`) and the device API `et_device.c/.h` (samples, train,
@@ -742,7 +770,7 @@ predict, adapter bytes) are copies of the files inside the edgetune Python packa
 wrote this project; `et_model.c` holds the model as `const` arrays and the very structs
 that package hands to the engine; one static arena of `ET_MODEL_ARENA_BYTES` holds
 everything that changes.
-
+{layers}
 {run}
 
 Shuffles: for its {m['epochs']} exported epochs the program uses the same per-epoch orders as

@@ -368,9 +368,45 @@ static et_method layerwise_cnn(const et_backbone *bb, int lora) {
     return m;
 }
 
+/* The sparse update on a CNN: the first rows[k] output channels of layer k where rows[k] > 0, and
+ * the biases of the layers with weights from bias_from on. */
+static et_method sparse_cnn(const et_backbone *bb, const int *rows, int bias_from) {
+    et_method m = empty_method(ET_SPARSE);
+    int64_t off = 0;
+    m.first = bb->n_layers;
+    for (int k = 0; k < bb->n_layers; k++) {
+        const et_layer *l = &bb->layers[k];
+        if (!et_layer_has_weights(l)) continue;
+        const int row = et_layer_row_floats(l);
+        if (rows[k] > 0) {
+            m.rows[k] = rows[k];
+            m.off_weight[k] = off;
+            memcpy(P + off, l->w, sizeof(float) * rows[k] * row);
+            off += rows[k] * row;
+        }
+        if (k >= bias_from) {
+            m.off_bias[k] = off;
+            memcpy(P + off, l->bias, sizeof(float) * l->out_c);
+            off += l->out_c;
+        }
+        if ((rows[k] > 0 || k >= bias_from) && k < m.first) m.first = k;
+    }
+    m.n_params = off;
+    return m;
+}
+
+/* A CNN as the sparse update reads it: every layer's W as stored (dense: w, here the same random matrix). */
+static et_backbone with_w(const et_backbone *bb) {
+    et_backbone out = *bb;
+    for (int k = 0; k < out.n_layers; k++)
+        if (out.layers[k].kind == ET_LAYER_DENSE) out.layers[k].w = out.layers[k].wt;
+    return out;
+}
+
 /* skip-lora and skip2-lora (eager, lazy with a partial cache) on a CNN: the same numbers exactly;
- * lora-all and ft-all through the convolutions, pooling, gap, flatten and adds. */
-static void train_cnn(const char *what, const et_backbone *bb) {
+ * lora-all, ft-all and the sparse update (`rows`, `bias_from`: sparse_cnn) through the convolutions,
+ * pooling, gap, flatten and adds. */
+static void train_cnn(const char *what, const et_backbone *bb, const int *rows, int bias_from) {
     static float pa[MAX_P], pb[MAX_P];
     char name[96];
     double l0[EPOCHS], l1[EPOCHS];
@@ -395,6 +431,10 @@ static void train_cnn(const char *what, const et_backbone *bb) {
         m = layerwise_cnn(bb, 0);
         snprintf(name, sizeof name, "ft-all %s %s", what, opts[o]);
         train(name, bb, &m, o, NULL, NULL, NULL);
+        const et_backbone sb = with_w(bb);
+        m = sparse_cnn(&sb, rows, bias_from);
+        snprintf(name, sizeof name, "sparse %s %s", what, opts[o]);
+        train(name, &sb, &m, o, NULL, NULL, NULL);
     }
     train_x = X;
 }
@@ -448,15 +488,28 @@ static void refuse_cnn(void) {
     bb.n_layers = 1;
     bb.layers[0] = spatial(ET_LAYER_GAP, 4, 1, 12, 4, 1, 12, 1, 0, 1, ET_IDENTITY);
     CHECK(et_backbone_check(&bb) == ET_ERR_ARGUMENT, "a backbone without weights (nothing to tap)");
-    /* the sparse method runs on MLPs only */
-    bb = good;
-    m = empty_method(ET_SPARSE);
-    m.first = 6;
-    m.off_bias[6] = 0;
-    m.n_params = OUT;
-    CHECK(et_workspace_size(&bb, &m, NULL, BATCH) == 0, "no workspace for the sparse method on a CNN");
-    CHECK(et_train_epochs(&bb, &m, &o, NULL, P, G, XC, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, WS_BYTES, st)
-              == ET_ERR_UNSUPPORTED, "the sparse method on a CNN is refused");
+    /* the sparse update's rows must fit the layers, and it reads every W as stored */
+    static const int rows[ET_MAX_LAYERS] = {2, 0, 4, 0, 0, 0, OUT};
+    bb = with_w(&good);
+    m = sparse_cnn(&bb, rows, 2);
+    CHECK(et_workspace_size(&bb, &m, NULL, BATCH) > 0, "sparse on a CNN: a workspace");
+#define SPARSE_REFUSED(change, what)                                                                        \
+    do {                                                                                                  \
+        et_backbone sb = with_w(&good);                                                                   \
+        et_method sm = sparse_cnn(&sb, rows, 2);                                                          \
+        change;                                                                                           \
+        CHECK(et_workspace_size(&sb, &sm, NULL, BATCH) == 0, what);                                       \
+        CHECK(et_train_epochs(&sb, &sm, &o, NULL, P, G, XC, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, WS_BYTES, \
+                              st) == ET_ERR_ARGUMENT, what);                                              \
+    } while (0)
+    SPARSE_REFUSED(sm.rows[0] = 5, "sparse: more rows than output channels");
+    SPARSE_REFUSED(sm.rows[0] = -1, "sparse: negative rows");
+    SPARSE_REFUSED((sm.rows[1] = 1, sm.off_weight[1] = 0), "sparse: rows on a pooling layer");
+    SPARSE_REFUSED(sm.off_bias[5] = 0, "sparse: a bias on gap");
+    SPARSE_REFUSED(sm.off_weight[0] = -1, "sparse: rows without a weight tensor");
+    SPARSE_REFUSED(sm.first = 1, "sparse: rows before the first trained layer");
+    SPARSE_REFUSED(sb.layers[6].w = NULL, "sparse: a dense layer without W as stored");
+#undef SPARSE_REFUSED
     /* a workspace one byte short is refused */
     m = skip_taps(&good);
     const size_t need = et_workspace_size(&good, &m, NULL, BATCH);
@@ -504,8 +557,10 @@ int main(void) {
         for (int i = 0; i < CIN; i++) XC[s * CIN + i] = uniform() + (i % OUT == Y[s] ? 0.5f : 0.0f);
     {
         const et_backbone c1 = cnn1d(), c2 = cnn2d();
-        train_cnn("cnn1d", &c1);
-        train_cnn("cnn2d", &c2);
+        static const int rows1[ET_MAX_LAYERS] = {2, 0, 4, 0, 0, 0, OUT}; /* below the add; grouped; the head */
+        static const int rows2[ET_MAX_LAYERS] = {1, 0, 0, 0, OUT};       /* a strided, padded conv2d; the head */
+        train_cnn("cnn1d", &c1, rows1, 2);
+        train_cnn("cnn2d", &c2, rows2, 3);
         refuse_cnn();
     }
     /* Refused calls: nothing runs, nothing is written. */
