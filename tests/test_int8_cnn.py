@@ -204,6 +204,26 @@ def test_pooling_keeps_its_input_scale():
         et.Backbone.from_layers(layers)
 
 
+def test_a_percentile_narrows_the_scales_on_a_bounded_sample(monkeypatch):
+    """Below 100 each layer's range is this percentile of its inputs, taken on at most
+    PERCENTILE_VALUES of them (every j-th): here forced small, so the strided sample is used."""
+    import edgetune.quant.int8 as q8
+
+    bb, x = _arch("conv:4:3:1:same,relu,maxpool:2,conv:4:3,relu,gap,dense:3", (2, 16), n=50)
+    full = q8.calibrate_layers(bb, x)
+    p99 = q8.calibrate_layers(bb, x, percentile=99.0)
+    assert np.all(p99 <= full) and np.any(p99 < full)
+    assert p99[1] == p99[2] and full[1] == full[2]  # after max pooling: the scale before it
+    monkeypatch.setattr(q8, "PERCENTILE_VALUES", 64)
+    sampled = q8.calibrate_layers(bb, x, percentile=99.0)
+    assert np.all(sampled > 0) and not np.array_equal(sampled, p99)
+    q = quantize(bb, x, percentile=99.0)
+    np.testing.assert_array_equal(np.float32([layer.quant.input_scale for layer in q.layers]), sampled)
+    _both(q, x)
+    with pytest.raises(UsageError, match="percentile"):
+        q8.calibrate_layers(bb, x, percentile=40.0)
+
+
 def test_refusals_name_the_reason():
     bb, x = _arch("conv:4:3,tanh,gap,dense:3", (2, 9))
     with pytest.raises(UsageError, match="tanh"):
