@@ -107,11 +107,16 @@ void et_int8_logits(const et_backbone *bb, const int32_t *acc, int rows, float *
 
 void et_int8_run(const et_backbone *bb, const float *x, int ldx, int rows, int8_t *taps, int ldt,
                  float *logits, int ldl, int32_t *acc) {
+    et_int8_quantize_input(bb, x, ldx, rows, taps, ldt);
+    et_int8_run_layers(bb, rows, taps, ldt, logits, ldl, acc);
+}
+
+void et_int8_run_layers(const et_backbone *bb, int rows, int8_t *taps, int ldt, float *logits, int ldl,
+                        int32_t *acc) {
     const int n = bb->n_layers;
     int col[ET_MAX_LAYERS + 1];
     col[0] = 0;
     for (int k = 0; k < n; k++) col[k + 1] = col[k] + et_width(bb, k);
-    et_int8_quantize_input(bb, x, ldx, rows, taps, ldt);
     for (int k = 0; k < n; k++) {
         const et_layer *l = &bb->layers[k];
         const int8_t *residual = l->kind == ET_LAYER_ADD ? taps + col[l->source] : NULL;

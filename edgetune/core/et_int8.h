@@ -29,6 +29,9 @@ void et_int8_logits(const et_backbone *bb, const int32_t *acc, int rows, float *
  */
 void et_int8_run(const et_backbone *bb, const float *x, int ldx, int rows, int8_t *taps, int ldt,
                  float *logits, int ldl, int32_t *acc);
+/* et_int8_run after the input's quantisation: q_0 is already in the first columns of taps. */
+void et_int8_run_layers(const et_backbone *bb, int rows, int8_t *taps, int ldt, float *logits, int ldl,
+                        int32_t *acc);
 
 /* The int8_accumulate entries of et_layers.c's table for the kinds beyond dense (et_int8.c). */
 void et_int8_conv_accumulate(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc,
