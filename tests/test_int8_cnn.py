@@ -311,9 +311,61 @@ def test_skip_adapters_on_an_int8_cnn_numpy_and_clear_refusals():
     with pytest.raises(UsageError, match="pooled floats"):
         from edgetune.quant import attach_int8_cache
         attach_int8_cache(t.method, len(x))
-    if core.available():
-        with pytest.raises(UsageError, match="MLPs only"):
-            et.FineTuner(q, "skip2-lora", epochs=1, engine="c").fit(x, y)
+
+
+@needs_c
+@pytest.mark.parametrize("name", ["1d-all-kinds", "2d", "1d-flatten"])
+@pytest.mark.parametrize("method", ["skip-lora", "skip2-lora"])
+def test_skip_methods_on_an_int8_cnn_c_equals_numpy(name, method):
+    """The compiled engine's skip rows on an int8 CNN are NumPy's bit for bit (the integer pass,
+    then each tap pooled from its int8 input); the fits agree as the float ones do."""
+    arch, shape = ARCHS[name]
+    bb, x = _arch(arch, shape, n=45)
+    y = np.random.default_rng(2).integers(0, 3, len(x))
+    q = quantize(bb, x)
+    runs = {}
+    for engine in ("numpy", "c"):
+        t = et.FineTuner(q, method, epochs=4, batch_size=7, lr=0.05, seed=3, engine=engine).fit(x, y)
+        assert t.history_.engine == engine
+        runs[engine] = t
+    la, lb = ([e.loss for e in runs[k].history_.epochs] for k in ("numpy", "c"))
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    np.testing.assert_array_equal(runs["numpy"].predict(x), runs["c"].predict(x))
+    assert et.FineTuner(q, method, engine="auto").fit(x[:8], y[:8]).history_.engine == "c"
+
+    import ctypes
+    from edgetune.core.engine import CoreModel
+    from edgetune.methods import make_method
+
+    lib = core.load()
+    model = CoreModel(make_method(method, q), 6)
+    xp = q.prepare(x)
+    ws = np.empty(lib.et_workspace_size(ctypes.byref(model.bb), ctypes.byref(model.m), None, 6), np.uint8)
+    assert ws.nbytes > 0
+    rows = np.empty((len(xp), sum(q.tap_widths) + q.sizes[-1]), np.float32)
+    rc = lib.et_skip_rows(ctypes.byref(model.bb), ctypes.byref(model.m), xp.ctypes.data, len(xp), 6,
+                          rows.ctypes.data, ws.ctypes.data, ws.nbytes)
+    assert rc == 0
+    np.testing.assert_array_equal(rows, q.forward_taps(xp))
+
+
+@needs_c
+def test_the_compiled_engine_trains_int8_cnns_with_the_skip_methods_only():
+    import ctypes
+    from edgetune.core.engine import CoreModel, unsupported_reason
+    from edgetune.methods import make_method
+
+    bb, x = _arch("conv:4:3,relu,gap,dense:3", (2, 9))
+    q = quantize(bb, x)
+    model = CoreModel(make_method("skip-lora", q), 4)
+    lib = core.load()
+    assert lib.et_workspace_size(ctypes.byref(model.bb), ctypes.byref(model.m), None, 4) > 0
+    model.m.kind = 2  # the sparse update on an int8 CNN: refused by C too
+    assert lib.et_workspace_size(ctypes.byref(model.bb), ctypes.byref(model.m), None, 4) == 0
+    model.m.kind = 1
+    model.bb.layers[0].act_scale = float("nan")  # the int8 pass's own checks apply
+    assert lib.et_workspace_size(ctypes.byref(model.bb), ctypes.byref(model.m), None, 4) == 0
+    assert unsupported_reason(make_method("skip2-lora", q)) is None
 
 
 # ---------------------------------------------------------------------------- real data
