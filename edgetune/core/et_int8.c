@@ -179,6 +179,15 @@ static void valid_range(int n, int out, int stride, int pad, int k, int *lo, int
     if (*hi > out - 1) *hi = out - 1;
 }
 
+/* a[i] += w * x[i * stride] for i < n; restrict: int8_t may alias anything, and the compiler
+ * vectorises this only when told that a and x do not overlap. */
+static void axpy_i8(int32_t *restrict a, const int8_t *restrict x, int32_t w, int n, int stride) {
+    if (stride == 1)
+        for (int i = 0; i < n; i++) a[i] += w * (int32_t)x[i];
+    else
+        for (int i = 0; i < n; i++) a[i] += w * (int32_t)x[i * stride];
+}
+
 void et_int8_conv_accumulate(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc,
                              const int8_t *residual, int ldr) {
     /* acc starts at the bias; each weight then adds its products along a row of outputs
@@ -207,11 +216,8 @@ void et_int8_conv_accumulate(const et_layer *l, const int8_t *q, int ldq, int ro
                             const int32_t wv = w[((size_t)ci * kh + ky) * kw + kx];
                             int lo, hi;
                             valid_range(l->in_w, l->out_w, sw, l->pad_w, kx, &lo, &hi);
-                            const int off = kx - l->pad_w; /* input of output ox: ox * sw + off */
-                            if (sw == 1)
-                                for (int ox = lo; ox <= hi; ox++) arow[ox] += wv * (int32_t)xrow[ox + off];
-                            else
-                                for (int ox = lo; ox <= hi; ox++) arow[ox] += wv * (int32_t)xrow[ox * sw + off];
+                            /* output ox reads input ox * sw + kx - pad_w */
+                            if (lo <= hi) axpy_i8(arow + lo, xrow + lo * sw + kx - l->pad_w, wv, hi - lo + 1, sw);
                         }
                     }
                 }
