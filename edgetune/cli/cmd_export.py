@@ -27,7 +27,11 @@ the same with riscv64-unknown-elf-gcc and picolibc, run under qemu-system-riscv3
 
 With the same model, method, seed, epochs, batch size and learning rate, the exported
 program reaches the loss 'edgetune finetune' reaches: it starts from the same adapter and
-uses the same per-epoch shuffles (written into the samples).
+uses the same per-epoch shuffles (written into the samples). MODEL may be an MLP or a CNN
+(every layer kind, float32; int8 for MLPs).
+
+The same targets take an anomaly detector ('edgetune detect export') and a bank of
+per-domain adapters with its routing ('edgetune bank export').
 
 examples:
   edgetune export --model model/ --method skip2-lora --target host --task damage1 --data-dir ../shared/data --out dev/
@@ -115,8 +119,10 @@ def _export(args: argparse.Namespace, opts, plan) -> int:
     res = export_project(opts, plan)
     m = res.manifest
     mem = m["memory"]
-    print(f"wrote {res.out}: {m['method']} on {'-'.join(map(str, m['sizes']))} ({m['backbone']}) for {m['target']}",
-          file=sys.stdout)
+    dense = all(text.startswith("dense") for text in m["layers"])
+    net = ('-'.join(map(str, m['sizes'])) if dense else
+           f"a {len(m['layers'])}-layer network on {'x'.join(map(str, m['input_shape']))} inputs")
+    print(f"wrote {res.out}: {m['method']} on {net} ({m['backbone']}) for {m['target']}", file=sys.stdout)
     cache = f", skip-cache {m['cache']} {m['cache_capacity']} of {m['max_samples']} rows" if m["cache"] else ""
     print(f"  RAM {format_bytes(mem['total'])} (arena {format_bytes(mem['arena'])}){cache}; "
           f"weights {format_bytes(mem['flash_weights'])} as const data", file=sys.stdout)
