@@ -308,9 +308,16 @@ def test_skip_adapters_on_an_int8_cnn_numpy_and_clear_refusals():
     assert losses[-1] < losses[0]
     with pytest.raises(UsageError, match="int8 CNN|MLPs"):
         et.FineTuner(q, "sparse", epochs=1, scheme="b1", engine="numpy").fit(x, y)
-    with pytest.raises(UsageError, match="pooled floats"):
-        from edgetune.quant import attach_int8_cache
+    from edgetune.quant import Int8SkipCache, attach_int8_cache
+    with pytest.raises(UsageError, match="pooled floats"):  # the taps' scales need calibration
         attach_int8_cache(t.method, len(x))
+    # an int8 skip-cache on an int8 CNN: the pooled taps rounded to scales calibrated on them
+    t2 = et.FineTuner(q, "skip2-lora", epochs=8, lr=0.05, engine="numpy")
+    t2.fit(x[:2], y[:2])
+    attach_int8_cache(t2.method, len(x), x_calib=x)
+    t2.fit(x, y)
+    assert isinstance(t2.method.cache, Int8SkipCache) and t2.method.cache.hits > 0
+    np.testing.assert_allclose(t2.decision_function(x), t.decision_function(x), atol=0.05)
 
 
 @needs_c
@@ -347,6 +354,25 @@ def test_skip_methods_on_an_int8_cnn_c_equals_numpy(name, method):
                           rows.ctypes.data, ws.ctypes.data, ws.nbytes)
     assert rc == 0
     np.testing.assert_array_equal(rows, q.forward_taps(xp))
+
+
+@needs_c
+def test_an_int8_skip_cache_on_an_int8_cnn_c_equals_numpy():
+    from edgetune.quant import Int8SkipCache, attach_int8_cache
+
+    arch, shape = ARCHS["1d-all-kinds"]
+    bb, x = _arch(arch, shape, n=40)
+    y = np.random.default_rng(4).integers(0, 3, len(x))
+    q = quantize(bb, x)
+    losses = {}
+    for engine in ("numpy", "c"):
+        t = et.FineTuner(q, "skip2-lora", epochs=5, batch_size=6, lr=0.05, seed=1, engine=engine)
+        t.fit(x[:3], y[:3])
+        attach_int8_cache(t.method, len(x), x_calib=x)
+        t.fit(x, y)
+        assert isinstance(t.method.cache, Int8SkipCache) and t.history_.engine == engine
+        losses[engine] = [e.loss for e in t.history_.epochs]
+    np.testing.assert_allclose(losses["c"], losses["numpy"], rtol=1e-5)
 
 
 @needs_c
