@@ -9,6 +9,7 @@ that fits a budget.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import tracemalloc
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 
 from .errors import BudgetError, UsageError
 from .methods.sparse import RATIOS, SparseScheme
+from .nn.layers import CallBytes, activation_bytes, call_bytes, lora_specs
 from .nn.mlp import Backbone
 from .units import format_bytes
 
@@ -108,6 +110,9 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
                 cache: str = "float32", weights_in_flash: bool = False) -> MemoryPlan:
     """Bytes one fine-tuning run holds at its peak, component by component.
 
+    Any float backbone of the layer kinds in ``edgetune.nn.layers`` (convolutions, pooling,
+    residual adds: ``_plan_layers``); int8 backbones and the int8 skip-cache are planned for
+    backbones of dense layers only in this version (UsageError otherwise).
     ``int8`` plans for the int8 version of ``backbone`` (default: whatever it is); ``cache``
     is the skip-cache's row format for ``skip2-lora`` ("float32" or "int8"). With
     ``weights_in_flash`` (a microcontroller, whose budget is its RAM) the frozen weights are
@@ -124,11 +129,19 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
         raise UsageError(f"cache must be 'float32' or 'int8', got {cache!r}")
     if scheme is not None and method != "sparse":
         raise UsageError(f"method {method} has no update scheme: a scheme applies to the sparse method only")
-    if any(spec.kind != "dense" for spec in backbone.specs):
-        raise UsageError("the memory planner models MLP backbones (dense layers) in this version; this backbone "
-                         "has " + ", ".join(sorted({s.kind for s in backbone.specs} - {"dense"})) + " layers")
     is_q = backbone.is_int8
     int8 = is_q if int8 is None else int8
+    if any(spec.kind != "dense" for spec in backbone.specs):
+        kinds = ", ".join(sorted({s.kind for s in backbone.specs} - {"dense"}))
+        if int8:
+            raise UsageError(f"the memory planner models int8 backbones of dense layers only in this version; this "
+                             f"backbone has {kinds} layers: plan its float version")
+        if cache == "int8":
+            raise UsageError(f"the memory planner models the int8 skip-cache on backbones of dense layers only in "
+                             f"this version; this backbone has {kinds} layers: plan the float skip-cache")
+        return _plan_layers(backbone, method, batch_size=batch_size, n_samples=n_samples, optimizer=optimizer,
+                            rank=rank, train_last_bias=train_last_bias, scheme=scheme,
+                            weights_in_flash=weights_in_flash)
     if is_q and not int8:
         raise UsageError("an int8 backbone cannot be planned as float")
     if int8 and method in FLOAT_ONLY:
@@ -242,6 +255,248 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
                       optimizer_state=OPTIMIZER_COPIES[optimizer] * p * fi, snapshot=p * fi,
                       activations=int(kept), cache_bytes=int(cache_bytes), working=int(working))
     return plan
+
+
+# ---------------------------------------------------------------------------- any chain of layers
+class _Live:
+    """Bytes a simulated training step holds (beyond the persistent arrays), and its peak.
+    ``call`` books one operation: its peak on top of what is held, then what it returns."""
+
+    def __init__(self, held: int = 0):
+        self.now = self.peak = held
+
+    def call(self, cb: CallBytes) -> None:
+        self.peak = max(self.peak, self.now + cb.peak)
+        self.now += cb.out
+
+    def alloc(self, n: int) -> None:
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+    def free(self, n: int) -> None:
+        self.now -= n
+
+
+def _plan_layers(backbone: Backbone, method: str, *, batch_size: int, n_samples: int, optimizer: str, rank: int,
+                 train_last_bias: bool, scheme: str | SparseScheme | None, weights_in_flash: bool) -> MemoryPlan:
+    """``plan_memory`` for a float backbone of any layer kinds (convolutions, pooling, residual adds).
+
+    The persistent arrays are counted from the layer descriptions; the step's transients by
+    walking one training step of the NumPy engine layer by layer, as the methods run it,
+    booking what each operation allocates (``edgetune.nn.layers.call_bytes``, stated next to
+    the operations) and when each array is released.
+    """
+    from .methods import method_class
+    from .methods.base import MethodOptions
+    from .methods.layerwise import LayerwiseMethod
+    from .methods.sparse import SparseUpdate
+
+    specs = backbone.specs
+    f = np.dtype(backbone.dtype).itemsize
+    B, N = batch_size, n_samples
+    n = len(specs)
+    out = specs[-1].out_features
+    norm = 2 * backbone.norm_shape[0] * f if backbone.input_mean is not None else 0
+    frozen = f * sum(s.n_params for s in specs) + norm
+    cls = method_class(method)
+    opts = MethodOptions(rank=rank, train_last_bias=train_last_bias,
+                         scheme=None if scheme is None else str(scheme))
+    copies = cache_bytes = extra = 0
+    sch_text = None
+    if issubclass(cls, LayerwiseMethod):
+        plans = cls.layer_plans(specs, rank)
+        p = cls.count_trainable(specs, opts)
+        if cls.trains_backbone:  # ft-*: the trained tensors live in the parameter buffer
+            frozen -= f * sum((s.n_params - s.out_channels if pl.weight else 0) + (s.out_channels if pl.bias else 0)
+                              for s, pl in zip(specs, plans))
+        copies = sum(f * (s.n_params - s.out_channels) for s, pl in zip(specs, plans)
+                     if s.kind == "dense" and not pl.weight)
+        trainable = [k for k, pl in enumerate(plans) if pl.any]
+        first = min(trainable) if trainable else n - 1
+        lora = {k: lora_specs(specs[k], rank) for k, pl in enumerate(plans) if pl.lora}
+        kept, peak = _step_chain(tuple(specs), B, f, first=first, lora=tuple(sorted(lora.items())),
+                                 weight=frozenset(k for k, pl in enumerate(plans) if pl.weight))
+    elif cls is SparseUpdate:
+        weighted = [k for k, s in enumerate(specs) if s.has_params]
+        sch = SparseUpdate.resolve_scheme(opts.scheme, len(weighted), train_last_bias)
+        sch_text = str(sch)
+        p = cls.count_trainable(specs, opts)
+        rows = {weighted[i]: c for i, c in sch.channels([specs[k].out_channels for k in weighted]).items()}
+        biases = {weighted[i] for i in sch.bias_set(len(weighted))}
+        trained = sorted(set(rows) | biases)
+        first = trained[0] if trained else n
+        # Only which layers train rows matters to the step (their weights are joined), not how many.
+        kept, peak = _step_chain(tuple(specs), B, f, first=first, joined=frozenset(k for k, c in rows.items() if c))
+    else:  # skip-lora, skip2-lora
+        taps = backbone.tap_widths
+        L, D = len(taps), sum(taps)
+        p = L * rank * D + out * L * rank + (out if train_last_bias else 0)  # A stored as one masked block
+        copies = sum(f * (s.n_params - s.out_channels) for s in specs if s.kind == "dense")
+        kept, peak = _step_skip(tuple(specs), B, f, row=D + out, adapters=L * rank, cached=method == "skip2-lora")
+        extra = L * rank * D * f  # the float mask of A's blocks
+        if method == "skip2-lora":
+            cache_bytes = N * (D + out) * f + N
+    return MemoryPlan(method=method, backbone="float32" if f == 4 else "float64", batch_size=B, n_samples=N,
+                      optimizer=optimizer, n_trainable=int(p), scheme=sch_text,
+                      cache="float32" if method == "skip2-lora" else None,
+                      frozen_weights=int(frozen), weights_in_flash=weights_in_flash,
+                      weight_copies=0 if weights_in_flash else int(copies),
+                      trainable=int(p * f), gradients=int(p * f),
+                      optimizer_state=OPTIMIZER_COPIES[optimizer] * p * f, snapshot=p * f,
+                      activations=int(kept), cache_bytes=int(cache_bytes), working=int(peak - kept + extra))
+
+
+def _loss(live: _Live, B: int, out: int, f: int) -> None:
+    """softmax_cross_entropy beside the logits: the shifted logits and their exponentials; the
+    latter become the gradient."""
+    live.alloc(2 * B * out * f)
+    live.free(B * out * f)
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_chain(specs: tuple, B: int, f: int, *, first: int, lora: tuple = (), weight: frozenset = frozenset(),
+                joined: frozenset | None = None) -> tuple[int, int]:
+    """(bytes kept for backward, peak) of one step of a method that trains beside the layers:
+    the layer-wise methods (``lora``: (layer, (A, B)) adapters, trained ``weight`` layers) or
+    the sparse update (``joined``: the layers whose forward and backward read the trained rows
+    and the frozen ones joined into one new array; ``weight`` unused). The previous step's kept
+    inputs stay held until this step's forward replaces them, layer by layer. Cached: a search
+    plans thousands of sparse schemes that differ only in counts."""
+    lora = dict(lora)
+    joined = joined or frozenset()
+    n = len(specs)
+    sources = {s.source for s in specs if s.kind == "add"}
+    kept_h = {k: B * specs[k].in_features * f for k in range(first, n)}
+    kept_u = {k: B * a.out_features * f for k, (a, _) in lora.items()}
+    kept = sum(kept_h.values()) + sum(kept_u.values())
+    live = _Live(kept)
+    live.alloc(2 * B * 8)  # the batch's ids
+    h = B * specs[0].in_features * f
+    live.alloc(h)  # the batch
+    held_sources = held_d = 0
+    for k, spec in enumerate(specs):
+        held = False
+        if k >= first:  # replaces the previous step's input of layer k
+            live.free(kept_h[k])
+            held = True
+        if k in sources:
+            held = True
+            if k < first:
+                held_sources += h
+        w = spec.n_params * f if k in joined else 0  # the joined weight, alive during the call
+        live.alloc(w)
+        live.call(call_bytes(spec, "forward", B, f))
+        live.free(w)
+        z = B * spec.out_features * f
+        live.call(call_bytes(spec, "add_bias", B, f))
+        if k in lora:
+            a, b = lora[k]
+            live.call(call_bytes(a, "forward", B, f))
+            live.free(kept_u[k])
+            live.call(call_bytes(b, "forward", B, f))
+            live.free(held_d)  # the adapter's previous output, held by its name until now
+            held_d = B * b.out_features * f
+        live.call(CallBytes(activation_bytes(spec.activation, B * spec.out_features, f).peak))
+        if not held:
+            live.free(h)
+        h = z
+    live.free(held_sources + held_d)
+    _loss(live, B, specs[-1].out_features, f)
+    # Gradients as handles ([bytes]): one is released when neither the loop, the caller (the
+    # first) nor a pending residual holds it.
+    g = caller = [B * specs[-1].out_features * f]
+    pending: dict[int, list[int]] = {}
+
+    def release(arr: list[int]) -> None:
+        if arr is not caller and all(arr is not v for v in pending.values()):
+            live.free(arr[0])
+
+    for k in range(n - 1, first - 1, -1):
+        spec = specs[k]
+        w = spec.n_params * f if k in joined else 0
+        if k in joined:  # a new array, its trained rows copied into the gradient
+            live.call(CallBytes(call_bytes(spec, "weight_grad", B, f).peak))
+        elif k in weight and spec.kind != "dense":  # a dense gradient is written in place
+            live.call(CallBytes(call_bytes(spec, "weight_grad", B, f).peak))
+        gu = 0
+        if k in lora:
+            a, b = lora[k]
+            if b.kind != "dense":
+                live.call(CallBytes(call_bytes(b, "weight_grad", B, f).peak))
+            ig = call_bytes(b, "input_grad", B, f)
+            live.call(ig)
+            gu = ig.out
+            if a.kind != "dense":
+                live.call(CallBytes(call_bytes(a, "weight_grad", B, f).peak))
+        if spec.kind == "add" and spec.source >= first:
+            if spec.source in pending:  # pending + g: a new sum replaces the held gradient
+                old = pending[spec.source]
+                pending[spec.source] = [B * spec.in_features * f]
+                live.alloc(pending[spec.source][0])
+                release(old)
+            else:
+                pending[spec.source] = g
+        if k > first:
+            live.alloc(w)
+            ig = call_bytes(spec, "input_grad", B, f)
+            live.call(ig)
+            live.free(w)
+            dh = [ig.out]
+            if spec.kind in ("flatten", "add"):  # the gradient itself comes back: copied
+                dh = [B * spec.in_features * f]
+                live.alloc(dh[0])
+            if gu:
+                live.call(CallBytes(call_bytes(lora[k][0], "input_grad", B, f).peak))
+            if k in pending:  # dh + the residual's gradient: a new array
+                summed = [dh[0]]
+                live.alloc(summed[0])
+                live.free(dh[0])
+                dh = summed
+                release(pending.pop(k))
+            live.call(CallBytes(activation_bytes(specs[k - 1].activation, B * spec.in_features, f).out))
+            old, g = g, dh
+            release(old)
+        live.free(gu)
+    new_kept = sum(kept_h.values()) + sum(kept_u.values())
+    return new_kept, live.peak
+
+
+@functools.lru_cache(maxsize=256)
+def _step_skip(specs: tuple, B: int, f: int, *, row: int, adapters: int, cached: bool) -> tuple[int, int]:
+    """(bytes kept for backward, peak) of one skip-lora step: the taps' rows computed by the
+    backbone's forward pass (skip2-lora: every sample missed, the cache's output rows beside),
+    then the adapters. The previous step's rows and adapter products stay held until this
+    step's head replaces them."""
+    kept = B * row * f + B * adapters * f
+    live = _Live(kept)
+    live.alloc(2 * B * 8)
+    if cached:
+        live.alloc(B * row * f + 2 * B + B * 8)  # the output rows, hit and miss masks, the missing ids
+    live.alloc(B * specs[0].in_features * f)     # the batch
+    live.alloc(B * row * f)                      # the rows the forward pass fills
+    sources = {s.source for s in specs if s.kind == "add"}
+    h = B * specs[0].in_features * f
+    first = True
+    held_sources = 0
+    for k, spec in enumerate(specs):
+        held = first or k in sources  # the batch is held by the caller
+        if k in sources and not first:
+            held_sources += h
+        live.call(call_bytes(spec, "forward", B, f))
+        live.call(call_bytes(spec, "add_bias", B, f))
+        live.call(CallBytes(activation_bytes(spec.activation, B * spec.out_features, f).peak))
+        if not held:
+            live.free(h)
+        h, first = B * spec.out_features * f, False
+    live.free(held_sources + h + B * specs[0].in_features * f)  # logits copied into the rows; the batch
+    if cached:
+        live.free(B * row * f)  # the computed rows, copied into the output rows
+    live.alloc(B * adapters * f + B * specs[-1].out_features * f)  # u, logits
+    live.free(kept)  # the previous step's rows and products
+    out = specs[-1].out_features
+    _loss(live, B, out, f)
+    live.alloc(B * adapters * f)  # gu
+    return kept, live.peak
 
 
 def _core_lib(what: str) -> Any:
@@ -405,7 +660,9 @@ def backbone_bytes(bb: Backbone) -> int:
 
 # ---------------------------------------------------------------------------- search
 def sparse_schemes(n_layers: int) -> list[str]:
-    """Every scheme: biases of the last k layers (k = 0..n) x, per layer, no weight or a ratio."""
+    """Every scheme: biases of the last k layers (k = 0..n) x, per layer, no weight or a ratio.
+    A scheme counts the layers with weights (``len(backbone.tap_layers)``; for an MLP every
+    layer), as the sparse method does: pooling, flatten and add layers have nothing to train."""
     out = []
     for k in range(n_layers + 1):
         for ratios in itertools.product((None, *RATIOS), repeat=n_layers):
@@ -449,16 +706,21 @@ def candidates(backbone: Backbone, *, budget: int, batch_size: int | Sequence[in
         return Candidate(p, False)
 
     is_q = backbone.is_int8
-    variants = [True] if is_q else ([False, True] if int8_available else [False])
+    mlp = all(spec.kind == "dense" for spec in backbone.specs)
+    if is_q and not mlp:
+        raise UsageError("the memory planner models int8 backbones of dense layers only in this version; plan the "
+                         "float version of this convolutional backbone")
+    # int8 backbones and the int8 skip-cache are planned for MLPs only in this version.
+    variants = [True] if is_q else ([False, True] if int8_available and mlp else [False])
     out = []
     for int8 in variants:
         for name in METHODS:
             if name == "sparse" or (int8 and name in FLOAT_ONLY):
                 continue
-            caches = ("float32", "int8") if name == "skip2-lora" else ("float32",)
+            caches = ("float32", "int8") if name == "skip2-lora" and mlp else ("float32",)
             for c in caches:
                 out.append(best(name, rank=rank, int8=int8, cache=c))
-        for sch in sparse_schemes(backbone.n_layers):
+        for sch in sparse_schemes(len(backbone.tap_layers)):
             out.append(best("sparse", scheme=sch, int8=int8))
     return out
 

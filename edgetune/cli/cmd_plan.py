@@ -10,8 +10,9 @@ NAME = "plan"
 HELP = "list the methods and sparse-update schemes whose training fits a memory budget"
 DESCRIPTION = """Plan fine-tuning under a memory budget. Every method is planned on the float model
 and on its int8 version (skip2-lora also with an int8 skip-cache), and every sparse-update
-scheme (biases of the last k layers x each layer's weight at channel ratio 1/8..1) is
-searched exhaustively. Without --batch-size, every candidate is planned at the largest of
+scheme (biases of the last k layers x each layer's weight at channel ratio 1/8..1; layers
+with weights, for a CNN) is searched exhaustively. A convolutional model is planned as float
+(int8 CNNs and their int8 skip-cache are not planned in this version). Without --batch-size, every candidate is planned at the largest of
 the batch sizes 20, 8, 4, 1 at which it fits (the batch column says which; the paper trains
 at batch 1 on microcontrollers); --batch-size N keeps the batch fixed. The table lists what
 fits with its memory breakdown; with --task, the best-ranked candidates are also fine-tuned
@@ -73,6 +74,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 SHORT_FINETUNE_EPOCHS = 20
 
 
+def model_text(model) -> str:
+    """An MLP by its widths (512-96-96-2), any other chain of layers by its layers and shapes."""
+    if all(spec.kind == "dense" for spec in model.specs):
+        return "-".join(map(str, model.sizes))
+    return f"{model.n_layers}-layer {list(model.input_shape)} -> {model.sizes[-1]} " \
+           f"({', '.join(spec.kind for spec in model.specs)})"
+
+
 def _rank_key(c):
     p = c.plan
     order = {"skip2-lora": 0, "skip-lora": 1}.get(p.method, 2)
@@ -80,14 +89,16 @@ def _rank_key(c):
             p.total)
 
 
-def trainable_params(plan, sizes: list[int], rank: int) -> int:
-    """The parameters ``plan``'s method trains, as 'edgetune methods' and 'finetune' count them (a
-    skip method stores its adapters as one masked block matrix: the plan's memory holds more values)."""
-    from ..methods import count_trainable
+def trainable_params(plan, specs: list, rank: int) -> int:
+    """The parameters ``plan``'s method trains on layers ``specs``, as 'edgetune methods' and
+    'finetune' count them (a skip method stores its adapters as one masked block matrix: the
+    plan's memory holds more values)."""
+    from ..methods import method_class
+    from ..methods.base import MethodOptions
 
     if plan.method == "sparse":
         return plan.n_trainable
-    return count_trainable(plan.method, sizes, rank=rank)
+    return method_class(plan.method).count_trainable(specs, MethodOptions(rank=rank))
 
 
 def finetune_command(args: argparse.Namespace, plan, model_is_int8: bool) -> str:
@@ -145,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                        weights_in_flash=args.weights_in_flash)
     fit = sorted((c for c in cands if c.fits), key=_rank_key)
     n_sparse = sum(1 for c in cands if c.plan.method == "sparse")
-    info(args, f"{len(cands)} candidates ({n_sparse} sparse schemes) planned for {'-'.join(map(str, model.sizes))}, "
+    info(args, f"{len(cands)} candidates ({n_sparse} sparse schemes) planned for {model_text(model)}, "
                f"{n} samples, {batch_text}; {len(fit)} fit {format_bytes(budget)}")
     if task is not None and fit:
         qmodel = None
@@ -166,14 +177,14 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for c in shown:
         b = c.plan.breakdown()
-        rows.append({"label": c.plan.label, "n": trainable_params(c.plan, model.sizes, args.rank),
+        rows.append({"label": c.plan.label, "n": trainable_params(c.plan, model.specs, args.rank),
                      "batch": c.plan.batch_size,
                      "total": format_bytes(c.plan.total),
                      **{k: format_bytes(v) for k, v in b.items()},
                      "accuracy": "" if c.accuracy is None else f"{c.accuracy:.4f}"})
     out = sys.stdout
     where = "RAM (frozen weights in flash)" if args.weights_in_flash else "memory"
-    print(f"budget {format_bytes(budget)} of {where} ({budget} B); model {'-'.join(map(str, model.sizes))} "
+    print(f"budget {format_bytes(budget)} of {where} ({budget} B); model {model_text(model)} "
           f"({'int8' if model.is_int8 else 'float32'}); {n} samples, {batch_text}, "
           f"{args.optimizer}", file=out)
     if not fit:
@@ -204,10 +215,10 @@ def run(args: argparse.Namespace) -> int:
         print("(TASK: the task to fine-tune on, a built-in name or an .npz file)", file=out)
     write_json(args.json, {"budget": budget, "samples": n, "batch_sizes": batches,
                            "recommended": {**best.plan.as_dict(), "accuracy": best.accuracy,
-                                           "trainable_params": trainable_params(best.plan, model.sizes, args.rank),
+                                           "trainable_params": trainable_params(best.plan, model.specs, args.rank),
                                            "command": finetune_command(args, best.plan, is_q)},
                            "fits": [{**c.plan.as_dict(), "accuracy": c.accuracy,
-                                     "trainable_params": trainable_params(c.plan, model.sizes, args.rank),
+                                     "trainable_params": trainable_params(c.plan, model.specs, args.rank),
                                      "command": finetune_command(args, c.plan, is_q)} for c in fit]})
     return 0
 

@@ -719,3 +719,167 @@ def check_chain(specs: list[LayerSpec]) -> None:
         raise UsageError(f"the last layer gives the logits: no activation after it (it has {specs[-1].activation!r}; "
                          f"drop it: it does not change the argmax of a softmax classifier)")
 
+
+
+# ---------------------------------------------------------------------- memory of one call
+# What each operation above allocates, stated next to it so that the memory planner
+# (edgetune.memory) reads it instead of re-deriving it. Keep these in step with the code.
+@dataclass(frozen=True)
+class CallBytes:
+    """Bytes one call of a layer operation allocates on a batch: ``peak`` at its busiest
+    moment (its result included when that exists by then), ``out`` what it returns newly
+    allocated (0: a view of its input, or written into a given buffer)."""
+
+    peak: int = 0
+    out: int = 0
+
+
+#: The calls whose bytes are stated: the forward pass, the gradient of the input and the
+#: weight gradient returned as a new array (``out`` not given; with ``out`` given a dense
+#: layer allocates nothing, a convolution still makes the array it then copies). Adding the
+#: bias in place buffers the broadcast bias.
+CALLS = ("forward", "add_bias", "input_grad", "weight_grad")
+
+
+def call_bytes(spec: LayerSpec, call: str, n: int, itemsize: int = 4) -> CallBytes:
+    """What ``spec.ops.<call>`` allocates on ``n`` rows of ``itemsize``-byte floats."""
+    if call not in CALLS:
+        raise UsageError(f"call must be one of {', '.join(CALLS)}, got {call!r}")
+    if call == "add_bias":
+        return CallBytes(_ufunc_buffer(n * spec.out_features, itemsize) if spec.has_params else 0)
+    return _CALL_BYTES[spec.kind](spec, call, int(n), int(itemsize))
+
+
+def activation_bytes(name: str, values: int, itemsize: int = 4) -> CallBytes:
+    """What an activation's ``forward`` (peak) and ``grad_mul`` (out: its peak, nothing is
+    returned) allocate on ``values`` values: the comparisons' boolean masks and temporaries."""
+    fwd = {"leaky_relu": values, "sigmoid": values + 4 * values * itemsize}.get(name, 0)
+    grad = {"relu": values, "relu6": 3 * values, "leaky_relu": 8 * values + values * itemsize + values,
+            "tanh": 2 * values * itemsize, "sigmoid": 2 * values * itemsize}.get(name, 0)
+    return CallBytes(fwd, grad)
+
+
+def _padded(spec: LayerSpec, n: int, f: int) -> int:
+    """The zero- (or -inf-) padded copy of the input that ``_windows`` makes; 0 without padding."""
+    c, hh, ww, _, _, (ph, pw) = _grid(spec)
+    return n * c * (hh + 2 * ph) * (ww + 2 * pw) * f if ph or pw else 0
+
+
+def _scatter(spec: LayerSpec, n: int, f: int, buffered: bool = True) -> tuple[int, int]:
+    """``_scatter_windows``: (its peak, what it returns): the padded gradient, and when padded
+    the unpadded copy the final reshape makes (a view of the padded one, which it keeps, when
+    the unpadded rows merge: one channel of one row)."""
+    padded = _padded(spec, n, f)
+    plain = n * spec.in_features * f
+    c, hh, ww, _, _, (ph, pw) = _grid(spec)
+    if padded and _merges((c, (hh + 2 * ph) * (ww + 2 * pw)), (hh, ww + 2 * pw), (ww, 1)):
+        plain, padded = padded, 0
+    # Each window offset adds a strided view of the gradient into a strided slice: buffered
+    # (the gradient's slice; in 2-D or at a stride the slice of the padded rows too). Average
+    # pooling's gradient is one value per window broadcast over it: its slices need none.
+    values = n * c * (spec.out_features // spec.out_channels if spec.has_params else
+                      spec.out_features // c)
+    buffers = _ufunc_buffer(values, f) * (2 if len(spec.in_shape) == 3 or max(spec.stride) > 1 else 1) \
+        if buffered else 0
+    return (padded + plain + buffers, plain) if padded else (plain + buffers, plain)
+
+
+def _dense_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
+    if call == "forward":
+        return CallBytes(n * spec.out_features * f, n * spec.out_features * f)
+    if call == "input_grad":
+        return CallBytes(n * spec.in_features * f, n * spec.in_features * f)
+    w = spec.n_params - spec.out_channels
+    return CallBytes(w * f, w * f)
+
+
+def _merges(*axes: tuple[int, int]) -> bool:
+    """Whether NumPy can merge axes given as (size, stride) into one without a copy (what
+    ``reshape`` checks): axes of size 1 do not count, each other stride must be the next
+    one's times its size."""
+    axes = tuple(a for a in axes if a[0] != 1)
+    return all(s0 == n1 * s1 for (_, s0), (n1, s1) in zip(axes, axes[1:]))
+
+
+def _ufunc_buffer(values: int, f: int) -> int:
+    """One operand's buffer in an element-wise operation that NumPy cannot run in place on a
+    strided or broadcast operand: up to 8192 elements (its default ``bufsize``)."""
+    return min(values, 8192) * f
+
+
+def _conv_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
+    c, hh, ww, k, s, p = _grid(spec)
+    g, o = spec.groups, spec.out_channels
+    cg, og = c // g, o // g
+    oh, ow = ((1,) + spec.out_shape[1:]) if len(spec.out_shape) == 2 else spec.out_shape[1:]
+    npos = oh * ow
+    hp, wp = hh + 2 * p[0], ww + 2 * p[1]
+    # _cols: the windows (N, G, C/G, OH, OW, kh, kw) of the (padded) input, strides in
+    # elements, reshaped to rows (N, G, OH*OW, C/G*kh*kw): a view where the axes merge.
+    view = _merges((oh, s[0] * wp), (ow, s[1])) and _merges((cg, hp * wp), (k[0], wp), (k[1], 1))
+    cols = 0 if view else n * npos * c * k[0] * k[1] * f
+    pad = _padded(spec, n, f)
+    z = n * o * npos * f
+    keep = pad if view else 0  # a view of the windows keeps the padded input alive
+    if call == "forward":
+        # matmul gives (N, G, S, O/G); (N, O*S) is its transpose (N, G, O/G, S), merged.
+        relayout = 0 if _merges((g, npos * og), (og, 1), (npos, og)) else z
+        return CallBytes(max(pad + cols, keep + cols + z + relayout), z)
+    if call == "weight_grad":
+        w = spec.n_params - o
+        return CallBytes(max(pad + cols, keep + cols + w * f), w * f)
+    kk = cg * k[0] * k[1]
+    dcols = n * npos * c * k[0] * k[1] * f
+    # (N, G, OH, OW, C/G, kh, kw) -> (N, C, OH, OW, kh, kw): G and C/G merge unless spread apart
+    regroup = 0 if _merges((g, npos * kk), (cg, k[0] * k[1])) else dcols
+    peak, out = _scatter(spec, n, f)
+    return CallBytes(dcols + regroup + peak, out)
+
+
+def _pool_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
+    _, _, ww, k, _, p = _grid(spec)
+    o = n * spec.out_features * f
+    pad = _padded(spec, n, f)
+    mode = spec.kind[:3]
+    if call == "forward":  # max: the reduction; avg: the sum and its quotient
+        return CallBytes(pad + (o if mode == "max" else 2 * o), o)
+    if call == "weight_grad":
+        return CallBytes()
+    peak, out = _scatter(spec, n, f, buffered=mode == "max")
+    if mode == "avg":  # g / (kh*kw), broadcast over the windows (a view)
+        return CallBytes(o + peak, out)
+    # max: the windows flat (a copy unless a window is one row high, or the padded row wide),
+    # the argmax (int64), the windows' gradient (put_along_axis: its indexed assignment buffers
+    # the values; measured to stay held through the scatter), then the scatter.
+    wide = o * k[0] * k[1]
+    flat = 0 if k[0] == 1 or ww + 2 * p[1] == k[1] else wide
+    return CallBytes(pad + flat + 2 * o + wide + _ufunc_buffer(o // f, f) + peak, out)
+
+
+def _gap_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
+    small = n * spec.in_shape[0] * f
+    if call == "forward":
+        return CallBytes(small, small)
+    if call == "weight_grad":
+        return CallBytes()
+    full = n * spec.in_features * f  # g / npos, repeated over the positions
+    return CallBytes(small + full, full)
+
+
+def _flatten_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
+    full = n * spec.in_features * f
+    if call == "forward":   # a copy: the row is already flat
+        return CallBytes(full, full)
+    return CallBytes()      # the gradient passes through (the same array)
+
+
+def _add_bytes(spec: LayerSpec, call: str, n: int, f: int) -> CallBytes:
+    full = n * spec.in_features * f
+    if call == "forward":
+        return CallBytes(full, full)
+    return CallBytes()
+
+
+_CALL_BYTES = {"dense": _dense_bytes, "conv1d": _conv_bytes, "conv2d": _conv_bytes,
+               "maxpool1d": _pool_bytes, "maxpool2d": _pool_bytes, "avgpool1d": _pool_bytes,
+               "avgpool2d": _pool_bytes, "gap": _gap_bytes, "flatten": _flatten_bytes, "add": _add_bytes}
