@@ -277,6 +277,14 @@ class _Live:
         self.now -= n
 
 
+#: What a step of the NumPy engine holds per layer call beyond its arrays' data: array headers,
+#: views, NumPy's iterators, Python frames. Measured with tracemalloc on the CNNs of
+#: tests/test_memory_cnn.py: about 1 KB per layer of the forward pass and 2 KB more per layer
+#: the backward pass enters (the sparse update's pruned backward: per trained layer; a skip
+#: method's head: 2 KB per layer in all); at batch 1 it is a tenth to a fifth of the step.
+OBJECTS_FORWARD, OBJECTS_BACKWARD, OBJECTS_SKIP = 1024, 2048, 2048
+
+
 def _plan_layers(backbone: Backbone, method: str, *, batch_size: int, n_samples: int, optimizer: str, rank: int,
                  train_last_bias: bool, scheme: str | SparseScheme | None, weights_in_flash: bool) -> MemoryPlan:
     """``plan_memory`` for a float backbone of any layer kinds (convolutions, pooling, residual adds).
@@ -316,6 +324,7 @@ def _plan_layers(backbone: Backbone, method: str, *, batch_size: int, n_samples:
         lora = {k: lora_specs(specs[k], rank) for k, pl in enumerate(plans) if pl.lora}
         kept, peak = _step_chain(tuple(specs), B, f, first=first, lora=tuple(sorted(lora.items())),
                                  weight=frozenset(k for k, pl in enumerate(plans) if pl.weight))
+        objects = OBJECTS_FORWARD * n + OBJECTS_BACKWARD * (n - first)
     elif cls is SparseUpdate:
         weighted = [k for k, s in enumerate(specs) if s.has_params]
         sch = SparseUpdate.resolve_scheme(opts.scheme, len(weighted), train_last_bias)
@@ -327,6 +336,7 @@ def _plan_layers(backbone: Backbone, method: str, *, batch_size: int, n_samples:
         first = trained[0] if trained else n
         # Only which layers train rows matters to the step (their weights are joined), not how many.
         kept, peak = _step_chain(tuple(specs), B, f, first=first, joined=frozenset(k for k, c in rows.items() if c))
+        objects = OBJECTS_FORWARD * n + OBJECTS_BACKWARD * len(trained)  # the pruned backward: trained layers
     else:  # skip-lora, skip2-lora
         taps = backbone.tap_widths
         L, D = len(taps), sum(taps)
@@ -334,6 +344,7 @@ def _plan_layers(backbone: Backbone, method: str, *, batch_size: int, n_samples:
         copies = sum(f * (s.n_params - s.out_channels) for s in specs if s.kind == "dense")
         kept, peak = _step_skip(tuple(specs), B, f, row=D + out, adapters=L * rank, cached=method == "skip2-lora")
         extra = L * rank * D * f  # the float mask of A's blocks
+        objects = OBJECTS_SKIP * n
         if method == "skip2-lora":
             cache_bytes = N * (D + out) * f + N
     return MemoryPlan(method=method, backbone="float32" if f == 4 else "float64", batch_size=B, n_samples=N,
@@ -343,7 +354,8 @@ def _plan_layers(backbone: Backbone, method: str, *, batch_size: int, n_samples:
                       weight_copies=0 if weights_in_flash else int(copies),
                       trainable=int(p * f), gradients=int(p * f),
                       optimizer_state=OPTIMIZER_COPIES[optimizer] * p * f, snapshot=p * f,
-                      activations=int(kept), cache_bytes=int(cache_bytes), working=int(peak - kept + extra))
+                      activations=int(kept), cache_bytes=int(cache_bytes),
+                      working=int(peak - kept + extra + objects))
 
 
 def _loss(live: _Live, B: int, out: int, f: int) -> None:
