@@ -131,7 +131,37 @@ def test_failures_exit_1(tmp_path, task_file):
 
 
 def test_help_of_every_action():
-    for action in ("fit", "score", "adapt", "stream", "tasks"):
+    for action in ("fit", "score", "adapt", "stream", "plan", "export", "tasks"):
         r = _cli("detect", action, "--help")
         assert r.returncode == 0 and "--json" in r.stdout and "--quiet" in r.stdout
     assert "fan-damage1-move" in _cli("detect", "tasks").stdout
+
+
+def test_plan_states_the_exported_state_and_refuses_an_over_budget(fitted, tmp_path):
+    """detect plan: C's own state size per target (the export's plan), the board's RAM or a budget."""
+    pytest.importorskip("edgetune.stream.native", reason="needs the compiled engine")
+    from edgetune import AnomalyDetector
+    from edgetune.export.detector import TARGETS, plan_detector
+
+    r = _cli("detect", "plan", "--model", fitted / "m", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    det = AnomalyDetector.load(fitted / "m")
+    assert [t["target"] for t in got["targets"]] == list(TARGETS)
+    for t in got["targets"]:
+        assert t["ram_bytes"] == plan_detector(det, t["target"])["ram_bytes"] and t["fits"]
+    m4 = next(t for t in got["targets"] if t["target"] == "cortex-m4")
+    host = next(t for t in got["targets"] if t["target"] == "host")
+    assert m4["state_bytes"] < host["state_bytes"]  # the random weights regenerated, not stored
+    # a budget that some targets meet (stack and statics count on a microcontroller)
+    budget = min(t["ram_bytes"] for t in got["targets"])
+    over = {t["target"] for t in got["targets"] if t["ram_bytes"] > budget}
+    assert over and len(over) < len(TARGETS)
+    r = _cli("detect", "plan", "--model", fitted / "m", "--budget", budget)
+    named = r.stderr.split("error:")[1]
+    assert r.returncode == 1 and all(f"{t} (" in named for t in over)
+    assert not any(f"{t['target']} (" in named for t in got["targets"] if t["target"] not in over)
+    r = _cli("detect", "plan", "--model", fitted / "m", "--target", "riscv32", "--budget", m4["ram_bytes"])
+    assert r.returncode == 0 and "riscv32" in r.stdout
+    r = _cli("detect", "plan", "--model", fitted / "m", "--environment", "5")
+    assert r.returncode == 2 and "--environment 5" in r.stderr

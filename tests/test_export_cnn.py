@@ -190,6 +190,26 @@ def test_riscv32f_cnn_program_matches_python(cnn2d, task2d, tmp_path):
     assert res["arena_needed_bytes"] == man["memory"]["arena"]
 
 
+@pytest.mark.parametrize("target,method", [("cortex-m7", "sparse"), ("riscv32", "skip2-lora")])
+def test_the_other_microcontrollers_run_a_cnn_as_python_does(target, method, cnn2d, task2d, tmp_path):
+    """The Cortex-M7 (the sparse update's pruned backward) and the soft-float RV32IMAC."""
+    from edgetune.export.targets import get_target
+
+    t = get_target(target)
+    needs((t.cc, t.cc_package.split()[0]), (t.qemu, t.qemu_package))
+    task, task_option = task2d
+    out = tmp_path / target
+    man = export(cnn2d, task_option, out, target, "--method", method, "--batch-size", "4", "--max-samples", "40",
+                 "--test-samples", "30", "--epochs", "2", "--lr", "0.05")
+    make(out, timeout=300)
+    res = last_json(make(out, "run", timeout=600))
+    _, loss, acc = python_run(et.Backbone.load(cnn2d), task, man)
+    assert res["target"] == target and res["epochs"] == 2 and res["samples"] == 40
+    assert res["accuracy_after"] == pytest.approx(acc)
+    assert res["final_loss"] == pytest.approx(loss, rel=1e-4)
+    assert res["arena_needed_bytes"] == man["memory"]["arena"]
+
+
 # ----------------------------------------------------------------------------- plans and refusals
 def test_plan_target_gives_a_cnn_arena_and_refuses_a_small_budget(cnn1d, task1d, tmp_path, capsys):
     _, task_option = task1d

@@ -325,7 +325,7 @@ def test_a_device_killed_mid_run_rejoins_with_its_cache(fan_model, tmp_path):
     out = tmp_path / "server.json"
     state = tmp_path / "server-state"
     server = _start(_server_cmd(fan_model, port, out, 5, 2, "--insecure", "--min-replies", "2",
-                                "--round-timeout", "8", "--state-dir", str(state)), tmp_path / "server.log")
+                                "--round-timeout", "20", "--state-dir", str(state)), tmp_path / "server.log")
     procs = [server]
     try:
         clients = [_start(_client_cmd(fan_model, i, 3, port, tmp_path / f"dev{i}", "--insecure"),

@@ -106,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         description="Write a C project (the engine's OS-ELM sources, the detector's state as a "
                                     "checksummed blob, an example program streaming the task's test samples "
                                     "test-then-train, and a Makefile) for a target: host, aarch64-linux, "
-                                    "cortex-m4, cortex-m7 ('make run'; microcontrollers under QEMU).")
+                                    "cortex-m4, cortex-m7, riscv32, riscv32f ('make run'; microcontrollers "
+                                    "under QEMU).")
     ex.add_argument("--model", required=True, metavar="DIR", help="detector directory")
     from ..export.detector import TARGETS
     ex.add_argument("--target", required=True, choices=TARGETS, help="where the program runs")
@@ -121,6 +122,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_force_arg(ex)
     _outputs(ex)
 
+    pl = sub.add_parser("plan", help="the RAM a detector needs on each device target, before exporting it",
+                        description="The RAM the exported detector needs on a target, from the compiled engine's "
+                                    "own state size: the learned state (P, beta, scratch; the random input "
+                                    "weights too on Linux targets, regenerated from the seed on "
+                                    "microcontrollers), one standardised input, and on a microcontroller the "
+                                    "stack and statics the export reserves. Without --target, every target. "
+                                    "With --budget, exit 1 if the plan exceeds it (on every target asked).")
+    pl.add_argument("--model", required=True, metavar="DIR", help="detector directory")
+    pl.add_argument("--target", choices=TARGETS, help="one target (default: every target)")
+    pl.add_argument("--budget", metavar="SIZE", help="RAM the detector may use, e.g. 200KB")
+    pl.add_argument("--environment", type=int, default=-1,
+                    help="which learned environment (default -1: the last, the current room)")
+    _outputs(pl)
+
     ts = sub.add_parser("tasks", help="list the built-in anomaly tasks")
     _outputs(ts)
 
@@ -130,9 +145,51 @@ def run(args: argparse.Namespace) -> int:
 
     action = getattr(args, "action", None)
     if action is None:
-        raise UsageError("choose an action: fit, score, adapt, stream, export or tasks (see 'edgetune detect --help')")
+        raise UsageError("choose an action: fit, score, adapt, stream, plan, export or tasks (see 'edgetune detect "
+                         "--help')")
     return {"fit": _fit, "score": _score, "adapt": _adapt, "stream": _stream, "tasks": _tasks,
-            "export": _export}[action](args)
+            "plan": _plan, "export": _export}[action](args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from ..errors import BudgetError, UsageError
+    from ..export.detector import TARGETS, plan_detector
+    from ..export.targets import get_target
+    from ..stream import AnomalyDetector
+    from ..units import parse_bytes
+    from ._common import print_table
+
+    check_outputs(args.json, args=args)
+    budget = parse_bytes(args.budget, "--budget") if args.budget is not None else None
+    det = AnomalyDetector.load(args.model)
+    n_env = len(det.environments_)
+    if not -n_env <= args.environment < n_env:
+        raise UsageError(f"--environment {args.environment}: the detector has {n_env} environment"
+                         f"{'s' if n_env != 1 else ''} (0..{n_env - 1}, or -1 for the last)")
+    if det.kind != "oselm":
+        raise UsageError("only kind='oselm' detectors run on a device (the backbone kind needs the backbone there)")
+    rows = []
+    for name in ([args.target] if args.target else TARGETS):
+        t = get_target(name)
+        p = plan_detector(det, name, args.environment)
+        limit = budget if budget is not None else (t.ram_bytes if t.kind == "mcu" else None)
+        rows.append({"target": name, "state_bytes": p["state_bytes"], "ram_bytes": p["ram_bytes"],
+                     "limit_bytes": limit, "fits": limit is None or p["ram_bytes"] <= limit,
+                     "weights": "kept in the state" if t.kind != "mcu" else "regenerated from the seed"})
+    print_table([{**r, "state_bytes": f"{r['state_bytes']:,}", "ram_bytes": f"{r['ram_bytes']:,}",
+                  "limit_bytes": "-" if r["limit_bytes"] is None else f"{r['limit_bytes']:,}",
+                  "fits": "yes" if r["fits"] else "NO"} for r in rows],
+                [("target", "target"), ("state_bytes", "state bytes"), ("ram_bytes", "RAM bytes"),
+                 ("limit_bytes", "budget / board RAM"), ("fits", "fits"), ("weights", "random weights")])
+    write_json(args.json, {"model": str(args.model), "n_features": det.n_features_in_, "n_hidden": det.n_hidden,
+                           "budget": budget, "targets": rows})
+    over = [r for r in rows if not r["fits"]]
+    if over and budget is not None:
+        raise BudgetError(f"the detector needs more than --budget {budget:,} bytes on "
+                          f"{', '.join(r['target'] + ' (' + format(r['ram_bytes'], ',') + ')' for r in over)}: "
+                          f"use fewer hidden units (detect fit --hidden N)")
+    return 0
+
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             raise BackboneMismatch(f"{args.adapter}: adapter was trained on a different backbone (same shape, other "
                                    f"weights); pass strict=False (CLI: --no-strict) to load it anyway") from None
     else:
-        tuner = FineTuner(model, "lora-last")
+        # a fresh adapter leaves the model unchanged (an int8 model has no float weights for lora)
+        tuner = FineTuner(model, "skip-lora" if model.is_int8 else "lora-last")
     splits = {"pretrain": (task.x_pretrain, task.y_pretrain), "finetune": (task.x_finetune, task.y_finetune),
               "test": (task.x_test, task.y_test), **task.extra_tests}
     labels = [str(lb) for lb in task.labels] or [str(k) for k in range(task.n_classes)]

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.input}: {x.shape[1]} features per row, but the model takes {model.sizes[0]}")
     x, _ = validate_xy(x, np.zeros(len(x), np.int64), what=args.input)
     tuner = (FineTuner.load_adapter(model, args.adapter, strict=args.strict) if args.adapter
-             else FineTuner(model, "lora-last"))  # a fresh adapter leaves the model unchanged
+             else FineTuner(model, "skip-lora" if model.is_int8 else "lora-last"))  # a fresh adapter: the model as is
     proba = tuner.predict_proba(x)
     pred = proba.argmax(axis=1)
     names = [str(lb) for lb in model.labels] if model.labels else [str(k) for k in range(model.sizes[-1])]

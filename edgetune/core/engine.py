@@ -78,8 +78,10 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
             why = f"{', '.join(kinds)} layers" if kinds else "an activation per layer"
             return (f"the compiled engine runs {method.name} on MLPs only (dense layers, one activation "
                     f"between layers and none after the last); this backbone has {why}")
-        if bb.is_int8:
+        if bb.is_int8 and all(s.kind == "dense" for s in bb.specs):
             return "the compiled engine runs int8 backbones that are MLPs only"
+        if bb.is_int8 and _core_kind(method) != "skip":
+            return "the compiled engine runs the skip methods on int8 CNNs (the others need float weights)"
         for k, spec in enumerate(bb.specs):
             if spec.activation not in ACTIVATIONS:
                 return f"activation {spec.activation} (layer {k}) has no compiled implementation"
@@ -167,6 +169,9 @@ class CoreModel:
         return _kept(self._keep, a)
 
     def _backbone(self, bb: Any, spec: Any) -> CBackbone:
+        if bb.is_int8 and not all(s.kind == "dense" for s in bb.specs):
+            from ..quant.native import int8_c_backbone  # an int8 CNN: every kind's int8 tensors
+            return int8_c_backbone(bb, self._keep)
         s = layer_backbone(bb.specs)
         sizes = bb.sizes
         n = bb.n_layers

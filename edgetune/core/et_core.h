@@ -71,12 +71,13 @@ typedef struct et_layer {
     const float *w;                         /* dense: (out, in), or NULL: see above;
                                                conv: (out_c, in_c / groups, kernel_h, kernel_w) */
     const float *bias;                      /* (out_c) */
-    /* int8: W ~= wscale[o] * qw[o, i]; this layer's input ~= act_scale * q */
-    const int8_t *qw;                       /* dense: (out, in) */
+    /* int8: W ~= wscale[o] * qw[o, ...]; this layer's input ~= act_scale * q (every kind) */
+    const int8_t *qw;                       /* dense: (out, in); conv: as w */
     const float *wscale;                    /* (out_c) */
     const int32_t *qbias;                   /* (out_c), in the accumulator's unit */
-    const int32_t *rq_mult;                 /* (out_c) hidden layers: requantise acc * mult >> shift */
-    const int32_t *rq_shift;                /* (out_c), 1..62 */
+    const int32_t *rq_mult;                 /* (out_c) hidden layers: requantise acc * mult >> shift;
+                                               add: (2) its input's and its source's multipliers */
+    const int32_t *rq_shift;                /* (out_c), 1..62; add: (2), equal */
     float act_scale;
 } et_layer;
 
@@ -244,7 +245,8 @@ int32_t et_skip_rows(const et_backbone *bb, const et_method *m, const float *x, 
 int32_t et_skip_apply(const et_backbone *bb, const et_method *m, const float *params, const float *rows,
                       int32_t count, int32_t batch, float *logits, void *workspace, size_t workspace_bytes);
 
-/* The int8 backbone's forward pass: int8 taps (count, d_in) and float logits (count, out). */
+/* The int8 backbone's forward pass (any layer kinds, et_int8.h): every layer's int8 input side
+ * by side, taps (count, sum of the layers' input widths), and float logits (count, out). */
 int32_t et_int8_forward_taps(const et_backbone *bb, const float *x, int32_t count, int8_t *taps,
                              float *logits, void *workspace, size_t workspace_bytes);
 size_t et_int8_workspace_size(const et_backbone *bb, int32_t rows);

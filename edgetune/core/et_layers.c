@@ -1,6 +1,7 @@
 /* Layer kinds and their operations: see et_layers.h. */
 #include "et_layers.h"
 #include "et_conv.h"
+#include "et_int8.h"
 #include "et_kernels.h"
 
 #include <string.h>
@@ -50,10 +51,12 @@ static void dense_bias_grad(const et_layer *l, const float *g, int rows, float *
         for (int o = 0; o < out; o++) db[o] += g[(size_t)r * out + o];
 }
 
-static void dense_int8_accumulate(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc) {
+static void dense_int8_accumulate(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc,
+                                  const int8_t *residual, int ldr) {
     const int in = et_layer_in(l), out = et_layer_out(l);
     const int8_t *w = l->qw;
     const int32_t *b = l->qbias;
+    (void)residual, (void)ldr;
     for (int r = 0; r < rows; r++) {
         const int8_t *qr = q + (size_t)r * ldq;
         for (int o = 0; o < out; o++) {
@@ -204,22 +207,24 @@ static const et_layer_ops OPS[] = {
        backward_scratch_bytes, weight_rows_grad */
     [ET_LAYER_DENSE] = {dense_forward, dense_input_grad, dense_weight_grad, dense_bias_grad, dense_scratch_floats,
                         dense_int8_accumulate, no_scratch, no_scratch, dense_weight_rows_grad},
-    [ET_LAYER_CONV1D] = {conv_forward, conv_input_grad, conv_weight_grad, conv_bias_grad, no_floats, NULL,
-                         conv_scratch_bytes, conv_backward_scratch_bytes, conv_weight_rows_grad},
-    [ET_LAYER_CONV2D] = {conv_forward, conv_input_grad, conv_weight_grad, conv_bias_grad, no_floats, NULL,
-                         conv_scratch_bytes, conv_backward_scratch_bytes, conv_weight_rows_grad},
-    [ET_LAYER_MAXPOOL1D] = {maxpool_forward, maxpool_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch,
-                            NULL},
-    [ET_LAYER_MAXPOOL2D] = {maxpool_forward, maxpool_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch,
-                            NULL},
-    [ET_LAYER_AVGPOOL1D] = {avgpool_forward, avgpool_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch,
-                            NULL},
-    [ET_LAYER_AVGPOOL2D] = {avgpool_forward, avgpool_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch,
-                            NULL},
-    [ET_LAYER_GAP] = {gap_forward, gap_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch, NULL},
-    [ET_LAYER_FLATTEN] = {flatten_forward, copy_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch,
-                          NULL},
-    [ET_LAYER_ADD] = {add_forward, copy_input_grad, NULL, NULL, no_floats, NULL, no_scratch, no_scratch, NULL},
+    [ET_LAYER_CONV1D] = {conv_forward, conv_input_grad, conv_weight_grad, conv_bias_grad, no_floats,
+                         et_int8_conv_accumulate, conv_scratch_bytes, conv_backward_scratch_bytes,
+                         conv_weight_rows_grad},
+    [ET_LAYER_CONV2D] = {conv_forward, conv_input_grad, conv_weight_grad, conv_bias_grad, no_floats,
+                         et_int8_conv_accumulate, conv_scratch_bytes, conv_backward_scratch_bytes,
+                         conv_weight_rows_grad},
+    [ET_LAYER_MAXPOOL1D] = {maxpool_forward, maxpool_input_grad, NULL, NULL, no_floats, et_int8_maxpool, no_scratch,
+                            no_scratch, NULL},
+    [ET_LAYER_MAXPOOL2D] = {maxpool_forward, maxpool_input_grad, NULL, NULL, no_floats, et_int8_maxpool, no_scratch,
+                            no_scratch, NULL},
+    [ET_LAYER_AVGPOOL1D] = {avgpool_forward, avgpool_input_grad, NULL, NULL, no_floats, et_int8_avgpool, no_scratch,
+                            no_scratch, NULL},
+    [ET_LAYER_AVGPOOL2D] = {avgpool_forward, avgpool_input_grad, NULL, NULL, no_floats, et_int8_avgpool, no_scratch,
+                            no_scratch, NULL},
+    [ET_LAYER_GAP] = {gap_forward, gap_input_grad, NULL, NULL, no_floats, et_int8_gap, no_scratch, no_scratch, NULL},
+    [ET_LAYER_FLATTEN] = {flatten_forward, copy_input_grad, NULL, NULL, no_floats, et_int8_flatten, no_scratch,
+                          no_scratch, NULL},
+    [ET_LAYER_ADD] = {add_forward, copy_input_grad, NULL, NULL, no_floats, et_int8_add, no_scratch, no_scratch, NULL},
 };
 
 const et_layer_ops *et_layer_ops_of(int32_t kind) {
@@ -312,13 +317,17 @@ static int layer_shape_ok(const et_backbone *bb, int k) {
 }
 
 int32_t et_backbone_check(const et_backbone *bb) {
+    return et_backbone_check_layers(bb, 0);
+}
+
+int32_t et_backbone_check_layers(const et_backbone *bb, int int8_any_kind) {
     if (!bb || bb->n_layers < 1 || bb->n_layers > ET_MAX_LAYERS || (bb->is_int8 != 0 && bb->is_int8 != 1))
         return ET_ERR_ARGUMENT;
     int weighted = 0;
     for (int k = 0; k < bb->n_layers; k++) {
         const et_layer *l = &bb->layers[k];
         if (!et_layer_ops_of(l->kind)) return ET_ERR_UNSUPPORTED;
-        if (bb->is_int8 && l->kind != ET_LAYER_DENSE) return ET_ERR_UNSUPPORTED; /* int8: MLPs only */
+        if (bb->is_int8 && !int8_any_kind && l->kind != ET_LAYER_DENSE) return ET_ERR_UNSUPPORTED; /* training */
         if (l->in_c < 1 || l->in_h < 1 || l->in_w < 1 || l->out_c < 1 || l->out_h < 1 || l->out_w < 1)
             return ET_ERR_ARGUMENT;
         if (l->kernel_h < 1 || l->kernel_w < 1 || l->stride_h < 1 || l->stride_w < 1 || l->pad_h < 0 || l->pad_w < 0

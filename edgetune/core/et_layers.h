@@ -19,15 +19,19 @@
  *   backward_scratch_bytes  the scratch input_grad and weight_grad need (a convolution's)
  *   scratch_floats   floats of scratch a dense input_grad needs when the weight is given
  *                    only in the forward layout (in * out, the transposed weight)
- *   int8_accumulate  acc (rows, out) = the integer pass q . Wq^T + bq, exactly, in int32
+ *   int8_accumulate  acc (rows, out) = the layer on int8 rows in int32: a kind with weights
+ *                    gives its accumulator q . Wq^T + bq, exactly; the others their output at
+ *                    the input's scale (pooling, gap, flatten) or the output scale (add, which
+ *                    reads its source's int8 input `residual`), before the activation's clamp
  *
  * Row-major buffers; ld* are row strides in elements. in and out are et_layer_in(l) and
  * et_layer_out(l). The caller passes the weight tensors explicitly (a method may train
  * them), so the ops read shapes only from the layer.
  *
- * The kinds without weights have no weight_grad, weight_rows_grad and bias_grad (NULL); only dense has
- * int8_accumulate (et_backbone_check refuses int8 tensors on other kinds). The spatial
- * kinds' forward and gradients are et_conv.c's kernels.
+ * The kinds without weights have no weight_grad, weight_rows_grad and bias_grad (NULL). The
+ * spatial kinds' forward and gradients are et_conv.c's kernels, their int8_accumulate
+ * et_int8.c's. Training takes int8 MLPs only (et_backbone_check); the int8 forward pass
+ * takes every kind (et_int8_backbone_check).
  */
 #ifndef ET_LAYERS_H
 #define ET_LAYERS_H
@@ -53,8 +57,10 @@ typedef struct et_layer_ops {
     /* db (out_c): g summed over the rows (and a convolution's positions); NULL without weights. */
     void (*bias_grad)(const et_layer *l, const float *g, int rows, float *db);
     size_t (*scratch_floats)(const et_layer *l);
-    /* acc (rows, out) = q . Wq^T + bq with l->qw and l->qbias. */
-    void (*int8_accumulate)(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc);
+    /* acc (rows, out), packed: dense and conv q . Wq^T + bq with l->qw and l->qbias; see above.
+     * residual (rows, in), row stride ldr: an add's source input; NULL for the other kinds. */
+    void (*int8_accumulate)(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc,
+                            const int8_t *residual, int ldr);
     size_t (*forward_scratch_bytes)(const et_layer *l, int rows);
     /* the scratch input_grad and weight_grad (and weight_rows_grad) need for `rows` rows (a convolution's; else 0) */
     size_t (*backward_scratch_bytes)(const et_layer *l, int rows);
@@ -78,6 +84,10 @@ int et_layer_has_weights(const et_layer *l);
 
 /* Floats of one output channel's weights: in_c / groups * kernel_h * kernel_w (dense: in). */
 int32_t et_layer_row_floats(const et_layer *l);
+
+/* et_backbone_check, with int8 tensors allowed on every layer kind when int8_any_kind is 1
+ * (the int8 forward pass; et_int8_backbone_check adds the int8 tensors' own checks). */
+int32_t et_backbone_check_layers(const et_backbone *bb, int int8_any_kind);
 
 /* 1 when every layer of bb is dense (an MLP). */
 int et_backbone_is_dense(const et_backbone *bb);

@@ -37,7 +37,7 @@ typedef struct {
     float *taps;                           /* skip: batch x row_width */
     const float **rowp;                    /* skip: batch row pointers */
     float *u;                              /* skip: batch x (n*rank) */
-    int8_t *qtaps;                         /* skip on int8: batch x d_in */
+    int8_t *qtaps;                         /* skip on int8: batch x d_in (a CNN: every layer's input) */
     float *walk[2];                        /* skip, not an MLP: batch x max width, each layer's input and output;
                                               sparse, not an MLP: the frozen layers' outputs before `first` */
     float *kept[ET_MAX_LAYERS];            /* skip, not an MLP: batch x et_width(bb, k), the inputs add layers read */
@@ -117,6 +117,13 @@ static int max_lora_width(const et_backbone *bb, const et_method *m) {
     return w;
 }
 
+/* Values of every layer's input side by side: an int8 CNN's pass keeps them all (et_int8_run). */
+static size_t int8_row(const et_backbone *bb) {
+    size_t w = 0;
+    for (int k = 0; k < bb->n_layers; k++) w += (size_t)et_width(bb, k);
+    return w;
+}
+
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
  * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
@@ -154,11 +161,11 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         PIECE(rowp, const float **, B * (size_t)pointer_bytes);
         PIECE(u, float *, B * nr * F);
         PIECE(gu, float *, B * nr * F);
-        if (bb->is_int8) {
-            PIECE(qtaps, int8_t *, B * (size_t)et_skip_d_in(bb));
+        if (bb->is_int8) { /* an int8 CNN's pass keeps every layer's input (an add reads its source's) */
+            PIECE(qtaps, int8_t *, B * (et_backbone_is_dense(bb) ? (size_t)et_skip_d_in(bb) : int8_row(bb)));
             PIECE(acc, int32_t *, B * mw * 4);
         }
-        if (!et_backbone_is_dense(bb)) { /* the frozen forward runs layer by layer (chain_taps) */
+        if (!et_backbone_is_dense(bb) && !bb->is_int8) { /* the frozen forward runs layer by layer (chain_taps) */
             PIECE(walk[0], float *, B * mw * F);
             PIECE(walk[1], float *, B * mw * F);
             for (int k = 0; k < n; k++)
@@ -230,10 +237,20 @@ static int sparse_rows_ok(const et_backbone *bb, const et_method *m) {
     return 1;
 }
 
+/* et_backbone_check, and for an int8 backbone that is not an MLP (the skip methods only) the int8
+ * pass's own checks (et_int8_backbone_check). */
+static int32_t train_check(const et_backbone *bb, const et_method *m) {
+    if (bb && bb->is_int8 == 1 && bb->n_layers >= 1 && bb->n_layers <= ET_MAX_LAYERS && !et_backbone_is_dense(bb)) {
+        const int32_t rc = et_int8_backbone_check(bb);
+        return rc != ET_OK ? rc : (m && m->kind != ET_SKIP ? ET_ERR_UNSUPPORTED : ET_OK);
+    }
+    return et_backbone_check(bb);
+}
+
 size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et_cache *cache, int32_t batch,
                              int32_t pointer_bytes) {
     (void)cache; /* an eager fill writes straight into the cache rows or reuses the batch buffers */
-    if (et_backbone_check(bb) != ET_OK || !m || batch < 1 || m->n_params < 0) return 0;
+    if (train_check(bb, m) != ET_OK || !m || batch < 1 || m->n_params < 0) return 0;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE || pointer_bytes < 1 || pointer_bytes > 16) return 0;
     if (m->kind != ET_SKIP && (m->first < 0 || m->first >= bb->n_layers)) return 0;
     if (m->kind == ET_SPARSE && !sparse_rows_ok(bb, m)) return 0;
@@ -262,7 +279,7 @@ typedef struct {
 
 static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float *P, float *G,
                  et_cache *cache, const float *x, int batch, void *ws, size_t ws_bytes) {
-    const int32_t rc = et_backbone_check(bb);
+    const int32_t rc = train_check(bb, m);
     if (rc != ET_OK) return rc;
     if (!m || !x || batch < 1) return ET_ERR_ARGUMENT;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
@@ -509,6 +526,45 @@ static void chain_taps(ctx *c, const int32_t *ids, int count, float *dst, int ld
     }
 }
 
+/*
+ * An int8 CNN's rows [t_1 | ... | t_n | z] (row stride ldd) of count <= batch samples ids: the
+ * integer pass (et_int8_run_layers) keeps every layer's int8 input; a tap is its layer's input
+ * dequantised, and where spatial the mean per channel, the int32 sum times s / positions
+ * (edgetune.quant.int8.int8_float_taps, bit for bit); the logits come from the last layer.
+ */
+static void int8_chain_taps(ctx *c, const int32_t *ids, int count, float *dst, int ldd) {
+    const et_backbone *bb = c->bb;
+    const int n = bb->n_layers, ldq = (int)int8_row(bb);
+    int8_t *q = c->L.qtaps;
+    for (int i = 0; i < count; i++)
+        et_int8_quantize_input(bb, c->x + (size_t)ids[i] * c->width[0], c->width[0], 1, q + (size_t)i * ldq, ldq);
+    et_int8_run_layers(bb, count, q, ldq, dst + c->d_in, ldd, c->L.acc);
+    int qcol = 0, col = 0;
+    for (int k = 0; k < n; k++) {
+        const et_layer *l = &bb->layers[k];
+        if (et_layer_has_weights(l)) {
+            const float s = l->act_scale;
+            const int npos = l->in_h * l->in_w;
+            const float unit = s / (float)npos;
+            for (int i = 0; i < count; i++) {
+                const int8_t *qi = q + (size_t)i * ldq + qcol;
+                float *t = dst + (size_t)i * ldd + col;
+                if (npos > 1) {
+                    for (int ch = 0; ch < l->in_c; ch++) {
+                        int32_t total = 0;
+                        for (int p = 0; p < npos; p++) total += qi[(size_t)ch * npos + p];
+                        t[ch] = (float)total * unit;
+                    }
+                } else {
+                    for (int j = 0; j < l->in_c; j++) t[j] = (float)qi[j] * s;
+                }
+            }
+            col += npos > 1 ? l->in_c : et_layer_in(l);
+        }
+        qcol += c->width[k];
+    }
+}
+
 /* Taps rows for samples ids[0..count) into dst (row stride = row width), from x. */
 static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
     const et_backbone *bb = c->bb;
@@ -516,7 +572,8 @@ static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
     if (!et_backbone_is_dense(bb)) { /* a batch at a time: the workspace holds `batch` rows per layer */
         for (int lo = 0; lo < count; lo += c->batch) {
             const int rows = count - lo < c->batch ? count - lo : c->batch;
-            chain_taps(c, ids + lo, rows, dst + (size_t)lo * W, W);
+            if (bb->is_int8) int8_chain_taps(c, ids + lo, rows, dst + (size_t)lo * W, W);
+            else chain_taps(c, ids + lo, rows, dst + (size_t)lo * W, W);
         }
         return;
     }

@@ -156,6 +156,9 @@ class SparseUpdate(Method):
         weighted = bb.tap_layers
         self.scheme = self.resolve_scheme(opts.scheme, len(weighted), opts.train_last_bias)
         self.int8 = bb.is_int8
+        if self.int8 and not all(s.kind == "dense" for s in bb.specs):
+            raise UsageError("sparse update on an int8 backbone takes int8 MLPs in this version; on an int8 CNN "
+                             "use skip-lora or skip2-lora, or sparse on the float CNN")
         self.qas = self.int8 if opts.qas is None else bool(opts.qas)
         dt = bb.dtype
         self.rows = {weighted[i]: c for i, c in

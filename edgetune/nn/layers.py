@@ -223,7 +223,10 @@ class LayerSpec:
 class QuantParams:
     """A layer's int8 tensors: ``W ~= wscale[:, None] * qweight``, its input ``~= input_scale * q``,
     the bias in the accumulator's unit (``b ~= input_scale * wscale * qbias``), and for a layer
-    followed by another the fixed-point requantiser of its output to the next layer's scale."""
+    followed by another the fixed-point requantiser of its output to the next layer's scale.
+    In an int8 backbone a layer without weights (pooling, gap, flatten, add) holds one too:
+    empty tensors and its input scale; an add's ``requant`` rescales its two inputs to its
+    output scale with one shift (``([m_input, m_source], [shift, shift])``)."""
 
     qweight: np.ndarray                  # int8, the layer's weight shape
     wscale: np.ndarray                   # float32 (out_channels,)
@@ -303,8 +306,12 @@ class LayerOps:
     def bias_grad(self, spec: LayerSpec, g: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.sum(g, axis=0, out=out)
 
-    def int8_accumulate(self, spec: LayerSpec, q: np.ndarray, quant: QuantParams, kernel: str) -> np.ndarray:
-        """The int32 accumulator (samples, out_features) for int8 inputs ``q``, bias included."""
+    def int8_accumulate(self, spec: LayerSpec, q: np.ndarray, quant: QuantParams, kernel: str,
+                        residual: np.ndarray | None = None) -> np.ndarray:
+        """The layer on int8 rows ``q`` in integers, (samples, out_features) int32. A kind with
+        weights gives its accumulator ``q . Wq + bq`` (edgetune.quant.int8 requantises it per
+        output channel); the others give their output already at the layer's output scale
+        (max, rounded mean, copy, rescaled sum with ``residual``), before the activation's clamp."""
         raise UsageError(f"int8 {spec.kind} layers are not supported")
 
 
@@ -313,6 +320,21 @@ TILE_BYTES = 16 * 1024
 #: Every partial sum of int8 x int8 products below this is exact in float32.
 _F32_EXACT = 2 ** 24
 QMAX = 127
+
+
+def _int_dtype(fan_in: int, kernel: str) -> type:
+    """The dtype an int8 matmul multiplies in: int32 on request, else float32 (float64 for a
+    wide layer), where every partial sum of int8 x int8 products is an exact integer."""
+    if kernel == "int32":
+        return np.int32
+    return np.float32 if fan_in * 128 * QMAX < _F32_EXACT else np.float64
+
+
+def round_div(s: np.ndarray, n: int) -> np.ndarray:
+    """Integer division of int32 sums by ``n`` rounded half away from zero (int8 average
+    pooling, as TFLM's): the same integers as et_int8.c."""
+    s = np.asarray(s, np.int64)
+    return np.where(s >= 0, (s + n // 2) // n, -((-s + n // 2) // n)).astype(np.int32)
 
 
 class DenseOps(LayerOps):
@@ -345,13 +367,10 @@ class DenseOps(LayerOps):
     def weight_grad(self, spec, h, g, out=None, transposed=False):
         return np.matmul(h.T, g, out=out) if transposed else np.matmul(g.T, h, out=out)
 
-    def int8_accumulate(self, spec, q, quant, kernel):
+    def int8_accumulate(self, spec, q, quant, kernel, residual=None):
         w = quant.qweight
         out_k, in_k = w.shape
-        if kernel == "int32":
-            ft = np.int32
-        else:  # integer values multiplied exactly in float (see edgetune.quant.int8)
-            ft = np.float32 if in_k * 128 * QMAX < _F32_EXACT else np.float64
+        ft = _int_dtype(in_k, kernel)  # integer values multiplied exactly in float (see edgetune.quant.int8)
         qc = q.astype(ft)
         acc = np.empty((q.shape[0], out_k), np.int32)
         t = max(1, TILE_BYTES // (in_k * 4))
@@ -486,6 +505,16 @@ class ConvOps(LayerOps):
     def bias_grad(self, spec, g, out=None):
         return np.sum(g.reshape(g.shape[0], spec.out_channels, -1), axis=(0, 2), out=out)
 
+    def int8_accumulate(self, spec, q, quant, kernel, residual=None):
+        # the padding is 0, the zero point of edgetune's symmetric activations
+        n, g, o = q.shape[0], spec.groups, spec.out_channels
+        ft = _int_dtype(int(np.prod(spec.weight_shape[1:])), kernel)
+        cols, npos = self._cols(spec, q.astype(ft))                  # (N, G, S, C/G*kh*kw)
+        z = np.matmul(cols, quant.qweight.reshape(g, o // g, -1).astype(ft).transpose(0, 2, 1))
+        acc = z.transpose(0, 1, 3, 2).reshape(n, o, npos).astype(np.int32)
+        acc += quant.qbias[:, None]
+        return acc.reshape(n, o * npos)
+
 
 class PoolOps(LayerOps):
     """Max or average pooling over windows (no parameters)."""
@@ -533,6 +562,17 @@ class PoolOps(LayerOps):
             d = np.broadcast_to((gz / (k[0] * k[1]))[..., None, None], (n, c, oh, ow, k[0], k[1]))
         return _scatter_windows(d, (n, c, hh, ww), k, s, p).reshape(n, c * hh * ww)
 
+    def int8_accumulate(self, spec, q, quant, kernel, residual=None):
+        # the same scale in and out: max pads below every int8 value, average pads with 0
+        # (counted, as the float layer) and rounds its mean half away from zero
+        c, hh, ww, k, s, p = _grid(spec)
+        x = q.astype(np.int32).reshape(q.shape[0], c, hh, ww)
+        if self.mode == "max":
+            z = _windows(x, k, s, p, -QMAX - 1).max(axis=(4, 5))
+        else:
+            z = round_div(_windows(x, k, s, p).sum(axis=(4, 5)), k[0] * k[1])
+        return z.reshape(q.shape[0], -1).astype(np.int32, copy=False)
+
 
 class GapOps(LayerOps):
     """Global average pooling: (C, *spatial) -> (C,)."""
@@ -557,6 +597,11 @@ class GapOps(LayerOps):
         d = np.repeat((g / g.dtype.type(npos))[:, :, None], npos, axis=2)
         return d.reshape(g.shape[0], c * npos)
 
+    def int8_accumulate(self, spec, q, quant, kernel, residual=None):
+        c = spec.in_shape[0]
+        total = q.reshape(q.shape[0], c, -1).sum(axis=2, dtype=np.int32)
+        return round_div(total, spec.in_features // c)
+
 
 class FlattenOps(LayerOps):
     """(C, *spatial) -> (C * prod(spatial),): the flat row does not change."""
@@ -580,6 +625,9 @@ class FlattenOps(LayerOps):
     def input_grad(self, spec, g, w=None, h=None, z=None):
         return g
 
+    def int8_accumulate(self, spec, q, quant, kernel, residual=None):
+        return q.astype(np.int32)
+
 
 class AddOps(LayerOps):
     """A residual: this layer's input plus the input of the earlier layer ``source``."""
@@ -600,6 +648,13 @@ class AddOps(LayerOps):
 
     def input_grad(self, spec, g, w=None, h=None, z=None):
         return g
+
+    def int8_accumulate(self, spec, q, quant, kernel, residual=None):
+        # both inputs rescaled to the output scale with one shift: (q mx + r mr) / 2**shift,
+        # rounded half up (quant.requant = ([mx, mr], [shift, shift]))
+        (mx, mr), (sh, _) = quant.requant
+        t = q.astype(np.int64) * int(mx) + residual.astype(np.int64) * int(mr) + (1 << (int(sh) - 1))
+        return np.clip(t >> int(sh), -2 ** 15, 2 ** 15).astype(np.int32)
 
 
 OPS: dict[str, LayerOps] = {ops.kind: ops for ops in (

@@ -82,11 +82,12 @@ class Backbone:
         params = [layer for layer in layers if layer.spec.has_params]
         if not params:
             raise UsageError("a backbone needs at least one layer with weights (dense or conv)")
-        for k, layer in enumerate(layers):
-            if not layer.spec.has_params and (layer.weight is not None or layer.bias is not None
-                                              or layer.quant is not None):
-                raise UsageError(f"layer {k} ({layer.spec.kind}) has no weights, but tensors were given")
         int8 = [layer.is_int8 for layer in params]
+        for k, layer in enumerate(layers):
+            # an int8 backbone's layers without weights hold their input scale (quant)
+            if not layer.spec.has_params and (layer.weight is not None or layer.bias is not None
+                                              or (layer.quant is not None and not all(int8))):
+                raise UsageError(f"layer {k} ({layer.spec.kind}) has no weights, but tensors were given")
         if any(int8) and not all(int8):
             raise UsageError("a backbone's layers must be all float or all int8")
         if int8_kernel not in INT8_KERNELS:
@@ -384,17 +385,12 @@ class Backbone:
         (``tap_layers``), pooled to one value per channel where it is spatial, and z the
         logits; for an MLP [h_0 = x | h_1 | ... | h_{n-1} | z_n]. This is exactly what the
         skip adapters read, and what the skip-cache stores. An int8 backbone gives its int8
-        inputs dequantised (``edgetune.quant.int8.int8_forward_taps`` gives them as int8).
+        inputs dequantised (``edgetune.quant.int8.int8_float_taps``; ``int8_forward_taps`` gives every
+        layer's int8 input as int8).
         """
         if self.is_int8:
-            from ..quant.int8 import int8_forward_taps, tap_scales
-            rows, logits = int8_forward_taps(self, x)
-            d = rows.shape[1]
-            if out is None:
-                out = np.empty((x.shape[0], d + logits.shape[1]), np.float32)
-            np.multiply(rows, tap_scales(self), out=out[:, :d])
-            out[:, d:] = logits
-            return out
+            from ..quant.int8 import int8_float_taps
+            return int8_float_taps(self, x, out)
         widths = self.tap_widths
         d, n_out = sum(widths), self.sizes[-1]
         if out is None:
@@ -465,9 +461,10 @@ class Backbone:
         for k, layer in enumerate(self.layers):
             if layer.quant is not None:
                 q = layer.quant
-                t[f"layers.{k}.weight"] = q.qweight
-                t[f"layers.{k}.weight_scale"] = q.wscale
-                t[f"layers.{k}.bias"] = q.qbias
+                if layer.spec.has_params:
+                    t[f"layers.{k}.weight"] = q.qweight
+                    t[f"layers.{k}.weight_scale"] = q.wscale
+                    t[f"layers.{k}.bias"] = q.qbias
                 t[f"layers.{k}.input_scale"] = np.asarray([q.input_scale], np.float32)
             elif layer.spec.has_params:
                 t[f"layers.{k}.weight"] = layer.weight
@@ -557,6 +554,8 @@ class Backbone:
         want_shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for k, spec in enumerate(specs):
             if not spec.has_params:
+                if int8:  # an int8 layer without weights: its input scale
+                    want_shapes[f"layers.{k}.input_scale"] = ((1,), np.dtype(np.float32))
                 continue
             if int8:
                 want_shapes[f"layers.{k}.weight"] = (spec.weight_shape, np.dtype(np.int8))
@@ -588,7 +587,9 @@ class Backbone:
         layers = []
         for k, spec in enumerate(specs):
             if not spec.has_params:
-                layers.append(Layer(spec))
+                layers.append(Layer(spec, quant=QuantParams(
+                    np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros(0, np.int32),
+                    float(tensors[f"layers.{k}.input_scale"][0]))) if int8 else Layer(spec))
             elif int8:
                 layers.append(Layer(spec, quant=QuantParams(
                     tensors[f"layers.{k}.weight"], tensors[f"layers.{k}.weight_scale"], tensors[f"layers.{k}.bias"],

@@ -1,5 +1,7 @@
-"""int8 models for tiny memory budgets: post-training quantisation, the int8 forward pass,
-an int8 skip-cache, and files. Training on the int8 graph (QAS) is the ``sparse`` method.
+"""int8 models for tiny memory budgets: post-training quantisation of MLPs and CNNs, the int8
+forward pass (NumPy here, the compiled engine's in ``edgetune.quant.native``, bit for bit the
+same), an int8 skip-cache, and files. Training on the int8 graph (QAS) is the ``sparse``
+method (int8 MLPs).
 
     qmodel = quantize(model, x_pretrain)          # per-channel int8 weights, calibrated scales
     qmodel.is_int8                                # True: an ordinary Backbone with int8 layers

@@ -4,8 +4,8 @@ A row ``[x | h_1 | ... | h_{n-1} | z_n]`` costs ``D + 4 * out`` bytes instead of
 ``4 * (D + out)``: the D adapter inputs as int8, the frozen logits kept float32 (they are
 added to the output as they are, and there are only ``out`` of them). On an int8 backbone
 the taps *are* int8 values times the layer's input scale, so this cache is lossless; on a
-float backbone it rounds the taps to the calibrated scales (see ``docs/budgets.md`` for the
-accuracy effect).
+float backbone, and on an int8 CNN (whose taps are int8 inputs pooled per channel), it rounds
+the taps to scales calibrated on them (see ``docs/budgets.md`` for the accuracy effect).
 """
 from __future__ import annotations
 
@@ -85,11 +85,12 @@ def attach_int8_cache(method, n_samples: int, *, x_calib: np.ndarray | None = No
     if not getattr(method, "uses_cache", False):
         raise UsageError(f"method {method.name} has no skip-cache")
     bb = method.backbone
-    if bb.is_int8:
-        scales = tap_scales(bb)
+    if bb.is_int8 and not any(s.spatial for s in bb.specs):
+        scales = tap_scales(bb)  # an int8 MLP's taps are its int8 values: lossless
     else:
         if x_calib is None:
-            raise UsageError("an int8 cache on a float backbone needs calibration inputs (x_calib)")
+            raise UsageError("an int8 cache on a float backbone, or on an int8 CNN (its taps are pooled floats), "
+                             "needs calibration inputs (x_calib)")
         s = calibrate(bb, x_calib, percentile=percentile)[:-1]
         scales = np.repeat(s, bb.tap_widths).astype(np.float32)
     opts = method.options

@@ -477,9 +477,16 @@ static void refuse_cnn(void) {
     REFUSED(bb.layers[4].source = 2, ET_ERR_ARGUMENT, "a source on a layer that is not an add");
     REFUSED(bb.layers[6].activation = ET_RELU6 + 1, ET_ERR_ARGUMENT, "an unknown activation");
     REFUSED(bb.n_layers = 5, ET_ERR_ARGUMENT, "logits that are not flat");
-    REFUSED(bb.is_int8 = 1, ET_ERR_UNSUPPORTED, "an int8 backbone with convolutions");
     REFUSED(bb.layers[4].kind = ET_LAYER_ADD + 1, ET_ERR_UNSUPPORTED, "an unknown layer kind");
 #undef REFUSED
+    /* an int8 CNN trains with the skip methods once its int8 tensors pass the int8 pass's checks;
+       these float layers have none */
+    bb = good;
+    bb.is_int8 = 1;
+    CHECK(et_backbone_check(&bb) == ET_ERR_UNSUPPORTED, "int8 convolutions outside the int8 pass");
+    CHECK(et_workspace_size(&bb, &m, NULL, BATCH) == 0, "an int8 CNN without int8 tensors");
+    CHECK(et_train_epochs(&bb, &m, &o, NULL, P, G, XC, Y, N_SAMPLES, BATCH, ORDERS, 1, NULL, WS, WS_BYTES, st)
+              == ET_ERR_ARGUMENT, "an int8 CNN without int8 tensors");
     bb = cnn2d();
     bb.layers[2].out_c = 11;
     bb.layers[3].in_c = 11;
