@@ -22,7 +22,8 @@ examples:
   edgetune finetune --task task.npz --model model/ --method lora-all --rank 2 --json out.json
   edgetune quantize --task damage1 --model model/ --out model-int8/
   edgetune finetune --task damage1 --model model-int8/ --method sparse --scheme b2,w-1:1/2 --budget 256KB
-  edgetune finetune --task damage1 --model model/ --int8 --int8-cache --method skip2-lora --budget 256KB"""
+  edgetune finetune --task damage1 --model model/ --int8 --int8-cache --method skip2-lora --budget 256KB
+  edgetune finetune --task damage1-1d --model cnn/ --method sparse --scheme auto --budget 256KB --batch-size 8"""
 ORDER = 30
 
 
@@ -39,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip2-lora: when the cache exceeds --cache-budget, cache what fits and recompute the rest")
     g.add_argument("--scheme", metavar="SCHEME",
                    help="sparse: update scheme, e.g. b2,w-1:1/2 = biases of the last 2 layers and half the last "
-                        "layer's weight rows (default b2,w-1; see 'edgetune plan')")
+                        "layer's weight rows (default b2,w-1; see 'edgetune plan'); auto: chosen for --budget by "
+                        "a contribution analysis on a validation split of the fine-tuning data")
     g.add_argument("--int8", action="store_true",
                    help="quantise a float --model to int8 first (calibrated on the task's pre-train split, as "
                         "'edgetune quantize' does); an int8 model is used as it is")
@@ -50,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", metavar="BYTES",
                    help="training-memory budget, e.g. 256KB: refuse (exit 1) before fine-tuning if the planned "
                         "memory exceeds it (see 'edgetune plan')")
+    from .cmd_plan import add_auto_args
+
+    add_auto_args(g)
     add_train_args(p)
     g = p.add_argument_group("pre-training (only without --model)")
     g.add_argument("--hidden", type=int_list, metavar="W1,W2,...", help="hidden widths (task default, else 96,96)")
@@ -89,7 +94,10 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     from ..quant import load_any, quantize
     from ..units import parse_bytes
 
+    from .cmd_plan import check_auto_args
+
     cls = method_class(args.method)  # unknown names fail before any work
+    auto = check_auto_args(args, args.method)
     if (args.cache_budget or args.partial_cache) and not cls.uses_cache:
         raise UsageError(f"--cache-budget and --partial-cache apply to methods with a skip-cache "
                          f"(skip2-lora), not {args.method}")
@@ -147,6 +155,10 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     train = train_kwargs(args, task.defaults)
     if args.patience is not None:
         train["patience"] = args.patience
+    auto_result = None
+    if auto:
+        auto_result = _choose_scheme(args, model, task, train, limit)
+        args.scheme = auto_result.scheme
     if limit is not None:
         from ..memory import check_budget, plan_memory
 
@@ -161,7 +173,15 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
                         "scheme": args.scheme, "qas": args.qas},
         train_options=train, curve=args.curve, progress=progress, checkpoint=args.checkpoint,
         checkpoint_every=args.checkpoint_every, int8_cache=args.int8_cache, val_fraction=args.val_split)
+    if auto_result is not None:
+        result["scheme"] = auto_result.scheme
+        result["scheme_search"] = auto_result.as_dict()
     out = sys.stdout
+    if auto_result is not None:
+        ch = auto_result.choice
+        print(f"scheme auto: sparse[{ch.scheme}], planned {ch.plan.total} bytes of {limit}; predicted validation "
+              f"accuracy {ch.predicted_accuracy:.4f} ({auto_result.contributions.runs} short fine-tunes, "
+              f"{auto_result.contributions.seconds:.2f} s)", file=out)
     print(f"{args.method} on {task.name}: {result['trainable_params']} trainable parameters, "
           f"{result['epochs']} epochs, batch {result['batch_size']}, lr {result['lr']}", file=out)
     print(f"  test accuracy  {result['accuracy_before']:.4f} -> {result['accuracy_after']:.4f}", file=out)
@@ -194,6 +214,31 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
         to_onnx(tuner, args.onnx)
         info(args, f"ONNX graph saved to {args.onnx}")
     return 0
+
+
+def _choose_scheme(args: argparse.Namespace, model, task, train: dict, limit: int):
+    """--scheme auto: the scheme chosen for --budget at the run's batch size, measured on a
+    validation split of the task's fine-tuning data (the test split is not used)."""
+    from ..errors import BudgetError
+    from ..memory import plan_memory
+    from ..scheme_search import auto_scheme
+
+    n = len(task.y_finetune)
+
+    def plan_fn(scheme: str):
+        return plan_memory(model, "sparse", batch_size=train["batch_size"], n_samples=n,
+                           optimizer=train["optimizer"], scheme=scheme, train_last_bias=args.train_last_bias)
+
+    info(args, f"choosing a sparse scheme for {args.budget} at batch {train['batch_size']}")
+    try:
+        return auto_scheme(model, task.x_finetune, task.y_finetune, budget=limit, plan_fn=plan_fn,
+                           epochs=args.auto_epochs, batch_size=train["batch_size"], lr=train["lr"],
+                           optimizer=train["optimizer"], seed=train["seed"], val_fraction=args.auto_val_split,
+                           layers=args.auto_layers, ratios=args.auto_ratios, engine="auto", verify=False,
+                           progress=lambda t: info(args, t))
+    except BudgetError as e:
+        hint = "; a smaller --batch-size needs less" if train["batch_size"] > 1 else ""
+        raise BudgetError(f"{e} (at batch {train['batch_size']}{hint})") from None
 
 
 def _plot(path: str, result: dict) -> None:

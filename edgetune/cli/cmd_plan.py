@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_output_args, check_outputs, info, positive_int, print_table, write_json
+from ._common import add_output_args, check_outputs, info, positive_float, positive_int, print_table, write_json
 
 NAME = "plan"
 HELP = "list the methods and sparse-update schemes whose training fits a memory budget"
@@ -27,11 +27,20 @@ With --target (host, aarch64-linux, cortex-m4, cortex-m7, riscv32, riscv32f) it 
 (parameters, gradients, optimizer, skip-cache, workspace), the program's static data and
 stack, and the frozen weights as flash; --partial-cache caches as many rows as fit.
 
+With --method sparse --scheme auto (and --task) it chooses one sparse-update scheme for the
+budget, measured on the task: short fine-tunes on a validation split of the task's
+fine-tuning data measure what each part of a scheme adds to the last layer alone (the
+biases of the last k layers, each layer's weights at each channel ratio), the scheme with
+the largest summed gain that fits is chosen, then fine-tuned once to check the prediction
+(see docs/budgets.md). The test split is not used.
+
 examples:
   edgetune plan --model model/ --budget 256KB --samples 470
   edgetune plan --model model/ --budget 64KB --task damage1 --data-dir ../shared/data
   edgetune plan --model model/ --budget 256KB --target cortex-m4 --method skip2-lora --int8 \
-      --partial-cache --samples 200 --task damage1 --data-dir ../shared/data"""
+      --partial-cache --samples 200 --task damage1 --data-dir ../shared/data
+  edgetune plan --model model/ --method sparse --scheme auto --budget 256KB --task damage1-1d \
+      --data-dir ../shared/data --json chosen.json"""
 ORDER = 35
 BATCH_SIZES = (20, 8, 4, 1)
 
@@ -58,16 +67,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("a device program (the plan 'edgetune export' uses)")
     g.add_argument("--target", metavar="TARGET", help="plan for this export target: host, aarch64-linux, cortex-m4, cortex-m7, "
                                                        "riscv32, riscv32f")
-    g.add_argument("--method", default="skip2-lora", help="with --target: the method (default skip2-lora)")
+    g.add_argument("--method", help="with --target: the method (default skip2-lora); with --scheme auto: sparse")
     g.add_argument("--int8", action="store_true", help="with --target: int8 backbone and skip-cache (needs --task)")
     g.add_argument("--partial-cache", action="store_true", help="with --target: cache as many rows as fit the budget")
     g.add_argument("--test-samples", type=positive_int, metavar="N",
                    help="with --target and --task: test samples linked into a microcontroller's flash")
+    g = p.add_argument_group("choosing a sparse scheme on the task (--method sparse --scheme auto)")
+    g.add_argument("--scheme", metavar="auto", help="auto: choose the sparse-update scheme for --budget by a "
+                                                    "contribution analysis on --task")
+    add_auto_args(g)
+    g.add_argument("--seed", type=int, default=0, help="with --scheme auto: seed of the split, the fine-tunes and "
+                                                       "the search (default 0)")
     p.add_argument("--show", type=positive_int, default=12, metavar="K",
                    help="sparse schemes shown in the table, in the ranking's order (without --task the most "
                         "trainable first; with --task the fine-tuned ones by accuracy, then the rest as ranked "
                         "without --task); default 12")
     add_output_args(p)
+
+
+def add_auto_args(g) -> None:
+    """The options of --scheme auto, shared with 'edgetune finetune'."""
+    from ..scheme_search import DEFAULT_EPOCHS, DEFAULT_VAL_FRACTION
+
+    g.add_argument("--auto-epochs", type=positive_int, default=DEFAULT_EPOCHS, metavar="N",
+                   help=f"--scheme auto: epochs of each short fine-tune of the analysis (default {DEFAULT_EPOCHS})")
+    g.add_argument("--auto-layers", type=positive_int, metavar="L",
+                   help="--scheme auto: try only the last L layers with weights (default all); fewer fine-tunes")
+    g.add_argument("--auto-ratios", metavar="R,R,...", type=_ratio_list,
+                   help="--scheme auto: the channel ratios tried, of 1/8, 1/4, 1/2, 1 (default all four)")
+    g.add_argument("--auto-val-split", type=positive_float, default=DEFAULT_VAL_FRACTION, metavar="F",
+                   help=f"--scheme auto: share of the fine-tuning data held out to validate the analysis "
+                        f"(default {DEFAULT_VAL_FRACTION})")
+
+
+def _ratio_list(text: str) -> list[str]:
+    from fractions import Fraction
+
+    from ..methods.sparse import RATIOS
+
+    items = [t for t in text.replace(" ", "").split(",") if t]
+    try:
+        ok = items and all(Fraction(t) in RATIOS for t in items)
+    except (ValueError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected ratios of 1/8, 1/4, 1/2, 1 separated by commas, got {text!r}")
+    return items
+
+
+def check_auto_args(args: argparse.Namespace, method: str | None) -> bool:
+    """True for --scheme auto, after refusing the combinations it cannot run."""
+    from ..errors import UsageError
+    from ..methods.sparse import AUTO
+
+    if getattr(args, "scheme", None) is None or args.scheme.strip().lower() != AUTO:
+        return False
+    if method not in (None, "sparse"):
+        raise UsageError(f"--scheme auto chooses a sparse-update scheme: use it with --method sparse, not {method}")
+    if args.budget is None:
+        raise UsageError("--scheme auto chooses the scheme for a memory budget: give --budget, e.g. --budget 256KB")
+    if not args.auto_val_split < 1:
+        raise UsageError(f"--auto-val-split must be less than 1 (a share of the fine-tuning data), "
+                         f"got {args.auto_val_split}")
+    return True
 
 
 #: Without --target: the epochs of the short fine-tune that ranks candidates by accuracy.
@@ -135,8 +197,17 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_bytes(args.budget, "--budget")
     if budget <= 0:
         raise UsageError(f"--budget must be more than 0 bytes, got {args.budget!r}")
+    auto = check_auto_args(args, args.method)
+    if args.scheme is not None and not auto:
+        raise UsageError(f"edgetune plan takes --scheme auto (with --method sparse) only, got {args.scheme!r}; "
+                         f"'edgetune finetune --scheme {args.scheme} --budget B' checks a given scheme")
     if args.target:
+        if auto:
+            raise UsageError("--scheme auto plans training on this machine; it does not combine with --target")
+        args.method = args.method or "skip2-lora"
         return _run_device(args, budget)
+    if auto:
+        return _run_auto(args, budget)
     if args.epochs is None:
         args.epochs = SHORT_FINETUNE_EPOCHS
     model = load_any(args.model)
@@ -267,3 +338,78 @@ def export_command(args: argparse.Namespace) -> str:
         parts += ["--optimizer", args.optimizer]
     parts += ["--budget", args.budget, "--out", "OUT"]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _run_auto(args: argparse.Namespace, budget: int) -> int:
+    """--method sparse --scheme auto: choose a scheme for the budget by a contribution analysis on the task."""
+    from ..data.task import load_task
+    from ..errors import BudgetError, UsageError
+    from ..experiment import check_compatible
+    from ..memory import MemoryPlan, exact_bytes, plan_memory
+    from ..quant import load_any
+    from ..scheme_search import auto_scheme, largest_batch
+    from ..units import format_bytes
+
+    if not args.task:
+        raise UsageError("--scheme auto measures what each part of a scheme buys on your task: give --task")
+    model = load_any(args.model)
+    task = load_task(args.task, args.data_dir)
+    check_compatible(model, task)
+    n = args.samples or len(task.y_finetune)
+    n_layers = len(model.tap_layers)
+    if args.auto_layers is not None and args.auto_layers > n_layers:
+        raise UsageError(f"--auto-layers {args.auto_layers}: the model has {n_layers} layers with weights")
+
+    def plan_fn(scheme: str, batch: int) -> MemoryPlan:
+        return plan_memory(model, "sparse", batch_size=batch, n_samples=n, optimizer=args.optimizer, scheme=scheme,
+                           weights_in_flash=args.weights_in_flash)
+
+    batch = args.batch_size or largest_batch(plan_fn, n_layers, budget, BATCH_SIZES)
+    lr = task.defaults.get("lr", 0.01)
+    where = "RAM (frozen weights in flash)" if args.weights_in_flash else "memory"
+    info(args, f"choosing a sparse scheme for {model_text(model)} in {format_bytes(budget)} of {where}, batch {batch}")
+    try:
+        result = auto_scheme(model, task.x_finetune, task.y_finetune, budget=budget,
+                             plan_fn=lambda s: plan_fn(s, batch), epochs=args.auto_epochs, batch_size=batch, lr=lr,
+                             optimizer=args.optimizer, seed=args.seed, val_fraction=args.auto_val_split,
+                             layers=args.auto_layers, ratios=args.auto_ratios, engine="auto",
+                             progress=lambda t: info(args, t))
+    except BudgetError as e:
+        raise BudgetError(f"{e} (at batch {batch})") from None
+    c, choice = result.contributions, result.choice
+    # Seconds go to stderr and --json only: the table on stdout is the same from run to run.
+    info(args, f"analysis {c.seconds:.2f} s, search and verification {result.seconds - c.seconds:.2f} s")
+    out = sys.stdout
+    print(f"budget {format_bytes(budget)} of {where} ({budget} B); model {model_text(model)} "
+          f"({'int8' if model.is_int8 else 'float32'}); batch {batch}, {args.optimizer}, lr {lr}", file=out)
+    print(f"contribution analysis: {c.runs} fine-tunes of {c.epochs} epochs on {c.n_train} of the task's "
+          f"fine-tuning samples, validated on the other {c.n_val} (the test split is not used)", file=out)
+    rows = [{"part": r["part"] if r["kind"] == "weight" or r["layers"] > 1 else "baseline: the last layer",
+             "scheme": r["scheme"], "ram": format_bytes(plan_fn(r["scheme"], batch).total),
+             "acc": f"{r['val_accuracy']:.4f}", "gain": f"{r['gain']:+.4f}"} for r in c.table()]
+    print_table(rows, [("part", "part"), ("scheme", "fine-tuned"), ("ram", "planned"), ("acc", "val acc"),
+                       ("gain", "gain")], file=out)
+    p = choice.plan
+    print(f"chosen: sparse[{choice.scheme}] at batch {batch}: {exact_bytes(p.total)} of {format_bytes(budget)} "
+          f"({choice.strategy} search over {choice.space} schemes)", file=out)
+    print(f"  {p.explain()}", file=out)
+    measured = "" if result.measured_accuracy is None else f", measured {result.measured_accuracy:.4f}"
+    print(f"  validation accuracy: predicted {choice.predicted_accuracy:.4f} (summed gains){measured}", file=out)
+    for key, name in (("last_k", "last k layers"), ("bias_only", "biases only")):
+        b = result.baselines.get(key)
+        if not b:
+            continue
+        if b["scheme"] is None:
+            print(f"  baseline {name}: none fits", file=out)
+        else:
+            print(f"  baseline {name}: sparse[{b['scheme']}], {format_bytes(b['ram_bytes'])}, validation accuracy "
+                  f"{b['val_accuracy']:.4f}", file=out)
+    from types import SimpleNamespace
+
+    command = finetune_command(args, SimpleNamespace(method="sparse", backbone="int8" if model.is_int8 else "float32",
+                                                     cache=None, scheme=choice.scheme, batch_size=batch),
+                               model.is_int8)
+    print(f"run it: {command}", file=out)
+    write_json(args.json, {"budget": budget, "batch_size": batch, "samples": n, "seed": args.seed,
+                           **result.as_dict(), "command": command})
+    return 0

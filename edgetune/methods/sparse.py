@@ -33,6 +33,8 @@ from ..nn.mlp import Backbone
 from .base import CoreSpec, Method, MethodOptions, ParamStore
 
 RATIOS = (Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), Fraction(1))
+#: The scheme name that asks for a search under a memory budget (edgetune.scheme_search).
+AUTO = "auto"
 _TOKEN = re.compile(r"^(?:b(\d+)|w(-?\d+)(?::([0-9./]+))?)$")
 
 
@@ -48,6 +50,10 @@ class SparseScheme:
             return text
         if not isinstance(text, str) or not text.strip():
             raise UsageError("a sparse scheme must be a non-empty string such as 'b2,w-1:1/2'")
+        if text.strip().lower() == AUTO:
+            raise UsageError("scheme 'auto' is chosen for a memory budget before training: "
+                             "edgetune.scheme_search.auto_scheme (in Python), or --scheme auto with --budget "
+                             "(edgetune finetune, edgetune plan); pass the scheme it chose here")
         bias, weights = 0, {}
         for tok in text.replace(" ", "").split(","):
             m = _TOKEN.match(tok)
