@@ -33,7 +33,8 @@ typedef struct {
     int32_t *pending;                      /* n: layer-wise, not an MLP: pend[k] holds gradients from add layers */
     float **act;                           /* n + 1: layer-wise/sparse: batch x et_width(bb, k) */
     float *lora_u;                         /* layer-wise: n x batch x rank */
-    float *gbuf[2];                        /* batch x max width: gradients flowing back */
+    float *gbuf[2];                        /* batch x the widest input below which the backward pass goes:
+                                              gradients flowing back */
     float *gu;                             /* batch x (n*rank): gradient of the adapters' middle */
     float *pack;                           /* layer-wise: a weight transposed for the backward pass */
     float *wrow;                           /* sparse int8: one widened weight row */
@@ -88,14 +89,15 @@ static void lora_dims(const et_layer *l, int rank, et_conv_dims *a, et_conv_dims
 static size_t most(size_t a, size_t b) { return a > b ? a : b; }
 
 /* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer asks (the frozen
- * forward; with `backward` the gradients and the LoRA convolutions too). */
+ * forward; with `backward` the gradients and the LoRA convolutions of the layers the backward pass
+ * enters, m->first on). */
 static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward) {
     size_t s = 0;
     for (int k = 0; k < bb->n_layers; k++) {
         const et_layer *l = &bb->layers[k];
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         s = most(s, ops->forward_scratch_bytes(l, batch));
-        if (!backward) continue;
+        if (!backward || k < m->first) continue;
         s = most(s, ops->backward_scratch_bytes(l, batch));
         if (m->off_lora_a[k] >= 0 && l->kind != ET_LAYER_DENSE) {
             et_conv_dims a, b;
@@ -170,8 +172,11 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     if (m->kind == ET_SKIP) { /* the skip adapters need only the logits and their gradient */
         PIECE(gbuf[0], float *, B * et_width(bb, n) * F);
     } else {
-        PIECE(gbuf[0], float *, B * mw * F);
-        PIECE(gbuf[1], float *, B * mw * F);
+        /* the gradients the backward pass hands down: layer k's input for k > first (and the logits) */
+        int gw = et_width(bb, n);
+        for (int k = m->first + 1; k < n; k++) gw = et_width(bb, k) > gw ? et_width(bb, k) : gw;
+        PIECE(gbuf[0], float *, B * gw * F);
+        PIECE(gbuf[1], float *, B * gw * F);
     }
     if (m->kind == ET_SKIP) {
         const size_t nr = (size_t)et_skip_taps(bb, NULL, NULL) * m->rank;
