@@ -26,8 +26,8 @@ import numpy as np
 
 from ._util import REPO, machine_info
 
-#: The paper's peak memory in KB (Lin et al. 2022, the full update and the sparse update with
-#: operator reordering; int8 graphs, batch 1, measured on an STM32F746).
+#: The paper's peak training memory in KB (Lin et al. 2022: the full update, and the sparse update
+#: with operator reordering; batch 1, its engine on an STM32F746).
 PAPER_KB = {"mbv2-w0.35": (2939, 141), "mcunet-5fps": (3650, 173), "proxyless-w0.3": (2745, 135)}
 TITLES = {"mbv2-w0.35": "MobileNetV2-w0.35", "mcunet-5fps": "MCUNet-5fps-like", "proxyless-w0.3": "ProxylessNAS-w0.3-like"}
 SECTION = "tiny-training-memory"
@@ -47,6 +47,8 @@ class Row:
     device_total: int           # the arena + the target's statics and stack
     torch_measured: int | None  # full update only
     flash_weights: int          # the frozen weights the device reads from flash
+    device_state: int           # of the arena: parameters, gradients and optimizer state (their storage)
+    device_workspace: int       # of the arena: the engine's workspace (activations, scratch, snapshot)
 
 
 def load_network(name: str, resolution: int, blocks: int | None = None, classes: int = 10) -> tuple[Any, Any]:
@@ -126,7 +128,9 @@ def measure(name: str, resolution: int, blocks: int | None = None, n_samples: in
                         method=f"sparse[{scheme}]" if method == "sparse" else method,
                         trainable=int(m.n_trainable),
                         numpy_plan=plan.total, device_arena=dev.arena, device_total=dev.total,
-                        torch_measured=torch_bytes if method == "ft-all" else None, flash_weights=plan.flash))
+                        torch_measured=torch_bytes if method == "ft-all" else None, flash_weights=plan.flash,
+                        device_state=dev.params + dev.gradients + dev.optimizer_state,
+                        device_workspace=dev.workspace))
     return rows
 
 
@@ -134,24 +138,41 @@ def _kb(v: int | None) -> str:
     return "-" if v is None else f"{v / 1024:,.0f}"
 
 
-def table(rows: list[Row], resolution: int, command: str) -> str:
+def table(rows: list[Row], resolution: int, command: str, comparable: bool = True) -> str:
+    """The markdown table; the paper's figures only beside the whole networks at its resolution
+    (``comparable``)."""
     out = [f"Peak training memory at batch 1, {resolution}x{resolution} input, float32, in KB "
            f"(`{command}`):", "",
            "| network (layers) | update | trainable | edgetune NumPy planner | edgetune C engine, "
-           f"{TARGET} (arena / + stack, statics) | PyTorch CPU | paper |",
-           "|---|---|---|---|---|---|---|"]
+           f"{TARGET} (arena / + stack, statics) | of the arena: parameters + gradients, workspace "
+           "| PyTorch CPU | paper |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        paper = PAPER_KB.get(r.network, (None, None))
+        paper = PAPER_KB.get(r.network, (None, None)) if comparable else (None, None)
         cite = {"ft-all": f"{paper[0]:,} (full update)" if paper[0] else "-",
                 "skip2-lora": "- (not in the paper)"}.get(r.method.split("[")[0], "-")
         if r.method.startswith("sparse"):
-            cite = f"{paper[1]:,} (sparse + reordering, int8)" if paper[1] else "-"
+            cite = f"{paper[1]:,} (sparse + reordering)" if paper[1] else "-"
         out.append(f"| {TITLES.get(r.network, r.network)} ({r.layers}) | {r.method} | {r.trainable:,} | "
                    f"{_kb(r.numpy_plan)} | {_kb(r.device_arena)} / {_kb(r.device_total)} | "
-                   f"{_kb(r.torch_measured)} | {cite} |")
+                   f"{_kb(r.device_state)}, {_kb(r.device_workspace)} | {_kb(r.torch_measured)} | {cite} |")
     out.append("| every network | sparse with reordering (the update applied as soon as each gradient "
-               "is ready) | | not implemented in edgetune | not implemented in edgetune | | see above |")
+               "is ready) | | not implemented in edgetune | not implemented in edgetune | | | see above |")
+    out += ["", "Read from these rows:"]
+    for name in dict.fromkeys(r.network for r in rows):
+        full, sparse, skip = (next(r for r in rows if r.network == name and r.method.startswith(m))
+                              for m in ("ft-all", "sparse", "skip2-lora"))
+        paper = PAPER_KB.get(name) if comparable else None
+        line = (f"- {TITLES.get(name, name)}: on the device the sparse update needs "
+                f"{sparse.device_total / full.device_total:.0%} of the full update's RAM")
+        if paper:
+            line += (f"; edgetune's device (float32) against the paper's figures: {full.device_total / 1024 / paper[0]:.1f}x "
+                     f"(full update), {sparse.device_total / 1024 / paper[1]:.1f}x (sparse; the paper's with reordering)")
+        line += (f"; skip2-lora stores its {skip.trainable:,} trainable values in a masked block matrix "
+                 f"of {skip.device_state // 8:,} values (parameters and gradients: {_kb(skip.device_state)} KB).")
+        out.append(line)
     return "\n".join(out)
+
 
 
 def write_section(text: str, path: Path = DOC) -> None:
@@ -168,19 +189,56 @@ def write_section(text: str, path: Path = DOC) -> None:
     write_bytes_atomic(path, doc.encode())
 
 
+def save_for_export(name: str, resolution: int, model_dir: Path, task_path: Path, classes: int = 2,
+                    per_split: int = 8, seed: int = 0) -> None:
+    """The network as an edgetune model directory and a tiny synthetic task file (``per_split``
+    samples per split, random images whose class shifts the first channel), for
+    ``edgetune export``: what a device's training run costs does not depend on the data."""
+    from edgetune.io_atomic import write_bytes_atomic
+
+    _, bb = load_network(name, resolution, classes=classes)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split in ("pretrain", "finetune", "test"):
+        y = np.arange(per_split) % classes
+        x = rng.normal(size=(per_split, 3, resolution, resolution)).astype(np.float32)
+        x[:, 0] += 0.5 * y[:, None, None]
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y.astype(np.int64)
+    bb.fit_normalizer(arrays["x_pretrain"])
+    bb.save(model_dir)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(task_path, buf.getvalue())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--networks", nargs="+", default=list(PAPER_KB), help="default: all three")
-    ap.add_argument("--resolution", type=int, default=128, help="input height and width (the paper's 128)")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="input height and width (default: the paper's, edgetune.torch.zoo.RESOLUTION)")
     ap.add_argument("--blocks", type=int, default=None, help="keep only the first N blocks (a quick look)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/budgets.md alone")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    ap.add_argument("--save-model", metavar="DIR", type=Path,
+                    help="save the first network as a model directory (with --save-task) and stop")
+    ap.add_argument("--save-task", metavar="FILE.npz", type=Path, help="a tiny synthetic task for it")
     args = ap.parse_args(argv)
+    from edgetune.torch.zoo import RESOLUTION
+
+    args.resolution = args.resolution or RESOLUTION
+    if args.save_model or args.save_task:
+        if not (args.save_model and args.save_task):
+            ap.error("--save-model and --save-task go together")
+        save_for_export(args.networks[0], args.resolution, args.save_model, args.save_task)
+        print(f"wrote {args.save_model} and {args.save_task}")
+        return 0
     command = "python -m benchmarks.tiny_training_memory" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
     t0 = time.perf_counter()
     rows = [r for name in args.networks for r in measure(name, args.resolution, args.blocks)]
-    text = table(rows, args.resolution, command)
+    text = table(rows, args.resolution, command, comparable=args.resolution == RESOLUTION and not args.blocks)
     info = machine_info()
     text += "\n\n" + "\n".join(f"- {k}: {info[k]}" for k in ("cpu", "python", "numpy", "torch"))
     print(text)

@@ -58,7 +58,7 @@ NETWORKS: dict[str, tuple[int, list[tuple[int, int, int, int]], int, float]] = {
     "mcunet-5fps": (16, MCUNET_5FPS, 320, 1.0),
     "proxyless-w0.3": (32, PROXYLESS_MOBILE, 1280, 0.3),
 }
-#: The input resolution of the paper's experiments.
+#: The input height and width, taken as the paper's setting (docs/mcu_models.md).
 RESOLUTION = 128
 
 
