@@ -42,7 +42,8 @@ class Row:
     params: int
     method: str                 # "ft-all", "sparse[...]", "skip2-lora"
     trainable: int
-    numpy_plan: int             # plan_memory(...).total, frozen weights in flash
+    numpy_plan: int             # plan_memory(...).total (a host process: every weight in RAM)
+    numpy_measured: int         # measure_memory(...)["peak"]: tracemalloc over two real NumPy steps
     device_arena: int           # plan_device_memory(...).arena at the target's pointer size
     device_total: int           # the arena + the target's statics and stack
     torch_measured: int | None  # full update only
@@ -106,9 +107,11 @@ def torch_full_update_bytes(model: Any, shape: tuple[int, ...]) -> int:
     return sum(storages.values()) + 2 * params + x.numel() * x.element_size()
 
 
-def measure(name: str, resolution: int, blocks: int | None = None, n_samples: int = 1) -> list[Row]:
+def measure(name: str, resolution: int, blocks: int | None = None, n_samples: int = 2) -> list[Row]:
+    """The rows of one network: each update planned and measured on ``n_samples`` samples (at
+    batch 1, ``n_samples`` steps; the skip-cache holds that many rows)."""
     from edgetune.export.targets import TARGETS
-    from edgetune.memory import plan_device_memory, plan_memory
+    from edgetune.memory import measure_memory, plan_device_memory, plan_memory
     from edgetune.methods import make_method
 
     target = TARGETS[TARGET]
@@ -117,18 +120,23 @@ def measure(name: str, resolution: int, blocks: int | None = None, n_samples: in
     n_params = sum(int(np.prod(layer.weight.shape)) + int(layer.bias.size) for layer in bb.layers
                    if layer.spec.has_params)
     torch_bytes = torch_full_update_bytes(model, (3, resolution, resolution))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n_samples, 3 * resolution * resolution)).astype(np.float32)
+    y = np.arange(n_samples) % bb.sizes[-1]
     rows = []
     for method, kw in (("ft-all", {}), ("sparse", {"scheme": scheme}), ("skip2-lora", {})):
         cache = "float32" if method == "skip2-lora" else None
-        plan = plan_memory(bb, method, batch_size=1, n_samples=n_samples, weights_in_flash=True, **kw)
+        plan = plan_memory(bb, method, batch_size=1, n_samples=n_samples, **kw)
+        measured = measure_memory(bb, method, x, y, batch_size=1, **kw)["peak"]
         m = make_method(method, bb, **kw)
         dev = plan_device_memory(m, batch_size=1, max_samples=n_samples, cache=cache, store_samples=False,
                                  pointer_bytes=target.pointer_bytes, statics=target.statics, stack=target.stack)
         rows.append(Row(network=name, layers=len(bb.specs), params=n_params,
                         method=f"sparse[{scheme}]" if method == "sparse" else method,
                         trainable=int(m.n_trainable),
-                        numpy_plan=plan.total, device_arena=dev.arena, device_total=dev.total,
-                        torch_measured=torch_bytes if method == "ft-all" else None, flash_weights=plan.flash,
+                        numpy_plan=plan.total, numpy_measured=int(measured), device_arena=dev.arena, device_total=dev.total,
+                        torch_measured=torch_bytes if method == "ft-all" else None, flash_weights=plan_memory(bb, method, batch_size=1, n_samples=n_samples, weights_in_flash=True,
+                                                  **kw).flash,
                         device_state=dev.params + dev.gradients + dev.optimizer_state,
                         device_workspace=dev.workspace))
     return rows
@@ -143,7 +151,7 @@ def table(rows: list[Row], resolution: int, command: str, comparable: bool = Tru
     (``comparable``)."""
     out = [f"Peak training memory at batch 1, {resolution}x{resolution} input, float32, in KB "
            f"(`{command}`):", "",
-           "| network (layers) | update | trainable | edgetune NumPy planner | edgetune C engine, "
+           "| network (layers) | update | trainable | edgetune NumPy engine: planned / measured | edgetune C engine, "
            f"{TARGET} (arena / + stack, statics) | of the arena: parameters + gradients, workspace "
            "| PyTorch CPU | paper |",
            "|---|---|---|---|---|---|---|---|"]
@@ -154,7 +162,7 @@ def table(rows: list[Row], resolution: int, command: str, comparable: bool = Tru
         if r.method.startswith("sparse"):
             cite = f"{paper[1]:,} (sparse + reordering)" if paper[1] else "-"
         out.append(f"| {TITLES.get(r.network, r.network)} ({r.layers}) | {r.method} | {r.trainable:,} | "
-                   f"{_kb(r.numpy_plan)} | {_kb(r.device_arena)} / {_kb(r.device_total)} | "
+                   f"{_kb(r.numpy_plan)} / {_kb(r.numpy_measured)} | {_kb(r.device_arena)} / {_kb(r.device_total)} | "
                    f"{_kb(r.device_state)}, {_kb(r.device_workspace)} | {_kb(r.torch_measured)} | {cite} |")
     out.append("| every network | sparse with reordering (the update applied as soon as each gradient "
                "is ready) | | not implemented in edgetune | not implemented in edgetune | | | see above |")
