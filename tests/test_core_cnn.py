@@ -335,8 +335,8 @@ def test_the_binding_checks_values_before_c():
     spec = bb.specs[0]
     with pytest.raises(UsageError, match="out of range"):
         layer_backbone([LayerSpec("conv1d", (3, 2 ** 31), 8, (3,), (1,), (1,))])
-    with pytest.raises(UsageError, match="1..16 layers"):
-        layer_backbone([spec] * 17)
+    with pytest.raises(UsageError, match=f"1..{core.MAX_LAYERS} layers"):
+        layer_backbone([spec] * (core.MAX_LAYERS + 1))
     # a layer's tensor of the wrong dtype or shape is refused, naming it
     arch, shape = ARCHS["1d-residual"]
     bb = _backbone(arch, shape)

@@ -126,18 +126,24 @@ def test_the_planner_asks_c_for_the_workspace_the_trainer_allocates():
                     planned = core_workspace_bytes(sizes, spec.kind, batch=batch, n_params=m.params.flat.size,
                                                    rank=spec.rank, int8=int8, first=spec.first, pack=_pack(m))
                     assert runner.ws.nbytes == planned == core_workspace_for(m, batch), (sizes, method, batch)
-                    # a 32-bit target differs only by the batch's row pointers (skip methods)
+                    # a 32-bit target differs only by pointers: the batch's row pointers (skip methods)
+                    # and the per-layer tables (3n + 1 int32 rounded to a pointer, then 4n + 1 pointers)
                     small = core_workspace_bytes(sizes, spec.kind, batch=batch, n_params=m.params.flat.size,
                                                  rank=spec.rank, int8=int8, first=spec.first, pack=_pack(m),
                                                  pointer_bytes=4)
                     assert small == core_workspace_for(m, batch, pointer_bytes=4)
-                    assert (planned - small) == (0 if spec.kind != "skip" else
+                    n = len(sizes) - 1
+
+                    def tables(p: int) -> int:
+                        return -(-(-(-(3 * n + 1) * 4 // p) * p + (4 * n + 1) * p) // 64) * 64
+
+                    assert (planned - small) == tables(8) - tables(4) + (0 if spec.kind != "skip" else
                                                  -(-8 * batch // 64) * 64 - -(-4 * batch // 64) * 64)
 
 
 @pytest.mark.parametrize("sizes,kw,message", [
-    ([5, 2 ** 40, 2], {}, "layer width 1"), ([5, 0, 2], {}, "layer width 1"), ([5], {}, "1..16 layers"),
-    (list(range(2, 20)), {}, "1..16 layers"), ([5, 8, 2], {"batch": 2 ** 32 + 4}, "batch"),
+    ([5, 2 ** 40, 2], {}, "layer width 1"), ([5, 0, 2], {}, "layer width 1"), ([5], {}, f"1..{core.MAX_LAYERS} layers"),
+    (list(range(2, core.MAX_LAYERS + 4)), {}, f"1..{core.MAX_LAYERS} layers"), ([5, 8, 2], {"batch": 2 ** 32 + 4}, "batch"),
     ([5, 8, 2], {"pointer_bytes": 2}, "pointer_bytes"), ([5, 8, 2], {"first": 2}, "first"),
     ([5, 8, 2], {"pack": 7, "kind": "layerwise"}, "pack 7"), ([5, 8, 2], {"kind": "conv"}, "unknown method kind")])
 def test_the_planner_refuses_what_c_cannot_take(sizes, kw, message):

@@ -16,13 +16,13 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from ..nn.layers import LAYER_KINDS
 
-MAX_LAYERS = 16
-ABI_VERSION = 3
+ABI_VERSION = 4
 SOURCE_DIR = Path(__file__).resolve().parent
 #: The library's C sources, in the order they are compiled (the clock is POSIX-only).
 SOURCES = ("et_kernels.c", "et_layers.c", "et_conv.c", "et_int8.c", "et_train.c", "et_device.c", "et_abi.c", "et_clock.c")
@@ -45,6 +45,39 @@ def enum(name: str) -> dict[str, int]:
 
 ERRORS = {-1: "invalid argument", -2: "workspace too small", -3: "unsupported configuration"}
 
+
+def library_path() -> Path | None:
+    """Where the compiled library is (EDGETUNE_CORE_LIB, or beside this file), if anywhere."""
+    override = os.environ.get("EDGETUNE_CORE_LIB")
+    if override:
+        return Path(override)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        p = SOURCE_DIR / f"_edgetune_core{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _max_layers() -> int:
+    """ET_MAX_LAYERS, the most layers the C structs hold: the library's et_max_layers(), or,
+    without a library that loads, the #define in et_core.h beside this file (the sources an export
+    compiles). The struct sizes are checked against the library at load either way."""
+    path = library_path()
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(str(path))
+            lib.et_max_layers.restype = ctypes.c_int32
+            return int(lib.et_max_layers())
+        except (OSError, AttributeError):
+            pass  # load() says why
+    found = re.search(r"^#define ET_MAX_LAYERS (\d+)", (SOURCE_DIR / "et_core.h").read_text(), re.MULTILINE)
+    if found is None:
+        raise ImportError(f"no ET_MAX_LAYERS in {SOURCE_DIR / 'et_core.h'}")
+    return int(found.group(1))
+
+
+#: The most layers a backbone may have in the compiled engine (C's ET_MAX_LAYERS).
+MAX_LAYERS = _max_layers()
 L = MAX_LAYERS
 _f32p = ctypes.POINTER(ctypes.c_float)
 _i8p = ctypes.POINTER(ctypes.c_int8)
@@ -123,22 +156,11 @@ _error: str | None = None
 _loaded = False
 
 
-def library_path() -> Path | None:
-    """Where the compiled library is (EDGETUNE_CORE_LIB, or beside this file), if anywhere."""
-    override = os.environ.get("EDGETUNE_CORE_LIB")
-    if override:
-        return Path(override)
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        p = SOURCE_DIR / f"_edgetune_core{suffix}"
-        if p.is_file():
-            return p
-    return None
-
-
 def _declare(lib: Any) -> None:
     vp, sz, i32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int32
     P = ctypes.POINTER
     lib.et_abi_version.restype = i32
+    lib.et_max_layers.restype = i32
     lib.et_sizeof.argtypes, lib.et_sizeof.restype = [i32], sz
     lib.et_build_info.restype = ctypes.c_char_p
     lib.et_field_name.argtypes, lib.et_field_name.restype = [i32, i32], ctypes.c_char_p

@@ -98,6 +98,8 @@ typedef char check_layer[COUNT(LAYER_KIND) == ET_LAYER_ADD + 1 ? 1 : -1];
 
 int32_t et_abi_version(void) { return ET_ABI_VERSION; }
 
+int32_t et_max_layers(void) { return ET_MAX_LAYERS; }
+
 size_t et_sizeof(int32_t which) {
     return which >= 0 && which < COUNT(STRUCTS) ? STRUCTS[which].size : 0;
 }

@@ -26,8 +26,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define ET_MAX_LAYERS 16
-#define ET_ABI_VERSION 3
+/* The most layers a backbone holds (a MobileNetV2 imported layer by layer has about 65). The
+ * structs below hold fixed tables of this size (et_backbone and et_method are const data, in
+ * flash on a microcontroller); a run's per-layer tables sit in its workspace, sized by the
+ * backbone's own layers. The binding reads it through et_max_layers(). */
+#define ET_MAX_LAYERS 128
+#define ET_ABI_VERSION 4
 
 /* Return codes (negative: the call was refused before anything ran). */
 #define ET_OK 0
@@ -258,6 +262,7 @@ size_t et_int8_workspace_size(const et_backbone *bb, int32_t rows);
  * 6 et_model_desc (et_device.h).
  */
 int32_t et_abi_version(void);
+int32_t et_max_layers(void);            /* ET_MAX_LAYERS */
 size_t et_sizeof(int32_t which);            /* 0 for an unknown struct */
 /* Field `index` of struct `which` (declaration order): its name, and its byte offset; NULL / -1 past the end. */
 const char *et_field_name(int32_t which, int32_t index);

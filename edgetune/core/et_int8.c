@@ -114,15 +114,16 @@ void et_int8_run(const et_backbone *bb, const float *x, int ldx, int rows, int8_
 void et_int8_run_layers(const et_backbone *bb, int rows, int8_t *taps, int ldt, float *logits, int ldl,
                         int32_t *acc) {
     const int n = bb->n_layers;
-    int col[ET_MAX_LAYERS + 1];
-    col[0] = 0;
-    for (int k = 0; k < n; k++) col[k + 1] = col[k] + et_width(bb, k);
+    int col = 0; /* layer k's input starts at column col (the sum of the widths before it) */
     for (int k = 0; k < n; k++) {
         const et_layer *l = &bb->layers[k];
-        const int8_t *residual = l->kind == ET_LAYER_ADD ? taps + col[l->source] : NULL;
-        et_layer_ops_of(l->kind)->int8_accumulate(l, taps + col[k], ldt, rows, acc, residual, ldt);
+        int src = 0; /* an add's source's input column */
+        for (int j = 0; l->kind == ET_LAYER_ADD && j < l->source; j++) src += et_width(bb, j);
+        const int8_t *residual = l->kind == ET_LAYER_ADD ? taps + src : NULL;
+        et_layer_ops_of(l->kind)->int8_accumulate(l, taps + col, ldt, rows, acc, residual, ldt);
         if (k == n - 1) et_int8_logits(bb, acc, rows, logits, ldl);
-        else et_int8_requantize(bb, k, acc, rows, taps + col[k + 1], ldt);
+        else et_int8_requantize(bb, k, acc, rows, taps + col + et_width(bb, k), ldt);
+        col += et_width(bb, k);
     }
 }
 

@@ -361,8 +361,10 @@ int32_t et_skip_taps(const et_backbone *bb, int32_t *layers, int32_t *widths) {
 }
 
 int32_t et_skip_d_in(const et_backbone *bb) {
-    int32_t widths[ET_MAX_LAYERS], d = 0;
-    const int32_t n = et_skip_taps(bb, NULL, widths);
-    for (int j = 0; j < n; j++) d += widths[j];
+    int32_t d = 0; /* et_skip_taps' widths, summed without a table of ET_MAX_LAYERS on the stack */
+    for (int k = 0; k < bb->n_layers; k++) {
+        const et_layer *l = &bb->layers[k];
+        if (et_layer_has_weights(l)) d += l->in_h * l->in_w > 1 ? l->in_c : et_layer_in(l);
+    }
     return d;
 }

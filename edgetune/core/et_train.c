@@ -26,9 +26,15 @@
 typedef struct {
     float *snapshot;                       /* n_params: the epoch's starting parameters */
     int32_t *ybuf, *ids, *missing;         /* batch: labels, ids, positions of uncached rows */
-    float *act[ET_MAX_LAYERS + 1];         /* layer-wise/sparse: batch x et_width(bb, k) */
+    /* Per-layer tables, sized by the backbone's layers (the first piece of the workspace, so the
+       run's context stays a few words on the caller's stack whatever ET_MAX_LAYERS is): */
+    int32_t *width;                        /* n + 1: et_width(bb, k), read once: the hot loops index it */
+    int32_t *tap_width;                    /* n: skip: each adapter's input width */
+    int32_t *pending;                      /* n: layer-wise, not an MLP: pend[k] holds gradients from add layers */
+    float **act;                           /* n + 1: layer-wise/sparse: batch x et_width(bb, k) */
     float *lora_u;                         /* layer-wise: n x batch x rank */
-    float *gbuf[2];                        /* batch x max width: gradients flowing back */
+    float *gbuf[2];                        /* batch x the widest input below which the backward pass goes:
+                                              gradients flowing back */
     float *gu;                             /* batch x (n*rank): gradient of the adapters' middle */
     float *pack;                           /* layer-wise: a weight transposed for the backward pass */
     float *wrow;                           /* sparse int8: one widened weight row */
@@ -40,12 +46,12 @@ typedef struct {
     int8_t *qtaps;                         /* skip on int8: batch x d_in (a CNN: every layer's input) */
     float *walk[2];                        /* skip, not an MLP: batch x max width, each layer's input and output;
                                               sparse, not an MLP: the frozen layers' outputs before `first` */
-    float *kept[ET_MAX_LAYERS];            /* skip, not an MLP: batch x et_width(bb, k), the inputs add layers read */
+    float **kept;                          /* n: skip, not an MLP: batch x et_width(bb, k), the inputs add layers read */
     float *scratch;                        /* not an MLP: the layers' (and LoRA convolutions') kernel scratch */
-    float *pend[ET_MAX_LAYERS];            /* layer-wise, not an MLP: batch x et_width(bb, k), an add's gradient
+    float **pend;                          /* n: layer-wise, not an MLP: batch x et_width(bb, k), an add's gradient
                                               waiting for its source layer's input */
     float *tmp;                            /* layer-wise, not an MLP: batch x max width, a LoRA convolution's output */
-    float *sw[ET_MAX_LAYERS];              /* sparse, not an MLP: a layer with trained rows, its weight as the
+    float **sw;                            /* n: sparse, not an MLP: a layer with trained rows, its weight as the
                                               forward pass uses it (out_c x et_layer_row_floats) */
 } layout;
 
@@ -83,14 +89,15 @@ static void lora_dims(const et_layer *l, int rank, et_conv_dims *a, et_conv_dims
 static size_t most(size_t a, size_t b) { return a > b ? a : b; }
 
 /* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer asks (the frozen
- * forward; with `backward` the gradients and the LoRA convolutions too). */
+ * forward; with `backward` the gradients and the LoRA convolutions of the layers the backward pass
+ * enters, m->first on). */
 static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward) {
     size_t s = 0;
     for (int k = 0; k < bb->n_layers; k++) {
         const et_layer *l = &bb->layers[k];
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         s = most(s, ops->forward_scratch_bytes(l, batch));
-        if (!backward) continue;
+        if (!backward || k < m->first) continue;
         s = most(s, ops->backward_scratch_bytes(l, batch));
         if (m->off_lora_a[k] >= 0 && l->kind != ET_LAYER_DENSE) {
             et_conv_dims a, b;
@@ -141,9 +148,23 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     memset(L, 0, sizeof(*L));
 #define PIECE(field, type, count)                              \
     do {                                                       \
-        L->field = base ? (type)(void *)cur : NULL;            \
+        if (base) L->field = (type)(void *)cur;                \
         total += take(&cur, (size_t)(count));                  \
     } while (0)
+    { /* the per-layer tables: 3n + 1 int32, then 4n + 1 pointers, in one piece */
+        const size_t P = (size_t)pointer_bytes, ints = ((size_t)(3 * n + 1) * 4 + P - 1) / P * P;
+        if (base) {
+            memset(cur, 0, ints + (size_t)(4 * n + 1) * P);
+            L->width = (int32_t *)(void *)cur;
+            L->tap_width = L->width + n + 1;
+            L->pending = L->tap_width + n;
+            L->act = (float **)(void *)(cur + ints);
+            L->kept = L->act + n + 1;
+            L->pend = L->kept + n;
+            L->sw = L->pend + n;
+        }
+        total += take(&cur, ints + (size_t)(4 * n + 1) * P);
+    }
     PIECE(snapshot, float *, (size_t)m->n_params * F);
     PIECE(ybuf, int32_t *, B * 4);
     PIECE(ids, int32_t *, B * 4);
@@ -151,8 +172,11 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     if (m->kind == ET_SKIP) { /* the skip adapters need only the logits and their gradient */
         PIECE(gbuf[0], float *, B * et_width(bb, n) * F);
     } else {
-        PIECE(gbuf[0], float *, B * mw * F);
-        PIECE(gbuf[1], float *, B * mw * F);
+        /* the gradients the backward pass hands down: layer k's input for k > first (and the logits) */
+        int gw = et_width(bb, n);
+        for (int k = m->first + 1; k < n; k++) gw = et_width(bb, k) > gw ? et_width(bb, k) : gw;
+        PIECE(gbuf[0], float *, B * gw * F);
+        PIECE(gbuf[1], float *, B * gw * F);
     }
     if (m->kind == ET_SKIP) {
         const size_t nr = (size_t)et_skip_taps(bb, NULL, NULL) * m->rank;
@@ -183,7 +207,7 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
         for (int k = 0; k <= n; k++) {
             if (prune && k > 0 && k < m->first && !is_source(bb, k)) {
-                L->act[k] = L->walk[k & 1];
+                if (base) L->act[k] = L->walk[k & 1];
                 continue;
             }
             PIECE(act[k], float *, B * et_width(bb, k) * F);
@@ -269,9 +293,9 @@ typedef struct {
     float *G;
     et_cache *cache;
     const float *x;
-    int32_t width[ET_MAX_LAYERS + 1];      /* et_width(bb, k), read once: the hot loops index it */
+    const int32_t *width;                  /* L.width: et_width(bb, k) */
     int32_t n_taps;                        /* skip: the adapters (et_skip_taps) */
-    int32_t tap_width[ET_MAX_LAYERS];      /* skip: each adapter's input width */
+    const int32_t *tap_width;              /* L.tap_width: each adapter's input width */
     int32_t d_in;                          /* the sum of the taps' widths */
     int32_t batch;
     layout L;
@@ -297,11 +321,13 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->G = G;
     c->cache = cache;
     c->x = x;
-    for (int k = 0; k <= bb->n_layers; k++) c->width[k] = et_width(bb, k);
-    c->n_taps = et_skip_taps(bb, NULL, c->tap_width);
     c->d_in = et_skip_d_in(bb);
     c->batch = batch;
     plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L);
+    for (int k = 0; k <= bb->n_layers; k++) c->L.width[k] = et_width(bb, k);
+    c->n_taps = et_skip_taps(bb, NULL, c->L.tap_width);
+    c->width = c->L.width;
+    c->tap_width = c->L.tap_width;
     for (int k = 0; k < bb->n_layers; k++) /* sparse: the frozen rows behind the trained ones, once a call */
         if (c->L.sw[k]) {
             const size_t row = (size_t)et_layer_row_floats(&bb->layers[k]), r = (size_t)m->rows[k];
@@ -403,7 +429,8 @@ static void lw_backward(ctx *c, int count) {
     const int n = bb->n_layers, r = m->rank, U_max = max_lora_width(bb, m);
     float *g = c->L.act[n];
     int flip = 0;
-    int pending[ET_MAX_LAYERS] = {0}; /* pend[k] holds gradients for layer k's input from add layers */
+    int32_t *pending = c->L.pending; /* pend[k] holds gradients for layer k's input from add layers */
+    memset(pending, 0, (size_t)n * sizeof(int32_t));
     if (m->off_bias_delta >= 0) column_sums(g, count, et_width(bb, n), c->G + m->off_bias_delta);
     for (int k = n - 1; k >= m->first; k--) {
         const et_layer *l = &bb->layers[k];

@@ -1,0 +1,262 @@
+"""Training memory of MobileNetV2-class networks, beside "On-Device Training Under 256KB Memory".
+
+    python -m benchmarks.tiny_training_memory            # writes its section of docs/budgets.md
+    python -m benchmarks.tiny_training_memory --no-write --resolution 32 --blocks 4   # a quick look
+
+For the paper's three networks (edgetune.torch.zoo: MobileNetV2-w0.35, an MCUNet-5fps-like and a
+ProxylessNAS-w0.3-like network, random weights, the paper's 128x128 input), imported with
+``from_torch`` (BatchNorm folded), at batch 1: the peak training memory of a full update
+(ft-all), a paper-like sparse update and skip2-lora, from edgetune's NumPy planner
+(``plan_memory``), from the compiled engine's device arena (``plan_device_memory`` for
+cortex-m7: frozen weights in flash), and for the full update what PyTorch keeps on CPU
+(``torch_full_update_bytes``), beside the paper's figures. Needs the torch extra.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._util import REPO, machine_info
+
+#: The paper's peak training memory in KB (Lin et al. 2022: the full update, and the sparse update
+#: with operator reordering; batch 1, its engine on an STM32F746).
+PAPER_KB = {"mbv2-w0.35": (2939, 141), "mcunet-5fps": (3650, 173), "proxyless-w0.3": (2745, 135)}
+TITLES = {"mbv2-w0.35": "MobileNetV2-w0.35", "mcunet-5fps": "MCUNet-5fps-like", "proxyless-w0.3": "ProxylessNAS-w0.3-like"}
+SECTION = "tiny-training-memory"
+DOC = REPO / "docs" / "budgets.md"
+TARGET = "cortex-m7"
+
+
+@dataclass
+class Row:
+    network: str
+    layers: int
+    params: int
+    method: str                 # "ft-all", "sparse[...]", "skip2-lora"
+    trainable: int
+    numpy_plan: int             # plan_memory(...).total (a host process: every weight in RAM)
+    numpy_measured: int         # measure_memory(...)["peak"]: tracemalloc over two real NumPy steps
+    device_arena: int           # plan_device_memory(...).arena at the target's pointer size
+    device_total: int           # the arena + the target's statics and stack
+    torch_measured: int | None  # full update only
+    flash_weights: int          # the frozen weights the device reads from flash
+    device_state: int           # of the arena: parameters, gradients and optimizer state (their storage)
+    device_workspace: int       # of the arena: the engine's workspace (activations, scratch, snapshot)
+
+
+def load_network(name: str, resolution: int, blocks: int | None = None, classes: int = 10) -> tuple[Any, Any]:
+    """(the torch module, its edgetune Backbone), checked: the outputs agree to 1e-4."""
+    import torch
+
+    from edgetune.torch import from_torch
+    from edgetune.torch.zoo import build
+
+    model = build(name, classes, blocks=blocks).eval()
+    bb = from_torch(model, input_shape=(3, resolution, resolution))
+    x = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    err = float(np.abs(bb.forward(x.numpy().reshape(2, -1)) - ref).max())
+    if err > 1e-4:
+        raise RuntimeError(f"{name}: edgetune's forward differs from torch's by {err:.2e}")
+    return model, bb
+
+
+def sparse_scheme(bb: Any, bias_layers: int = 18, pointwise: int = 4) -> str:
+    """A paper-like sparse update: the biases of the last ``bias_layers`` layers with weights, the
+    weights of the first (expansion) 1x1 convolution of the last ``pointwise`` blocks that have one
+    (a half of the output channels in the last two, a quarter before), and the classifier."""
+    specs = [bb.specs[k] for k in bb.tap_layers]  # the layers with weights, as the scheme counts them
+    expansions = [j for j in range(len(specs) - 1)
+                  if specs[j].kind == "conv2d" and specs[j].kernel == (1, 1) and specs[j].groups == 1
+                  and specs[j + 1].groups > 1]  # a 1x1 convolution feeding a depthwise one
+    chosen = expansions[-pointwise:]
+    parts = [f"b{min(bias_layers, len(specs))}"]
+    parts += [f"w{j}:{'1/2' if i >= len(chosen) - 2 else '1/4'}" for i, j in enumerate(chosen)]
+    return ",".join(parts + [f"w{len(specs) - 1}"])
+
+
+def torch_full_update_bytes(model: Any, shape: tuple[int, ...]) -> int:
+    """What PyTorch holds for one full-update step on CPU at batch 1: the tensors autograd saves
+    for the backward pass (each storage once, through ``saved_tensors_hooks``), the parameters,
+    their gradients and the input. A lower bound of the process's peak (the backward pass's
+    transient buffers come on top), exact and independent of the allocator and of threads."""
+    import torch
+
+    model = model.train()
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randn(1, *shape)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0]))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    del loss
+    return sum(storages.values()) + 2 * params + x.numel() * x.element_size()
+
+
+def measure(name: str, resolution: int, blocks: int | None = None, n_samples: int = 2) -> list[Row]:
+    """The rows of one network: each update planned and measured on ``n_samples`` samples (at
+    batch 1, ``n_samples`` steps; the skip-cache holds that many rows)."""
+    from edgetune.export.targets import TARGETS
+    from edgetune.memory import measure_memory, plan_device_memory, plan_memory
+    from edgetune.methods import make_method
+
+    target = TARGETS[TARGET]
+    model, bb = load_network(name, resolution, blocks)
+    scheme = sparse_scheme(bb)
+    n_params = sum(int(np.prod(layer.weight.shape)) + int(layer.bias.size) for layer in bb.layers
+                   if layer.spec.has_params)
+    torch_bytes = torch_full_update_bytes(model, (3, resolution, resolution))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n_samples, 3 * resolution * resolution)).astype(np.float32)
+    y = np.arange(n_samples) % bb.sizes[-1]
+    rows = []
+    for method, kw in (("ft-all", {}), ("sparse", {"scheme": scheme}), ("skip2-lora", {})):
+        cache = "float32" if method == "skip2-lora" else None
+        plan = plan_memory(bb, method, batch_size=1, n_samples=n_samples, **kw)
+        measured = measure_memory(bb, method, x, y, batch_size=1, **kw)["peak"]
+        m = make_method(method, bb, **kw)
+        dev = plan_device_memory(m, batch_size=1, max_samples=n_samples, cache=cache, store_samples=False,
+                                 pointer_bytes=target.pointer_bytes, statics=target.statics, stack=target.stack)
+        rows.append(Row(network=name, layers=len(bb.specs), params=n_params,
+                        method=f"sparse[{scheme}]" if method == "sparse" else method,
+                        trainable=int(m.n_trainable),
+                        numpy_plan=plan.total, numpy_measured=int(measured), device_arena=dev.arena, device_total=dev.total,
+                        torch_measured=torch_bytes if method == "ft-all" else None, flash_weights=plan_memory(bb, method, batch_size=1, n_samples=n_samples, weights_in_flash=True,
+                                                  **kw).flash,
+                        device_state=dev.params + dev.gradients + dev.optimizer_state,
+                        device_workspace=dev.workspace))
+    return rows
+
+
+def _kb(v: int | None) -> str:
+    return "-" if v is None else f"{v / 1024:,.0f}"
+
+
+def table(rows: list[Row], resolution: int, command: str, comparable: bool = True) -> str:
+    """The markdown table; the paper's figures only beside the whole networks at its resolution
+    (``comparable``)."""
+    out = [f"Peak training memory at batch 1, {resolution}x{resolution} input, float32, in KB "
+           f"(`{command}`):", "",
+           "| network (layers) | update | trainable | edgetune NumPy engine: planned / measured | edgetune C engine, "
+           f"{TARGET} (arena / + stack, statics) | of the arena: parameters + gradients, workspace "
+           "| PyTorch CPU | paper |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        paper = PAPER_KB.get(r.network, (None, None)) if comparable else (None, None)
+        cite = {"ft-all": f"{paper[0]:,} (full update)" if paper[0] else "-",
+                "skip2-lora": "- (not in the paper)"}.get(r.method.split("[")[0], "-")
+        if r.method.startswith("sparse"):
+            cite = f"{paper[1]:,} (sparse + reordering)" if paper[1] else "-"
+        out.append(f"| {TITLES.get(r.network, r.network)} ({r.layers}) | {r.method} | {r.trainable:,} | "
+                   f"{_kb(r.numpy_plan)} / {_kb(r.numpy_measured)} | {_kb(r.device_arena)} / {_kb(r.device_total)} | "
+                   f"{_kb(r.device_state)}, {_kb(r.device_workspace)} | {_kb(r.torch_measured)} | {cite} |")
+    out.append("| every network | sparse with reordering (the update applied as soon as each gradient "
+               "is ready) | | not implemented in edgetune | not implemented in edgetune | | | see above |")
+    out += ["", "Read from these rows:"]
+    for name in dict.fromkeys(r.network for r in rows):
+        full, sparse, skip = (next(r for r in rows if r.network == name and r.method.startswith(m))
+                              for m in ("ft-all", "sparse", "skip2-lora"))
+        paper = PAPER_KB.get(name) if comparable else None
+        line = (f"- {TITLES.get(name, name)}: on the device the sparse update needs "
+                f"{sparse.device_total / full.device_total:.0%} of the full update's RAM")
+        if paper:
+            line += (f"; edgetune's device (float32) against the paper's figures: {full.device_total / 1024 / paper[0]:.1f}x "
+                     f"(full update), {sparse.device_total / 1024 / paper[1]:.1f}x (sparse; the paper's with reordering)")
+        line += (f"; skip2-lora stores its {skip.trainable:,} trainable values in a masked block matrix "
+                 f"of {skip.device_state // 8:,} values (parameters and gradients: {_kb(skip.device_state)} KB).")
+        out.append(line)
+    return "\n".join(out)
+
+
+
+def write_section(text: str, path: Path = DOC) -> None:
+    """Replace the benchmark's marked section of ``path`` with ``text`` (appended the first time)."""
+    from edgetune.io_atomic import write_bytes_atomic
+
+    start, end = f"<!-- {SECTION}: start -->", f"<!-- {SECTION}: end -->"
+    doc = path.read_text()
+    block = f"{start}\n{text}\n{end}"
+    if start in doc:
+        doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.DOTALL)
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    write_bytes_atomic(path, doc.encode())
+
+
+def save_for_export(name: str, resolution: int, model_dir: Path, task_path: Path, classes: int = 2,
+                    per_split: int = 8, seed: int = 0) -> None:
+    """The network as an edgetune model directory and a tiny synthetic task file (``per_split``
+    samples per split, random images whose class shifts the first channel), for
+    ``edgetune export``: what a device's training run costs does not depend on the data."""
+    from edgetune.io_atomic import write_bytes_atomic
+
+    _, bb = load_network(name, resolution, classes=classes)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split in ("pretrain", "finetune", "test"):
+        y = np.arange(per_split) % classes
+        x = rng.normal(size=(per_split, 3, resolution, resolution)).astype(np.float32)
+        x[:, 0] += 0.5 * y[:, None, None]
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y.astype(np.int64)
+    bb.fit_normalizer(arrays["x_pretrain"])
+    bb.save(model_dir)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(task_path, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--networks", nargs="+", default=list(PAPER_KB), help="default: all three")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="input height and width (default: the paper's, edgetune.torch.zoo.RESOLUTION)")
+    ap.add_argument("--blocks", type=int, default=None, help="keep only the first N blocks (a quick look)")
+    ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/budgets.md alone")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    ap.add_argument("--save-model", metavar="DIR", type=Path,
+                    help="save the first network as a model directory (with --save-task) and stop")
+    ap.add_argument("--save-task", metavar="FILE.npz", type=Path, help="a tiny synthetic task for it")
+    args = ap.parse_args(argv)
+    from edgetune.torch.zoo import RESOLUTION
+
+    args.resolution = args.resolution or RESOLUTION
+    if args.save_model or args.save_task:
+        if not (args.save_model and args.save_task):
+            ap.error("--save-model and --save-task go together")
+        save_for_export(args.networks[0], args.resolution, args.save_model, args.save_task)
+        print(f"wrote {args.save_model} and {args.save_task}")
+        return 0
+    command = "python -m benchmarks.tiny_training_memory" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
+    t0 = time.perf_counter()
+    rows = [r for name in args.networks for r in measure(name, args.resolution, args.blocks)]
+    text = table(rows, args.resolution, command, comparable=args.resolution == RESOLUTION and not args.blocks)
+    info = machine_info()
+    text += "\n\n" + "\n".join(f"- {k}: {info[k]}" for k in ("cpu", "python", "numpy", "torch"))
+    print(text)
+    print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    if not args.no_write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
