@@ -46,7 +46,9 @@ typedef struct {
                                               waiting for its source layer's input */
     float *tmp;                            /* layer-wise, not an MLP: batch x max width, a LoRA convolution's output */
     float *sw[ET_MAX_LAYERS];              /* sparse, not an MLP: a layer with trained rows, its weight as the
-                                              forward pass uses it (out_c x et_layer_row_floats) */
+                                              forward pass uses it (out_c x et_layer_row_floats); on an int8
+                                              chain every layer with weights from `first` on, dequantised */
+    float *sb[ET_MAX_LAYERS];              /* sparse, an int8 chain: out_c, the dequantised bias from `first` on */
 } layout;
 
 static size_t take(char **cur, size_t bytes) {
@@ -124,6 +126,19 @@ static size_t int8_row(const et_backbone *bb) {
     return w;
 }
 
+/* Values of the inputs of layers 0..k side by side: the integer pass of a sparse update on an
+ * int8 chain keeps them up to its first trained layer (an add from there on reads its source's). */
+static size_t int8_row_upto(const et_backbone *bb, int k) {
+    size_t w = 0;
+    for (int j = 0; j <= k && j < bb->n_layers; j++) w += (size_t)et_width(bb, j);
+    return w;
+}
+
+/* The layer a sparse update's forward pass starts at in floats (the int8 pass runs those before it). */
+static int sp_start(const et_backbone *bb, const et_method *m) {
+    return m->first < bb->n_layers - 1 ? m->first : bb->n_layers - 1;
+}
+
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
  * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
@@ -176,17 +191,23 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         /* the sparse update on a chain of layers keeps nothing below its first trained layer: the
            frozen layers before it write their outputs into two buffers in turn (but an add's source) */
         const int prune = m->kind == ET_SPARSE && !et_backbone_is_dense(bb);
+        /* on an int8 chain those layers run the integer pass: no float buffer before `first` (but x) */
+        const int int8_chain = prune && bb->is_int8;
         size_t turn[2] = {0, 0}; /* the widest output each buffer takes */
-        for (int k = 1; prune && k < m->first; k++)
+        for (int k = 1; prune && !int8_chain && k < m->first; k++)
             if (!is_source(bb, k)) turn[k & 1] = most(turn[k & 1], (size_t)et_width(bb, k));
         if (turn[0]) PIECE(walk[0], float *, B * turn[0] * F);
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
         for (int k = 0; k <= n; k++) {
-            if (prune && k > 0 && k < m->first && !is_source(bb, k)) {
-                L->act[k] = L->walk[k & 1];
+            if (prune && k > 0 && k < sp_start(bb, m) && !is_source(bb, k)) {
+                L->act[k] = int8_chain ? NULL : L->walk[k & 1];
                 continue;
             }
             PIECE(act[k], float *, B * et_width(bb, k) * F);
+        }
+        if (int8_chain) { /* the integer pass up to `first`: every layer's int8 input, one accumulator */
+            PIECE(qtaps, int8_t *, B * int8_row_upto(bb, sp_start(bb, m)));
+            PIECE(acc, int32_t *, B * mw * 4);
         }
         if (m->kind == ET_LAYERWISE) {
             const size_t U = (size_t)max_lora_width(bb, m); /* an MLP's: the rank */
@@ -210,8 +231,10 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             for (int k = m->first; k < n; k++)
                 if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
             for (int k = m->first; k < n; k++)
-                if (m->rows[k] > 0)
+                if (m->rows[k] > 0 || (bb->is_int8 && et_layer_has_weights(&bb->layers[k])))
                     PIECE(sw[k], float *, (size_t)bb->layers[k].out_c * et_layer_row_floats(&bb->layers[k]) * F);
+            for (int k = m->first; bb->is_int8 && k < n; k++)
+                if (et_layer_has_weights(&bb->layers[k])) PIECE(sb[k], float *, (size_t)bb->layers[k].out_c * F);
         } else if (bb->is_int8) {
             PIECE(wrow, float *, (size_t)mw * F);
             PIECE(q[0], int8_t *, B * mw);
@@ -224,25 +247,26 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
 }
 
 /* The sparse update's rows and biases fit the layers: trained rows 0..out_c from `first` on and
- * tensors only on layers with weights; int8 only on an MLP. */
+ * tensors only on layers with weights; on an int8 backbone, the units of every layer with weights
+ * from `first` on. */
 static int sparse_rows_ok(const et_backbone *bb, const et_method *m) {
-    if (bb->is_int8 && !et_backbone_is_dense(bb)) return 0;
     for (int k = 0; k < bb->n_layers; k++) {
         const et_layer *l = &bb->layers[k];
         const int weights = et_layer_has_weights(l);
         if (weights && !bb->is_int8 && !l->w) return 0; /* the float path reads W as stored */
+        if (weights && bb->is_int8 && k >= m->first && (!m->w_unit[k] || !m->b_unit[k])) return 0;
         if (m->rows[k] < 0 || m->rows[k] > (weights ? l->out_c : 0) || (m->rows[k] > 0 && k < m->first)) return 0;
         if ((m->rows[k] > 0) != (m->off_weight[k] >= 0) || (m->off_bias[k] >= 0 && !weights)) return 0;
     }
     return 1;
 }
 
-/* et_backbone_check, and for an int8 backbone that is not an MLP (the skip methods only) the int8
- * pass's own checks (et_int8_backbone_check). */
+/* et_backbone_check, and for an int8 backbone that is not an MLP (the skip methods and the sparse
+ * update) the int8 pass's own checks (et_int8_backbone_check). */
 static int32_t train_check(const et_backbone *bb, const et_method *m) {
     if (bb && bb->is_int8 == 1 && bb->n_layers >= 1 && bb->n_layers <= ET_MAX_LAYERS && !et_backbone_is_dense(bb)) {
         const int32_t rc = et_int8_backbone_check(bb);
-        return rc != ET_OK ? rc : (m && m->kind != ET_SKIP ? ET_ERR_UNSUPPORTED : ET_OK);
+        return rc != ET_OK ? rc : (m && m->kind == ET_LAYERWISE ? ET_ERR_UNSUPPORTED : ET_OK);
     }
     return et_backbone_check(bb);
 }
@@ -283,7 +307,6 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     if (rc != ET_OK) return rc;
     if (!m || !x || batch < 1) return ET_ERR_ARGUMENT;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
-    if (m->kind == ET_SPARSE && bb->is_int8 && !et_backbone_is_dense(bb)) return ET_ERR_UNSUPPORTED;
     if (et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
     if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
@@ -303,7 +326,14 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->batch = batch;
     plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L);
     for (int k = 0; k < bb->n_layers; k++) /* sparse: the frozen rows behind the trained ones, once a call */
-        if (c->L.sw[k]) {
+        if (c->L.sw[k] && bb->is_int8) { /* dequantised (the trained rows and biases: sp_assemble) */
+            const et_layer *l = &bb->layers[k];
+            const size_t row = (size_t)et_layer_row_floats(l);
+            for (int o = m->rows[k]; o < l->out_c; o++)
+                for (size_t i = 0; i < row; i++) c->L.sw[k][o * row + i] = (float)l->qw[o * row + i] * m->w_unit[k][o];
+            for (int o = 0; o < l->out_c; o++)
+                c->L.sb[k][o] = (float)((double)l->qbias[o] * (double)m->b_unit[k][o]);
+        } else if (c->L.sw[k]) {
             const size_t row = (size_t)et_layer_row_floats(&bb->layers[k]), r = (size_t)m->rows[k];
             memcpy(c->L.sw[k] + r * row, bb->layers[k].w + r * row, (bb->layers[k].out_c - r) * row * sizeof(float));
         }
@@ -342,16 +372,60 @@ static void lw_weights(const ctx *c, int k, const float **wt, const float **w) {
     *w = forward_layout ? NULL : lw_weight_t(c, k);
 }
 
-/* The sparse update's trained rows into the assembled weights (the frozen rows are there since setup). */
+/* The sparse update's trained rows into the assembled weights (the frozen rows are there since setup);
+ * on an int8 chain rounded to int8 and dequantised, and the trained biases likewise. */
 static void sp_assemble(ctx *c) {
-    for (int k = 0; k < c->bb->n_layers; k++)
-        if (c->L.sw[k])
-            memcpy(c->L.sw[k], c->P + c->m->off_weight[k],
-                   (size_t)c->m->rows[k] * et_layer_row_floats(&c->bb->layers[k]) * sizeof(float));
+    const et_method *m = c->m;
+    for (int k = 0; k < c->bb->n_layers; k++) {
+        if (!c->L.sw[k]) continue;
+        const size_t row = (size_t)et_layer_row_floats(&c->bb->layers[k]);
+        if (!c->bb->is_int8) {
+            memcpy(c->L.sw[k], c->P + m->off_weight[k], (size_t)m->rows[k] * row * sizeof(float));
+            continue;
+        }
+        for (int o = 0; o < m->rows[k]; o++) {
+            const float *p = c->P + m->off_weight[k] + o * row;
+            for (size_t i = 0; i < row; i++) {
+                float v = rintf(p[i]);
+                v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+                c->L.sw[k][o * row + i] = v * m->w_unit[k][o];
+            }
+        }
+        if (m->off_bias[k] >= 0)
+            for (int o = 0; o < c->bb->layers[k].out_c; o++)
+                c->L.sb[k][o] = rintf(c->P[m->off_bias[k] + o]) * m->b_unit[k][o];
+    }
 }
 
 static const float *lw_bias(const ctx *c, int k) {
+    if (c->L.sb[k]) return c->L.sb[k]; /* sparse on an int8 chain: dequantised */
     return c->m->off_bias[k] >= 0 ? c->P + c->m->off_bias[k] : c->bb->layers[k].bias;
+}
+
+/* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), then its input and the
+ * inputs the adds from there on read, dequantised into act[]; returns start. */
+static int sp_int8_prefix(ctx *c, int count) {
+    const et_backbone *bb = c->bb;
+    const int start = sp_start(bb, c->m), ldq = (int)int8_row_upto(bb, start);
+    int col[ET_MAX_LAYERS + 1];
+    col[0] = 0;
+    for (int k = 0; k < start; k++) col[k + 1] = col[k] + c->width[k];
+    int8_t *q = c->L.qtaps;
+    et_int8_quantize_input(bb, c->L.act[0], c->width[0], count, q, ldq);
+    for (int k = 0; k < start; k++) { /* as et_int8_run_layers, stopping at `start` */
+        const et_layer *l = &bb->layers[k];
+        const int8_t *residual = l->kind == ET_LAYER_ADD ? q + col[l->source] : NULL;
+        et_layer_ops_of(l->kind)->int8_accumulate(l, q + col[k], ldq, count, c->L.acc, residual, ldq);
+        et_int8_requantize(bb, k, c->L.acc, count, q + col[k + 1], ldq);
+    }
+    for (int k = 0; k <= start; k++) {
+        if (k < start && !is_source(bb, k)) continue;
+        const float s = bb->layers[k].act_scale;
+        float *h = c->L.act[k];
+        for (int i = 0; i < count; i++)
+            for (int j = 0; j < c->width[k]; j++) h[(size_t)i * c->width[k] + j] = (float)q[(size_t)i * ldq + col[k] + j] * s;
+    }
+    return start;
 }
 
 /* Logits of `count` gathered inputs in act[0]; keeps what backward needs. Returns act[n]. */
@@ -359,7 +433,8 @@ static float *lw_forward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
     const int n = bb->n_layers, r = m->rank;
-    for (int k = 0; k < n; k++) {
+    const int int8_chain = bb->is_int8 && m->kind == ET_SPARSE;
+    for (int k = int8_chain ? sp_int8_prefix(c, count) : 0; k < n; k++) {
         const et_layer *l = &bb->layers[k];
         const int in = et_layer_in(l), out = et_layer_out(l);
         const float *h = c->L.act[k];
@@ -391,6 +466,14 @@ static float *lw_forward(ctx *c, int count) {
             }
         }
         et_layer_activate(l, z, out, count);
+        if (int8_chain && k < n - 1) { /* fake-quantise to layer k+1's int8 input */
+            const float s = bb->layers[k + 1].act_scale;
+            for (int i = 0; i < count * out; i++) {
+                float v = rintf(z[i] / s);
+                v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+                z[i] = v * s;
+            }
+        }
     }
     if (m->off_bias_delta >= 0) add_bias(c->L.act[n], c->P + m->off_bias_delta, count, et_width(bb, n), et_width(bb, n));
     return c->L.act[n];
@@ -415,6 +498,18 @@ static void lw_backward(ctx *c, int count) {
         else if (m->kind != ET_SPARSE && m->off_weight[k] >= 0)
             ops->weight_grad(l, h, g, count, c->G + m->off_weight[k], c->L.scratch);
         if (m->off_bias[k] >= 0) ops->bias_grad(l, g, count, c->G + m->off_bias[k]);
+        if (bb->is_int8 && m->kind == ET_SPARSE) { /* int8 units: d/dWq = s_W dW, d/dbq = s_x s_W db; QAS: / unit^2 */
+            const size_t row = (size_t)et_layer_row_floats(l);
+            for (int o = 0; o < m->rows[k]; o++) {
+                const float u = m->w_unit[k][o], f = m->qas ? 1.0f / u : u;
+                for (size_t i = 0; i < row; i++) c->G[m->off_weight[k] + o * row + i] *= f;
+            }
+            if (m->off_bias[k] >= 0)
+                for (int o = 0; o < l->out_c; o++) {
+                    const float u = m->b_unit[k][o];
+                    c->G[m->off_bias[k] + o] *= m->qas ? 1.0f / u : u;
+                }
+        }
         const float *A = NULL;
         et_conv_dims da, db;
         if (m->off_lora_a[k] >= 0 && !dense) { /* LoRA convolutions: dB, gu = s dB/du, dA */
@@ -466,6 +561,10 @@ static void lw_backward(ctx *c, int count) {
             if (pending[k])
                 for (int i = 0; i < count * in; i++) dh[i] += c->L.pend[k][i];
             et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
+            if (bb->is_int8 && m->kind == ET_SPARSE) { /* straight through the rounding, zero where the clip held */
+                const float top = 127.0f * l->act_scale;
+                for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top && h[i] > -top);
+            }
             g = dh;
         }
     }
