@@ -561,9 +561,12 @@ static void lw_backward(ctx *c, int count) {
             if (pending[k])
                 for (int i = 0; i < count * in; i++) dh[i] += c->L.pend[k][i];
             et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
-            if (bb->is_int8 && m->kind == ET_SPARSE) { /* straight through the rounding, zero where the clip held */
-                const float top = 127.0f * l->act_scale;
-                for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top && h[i] > -top);
+            if (bb->is_int8 && m->kind == ET_SPARSE) { /* straight through the rounding, zero where the clamp held */
+                const float s = l->act_scale;
+                float hi = 127.0f; /* ReLU6: its int8 top, as the int8 pass clamps (float32 division and rint) */
+                if (bb->layers[k - 1].activation == ET_RELU6) hi = fminf(127.0f, rintf(6.0f / s));
+                const float top = hi * s, bottom = -127.0f * s;
+                for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top && h[i] > bottom);
             }
             g = dh;
         }

@@ -355,6 +355,7 @@ class SparseUpdate(Method):
         return h
 
     def _backward_generic(self, g: np.ndarray) -> None:
+        from ..quant.int8 import clamp_range
         bb, grads = self.backbone, self.params.grads
         pending: dict[int, np.ndarray] = {}
         for k in range(bb.n_layers - 1, self.first - 1, -1):
@@ -380,9 +381,10 @@ class SparseUpdate(Method):
                 if k in pending:
                     dh = dh + pending.pop(k)
                 bb.specs[k - 1].act.grad_mul(dh, h)
-                if self.int8:  # straight through the int8 rounding, zero where the clip held
-                    top = np.float32(127) * np.float32(bb.layers[k].quant.input_scale)
-                    dh *= (h < top) & (h > -top)
+                if self.int8:  # straight through the int8 rounding, zero where the clamp held
+                    s = np.float32(bb.layers[k].quant.input_scale)
+                    hi = clamp_range(bb.specs[k - 1].activation, s)[1]  # ReLU6: its int8 top
+                    dh *= (h < np.float32(hi) * s) & (h > np.float32(-127) * s)
                 g = dh
 
     def backward(self, g: np.ndarray) -> None:
