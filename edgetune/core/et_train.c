@@ -247,14 +247,12 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
 }
 
 /* The sparse update's rows and biases fit the layers: trained rows 0..out_c from `first` on and
- * tensors only on layers with weights; on an int8 backbone, the units of every layer with weights
- * from `first` on. */
+ * tensors only on layers with weights. */
 static int sparse_rows_ok(const et_backbone *bb, const et_method *m) {
     for (int k = 0; k < bb->n_layers; k++) {
         const et_layer *l = &bb->layers[k];
         const int weights = et_layer_has_weights(l);
         if (weights && !bb->is_int8 && !l->w) return 0; /* the float path reads W as stored */
-        if (weights && bb->is_int8 && k >= m->first && (!m->w_unit[k] || !m->b_unit[k])) return 0;
         if (m->rows[k] < 0 || m->rows[k] > (weights ? l->out_c : 0) || (m->rows[k] > 0 && k < m->first)) return 0;
         if ((m->rows[k] > 0) != (m->off_weight[k] >= 0) || (m->off_bias[k] >= 0 && !weights)) return 0;
     }
@@ -310,6 +308,8 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     if (et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
     if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
+    for (int k = m->first; m->kind == ET_SPARSE && bb->is_int8 && k < bb->n_layers; k++)
+        if (et_layer_has_weights(&bb->layers[k]) && (!m->w_unit[k] || !m->b_unit[k])) return ET_ERR_ARGUMENT;
     if (!ws || ws_bytes < et_workspace_size(bb, m, cache, batch)) return ET_ERR_WORKSPACE;
     char *base = (char *)ws;
     const uintptr_t mis = (uintptr_t)base % ALIGN;
