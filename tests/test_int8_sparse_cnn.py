@@ -201,3 +201,83 @@ def test_c_keeps_no_float_activation_below_the_first_trained_layer():
         m = make_method("sparse", q, scheme=scheme)
         sizes[scheme] = CoreModel(m, 16).workspace_bytes()
     assert sizes["w-1"] < sizes["w0,b1"]
+
+
+# ---------------------------------------------------------------------------- export of int8 CNNs
+@pytest.fixture(scope="module")
+def int8_cnn(tmp_path_factory):
+    """damage1-1d's fan spectra on a small int8 CNN (conv, max pooling, a depthwise residual
+    block, average pooling, flatten: layers without weights between the weighted ones)."""
+    from .conftest import DATA_DIR
+    if not (DATA_DIR / "cooling-fan").is_dir():
+        pytest.fail(f"the shared data sets are expected at {DATA_DIR}")
+    task = et.load_task("damage1-1d", DATA_DIR)
+    some = np.random.default_rng(0).permutation(len(task.y_pretrain))[:400]
+    arch = "conv:8:9:4:4,relu,maxpool:2,res(dwconv:3:1:1,relu,conv:8:1),conv:12:5:2:2,relu,avgpool:2,flatten,dense:24,relu"
+    model, _ = et.pretrain(task.x_pretrain[some], task.y_pretrain[some], arch=arch, labels=task.labels, epochs=4,
+                           lr=0.02, seed=0)
+    path = quantize(model, task.x_pretrain[some]).save(tmp_path_factory.mktemp("int8cnn") / "model")
+    return path, task, ["--task", "damage1-1d", "--data-dir", str(DATA_DIR)]
+
+
+def _export(model_dir, task_option, out, target, *extra) -> dict:
+    import json
+    from edgetune.cli import main
+    assert main(["export", "--model", str(model_dir), "--target", target, "--out", str(out), "--quiet",
+                 *task_option, *extra]) == 0
+    return json.loads((out / "export.json").read_text())
+
+
+def _python_run(model, task, man, *, int8_cache=False):
+    """The exported configuration on the Python package's compiled engine (an int8 cache on a CNN:
+    scales calibrated on the pre-training split, as the export does)."""
+    from edgetune.quant import attach_int8_cache
+    tr, te = man["train_indices"], man["test_indices"]
+    tuner = et.FineTuner(model, man["method"], epochs=man["epochs"], seed=man["seed"], batch_size=man["batch_size"],
+                         lr=man["lr"], engine="c")
+    if int8_cache:
+        attach_int8_cache(tuner.method, len(tr), x_calib=task.x_pretrain)
+    tuner.fit(task.x_finetune[tr], task.y_finetune[tr])
+    return tuner.history_.final_loss, tuner.score(task.x_test[te], task.y_test[te])
+
+
+@needs_c
+@pytest.mark.parametrize("method,extra", [("sparse", []), ("skip2-lora", ["--int8"])])
+def test_host_program_on_an_int8_cnn_reaches_the_python_loss_exactly(int8_cnn, method, extra, tmp_path):
+    import subprocess
+    from .test_export import last_json, make, needs
+    needs(("cc", "gcc"), ("make", "make"))
+    model_dir, task, task_option = int8_cnn
+    out = tmp_path / "dev"
+    man = _export(model_dir, task_option, out, "host", "--method", method, "--epochs", "3", "--max-samples", "120",
+                  "--test-samples", "80", *extra)
+    assert man["backbone"] == "int8" and man["cache"] == ("int8" if method == "skip2-lora" else None)
+    make(out)
+    res = last_json(subprocess.run([str(out / "train"), "--quiet"], capture_output=True, text=True, timeout=120,
+                                   check=True).stdout)
+    loss, acc = _python_run(et.Backbone.load(model_dir), task, man, int8_cache=method == "skip2-lora")
+    assert res["epochs"] == 3 and res["samples"] == 120
+    assert res["final_loss"] == loss and res["accuracy_after"] == acc
+    assert res["arena_needed_bytes"] == man["memory"]["arena"]
+
+
+@needs_c
+def test_cortex_m4_sparse_on_an_int8_cnn_fits_256kb_and_matches_python(int8_cnn, tmp_path):
+    from .test_export import last_json, make, needs, sections
+    needs(("arm-none-eabi-gcc", "gcc-arm-none-eabi"), ("qemu-system-arm", "qemu-system-arm"))
+    model_dir, task, task_option = int8_cnn
+    out = tmp_path / "m4"
+    budget = 256 * 1024
+    man = _export(model_dir, task_option, out, "cortex-m4", "--method", "sparse",
+                  "--budget", "256KB", "--batch-size", "4", "--max-samples", "100", "--test-samples", "60",
+                  "--epochs", "2")
+    make(out, timeout=300)
+    res = last_json(make(out, "run", timeout=300))
+    loss, acc = _python_run(et.Backbone.load(model_dir), task, man)
+    assert res["target"] == "cortex-m4" and res["epochs"] == 2 and res["samples"] == 100
+    assert res["final_loss"] == pytest.approx(loss, rel=1e-4)  # FMA on the M4: a few float32 roundings differ
+    assert res["accuracy_after"] == pytest.approx(acc)
+    assert res["arena_needed_bytes"] == man["memory"]["arena"]
+    s = sections(out / "train.elf")
+    ram, plan = s[".data"] + s[".bss"] + s[".stack"], man["memory"]["total"]
+    assert ram <= budget and plan <= budget and abs(ram - plan) <= 0.01 * plan, (ram, plan)
