@@ -84,11 +84,11 @@ static void lora_dims(const et_layer *l, int rank, et_conv_dims *a, et_conv_dims
 
 static size_t most(size_t a, size_t b) { return a > b ? a : b; }
 
-/* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer asks (the frozen
- * forward; with `backward` the gradients and the LoRA convolutions too). */
-static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward) {
+/* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer from `from` on asks
+ * (the frozen forward; with `backward` the gradients and the LoRA convolutions too). */
+static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward, int from) {
     size_t s = 0;
-    for (int k = 0; k < bb->n_layers; k++) {
+    for (int k = from; k < bb->n_layers; k++) {
         const et_layer *l = &bb->layers[k];
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         s = most(s, ops->forward_scratch_bytes(l, batch));
@@ -165,6 +165,11 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     PIECE(missing, int32_t *, B * 4);
     if (m->kind == ET_SKIP) { /* the skip adapters need only the logits and their gradient */
         PIECE(gbuf[0], float *, B * et_width(bb, n) * F);
+    } else if (m->kind == ET_SPARSE && bb->is_int8 && !et_backbone_is_dense(bb)) {
+        size_t gw = 0; /* the gradients flow back to the first trained layer's input, no further */
+        for (int k = m->first; k < n; k++) gw = most(gw, (size_t)et_width(bb, k));
+        PIECE(gbuf[0], float *, B * gw * F);
+        PIECE(gbuf[1], float *, B * gw * F);
     } else {
         PIECE(gbuf[0], float *, B * mw * F);
         PIECE(gbuf[1], float *, B * mw * F);
@@ -185,13 +190,13 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(walk[1], float *, B * mw * F);
             for (int k = 0; k < n; k++)
                 if (is_source(bb, k)) PIECE(kept[k], float *, B * et_width(bb, k) * F);
-            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 0));
+            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 0, 0));
         }
     } else {
         /* the sparse update on a chain of layers keeps nothing below its first trained layer: the
            frozen layers before it write their outputs into two buffers in turn (but an add's source) */
         const int prune = m->kind == ET_SPARSE && !et_backbone_is_dense(bb);
-        /* on an int8 chain those layers run the integer pass: no float buffer before `first` (but x) */
+        /* on an int8 chain those layers run the integer pass from the samples: no float buffer before `first` */
         const int int8_chain = prune && bb->is_int8;
         size_t turn[2] = {0, 0}; /* the widest output each buffer takes */
         for (int k = 1; prune && !int8_chain && k < m->first; k++)
@@ -199,15 +204,15 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         if (turn[0]) PIECE(walk[0], float *, B * turn[0] * F);
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
         for (int k = 0; k <= n; k++) {
-            if (prune && k > 0 && k < sp_start(bb, m) && !is_source(bb, k)) {
+            if (prune && (k > 0 || int8_chain) && k < sp_start(bb, m) && !is_source(bb, k)) {
                 L->act[k] = int8_chain ? NULL : L->walk[k & 1];
                 continue;
             }
             PIECE(act[k], float *, B * et_width(bb, k) * F);
         }
-        if (int8_chain) { /* the integer pass up to `first`: every layer's int8 input, one accumulator */
-            PIECE(qtaps, int8_t *, B * int8_row_upto(bb, sp_start(bb, m)));
-            PIECE(acc, int32_t *, B * mw * 4);
+        if (int8_chain) { /* the integer pass up to `first`, a sample at a time: its layers' int8 inputs, one accumulator */
+            PIECE(qtaps, int8_t *, int8_row_upto(bb, sp_start(bb, m)));
+            PIECE(acc, int32_t *, (size_t)mw * 4);
         }
         if (m->kind == ET_LAYERWISE) {
             const size_t U = (size_t)max_lora_width(bb, m); /* an MLP's: the rank */
@@ -221,13 +226,14 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
                 }
             PIECE(pack, float *, pack * F);
             if (!et_backbone_is_dense(bb)) {
-                PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1));
+                PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1, 0));
                 PIECE(tmp, float *, B * mw * F);
                 for (int k = m->first; k < n; k++)
                     if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
             }
         } else if (!et_backbone_is_dense(bb)) { /* sparse on a chain of layers: the layer-wise path */
-            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1));
+            /* an int8 chain runs the float kernels from its first trained layer on only */
+            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1, bb->is_int8 ? sp_start(bb, m) : 0));
             for (int k = m->first; k < n; k++)
                 if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
             for (int k = m->first; k < n; k++)
@@ -296,6 +302,7 @@ typedef struct {
     int32_t tap_width[ET_MAX_LAYERS];      /* skip: each adapter's input width */
     int32_t d_in;                          /* the sum of the taps' widths */
     int32_t batch;
+    const int32_t *ids;                    /* the samples of the current batch (the int8 chain reads x by them) */
     layout L;
 } ctx;
 
@@ -402,8 +409,9 @@ static const float *lw_bias(const ctx *c, int k) {
     return c->m->off_bias[k] >= 0 ? c->P + c->m->off_bias[k] : c->bb->layers[k].bias;
 }
 
-/* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), then its input and the
- * inputs the adds from there on read, dequantised into act[]; returns start. */
+/* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), a sample at a time
+ * (the int32 accumulator of one row: the batch's would be the largest buffer), then its input and
+ * the inputs the adds from there on read, dequantised into act[]; returns start. */
 static int sp_int8_prefix(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const int start = sp_start(bb, c->m), ldq = (int)int8_row_upto(bb, start);
@@ -411,19 +419,20 @@ static int sp_int8_prefix(ctx *c, int count) {
     col[0] = 0;
     for (int k = 0; k < start; k++) col[k + 1] = col[k] + c->width[k];
     int8_t *q = c->L.qtaps;
-    et_int8_quantize_input(bb, c->L.act[0], c->width[0], count, q, ldq);
-    for (int k = 0; k < start; k++) { /* as et_int8_run_layers, stopping at `start` */
-        const et_layer *l = &bb->layers[k];
-        const int8_t *residual = l->kind == ET_LAYER_ADD ? q + col[l->source] : NULL;
-        et_layer_ops_of(l->kind)->int8_accumulate(l, q + col[k], ldq, count, c->L.acc, residual, ldq);
-        et_int8_requantize(bb, k, c->L.acc, count, q + col[k + 1], ldq);
-    }
-    for (int k = 0; k <= start; k++) {
-        if (k < start && !is_source(bb, k)) continue;
-        const float s = bb->layers[k].act_scale;
-        float *h = c->L.act[k];
-        for (int i = 0; i < count; i++)
-            for (int j = 0; j < c->width[k]; j++) h[(size_t)i * c->width[k] + j] = (float)q[(size_t)i * ldq + col[k] + j] * s;
+    for (int i = 0; i < count; i++) {
+        et_int8_quantize_input(bb, c->x + (size_t)c->ids[i] * c->width[0], c->width[0], 1, q, ldq);
+        for (int k = 0; k < start; k++) { /* as et_int8_run_layers, stopping at `start` */
+            const et_layer *l = &bb->layers[k];
+            const int8_t *residual = l->kind == ET_LAYER_ADD ? q + col[l->source] : NULL;
+            et_layer_ops_of(l->kind)->int8_accumulate(l, q + col[k], ldq, 1, c->L.acc, residual, ldq);
+            et_int8_requantize(bb, k, c->L.acc, 1, q + col[k + 1], ldq);
+        }
+        for (int k = 0; k <= start; k++) {
+            if (k < start && !is_source(bb, k)) continue;
+            const float s = bb->layers[k].act_scale;
+            float *h = c->L.act[k] + (size_t)i * c->width[k];
+            for (int j = 0; j < c->width[k]; j++) h[j] = (float)q[col[k] + j] * s;
+        }
     }
     return start;
 }
@@ -981,6 +990,11 @@ static float *forward(ctx *c, const int32_t *ids, int count, int use_cache) {
     if (c->m->kind == ET_SKIP) {
         skip_rows(c, ids, count, use_cache);
         return skip_forward(c, count);
+    }
+    c->ids = ids;
+    if (c->m->kind == ET_SPARSE && c->bb->is_int8 && !et_backbone_is_dense(c->bb)) { /* reads x by ids */
+        sp_assemble(c);
+        return lw_forward(c, count);
     }
     gather_rows(c->x, et_width(c->bb, 0), ids, count, c->L.act[0], et_width(c->bb, 0));
     if (c->m->kind == ET_SPARSE && et_backbone_is_dense(c->bb)) return sp_forward(c, count);
