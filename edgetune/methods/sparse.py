@@ -10,8 +10,9 @@ trainable, computes a weight gradient only for the trained rows, and keeps a lay
 only where that layer's weight trains; where the gradient merely passes through a ReLU it
 keeps a boolean mask instead of the activation.
 
-On an int8 backbone (``backbone.is_int8``) the layers before the first trained one run the
-real int8 kernel; from there on the graph is fake-quantised (weights rounded to int8,
+On an int8 backbone (``backbone.is_int8``, an MLP or a CNN) the layers before the first trained
+one run the real int8 kernel (a CNN's residual sources below it are dequantised from their
+int8 inputs); from there on the graph is fake-quantised (weights rounded to int8,
 activations to their int8 scales, gradients straight through). Trained tensors live in
 int8 units (weight ``Wq``, bias ``bq``, as float shadows so small steps accumulate), and
 with Quantization-Aware Scaling (on by default for int8) their gradients are scaled as in
