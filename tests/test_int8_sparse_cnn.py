@@ -203,6 +203,28 @@ def test_c_keeps_no_float_activation_below_the_first_trained_layer():
     assert sizes["w-1"] < sizes["w0,b1"]
 
 
+@needs_c
+def test_c_refuses_a_missing_int8_unit_and_the_adapter_round_trips(tmp_path):
+    """C checks the units of every layer with weights from the first trained one on before it
+    runs (the planner may size a workspace without them); the adapter file rebuilds the run."""
+    from edgetune.core.engine import CoreError, CoreModel
+    from edgetune.methods import make_method
+    q, x, y = _int8("1d-residual")
+    model = CoreModel(make_method("sparse", q, scheme="w1,b3"), 8)
+    xp = q.prepare(x).reshape(len(x), -1).astype(np.float32)
+    ids = np.arange(8, dtype=np.int32)
+    assert np.isfinite(model.batch_gradient(xp, y.astype(np.int32), ids))
+    k = q.tap_layers[-1]
+    model.m.b_unit[k] = None
+    with pytest.raises(CoreError, match="invalid argument"):
+        model.batch_gradient(xp, y.astype(np.int32), ids)
+    t = et.FineTuner(q, "sparse", scheme="w1,b3", epochs=3, lr=0.05, engine="c").fit(x, y)
+    t.save_adapter(tmp_path / "adapter")
+    loaded = et.FineTuner.load_adapter(q, tmp_path / "adapter")
+    np.testing.assert_array_equal(loaded.method.params.flat, t.method.params.flat)
+    np.testing.assert_array_equal(loaded.predict(x), t.predict(x))
+
+
 # ---------------------------------------------------------------------------- export of int8 CNNs
 @pytest.fixture(scope="module")
 def int8_cnn(tmp_path_factory):
