@@ -227,14 +227,16 @@ def test_plan_target_gives_a_cnn_arena_and_refuses_a_small_budget(cnn1d, task1d,
     assert code == 1 and "150.0 KB" in err and "over by" in err and "workspace" in err and "--max-samples" in err
 
 
-def test_int8_cnn_exports_are_refused_by_name(cnn1d, task1d, tmp_path, capsys):
-    _, task_option = task1d
+def test_int8_export_of_a_cnn_refuses_an_activation_int8_cannot_fuse(cnn2d, task2d, tmp_path, capsys):
+    """int8 CNNs export (tests/test_int8_sparse_cnn.py); --int8 on one with tanh between its layers
+    is refused by name, before anything is written."""
+    _, task_option = task2d
     out = tmp_path / "dev"
-    base = ["export", "--model", str(cnn1d), "--out", str(out), "--target", "cortex-m4", "--no-toolchain-check",
+    base = ["export", "--model", str(cnn2d), "--out", str(out), "--target", "cortex-m4", "--no-toolchain-check",
             *task_option]
     assert main(base + ["--int8"]) == 2
     err = capsys.readouterr().err
-    assert "int8" in err and "conv1d" in err and "without --int8" in err
+    assert "int8" in err and "tanh" in err
     assert not out.exists()
 
 

@@ -306,8 +306,8 @@ def test_skip_adapters_on_an_int8_cnn_numpy_and_clear_refusals():
     t = et.FineTuner(q, "skip2-lora", epochs=8, lr=0.05, engine="numpy").fit(x, y)
     losses = [e.loss for e in t.history_.epochs]
     assert losses[-1] < losses[0]
-    with pytest.raises(UsageError, match="int8 CNN|MLPs"):
-        et.FineTuner(q, "sparse", epochs=1, scheme="b1", engine="numpy").fit(x, y)
+    with pytest.raises(UsageError, match="float weights of an int8 backbone"):  # sparse runs: test_int8_sparse_cnn
+        et.FineTuner(q, "ft-last", epochs=1, engine="numpy").fit(x, y)
     from edgetune.quant import Int8SkipCache, attach_int8_cache
     with pytest.raises(UsageError, match="pooled floats"):  # the taps' scales need calibration
         attach_int8_cache(t.method, len(x))
@@ -376,9 +376,9 @@ def test_an_int8_skip_cache_on_an_int8_cnn_c_equals_numpy():
 
 
 @needs_c
-def test_the_compiled_engine_trains_int8_cnns_with_the_skip_methods_only():
+def test_the_compiled_engine_trains_int8_cnns_with_the_skip_methods_and_sparse():
     import ctypes
-    from edgetune.core.engine import CoreModel, unsupported_reason
+    from edgetune.core.engine import KINDS, CoreModel, unsupported_reason
     from edgetune.methods import make_method
 
     bb, x = _arch("conv:4:3,relu,gap,dense:3", (2, 9))
@@ -386,9 +386,9 @@ def test_the_compiled_engine_trains_int8_cnns_with_the_skip_methods_only():
     model = CoreModel(make_method("skip-lora", q), 4)
     lib = core.load()
     assert lib.et_workspace_size(ctypes.byref(model.bb), ctypes.byref(model.m), None, 4) > 0
-    model.m.kind = 2  # the sparse update on an int8 CNN: refused by C too
+    model.m.kind = KINDS["layerwise"]  # a layer-wise method on an int8 CNN: refused by C too
     assert lib.et_workspace_size(ctypes.byref(model.bb), ctypes.byref(model.m), None, 4) == 0
-    model.m.kind = 1
+    model.m.kind = KINDS["skip"]
     model.bb.layers[0].act_scale = float("nan")  # the int8 pass's own checks apply
     assert lib.et_workspace_size(ctypes.byref(model.bb), ctypes.byref(model.m), None, 4) == 0
     assert unsupported_reason(make_method("skip2-lora", q)) is None

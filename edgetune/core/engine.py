@@ -80,8 +80,8 @@ def unsupported_reason(method: Any, optimizer: str | None = None) -> str | None:
                     f"between layers and none after the last); this backbone has {why}")
         if bb.is_int8 and all(s.kind == "dense" for s in bb.specs):
             return "the compiled engine runs int8 backbones that are MLPs only"
-        if bb.is_int8 and _core_kind(method) != "skip":
-            return "the compiled engine runs the skip methods on int8 CNNs (the others need float weights)"
+        if bb.is_int8 and _core_kind(method) not in ("skip", "sparse"):
+            return "the compiled engine runs the skip methods and sparse on int8 CNNs (the others need float weights)"
         for k, spec in enumerate(bb.specs):
             if spec.activation not in ACTIVATIONS:
                 return f"activation {spec.activation} (layer {k}) has no compiled implementation"
@@ -308,7 +308,7 @@ class CoreModel:
                     raise UsageError(f"layer {k}: trained rows without a weight tensor")
                 if self.bb.is_int8:
                     for name, units in (("w_unit", spec.w_unit), ("b_unit", spec.b_unit)):
-                        a = self._keep_array(_check(units[k], (sizes[k + 1],), np.float32, f"layer {k} {name}"))
+                        a = self._keep_array(_check(units[k], lspec.bias_shape, np.float32, f"layer {k} {name}"))
                         getattr(s, name)[k] = _f32(a)
         return s
 

@@ -52,7 +52,9 @@ typedef struct {
                                               waiting for its source layer's input */
     float *tmp;                            /* layer-wise, not an MLP: batch x max width, a LoRA convolution's output */
     float **sw;                            /* n: sparse, not an MLP: a layer with trained rows, its weight as the
-                                              forward pass uses it (out_c x et_layer_row_floats) */
+                                              forward pass uses it (out_c x et_layer_row_floats); on an int8
+                                              chain every layer with weights from `first` on, dequantised */
+    float **sb;                            /* n: sparse, an int8 chain: out_c, the dequantised bias from `first` on */
 } layout;
 
 static size_t take(char **cur, size_t bytes) {
@@ -88,12 +90,12 @@ static void lora_dims(const et_layer *l, int rank, et_conv_dims *a, et_conv_dims
 
 static size_t most(size_t a, size_t b) { return a > b ? a : b; }
 
-/* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer asks (the frozen
- * forward; with `backward` the gradients and the LoRA convolutions of the layers the backward pass
- * enters, m->first on). */
-static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward) {
+/* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer from `from` on asks
+ * (the frozen forward; with `backward` the gradients and the LoRA convolutions of the layers the
+ * backward pass enters, m->first on). */
+static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward, int from) {
     size_t s = 0;
-    for (int k = 0; k < bb->n_layers; k++) {
+    for (int k = from; k < bb->n_layers; k++) {
         const et_layer *l = &bb->layers[k];
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         s = most(s, ops->forward_scratch_bytes(l, batch));
@@ -131,6 +133,19 @@ static size_t int8_row(const et_backbone *bb) {
     return w;
 }
 
+/* Values of the inputs of layers 0..k side by side: the integer pass of a sparse update on an
+ * int8 chain keeps them up to its first trained layer (an add from there on reads its source's). */
+static size_t int8_row_upto(const et_backbone *bb, int k) {
+    size_t w = 0;
+    for (int j = 0; j <= k && j < bb->n_layers; j++) w += (size_t)et_width(bb, j);
+    return w;
+}
+
+/* The layer a sparse update's forward pass starts at in floats (the int8 pass runs those before it). */
+static int sp_start(const et_backbone *bb, const et_method *m) {
+    return m->first < bb->n_layers - 1 ? m->first : bb->n_layers - 1;
+}
+
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
  * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
@@ -151,10 +166,10 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         if (base) L->field = (type)(void *)cur;                \
         total += take(&cur, (size_t)(count));                  \
     } while (0)
-    { /* the per-layer tables: 3n + 1 int32, then 4n + 1 pointers, in one piece */
+    { /* the per-layer tables: 3n + 1 int32, then 5n + 1 pointers, in one piece */
         const size_t P = (size_t)pointer_bytes, ints = ((size_t)(3 * n + 1) * 4 + P - 1) / P * P;
         if (base) {
-            memset(cur, 0, ints + (size_t)(4 * n + 1) * P);
+            memset(cur, 0, ints + (size_t)(5 * n + 1) * P);
             L->width = (int32_t *)(void *)cur;
             L->tap_width = L->width + n + 1;
             L->pending = L->tap_width + n;
@@ -162,8 +177,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             L->kept = L->act + n + 1;
             L->pend = L->kept + n;
             L->sw = L->pend + n;
+            L->sb = L->sw + n;
         }
-        total += take(&cur, ints + (size_t)(4 * n + 1) * P);
+        total += take(&cur, ints + (size_t)(5 * n + 1) * P);
     }
     PIECE(snapshot, float *, (size_t)m->n_params * F);
     PIECE(ybuf, int32_t *, B * 4);
@@ -171,6 +187,11 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     PIECE(missing, int32_t *, B * 4);
     if (m->kind == ET_SKIP) { /* the skip adapters need only the logits and their gradient */
         PIECE(gbuf[0], float *, B * et_width(bb, n) * F);
+    } else if (m->kind == ET_SPARSE && bb->is_int8 && !et_backbone_is_dense(bb)) {
+        size_t gw = 0; /* the gradients flow back to the first trained layer's input, no further */
+        for (int k = m->first; k < n; k++) gw = most(gw, (size_t)et_width(bb, k));
+        PIECE(gbuf[0], float *, B * gw * F);
+        PIECE(gbuf[1], float *, B * gw * F);
     } else {
         /* the gradients the backward pass hands down: layer k's input for k > first (and the logits) */
         int gw = et_width(bb, n);
@@ -194,23 +215,29 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(walk[1], float *, B * mw * F);
             for (int k = 0; k < n; k++)
                 if (is_source(bb, k)) PIECE(kept[k], float *, B * et_width(bb, k) * F);
-            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 0));
+            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 0, 0));
         }
     } else {
         /* the sparse update on a chain of layers keeps nothing below its first trained layer: the
            frozen layers before it write their outputs into two buffers in turn (but an add's source) */
         const int prune = m->kind == ET_SPARSE && !et_backbone_is_dense(bb);
+        /* on an int8 chain those layers run the integer pass from the samples: no float buffer before `first` */
+        const int int8_chain = prune && bb->is_int8;
         size_t turn[2] = {0, 0}; /* the widest output each buffer takes */
-        for (int k = 1; prune && k < m->first; k++)
+        for (int k = 1; prune && !int8_chain && k < m->first; k++)
             if (!is_source(bb, k)) turn[k & 1] = most(turn[k & 1], (size_t)et_width(bb, k));
         if (turn[0]) PIECE(walk[0], float *, B * turn[0] * F);
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
         for (int k = 0; k <= n; k++) {
-            if (prune && k > 0 && k < m->first && !is_source(bb, k)) {
-                if (base) L->act[k] = L->walk[k & 1];
+            if (prune && (k > 0 || int8_chain) && k < sp_start(bb, m) && !is_source(bb, k)) {
+                if (base) L->act[k] = int8_chain ? NULL : L->walk[k & 1];
                 continue;
             }
             PIECE(act[k], float *, B * et_width(bb, k) * F);
+        }
+        if (int8_chain) { /* the integer pass up to `first`, a sample at a time: its layers' int8 inputs, one accumulator */
+            PIECE(qtaps, int8_t *, int8_row_upto(bb, sp_start(bb, m)));
+            PIECE(acc, int32_t *, (size_t)mw * 4);
         }
         if (m->kind == ET_LAYERWISE) {
             const size_t U = (size_t)max_lora_width(bb, m); /* an MLP's: the rank */
@@ -224,18 +251,21 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
                 }
             PIECE(pack, float *, pack * F);
             if (!et_backbone_is_dense(bb)) {
-                PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1));
+                PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1, 0));
                 PIECE(tmp, float *, B * mw * F);
                 for (int k = m->first; k < n; k++)
                     if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
             }
         } else if (!et_backbone_is_dense(bb)) { /* sparse on a chain of layers: the layer-wise path */
-            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1));
+            /* an int8 chain runs the float kernels from its first trained layer on only */
+            PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1, bb->is_int8 ? sp_start(bb, m) : 0));
             for (int k = m->first; k < n; k++)
                 if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
             for (int k = m->first; k < n; k++)
-                if (m->rows[k] > 0)
+                if (m->rows[k] > 0 || (bb->is_int8 && et_layer_has_weights(&bb->layers[k])))
                     PIECE(sw[k], float *, (size_t)bb->layers[k].out_c * et_layer_row_floats(&bb->layers[k]) * F);
+            for (int k = m->first; bb->is_int8 && k < n; k++)
+                if (et_layer_has_weights(&bb->layers[k])) PIECE(sb[k], float *, (size_t)bb->layers[k].out_c * F);
         } else if (bb->is_int8) {
             PIECE(wrow, float *, (size_t)mw * F);
             PIECE(q[0], int8_t *, B * mw);
@@ -248,9 +278,8 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
 }
 
 /* The sparse update's rows and biases fit the layers: trained rows 0..out_c from `first` on and
- * tensors only on layers with weights; int8 only on an MLP. */
+ * tensors only on layers with weights. */
 static int sparse_rows_ok(const et_backbone *bb, const et_method *m) {
-    if (bb->is_int8 && !et_backbone_is_dense(bb)) return 0;
     for (int k = 0; k < bb->n_layers; k++) {
         const et_layer *l = &bb->layers[k];
         const int weights = et_layer_has_weights(l);
@@ -261,12 +290,12 @@ static int sparse_rows_ok(const et_backbone *bb, const et_method *m) {
     return 1;
 }
 
-/* et_backbone_check, and for an int8 backbone that is not an MLP (the skip methods only) the int8
- * pass's own checks (et_int8_backbone_check). */
+/* et_backbone_check, and for an int8 backbone that is not an MLP (the skip methods and the sparse
+ * update) the int8 pass's own checks (et_int8_backbone_check). */
 static int32_t train_check(const et_backbone *bb, const et_method *m) {
     if (bb && bb->is_int8 == 1 && bb->n_layers >= 1 && bb->n_layers <= ET_MAX_LAYERS && !et_backbone_is_dense(bb)) {
         const int32_t rc = et_int8_backbone_check(bb);
-        return rc != ET_OK ? rc : (m && m->kind != ET_SKIP ? ET_ERR_UNSUPPORTED : ET_OK);
+        return rc != ET_OK ? rc : (m && m->kind == ET_LAYERWISE ? ET_ERR_UNSUPPORTED : ET_OK);
     }
     return et_backbone_check(bb);
 }
@@ -298,6 +327,7 @@ typedef struct {
     const int32_t *tap_width;              /* L.tap_width: each adapter's input width */
     int32_t d_in;                          /* the sum of the taps' widths */
     int32_t batch;
+    const int32_t *ids;                    /* the samples of the current batch (the int8 chain reads x by them) */
     layout L;
 } ctx;
 
@@ -307,10 +337,11 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     if (rc != ET_OK) return rc;
     if (!m || !x || batch < 1) return ET_ERR_ARGUMENT;
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
-    if (m->kind == ET_SPARSE && bb->is_int8 && !et_backbone_is_dense(bb)) return ET_ERR_UNSUPPORTED;
     if (et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
     if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
+    for (int k = m->first; m->kind == ET_SPARSE && bb->is_int8 && k < bb->n_layers; k++)
+        if (et_layer_has_weights(&bb->layers[k]) && (!m->w_unit[k] || !m->b_unit[k])) return ET_ERR_ARGUMENT;
     if (!ws || ws_bytes < et_workspace_size(bb, m, cache, batch)) return ET_ERR_WORKSPACE;
     char *base = (char *)ws;
     const uintptr_t mis = (uintptr_t)base % ALIGN;
@@ -329,7 +360,14 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->width = c->L.width;
     c->tap_width = c->L.tap_width;
     for (int k = 0; k < bb->n_layers; k++) /* sparse: the frozen rows behind the trained ones, once a call */
-        if (c->L.sw[k]) {
+        if (c->L.sw[k] && bb->is_int8) { /* dequantised (the trained rows and biases: sp_assemble) */
+            const et_layer *l = &bb->layers[k];
+            const size_t row = (size_t)et_layer_row_floats(l);
+            for (int o = m->rows[k]; o < l->out_c; o++)
+                for (size_t i = 0; i < row; i++) c->L.sw[k][o * row + i] = (float)l->qw[o * row + i] * m->w_unit[k][o];
+            for (int o = 0; o < l->out_c; o++)
+                c->L.sb[k][o] = (float)((double)l->qbias[o] * (double)m->b_unit[k][o]);
+        } else if (c->L.sw[k]) {
             const size_t row = (size_t)et_layer_row_floats(&bb->layers[k]), r = (size_t)m->rows[k];
             memcpy(c->L.sw[k] + r * row, bb->layers[k].w + r * row, (bb->layers[k].out_c - r) * row * sizeof(float));
         }
@@ -368,16 +406,69 @@ static void lw_weights(const ctx *c, int k, const float **wt, const float **w) {
     *w = forward_layout ? NULL : lw_weight_t(c, k);
 }
 
-/* The sparse update's trained rows into the assembled weights (the frozen rows are there since setup). */
+/* The sparse update's trained rows into the assembled weights (the frozen rows are there since setup);
+ * on an int8 chain rounded to int8 and dequantised, and the trained biases likewise. */
 static void sp_assemble(ctx *c) {
-    for (int k = 0; k < c->bb->n_layers; k++)
-        if (c->L.sw[k])
-            memcpy(c->L.sw[k], c->P + c->m->off_weight[k],
-                   (size_t)c->m->rows[k] * et_layer_row_floats(&c->bb->layers[k]) * sizeof(float));
+    const et_method *m = c->m;
+    for (int k = 0; k < c->bb->n_layers; k++) {
+        if (!c->L.sw[k]) continue;
+        const size_t row = (size_t)et_layer_row_floats(&c->bb->layers[k]);
+        if (!c->bb->is_int8) {
+            memcpy(c->L.sw[k], c->P + m->off_weight[k], (size_t)m->rows[k] * row * sizeof(float));
+            continue;
+        }
+        for (int o = 0; o < m->rows[k]; o++) {
+            const float *p = c->P + m->off_weight[k] + o * row;
+            for (size_t i = 0; i < row; i++) {
+                float v = rintf(p[i]);
+                v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+                c->L.sw[k][o * row + i] = v * m->w_unit[k][o];
+            }
+        }
+        if (m->off_bias[k] >= 0)
+            for (int o = 0; o < c->bb->layers[k].out_c; o++)
+                c->L.sb[k][o] = rintf(c->P[m->off_bias[k] + o]) * m->b_unit[k][o];
+    }
 }
 
 static const float *lw_bias(const ctx *c, int k) {
+    if (c->L.sb[k]) return c->L.sb[k]; /* sparse on an int8 chain: dequantised */
     return c->m->off_bias[k] >= 0 ? c->P + c->m->off_bias[k] : c->bb->layers[k].bias;
+}
+
+/* Where layer k's input starts in a row of the layers' inputs side by side (int8_row_upto). */
+static size_t col_of(const ctx *c, int k) {
+    size_t s = 0;
+    for (int j = 0; j < k; j++) s += (size_t)c->width[j];
+    return s;
+}
+
+/* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), a sample at a time
+ * (the int32 accumulator of one row: the batch's would be the largest buffer), then its input and
+ * the inputs the adds from there on read, dequantised into act[]; returns start. */
+static int sp_int8_prefix(ctx *c, int count) {
+    const et_backbone *bb = c->bb;
+    const int start = sp_start(bb, c->m), ldq = (int)int8_row_upto(bb, start);
+    int8_t *q = c->L.qtaps;
+    for (int i = 0; i < count; i++) {
+        et_int8_quantize_input(bb, c->x + (size_t)c->ids[i] * c->width[0], c->width[0], 1, q, ldq);
+        size_t col = 0; /* where layer k's input starts in the row (no table of ET_MAX_LAYERS on the stack) */
+        for (int k = 0; k < start; k++) { /* as et_int8_run_layers, stopping at `start` */
+            const et_layer *l = &bb->layers[k];
+            const int8_t *residual = l->kind == ET_LAYER_ADD ? q + col_of(c, l->source) : NULL;
+            et_layer_ops_of(l->kind)->int8_accumulate(l, q + col, ldq, 1, c->L.acc, residual, ldq);
+            col += (size_t)c->width[k];
+            et_int8_requantize(bb, k, c->L.acc, 1, q + col, ldq);
+        }
+        col = 0;
+        for (int k = 0; k <= start; col += (size_t)c->width[k], k++) {
+            if (k < start && !is_source(bb, k)) continue;
+            const float s = bb->layers[k].act_scale;
+            float *h = c->L.act[k] + (size_t)i * c->width[k];
+            for (int j = 0; j < c->width[k]; j++) h[j] = (float)q[col + j] * s;
+        }
+    }
+    return start;
 }
 
 /* Logits of `count` gathered inputs in act[0]; keeps what backward needs. Returns act[n]. */
@@ -385,7 +476,8 @@ static float *lw_forward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
     const int n = bb->n_layers, r = m->rank;
-    for (int k = 0; k < n; k++) {
+    const int int8_chain = bb->is_int8 && m->kind == ET_SPARSE;
+    for (int k = int8_chain ? sp_int8_prefix(c, count) : 0; k < n; k++) {
         const et_layer *l = &bb->layers[k];
         const int in = et_layer_in(l), out = et_layer_out(l);
         const float *h = c->L.act[k];
@@ -417,6 +509,14 @@ static float *lw_forward(ctx *c, int count) {
             }
         }
         et_layer_activate(l, z, out, count);
+        if (int8_chain && k < n - 1) { /* fake-quantise to layer k+1's int8 input */
+            const float s = bb->layers[k + 1].act_scale;
+            for (int i = 0; i < count * out; i++) {
+                float v = rintf(z[i] / s);
+                v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+                z[i] = v * s;
+            }
+        }
     }
     if (m->off_bias_delta >= 0) add_bias(c->L.act[n], c->P + m->off_bias_delta, count, et_width(bb, n), et_width(bb, n));
     return c->L.act[n];
@@ -442,6 +542,18 @@ static void lw_backward(ctx *c, int count) {
         else if (m->kind != ET_SPARSE && m->off_weight[k] >= 0)
             ops->weight_grad(l, h, g, count, c->G + m->off_weight[k], c->L.scratch);
         if (m->off_bias[k] >= 0) ops->bias_grad(l, g, count, c->G + m->off_bias[k]);
+        if (bb->is_int8 && m->kind == ET_SPARSE) { /* int8 units: d/dWq = s_W dW, d/dbq = s_x s_W db; QAS: / unit^2 */
+            const size_t row = (size_t)et_layer_row_floats(l);
+            for (int o = 0; o < m->rows[k]; o++) {
+                const float u = m->w_unit[k][o], f = m->qas ? 1.0f / u : u;
+                for (size_t i = 0; i < row; i++) c->G[m->off_weight[k] + o * row + i] *= f;
+            }
+            if (m->off_bias[k] >= 0)
+                for (int o = 0; o < l->out_c; o++) {
+                    const float u = m->b_unit[k][o];
+                    c->G[m->off_bias[k] + o] *= m->qas ? 1.0f / u : u;
+                }
+        }
         const float *A = NULL;
         et_conv_dims da, db;
         if (m->off_lora_a[k] >= 0 && !dense) { /* LoRA convolutions: dB, gu = s dB/du, dA */
@@ -493,6 +605,13 @@ static void lw_backward(ctx *c, int count) {
             if (pending[k])
                 for (int i = 0; i < count * in; i++) dh[i] += c->L.pend[k][i];
             et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
+            if (bb->is_int8 && m->kind == ET_SPARSE) { /* straight through the rounding, zero where the clamp held */
+                const float s = l->act_scale;
+                float hi = 127.0f; /* ReLU6: its int8 top, as the int8 pass clamps (float32 division and rint) */
+                if (bb->layers[k - 1].activation == ET_RELU6) hi = fminf(127.0f, rintf(6.0f / s));
+                const float top = hi * s, bottom = -127.0f * s;
+                for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top && h[i] > bottom);
+            }
             g = dh;
         }
     }
@@ -906,6 +1025,11 @@ static float *forward(ctx *c, const int32_t *ids, int count, int use_cache) {
     if (c->m->kind == ET_SKIP) {
         skip_rows(c, ids, count, use_cache);
         return skip_forward(c, count);
+    }
+    c->ids = ids;
+    if (c->m->kind == ET_SPARSE && c->bb->is_int8 && !et_backbone_is_dense(c->bb)) { /* reads x by ids */
+        sp_assemble(c);
+        return lw_forward(c, count);
     }
     gather_rows(c->x, et_width(c->bb, 0), ids, count, c->L.act[0], et_width(c->bb, 0));
     if (c->m->kind == ET_SPARSE && et_backbone_is_dense(c->bb)) return sp_forward(c, count);

@@ -174,7 +174,6 @@ def _load_inputs(opts: ExportOptions, target: Target):
     if opts.partial_cache and not cls.uses_cache:
         raise UsageError(f"--partial-cache applies to methods with a skip-cache (skip2-lora), not {opts.method}")
     model = load_any(opts.model)
-    _check_layers(model, opts)
     task = None
     if opts.task:
         from ..data.task import load_task
@@ -215,20 +214,14 @@ def _load_inputs(opts: ExportOptions, target: Target):
                 raise BudgetError(f"--max-samples {max_samples}: the int8 skip-cache alone would be "
                                   f"{format_bytes(max_samples * row)} ({max_samples * row} bytes); a device arena "
                                   f"of 2 GiB or more does not link; lower --max-samples")
-            attach_int8_cache(tuner.method, max_samples)
+            x_calib = None
+            if any(spec.spatial for spec in model.specs):  # a CNN's taps are pooled: their scales are calibrated
+                if task is None:
+                    raise UsageError("an int8 skip-cache on a CNN needs --task: its scales are calibrated on the "
+                                     "task's pre-training split")
+                x_calib = task.x_pretrain
+            attach_int8_cache(tuner.method, max_samples, x_calib=x_calib)
     return model, task, tuner, train, max_samples, cache
-
-
-def _check_layers(model: Any, opts: ExportOptions) -> None:
-    """Refuse, naming the layers, what the device program does not run: int8 on a backbone that
-    is not a plain MLP. Every layer kind and method of the compiled engine runs otherwise."""
-    if model.is_plain_mlp():
-        return
-    kinds = sorted({spec.kind for spec in model.specs} - {"dense"})
-    what = f"{', '.join(kinds)} layers" if kinds else "an activation per layer"
-    if model.is_int8 or opts.int8:
-        raise UsageError(f"edgetune export writes int8 backbones that are MLPs (dense layers) in this version; "
-                         f"{opts.model} has {what}: export it as float32 (without --int8)")
 
 
 def _subset(n: int, k: int | None, seed: int, salt: int) -> np.ndarray:

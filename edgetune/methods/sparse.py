@@ -10,8 +10,9 @@ trainable, computes a weight gradient only for the trained rows, and keeps a lay
 only where that layer's weight trains; where the gradient merely passes through a ReLU it
 keeps a boolean mask instead of the activation.
 
-On an int8 backbone (``backbone.is_int8``) the layers before the first trained one run the
-real int8 kernel; from there on the graph is fake-quantised (weights rounded to int8,
+On an int8 backbone (``backbone.is_int8``, an MLP or a CNN) the layers before the first trained
+one run the real int8 kernel (a CNN's residual sources below it are dequantised from their
+int8 inputs); from there on the graph is fake-quantised (weights rounded to int8,
 activations to their int8 scales, gradients straight through). Trained tensors live in
 int8 units (weight ``Wq``, bias ``bq``, as float shadows so small steps accumulate), and
 with Quantization-Aware Scaling (on by default for int8) their gradients are scaled as in
@@ -156,9 +157,6 @@ class SparseUpdate(Method):
         weighted = bb.tap_layers
         self.scheme = self.resolve_scheme(opts.scheme, len(weighted), opts.train_last_bias)
         self.int8 = bb.is_int8
-        if self.int8 and not all(s.kind == "dense" for s in bb.specs):
-            raise UsageError("sparse update on an int8 backbone takes int8 MLPs in this version; on an int8 CNN "
-                             "use skip-lora or skip2-lora, or sparse on the float CNN")
         self.qas = self.int8 if opts.qas is None else bool(opts.qas)
         dt = bb.dtype
         self.rows = {weighted[i]: c for i, c in
@@ -186,6 +184,7 @@ class SparseUpdate(Method):
             self.b_unit = [(p.wscale * np.float32(p.input_scale)).astype(dt) for p in q]
         self._kept: list[np.ndarray | None] = [None] * n
         self._masks: list[np.ndarray | None] = [None] * n
+        self._frozen_float: dict[int, np.ndarray] = {}  # int8 chain: frozen rows dequantised, once
 
     # -- the layers' float weights, a block of rows at a time ----------------------------
     def _blocks(self, k: int):
@@ -294,22 +293,56 @@ class SparseUpdate(Method):
             return self._run(x, keep=False)
         return np.concatenate([self._run_generic(x[b], keep=False) for b in self.backbone._blocks(x.shape[0])])
 
-    # -- any chain of layers (convolutions, pooling, residual adds): float backbones --------
+    # -- any chain of layers (convolutions, pooling, residual adds), float or int8 ---------
     def _weight(self, k: int) -> np.ndarray | None:
-        """Layer k's weight as the forward pass uses it: the trained rows, then the frozen ones."""
-        w = self.backbone.layers[k].weight
-        c = self.rows.get(k, 0)
+        """Layer k's weight as the forward pass uses it: the trained rows, then the frozen ones
+        (int8: both dequantised, the trained rows rounded to int8 first)."""
+        layer, c = self.backbone.layers[k], self.rows.get(k, 0)
+        if not self.int8:
+            if not c:
+                return layer.weight
+            return np.concatenate([self.params[f"layers.{k}.weight"], layer.weight[c:]])
+        if not layer.spec.has_params:
+            return None
+        unit = self.w_unit[k].reshape((-1,) + (1,) * (layer.quant.qweight.ndim - 1))
+        w = self._frozen_float.get(k)
+        if w is None:
+            w = self._frozen_float[k] = layer.quant.qweight.astype(self.backbone.dtype) * unit
         if not c:
             return w
-        return np.concatenate([self.params[f"layers.{k}.weight"], w[c:]])
+        w = w.copy()
+        w[:c] = np.clip(np.rint(self.params[f"layers.{k}.weight"]), -127, 127) * unit[:c]
+        return w
 
     def _bias_generic(self, k: int) -> np.ndarray | None:
+        if self.int8:
+            return self._bias(k) if self.backbone.specs[k].has_params else None
         return self.params[f"layers.{k}.bias"] if k in self.train_bias else self.backbone.layers[k].bias
+
+    def _start_generic(self, x: np.ndarray, kept: dict[int, np.ndarray]) -> tuple[int, np.ndarray]:
+        """(start, float input of layer start): an int8 chain runs the integer kernels up to the
+        first trained layer and dequantises that layer's input (and the inputs an add reads)."""
+        bb = self.backbone
+        if not self.int8:
+            return 0, x
+        from ..quant.int8 import quantize_input, run_int8
+        start = min(self.first, bb.n_layers - 1)
+        sources = self._sources
+
+        def keep(k: int, q: np.ndarray) -> None:
+            if k in sources:
+                kept[k] = q * np.float32(bb.layers[k].quant.input_scale)
+
+        q = run_int8(bb, quantize_input(bb, x), 0, start, on_input=keep)
+        return start, q * np.float32(bb.layers[start].quant.input_scale)
 
     def _run_generic(self, h: np.ndarray, keep: bool) -> np.ndarray:
         bb = self.backbone
+        n = bb.n_layers
         kept: dict[int, np.ndarray] = {}
-        for k, layer in enumerate(bb.layers):
+        start, h = self._start_generic(h, kept)
+        for k in range(start, n):
+            layer = bb.layers[k]
             spec = layer.spec
             if keep and k >= self.first:
                 self._kept[k] = h
@@ -320,18 +353,32 @@ class SparseUpdate(Method):
             if spec.has_params:
                 z = spec.ops.add_bias(spec, z, self._bias_generic(k))
             h = spec.act.forward(z)
+            if self.int8 and k < n - 1:  # fake-quantise to layer k+1's int8 input
+                s = np.float32(bb.layers[k + 1].quant.input_scale)
+                h = h / s  # a new array: a flatten's output is its (kept) input
+                np.rint(h, out=h)
+                np.clip(h, -127, 127, out=h)
+                h *= s
         return h
 
     def _backward_generic(self, g: np.ndarray) -> None:
+        from ..quant.int8 import clamp_range
         bb, grads = self.backbone, self.params.grads
         pending: dict[int, np.ndarray] = {}
         for k in range(bb.n_layers - 1, self.first - 1, -1):
             spec, h = bb.specs[k], self._kept[k]
             c = self.rows.get(k, 0)
             if c:
-                grads[f"layers.{k}.weight"][...] = spec.ops.weight_grad(spec, h, g)[:c]
+                gw = grads[f"layers.{k}.weight"]
+                gw[...] = spec.ops.weight_grad(spec, h, g)[:c]
+                if self.int8:  # d/dWq = s_W dW; QAS multiplies by s_W^-2
+                    u = self.w_unit[k][:c]
+                    gw *= (1 / u if self.qas else u).reshape((-1,) + (1,) * (gw.ndim - 1))
             if k in self.train_bias:
-                spec.ops.bias_grad(spec, g, out=grads[f"layers.{k}.bias"])
+                gb = grads[f"layers.{k}.bias"]
+                spec.ops.bias_grad(spec, g, out=gb)
+                if self.int8:  # d/dbq = s_x s_W db; QAS multiplies by (s_x s_W)^-2
+                    gb *= 1 / self.b_unit[k] if self.qas else self.b_unit[k]
             if spec.kind == "add" and spec.source >= self.first:
                 pending[spec.source] = pending[spec.source] + g if spec.source in pending else g
             if k > self.first:
@@ -341,6 +388,10 @@ class SparseUpdate(Method):
                 if k in pending:
                     dh = dh + pending.pop(k)
                 bb.specs[k - 1].act.grad_mul(dh, h)
+                if self.int8:  # straight through the int8 rounding, zero where the clamp held
+                    s = np.float32(bb.layers[k].quant.input_scale)
+                    hi = clamp_range(bb.specs[k - 1].activation, s)[1]  # ReLU6: its int8 top
+                    dh *= (h < np.float32(hi) * s) & (h > np.float32(-127) * s)
                 g = dh
 
     def backward(self, g: np.ndarray) -> None:
@@ -370,6 +421,7 @@ class SparseUpdate(Method):
     def end_fit(self) -> None:
         n = self.backbone.n_layers
         self._kept, self._masks = [None] * n, [None] * n
+        self._frozen_float = {}
 
     def core_spec(self) -> CoreSpec:
         """This method as the compiled engine sees it (see edgetune/core/engine.py)."""
