@@ -79,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partial-cache", action="store_true", help="with --target: cache as many rows as fit the budget")
     g.add_argument("--test-samples", type=positive_int, metavar="N",
                    help="with --target and --task: test samples linked into a microcontroller's flash")
+    g.add_argument("--flash", metavar="BYTES", help="with --target, a microcontroller: the part's flash (default: "
+                                                    "the target's)")
     g = p.add_argument_group("choosing a sparse scheme on the task (--method sparse --scheme auto)")
     g.add_argument("--scheme", metavar="SCHEME|auto",
                    help="auto: choose the sparse-update scheme for --budget by a contribution analysis on --task "
@@ -315,10 +317,12 @@ def _run_device(args: argparse.Namespace, budget: int) -> int:
     """One exported program's RAM for a device target: exactly what 'edgetune export' plans."""
     from ..errors import UsageError
     from ..export.project import ExportOptions, plan_export
-    from ..units import format_bytes
+    from ..units import format_bytes, parse_bytes
 
     if args.seed < 0:
         raise UsageError(f"--seed must be 0 or more, got {args.seed}")
+    if args.flash is not None:
+        parse_bytes(args.flash, "--flash")
 
     opts = ExportOptions(model=args.model, method=args.method, target=args.target, out="", task=args.task,
                          data_dir=args.data_dir, batch_size=args.batch_size, optimizer=args.optimizer,
@@ -326,7 +330,7 @@ def _run_device(args: argparse.Namespace, budget: int) -> int:
                          max_samples=args.samples, test_samples=args.test_samples, epochs=args.epochs,
                          toolchain_check=False, scheme=args.scheme, auto_epochs=args.auto_epochs,
                          auto_layers=args.auto_layers, auto_ratios=args.auto_ratios,
-                         auto_val_split=args.auto_val_split, seed=args.seed)
+                         auto_val_split=args.auto_val_split, seed=args.seed, flash=args.flash)
     d = plan_export(opts)
     plan = d["plan"]
     search = d["scheme_search"]
@@ -369,7 +373,7 @@ def export_command(args: argparse.Namespace, scheme: str | None = None) -> str:
             parts.append(flag)
     for flag, value in (("--batch-size", args.batch_size), ("--rank", args.rank if args.rank != 1 else None),
                         ("--max-samples", args.samples), ("--test-samples", args.test_samples),
-                        ("--epochs", args.epochs)):
+                        ("--epochs", args.epochs), ("--flash", args.flash)):
         if value is not None:
             parts += [flag, str(value)]
     if args.optimizer != "sgd":
