@@ -50,16 +50,16 @@ def _ram_linked(size_text: str) -> int:
     return int(line.split()[1])
 
 
-def _replica_accuracy(model_dir: Path, man: dict, data_dir: str) -> float | None:
-    """The exported configuration trained by FineTuner on this machine, scored on every test window
-    (None for a partial skip-cache, which this replica does not set up)."""
+def _replica(model_dir: Path, man: dict, data_dir: str) -> tuple[float | None, float | None]:
+    """The exported configuration trained by FineTuner on this machine: (final loss, accuracy on every
+    test window); None for a partial skip-cache, which this replica does not set up."""
     import edgetune as et
     from edgetune.quant import load_any
     from edgetune.quant.cache import attach_int8_cache
 
     tr = man["train_indices"]
     if man["cache"] and man["cache_capacity"] < len(tr):
-        return None
+        return None, None
     task = et.load_task("har-raw", data_dir)
     model = load_any(model_dir)  # the int8 model as written by 'edgetune quantize'
     kw = {"scheme": man["scheme"]} if man.get("scheme") else {}
@@ -68,7 +68,7 @@ def _replica_accuracy(model_dir: Path, man: dict, data_dir: str) -> float | None
     if man["cache"] == "int8":
         attach_int8_cache(tuner.method, len(tr), x_calib=task.x_pretrain)
     tuner.fit(task.x_finetune[tr], task.y_finetune[tr])
-    return float(tuner.score(task.x_test, task.y_test))
+    return float(tuner.history_.final_loss), float(tuner.score(task.x_test, task.y_test))
 
 
 def device(name: str, model: str, method: list[str], common: list[str], work: Path, data_dir: str) -> dict:
@@ -86,16 +86,58 @@ def device(name: str, model: str, method: list[str], common: list[str], work: Pa
     wall = time.perf_counter() - t0
     linked = _ram_linked(_run(["make", "-s", "-C", str(out), "size"], work))
     ticks_per_instr = 1e9 / res["tick_hz"]
+    replica_loss, replica_acc = _replica(work / model, man, data_dir)
     return {"name": name, "label": man["method"] + (f"[{man['scheme']}]" if man.get("scheme") else "")
             + (f", {man['cache']} cache {man['cache_capacity']}/{man['max_samples']}" if man["cache"] else ""),
             "backbone": man["backbone"], "planned_ram": plan["ram_bytes"], "linked_ram": linked,
             "samples": int(samples[0]) if samples else man["max_samples"], "epochs": man["epochs"],
             "batch": man["batch_size"], "acc_before": res["accuracy_before"], "acc_after": res["accuracy_after"],
-            "acc_all_test": _replica_accuracy(work / model, man, data_dir),
+            "acc_all_test": replica_acc, "replica_final_loss": replica_loss,
             "train_instructions": res["train_ticks"] * ticks_per_instr,
             "instructions_per_sample_epoch": res["train_ticks"] * ticks_per_instr / (man["epochs"] * res["samples"]),
             "qemu_seconds": wall, "final_loss": res["final_loss"], "stack_used": res["stack_used_bytes"],
-            "scheme_search": plan.get("scheme_search", {}).get("search")}
+            "scheme_search": plan.get("scheme_search", {}).get("search"), "name": name}
+
+
+def drift(model: str, row: dict, common: list[str], work: Path, data_dir: str, epochs: list[int]) -> list[dict]:
+    """The device's loss against FineTuner's after fewer epochs (the same scheme, samples and seed),
+    and the full run rebuilt without FMA contraction (-ffp-contract=off)."""
+    import shutil
+
+    import edgetune as et
+    from edgetune.quant import load_any
+
+    scheme = row["scheme_search"]["scheme"]
+    task = et.load_task("har-raw", data_dir)
+    q = load_any(work / model)
+    out = []
+    base = [a for a in common]
+    for ep in epochs:
+        args = [("--max-samples" if a == "--samples" else a) for a in base]
+        i = args.index("--epochs")
+        args[i + 1] = str(ep)
+        j = args.index("--test-samples")
+        args[j + 1] = "20"
+        d = work / f"drift-{ep}"
+        _run(["edgetune", "export", "--model", model, "--method", "sparse", "--scheme", scheme, *args, "--out", str(d),
+              "--force"], work)
+        _run(["make", "-s", "-C", str(d)], work)
+        res = _last_json(_run(["make", "-s", "-C", str(d), "run"], work))
+        man = json.loads((d / "export.json").read_text())
+        tr = man["train_indices"]
+        tuner = et.FineTuner(q, "sparse", scheme=scheme, epochs=ep, seed=man["seed"], batch_size=man["batch_size"],
+                             lr=man["lr"], engine="c").fit(task.x_finetune[tr], task.y_finetune[tr])
+        out.append({"epochs": ep, "device": res["final_loss"], "host": float(tuner.history_.final_loss)})
+    d = work / "nofma"
+    if d.exists():
+        shutil.rmtree(d)
+    shutil.copytree(work / row["name"], d)
+    _run(["make", "-s", "-C", str(d), "clean"], work)
+    _run(["make", "-s", "-C", str(d), "EXTRA_CFLAGS=-ffp-contract=off"], work)
+    res = _last_json(_run(["make", "-s", "-C", str(d), "run"], work))
+    out.append({"epochs": row["epochs"], "device": res["final_loss"], "host": row["replica_final_loss"],
+                "note": "built with -ffp-contract=off"})
+    return out
 
 
 def host_lora(model: str, task: list[str], extra: list[str], work: Path, name: str) -> dict:
@@ -133,10 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (work / "har-cnn-int8").is_dir():
         _run(["edgetune", "quantize", "--model", "har-cnn", *task, "--out", "har-cnn-int8", "--percentile", "99.9",
               "--quiet"], work)
-    common = ["--target", "cortex-m4", "--budget", "256KB", *task, "--samples", str(args.samples),
-              "--test-samples", str(args.test_samples), "--epochs", str(args.epochs), "--batch-size",
-              str(args.batch_size), "--flash", "4MB", "--quiet"]
-    rows = [device("sparse-auto", "har-cnn-int8", ["--method", "sparse", "--scheme", "auto"], common, work, DATA)]
+    def common_at(batch: int) -> list[str]:
+        return ["--target", "cortex-m4", "--budget", "256KB", *task, "--samples", str(args.samples),
+                "--test-samples", str(args.test_samples), "--epochs", str(args.epochs), "--batch-size", str(batch),
+                "--flash", "4MB", "--quiet"]
+
+    common = common_at(args.batch_size)
+    auto = ["--method", "sparse", "--scheme", "auto"]
+    rows = [device("sparse-auto", "har-cnn-int8", auto, common, work, DATA)]
+    if args.batch_size != 1:  # the paper's batch: more of the network fits the same 256 KB
+        rows.append(device("sparse-auto-b1", "har-cnn-int8", auto, common_at(1), work, DATA))
     skip = ["--method", "skip2-lora", "--int8"]  # --int8: the int8 skip-cache (the model is int8 already)
     try:
         rows.append(device("skip2-int8", "har-cnn-int8", skip, common, work, DATA))
@@ -144,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if "--partial-cache" not in str(e):
             raise
         rows.append(device("skip2-int8", "har-cnn-int8", skip + ["--partial-cache"], common, work, DATA))
+    drifts = drift("har-cnn-int8", rows[0], common, work, DATA, [1, 2, 5]) if not args.quick else []
     # (c) float lora-all on this machine: the program's samples (the export's seeded subset) and epochs ...
     import edgetune as et
     import numpy as np
@@ -160,20 +209,37 @@ def main(argv: list[str] | None = None) -> int:
     emit(f"har-raw, Cortex-M4 (QEMU mps2-an386), 256 KB RAM; {args.samples} fine-tuning windows, "
          f"{args.test_samples} test windows in flash, {args.epochs} epochs, batch {args.batch_size}, lr 0.01")
     emit("")
-    emit("| run | backbone | RAM planned | RAM linked | acc before (device test) | acc after (device test) "
+    emit("| run | batch | RAM planned | RAM linked | acc before (device test) | acc after (device test) "
          "| acc after (all 2758 test) | training instructions | per sample-epoch | QEMU s |")
     emit("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        emit(f"| {r['label']} | {r['backbone']} | {r['planned_ram']} | {r['linked_ram']} | {r['acc_before']:.4f} | "
+        emit(f"| {r['label']} | {r['batch']} | {r['planned_ram']} | {r['linked_ram']} | {r['acc_before']:.4f} | "
              f"{r['acc_after']:.4f} | {'-' if r['acc_all_test'] is None else format(r['acc_all_test'], '.4f')} | "
              f"{r['train_instructions']:.3g} | "
              f"{r['instructions_per_sample_epoch']:.3g} | {r['qemu_seconds']:.0f} |")
     for name, r, what in (("lora-all, same samples", same, f"{args.samples} samples (the device's), {args.epochs} "
                            f"epochs, batch {args.batch_size}"),
                           ("lora-all, task defaults", full, "all fine-tuning samples, the task's defaults")):
-        emit(f"| {name} (host, float, {what}) | float32 | - | - | {r['accuracy_before']:.4f} (all test) | - | "
+        emit(f"| {name} (host, float, {what}) | {r['batch_size']} | - | - | {r['accuracy_before']:.4f} (all test) | - | "
              f"{r['accuracy_after']:.4f} | - | - | - |")
-    finish({"device": rows, "host_same_samples": same, "host_task_defaults": full,
+    emit("")
+    emit("| run | device final loss | the same configuration on this machine (FineTuner) | relative difference |")
+    emit("|---|---|---|---|")
+    for r in rows:
+        if r["replica_final_loss"] is not None:
+            emit(f"| {r['label']} | {r['final_loss']:.7f} | {r['replica_final_loss']:.7f} | "
+                 f"{abs(r['final_loss'] - r['replica_final_loss']) / r['replica_final_loss']:.1e} |")
+    if drifts:
+        emit("")
+        emit(f"The device's loss against FineTuner's, {rows[0]['label']}, batch {args.batch_size}, the same 500 samples:")
+        emit("")
+        emit("| epochs | device final loss | FineTuner (this machine) | relative difference |")
+        emit("|---|---|---|---|")
+        for d in drifts:
+            note = f" ({d['note']})" if d.get("note") else ""
+            emit(f"| {d['epochs']}{note} | {d['device']:.7f} | {d['host']:.7f} | "
+                 f"{abs(d['device'] - d['host']) / d['host']:.1e} |")
+    finish({"drift": drifts, "device": rows, "host_same_samples": same, "host_task_defaults": full,
             "settings": vars(args)}, args.json)
     if tmp is not None:
         tmp.cleanup()
