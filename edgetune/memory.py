@@ -942,7 +942,7 @@ def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimi
                       gradients=got["gradients"], optimizer_state=got["optimizer"], cache_bytes=got["cache"],
                       samples=got["samples"], order=got["order"], workspace=got["workspace"],
                       alignment=got["alignment"], statics=int(statics), stack=int(stack),
-                      scheme=str(method.scheme) if getattr(method, "takes_scheme", False) else None)
+                      scheme=str(method.scheme) if method.takes_scheme else None)
     if plan.arena != arena:  # the pieces C reports add up to its total
         raise RuntimeError(f"the device arena's pieces add up to {plan.arena}, C's total is {arena}")
     return plan

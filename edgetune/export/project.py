@@ -177,7 +177,7 @@ def _load_inputs(opts: ExportOptions, target: Target):
     from ..quant.cache import attach_int8_cache
 
     cls = method_class(opts.method)
-    if opts.scheme is not None and not getattr(cls, "takes_scheme", False):
+    if opts.scheme is not None and not cls.takes_scheme:
         raise UsageError(f"--scheme chooses the sparse update's trained parts: use it with --method sparse, "
                          f"not {opts.method}")
     if opts.scheme is not None and opts.adapter:
@@ -778,7 +778,8 @@ def _manifest(d: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
         "test_indices": d["test_idx"].tolist() if d["test_idx"] is not None else None,
         "budget": d["budget"], "ram_limit": d["ram_limit"], "flash_limit": d["flash_limit"],
         "flash_estimate": d["flash_estimate"], "memory": p.as_dict(),
-        **tuner._scheme_config(),
+        **({"scheme": str(tuner.method.scheme), "qas": bool(tuner.method.qas)}
+           if tuner.method.takes_scheme else {}),
         **({"scheme_search": d["scheme_search"].as_dict()} if d["scheme_search"] is not None else {}),
     }
 
