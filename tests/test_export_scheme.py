@@ -188,6 +188,14 @@ def test_auto_on_an_mlp_host_program(toy, tmp_path):
     assert res["final_loss"] == loss and res["accuracy_after"] == acc
 
 
+def test_auto_on_an_int8_cnn_without_a_target_points_to_target(cnn, fan, tmp_path, capsys):
+    q = quantize(et.Backbone.load(cnn), fan[0].x_pretrain).save(tmp_path / "q")
+    assert run_cli("plan", "--model", str(q), "--method", "sparse", "--scheme", "auto", "--budget", "256KB",
+                   *fan[1]) == 2
+    err = capsys.readouterr().err
+    assert "--target" in err and "Traceback" not in err
+
+
 def test_a_budget_that_holds_no_scheme_stops_before_the_analysis(toy, tmp_path, capsys):
     code = run_cli("plan", "--model", str(toy / "m"), "--method", "sparse", "--scheme", "auto", "--target", "host",
                    "--budget", "4KB", "--task", str(toy / "t.npz"))

@@ -395,6 +395,10 @@ def _run_auto(args: argparse.Namespace, budget: int) -> int:
     if not args.task:
         raise UsageError("--scheme auto measures what each part of a scheme buys on your task: give --task")
     model = load_any(args.model)
+    if model.is_int8 and not model.is_plain_mlp():
+        raise UsageError(f"{args.model} is an int8 CNN, which this machine's memory planner does not model: add "
+                         f"--target T (e.g. --target cortex-m4) to choose the scheme for the device program's RAM "
+                         f"(the compiled engine's arena), or plan the float model")
     task = load_task(args.task, args.data_dir)
     check_compatible(model, task)
     n = args.samples or len(task.y_finetune)
