@@ -839,6 +839,7 @@ class DevicePlan:
     statics: int = 0            # the program's other static data (device struct, libc, startup)
     stack: int = 0
     flash_weights: int = 0
+    scheme: str | None = None   # the sparse method's update scheme (None for other methods)
 
     def breakdown(self) -> dict[str, int]:
         return {"params": self.params, "gradients": self.gradients, "optimizer": self.optimizer_state,
@@ -858,7 +859,8 @@ class DevicePlan:
     @property
     def label(self) -> str:
         cache = f" +{self.cache} cache ({self.cache_capacity} of {self.max_samples} rows)" if self.cache else ""
-        return f"{self.method} ({self.backbone}{cache})"
+        scheme = f"[{self.scheme}]" if self.scheme is not None else ""
+        return f"{self.method}{scheme} ({self.backbone}{cache})"
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "label": self.label, "arena": self.arena, "total": self.total}
@@ -939,7 +941,8 @@ def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimi
                       n_params=int(method.params.flat.size), cache=cache, cache_capacity=C, params=got["params"],
                       gradients=got["gradients"], optimizer_state=got["optimizer"], cache_bytes=got["cache"],
                       samples=got["samples"], order=got["order"], workspace=got["workspace"],
-                      alignment=got["alignment"], statics=int(statics), stack=int(stack))
+                      alignment=got["alignment"], statics=int(statics), stack=int(stack),
+                      scheme=str(method.scheme) if method.takes_scheme else None)
     if plan.arena != arena:  # the pieces C reports add up to its total
         raise RuntimeError(f"the device arena's pieces add up to {plan.arena}, C's total is {arena}")
     return plan

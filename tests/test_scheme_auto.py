@@ -276,7 +276,7 @@ def test_finetune_scheme_auto_trains_the_chosen_scheme(files, capsys):
     (["plan", "--method", "lora-all", "--scheme", "auto", "--budget", "1MB"], 2, "--method sparse"),
     (["plan", "--method", "sparse", "--scheme", "auto", "--budget", "1MB", "--no-task"], 2, "give --task"),
     (["plan", "--method", "sparse", "--scheme", "b2", "--budget", "1MB"], 2, "--scheme auto"),
-    (["plan", "--method", "sparse", "--scheme", "auto", "--budget", "1MB", "--target", "host"], 2, "--target"),
+    (["plan", "--method", "sparse", "--scheme", "auto", "--budget", "1MB", "--int8"], 2, "--target"),
     (["plan", "--method", "sparse", "--scheme", "auto", "--budget", "1MB", "--auto-val-split", "1.5"], 2,
      "less than 1"),
 ])

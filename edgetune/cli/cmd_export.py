@@ -28,7 +28,8 @@ the same with riscv64-unknown-elf-gcc and picolibc, run under qemu-system-riscv3
 With the same model, method, seed, epochs, batch size and learning rate, the exported
 program reaches the loss 'edgetune finetune' reaches: it starts from the same adapter and
 uses the same per-epoch shuffles (written into the samples). MODEL may be an MLP or a CNN
-(every layer kind, float32; int8 for MLPs).
+(every layer kind, float32 or int8). --method sparse takes --scheme S, or --scheme auto: the
+scheme chosen for the RAM limit by a contribution analysis on --task (docs/budgets.md).
 
 The same targets take an anomaly detector ('edgetune detect export') and a bank of
 per-domain adapters with its routing ('edgetune bank export').
@@ -36,7 +37,9 @@ per-domain adapters with its routing ('edgetune bank export').
 examples:
   edgetune export --model model/ --method skip2-lora --target host --task damage1 --data-dir ../shared/data --out dev/
   edgetune export --model model/ --method skip2-lora --target cortex-m4 --int8 --budget 256KB --partial-cache \\
-      --task damage1 --max-samples 120 --test-samples 100 --epochs 20 --out m4/"""
+      --task damage1 --max-samples 120 --test-samples 100 --epochs 20 --out m4/
+  edgetune export --model cnn-int8/ --method sparse --scheme auto --target cortex-m4 --budget 256KB \
+      --task har-raw --data-dir ../shared/data --max-samples 400 --epochs 5 --out m4-sparse/"""
 ORDER = 60
 
 
@@ -61,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], help="optimizer (default sgd)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="adapter initialisation and shuffles (default 0)")
     g.add_argument("--rank", type=positive_int, default=1, help="LoRA rank R (default 1)")
+    g.add_argument("--scheme", metavar="SCHEME|auto",
+                   help="sparse: the update scheme, e.g. b2,w-1:1/2 (default b2,w-1; see docs/budgets.md); auto: "
+                        "chosen for the RAM limit (--budget, else the part's RAM) by a contribution analysis on "
+                        "--task, every scheme planned as this device program")
     g = p.add_argument_group("memory")
     g.add_argument("--int8", action="store_true",
                    help="int8 frozen backbone (a float model is quantised, calibrated on --task's pre-training "
@@ -77,6 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-samples", type=positive_int, metavar="N",
                    help="with --task: a seeded subset of N test samples (default: all)")
     g.add_argument("--flash", metavar="BYTES", help="microcontrollers: the part's flash (default: the target's)")
+    g = p.add_argument_group("choosing a sparse scheme on the task (--method sparse --scheme auto)")
+    from .cmd_plan import add_auto_args
+
+    add_auto_args(g)
     p.add_argument("--no-toolchain-check", dest="toolchain_check", action="store_false",
                    help="write the project even if the target's compiler is not installed here")
     add_output_args(p)
@@ -97,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          rank=args.rank, int8=args.int8, budget=args.budget, partial_cache=args.partial_cache,
                          max_samples=args.max_samples, test_samples=args.test_samples, flash=args.flash,
-                         force=args.force, toolchain_check=args.toolchain_check, strict=args.strict)
+                         force=args.force, toolchain_check=args.toolchain_check, strict=args.strict,
+                         scheme=args.scheme, auto_epochs=args.auto_epochs, auto_layers=args.auto_layers,
+                         auto_ratios=args.auto_ratios, auto_val_split=args.auto_val_split)
     # every output checked, and locked, before anything is written
     out = check_out(opts)
     if args.json not in (None, "-"):
@@ -106,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         if json_real == str(out) or json_real.startswith(str(out) + os.sep):
             raise UsageError(f"--json {args.json} lies inside --out {args.out}, which the export replaces; "
                              f"write it elsewhere")
+    if args.scheme is not None and args.scheme.strip().lower() == "auto":
+        info(args, "--scheme auto: short fine-tunes on the task measure each part of a sparse scheme")
     plan = plan_export(opts)  # refuses what cannot be done before a lock file is made
     with contextlib.ExitStack() as outputs:
         lock_outputs(outputs, str(out), args.json)
@@ -122,7 +137,13 @@ def _export(args: argparse.Namespace, opts, plan) -> int:
     dense = all(text.startswith("dense") for text in m["layers"])
     net = ('-'.join(map(str, m['sizes'])) if dense else
            f"a {len(m['layers'])}-layer network on {'x'.join(map(str, m['input_shape']))} inputs")
-    print(f"wrote {res.out}: {m['method']} on {net} ({m['backbone']}) for {m['target']}", file=sys.stdout)
+    method = f"{m['method']}[{m['scheme']}]" if m.get("scheme") else m["method"]
+    print(f"wrote {res.out}: {method} on {net} ({m['backbone']}) for {m['target']}", file=sys.stdout)
+    search = m.get("scheme_search")
+    if search:
+        print(f"  scheme auto: sparse[{m['scheme']}], predicted validation accuracy "
+              f"{search['predicted_val_accuracy']:.4f} ({search['contributions']['runs']} short fine-tunes on the "
+              f"program's samples)", file=sys.stdout)
     cache = f", skip-cache {m['cache']} {m['cache_capacity']} of {m['max_samples']} rows" if m["cache"] else ""
     print(f"  RAM {format_bytes(mem['total'])} (arena {format_bytes(mem['arena'])}){cache}; "
           f"weights {format_bytes(mem['flash_weights'])} as const data", file=sys.stdout)

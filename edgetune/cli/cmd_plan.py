@@ -32,7 +32,12 @@ budget, measured on the task: short fine-tunes on a validation split of the task
 fine-tuning data measure what each part of a scheme adds to the last layer alone (the
 biases of the last k layers, each layer's weights at each channel ratio), the scheme with
 the largest summed gain that fits is chosen, then fine-tuned once to check the prediction
-(see docs/budgets.md). The test split is not used.
+(see docs/budgets.md). The test split is not used. With --target as well, the budget is the
+device program's RAM: every scheme is planned as 'edgetune export' would write it (the
+compiled engine's arena, statics and stack; weights in flash), the analysis runs on the
+samples the program trains on (--samples), on the int8 model with --int8, and the plan and
+its breakdown are those of the chosen scheme ('ram_bytes', 'scheme' and 'breakdown' in
+--json); --scheme S with --target plans the given scheme.
 
 examples:
   edgetune plan --model model/ --budget 256KB --samples 470
@@ -40,7 +45,9 @@ examples:
   edgetune plan --model model/ --budget 256KB --target cortex-m4 --method skip2-lora --int8 \
       --partial-cache --samples 200 --task damage1 --data-dir ../shared/data
   edgetune plan --model model/ --method sparse --scheme auto --budget 256KB --task damage1-1d \
-      --data-dir ../shared/data --json chosen.json"""
+      --data-dir ../shared/data --json chosen.json
+  edgetune plan --model cnn/ --method sparse --scheme auto --int8 --budget 256KB --task har-raw \
+      --data-dir ../shared/data --target cortex-m4 --samples 400 --json chosen.json"""
 ORDER = 35
 BATCH_SIZES = (20, 8, 4, 1)
 
@@ -72,12 +79,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partial-cache", action="store_true", help="with --target: cache as many rows as fit the budget")
     g.add_argument("--test-samples", type=positive_int, metavar="N",
                    help="with --target and --task: test samples linked into a microcontroller's flash")
+    g.add_argument("--flash", metavar="BYTES", help="with --target, a microcontroller: the part's flash (default: "
+                                                    "the target's)")
     g = p.add_argument_group("choosing a sparse scheme on the task (--method sparse --scheme auto)")
-    g.add_argument("--scheme", metavar="auto", help="auto: choose the sparse-update scheme for --budget by a "
-                                                    "contribution analysis on --task")
+    g.add_argument("--scheme", metavar="SCHEME|auto",
+                   help="auto: choose the sparse-update scheme for --budget by a contribution analysis on --task "
+                        "(with --target: each scheme planned as the device program); with --target also an "
+                        "explicit scheme, e.g. b2,w-1:1/2 (--method sparse, the default with --scheme)")
     add_auto_args(g)
     g.add_argument("--seed", type=int, default=0, help="with --scheme auto: seed of the split, the fine-tunes and "
-                                                       "the search (default 0)")
+                                                       "the search; with --target also the export's --seed (the "
+                                                       "samples' subsets) (default 0)")
     p.add_argument("--show", type=positive_int, default=12, metavar="K",
                    help="sparse schemes shown in the table, in the ranking's order (without --task the most "
                         "trainable first; with --task the fine-tuned ones by accuracy, then the rest as ranked "
@@ -198,14 +210,21 @@ def run(args: argparse.Namespace) -> int:
     if budget <= 0:
         raise UsageError(f"--budget must be more than 0 bytes, got {args.budget!r}")
     auto = check_auto_args(args, args.method)
-    if args.scheme is not None and not auto:
-        raise UsageError(f"edgetune plan takes --scheme auto (with --method sparse) only, got {args.scheme!r}; "
-                         f"'edgetune finetune --scheme {args.scheme} --budget B' checks a given scheme")
     if args.target:
-        if auto:
-            raise UsageError("--scheme auto plans training on this machine; it does not combine with --target")
+        if args.scheme is not None:
+            args.method = args.method or "sparse"
+            if args.method != "sparse":
+                raise UsageError(f"--scheme chooses the sparse update's trained parts: use it with --method sparse, "
+                                 f"not {args.method}")
         args.method = args.method or "skip2-lora"
         return _run_device(args, budget)
+    if args.scheme is not None and not auto:
+        raise UsageError(f"edgetune plan takes --scheme auto (with --method sparse), or any scheme with --target, "
+                         f"got {args.scheme!r}; 'edgetune finetune --scheme {args.scheme} --budget B' checks a given "
+                         f"scheme on this machine")
+    if auto and args.int8:
+        raise UsageError("--int8 with --scheme auto plans an exported program: add --target (e.g. --target "
+                         "cortex-m4), or pass an int8 --model (edgetune quantize) to plan on this machine")
     if auto:
         return _run_auto(args, budget)
     if args.epochs is None:
@@ -296,34 +315,57 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_device(args: argparse.Namespace, budget: int) -> int:
     """One exported program's RAM for a device target: exactly what 'edgetune export' plans."""
+    from ..errors import UsageError
     from ..export.project import ExportOptions, plan_export
-    from ..units import format_bytes
+    from ..units import format_bytes, parse_bytes
+
+    if args.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {args.seed}")
+    if args.flash is not None:
+        parse_bytes(args.flash, "--flash")
 
     opts = ExportOptions(model=args.model, method=args.method, target=args.target, out="", task=args.task,
                          data_dir=args.data_dir, batch_size=args.batch_size, optimizer=args.optimizer,
                          rank=args.rank, int8=args.int8, budget=args.budget, partial_cache=args.partial_cache,
                          max_samples=args.samples, test_samples=args.test_samples, epochs=args.epochs,
-                         toolchain_check=False)
+                         toolchain_check=False, scheme=args.scheme, auto_epochs=args.auto_epochs,
+                         auto_layers=args.auto_layers, auto_ratios=args.auto_ratios,
+                         auto_val_split=args.auto_val_split, seed=args.seed, flash=args.flash)
     d = plan_export(opts)
     plan = d["plan"]
+    search = d["scheme_search"]
+    if search is not None:
+        c, ch = search.contributions, search.choice
+        print(f"scheme auto: sparse[{ch.scheme}], predicted validation accuracy {ch.predicted_accuracy:.4f} "
+              f"({c.runs} fine-tunes of {c.epochs} epochs on {c.n_train} of the program's {plan.max_samples} "
+              f"samples, validated on the other {c.n_val}; {ch.strategy} search over {ch.space} schemes, each "
+              f"planned as the device program)")
     print(f"{args.target}: {plan.explain(budget)}")
     print(f"training: {d['train']['epochs']} epochs, batch {d['train']['batch_size']}, {plan.max_samples} samples "
           f"(the plan 'edgetune export' makes with the same options)")
     if plan.cache:
         print(f"skip-cache: {plan.cache_capacity} of {plan.max_samples} samples' rows")
     print(f"flash: frozen weights {format_bytes(plan.flash_weights)}, program about {format_bytes(d['flash_estimate'])}")
-    command = export_command(args)
+    command = export_command(args, plan.scheme)
     print(f"write it: {command}")
-    write_json(args.json, {"target": args.target, "budget": budget, "train": d["train"], "memory": plan.as_dict(),
-                           "flash_estimate": d["flash_estimate"], "command": command})
+    extra = {} if search is None else {"scheme_search": search.as_dict()}
+    write_json(args.json, {"target": args.target, "budget": budget, "train": d["train"], "method": plan.method,
+                           "scheme": plan.scheme, "ram_bytes": plan.total, "breakdown": plan.breakdown(),
+                           "memory": plan.as_dict(), "flash_estimate": d["flash_estimate"], "command": command,
+                           **extra})
     return 0
 
 
-def export_command(args: argparse.Namespace) -> str:
-    """The 'edgetune export' command line that writes the program this device plan describes."""
+def export_command(args: argparse.Namespace, scheme: str | None = None) -> str:
+    """The 'edgetune export' command line that writes the program this device plan describes
+    (``scheme``: the sparse scheme planned, written out, so an 'auto' choice is not searched again)."""
     import shlex
 
     parts = ["edgetune", "export", "--model", args.model, "--method", args.method, "--target", args.target]
+    if scheme is not None:
+        parts += ["--scheme", scheme]
+    if args.seed:
+        parts += ["--seed", str(args.seed)]
     if args.task:
         parts += ["--task", args.task] + (["--data-dir", args.data_dir] if args.data_dir else [])
     for flag, on in (("--int8", args.int8), ("--partial-cache", args.partial_cache)):
@@ -331,7 +373,7 @@ def export_command(args: argparse.Namespace) -> str:
             parts.append(flag)
     for flag, value in (("--batch-size", args.batch_size), ("--rank", args.rank if args.rank != 1 else None),
                         ("--max-samples", args.samples), ("--test-samples", args.test_samples),
-                        ("--epochs", args.epochs)):
+                        ("--epochs", args.epochs), ("--flash", args.flash)):
         if value is not None:
             parts += [flag, str(value)]
     if args.optimizer != "sgd":
@@ -353,6 +395,10 @@ def _run_auto(args: argparse.Namespace, budget: int) -> int:
     if not args.task:
         raise UsageError("--scheme auto measures what each part of a scheme buys on your task: give --task")
     model = load_any(args.model)
+    if model.is_int8 and not model.is_plain_mlp():
+        raise UsageError(f"{args.model} is an int8 CNN, which this machine's memory planner does not model: add "
+                         f"--target T (e.g. --target cortex-m4) to choose the scheme for the device program's RAM "
+                         f"(the compiled engine's arena), or plan the float model")
     task = load_task(args.task, args.data_dir)
     check_compatible(model, task)
     n = args.samples or len(task.y_finetune)

@@ -54,6 +54,11 @@ class ExportOptions:
     force: bool = False
     toolchain_check: bool = True
     strict: bool = True         # refuse an --adapter trained on another backbone
+    scheme: str | None = None   # sparse: the update scheme, or "auto" (chosen for the RAM limit on the task)
+    auto_epochs: int | None = None          # scheme "auto": the analysis (edgetune.scheme_search.auto_scheme)
+    auto_layers: int | None = None
+    auto_ratios: list[str] | None = None
+    auto_val_split: float | None = None
 
 
 @dataclass
@@ -167,10 +172,19 @@ def _load_inputs(opts: ExportOptions, target: Target):
     """Model (int8 if asked), task, method (seeded, or from an adapter), training setup."""
     from ..api import FineTuner
     from ..methods import method_class
+    from ..methods.sparse import AUTO
     from ..quant import load_any, quantize
     from ..quant.cache import attach_int8_cache
 
     cls = method_class(opts.method)
+    if opts.scheme is not None and not cls.takes_scheme:
+        raise UsageError(f"--scheme chooses the sparse update's trained parts: use it with --method sparse, "
+                         f"not {opts.method}")
+    if opts.scheme is not None and opts.adapter:
+        raise UsageError("--scheme and --adapter: a trained adapter carries its own scheme (adapter_config.json); "
+                         "drop --scheme")
+    if opts.scheme is not None and opts.scheme.strip().lower() == AUTO and not opts.task:
+        raise UsageError("--scheme auto measures what each part of a scheme buys on your task: give --task")
     if opts.partial_cache and not cls.uses_cache:
         raise UsageError(f"--partial-cache applies to methods with a skip-cache (skip2-lora), not {opts.method}")
     model = load_any(opts.model)
@@ -189,6 +203,11 @@ def _load_inputs(opts: ExportOptions, target: Target):
     d = task.defaults if task is not None else {}
     train = {"epochs": opts.epochs or d.get("epochs", 100), "batch_size": opts.batch_size or d.get("batch_size", 20),
              "lr": opts.lr or d.get("lr", 0.01), "optimizer": opts.optimizer or "sgd", "seed": opts.seed}
+    n_task = len(task.y_finetune) if task is not None else None
+    max_samples = opts.max_samples or n_task or 100
+    scheme, search = opts.scheme, None
+    if scheme is not None and scheme.strip().lower() == AUTO:
+        scheme, search = _auto_scheme(opts, target, model, task, train, max_samples)
     if opts.adapter:
         try:
             tuner = FineTuner.load_adapter(model, opts.adapter, strict=opts.strict, epochs=train["epochs"],
@@ -202,9 +221,7 @@ def _load_inputs(opts: ExportOptions, target: Target):
             raise UsageError(f"--adapter {opts.adapter} holds a {tuner.method_name} adapter, not {opts.method}")
     else:
         tuner = FineTuner(model, opts.method, rank=opts.rank, epochs=train["epochs"], batch_size=train["batch_size"],
-                          lr=train["lr"], optimizer=train["optimizer"], seed=opts.seed, engine="c")
-    n_task = len(task.y_finetune) if task is not None else None
-    max_samples = opts.max_samples or n_task or 100
+                          lr=train["lr"], optimizer=train["optimizer"], seed=opts.seed, engine="c", scheme=scheme)
     cache = None
     if cls.uses_cache:
         cache = "int8" if opts.int8 else "float32"
@@ -221,7 +238,57 @@ def _load_inputs(opts: ExportOptions, target: Target):
                                      "task's pre-training split")
                 x_calib = task.x_pretrain
             attach_int8_cache(tuner.method, max_samples, x_calib=x_calib)
-    return model, task, tuner, train, max_samples, cache
+    return model, task, tuner, train, max_samples, cache, search
+
+
+def _ram_limit(opts: ExportOptions, target: Target) -> tuple[int | None, int | None]:
+    """(--budget in bytes or None, the RAM the program must fit: the budget, else a microcontroller's RAM)."""
+    from ..units import parse_bytes
+
+    budget = parse_bytes(opts.budget, "--budget") if opts.budget is not None else None
+    if budget is not None and budget <= 0:
+        raise UsageError(f"--budget must be more than 0 bytes, got {opts.budget!r}")
+    return budget, budget if budget is not None else (target.ram_bytes if target.kind == "mcu" else None)
+
+
+def _auto_scheme(opts: ExportOptions, target: Target, model: Any, task: Any, train: dict[str, Any],
+                 max_samples: int) -> tuple[str, Any]:
+    """Scheme "auto": the contribution analysis on the samples the program trains on (the task's
+    seeded subset of --max-samples fine-tuning samples; a validation split of them, never the
+    test split), the budget checked against the device plan of each scheme: the compiled
+    engine's arena, the program's statics and stack (plan_device_memory), weights in flash."""
+    from ..memory import plan_device_memory
+    from ..methods import make_method
+    from ..scheme_search import DEFAULT_EPOCHS, DEFAULT_VAL_FRACTION, auto_scheme
+
+    _, limit = _ram_limit(opts, target)
+    if limit is None:
+        raise UsageError(f"--scheme auto chooses the scheme for a RAM limit: give --budget for {target.name}, "
+                         f"e.g. --budget 256KB")
+    val = DEFAULT_VAL_FRACTION if opts.auto_val_split is None else opts.auto_val_split
+    if not 0 < val < 1:
+        raise UsageError(f"--auto-val-split must be between 0 and 1 (a share of the fine-tuning data), got {val}")
+    n_layers = len(model.tap_layers)
+    if opts.auto_layers is not None and opts.auto_layers > n_layers:
+        raise UsageError(f"--auto-layers {opts.auto_layers}: the model has {n_layers} layers with weights")
+    idx = _subset(len(task.y_finetune), max_samples, opts.seed, 1)  # the samples the program trains on
+    store = target.kind != "mcu"
+
+    def plan_fn(scheme: str):
+        method = make_method("sparse", model, scheme=scheme)
+        return plan_device_memory(method, batch_size=train["batch_size"], max_samples=max_samples,
+                                  optimizer=train["optimizer"], store_samples=store,
+                                  pointer_bytes=target.pointer_bytes, statics=target.statics, stack=target.stack)
+
+    try:
+        result = auto_scheme(model, task.x_finetune[idx], task.y_finetune[idx], budget=limit, plan_fn=plan_fn,
+                             epochs=opts.auto_epochs or DEFAULT_EPOCHS, batch_size=train["batch_size"],
+                             lr=train["lr"], optimizer=train["optimizer"], seed=opts.seed, val_fraction=val,
+                             layers=opts.auto_layers, ratios=opts.auto_ratios, engine="auto", verify=False)
+    except BudgetError as e:
+        hint = "; a smaller --batch-size needs less" if train["batch_size"] > 1 else ""
+        raise BudgetError(f"{e} on {target.name} (at batch {train['batch_size']}{hint})") from None
+    return result.scheme, result
 
 
 def _subset(n: int, k: int | None, seed: int, salt: int) -> np.ndarray:
@@ -239,16 +306,13 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
     target = get_target(opts.target)
     if opts.toolchain_check:
         target.check_tools()
-    model, task, tuner, train, max_samples, cache = _load_inputs(opts, target)
-    method = tuner.method
     mcu = target.kind == "mcu"
-    budget = parse_bytes(opts.budget) if opts.budget is not None else None
-    if budget is not None and budget <= 0:
-        raise UsageError(f"--budget must be more than 0 bytes, got {opts.budget!r}")
+    budget, ram_limit = _ram_limit(opts, target)
     if mcu and budget is not None and budget > QEMU_MEMORY:
         raise UsageError(f"--budget {format_exact(budget)}: the emulated {target.name} board has "
                          f"{format_exact(QEMU_MEMORY)} of RAM")
-    ram_limit = budget if budget is not None else (target.ram_bytes if mcu else None)
+    model, task, tuner, train, max_samples, cache, search = _load_inputs(opts, target)
+    method = tuner.method
 
     train_idx = test_idx = None
     if task is not None:
@@ -328,7 +392,7 @@ def plan_export(opts: ExportOptions) -> dict[str, Any]:
     return {"target": target, "model": model, "task": task, "tuner": tuner, "core": core, "train": train,
             "max_samples": max_samples, "cache": cache, "capacity": capacity, "plan": p, "budget": budget,
             "ram_limit": ram_limit, "flash_limit": flash_limit if mcu else None, "flash_estimate": flash,
-            "train_idx": train_idx, "test_idx": test_idx}
+            "train_idx": train_idx, "test_idx": test_idx, "scheme_search": search}
 
 
 #: The exported Linux program's own bound on --epochs (main_linux.c.in): ET_MODEL_EPOCHS is an int32.
@@ -714,6 +778,9 @@ def _manifest(d: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
         "test_indices": d["test_idx"].tolist() if d["test_idx"] is not None else None,
         "budget": d["budget"], "ram_limit": d["ram_limit"], "flash_limit": d["flash_limit"],
         "flash_estimate": d["flash_estimate"], "memory": p.as_dict(),
+        **({"scheme": str(tuner.method.scheme), "qas": bool(tuner.method.qas)}
+           if tuner.method.takes_scheme else {}),
+        **({"scheme_search": d["scheme_search"].as_dict()} if d["scheme_search"] is not None else {}),
     }
 
 
