@@ -167,6 +167,7 @@ def _declare(lib: Any) -> None:
     lib.et_field_offset.argtypes, lib.et_field_offset.restype = [i32, i32], ctypes.c_int64
     lib.et_enum_name.argtypes, lib.et_enum_name.restype = [i32, i32], ctypes.c_char_p
     lib.et_backbone_check.argtypes, lib.et_backbone_check.restype = [P(Backbone)], i32
+    lib.et_int8_backbone_check.argtypes, lib.et_int8_backbone_check.restype = [P(Backbone)], i32
     lib.et_skip_taps.argtypes, lib.et_skip_taps.restype = [P(Backbone), P(i32), P(i32)], i32
     lib.et_skip_d_in.argtypes, lib.et_skip_d_in.restype = [P(Backbone)], i32
     lib.et_workspace_size.argtypes = [P(Backbone), P(Method), P(Cache), i32]

@@ -169,37 +169,23 @@ class CoreModel:
         return _kept(self._keep, a)
 
     def _backbone(self, bb: Any, spec: Any) -> CBackbone:
-        if bb.is_int8 and not all(s.kind == "dense" for s in bb.specs):
-            from ..quant.native import int8_c_backbone  # an int8 CNN: every kind's int8 tensors
-            return int8_c_backbone(bb, self._keep)
+        if bb.is_int8:  # every kind's int8 tensors, read in place; C checks them (scales, requantisers)
+            s = int8_backbone(bb, self._keep)
+            rc = self.lib.et_int8_backbone_check(ctypes.byref(s))
+        else:
+            s = self._float_backbone(bb, spec)
+            rc = self.lib.et_backbone_check(ctypes.byref(s))
+        if rc != 0:
+            raise CoreError(f"the compiled engine refused the backbone: {ERRORS.get(rc, rc)}")
+        return s
+
+    def _float_backbone(self, bb: Any, spec: Any) -> CBackbone:
         s = layer_backbone(bb.specs)
         sizes = bb.sizes
-        n = bb.n_layers
-        s.is_int8 = int(bb.is_int8)
         wt = spec.wt
-        for k in range(n):
+        for k in range(bb.n_layers):
             shape = (sizes[k + 1], sizes[k])
             layer = s.layers[k]
-            if s.is_int8:
-                q = bb.layers[k].quant
-                layer.qw = self._keep_array(_check(q.qweight, shape, np.int8, f"layer {k} int8 weight")) \
-                    .ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-                layer.wscale = _f32(self._keep_array(_check(q.wscale, shape[:1], np.float32,
-                                                            f"layer {k} weight scale")))
-                layer.qbias = self._keep_array(_check(q.qbias, shape[:1], np.int32, f"layer {k} int32 bias")) \
-                    .ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-                layer.act_scale = float(q.input_scale)
-                if k < n - 1:
-                    mult, shift = q.requant
-                    if np.any(mult < 0) or np.any(mult > INT32_MAX) or np.any(shift < 1) or np.any(shift > 62):
-                        raise UsageError(f"layer {k}: requantisation parameters out of range")
-                    m32 = self._keep_array(np.ascontiguousarray(mult, np.int32))
-                    s32 = self._keep_array(np.ascontiguousarray(shift, np.int32))
-                    _check(m32, shape[:1], np.int32, f"layer {k} requant multiplier")
-                    _check(s32, shape[:1], np.int32, f"layer {k} requant shift")
-                    layer.rq_mult = m32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-                    layer.rq_shift = s32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-                continue
             lspec = bb.specs[k]
             if not lspec.has_params:
                 continue
@@ -217,9 +203,6 @@ class CoreModel:
             if spec.kind != "sparse" and wt is not None and wt[k] is not None:
                 layer.wt = _f32(self._keep_array(_check(wt[k], shape[::-1], np.float32,
                                                         f"layer {k} transposed weight")))
-        rc = self.lib.et_backbone_check(ctypes.byref(s))
-        if rc != 0:
-            raise CoreError(f"the compiled engine refused the backbone: {ERRORS.get(rc, rc)}")
         return s
 
     def _taps(self, bb: Any) -> list[int]:
@@ -401,6 +384,37 @@ def _optimizer_struct(opt: Any, n_params: int, keep: list) -> COptimizer:
     elif kind == "Adam":
         s.m = _f32(_kept(keep, _check(opt.m, (n_params,), np.float32, "Adam first moment")))
         s.v = _f32(_kept(keep, _check(opt.v, (n_params,), np.float32, "Adam second moment")))
+    return s
+
+
+def int8_backbone(bb: Any, keep: list) -> CBackbone:
+    """The et_backbone of an int8 backbone of any layer kinds, its tensors read in place (the
+    arrays the struct points into are appended to ``keep``: hold it as long as the struct)."""
+    if not bb.is_int8:
+        raise UsageError("this needs an int8 backbone (edgetune.quant.quantize makes one)")
+    s = layer_backbone(bb.specs)
+    s.is_int8 = 1
+    for k, layer in enumerate(bb.layers):
+        spec, q, c = layer.spec, layer.quant, s.layers[k]
+        c.act_scale = float(q.input_scale)
+        if spec.has_params:
+            out = (spec.out_channels,)
+            c.qw = _kept(keep, _check(q.qweight, spec.weight_shape, np.int8, f"layer {k} int8 weight")) \
+                .ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+            c.wscale = _f32(_kept(keep, _check(q.wscale, out, np.float32, f"layer {k} weight scale")))
+            c.qbias = _kept(keep, _check(q.qbias, out, np.int32, f"layer {k} int32 bias")) \
+                .ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        if q.requant is not None:  # hidden layers with weights: per channel; an add: its two inputs
+            mult, shift = (np.asarray(a) for a in q.requant)
+            n = (spec.out_channels,) if spec.has_params else (2,)
+            if np.any(mult < 0) or np.any(mult > INT32_MAX) or np.any(shift < 1) or np.any(shift > 62):
+                raise UsageError(f"layer {k}: requantisation parameters out of range")
+            m32 = _kept(keep, _check(np.ascontiguousarray(mult, np.int32), n, np.int32,
+                                     f"layer {k} requant multiplier"))
+            s32 = _kept(keep, _check(np.ascontiguousarray(shift, np.int32), n, np.int32,
+                                     f"layer {k} requant shift"))
+            c.rq_mult = m32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+            c.rq_shift = s32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
     return s
 
 

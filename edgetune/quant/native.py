@@ -20,42 +20,12 @@ __all__ = ["int8_c_backbone", "native_forward_taps"]
 _INT32_MAX = 2 ** 31 - 1
 
 
-def _ptr(a: np.ndarray, ctype: Any) -> Any:
-    return a.ctypes.data_as(ctypes.POINTER(ctype))
-
-
 def int8_c_backbone(bb: Backbone, keep: list) -> Any:
-    """The et_backbone of an int8 backbone, its tensors read in place (the arrays the struct
-    points into are appended to ``keep``: hold it as long as the struct)."""
-    from ..core.engine import layer_backbone
+    """The et_backbone of an int8 backbone (the binding's ``int8_backbone``): its tensors read in
+    place, the arrays the struct points into appended to ``keep``."""
+    from ..core.engine import int8_backbone
 
-    if not bb.is_int8:
-        raise UsageError("this needs an int8 backbone (edgetune.quant.quantize makes one)")
-    s = layer_backbone(bb.specs)
-    s.is_int8 = 1
-
-    def kept(a: np.ndarray, dtype: Any, n: int, what: str, k: int) -> np.ndarray:
-        a = np.ascontiguousarray(a, dtype)
-        if a.size != n:
-            raise UsageError(f"layer {k}: {what} has {a.size} values, expected {n}")
-        keep.append(a)
-        return a
-
-    for k, layer in enumerate(bb.layers):
-        spec, q, c = layer.spec, layer.quant, s.layers[k]
-        c.act_scale = float(q.input_scale)
-        if spec.has_params:
-            c.qw = _ptr(kept(q.qweight, np.int8, int(np.prod(spec.weight_shape)), "int8 weight", k), ctypes.c_int8)
-            c.wscale = _ptr(kept(q.wscale, np.float32, spec.out_channels, "weight scale", k), ctypes.c_float)
-            c.qbias = _ptr(kept(q.qbias, np.int32, spec.out_channels, "int32 bias", k), ctypes.c_int32)
-        if q.requant is not None:
-            mult, shift = (np.asarray(a) for a in q.requant)
-            n = spec.out_channels if spec.has_params else 2
-            if np.any(mult < 0) or np.any(mult > _INT32_MAX) or np.any(shift < 1) or np.any(shift > 62):
-                raise UsageError(f"layer {k}: requantisation parameters out of range")
-            c.rq_mult = _ptr(kept(mult, np.int32, n, "requant multiplier", k), ctypes.c_int32)
-            c.rq_shift = _ptr(kept(shift, np.int32, n, "requant shift", k), ctypes.c_int32)
-    return s
+    return int8_backbone(bb, keep)
 
 
 def native_forward_taps(bb: Backbone, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
