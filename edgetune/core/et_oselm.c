@@ -288,3 +288,86 @@ uint32_t et_oselm_checksum(const void *buf) {
     }
     return hsh;
 }
+
+/* ------------------------------------------------------------------ the detector's stream */
+size_t et_oselm_drift_size(void) { return sizeof(et_oselm_drift); }
+
+int et_oselm_drift_update(et_oselm_drift *d, double x) {
+    if (!isfinite(x)) return 0;  /* a non-finite score is not evidence of anything */
+    if (x > d->clip) x = d->clip;
+    d->n++;
+    d->mean += (x - d->mean) / (double)d->n;
+    d->sum += x - d->mean - d->delta;
+    if (d->sum < d->min_sum) d->min_sum = d->sum;
+    if (d->n >= d->min_samples && d->sum - d->min_sum > d->threshold) {
+        d->n_detections++;
+        d->n = 0;
+        d->mean = d->sum = d->min_sum = 0.0;
+        return 1;
+    }
+    return 0;
+}
+
+/* The autoencoder's score of z: h and e = z - beta' h left in the state's scratch (the
+ * update reads them), the mean squared error returned. */
+static float ae_score(void *buf, const float *z) {
+    const et_oselm_config *c = &head_of(buf)->cfg;
+    layout o = layout_of(c);
+    float *s = f_of(buf);
+    int32_t n = c->n_inputs;
+    float *e = s + o.e;
+    et_oselm_hidden(buf, z, s + o.h);
+    output(c, s + o.beta, s + o.h, e);
+    for (int32_t i = 0; i < n; i++) e[i] = z[i] - e[i];
+    return et_dot(e, e, n) / (float)n;
+}
+
+int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *mean, const float *inv_std,
+                               const double *threshold, const float *xs, int32_t n_samples, double learn_below,
+                               et_oselm_drift *drift, int32_t stop_on_drift, float *zbuf,
+                               double *ratio, int32_t *env, int32_t *flags) {
+    if (!states || n_env < 1 || !mean || !inv_std || !threshold || !xs || n_samples < 0 || !drift || !zbuf
+        || !ratio || !env || !flags)
+        return ET_ERR_ARGUMENT;
+    int32_t n = head_of(states[0])->cfg.n_inputs;
+    for (int32_t k = 0; k < n_env; k++) {
+        const et_oselm_config *c = &head_of(states[k])->cfg;
+        if (c->n_inputs != n || c->n_outputs != n) return ET_ERR_UNSUPPORTED;
+        if (!(threshold[k] > 0.0)) return ET_ERR_ARGUMENT;
+    }
+    for (int32_t r = 0; r < n_samples; r++) {
+        const float *x = xs + (size_t)r * n;
+        int finite = 1;
+        for (int32_t i = 0; i < n; i++) if (!isfinite(x[i])) { finite = 0; break; }
+        if (!finite) {
+            ratio[r] = NAN;
+            env[r] = -1;
+            flags[r] = ET_DETECT_REFUSED;
+            continue;
+        }
+        double best = INFINITY;
+        int32_t kb = 0;
+        for (int32_t k = 0; k < n_env; k++) {
+            float *z = zbuf + (size_t)k * n;
+            const float *mu = mean + (size_t)k * n, *is = inv_std + (size_t)k * n;
+            for (int32_t i = 0; i < n; i++) z[i] = (x[i] - mu[i]) * is[i];
+            double q = (double)ae_score(states[k], z) / threshold[k];
+            if (q < best || (k == 0)) { best = q; kb = k; }
+        }
+        ratio[r] = best;
+        env[r] = kb;
+        int32_t f = best > 1.0 ? ET_DETECT_ALARM : 0;
+        if (et_oselm_drift_update(drift, best)) {
+            flags[r] = f | ET_DETECT_DRIFT;
+            if (stop_on_drift) return r + 1;
+            continue;
+        }
+        if (best <= learn_below) {
+            void *st = states[kb];
+            f |= update_with_error(st, f_of(st) + layout_of(&head_of(st)->cfg).h) == ET_OK ? ET_DETECT_LEARNED
+                                                                                         : ET_DETECT_UPDATE_REFUSED;
+        }
+        flags[r] = f;
+    }
+    return n_samples;
+}

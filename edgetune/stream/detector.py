@@ -343,6 +343,75 @@ class AnomalyDetector:
                 self.n_refused_ += 1
         return out
 
+    def learn_many(self, x: Any, *, engine: str = "auto") -> dict[str, np.ndarray]:
+        """:meth:`learn_one` over the rows of x in order, with the same rules (a flagged sample
+        is never learned, the change detector sees every scored sample), as arrays: ``score``
+        (NaN where refused), ``alarm``, ``drift``, ``learned``, ``refused``, ``environment``
+        (-1 where refused) and ``relearning`` (the sample was kept for a new environment).
+
+        ``engine="auto"`` runs the loop in the compiled engine when it is built (float32: the
+        scores equal the NumPy loop's within float tolerance, and the state copied back is
+        rounded to float32), ``"c"`` requires it, ``"numpy"`` calls :meth:`learn_one` per row.
+        """
+        self._check_fitted()
+        if engine not in ("auto", "c", "numpy"):
+            raise UsageError(f"engine must be auto, c or numpy, got {engine!r}")
+        x = self._check_x(x, "learn_many", allow_nonfinite=True)
+        n = x.shape[0]
+        out = {"score": np.full(n, np.nan), "alarm": np.zeros(n, bool), "drift": np.zeros(n, bool),
+               "learned": np.zeros(n, bool), "refused": np.zeros(n, bool), "environment": np.full(n, -1),
+               "relearning": np.zeros(n, bool)}
+        stream = None if engine == "numpy" else self._native_stream(required=engine == "c")
+        i = 0
+        while i < n:
+            if stream is None or self._pending is not None:
+                o = self.learn_one(x[i])
+                if o.get("refused"):
+                    out["refused"][i] = True
+                else:
+                    out["score"][i], out["alarm"][i], out["drift"][i] = o["score"], o["alarm"], o["drift"]
+                    out["learned"][i], out["environment"][i] = o["learned"], o["environment"]
+                    out["relearning"][i] = "relearning" in o
+                i += 1
+                continue
+            rows = x[i:]
+            finite = np.isfinite(rows).all(axis=1)
+            f = self._features(np.where(finite[:, None], rows, 0.0))
+            f[~finite] = np.nan                              # refused in C, as learn_one refuses it
+            auto = self.relearn == "auto" and len(self.environments_) < self.max_environments
+            stream.load()
+            try:
+                done, ratio, env, flags = stream.run(f, self._drift, stop_on_drift=auto)
+            finally:
+                stream.store()
+            sl = slice(i, i + done)
+            from .native import ALARM, DRIFT, LEARNED, NOT_FINITE, UPDATE_REFUSED
+            bad = (flags & NOT_FINITE) != 0
+            out["score"][sl] = np.where(bad, np.nan, -ratio)
+            out["alarm"][sl] = (flags & ALARM) != 0
+            out["drift"][sl] = (flags & DRIFT) != 0
+            out["learned"][sl] = (flags & LEARNED) != 0
+            out["refused"][sl] = bad
+            out["environment"][sl] = env
+            self.n_learned_ += int(out["learned"][sl].sum())
+            self.n_refused_ += int(bad.sum() + ((flags & UPDATE_REFUSED) != 0).sum())
+            i += done
+            if auto and done and out["drift"][i - 1]:
+                self._pending = []
+        return out
+
+    def _native_stream(self, required: bool) -> Any:
+        """The compiled stream of this detector's environments (kept between calls), or None."""
+        try:
+            from .native import NativeStream
+            if getattr(self, "_native", None) is None or self._native.det is not self:
+                self._native = NativeStream(self)
+            return self._native
+        except ImportError:
+            if required:
+                raise
+            return None
+
     # ------------------------------------------------------------------ files
     def _config(self) -> dict[str, Any]:
         params = {k: getattr(self, k) for k in _parameter_constraints}
