@@ -10,6 +10,98 @@
 
 #define ET_OSELM_ALIGN 16
 
+/*
+ * The two products of every sample (the hidden layer W x, the residual z - beta' h) run
+ * through the kernels below, compiled as et_kernels.c's hot loops are: twice on x86-64 Linux
+ * with GCC (baseline and x86-64-v3, picked at load time), once elsewhere; written with 8-float
+ * vector types under GCC/Clang (AVX, SSE pairs, NEON pairs or scalars on a microcontroller).
+ */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && !defined(ET_NO_CLONES)
+#define OSELM_HOT __attribute__((target_clones("default", "arch=x86-64-v3")))
+#else
+#define OSELM_HOT
+#endif
+#if defined(__GNUC__) && !defined(ET_PLAIN_C)
+#define OSELM_VECTOR 1
+typedef float oselm_v8 __attribute__((vector_size(32)));
+static float hsum8(oselm_v8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+#endif
+
+/* y[j] = A_j . x for the L rows A_j (n floats each): four rows share each load of x. */
+OSELM_HOT static void rows_dot(int32_t L, int32_t n, const float *A, const float *x, float *y) {
+    int32_t j = 0;
+#ifdef OSELM_VECTOR
+    for (; j + 4 <= L; j += 4) {
+        const float *a0 = A + (size_t)j * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
+        oselm_v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0}, xa, xb, v;
+        int32_t i = 0;
+        for (; i + 16 <= n; i += 16) {  /* memcpy: unaligned loads */
+            memcpy(&xa, x + i, sizeof xa);
+            memcpy(&xb, x + i + 8, sizeof xb);
+            memcpy(&v, a0 + i, sizeof v); s0 += v * xa;
+            memcpy(&v, a0 + i + 8, sizeof v); t0 += v * xb;
+            memcpy(&v, a1 + i, sizeof v); s1 += v * xa;
+            memcpy(&v, a1 + i + 8, sizeof v); t1 += v * xb;
+            memcpy(&v, a2 + i, sizeof v); s2 += v * xa;
+            memcpy(&v, a2 + i + 8, sizeof v); t2 += v * xb;
+            memcpy(&v, a3 + i, sizeof v); s3 += v * xa;
+            memcpy(&v, a3 + i + 8, sizeof v); t3 += v * xb;
+        }
+        float r0 = hsum8(s0 + t0), r1 = hsum8(s1 + t1), r2 = hsum8(s2 + t2), r3 = hsum8(s3 + t3);
+        for (; i < n; i++) {
+            r0 += a0[i] * x[i];
+            r1 += a1[i] * x[i];
+            r2 += a2[i] * x[i];
+            r3 += a3[i] * x[i];
+        }
+        y[j] = r0;
+        y[j + 1] = r1;
+        y[j + 2] = r2;
+        y[j + 3] = r3;
+    }
+#endif
+    for (; j < L; j++) y[j] = et_dot(A + (size_t)j * n, x, n);
+}
+
+/* e = t - beta' h (beta: L rows of m), returns sum e^2: a block of output columns stays in
+ * registers while the L rows pass by, so e is written once, not L times. */
+OSELM_HOT static float residual(int32_t L, int32_t m, const float *beta, const float *h, const float *t, float *e) {
+    int32_t q = 0;
+    float ss = 0.0f;
+#ifdef OSELM_VECTOR
+    oselm_v8 sq = {0};
+    for (; q + 32 <= m; q += 32) {
+        oselm_v8 a0, a1, a2, a3, v;
+        memcpy(&a0, t + q, sizeof a0);
+        memcpy(&a1, t + q + 8, sizeof a1);
+        memcpy(&a2, t + q + 16, sizeof a2);
+        memcpy(&a3, t + q + 24, sizeof a3);
+        for (int32_t j = 0; j < L; j++) {
+            const float *b = beta + (size_t)j * m + q;
+            const float hj = h[j];
+            memcpy(&v, b, sizeof v); a0 -= hj * v;
+            memcpy(&v, b + 8, sizeof v); a1 -= hj * v;
+            memcpy(&v, b + 16, sizeof v); a2 -= hj * v;
+            memcpy(&v, b + 24, sizeof v); a3 -= hj * v;
+        }
+        memcpy(e + q, &a0, sizeof a0);
+        memcpy(e + q + 8, &a1, sizeof a1);
+        memcpy(e + q + 16, &a2, sizeof a2);
+        memcpy(e + q + 24, &a3, sizeof a3);
+        sq += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3);
+    }
+    ss = hsum8(sq);
+#endif
+    for (; q < m; q++) {
+        float acc = t[q];
+        for (int32_t j = 0; j < L; j++) acc -= h[j] * beta[(size_t)j * m + q];
+        e[q] = acc;
+        ss += acc * acc;
+    }
+    return ss;
+}
+
 static size_t align_up(size_t v) { return (v + ET_OSELM_ALIGN - 1) / ET_OSELM_ALIGN * ET_OSELM_ALIGN; }
 
 static int valid_config(const et_oselm_config *c) {
@@ -116,10 +208,11 @@ int et_oselm_hidden(void *buf, const float *x, float *h) {
     int32_t n = c->n_inputs, L = c->n_hidden;
     float scale = sqrtf(3.0f / (float)n);
     uint32_t key = hash32(c->seed);
+    if (c->keep_weights) rows_dot(L, n, s + o.W, x, h);
     for (int32_t j = 0; j < L; j++) {
         float acc = 0.0f;
         if (c->keep_weights) {
-            acc = et_dot(s + o.W + (size_t)j * n, x, n);
+            acc = h[j];  /* W x, computed below for all rows at once */
         } else {
             uint32_t base = (uint32_t)j * (uint32_t)n;
             for (int32_t i = 0; i < n; i++) {
@@ -267,10 +360,8 @@ int et_oselm_ae_stream(void *buf, const float *z, int32_t n_samples, float learn
             continue;
         }
         et_oselm_hidden(buf, x, s + o.h);
-        float *e = s + o.e;
-        output(c, s + o.beta, s + o.h, e);
-        for (int32_t i = 0; i < n; i++) e[i] = x[i] - e[i];   /* the error the update needs, too */
-        err[r] = et_dot(e, e, n) / (float)n;
+        /* the error the update needs, too */
+        err[r] = residual(c->n_hidden, n, s + o.beta, s + o.h, x, s + o.e) / (float)n;
         int got = 0;
         if (err[r] <= learn_below_err) got = update_with_error(buf, s + o.h) == ET_OK ? 1 : 2;
         if (learned) learned[r] = got;
@@ -317,9 +408,7 @@ static float ae_score(void *buf, const float *z) {
     int32_t n = c->n_inputs;
     float *e = s + o.e;
     et_oselm_hidden(buf, z, s + o.h);
-    output(c, s + o.beta, s + o.h, e);
-    for (int32_t i = 0; i < n; i++) e[i] = z[i] - e[i];
-    return et_dot(e, e, n) / (float)n;
+    return residual(c->n_hidden, n, s + o.beta, s + o.h, z, e) / (float)n;
 }
 
 int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *mean, const float *inv_std,

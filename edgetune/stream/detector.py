@@ -155,7 +155,7 @@ class AnomalyDetector:
         if not getattr(self, "environments_", None):
             raise UsageError("this AnomalyDetector is not fitted yet: call fit(x_normal) first")
 
-    def _check_x(self, x: Any, what: str, *, allow_nonfinite: bool = False) -> np.ndarray:
+    def _check_x(self, x: Any, what: str, *, allow_nonfinite: bool = False, dtype: Any = np.float64) -> np.ndarray:
         try:
             x = np.asarray(x)
         except ValueError as e:
@@ -172,7 +172,7 @@ class AnomalyDetector:
         if not allow_nonfinite and not np.all(np.isfinite(x)):
             bad = np.argwhere(~np.isfinite(x))[0]
             raise DataError(f"{what}: x contains NaN or inf (first at sample {bad[0]}, feature {bad[1]})")
-        return x.astype(np.float64)
+        return x.astype(dtype, copy=False)
 
     # ------------------------------------------------------------------ features
     def _features(self, x: np.ndarray) -> np.ndarray:
@@ -356,12 +356,13 @@ class AnomalyDetector:
         self._check_fitted()
         if engine not in ("auto", "c", "numpy"):
             raise UsageError(f"engine must be auto, c or numpy, got {engine!r}")
-        x = self._check_x(x, "learn_many", allow_nonfinite=True)
+        stream = None if engine == "numpy" else self._native_stream(required=engine == "c")
+        x = self._check_x(x, "learn_many", allow_nonfinite=True,
+                          dtype=np.float64 if stream is None else np.float32)
         n = x.shape[0]
         out = {"score": np.full(n, np.nan), "alarm": np.zeros(n, bool), "drift": np.zeros(n, bool),
                "learned": np.zeros(n, bool), "refused": np.zeros(n, bool), "environment": np.full(n, -1),
                "relearning": np.zeros(n, bool)}
-        stream = None if engine == "numpy" else self._native_stream(required=engine == "c")
         i = 0
         while i < n:
             if stream is None or self._pending is not None:
@@ -374,31 +375,53 @@ class AnomalyDetector:
                     out["relearning"][i] = "relearning" in o
                 i += 1
                 continue
-            rows = x[i:]
-            finite = np.isfinite(rows).all(axis=1)
-            f = self._features(np.where(finite[:, None], rows, 0.0))
-            f[~finite] = np.nan                              # refused in C, as learn_one refuses it
-            auto = self.relearn == "auto" and len(self.environments_) < self.max_environments
-            stream.load()
-            try:
-                done, ratio, env, flags = stream.run(f, self._drift, stop_on_drift=auto)
-            finally:
-                stream.store()
-            sl = slice(i, i + done)
-            from .native import ALARM, DRIFT, LEARNED, NOT_FINITE, UPDATE_REFUSED
-            bad = (flags & NOT_FINITE) != 0
-            out["score"][sl] = np.where(bad, np.nan, -ratio)
-            out["alarm"][sl] = (flags & ALARM) != 0
-            out["drift"][sl] = (flags & DRIFT) != 0
-            out["learned"][sl] = (flags & LEARNED) != 0
-            out["refused"][sl] = bad
-            out["environment"][sl] = env
-            self.n_learned_ += int(out["learned"][sl].sum())
-            self.n_refused_ += int(bad.sum() + ((flags & UPDATE_REFUSED) != 0).sum())
-            i += done
-            if auto and done and out["drift"][i - 1]:
-                self._pending = []
+            i = self._learn_native(stream, x, i, out)
         return out
+
+    _CHUNK = 256   # rows transformed per C call: the float32 features stay in the cache
+
+    def _learn_native(self, stream: Any, x: np.ndarray, i: int, out: dict[str, np.ndarray]) -> int:
+        """learn_many's rows i.. in C, until the end or a change that starts a re-learning;
+        returns the next row."""
+        from .native import ALARM, DRIFT, LEARNED, NOT_FINITE, UPDATE_REFUSED
+
+        n = x.shape[0]
+        auto = self.relearn == "auto" and len(self.environments_) < self.max_environments
+        stream.load()
+        try:
+            while i < n:
+                rows = x[i:i + self._CHUNK]
+                finite = np.isfinite(rows).all(axis=1)
+                if self.kind == "oselm":   # the transform in float32, as the C engine computes
+                    if self.transform == "log":
+                        if np.any((rows < 0) & finite[:, None]):
+                            raise DataError("transform='log' takes non-negative inputs (amplitude spectra); "
+                                            "this x has negative values")
+                        with np.errstate(invalid="ignore"):
+                            f = np.log(rows + np.float32(LOG_EPS))
+                    else:
+                        f = rows
+                else:
+                    f = self._features(np.where(finite[:, None], rows, 0.0).astype(np.float64))
+                    f[~finite] = np.nan                      # refused in C, as learn_one refuses it
+                done, ratio, env, flags = stream.run(f, self._drift, stop_on_drift=auto)
+                sl = slice(i, i + done)
+                bad = (flags & NOT_FINITE) != 0
+                out["score"][sl] = np.where(bad, np.nan, -ratio)
+                out["alarm"][sl] = (flags & ALARM) != 0
+                out["drift"][sl] = (flags & DRIFT) != 0
+                out["learned"][sl] = (flags & LEARNED) != 0
+                out["refused"][sl] = bad
+                out["environment"][sl] = env
+                self.n_learned_ += int(out["learned"][sl].sum())
+                self.n_refused_ += int(bad.sum() + ((flags & UPDATE_REFUSED) != 0).sum())
+                i += done
+                if auto and done and out["drift"][i - 1]:
+                    self._pending = []
+                    break
+        finally:
+            stream.store()
+        return i
 
     def _native_stream(self, required: bool) -> Any:
         """The compiled stream of this detector's environments (kept between calls), or None."""
