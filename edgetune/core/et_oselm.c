@@ -64,6 +64,53 @@ OSELM_HOT static void rows_dot(int32_t L, int32_t n, const float *A, const float
     for (; j < L; j++) y[j] = et_dot(A + (size_t)j * n, x, n);
 }
 
+/* The same residual with a pending rank-1 update beta += k p' applied on the way (the
+ * detector's stream learns a sample and scores the next one in one pass over beta). */
+OSELM_HOT static float residual_pending(int32_t L, int32_t m, float *beta, const float *h, const float *t, float *e,
+                                        const float *k, const float *p) {
+    int32_t q = 0;
+    float ss = 0.0f;
+#ifdef OSELM_VECTOR
+    oselm_v8 sq = {0};
+    for (; q + 32 <= m; q += 32) {
+        oselm_v8 a0, a1, a2, a3, p0, p1, p2, p3, v;
+        memcpy(&a0, t + q, sizeof a0);
+        memcpy(&a1, t + q + 8, sizeof a1);
+        memcpy(&a2, t + q + 16, sizeof a2);
+        memcpy(&a3, t + q + 24, sizeof a3);
+        memcpy(&p0, p + q, sizeof p0);
+        memcpy(&p1, p + q + 8, sizeof p1);
+        memcpy(&p2, p + q + 16, sizeof p2);
+        memcpy(&p3, p + q + 24, sizeof p3);
+        for (int32_t j = 0; j < L; j++) {
+            float *b = beta + (size_t)j * m + q;
+            const float hj = h[j], kj = k[j];
+            memcpy(&v, b, sizeof v); v += kj * p0; memcpy(b, &v, sizeof v); a0 -= hj * v;
+            memcpy(&v, b + 8, sizeof v); v += kj * p1; memcpy(b + 8, &v, sizeof v); a1 -= hj * v;
+            memcpy(&v, b + 16, sizeof v); v += kj * p2; memcpy(b + 16, &v, sizeof v); a2 -= hj * v;
+            memcpy(&v, b + 24, sizeof v); v += kj * p3; memcpy(b + 24, &v, sizeof v); a3 -= hj * v;
+        }
+        memcpy(e + q, &a0, sizeof a0);
+        memcpy(e + q + 8, &a1, sizeof a1);
+        memcpy(e + q + 16, &a2, sizeof a2);
+        memcpy(e + q + 24, &a3, sizeof a3);
+        sq += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3);
+    }
+    ss = hsum8(sq);
+#endif
+    for (; q < m; q++) {
+        float acc = t[q];
+        for (int32_t j = 0; j < L; j++) {
+            float *b = beta + (size_t)j * m + q;
+            *b += k[j] * p[q];
+            acc -= h[j] * *b;
+        }
+        e[q] = acc;
+        ss += acc * acc;
+    }
+    return ss;
+}
+
 /* e = t - beta' h (beta: L rows of m), returns sum e^2: a block of output columns stays in
  * registers while the L rows pass by, so e is written once, not L times. */
 OSELM_HOT static float residual(int32_t L, int32_t m, const float *beta, const float *h, const float *t, float *e) {
@@ -191,6 +238,31 @@ int et_oselm_init(void *buf, size_t bytes, const et_oselm_config *cfg) {
 float *et_oselm_P(void *buf) { return f_of(buf) + layout_of(&head_of(buf)->cfg).P; }
 float *et_oselm_beta(void *buf) { return f_of(buf) + layout_of(&head_of(buf)->cfg).beta; }
 
+/*
+ * The logistic function 1 / (1 + e^-z) without a libm call, so that the loop over the hidden
+ * units vectorises: e^y = 2^k e^r with k = round(y / ln 2), |r| <= ln 2 / 2, e^r by Cephes'
+ * expf polynomial (about 1 ulp), 2^k put into the exponent bits. Within 2e-7 of the libm
+ * value; beyond |z| > 87 it saturates to 0 or 1 as the exact function does in float.
+ */
+OSELM_HOT static void sigmoid_rows(int32_t L, float *h) {
+    for (int32_t j = 0; j < L; j++) {
+        float y = -h[j];
+        y = y > 87.0f ? 87.0f : (y < -87.0f ? -87.0f : y);
+        float kf = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round to nearest */
+        float r = (y - kf * 0.693359375f) - kf * -2.12194440e-4f;
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * r * r + r + 1.0f;
+        union { int32_t i; float f; } two_k;
+        two_k.i = ((int32_t)kf + 127) << 23;
+        h[j] = 1.0f / (1.0f + p * two_k.f);
+    }
+}
+
 static float activate(float z, int32_t act) {
     switch (act) {
     case ET_OSELM_SIGMOID: return 0.5f * (1.0f + tanhf(0.5f * z));
@@ -221,8 +293,9 @@ int et_oselm_hidden(void *buf, const float *x, float *h) {
             }
         }
         float b = et_oselm_uniform(c->seed, (uint32_t)L * (uint32_t)n + (uint32_t)j);
-        h[j] = activate(acc + b, c->activation);
+        h[j] = c->activation == ET_OSELM_SIGMOID ? acc + b : activate(acc + b, c->activation);
     }
+    if (c->activation == ET_OSELM_SIGMOID) sigmoid_rows(L, h);
     return ET_OK;
 }
 
@@ -250,7 +323,13 @@ static int refuse(et_oselm_header *hd) {
 
 /* The RLS step from hidden vector h and the output error e = t - beta' h (held in the state's
  * e scratch on entry; the autoencoder stream has it from scoring, so it is not computed twice). */
-static int update_with_error(void *buf, const float *h) {
+static int update_with_error_defer(void *buf, const float *h, int defer);
+
+static int update_with_error(void *buf, const float *h) { return update_with_error_defer(buf, h, 0); }
+
+/* With defer (and no forgetting), beta's rank-1 step beta += k e' is left to the caller: k
+ * stays in the state's k scratch and e is copied to its y scratch; ET_OK + 100 says so. */
+static int update_with_error_defer(void *buf, const float *h, int defer) {
     et_oselm_header *hd = head_of(buf);
     const et_oselm_config *c = &hd->cfg;
     layout o = layout_of(c);
@@ -289,7 +368,9 @@ static int update_with_error(void *buf, const float *h) {
     for (int32_t i = 0; i < L; i++)  /* the new diagonal must stay positive */
         if (!((P[(size_t)i * L + i] - k[i] * ph[i]) > 0.0f)) return refuse(hd);
     /* commit */
-    for (int32_t i = 0; i < L; i++) et_axpy(m, k[i], e, beta + (size_t)i * m);
+    defer = defer && !(lam < 1.0f);
+    if (defer) memcpy(s + o.y, e, (size_t)m * sizeof(float));
+    else for (int32_t i = 0; i < L; i++) et_axpy(m, k[i], e, beta + (size_t)i * m);
     float il = 1.0f / lam;
     for (int32_t i = 0; i < L; i++) {
         float *row = P + (size_t)i * L;
@@ -315,7 +396,7 @@ static int update_with_error(void *buf, const float *h) {
                 P[(size_t)j * L + i] = v;
             }
     }
-    return ET_OK;
+    return defer ? ET_OK + 100 : ET_OK;
 }
 
 int et_oselm_update_hidden(void *buf, const float *h, const float *t) {
@@ -401,13 +482,14 @@ int et_oselm_drift_update(et_oselm_drift *d, double x) {
 
 /* The autoencoder's score of z: h and e = z - beta' h left in the state's scratch (the
  * update reads them), the mean squared error returned. */
-static float ae_score(void *buf, const float *z) {
+static float ae_score(void *buf, const float *z, int pending) {
     const et_oselm_config *c = &head_of(buf)->cfg;
     layout o = layout_of(c);
     float *s = f_of(buf);
     int32_t n = c->n_inputs;
     float *e = s + o.e;
     et_oselm_hidden(buf, z, s + o.h);
+    if (pending) return residual_pending(c->n_hidden, n, s + o.beta, s + o.h, z, e, s + o.k, s + o.y) / (float)n;
     return residual(c->n_hidden, n, s + o.beta, s + o.h, z, e) / (float)n;
 }
 
@@ -424,7 +506,9 @@ int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *
         if (c->n_inputs != n || c->n_outputs != n) return ET_ERR_UNSUPPORTED;
         if (!(threshold[k] > 0.0)) return ET_ERR_ARGUMENT;
     }
-    for (int32_t r = 0; r < n_samples; r++) {
+    int32_t pending = -1;  /* the environment whose beta step waits for the next sample's pass */
+    int32_t r = 0;
+    for (; r < n_samples; r++) {
         const float *x = xs + (size_t)r * n;
         int finite = 1;
         for (int32_t i = 0; i < n; i++) if (!isfinite(x[i])) { finite = 0; break; }
@@ -440,23 +524,32 @@ int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *
             float *z = zbuf + (size_t)k * n;
             const float *mu = mean + (size_t)k * n, *is = inv_std + (size_t)k * n;
             for (int32_t i = 0; i < n; i++) z[i] = (x[i] - mu[i]) * is[i];
-            double q = (double)ae_score(states[k], z) / threshold[k];
+            double q = (double)ae_score(states[k], z, k == pending) / threshold[k];
             if (q < best || (k == 0)) { best = q; kb = k; }
         }
+        pending = -1;
         ratio[r] = best;
         env[r] = kb;
         int32_t f = best > 1.0 ? ET_DETECT_ALARM : 0;
         if (et_oselm_drift_update(drift, best)) {
             flags[r] = f | ET_DETECT_DRIFT;
-            if (stop_on_drift) return r + 1;
+            if (stop_on_drift) { r++; break; }
             continue;
         }
         if (best <= learn_below) {
             void *st = states[kb];
-            f |= update_with_error(st, f_of(st) + layout_of(&head_of(st)->cfg).h) == ET_OK ? ET_DETECT_LEARNED
-                                                                                         : ET_DETECT_UPDATE_REFUSED;
+            int rc = update_with_error_defer(st, f_of(st) + layout_of(&head_of(st)->cfg).h, 1);
+            if (rc == ET_OK + 100) pending = kb;
+            f |= rc == ET_OK || rc == ET_OK + 100 ? ET_DETECT_LEARNED : ET_DETECT_UPDATE_REFUSED;
         }
         flags[r] = f;
     }
-    return n_samples;
+    if (pending >= 0) {  /* the last learned sample's beta step: the state is whole on return */
+        void *st = states[pending];
+        const et_oselm_config *c = &head_of(st)->cfg;
+        layout o = layout_of(c);
+        float *s = f_of(st);
+        for (int32_t i = 0; i < c->n_hidden; i++) et_axpy(c->n_outputs, s[o.k + i], s + o.y, s + o.beta + (size_t)i * c->n_outputs);
+    }
+    return r;
 }

@@ -391,10 +391,9 @@ class AnomalyDetector:
         try:
             while i < n:
                 rows = x[i:i + self._CHUNK]
-                finite = np.isfinite(rows).all(axis=1)
-                if self.kind == "oselm":   # the transform in float32, as the C engine computes
+                if self.kind == "oselm":   # in float32; C refuses the rows with NaN or inf
                     if self.transform == "log":
-                        if np.any((rows < 0) & finite[:, None]):
+                        if not rows.min() >= 0 and np.any((rows < 0) & np.isfinite(rows).all(axis=1)[:, None]):
                             raise DataError("transform='log' takes non-negative inputs (amplitude spectra); "
                                             "this x has negative values")
                         with np.errstate(invalid="ignore"):
@@ -402,6 +401,7 @@ class AnomalyDetector:
                     else:
                         f = rows
                 else:
+                    finite = np.isfinite(rows).all(axis=1)
                     f = self._features(np.where(finite[:, None], rows, 0.0).astype(np.float64))
                     f[~finite] = np.nan                      # refused in C, as learn_one refuses it
                 done, ratio, env, flags = stream.run(f, self._drift, stop_on_drift=auto)
