@@ -23,6 +23,10 @@ old room is not forgotten: a sample is normal if any environment finds it normal
 
 ``transform="log"`` learns ``log(x + 0.001)`` of non-negative inputs: on the cooling-fan
 spectra it lifts the AUC (docs/anomaly.md); the default ``"none"`` takes any real input.
+``bands=B`` first averages the inputs over B equal groups of adjacent features (frequency
+bands of a spectrum, before the log): a spectrum's fine bins are noisy, the bands carry its
+shape, and the autoencoder and its state shrink with them (docs/anomaly.md: 64 bands of the
+fans' 512 bins lift the AUC on every damage task and cut the state 4x).
 
 Kinds:
 - ``"oselm"``: an OS-ELM autoencoder over the standardised input (reconstruction error);
@@ -74,6 +78,7 @@ _parameter_constraints: dict[str, tuple[Any, str]] = {
     "kind": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
     "transform": (lambda v: v in TRANSFORMS, f"one of {', '.join(TRANSFORMS)}"),
     "n_hidden": (_int(1, 4096), "a whole number in 1..4096"),
+    "bands": (lambda v: v is None or _int(1, 1 << 20)(v), "None or a whole number >= 1"),
     "seed": (_int(0, 2 ** 32 - 1), "a whole number in 0..2**32-1"),
     "delta": (_num(0, 1e12), "a positive number (the ridge regularisation)"),
     "forgetting": (_num(0, 1), "a number in (0, 1]"),
@@ -123,12 +128,13 @@ class AnomalyDetector:
 
     offset_ = -1.0
 
-    def __init__(self, kind: str = "oselm", *, transform: str = "none", n_hidden: int = 64, seed: int = 0, delta: float = 1.0,
+    def __init__(self, kind: str = "oselm", *, transform: str = "none", bands: int | None = None, n_hidden: int = 64,
+                 seed: int = 0, delta: float = 1.0,
                  forgetting: float = 1.0, activation: str = "sigmoid", threshold: str = "quantile",
                  fpr: float = 0.05, backbone: Any = None, drift_threshold: float = 50.0,
                  drift_delta: float = 0.1, relearn: str = "confirm", relearn_samples: int = 100,
                  max_environments: int = 4, learn_below: float = 0.8):
-        self.kind, self.transform = kind, transform
+        self.kind, self.transform, self.bands = kind, transform, bands
         self.n_hidden, self.seed, self.delta = n_hidden, seed, delta
         self.forgetting, self.activation, self.threshold, self.fpr = forgetting, activation, threshold, fpr
         self.backbone = backbone
@@ -150,6 +156,8 @@ class AnomalyDetector:
                 raise UsageError("kind='backbone' reads hidden activations: the backbone needs >= 2 layers")
         elif self.backbone is not None:
             raise UsageError(f"backbone= is only used by kind='backbone', not kind={self.kind!r}")
+        if self.bands is not None and self.kind == "backbone":
+            raise UsageError("bands= is for kind='oselm' (a backbone reads the inputs it was trained on)")
 
     def _check_fitted(self) -> None:
         if not getattr(self, "environments_", None):
@@ -175,7 +183,18 @@ class AnomalyDetector:
         return x.astype(dtype, copy=False)
 
     # ------------------------------------------------------------------ features
+    def band_edges(self) -> np.ndarray:
+        """Feature index where each band starts, and the end: ``bands + 1`` whole numbers."""
+        return np.linspace(0, self.n_features_in_, self.bands + 1).round().astype(np.int64)
+
+    def _band(self, x: np.ndarray) -> np.ndarray:
+        if self.bands is None:
+            return x
+        e = self.band_edges()
+        return np.add.reduceat(x, e[:-1], axis=1) / np.diff(e).astype(x.dtype)
+
     def _features(self, x: np.ndarray) -> np.ndarray:
+        x = self._band(x)
         if self.transform == "log":
             if np.any(x < 0):
                 raise DataError("transform='log' takes non-negative inputs (amplitude spectra); "
@@ -225,6 +244,8 @@ class AnomalyDetector:
         x = self._check_x(x, "fit")
         if self.kind == "backbone" and x.shape[1] != self.backbone.sizes[0]:
             raise DataError(f"fit: x has {x.shape[1]} features, the backbone takes {self.backbone.sizes[0]}")
+        if self.bands is not None and self.bands > x.shape[1]:
+            raise UsageError(f"bands={self.bands} needs at least as many features; x has {x.shape[1]}")
         self.n_features_in_ = x.shape[1]
         self.environments_ = [self._new_environment(self._features(x))]
         self._drift = PageHinkley(delta=self.drift_delta, threshold=self.drift_threshold)
@@ -397,9 +418,9 @@ class AnomalyDetector:
                             raise DataError("transform='log' takes non-negative inputs (amplitude spectra); "
                                             "this x has negative values")
                         with np.errstate(invalid="ignore"):
-                            f = np.log(rows + np.float32(LOG_EPS))
+                            f = np.log(self._band(rows) + np.float32(LOG_EPS))
                     else:
-                        f = rows
+                        f = self._band(rows)
                 else:
                     finite = np.isfinite(rows).all(axis=1)
                     f = self._features(np.where(finite[:, None], rows, 0.0).astype(np.float64))

@@ -203,9 +203,9 @@ class NativeDetector:
         elif self.det.transform == "log":
             if np.any(x < 0):
                 raise DataError("transform='log' takes non-negative inputs")
-            f = np.log(x + np.float32(1e-3))   # the detector's transform, in float32
+            f = np.log(self.det._band(x) + np.float32(1e-3))   # the detector's transform, in float32
         else:
-            f = x
+            f = self.det._band(x)
         z = (f - self.env.mean.astype(np.float32)) / self.env.std.astype(np.float32)
         thr = self.env.threshold
         err, learned = self.native.ae_stream(z, self.det.learn_below * thr)
