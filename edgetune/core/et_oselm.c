@@ -341,12 +341,10 @@ static int update_with_error_defer(void *buf, const float *h, int defer) {
     /* ph = P h (P symmetric: row j of P times h), denom = lam + h' P h */
     double denom = lam;
     float pmax = 0.0f;
+    rows_dot(L, L, P, h, ph);
     for (int32_t i = 0; i < L; i++) {
-        const float *row = P + (size_t)i * L;
-        float acc = et_dot(row, h, L);
-        ph[i] = acc;
-        denom += (double)h[i] * acc;
-        if (row[i] > pmax) pmax = row[i];
+        denom += (double)h[i] * ph[i];
+        if (P[(size_t)i * L + i] > pmax) pmax = P[(size_t)i * L + i];
     }
     /* beyond float range the gain k would underflow to 0: the sample would be "learned" as nothing */
     if (!isfinite(denom) || !(denom > 0.0) || denom > (double)FLT_MAX) return refuse(hd);

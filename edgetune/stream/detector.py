@@ -190,6 +190,12 @@ class AnomalyDetector:
     def _band(self, x: np.ndarray) -> np.ndarray:
         if self.bands is None:
             return x
+        if x.shape[1] % self.bands == 0:   # equal bands: a reshape (the fast path of a stream)
+            w = x.shape[1] // self.bands
+            acc = x[:, 0::w].copy()
+            for i in range(1, w):
+                acc += x[:, i::w]
+            return acc / x.dtype.type(w)
         e = self.band_edges()
         return np.add.reduceat(x, e[:-1], axis=1) / np.diff(e).astype(x.dtype)
 
