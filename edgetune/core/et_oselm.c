@@ -323,13 +323,57 @@ static int refuse(et_oselm_header *hd) {
 
 /* The RLS step from hidden vector h and the output error e = t - beta' h (held in the state's
  * e scratch on entry; the autoencoder stream has it from scoring, so it is not computed twice). */
-static int update_with_error_defer(void *buf, const float *h, int defer);
+static int update_with_error_defer(void *buf, const float *h, int defer, float *pend, int32_t *has_pend);
 
-static int update_with_error(void *buf, const float *h) { return update_with_error_defer(buf, h, 0); }
+static int update_with_error(void *buf, const float *h) { return update_with_error_defer(buf, h, 0, NULL, NULL); }
+
+/* P's rank-1 step P -= pk pph' applied row by row on the way to ph = P h. */
+OSELM_HOT static void rank1_rows_dot(int32_t L, float *P, const float *pk, const float *pph, const float *h, float *ph) {
+    for (int32_t i = 0; i < L; i++) {
+        float *row = P + (size_t)i * L;
+        const float ki = pk[i];
+        int32_t j = 0;
+        float acc = 0.0f;
+#ifdef OSELM_VECTOR
+        oselm_v8 s0 = {0}, s1 = {0}, v, w, x;
+        for (; j + 16 <= L; j += 16) {
+            memcpy(&v, row + j, sizeof v);
+            memcpy(&w, pph + j, sizeof w);
+            memcpy(&x, h + j, sizeof x);
+            v -= ki * w;
+            memcpy(row + j, &v, sizeof v);
+            s0 += v * x;
+            memcpy(&v, row + j + 8, sizeof v);
+            memcpy(&w, pph + j + 8, sizeof w);
+            memcpy(&x, h + j + 8, sizeof x);
+            v -= ki * w;
+            memcpy(row + j + 8, &v, sizeof v);
+            s1 += v * x;
+        }
+        acc = hsum8(s0 + s1);
+#endif
+        for (; j < L; j++) {
+            row[j] -= ki * pph[j];
+            acc += row[j] * h[j];
+        }
+        ph[i] = acc;
+    }
+}
+
+static void flush_pending_P(void *buf, float *pend, int32_t *has_pend) {
+    if (!*has_pend) return;
+    const et_oselm_config *c = &head_of(buf)->cfg;
+    int32_t L = c->n_hidden;
+    float *P = f_of(buf) + layout_of(c).P;
+    for (int32_t i = 0; i < L; i++) et_axpy(L, -pend[i], pend + L, P + (size_t)i * L);
+    *has_pend = 0;
+}
 
 /* With defer (and no forgetting), beta's rank-1 step beta += k e' is left to the caller: k
- * stays in the state's k scratch and e is copied to its y scratch; ET_OK + 100 says so. */
-static int update_with_error_defer(void *buf, const float *h, int defer) {
+ * stays in the state's k scratch and e is copied to its y scratch; ET_OK + 100 says so. With
+ * pend (2 L floats) too, P's step P -= k ph' waits there (*has_pend = 1) for the next update of
+ * this state, which applies it while it computes P h (not when P is symmetrised). */
+static int update_with_error_defer(void *buf, const float *h, int defer, float *pend, int32_t *has_pend) {
     et_oselm_header *hd = head_of(buf);
     const et_oselm_config *c = &hd->cfg;
     layout o = layout_of(c);
@@ -341,7 +385,12 @@ static int update_with_error_defer(void *buf, const float *h, int defer) {
     /* ph = P h (P symmetric: row j of P times h), denom = lam + h' P h */
     double denom = lam;
     float pmax = 0.0f;
-    rows_dot(L, L, P, h, ph);
+    if (pend && *has_pend) {
+        rank1_rows_dot(L, P, pend, pend + L, h, ph);
+        *has_pend = 0;
+    } else {
+        rows_dot(L, L, P, h, ph);
+    }
     for (int32_t i = 0; i < L; i++) {
         denom += (double)h[i] * ph[i];
         if (P[(size_t)i * L + i] > pmax) pmax = P[(size_t)i * L + i];
@@ -370,10 +419,17 @@ static int update_with_error_defer(void *buf, const float *h, int defer) {
     if (defer) memcpy(s + o.y, e, (size_t)m * sizeof(float));
     else for (int32_t i = 0; i < L; i++) et_axpy(m, k[i], e, beta + (size_t)i * m);
     float il = 1.0f / lam;
-    for (int32_t i = 0; i < L; i++) {
-        float *row = P + (size_t)i * L;
-        et_axpy(L, -k[i], ph, row);
-        if (lam < 1.0f) for (int32_t j = 0; j < L; j++) row[j] *= il;
+    int defer_P = defer && pend && (hd->n_updates + 1) % c->symmetrize_every != 0;
+    if (defer_P) {
+        memcpy(pend, k, (size_t)L * sizeof(float));
+        memcpy(pend + L, ph, (size_t)L * sizeof(float));
+        *has_pend = 1;
+    } else {
+        for (int32_t i = 0; i < L; i++) {
+            float *row = P + (size_t)i * L;
+            et_axpy(L, -k[i], ph, row);
+            if (lam < 1.0f) for (int32_t j = 0; j < L; j++) row[j] *= il;
+        }
     }
     if (lam < 1.0f) {  /* keep the regularisation alive: R += c e_j e_j' */
         int32_t jj = (int32_t)(hd->n_updates % L);
@@ -498,12 +554,16 @@ int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *
     if (!states || n_env < 1 || !mean || !inv_std || !threshold || !xs || n_samples < 0 || !drift || !zbuf
         || !ratio || !env || !flags)
         return ET_ERR_ARGUMENT;
-    int32_t n = head_of(states[0])->cfg.n_inputs;
+    int32_t n = head_of(states[0])->cfg.n_inputs, L0 = head_of(states[0])->cfg.n_hidden;
+    if (n_env > ET_DETECT_MAX_ENV) return ET_ERR_ARGUMENT;
+    int32_t has_pend[ET_DETECT_MAX_ENV];
     for (int32_t k = 0; k < n_env; k++) {
         const et_oselm_config *c = &head_of(states[k])->cfg;
-        if (c->n_inputs != n || c->n_outputs != n) return ET_ERR_UNSUPPORTED;
+        if (c->n_inputs != n || c->n_outputs != n || c->n_hidden != L0) return ET_ERR_UNSUPPORTED;
         if (!(threshold[k] > 0.0)) return ET_ERR_ARGUMENT;
+        has_pend[k] = 0;
     }
+    const size_t zw = (size_t)n + 2 * (size_t)L0;  /* per environment: z, then P's pending step */
     int32_t pending = -1;  /* the environment whose beta step waits for the next sample's pass */
     int32_t r = 0;
     for (; r < n_samples; r++) {
@@ -519,7 +579,7 @@ int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *
         double best = INFINITY;
         int32_t kb = 0;
         for (int32_t k = 0; k < n_env; k++) {
-            float *z = zbuf + (size_t)k * n;
+            float *z = zbuf + (size_t)k * zw;
             const float *mu = mean + (size_t)k * n, *is = inv_std + (size_t)k * n;
             for (int32_t i = 0; i < n; i++) z[i] = (x[i] - mu[i]) * is[i];
             double q = (double)ae_score(states[k], z, k == pending) / threshold[k];
@@ -536,7 +596,8 @@ int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *
         }
         if (best <= learn_below) {
             void *st = states[kb];
-            int rc = update_with_error_defer(st, f_of(st) + layout_of(&head_of(st)->cfg).h, 1);
+            int rc = update_with_error_defer(st, f_of(st) + layout_of(&head_of(st)->cfg).h, 1,
+                                             zbuf + (size_t)kb * zw + n, &has_pend[kb]);
             if (rc == ET_OK + 100) pending = kb;
             f |= rc == ET_OK || rc == ET_OK + 100 ? ET_DETECT_LEARNED : ET_DETECT_UPDATE_REFUSED;
         }
@@ -549,5 +610,6 @@ int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *
         float *s = f_of(st);
         for (int32_t i = 0; i < c->n_hidden; i++) et_axpy(c->n_outputs, s[o.k + i], s + o.y, s + o.beta + (size_t)i * c->n_outputs);
     }
+    for (int32_t k = 0; k < n_env; k++) flush_pending_P(states[k], zbuf + (size_t)k * zw + n, &has_pend[k]);
     return r;
 }

@@ -113,7 +113,8 @@ int et_oselm_drift_update(et_oselm_drift *d, double x);
 #define ET_DETECT_REFUSED 2      /* not finite: not scored, not learned */
 #define ET_DETECT_ALARM 4        /* ratio > 1 */
 #define ET_DETECT_DRIFT 8        /* the change detector fired on this sample (not learned) */
-#define ET_DETECT_UPDATE_REFUSED 16 /* under the bar but the update was refused (state unchanged) */
+#define ET_DETECT_UPDATE_REFUSED 16
+#define ET_DETECT_MAX_ENV 64 /* under the bar but the update was refused (state unchanged) */
 
 /*
  * The detector's stream (AnomalyDetector.learn_one, sample after sample) over n_env
@@ -124,7 +125,8 @@ int et_oselm_drift_update(et_oselm_drift *d, double x);
  * sample is not learned and, if stop_on_drift, the call returns after it. Otherwise a
  * sample with ratio <= learn_below is learned into environment k (never an alarm: a
  * learn_below above 1 is the caller's to refuse). A row with NaN or inf is refused whole.
- * mean, inv_std: n_env * n; threshold: n_env (> 0); zbuf: scratch of n_env * n floats.
+ * Every environment has the same n and the same L (n_hidden); n_env <= ET_DETECT_MAX_ENV.
+ * mean, inv_std: n_env * n; threshold: n_env (> 0); zbuf: scratch of n_env * (n + 2 L) floats.
  * Returns the number of rows processed (n_samples unless it stopped at a change), or < 0.
  */
 int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *mean, const float *inv_std,

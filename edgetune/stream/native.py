@@ -241,7 +241,8 @@ class NativeStream:
             self.inv_std[k] = 1.0 / e.std
         self.thresholds = np.array([e.threshold for e in envs], np.float64)
         self.ptrs = (ctypes.c_void_p * len(envs))(*[_ptr(n.state) for n in self.natives])
-        self.zbuf = np.empty((len(envs), d), np.float32)
+        L = envs[0].model.n_hidden
+        self.zbuf = np.empty((len(envs), d + 2 * L), np.float32)   # et_oselm_detect_stream's scratch
 
     def load(self) -> None:
         self._sync_environments()
