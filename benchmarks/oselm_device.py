@@ -13,6 +13,7 @@ timer: 10 MHz, 100 instructions); QEMU does not model a core's cycle timing: on 
 of these instructions take 1 cycle, loads/stores and divides more.
 
     python -m benchmarks.oselm_device                          # the Cortex-M4
+    python -m benchmarks.oselm_device --inputs 64 --hidden 128 # the default detector: 64 bands
     python -m benchmarks.oselm_device --targets cortex-m4,riscv32,riscv32f
 """
 from __future__ import annotations
@@ -126,6 +127,7 @@ def reference_errors() -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global N_IN, HIDDEN
     import argparse
 
     from edgetune.export.targets import get_target
@@ -133,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default="cortex-m4", help="microcontroller targets, comma-separated "
                                                           "(cortex-m4, cortex-m7, riscv32, riscv32f)")
+    p.add_argument("--inputs", type=int, default=N_IN, help=f"autoencoder inputs (default {N_IN}: 512 bins; "
+                                                                 "the default detector reads 64 bands)")
+    p.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden units (default {HIDDEN})")
     args = p.parse_args(argv)
+    N_IN, HIDDEN = args.inputs, args.hidden
     targets = [get_target(t.strip()) for t in args.targets.split(",") if t.strip()]
     ref = reference_errors()
     macs = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * N_IN + HIDDEN * N_IN   # + the regenerated hidden layer

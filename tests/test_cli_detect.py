@@ -165,3 +165,17 @@ def test_plan_states_the_exported_state_and_refuses_an_over_budget(fitted, tmp_p
     assert r.returncode == 0 and "riscv32" in r.stdout
     r = _cli("detect", "plan", "--model", fitted / "m", "--environment", "5")
     assert r.returncode == 2 and "--environment 5" in r.stderr
+
+
+def test_fit_bands(task_file, fitted, tmp_path):
+    fit = json.loads((fitted / "fit.json").read_text())
+    assert fit["bands"] is None                        # auto: 8 features are not averaged
+    r = _cli("detect", "fit", "--task", task_file, "--out", tmp_path / "b", "--transform", "none", "--hidden", "16",
+             "--bands", "4", "--json", "-", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bands"] == 4
+    cfg = json.loads((tmp_path / "b" / "detector_config.json").read_text())
+    assert cfg["params"]["bands"] == 4
+    for bad in ("0", "9", "many"):
+        r = _cli("detect", "fit", "--task", task_file, "--out", tmp_path / "c", "--bands", bad)
+        assert r.returncode == 2 and "--bands" in r.stderr and "Traceback" not in r.stderr

@@ -134,3 +134,20 @@ def test_cli_export(detector_and_stream, tmp_path):
     assert m["samples"] == 5 and m["target"] == "host" and (tmp_path / "x" / "Makefile").is_file()
     assert main(["detect", "export", "--model", str(tmp_path / "d"), "--target", "host", "--task",
                  str(tmp_path / "t.npz"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("target", ["host", "cortex-m4"])
+def test_exported_banded_detector_equals_python(target, tmp_path):
+    """bands=: the device averages the inputs into the same bands before the log."""
+    r = np.random.default_rng(1)
+    mix = np.abs(r.normal(size=(3, 30)))
+    normal = lambda n: np.abs(r.normal(size=(n, 3))) @ mix + 0.05 * np.abs(r.normal(size=(n, 30)))
+    det = AnomalyDetector(transform="log", bands=7, n_hidden=12).fit(normal(300))   # uneven bands of 4-5
+    stream = np.vstack([normal(30), normal(10) * 3.0 + 1.0]).astype(np.float32)
+    manifest, rows, summary = _run(target, det, stream, tmp_path)
+    assert manifest["state_bytes"] == native.NativeDetector(det, keep_weights=target == "host").native.nbytes
+    scores_c, learned_c = _reference(det, stream)
+    device = np.array([row["score_1e6"] for row in rows]) / 1e6
+    np.testing.assert_allclose(device, scores_c, atol=2e-5, rtol=1e-4)
+    assert [row["learned"] for row in rows] == (learned_c == 1).tolist()
+    assert np.array([row["alarm"] for row in rows])[30:].mean() > 0.8

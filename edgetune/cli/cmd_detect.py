@@ -40,6 +40,26 @@ def _task_args(p: argparse.ArgumentParser) -> None:
                    help="where the built-in data sets are (default: $EDGETUNE_DATA, then the user cache)")
 
 
+AUTO_BANDS = 64
+
+
+def _bands(value: str, kind: str, n_features: int) -> int | None:
+    """--bands: a whole number, none, or auto (64 bands of an oselm's input wider than 64)."""
+    from ..errors import UsageError
+
+    if value == "none":
+        return None
+    if value == "auto":
+        return AUTO_BANDS if kind == "oselm" and n_features > AUTO_BANDS else None
+    try:
+        n = int(value)
+    except ValueError:
+        raise UsageError(f"--bands must be a whole number, auto or none, got {value!r}") from None
+    if not 1 <= n <= n_features:
+        raise UsageError(f"--bands must be in 1..{n_features} (the task's features), got {n}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..stream.detector import KINDS, RELEARN, THRESHOLDS, TRANSFORMS
 
@@ -56,7 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fit.add_argument("--transform", choices=TRANSFORMS, default="log",
                      help="log: learn log(x + 0.001) of non-negative amplitude spectra (default, "
                           "measured best on the fan data); none: the raw input")
-    fit.add_argument("--hidden", type=positive_int, default=64, help="hidden units of the OS-ELM (default 64)")
+    fit.add_argument("--bands", default="auto", metavar="N|auto|none",
+                     help="average the inputs over N bands of adjacent features before the transform "
+                          "(auto, the default: 64 bands for --detector oselm on inputs wider than 64 "
+                          "features, else none; docs/anomaly.md)")
+    fit.add_argument("--hidden", type=positive_int, default=128, help="hidden units of the OS-ELM (default 128)")
     fit.add_argument("--forgetting", type=positive_float, default=1.0,
                      help="RLS forgetting factor in (0, 1] (default 1: never forget)")
     fit.add_argument("--threshold", choices=THRESHOLDS, default="quantile",
@@ -260,14 +284,15 @@ def _fit(args: argparse.Namespace) -> int:
         raise UsageError(f"--forgetting must be in (0, 1], got {args.forgetting}")
     task = _load_task(args)
     info(args, f"detect fit: {task.summary()}")
-    det = AnomalyDetector(args.detector, transform=args.transform, n_hidden=args.hidden, seed=args.seed,
+    bands = _bands(args.bands, args.detector, task.n_features)
+    det = AnomalyDetector(args.detector, transform=args.transform, bands=bands, n_hidden=args.hidden, seed=args.seed,
                           forgetting=args.forgetting, threshold=args.threshold, fpr=args.fpr, backbone=backbone,
                           relearn=args.relearn, relearn_samples=args.relearn_samples)
     t0 = time.perf_counter()
     det.fit(task.x_train)
     seconds = time.perf_counter() - t0
     det.save(args.out)
-    out = {"task": task.name, "detector": args.detector, "train_samples": len(task.x_train),
+    out = {"task": task.name, "detector": args.detector, "bands": bands, "train_samples": len(task.x_train),
            "threshold": det.environments_[0].threshold, "threshold_method": args.threshold, "fpr_target": args.fpr,
            "fit_seconds": seconds, "out": args.out}
     write_json(args.json, out)

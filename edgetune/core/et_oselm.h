@@ -90,4 +90,48 @@ int et_oselm_ae_stream(void *buf, const float *z, int32_t n_samples, float learn
 /* FNV-1a over the state's bytes after the header's first 8 (magic, version excluded). */
 uint32_t et_oselm_checksum(const void *buf);
 
+/*
+ * The Page-Hinkley change detector of edgetune/stream/drift.py, in double precision, so a
+ * stream scored in C signals a change on the same sample as the Python one.
+ */
+typedef struct et_oselm_drift {
+    double delta, threshold, clip;
+    int64_t min_samples;
+    int64_t n;
+    double mean, sum, min_sum;
+    int64_t n_detections;
+} et_oselm_drift;
+
+/* sizeof(et_oselm_drift), for the binding to check its declaration against. */
+size_t et_oselm_drift_size(void);
+
+/* Feed one value: 1 on the sample where a sustained rise is detected (then it restarts). */
+int et_oselm_drift_update(et_oselm_drift *d, double x);
+
+/* Flags per sample of et_oselm_detect_stream. */
+#define ET_DETECT_LEARNED 1      /* learned into its environment */
+#define ET_DETECT_REFUSED 2      /* not finite: not scored, not learned */
+#define ET_DETECT_ALARM 4        /* ratio > 1 */
+#define ET_DETECT_DRIFT 8        /* the change detector fired on this sample (not learned) */
+#define ET_DETECT_UPDATE_REFUSED 16
+#define ET_DETECT_MAX_ENV 64 /* under the bar but the update was refused (state unchanged) */
+
+/*
+ * The detector's stream (AnomalyDetector.learn_one, sample after sample) over n_env
+ * autoencoder environments (n == m, the same n for all): for each row x (n) of xs, every
+ * environment e standardises it, z = (x - mean_e) * inv_std_e, and scores it, ratio_e =
+ * mean((beta_e' h_e(z) - z)^2) / threshold_e; the best environment k = argmin (first of
+ * equals) gives ratio[r] and env[r]. The ratio feeds the change detector; on a change the
+ * sample is not learned and, if stop_on_drift, the call returns after it. Otherwise a
+ * sample with ratio <= learn_below is learned into environment k (never an alarm: a
+ * learn_below above 1 is the caller's to refuse). A row with NaN or inf is refused whole.
+ * Every environment has the same n and the same L (n_hidden); n_env <= ET_DETECT_MAX_ENV.
+ * mean, inv_std: n_env * n; threshold: n_env (> 0); zbuf: scratch of n_env * (n + 2 L) floats.
+ * Returns the number of rows processed (n_samples unless it stopped at a change), or < 0.
+ */
+int32_t et_oselm_detect_stream(void *const *states, int32_t n_env, const float *mean, const float *inv_std,
+                               const double *threshold, const float *xs, int32_t n_samples, double learn_below,
+                               et_oselm_drift *drift, int32_t stop_on_drift, float *zbuf,
+                               double *ratio, int32_t *env, int32_t *flags);
+
 #endif

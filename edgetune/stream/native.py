@@ -24,6 +24,22 @@ class Config(ctypes.Structure):
                 ("keep_weights", ctypes.c_int32), ("delta", ctypes.c_float), ("forgetting", ctypes.c_float)]
 
 
+class Header(ctypes.Structure):
+    """et_oselm_header: the state's counters are read and set through it."""
+    _fields_ = [("magic", ctypes.c_uint32), ("version", ctypes.c_uint32), ("cfg", Config),
+                ("n_updates", ctypes.c_int64), ("n_refused", ctypes.c_int64), ("total_bytes", ctypes.c_uint64)]
+
+
+class Drift(ctypes.Structure):
+    """et_oselm_drift: the Page-Hinkley state (edgetune/stream/drift.py) handed to C."""
+    _fields_ = [("delta", ctypes.c_double), ("threshold", ctypes.c_double), ("clip", ctypes.c_double),
+                ("min_samples", ctypes.c_int64), ("n", ctypes.c_int64), ("mean", ctypes.c_double),
+                ("sum", ctypes.c_double), ("min_sum", ctypes.c_double), ("n_detections", ctypes.c_int64)]
+
+
+# flags per sample of et_oselm_detect_stream (et_oselm.h)
+LEARNED, NOT_FINITE, ALARM, DRIFT, UPDATE_REFUSED = 1, 2, 4, 8, 16
+
 _lib: Any = None
 
 
@@ -52,6 +68,13 @@ def library() -> Any:
     lib.et_oselm_ae_stream.argtypes = [vp, vp, i32, f32, vp, vp]
     lib.et_oselm_ae_stream.restype = i32
     lib.et_oselm_checksum.argtypes, lib.et_oselm_checksum.restype = [vp], ctypes.c_uint32
+    lib.et_oselm_drift_size.argtypes, lib.et_oselm_drift_size.restype = [], sz
+    if lib.et_oselm_drift_size() != ctypes.sizeof(Drift):
+        raise ImportError("the compiled engine's et_oselm_drift differs from edgetune.stream.native.Drift: "
+                          "rebuild it (pip install .)")
+    lib.et_oselm_detect_stream.argtypes = [vp, i32, vp, vp, vp, vp, i32, ctypes.c_double, P(Drift), i32, vp, vp,
+                                           vp, vp]
+    lib.et_oselm_detect_stream.restype = i32
     _lib = lib
     return lib
 
@@ -88,6 +111,11 @@ class NativeOSELM:
     @property
     def nbytes(self) -> int:
         return self.state.nbytes
+
+    @property
+    def header(self) -> Header:
+        """The state's header (its counters n_updates, n_refused are read and set here)."""
+        return Header.from_buffer(self.state)
 
     def checksum(self) -> int:
         return int(self._lib.et_oselm_checksum(_ptr(self.state)))
@@ -175,10 +203,83 @@ class NativeDetector:
         elif self.det.transform == "log":
             if np.any(x < 0):
                 raise DataError("transform='log' takes non-negative inputs")
-            f = np.log(x + np.float32(1e-3))   # the detector's transform, in float32
+            f = np.log(self.det._band(x) + np.float32(1e-3))   # the detector's transform, in float32
         else:
-            f = x
+            f = self.det._band(x)
         z = (f - self.env.mean.astype(np.float32)) / self.env.std.astype(np.float32)
         thr = self.env.threshold
         err, learned = self.native.ae_stream(z, self.det.learn_below * thr)
         return -err.astype(np.float64) / thr, learned
+
+
+class NativeStream:
+    """Every environment of a fitted AnomalyDetector in C, for its stream
+    (:meth:`AnomalyDetector.learn_many`): one C state per environment, kept between calls
+    (the random input weights are generated once); :meth:`load` copies the detector's state
+    in (P and beta in float32), :meth:`store` copies it back."""
+
+    def __init__(self, det: Any):
+        self.det = det
+        self.models: list[Any] = []
+        self.natives: list[NativeOSELM] = []
+
+    def _sync_environments(self) -> None:
+        envs = self.det.environments_
+        if [id(e.model) for e in envs] == [id(m) for m in self.models]:
+            return
+        kept = {id(m): nat for m, nat in zip(self.models, self.natives)}
+        self.natives = [kept.get(id(e.model)) or NativeOSELM(
+            e.model.n_inputs, e.model.n_outputs, e.model.n_hidden, seed=e.model.seed, delta=e.model.delta,
+            forgetting=e.model.forgetting, activation=e.model.activation,
+            symmetrize_every=e.model.symmetrize_every) for e in envs]
+        self.models = [e.model for e in envs]
+        d = envs[0].mean.shape[0]
+        self.mean = np.empty((len(envs), d), np.float32)
+        self.inv_std = np.empty((len(envs), d), np.float32)
+        for k, e in enumerate(envs):
+            self.mean[k] = e.mean
+            self.inv_std[k] = 1.0 / e.std
+        self.thresholds = np.array([e.threshold for e in envs], np.float64)
+        self.ptrs = (ctypes.c_void_p * len(envs))(*[_ptr(n.state) for n in self.natives])
+        L = envs[0].model.n_hidden
+        self.zbuf = np.empty((len(envs), d + 2 * L), np.float32)   # et_oselm_detect_stream's scratch
+
+    def load(self) -> None:
+        self._sync_environments()
+        for m, nat in zip(self.models, self.natives):
+            nat.set_state(m.P_, m.beta_)
+            h = nat.header
+            h.n_updates, h.n_refused = m.n_updates_, m.n_refused_
+
+    def store(self) -> None:
+        for m, nat in zip(self.models, self.natives):
+            m.P_ = nat.P_.astype(m.dtype)
+            m.beta_ = nat.beta_.astype(m.dtype)
+            h = nat.header
+            m.n_updates_, m.n_refused_ = int(h.n_updates), int(h.n_refused)
+
+    def run(self, f: np.ndarray, drift: Any, stop_on_drift: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """Rows f (features, before standardisation) through C; the drift detector's state
+        goes in and comes back. Returns (rows processed, ratio, environment, flags)."""
+        f = np.ascontiguousarray(f, dtype=np.float32)
+        n_env, d = self.mean.shape
+        if f.ndim != 2 or f.shape[1] != d:
+            raise DataError(f"the stream's features must have shape (samples, {d}), got {f.shape}")
+        n = f.shape[0]
+        if n > 2 ** 31 - 1:
+            raise DataError("at most 2**31 - 1 samples per call")
+        ratio = np.empty(n, np.float64)
+        env = np.empty(n, np.int32)
+        flags = np.empty(n, np.int32)
+        s = drift.state()
+        ph = Drift(drift.delta, drift.threshold, drift.clip, drift.min_samples, s["n"], s["mean"], s["sum"],
+                   s["min_sum"], s["n_detections"])
+        done = self.natives[0]._lib.et_oselm_detect_stream(
+            self.ptrs, n_env, _ptr(self.mean), _ptr(self.inv_std), _ptr(self.thresholds), _ptr(f), n,
+            float(self.det.learn_below), ctypes.byref(ph), int(stop_on_drift), _ptr(self.zbuf), _ptr(ratio),
+            _ptr(env), _ptr(flags))
+        if done < 0:
+            raise DataError(f"et_oselm_detect_stream refused its arguments ({done})")
+        drift.set_state({"n": ph.n, "mean": ph.mean, "sum": ph.sum, "min_sum": ph.min_sum,
+                         "n_detections": ph.n_detections})
+        return done, ratio[:done], env[:done], flags[:done]
