@@ -530,7 +530,9 @@ def core_workspace_bytes(sizes: Sequence[int], kind: str, *, batch: int, n_param
     ``kind`` is "layerwise", "skip" or "sparse"; ``pack`` the largest (in x out) weight that
     the layer-wise backward pass transposes into the workspace (a trained weight after the
     first trained layer; 0: none); ``pointer_bytes`` 4 on a 32-bit target. Needs the
-    compiled engine (UsageError naming the reason without it).
+    compiled engine (UsageError naming the reason without it). A struct of sizes names no
+    trained tensor, so this is the two-phase workspace: the fused update's gradient scratch
+    (the largest trained tensor, et_fused_update) is in ``core_workspace_for``'s figure only.
     """
     import ctypes
 
