@@ -226,6 +226,9 @@ size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et
  * sparse update, whose trained tensors cover the n_params parameters exactly once; 0 otherwise
  * (the skip adapters). Where 1, et_workspace_size counts the fused update's gradient scratch. */
 int32_t et_fused_update(const et_backbone *bb, const et_method *m);
+/* Bytes of et_workspace_size that are the fused update's gradient scratch (64-byte rounded), 0 where
+ * et_fused_update is 0: the two-phase step's workspace is that much smaller. */
+size_t et_fused_scratch_bytes(const et_backbone *bb, const et_method *m);
 
 int32_t et_train_epochs(const et_backbone *bb, const et_method *m, et_optimizer *opt, et_cache *cache,
                         float *params, float *grads, const float *x, const int32_t *y, int32_t n,

@@ -194,6 +194,12 @@ int32_t et_fused_update(const et_backbone *bb, const et_method *m) {
     return fused_scratch_floats(bb, m) >= 0;
 }
 
+size_t et_fused_scratch_bytes(const et_backbone *bb, const et_method *m) {
+    if (!et_fused_update(bb, m)) return 0;
+    const size_t bytes = (size_t)fused_scratch_floats(bb, m) * sizeof(float);
+    return (bytes + ALIGN - 1) / ALIGN * ALIGN; /* as plan_layout's piece (none for 0 bytes) */
+}
+
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
  * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
