@@ -157,3 +157,39 @@ def test_the_device_arena_has_no_gradient_vector_when_fused(method, opts):
     skip = make_method("skip2-lora", bb)
     splan = plan_device_memory(skip, batch_size=8, max_samples=64, optimizer="sgd")
     assert splan.gradients == skip.params.flat.size * 4  # the skip adapters keep their gradient vector
+
+
+# ------------------------------------------------------------------ in-place depthwise (frozen prefix)
+def _dw_arch(padding: int) -> tuple[str, tuple[int, int]]:
+    """A narrow conv, a wide pointwise one, a depthwise one (padding 1: its output has its input's
+    shape, so it runs in place; padding 0: two columns narrower, it cannot), then narrow again."""
+    return (f"conv:4:3:1:same,relu,conv:16:1,relu6,dwconv:3:1:{padding},relu6,conv:4:1,relu,"
+            "conv:4:3:1:same,relu,gap,dense:5,relu", (3, 24))
+
+
+def test_a_frozen_depthwise_layer_runs_in_place_as_numpy_does():
+    """The sparse update's frozen layers before its first trained one: the depthwise layer runs in
+    its input's buffer (one channel at a time through a temporary), and training gives the NumPy
+    engine's losses and parameters."""
+    bb, x, y = _cnn(_dw_arch(1))
+    scheme = "w5,b2"  # layers with weights: 0 conv, 1 pointwise, 2 depthwise, 3 pointwise, 4 conv, 5 dense, 6 head
+    runs = {}
+    for engine in ("numpy", "c"):
+        t = et.FineTuner(bb, "sparse", scheme=scheme, engine=engine, epochs=3, batch_size=7, lr=0.05,
+                         seed=3).fit(x, y)
+        assert t.history_.engine == engine
+        runs[engine] = t
+    np.testing.assert_allclose([e.loss for e in runs["c"].history_.epochs],
+                               [e.loss for e in runs["numpy"].history_.epochs], rtol=1e-5)
+    np.testing.assert_allclose(runs["c"].method.params.flat, runs["numpy"].method.params.flat, atol=1e-5)
+
+
+def test_the_in_place_depthwise_layer_is_counted_by_the_workspace():
+    """With padding 1 the depthwise layer's 16 x 24 output shares its input's buffer: the workspace
+    is smaller than with padding 0 (16 x 22 values, but a buffer of its own), though every layer's
+    output is at least as wide."""
+    sizes = {}
+    for padding in (1, 0):
+        bb, _, _ = _cnn(_dw_arch(padding))
+        sizes[padding] = core_workspace_for(make_method("sparse", bb, scheme="w5,b2"), 16)
+    assert sizes[1] < sizes[0]

@@ -55,6 +55,7 @@ typedef struct {
                                               forward pass uses it (out_c x et_layer_row_floats); on an int8
                                               chain every layer with weights from `first` on, dequantised */
     float **sb;                            /* n: sparse, an int8 chain: out_c, the dequantised bias from `first` on */
+    float *chan;                           /* sparse, not an MLP: one channel of an in-place depthwise layer */
     float *gstep;                          /* layer-wise and sparse: the fused update's gradient of one trained
                                               tensor at a time (the largest: fused_scratch_floats) */
 } layout;
@@ -200,6 +201,27 @@ size_t et_fused_scratch_bytes(const et_backbone *bb, const et_method *m) {
     return (bytes + ALIGN - 1) / ALIGN * ALIGN; /* as plan_layout's piece (none for 0 bytes) */
 }
 
+/* The sparse update on a float chain of layers runs the frozen layers before `first` through two
+ * buffers in turn; layer k (0 < k, k + 1 < first) runs in place in its input's buffer when it is a
+ * depthwise convolution whose output has its input's shape (et_conv_in_place_ok) and neither its
+ * input nor its output is an add's source (those have their own pieces). */
+static int prunes(const et_backbone *bb, const et_method *m) {
+    return m->kind == ET_SPARSE && !et_backbone_is_dense(bb) && !bb->is_int8;
+}
+static int in_place(const et_backbone *bb, const et_method *m, int k) {
+    if (!prunes(bb, m) || k < 1 || k + 1 >= sp_start(bb, m) || is_source(bb, k) || is_source(bb, k + 1)) return 0;
+    const et_layer *l = &bb->layers[k];
+    if (l->kind != ET_LAYER_CONV1D && l->kind != ET_LAYER_CONV2D) return 0;
+    const et_conv_dims d = et_layer_dims(l);
+    return et_conv_in_place_ok(&d);
+}
+/* Which of the two buffers holds act[k] (1 <= k < first): they alternate, but an in-place layer's output stays. */
+static int walk_of(const et_backbone *bb, const et_method *m, int k) {
+    int b = 1;
+    for (int j = 1; j < k; j++) b = in_place(bb, m, j) ? b : b ^ 1;
+    return b;
+}
+
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
  * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
@@ -277,14 +299,17 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         const int prune = m->kind == ET_SPARSE && !et_backbone_is_dense(bb);
         /* on an int8 chain those layers run the integer pass from the samples: no float buffer before `first` */
         const int int8_chain = prune && bb->is_int8;
-        size_t turn[2] = {0, 0}; /* the widest output each buffer takes */
-        for (int k = 1; prune && !int8_chain && k < m->first; k++)
-            if (!is_source(bb, k)) turn[k & 1] = most(turn[k & 1], (size_t)et_width(bb, k));
+        size_t turn[2] = {0, 0}, chan = 0; /* the widest output each buffer takes; an in-place layer's channel */
+        for (int k = 1; prune && !int8_chain && k < m->first; k++) {
+            if (!is_source(bb, k)) turn[walk_of(bb, m, k)] = most(turn[walk_of(bb, m, k)], (size_t)et_width(bb, k));
+            if (in_place(bb, m, k)) chan = most(chan, (size_t)bb->layers[k].out_h * bb->layers[k].out_w);
+        }
         if (turn[0]) PIECE(walk[0], float *, B * turn[0] * F);
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
+        if (chan) PIECE(chan, float *, chan * F);
         for (int k = 0; k <= n; k++) {
             if (prune && (k > 0 || int8_chain) && k < sp_start(bb, m) && !is_source(bb, k)) {
-                if (base) L->act[k] = int8_chain ? NULL : L->walk[k & 1];
+                if (base) L->act[k] = int8_chain ? NULL : L->walk[walk_of(bb, m, k)];
                 continue;
             }
             PIECE(act[k], float *, B * et_width(bb, k) * F);
@@ -565,7 +590,12 @@ static float *lw_forward(ctx *c, int count) {
         const float *residual = l->kind == ET_LAYER_ADD ? c->L.act[l->source] : NULL;
         const float *wt, *w;
         lw_weights(c, k, &wt, &w);
-        et_layer_ops_of(l->kind)->forward(l, wt, w, lw_bias(c, k), h, in, count, z, out, residual, c->L.scratch);
+        if (z == h) { /* a frozen depthwise layer in place (in_place) */
+            const et_conv_dims d = et_layer_dims(l);
+            et_conv_depthwise_in_place(&d, count, z, in, w, lw_bias(c, k), c->L.chan);
+        } else {
+            et_layer_ops_of(l->kind)->forward(l, wt, w, lw_bias(c, k), h, in, count, z, out, residual, c->L.scratch);
+        }
         if (m->off_lora_a[k] >= 0 && !dense) { /* z += s B(A(h)), A and B convolutions */
             const int U = lora_width(bb, m, k);
             float *u = c->L.lora_u + (size_t)k * count * max_lora_width(bb, m);
