@@ -215,12 +215,9 @@ static int in_place(const et_backbone *bb, const et_method *m, int k) {
     const et_conv_dims d = et_layer_dims(l);
     return et_conv_in_place_ok(&d);
 }
-/* Which of the two buffers holds act[k] (1 <= k < first): they alternate, but an in-place layer's output stays. */
-static int walk_of(const et_backbone *bb, const et_method *m, int k) {
-    int b = 1;
-    for (int j = 1; j < k; j++) b = in_place(bb, m, j) ? b : b ^ 1;
-    return b;
-}
+/* Which of the two buffers holds act[k + 1], given act[k]'s (b): they alternate, but an in-place
+ * layer's output stays in its input's (act[1] is in buffer 1). */
+static int walk_next(const et_backbone *bb, const et_method *m, int k, int b) { return in_place(bb, m, k) ? b : b ^ 1; }
 
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
@@ -300,16 +297,16 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         /* on an int8 chain those layers run the integer pass from the samples: no float buffer before `first` */
         const int int8_chain = prune && bb->is_int8;
         size_t turn[2] = {0, 0}, chan = 0; /* the widest output each buffer takes; an in-place layer's channel */
-        for (int k = 1; prune && !int8_chain && k < m->first; k++) {
-            if (!is_source(bb, k)) turn[walk_of(bb, m, k)] = most(turn[walk_of(bb, m, k)], (size_t)et_width(bb, k));
+        for (int k = 1, b = 1; prune && !int8_chain && k < m->first; b = walk_next(bb, m, k, b), k++) {
+            if (!is_source(bb, k)) turn[b] = most(turn[b], (size_t)et_width(bb, k));
             if (in_place(bb, m, k)) chan = most(chan, (size_t)bb->layers[k].out_h * bb->layers[k].out_w);
         }
         if (turn[0]) PIECE(walk[0], float *, B * turn[0] * F);
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
         if (chan) PIECE(chan, float *, chan * F);
-        for (int k = 0; k <= n; k++) {
+        for (int k = 0, b = 1; k <= n; b = k > 0 && prune && !int8_chain ? walk_next(bb, m, k, b) : b, k++) {
             if (prune && (k > 0 || int8_chain) && k < sp_start(bb, m) && !is_source(bb, k)) {
-                if (base) L->act[k] = int8_chain ? NULL : L->walk[walk_of(bb, m, k)];
+                if (base) L->act[k] = int8_chain ? NULL : L->walk[b]; /* b: act[k]'s buffer from k = 1 on */
                 continue;
             }
             PIECE(act[k], float *, B * et_width(bb, k) * F);
