@@ -8,8 +8,12 @@ ProxylessNAS-w0.3-like network, random weights, the paper's 128x128 input), impo
 ``from_torch`` (BatchNorm folded), at batch 1: the peak training memory of a full update
 (ft-all), a paper-like sparse update and skip2-lora, from edgetune's NumPy planner
 (``plan_memory``), from the compiled engine's device arena (``plan_device_memory`` for
-cortex-m7: frozen weights in flash), and for the full update what PyTorch keeps on CPU
-(``torch_full_update_bytes``), beside the paper's figures. Needs the torch extra.
+cortex-m7: frozen weights in flash) with the fused update (each tensor stepped as soon as its
+gradient is ready) and as the two-phase step would need it (the whole gradient vector, then
+one step), and for the full update what PyTorch keeps on CPU (``torch_full_update_bytes``),
+beside the paper's figures; then the sparse update on the network quantised to int8
+(``edgetune.quant.quantize``, calibrated on random inputs: memory does not depend on the
+weights' values), device arena only. Needs the torch extra.
 """
 from __future__ import annotations
 
@@ -42,14 +46,26 @@ class Row:
     params: int
     method: str                 # "ft-all", "sparse[...]", "skip2-lora"
     trainable: int
-    numpy_plan: int             # plan_memory(...).total (a host process: every weight in RAM)
-    numpy_measured: int         # measure_memory(...)["peak"]: tracemalloc over two real NumPy steps
-    device_arena: int           # plan_device_memory(...).arena at the target's pointer size
+    numpy_plan: int | None      # plan_memory(...).total (a host process: every weight in RAM); None: int8 rows
+    numpy_measured: int | None  # measure_memory(...)["peak"]: tracemalloc over two real NumPy steps
+    device_arena: int           # plan_device_memory(...).arena at the target's pointer size (the fused update)
+    device_two_phase: int       # the same arena for the two-phase step: the gradient vector (n_params floats,
+                                # a 64-byte rounded piece) in place of the fused update's gradient scratch
     device_total: int           # the arena + the target's statics and stack
     torch_measured: int | None  # full update only
     flash_weights: int          # the frozen weights the device reads from flash
     device_state: int           # of the arena: parameters, gradients and optimizer state (their storage)
     device_workspace: int       # of the arena: the engine's workspace (activations, scratch, snapshot)
+    backbone: str = "float32"   # "int8": the network quantised
+
+
+def two_phase_arena(dev: Any) -> int:
+    """The device arena of a DevicePlan as the two-phase step needs it: where the update is fused
+    (no gradients piece), the gradient vector's piece (n_params floats, rounded to 64 bytes as
+    et_device.c's pieces are) instead of the workspace's gradient scratch."""
+    if dev.gradients:
+        return dev.arena
+    return dev.arena - dev.gradient_scratch + -(-4 * dev.n_params // 64) * 64
 
 
 def load_network(name: str, resolution: int, blocks: int | None = None, classes: int = 10) -> tuple[Any, Any]:
@@ -107,9 +123,10 @@ def torch_full_update_bytes(model: Any, shape: tuple[int, ...]) -> int:
     return sum(storages.values()) + 2 * params + x.numel() * x.element_size()
 
 
-def measure(name: str, resolution: int, blocks: int | None = None, n_samples: int = 2) -> list[Row]:
+def measure(name: str, resolution: int, blocks: int | None = None, n_samples: int = 2, int8: bool = True) -> list[Row]:
     """The rows of one network: each update planned and measured on ``n_samples`` samples (at
-    batch 1, ``n_samples`` steps; the skip-cache holds that many rows)."""
+    batch 1, ``n_samples`` steps; the skip-cache holds that many rows); with ``int8`` also the
+    sparse update's device arena on the network quantised (calibrated on those samples)."""
     from edgetune.export.targets import TARGETS
     from edgetune.memory import measure_memory, plan_device_memory, plan_memory
     from edgetune.methods import make_method
@@ -124,21 +141,39 @@ def measure(name: str, resolution: int, blocks: int | None = None, n_samples: in
     x = rng.normal(size=(n_samples, 3 * resolution * resolution)).astype(np.float32)
     y = np.arange(n_samples) % bb.sizes[-1]
     rows = []
+
+    def device(m: Any, cache: str | None):
+        return plan_device_memory(m, batch_size=1, max_samples=n_samples, cache=cache, store_samples=False,
+                                  pointer_bytes=target.pointer_bytes, statics=target.statics, stack=target.stack)
+
     for method, kw in (("ft-all", {}), ("sparse", {"scheme": scheme}), ("skip2-lora", {})):
         cache = "float32" if method == "skip2-lora" else None
         plan = plan_memory(bb, method, batch_size=1, n_samples=n_samples, **kw)
         measured = measure_memory(bb, method, x, y, batch_size=1, **kw)["peak"]
         m = make_method(method, bb, **kw)
-        dev = plan_device_memory(m, batch_size=1, max_samples=n_samples, cache=cache, store_samples=False,
-                                 pointer_bytes=target.pointer_bytes, statics=target.statics, stack=target.stack)
+        dev = device(m, cache)
         rows.append(Row(network=name, layers=len(bb.specs), params=n_params,
                         method=f"sparse[{scheme}]" if method == "sparse" else method,
                         trainable=int(m.n_trainable),
-                        numpy_plan=plan.total, numpy_measured=int(measured), device_arena=dev.arena, device_total=dev.total,
+                        numpy_plan=plan.total, numpy_measured=int(measured), device_arena=dev.arena,
+                        device_two_phase=two_phase_arena(dev), device_total=dev.total,
                         torch_measured=torch_bytes if method == "ft-all" else None, flash_weights=plan_memory(bb, method, batch_size=1, n_samples=n_samples, weights_in_flash=True,
                                                   **kw).flash,
                         device_state=dev.params + dev.gradients + dev.optimizer_state,
                         device_workspace=dev.workspace))
+    if int8:  # the sparse update on the int8 network (its int8 weights in flash)
+        from edgetune.memory import backbone_bytes
+        from edgetune.quant import quantize
+
+        q = quantize(bb, x)
+        m = make_method("sparse", q, scheme=scheme)
+        dev = device(m, None)
+        flash = backbone_bytes(q)  # every int8 tensor (plan_memory models int8 MLPs only)
+        rows.append(Row(network=name, layers=len(q.specs), params=n_params, method=f"sparse[{scheme}]",
+                        trainable=int(m.n_trainable), numpy_plan=None, numpy_measured=None, device_arena=dev.arena,
+                        device_two_phase=two_phase_arena(dev), device_total=dev.total, torch_measured=None,
+                        flash_weights=flash, device_state=dev.params + dev.gradients + dev.optimizer_state,
+                        device_workspace=dev.workspace, backbone="int8"))
     return rows
 
 
@@ -149,38 +184,45 @@ def _kb(v: int | None) -> str:
 def table(rows: list[Row], resolution: int, command: str, comparable: bool = True) -> str:
     """The markdown table; the paper's figures only beside the whole networks at its resolution
     (``comparable``)."""
-    out = [f"Peak training memory at batch 1, {resolution}x{resolution} input, float32, in KB "
-           f"(`{command}`):", "",
-           "| network (layers) | update | trainable | edgetune NumPy engine: planned / measured | edgetune C engine, "
-           f"{TARGET} (arena / + stack, statics) | of the arena: parameters + gradients, workspace "
-           "| PyTorch CPU | paper |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [f"Peak training memory at batch 1, {resolution}x{resolution} input, in KB (`{command}`):", "",
+           "| network (layers) | update | weights | trainable | edgetune NumPy engine: planned / measured "
+           f"| edgetune C engine, {TARGET}: arena, two-phase step -> fused update | + stack, statics (fused) "
+           "| of the fused arena: parameters + gradients, workspace | PyTorch CPU | paper |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = PAPER_KB.get(r.network, (None, None)) if comparable else (None, None)
         cite = {"ft-all": f"{paper[0]:,} (full update)" if paper[0] else "-",
                 "skip2-lora": "- (not in the paper)"}.get(r.method.split("[")[0], "-")
         if r.method.startswith("sparse"):
-            cite = f"{paper[1]:,} (sparse + reordering)" if paper[1] else "-"
-        out.append(f"| {TITLES.get(r.network, r.network)} ({r.layers}) | {r.method} | {r.trainable:,} | "
-                   f"{_kb(r.numpy_plan)} / {_kb(r.numpy_measured)} | {_kb(r.device_arena)} / {_kb(r.device_total)} | "
+            cite = f"{paper[1]:,} (sparse + reordering, int8)" if paper[1] else "-"
+        numpy = "-" if r.numpy_plan is None else f"{_kb(r.numpy_plan)} / {_kb(r.numpy_measured)}"
+        arena = (f"{_kb(r.device_arena)} (the skip adapters keep their gradient)" if r.device_two_phase == r.device_arena
+                 else f"{_kb(r.device_two_phase)} -> {_kb(r.device_arena)}")
+        out.append(f"| {TITLES.get(r.network, r.network)} ({r.layers}) | {r.method} | {r.backbone} | {r.trainable:,} | "
+                   f"{numpy} | {arena} | {_kb(r.device_total)} | "
                    f"{_kb(r.device_state)}, {_kb(r.device_workspace)} | {_kb(r.torch_measured)} | {cite} |")
-    out.append("| every network | sparse with reordering (the update applied as soon as each gradient "
-               "is ready) | | not implemented in edgetune | not implemented in edgetune | | | see above |")
     out += ["", "Read from these rows:"]
     for name in dict.fromkeys(r.network for r in rows):
-        full, sparse, skip = (next(r for r in rows if r.network == name and r.method.startswith(m))
+        mine = [r for r in rows if r.network == name]
+        full, sparse, skip = (next(r for r in mine if r.backbone == "float32" and r.method.startswith(m))
                               for m in ("ft-all", "sparse", "skip2-lora"))
+        q = next((r for r in mine if r.backbone == "int8"), None)
         paper = PAPER_KB.get(name) if comparable else None
-        line = (f"- {TITLES.get(name, name)}: on the device the sparse update needs "
+        line = (f"- {TITLES.get(name, name)}: the fused update saves {_kb(full.device_two_phase - full.device_arena)} KB "
+                f"of the full update's arena ({full.device_arena / full.device_two_phase:.0%} of the two-phase one) and "
+                f"{_kb(sparse.device_two_phase - sparse.device_arena)} KB of the sparse update's "
+                f"({sparse.device_arena / sparse.device_two_phase:.0%}); on the device the sparse update needs "
                 f"{sparse.device_total / full.device_total:.0%} of the full update's RAM")
         if paper:
-            line += (f"; edgetune's device (float32) against the paper's figures: {full.device_total / 1024 / paper[0]:.1f}x "
-                     f"(full update), {sparse.device_total / 1024 / paper[1]:.1f}x (sparse; the paper's with reordering)")
+            line += (f"; edgetune's device (float32, fused) against the paper's figures: "
+                     f"{full.device_total / 1024 / paper[0]:.1f}x (full update), "
+                     f"{sparse.device_total / 1024 / paper[1]:.1f}x (sparse; the paper's int8 with reordering)")
+            if q is not None:
+                line += f", {q.device_total / 1024 / paper[1]:.1f}x (edgetune's sparse update on int8)"
         line += (f"; skip2-lora stores its {skip.trainable:,} trainable values in a masked block matrix "
                  f"of {skip.device_state // 8:,} values (parameters and gradients: {_kb(skip.device_state)} KB).")
         out.append(line)
     return "\n".join(out)
-
 
 
 def write_section(text: str, path: Path = DOC) -> None:
@@ -228,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="input height and width (default: the paper's, edgetune.torch.zoo.RESOLUTION)")
     ap.add_argument("--blocks", type=int, default=None, help="keep only the first N blocks (a quick look)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/budgets.md alone")
+    ap.add_argument("--no-int8", action="store_true", help="leave out the int8 sparse rows")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     ap.add_argument("--save-model", metavar="DIR", type=Path,
                     help="save the first network as a model directory (with --save-task) and stop")
@@ -245,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.tiny_training_memory" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
     t0 = time.perf_counter()
-    rows = [r for name in args.networks for r in measure(name, args.resolution, args.blocks)]
+    rows = [r for name in args.networks for r in measure(name, args.resolution, args.blocks, int8=not args.no_int8)]
     text = table(rows, args.resolution, command, comparable=args.resolution == RESOLUTION and not args.blocks)
     info = machine_info()
     text += "\n\n" + "\n".join(f"- {k}: {info[k]}" for k in ("cpu", "python", "numpy", "torch"))

@@ -530,7 +530,9 @@ def core_workspace_bytes(sizes: Sequence[int], kind: str, *, batch: int, n_param
     ``kind`` is "layerwise", "skip" or "sparse"; ``pack`` the largest (in x out) weight that
     the layer-wise backward pass transposes into the workspace (a trained weight after the
     first trained layer; 0: none); ``pointer_bytes`` 4 on a 32-bit target. Needs the
-    compiled engine (UsageError naming the reason without it).
+    compiled engine (UsageError naming the reason without it). A struct of sizes names no
+    trained tensor, so this is the two-phase workspace: the fused update's gradient scratch
+    (the largest trained tensor, et_fused_update) is in ``core_workspace_for``'s figure only.
     """
     import ctypes
 
@@ -835,6 +837,8 @@ class DevicePlan:
     samples: int = 0            # the arena's sample store (inputs and labels)
     order: int = 0              # the device's own shuffle
     workspace: int = 0          # et_workspace_size(), the engine's scratch (with its parameter snapshot)
+    gradient_scratch: int = 0   # of the workspace: the fused update's gradient of one tensor at a time (the
+                                # largest, et_fused_scratch_bytes); 0: the two-phase step's `gradients` instead
     alignment: int = 0          # 64-byte rounding of the arena's pieces
     statics: int = 0            # the program's other static data (device struct, libc, startup)
     stack: int = 0
@@ -906,6 +910,10 @@ def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimi
     state, the skip-cache (``cache_capacity`` rows and a fill flag per sample), the sample
     store (when ``store_samples``), the shuffle order, the engine's workspace and the 64-byte
     rounding of the pieces; ``statics`` and ``stack`` are added as the caller measured them.
+    The layer-wise methods and the sparse update run the fused update on the device (each
+    tensor stepped as soon as its gradient is ready): no gradients piece, and the workspace
+    holds ``gradient_scratch``, the largest trained tensor's gradient; the skip adapters keep
+    the gradient vector.
     Needs the compiled engine (UsageError naming the reason without it).
     """
     import ctypes
@@ -941,6 +949,7 @@ def plan_device_memory(method: Any, *, batch_size: int, max_samples: int, optimi
                       n_params=int(method.params.flat.size), cache=cache, cache_capacity=C, params=got["params"],
                       gradients=got["gradients"], optimizer_state=got["optimizer"], cache_bytes=got["cache"],
                       samples=got["samples"], order=got["order"], workspace=got["workspace"],
+                      gradient_scratch=int(lib.et_fused_scratch_bytes(ctypes.byref(core.bb), ctypes.byref(core.m))),
                       alignment=got["alignment"], statics=int(statics), stack=int(stack),
                       scheme=str(method.scheme) if method.takes_scheme else None)
     if plan.arena != arena:  # the pieces C reports add up to its total

@@ -106,8 +106,21 @@ def _pack(m) -> int:
                       if spec.kind == "layerwise" and spec.weight[k] >= 0])
 
 
+def _fused_piece(m) -> int:
+    """The fused update's gradient scratch in the workspace: the largest trained tensor, 64-byte
+    rounded (the tensors' sizes are the gaps between their offsets); 0 for the skip adapters."""
+    spec = m.core_spec()
+    if spec.kind == "skip":
+        return 0
+    offs = sorted({o for lst in (spec.weight, spec.bias, spec.lora_a, spec.lora_b) if lst for o in lst if o >= 0}
+                  | ({spec.bias_delta} if spec.bias_delta >= 0 else set()))
+    ends = offs[1:] + [m.params.flat.size]
+    return -(-4 * max(e - o for o, e in zip(offs, ends)) // 64) * 64
+
+
 def test_the_planner_asks_c_for_the_workspace_the_trainer_allocates():
-    """core_workspace_bytes (sizes only, no weights) is C's figure for the structs the trainer runs on."""
+    """core_workspace_bytes (sizes only, no weights) is C's figure for the structs the trainer runs on,
+    but the fused update's gradient scratch (a sizes-only struct has no tensors)."""
     from edgetune.optim import make_optimizer
     from edgetune.quant.int8 import quantize
 
@@ -125,13 +138,14 @@ def test_the_planner_asks_c_for_the_workspace_the_trainer_allocates():
                     spec = m.core_spec()
                     planned = core_workspace_bytes(sizes, spec.kind, batch=batch, n_params=m.params.flat.size,
                                                    rank=spec.rank, int8=int8, first=spec.first, pack=_pack(m))
-                    assert runner.ws.nbytes == planned == core_workspace_for(m, batch), (sizes, method, batch)
+                    assert runner.ws.nbytes == planned + _fused_piece(m) == core_workspace_for(m, batch), \
+                        (sizes, method, batch)
                     # a 32-bit target differs only by pointers: the batch's row pointers (skip methods)
                     # and the per-layer tables (3n + 1 int32 rounded to a pointer, then 5n + 1 pointers)
                     small = core_workspace_bytes(sizes, spec.kind, batch=batch, n_params=m.params.flat.size,
                                                  rank=spec.rank, int8=int8, first=spec.first, pack=_pack(m),
                                                  pointer_bytes=4)
-                    assert small == core_workspace_for(m, batch, pointer_bytes=4)
+                    assert small + _fused_piece(m) == core_workspace_for(m, batch, pointer_bytes=4)
                     n = len(sizes) - 1
 
                     def tables(p: int) -> int:
@@ -174,7 +188,8 @@ def test_the_device_arena_is_what_the_device_needs():
                 desc = device_model_desc(model, **{**kw, "cache_capacity": capacity if cache else 0})
                 assert plan.arena == lib.et_device_arena_bytes(ctypes.byref(desc))
                 assert plan.workspace == model.workspace_bytes()
-                assert plan.params == plan.gradients == 4 * m.params.flat.size
+                assert plan.params == 4 * m.params.flat.size  # the fused update keeps no gradient vector:
+                assert plan.gradients == (plan.params if method.startswith("skip") else 0)
                 assert plan.optimizer_state == {"sgd": 0, "momentum": 1, "adam": 2}[optimizer] * plan.params
                 assert plan.samples == (50 * 4 * 9 + 50 * 4 if store else 0) and plan.order == 50 * 4
                 assert 0 <= plan.alignment < 64 * 12

@@ -115,7 +115,8 @@ def test_python_engine_tests_under_sanitizers(tmp_path):
     r = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        str(ROOT / "tests" / "test_core_engine.py"), str(ROOT / "tests" / "test_core_cnn.py")],
+                        str(ROOT / "tests" / "test_core_engine.py"), str(ROOT / "tests" / "test_core_cnn.py"),
+                        str(ROOT / "tests" / "test_core_fused.py")],
                        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout

@@ -532,9 +532,12 @@ class CoreRunner:
     name = "c"
 
     def __init__(self, method: Any, opt: Any, x: np.ndarray, y: np.ndarray, batch_size: int,
-                 model: CoreModel | None = None):
+                 model: CoreModel | None = None, fused: bool = True):
         """``model``: the structs of an earlier fit of the same method on the same backbone tensors
-        (the trainer keeps them between fits); None builds them."""
+        (the trainer keeps them between fits); None builds them. ``fused``: apply each trained
+        tensor's step as soon as its gradient is ready (et_fused_update: the layer-wise methods and
+        the sparse update; the same parameters bit for bit, ``method.params.grad`` not written);
+        False: the whole gradient first, then one step."""
         if model is not None and (model.method is not method or model.batch != batch_size):
             raise UsageError("a kept CoreModel belongs to another method or batch size")
         self.model = model if model is not None else CoreModel(method, batch_size)
@@ -552,10 +555,12 @@ class CoreRunner:
         self.c_cache = _cache_struct(cache, self.n, d_in + sizes[-1], d_in, sizes[-1], eager, self._keep)
         self.ws = self.model.workspace(self.c_cache)
         lib = self.model.lib
+        self.fused = bool(fused) and bool(lib.et_fused_update(ctypes.byref(self.model.bb), ctypes.byref(self.model.m)))
         self._fn = lib.et_train_epochs
         self._clock = ctypes.cast(lib.et_clock_monotonic, ctypes.c_void_p).value
         self._args_head = (ctypes.byref(self.model.bb), ctypes.byref(self.model.m), ctypes.byref(self.c_opt),
-                           ctypes.byref(self.c_cache), self.model.params.ctypes.data, self.model.grads.ctypes.data,
+                           ctypes.byref(self.c_cache), self.model.params.ctypes.data,
+                           None if self.fused else self.model.grads.ctypes.data,
                            self.x.ctypes.data, self.y.ctypes.data, self.n, self.model.batch)
         self._stats = (EpochStats * 1)()
         self._predictor: CoreModel | None = None

@@ -176,28 +176,49 @@ ET_CONV_HOT static void col2im_add(const et_conv_dims *d, const float *cols, int
 
 /* ------------------------------------------------------------------ depthwise (direct loops) */
 /* One sample: z (out_c, S) from x (in_c, H, W); output channel o reads input channel o / m. */
-ET_CONV_HOT static void depthwise_forward(const et_conv_dims *d, const float *x, const float *w, float *z) {
+/* One output channel o of a depthwise convolution: zo (OH x OW) from its input channel xc. */
+ET_CONV_HOT static void depthwise_channel(const et_conv_dims *d, const float *xc, const float *wo, float *zo) {
     const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, kh = d->kernel_h, kw = d->kernel_w;
-    const int sh = d->stride_h, sw = d->stride_w, m = d->out_c / d->groups;
-    for (int o = 0; o < d->out_c; o++) {
-        const float *xc = x + (size_t)(o / m) * H * W, *wo = w + (size_t)o * kh * kw;
-        float *zo = z + (size_t)o * OH * OW;
-        for (int s = 0; s < OH * OW; s++) zo[s] = 0.0f;
-        for (int i = 0; i < kh; i++) {
-            int ylo, yhi;
-            valid_span(H, OH, sh, d->pad_h, i, &ylo, &yhi);
-            for (int j = 0; j < kw; j++) {
-                int xlo, xhi;
-                valid_span(W, OW, sw, d->pad_w, j, &xlo, &xhi);
-                const float wv = wo[i * kw + j];
-                for (int oy = ylo; oy < yhi; oy++) {
-                    const float *xr = xc + (size_t)(oy * sh - d->pad_h + i) * W;
-                    float *zr = zo + (size_t)oy * OW;
-                    for (int ox = xlo; ox < xhi; ox++) zr[ox] += wv * xr[ox * sw + j - d->pad_w];
-                }
+    const int sh = d->stride_h, sw = d->stride_w;
+    for (int s = 0; s < OH * OW; s++) zo[s] = 0.0f;
+    for (int i = 0; i < kh; i++) {
+        int ylo, yhi;
+        valid_span(H, OH, sh, d->pad_h, i, &ylo, &yhi);
+        for (int j = 0; j < kw; j++) {
+            int xlo, xhi;
+            valid_span(W, OW, sw, d->pad_w, j, &xlo, &xhi);
+            const float wv = wo[i * kw + j];
+            for (int oy = ylo; oy < yhi; oy++) {
+                const float *xr = xc + (size_t)(oy * sh - d->pad_h + i) * W;
+                float *zr = zo + (size_t)oy * OW;
+                for (int ox = xlo; ox < xhi; ox++) zr[ox] += wv * xr[ox * sw + j - d->pad_w];
             }
         }
     }
+}
+
+ET_CONV_HOT static void depthwise_forward(const et_conv_dims *d, const float *x, const float *w, float *z) {
+    const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, kh = d->kernel_h, kw = d->kernel_w;
+    const int m = d->out_c / d->groups;
+    for (int o = 0; o < d->out_c; o++)
+        depthwise_channel(d, x + (size_t)(o / m) * H * W, w + (size_t)o * kh * kw, z + (size_t)o * OH * OW);
+}
+
+int et_conv_in_place_ok(const et_conv_dims *d) {
+    return is_depthwise(d) && d->out_c == d->in_c && d->out_h == d->in_h && d->out_w == d->in_w;
+}
+
+void et_conv_depthwise_in_place(const et_conv_dims *d, int count, float *x, int ldx, const float *w, const float *bias,
+                                float *chan) {
+    const size_t S = (size_t)d->out_h * d->out_w;
+    for (int n = 0; n < count; n++)
+        for (int o = 0; o < d->out_c; o++) {
+            float *xc = x + (size_t)n * ldx + (size_t)o * S;
+            depthwise_channel(d, xc, w + (size_t)o * d->kernel_h * d->kernel_w, chan);
+            if (bias)
+                for (size_t s = 0; s < S; s++) chan[s] += bias[o];
+            memcpy(xc, chan, S * sizeof(float));
+        }
 }
 
 /* One sample: dx (in_c, H, W) += the adjoint of depthwise_forward applied to g (out_c, S). */

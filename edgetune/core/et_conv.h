@@ -57,6 +57,17 @@ int et_gap_dims_derive(et_conv_dims *d);
  * 0 for depthwise layers (direct loops); pointwise ones (1x1, stride 1, no padding: the
  * input is the matrix) need no im2col.
  */
+/*
+ * In place (MCUNet's trick for frozen layers): a depthwise convolution whose output has its
+ * input's shape (et_conv_in_place_ok: multiplier 1, out_c == in_c, the same height and
+ * width) overwrites x (count, IN, row stride ldx) with z: each channel is computed into
+ * `chan` (out_h * out_w floats), its bias added, and copied back over its input channel, which
+ * no other channel reads. The same float operations as et_conv_forward.
+ */
+int et_conv_in_place_ok(const et_conv_dims *d);
+void et_conv_depthwise_in_place(const et_conv_dims *d, int count, float *x, int ldx, const float *w, const float *bias,
+                                float *chan);
+
 size_t et_conv_forward_scratch_bytes(const et_conv_dims *d, int count);
 size_t et_conv_input_grad_scratch_bytes(const et_conv_dims *d, int count);
 size_t et_conv_weight_grad_scratch_bytes(const et_conv_dims *d, int count);

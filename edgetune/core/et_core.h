@@ -216,7 +216,20 @@ size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et
  * that order. Writes one et_epoch_stats per epoch run. Stops after an epoch whose
  * loss or parameters are not finite (restoring that epoch's starting parameters).
  * Returns the number of epochs run, or a negative ET_ERR_* code.
+ * grads (n_params) receives each batch's gradient before the optimizer steps over it; or,
+ * where et_fused_update(bb, m), grads may be NULL: the fused update, each trained tensor's
+ * gradient computed into the workspace (room for the largest tensor) and stepped at once,
+ * after the input gradient that reads the old tensor; the same float operations, the same
+ * parameters bit for bit (its update_seconds are then part of backward_seconds).
  */
+/* 1 when et_train_epochs can take grads == NULL (the fused update): the layer-wise methods and the
+ * sparse update, whose trained tensors cover the n_params parameters exactly once; 0 otherwise
+ * (the skip adapters). Where 1, et_workspace_size counts the fused update's gradient scratch. */
+int32_t et_fused_update(const et_backbone *bb, const et_method *m);
+/* Bytes of et_workspace_size that are the fused update's gradient scratch (64-byte rounded), 0 where
+ * et_fused_update is 0: the two-phase step's workspace is that much smaller. */
+size_t et_fused_scratch_bytes(const et_backbone *bb, const et_method *m);
+
 int32_t et_train_epochs(const et_backbone *bb, const et_method *m, et_optimizer *opt, et_cache *cache,
                         float *params, float *grads, const float *x, const int32_t *y, int32_t n,
                         int32_t batch, const int32_t *orders, int32_t n_epochs, et_clock_fn clock,

@@ -35,9 +35,11 @@ static size_t layout(et_device *d, const et_model_desc *md, char *base, size_t *
     uint8_t *u8 = NULL;
     PIECE(f, float *, P * 4);
     if (d) d->params = f;
-    what = ET_PIECE_GRADIENTS;
-    PIECE(f, float *, P * 4);
-    if (d) d->grads = f;
+    what = ET_PIECE_GRADIENTS; /* none with the fused update: each tensor's gradient in the workspace */
+    if (!et_fused_update(md->backbone, md->method)) {
+        PIECE(f, float *, P * 4);
+        if (d) d->grads = f;
+    }
     what = ET_PIECE_OPTIMIZER;
     if (md->optimizer == ET_MOMENTUM || md->optimizer == ET_ADAM) {
         PIECE(f, float *, P * 4);
@@ -123,7 +125,7 @@ int32_t et_device_init(et_device *d, const et_model_desc *md, void *arena, size_
     d->workspace_bytes = workspace_bytes(md, (int32_t)sizeof(void *));
     const size_t P = (size_t)md->method->n_params;
     memcpy(d->params, md->initial_params, P * sizeof(float));
-    memset(d->grads, 0, P * sizeof(float));
+    if (d->grads) memset(d->grads, 0, P * sizeof(float));
     d->opt.kind = md->optimizer;
     d->opt.lr = md->lr;
     d->opt.momentum = md->momentum;

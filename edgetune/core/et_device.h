@@ -54,7 +54,7 @@ typedef struct et_device {
     const et_model_desc *model;
     et_optimizer opt;
     et_cache cache;
-    float *params, *grads;
+    float *params, *grads;             /* grads: NULL with the fused update (et_fused_update) */
     float *x;                          /* store: (max_samples, et_width(backbone, 0)) normalised inputs */
     int32_t *y;                        /* store: (max_samples) labels */
     const float *xs;                   /* the samples trained on (store or in place) */

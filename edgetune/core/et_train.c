@@ -55,6 +55,9 @@ typedef struct {
                                               forward pass uses it (out_c x et_layer_row_floats); on an int8
                                               chain every layer with weights from `first` on, dequantised */
     float **sb;                            /* n: sparse, an int8 chain: out_c, the dequantised bias from `first` on */
+    float *chan;                           /* sparse, not an MLP: one channel of an in-place depthwise layer */
+    float *gstep;                          /* layer-wise and sparse: the fused update's gradient of one trained
+                                              tensor at a time (the largest: fused_scratch_floats) */
 } layout;
 
 static size_t take(char **cur, size_t bytes) {
@@ -146,6 +149,76 @@ static int sp_start(const et_backbone *bb, const et_method *m) {
     return m->first < bb->n_layers - 1 ? m->first : bb->n_layers - 1;
 }
 
+/* ------------------------------------------------------------------ the fused update */
+/* Floats of layer k's trained tensors, as their gradients are written (et_core.h's et_method):
+ * the weight (the sparse update: its trained rows), the bias, LoRA's A and B; 0 where absent. */
+static int64_t weight_floats(const et_backbone *bb, const et_method *m, int k) {
+    const et_layer *l = &bb->layers[k];
+    if (m->off_weight[k] < 0) return 0;
+    const int64_t rows = m->kind == ET_SPARSE ? m->rows[k] : l->out_c;
+    return rows * et_layer_row_floats(l);
+}
+static int64_t bias_floats(const et_backbone *bb, const et_method *m, int k) {
+    return m->off_bias[k] < 0 ? 0 : bb->layers[k].out_c;
+}
+static int64_t lora_a_floats(const et_backbone *bb, const et_method *m, int k) {
+    const et_layer *l = &bb->layers[k];
+    return m->off_lora_a[k] < 0 ? 0 : (int64_t)m->rank * l->in_c * l->kernel_h * l->kernel_w;
+}
+static int64_t lora_b_floats(const et_backbone *bb, const et_method *m, int k) {
+    return m->off_lora_b[k] < 0 ? 0 : (int64_t)bb->layers[k].out_c * m->rank;
+}
+
+/* Floats of the fused update's gradient scratch: the largest trained tensor; -1 when the
+ * update cannot be fused (the skip adapters, or tensors that do not cover the n_params
+ * parameters exactly once, which the two-phase step would also move). */
+static int64_t fused_scratch_floats(const et_backbone *bb, const et_method *m) {
+    if (m->kind == ET_SKIP || m->first < 0 || m->first >= bb->n_layers) return -1;
+    if (m->kind == ET_LAYERWISE && bb->is_int8) return -1;
+    int64_t most_floats = 0, total = 0;
+    const int64_t delta = m->off_bias_delta >= 0 ? et_width(bb, bb->n_layers) : 0;
+    for (int k = 0; k < bb->n_layers; k++) {
+        const int64_t t[4] = {weight_floats(bb, m, k), bias_floats(bb, m, k), lora_a_floats(bb, m, k),
+                              lora_b_floats(bb, m, k)};
+        for (int j = 0; j < 4; j++) {
+            if (t[j] > 0 && k < m->first) return -1; /* the backward pass stops at `first` */
+            most_floats = t[j] > most_floats ? t[j] : most_floats;
+            total += t[j];
+        }
+    }
+    most_floats = delta > most_floats ? delta : most_floats;
+    return total + delta == m->n_params ? most_floats : -1;
+}
+
+int32_t et_fused_update(const et_backbone *bb, const et_method *m) {
+    if (!bb || !m || bb->n_layers < 1 || bb->n_layers > ET_MAX_LAYERS) return 0;
+    return fused_scratch_floats(bb, m) >= 0;
+}
+
+size_t et_fused_scratch_bytes(const et_backbone *bb, const et_method *m) {
+    if (!et_fused_update(bb, m)) return 0;
+    const size_t bytes = (size_t)fused_scratch_floats(bb, m) * sizeof(float);
+    return (bytes + ALIGN - 1) / ALIGN * ALIGN; /* as plan_layout's piece (none for 0 bytes) */
+}
+
+/* The sparse update on a float chain of layers runs the frozen layers before `first` through two
+ * buffers in turn; layer k (0 < k, k + 1 < first) runs in place in its input's buffer when it is a
+ * depthwise convolution whose output has its input's shape (et_conv_in_place_ok) and neither its
+ * input nor its output is an add's source (those have their own pieces). */
+static int prunes(const et_backbone *bb, const et_method *m) {
+    return m->kind == ET_SPARSE && !et_backbone_is_dense(bb) && !bb->is_int8;
+}
+static int in_place(const et_backbone *bb, const et_method *m, int k) {
+    if (!prunes(bb, m) || k < 1 || k + 1 >= sp_start(bb, m) || is_source(bb, k) || is_source(bb, k + 1)) return 0;
+    const et_layer *l = &bb->layers[k];
+    if (l->kind != ET_LAYER_CONV1D && l->kind != ET_LAYER_CONV2D) return 0;
+    const et_conv_dims d = et_layer_dims(l);
+    return et_conv_in_place_ok(&d);
+}
+/* Which of the two buffers holds act[k + 1], given act[k]'s (b): they alternate, but an in-place
+ * layer's output stays in its input's (act[1] is in buffer 1). */
+static int walk_next(const et_backbone *bb, const et_method *m, int k, int b) { return in_place(bb, m, k) ? b : b ^ 1; }
+
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
  * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
@@ -223,14 +296,17 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         const int prune = m->kind == ET_SPARSE && !et_backbone_is_dense(bb);
         /* on an int8 chain those layers run the integer pass from the samples: no float buffer before `first` */
         const int int8_chain = prune && bb->is_int8;
-        size_t turn[2] = {0, 0}; /* the widest output each buffer takes */
-        for (int k = 1; prune && !int8_chain && k < m->first; k++)
-            if (!is_source(bb, k)) turn[k & 1] = most(turn[k & 1], (size_t)et_width(bb, k));
+        size_t turn[2] = {0, 0}, chan = 0; /* the widest output each buffer takes; an in-place layer's channel */
+        for (int k = 1, b = 1; prune && !int8_chain && k < m->first; b = walk_next(bb, m, k, b), k++) {
+            if (!is_source(bb, k)) turn[b] = most(turn[b], (size_t)et_width(bb, k));
+            if (in_place(bb, m, k)) chan = most(chan, (size_t)bb->layers[k].out_h * bb->layers[k].out_w);
+        }
         if (turn[0]) PIECE(walk[0], float *, B * turn[0] * F);
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
-        for (int k = 0; k <= n; k++) {
+        if (chan) PIECE(chan, float *, chan * F);
+        for (int k = 0, b = 1; k <= n; b = k > 0 && prune && !int8_chain ? walk_next(bb, m, k, b) : b, k++) {
             if (prune && (k > 0 || int8_chain) && k < sp_start(bb, m) && !is_source(bb, k)) {
-                if (base) L->act[k] = int8_chain ? NULL : L->walk[k & 1];
+                if (base) L->act[k] = int8_chain ? NULL : L->walk[b]; /* b: act[k]'s buffer from k = 1 on */
                 continue;
             }
             PIECE(act[k], float *, B * et_width(bb, k) * F);
@@ -272,6 +348,10 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(q[1], int8_t *, B * mw);
             PIECE(acc, int32_t *, B * mw * 4);
         }
+    }
+    { /* the fused update: one trained tensor's gradient at a time, instead of all n_params */
+        const int64_t g = fused_scratch_floats(bb, m);
+        if (g > 0) PIECE(gstep, float *, (size_t)g * F);
     }
 #undef PIECE
     return total;
@@ -328,6 +408,9 @@ typedef struct {
     int32_t d_in;                          /* the sum of the taps' widths */
     int32_t batch;
     const int32_t *ids;                    /* the samples of the current batch (the int8 chain reads x by them) */
+    const et_optimizer *opt;               /* the fused update (G == NULL): each tensor stepped as its gradient
+                                              is ready, into params (Pw); NULL: gradients into G */
+    float *Pw;
     layout L;
 } ctx;
 
@@ -339,7 +422,7 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE) return ET_ERR_UNSUPPORTED;
     if (et_workspace_size(bb, m, cache, batch) == 0) return ET_ERR_ARGUMENT;
     if (bb->is_int8 && m->kind == ET_LAYERWISE) return ET_ERR_UNSUPPORTED;
-    if (m->n_params > 0 && (!P || !G)) return ET_ERR_ARGUMENT;
+    if (m->n_params > 0 && (!P || (!G && !et_fused_update(bb, m)))) return ET_ERR_ARGUMENT;
     for (int k = m->first; m->kind == ET_SPARSE && bb->is_int8 && k < bb->n_layers; k++)
         if (et_layer_has_weights(&bb->layers[k]) && (!m->w_unit[k] || !m->b_unit[k])) return ET_ERR_ARGUMENT;
     if (!ws || ws_bytes < et_workspace_size(bb, m, cache, batch)) return ET_ERR_WORKSPACE;
@@ -350,6 +433,8 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->m = m;
     c->P = P;
     c->G = G;
+    c->opt = NULL;
+    c->Pw = NULL;
     c->cache = cache;
     c->x = x;
     c->d_in = et_skip_d_in(bb);
@@ -372,6 +457,22 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
             memcpy(c->L.sw[k] + r * row, bb->layers[k].w + r * row, (bb->layers[k].out_c - r) * row * sizeof(float));
         }
     return ET_OK;
+}
+
+/* Where the gradient of the tensor at offset `off` goes: grads, or in the fused update the workspace's
+ * one-tensor scratch (stepped by step_tensor before the next tensor's gradient is written). */
+static float *grad_of(const ctx *c, int64_t off) { return c->opt ? c->L.gstep : c->G + off; }
+
+/* The fused update: the optimizer's step on the `count` parameters at `off`, from their gradient in
+ * gstep; the same float operations per element as et_optimizer_step over all n_params (momentum and
+ * Adam read their state at the same offsets; Adam's step number is advanced once per batch by
+ * et_train_epochs, after the backward pass). Nothing in the two-phase path. */
+static void step_tensor(ctx *c, int64_t off, int64_t count) {
+    if (!c->opt || count <= 0) return;
+    et_optimizer o = *c->opt;
+    if (o.m) o.m += off;
+    if (o.v) o.v += off;
+    et_optimizer_step(&o, c->Pw + off, c->L.gstep, count);
 }
 
 static void add_bias(float *z, const float *b, int rows, int out, int ldz) {
@@ -486,7 +587,12 @@ static float *lw_forward(ctx *c, int count) {
         const float *residual = l->kind == ET_LAYER_ADD ? c->L.act[l->source] : NULL;
         const float *wt, *w;
         lw_weights(c, k, &wt, &w);
-        et_layer_ops_of(l->kind)->forward(l, wt, w, lw_bias(c, k), h, in, count, z, out, residual, c->L.scratch);
+        if (z == h) { /* a frozen depthwise layer in place (in_place) */
+            const et_conv_dims d = et_layer_dims(l);
+            et_conv_depthwise_in_place(&d, count, z, in, w, lw_bias(c, k), c->L.chan);
+        } else {
+            et_layer_ops_of(l->kind)->forward(l, wt, w, lw_bias(c, k), h, in, count, z, out, residual, c->L.scratch);
+        }
         if (m->off_lora_a[k] >= 0 && !dense) { /* z += s B(A(h)), A and B convolutions */
             const int U = lora_width(bb, m, k);
             float *u = c->L.lora_u + (size_t)k * count * max_lora_width(bb, m);
@@ -522,7 +628,26 @@ static float *lw_forward(ctx *c, int count) {
     return c->L.act[n];
 }
 
-/* g: the loss gradient w.r.t. the logits (in act[n]); fills the gradients. */
+/* int8 units: d/dWq = s_W dW, d/dbq = s_x s_W db; QAS divides by the unit instead (s_W^-2 in all). */
+static void int8_units(const et_method *m, int k, int rows, size_t row, float *gw) {
+    for (int o = 0; o < rows; o++) {
+        const float u = m->w_unit[k][o], f = m->qas ? 1.0f / u : u;
+        for (size_t i = 0; i < row; i++) gw[o * row + i] *= f;
+    }
+}
+static void int8_bias_units(const et_method *m, int k, int out, float *gb) {
+    for (int o = 0; o < out; o++) {
+        const float u = m->b_unit[k][o];
+        gb[o] *= m->qas ? 1.0f / u : u;
+    }
+}
+
+/*
+ * g: the loss gradient w.r.t. the logits (in act[n]). Per layer, from the last to `first`: the
+ * gradient of its input first (it reads the layer's weights and LoRA pair), then each trained
+ * tensor's gradient, which the fused update applies at once (grad_of, step_tensor): nothing
+ * below reads this layer's tensors again.
+ */
 static void lw_backward(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
@@ -531,56 +656,29 @@ static void lw_backward(ctx *c, int count) {
     int flip = 0;
     int32_t *pending = c->L.pending; /* pend[k] holds gradients for layer k's input from add layers */
     memset(pending, 0, (size_t)n * sizeof(int32_t));
-    if (m->off_bias_delta >= 0) column_sums(g, count, et_width(bb, n), c->G + m->off_bias_delta);
+    if (m->off_bias_delta >= 0) {
+        column_sums(g, count, et_width(bb, n), grad_of(c, m->off_bias_delta));
+        step_tensor(c, m->off_bias_delta, et_width(bb, n));
+    }
     for (int k = n - 1; k >= m->first; k--) {
         const et_layer *l = &bb->layers[k];
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         const int in = et_layer_in(l), out = et_layer_out(l), dense = l->kind == ET_LAYER_DENSE;
         const float *h = c->L.act[k];
-        if (m->kind == ET_SPARSE && m->rows[k] > 0) /* the trained rows only */
-            ops->weight_rows_grad(l, h, g, count, m->rows[k], c->G + m->off_weight[k], c->L.scratch);
-        else if (m->kind != ET_SPARSE && m->off_weight[k] >= 0)
-            ops->weight_grad(l, h, g, count, c->G + m->off_weight[k], c->L.scratch);
-        if (m->off_bias[k] >= 0) ops->bias_grad(l, g, count, c->G + m->off_bias[k]);
-        if (bb->is_int8 && m->kind == ET_SPARSE) { /* int8 units: d/dWq = s_W dW, d/dbq = s_x s_W db; QAS: / unit^2 */
-            const size_t row = (size_t)et_layer_row_floats(l);
-            for (int o = 0; o < m->rows[k]; o++) {
-                const float u = m->w_unit[k][o], f = m->qas ? 1.0f / u : u;
-                for (size_t i = 0; i < row; i++) c->G[m->off_weight[k] + o * row + i] *= f;
-            }
-            if (m->off_bias[k] >= 0)
-                for (int o = 0; o < l->out_c; o++) {
-                    const float u = m->b_unit[k][o];
-                    c->G[m->off_bias[k] + o] *= m->qas ? 1.0f / u : u;
-                }
-        }
         const float *A = NULL;
+        const float *u = c->L.lora_u ? c->L.lora_u + (size_t)k * count * U_max : NULL;
         et_conv_dims da, db;
-        if (m->off_lora_a[k] >= 0 && !dense) { /* LoRA convolutions: dB, gu = s dB/du, dA */
-            const int U = lora_width(bb, m, k);
-            const float *u = c->L.lora_u + (size_t)k * count * U_max;
-            float *gB = c->G + m->off_lora_b[k], *gA = c->G + m->off_lora_a[k];
-            lora_dims(l, r, &da, &db);
-            A = c->P + m->off_lora_a[k];
-            et_conv_weight_grad(&db, count, u, g, gB, 0, c->L.scratch);
-            et_conv_input_grad(&db, count, g, c->P + m->off_lora_b[k], c->L.gu, c->L.scratch);
-            if (m->scale != 1.0f) {
-                for (int i = 0; i < l->out_c * r; i++) gB[i] *= m->scale; /* B: (out_c, rank, 1, 1) */
-                for (int i = 0; i < count * U; i++) c->L.gu[i] *= m->scale;
-            }
-            et_conv_weight_grad(&da, count, h, c->L.gu, gA, 0, c->L.scratch);
-        } else if (m->off_lora_a[k] >= 0) {
+        if (m->off_lora_a[k] >= 0) { /* gu = s dL/du (dA and the input's gradient read it) */
             const float *Bm = c->P + m->off_lora_b[k];
-            const float *u = c->L.lora_u + (size_t)k * count * U_max;
-            float *gB = c->G + m->off_lora_b[k], *gA = c->G + m->off_lora_a[k];
             A = c->P + m->off_lora_a[k];
-            et_gemm_tn(out, r, count, g, out, u, r, gB, r, 0);          /* dB = g^T u */
-            et_gemm_nn(count, r, out, g, out, Bm, r, c->L.gu, r, 0);    /* gu = g B */
-            if (m->scale != 1.0f) {
-                for (int i = 0; i < out * r; i++) gB[i] *= m->scale;
-                for (int i = 0; i < count * r; i++) c->L.gu[i] *= m->scale;
+            if (!dense) {
+                lora_dims(l, r, &da, &db);
+                et_conv_input_grad(&db, count, g, Bm, c->L.gu, c->L.scratch);
+            } else {
+                et_gemm_nn(count, r, out, g, out, Bm, r, c->L.gu, r, 0);
             }
-            et_gemm_tn(r, in, count, c->L.gu, r, h, in, gA, in, 0);     /* dA = gu^T h */
+            if (m->scale != 1.0f)
+                for (int i = 0; i < count * lora_width(bb, m, k); i++) c->L.gu[i] *= m->scale;
         }
         if (l->kind == ET_LAYER_ADD && l->source >= m->first) { /* the add's other input: its source's */
             float *p = c->L.pend[l->source];
@@ -588,8 +686,9 @@ static void lw_backward(ctx *c, int count) {
             else memcpy(p, g, (size_t)count * in * sizeof(float));
             pending[l->source] = 1;
         }
+        float *dh = NULL;
         if (k > m->first) {
-            float *dh = c->L.gbuf[flip];
+            dh = c->L.gbuf[flip];
             flip ^= 1;
             if (m->kind == ET_SPARSE) /* W as stored, assembled where rows train */
                 ops->input_grad(l, NULL, lw_weight_t(c, k), h, g, count, dh, c->L.scratch);
@@ -612,8 +711,37 @@ static void lw_backward(ctx *c, int count) {
                 const float top = hi * s, bottom = -127.0f * s;
                 for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top && h[i] > bottom);
             }
-            g = dh;
         }
+        /* the layer's trained tensors: each gradient, then (fused) its step */
+        if (m->off_weight[k] >= 0) {
+            float *gw = grad_of(c, m->off_weight[k]);
+            if (m->kind == ET_SPARSE) { /* the trained rows only */
+                ops->weight_rows_grad(l, h, g, count, m->rows[k], gw, c->L.scratch);
+                if (bb->is_int8) int8_units(m, k, m->rows[k], (size_t)et_layer_row_floats(l), gw);
+            } else {
+                ops->weight_grad(l, h, g, count, gw, c->L.scratch);
+            }
+            step_tensor(c, m->off_weight[k], weight_floats(bb, m, k));
+        }
+        if (m->off_bias[k] >= 0) {
+            float *gb = grad_of(c, m->off_bias[k]);
+            ops->bias_grad(l, g, count, gb);
+            if (bb->is_int8 && m->kind == ET_SPARSE) int8_bias_units(m, k, l->out_c, gb);
+            step_tensor(c, m->off_bias[k], l->out_c);
+        }
+        if (A) { /* LoRA: dB = s g^T u, dA = gu^T h (convolutions: their weight gradients) */
+            float *gB = grad_of(c, m->off_lora_b[k]);
+            if (!dense) et_conv_weight_grad(&db, count, u, g, gB, 0, c->L.scratch);
+            else et_gemm_tn(out, r, count, g, out, u, r, gB, r, 0);
+            if (m->scale != 1.0f)
+                for (int i = 0; i < l->out_c * r; i++) gB[i] *= m->scale; /* B: (out_c, rank[, 1, 1]) */
+            step_tensor(c, m->off_lora_b[k], lora_b_floats(bb, m, k));
+            float *gA = grad_of(c, m->off_lora_a[k]);
+            if (!dense) et_conv_weight_grad(&da, count, h, c->L.gu, gA, 0, c->L.scratch);
+            else et_gemm_tn(r, in, count, c->L.gu, r, h, in, gA, in, 0);
+            step_tensor(c, m->off_lora_a[k], lora_a_floats(bb, m, k));
+        }
+        if (dh) g = dh;
     }
 }
 
@@ -984,26 +1112,9 @@ static void sp_backward(ctx *c, int count) {
     for (int k = n - 1; k >= m->first; k--) {
         const int in = et_width(bb, k), out = et_width(bb, k + 1), rows = m->rows[k];
         const float *h = c->L.act[k];
-        if (rows > 0) {
-            float *gw = c->G + m->off_weight[k];
-            et_gemm_tn(rows, in, count, g, out, h, in, gw, in, 0);     /* dW[:rows] = g[:, :rows]^T h */
-            if (bb->is_int8) /* d/dWq = s_W dW; QAS multiplies by s_W^-2 */
-                for (int o = 0; o < rows; o++) {
-                    const float u = m->w_unit[k][o], f = m->qas ? 1.0f / u : u;
-                    for (int i = 0; i < in; i++) gw[(size_t)o * in + i] *= f;
-                }
-        }
-        if (sp_trained_bias(c, k)) {
-            float *gb = c->G + m->off_bias[k];
-            column_sums(g, count, out, gb);
-            if (bb->is_int8)
-                for (int o = 0; o < out; o++) {
-                    const float u = m->b_unit[k][o];
-                    gb[o] *= m->qas ? 1.0f / u : u;
-                }
-        }
-        if (k > m->first) {
-            float *dh = c->L.gbuf[flip];
+        float *dh = NULL;
+        if (k > m->first) { /* first: it reads the trained rows, which the fused update then steps */
+            dh = c->L.gbuf[flip];
             flip ^= 1;
             for (int i = 0; i < count * in; i++) dh[i] = 0.0f;
             for (int o = 0; o < out; o++) {
@@ -1015,8 +1126,20 @@ static void sp_backward(ctx *c, int count) {
             if (bb->layers[k - 1].activation == ET_RELU) et_act_grad_mul(ET_RELU, dh, h, (int64_t)count * in);
             if (bb->is_int8)
                 for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top);
-            g = dh;
         }
+        if (rows > 0) {
+            float *gw = grad_of(c, m->off_weight[k]);
+            et_gemm_tn(rows, in, count, g, out, h, in, gw, in, 0);     /* dW[:rows] = g[:, :rows]^T h */
+            if (bb->is_int8) int8_units(m, k, rows, (size_t)in, gw); /* d/dWq = s_W dW; QAS: s_W^-2 */
+            step_tensor(c, m->off_weight[k], (int64_t)rows * in);
+        }
+        if (sp_trained_bias(c, k)) {
+            float *gb = grad_of(c, m->off_bias[k]);
+            column_sums(g, count, out, gb);
+            if (bb->is_int8) int8_bias_units(m, k, out, gb);
+            step_tensor(c, m->off_bias[k], out);
+        }
+        if (dh) g = dh;
     }
 }
 
@@ -1060,6 +1183,11 @@ int32_t et_train_epochs(const et_backbone *bb, const et_method *m, et_optimizer 
     if (cache && cache->kind != ET_CACHE_NONE && (cache->n_samples != n || !cache->filled)) return ET_ERR_ARGUMENT;
     const int rc = setup(&c, bb, m, params, grads, cache, x, batch, workspace, workspace_bytes);
     if (rc != ET_OK) return rc;
+    const int fused = grads == NULL; /* setup accepted it: et_fused_update(bb, m) */
+    if (fused) {
+        c.opt = opt;
+        c.Pw = params;
+    }
     const int out = et_width(bb, bb->n_layers);
     const int use_cache = m->kind == ET_SKIP && cache && cache->kind != ET_CACHE_NONE;
     for (int e = 0; e < n_epochs; e++) {
@@ -1081,9 +1209,10 @@ int32_t et_train_epochs(const et_backbone *bb, const et_method *m, et_optimizer 
             const double t1 = now(clock);
             for (int i = 0; i < count; i++) c.L.ybuf[i] = y[ids[i]];
             total += et_softmax_xent_grad(logits, c.L.ybuf, count, out);
-            backward(&c, count);
+            backward(&c, count); /* fused: every tensor stepped there */
             const double t2 = now(clock);
-            et_optimizer_step(opt, params, grads, m->n_params);
+            if (!fused) et_optimizer_step(opt, params, grads, m->n_params);
+            else if (opt->kind == ET_ADAM) opt->t += 1; /* as et_optimizer_step does once per batch */
             const double t3 = now(clock);
             t_fwd += t1 - t0;
             t_bwd += t2 - t1;
@@ -1110,6 +1239,7 @@ int32_t et_batch_gradient(const et_backbone *bb, const et_method *m, const float
                           int32_t batch, void *workspace, size_t workspace_bytes, double *loss) {
     ctx c;
     if (!y || !ids || !loss || count < 1 || count > batch) return ET_ERR_ARGUMENT;
+    if (m && m->n_params > 0 && !grads) return ET_ERR_ARGUMENT; /* it fills grads: no fused update here */
     const int rc = setup(&c, bb, m, params, grads, NULL, x, batch, workspace, workspace_bytes);
     if (rc != ET_OK) return rc;
     float *logits = forward(&c, ids, count, 0);
