@@ -620,6 +620,9 @@ def measure_memory(backbone: Backbone, method: str, x: np.ndarray, y: np.ndarray
     from .optim import make_optimizer
 
     from .cache import backbone_key
+    # Modules the methods import on first use: imported here, outside the traced region, so the
+    # figure is the step's memory and not the first import's (which made it depend on what ran before).
+    from .quant import cache as _qcache, int8 as _qint8  # noqa: F401
 
     backbone_key(backbone).clear()  # measure a first fit: the transposed copies it keeps are made inside
     was_tracing = tracemalloc.is_tracing()
