@@ -119,7 +119,7 @@ def test_the_memory_table_on_a_small_network(tmp_path):
     # PyTorch's full update holds at least the parameters and their gradients
     assert full.torch_measured >= 8 * full.params and sparse.torch_measured is None
     text = table(rows, 32, "cmd")
-    assert "2,939 (full update)" in text and "141 (sparse + reordering)" in text
+    assert "2,939 (full update)" in text and "141 (sparse + reordering, int8)" in text
     assert f"| {full.device_two_phase / 1024:,.0f} -> {full.device_arena / 1024:,.0f} |" in text
     assert "2,939" not in table(rows, 32, "cmd", comparable=False)  # the paper's figures: its networks only
     doc = tmp_path / "budgets.md"
