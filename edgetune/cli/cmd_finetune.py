@@ -91,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     from ..experiment import finetune_on_task, pretrain_on_task
     from ..methods import method_class
-    from ..quant import load_any, quantize
     from ..units import parse_bytes
 
     from .cmd_plan import check_auto_args
@@ -136,9 +135,13 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     info(args, task.summary())
     progress = None if not args.quiet else False
     if args.model:
+        from ..quant import load_any
+
         model = load_any(args.model)
         if args.int8 and not model.is_int8:
             from ..experiment import check_compatible
+
+            from ..quant import quantize
 
             check_compatible(model, task)
             model = quantize(model, task.x_pretrain)
@@ -150,8 +153,12 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
         info(args, f"pre-trained {'-'.join(map(str, model.sizes))} in {rep['pretrain_seconds']:.2f} s; "
                    f"test accuracy {rep['accuracy_test']:.4f}")
         if args.int8:
+            from ..quant import quantize
+
             model = quantize(model, task.x_pretrain)
             info(args, "quantised it to int8")
+    if not args.int8_cache:  # the int8 cache calibrates on the pre-train split; nothing else reads it now
+        task.drop_pretrain()
     train = train_kwargs(args, task.defaults)
     if args.patience is not None:
         train["patience"] = args.patience

@@ -129,10 +129,12 @@ def _ratio_list(text: str) -> list[str]:
 
 def check_auto_args(args: argparse.Namespace, method: str | None) -> bool:
     """True for --scheme auto, after refusing the combinations it cannot run."""
+    if getattr(args, "scheme", None) is None:
+        return False
     from ..errors import UsageError
     from ..methods.sparse import AUTO
 
-    if getattr(args, "scheme", None) is None or args.scheme.strip().lower() != AUTO:
+    if args.scheme.strip().lower() != AUTO:
         return False
     if method not in (None, "sparse"):
         raise UsageError(f"--scheme auto chooses a sparse-update scheme: use it with --method sparse, not {method}")
