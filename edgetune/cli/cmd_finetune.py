@@ -179,7 +179,8 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
                         "cache_budget": budget, "cache_overflow": "partial" if args.partial_cache else "error",
                         "scheme": args.scheme, "qas": args.qas},
         train_options=train, curve=args.curve, progress=progress, checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every, int8_cache=args.int8_cache, val_fraction=args.val_split)
+        checkpoint_every=args.checkpoint_every, int8_cache=args.int8_cache, val_fraction=args.val_split,
+        keep_cache=False)  # nothing fits again: the skip-cache is freed before the test sets are scored
     if auto_result is not None:
         result["scheme"] = auto_result.scheme
         result["scheme_search"] = auto_result.as_dict()
