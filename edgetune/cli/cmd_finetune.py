@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", metavar="BYTES",
                    help="training-memory budget, e.g. 256KB: refuse (exit 1) before fine-tuning if the planned "
                         "memory exceeds it (see 'edgetune plan')")
-    from .cmd_plan import add_auto_args
+    from ._scheme_auto import add_auto_args
 
     add_auto_args(g)
     add_train_args(p)
@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     from ..methods import method_class
     from ..units import parse_bytes
 
-    from .cmd_plan import check_auto_args
+    from ._scheme_auto import check_auto_args
 
     cls = method_class(args.method)  # unknown names fail before any work
     auto = check_auto_args(args, args.method)
