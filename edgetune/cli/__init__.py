@@ -176,7 +176,7 @@ def _lighten_process(command: str | None) -> None:
     """Process-wide settings for the ``edgetune`` program (never for ``main`` called from Python).
 
     - NumPy's random module imports ``secrets``, whose ``hmac`` loads CPython's OpenSSL hashes
-      (``_hashlib``, which maps libcrypto: about 3.3 MB resident). A light command marks that
+      (``_hashlib``, which maps OpenSSL's libcrypto into the process). A light command marks that
       module missing before anything imports it, so ``hashlib`` uses CPython's built-in SHA-2,
       SHA-3, BLAKE2 and MD5 (the same digests) and ``hmac`` its pure-Python form.
     - glibc raises its mmap threshold to the size of each large block freed, so that arrays of a
