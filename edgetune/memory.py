@@ -13,7 +13,6 @@ import functools
 import itertools
 import tracemalloc
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -218,7 +217,9 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
             else:
                 cache_bytes = N * (D + out) * fi + N
     else:  # sparse
-        from .methods.sparse import SparseScheme  # imported by the sparse method's plans only
+        from fractions import Fraction  # with the sparse method: imported by its plans only
+
+        from .methods.sparse import SparseScheme
 
         sch = SparseScheme.parse(scheme) if scheme else SparseScheme(min(2, L), ((-1, Fraction(1)),))
         sch = sch.resolve(L)
