@@ -414,6 +414,13 @@ def section_memory(s: Settings, rep: Report, benches: list[Bench]) -> None:
                        outs["PyTorch equivalent (complete run)"].strip().splitlines()[-1])
     t.notes.append(f"peak RSS = ru_maxrss of the child process (os.wait4), run with {s.threads} BLAS/OpenMP "
                    f"thread(s) like the rest of the suite")
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and not any((REPO / "edgetune").rglob("__pycache__")):
+        t.notes.append("edgetune's modules compiled in each process (PYTHONDONTWRITEBYTECODE is set and the checkout "
+                       "has no __pycache__): about 2 MB more than with .pyc files, as after pip install "
+                       "(python -m benchmarks.peak_memory measures both)")
+    else:
+        t.notes.append("edgetune's modules read from .pyc files (python -m benchmarks.peak_memory also measures them "
+                       "compiled in the process)")
     rep.data["memory"] = {k: v for k, v in peaks.items()} | {"cache_bytes": cache_bytes}
     rep.targets.append(Target(f"{b.name}: peak RSS of a complete edgetune fine-tune", et_peak / 2**20, 45,
                               higher_is_better=False, unit=" MB", detail=f"skip-cache {cache_bytes} B"))

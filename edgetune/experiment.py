@@ -62,15 +62,17 @@ def finetune_on_task(task: Task, backbone: Backbone, method: str, *, method_opti
                      train_options: dict[str, Any] | None = None, curve: bool = False,
                      progress: bool | None = False, checkpoint: str | None = None,
                      checkpoint_every: int | None = None,
-                     int8_cache: bool = False, val_fraction: float | None = None
-                     ) -> tuple[FineTuner, dict[str, Any]]:
+                     int8_cache: bool = False, val_fraction: float | None = None,
+                     keep_cache: bool = True) -> tuple[FineTuner, dict[str, Any]]:
     """Fine-tune ``backbone`` on the task's fine-tune split and report test accuracy before/after.
 
     With ``curve`` the test accuracy is measured after every epoch (its time is recorded
     as evaluation, not training). ``int8_cache`` gives skip2-lora an int8 skip-cache
     (calibrated on the pre-train split when the backbone is float). ``val_fraction`` holds
     that share of the fine-tune split out (seeded) as validation data, measured every epoch:
-    what early stopping (``patience`` in ``train_options``) watches.
+    what early stopping (``patience`` in ``train_options``) watches. ``keep_cache=False`` frees
+    the skip-cache once trained, before the test sets are scored, for a caller that fits no more
+    (the tuner's next fit would rebuild it; its statistics are in the result either way).
     """
     check_compatible(backbone, task)
     d = task.defaults
@@ -106,6 +108,8 @@ def finetune_on_task(task: Task, backbone: Backbone, method: str, *, method_opti
         tuner.fit(x_ft, y_ft, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     hist = tuner.history_
     assert hist is not None
+    if not keep_cache and getattr(tuner.method, "cache", None) is not None:
+        tuner.method.cache = None
     result: dict[str, Any] = {"task": task.name, "method": method, **hist.summary(), **before,
                               "accuracy_after": tuner.score(task.x_test, task.y_test),
                               "finetune_samples": int(len(task.y_finetune)), "test_samples": int(len(task.y_test)),

@@ -13,16 +13,17 @@ import functools
 import itertools
 import tracemalloc
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from .errors import BudgetError, UsageError
-from .methods.sparse import RATIOS, SparseScheme
 from .nn.layers import CallBytes, activation_bytes, call_bytes, lora_specs
 from .nn.mlp import Backbone
 from .units import format_bytes
+
+if TYPE_CHECKING:  # the sparse method's module is imported where a plan needs it
+    from .methods.sparse import SparseScheme
 
 F32 = 4
 COMPONENTS = ("frozen_weights", "weight_copies", "trainable", "gradients", "optimizer", "snapshot", "activations",
@@ -216,6 +217,10 @@ def plan_memory(backbone: Backbone, method: str, *, batch_size: int = 20, n_samp
             else:
                 cache_bytes = N * (D + out) * fi + N
     else:  # sparse
+        from fractions import Fraction  # with the sparse method: imported by its plans only
+
+        from .methods.sparse import SparseScheme
+
         sch = SparseScheme.parse(scheme) if scheme else SparseScheme(min(2, L), ((-1, Fraction(1)),))
         sch = sch.resolve(L)
         sch_text = str(sch)
@@ -680,6 +685,8 @@ def sparse_schemes(n_layers: int) -> list[str]:
     """Every scheme: biases of the last k layers (k = 0..n) x, per layer, no weight or a ratio.
     A scheme counts the layers with weights (``len(backbone.tap_layers)``; for an MLP every
     layer), as the sparse method does: pooling, flatten and add layers have nothing to train."""
+    from .methods.sparse import RATIOS
+
     out = []
     for k in range(n_layers + 1):
         for ratios in itertools.product((None, *RATIOS), repeat=n_layers):

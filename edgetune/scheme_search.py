@@ -19,14 +19,18 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from .errors import BudgetError, UsageError
-from .methods.sparse import RATIOS, SparseScheme
 from .nn.mlp import Backbone
+
+# methods.sparse (RATIOS, SparseScheme) and fractions (with the decimal module) are imported where
+# they are used: the command line reads this module's defaults for its --scheme auto options, and a
+# fine-tune of another method never needs them.
+if TYPE_CHECKING:
+    from fractions import Fraction
 
 #: Above this many schemes, ``choose_scheme`` searches instead of trying every one.
 MAX_EXHAUSTIVE = 4096
@@ -44,6 +48,10 @@ def _ratio_text(r: Fraction) -> str:
 def scheme_text(n_layers: int, bias_layers: int, ratios: dict[int, Fraction]) -> str:
     """The scheme string of: biases of the last ``bias_layers``, ``ratios`` {layer: ratio},
     and the last layer's whole weight (always trained here)."""
+    from fractions import Fraction
+
+    from .methods.sparse import SparseScheme
+
     weights = {**{k: r for k, r in ratios.items() if r is not None}, n_layers - 1: Fraction(1)}
     return str(SparseScheme(bias_layers, tuple(sorted(weights.items()))))
 
@@ -183,6 +191,10 @@ def contribution_analysis(backbone: Backbone, x: np.ndarray, y: np.ndarray, *, e
         layers = n
     if not isinstance(layers, (int, np.integer)) or isinstance(layers, bool) or not 1 <= layers <= n:
         raise UsageError(f"layers must be a whole number from 1 to {n} (the layers with weights), got {layers!r}")
+    from fractions import Fraction
+
+    from .methods.sparse import RATIOS
+
     tried = [Fraction(r) for r in (ratios if ratios is not None else RATIOS)]
     if not tried or any(r not in RATIOS for r in tried):
         raise UsageError(f"ratios must be some of 1/8, 1/4, 1/2, 1, got {list(map(str, tried))}")
@@ -355,6 +367,10 @@ def largest_batch(plan_at: Callable[[str, int], Any], n_layers: int, budget: int
 
 def last_k_scheme(n_layers: int, k: int) -> str:
     """The paper's 'update the last k layers' baseline: their weights and biases."""
+    from fractions import Fraction
+
+    from .methods.sparse import SparseScheme
+
     return str(SparseScheme(k, tuple((i, Fraction(1)) for i in range(n_layers - k, n_layers))))
 
 

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import checkpoint as ckpt
 from .errors import EdgetuneError, UsageError
 from .methods.base import Method
 from .nn.losses import SoftmaxCrossEntropyGrad, cross_entropy_from_logits
@@ -297,6 +296,8 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
         if checkpoint_every is not None and (not isinstance(checkpoint_every, (int, np.integer))
                                              or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise UsageError(f"checkpoint_every must be a whole number >= 1 (or None: by time), got {checkpoint_every!r}")
+        from . import checkpoint as ckpt  # only a run with a checkpoint reads or writes one
+
         fp = ckpt.fingerprint(method, config, x, y, x_val, y_val)
         journal = ckpt.HistoryJournal(checkpoint)  # each save appends only the epochs since the last one
         saved = ckpt.load(checkpoint, fp, journal)

@@ -161,7 +161,47 @@ def _interrupt_hint(args: argparse.Namespace) -> str:
             "command resumes it")
 
 
+#: Commands whose whole run is edgetune's own code and NumPy: run as the ``edgetune`` program, they
+#: never load OpenSSL (see ``_lighten_process``). Commands that download (``data``), talk to other
+#: machines (``fleet``) or import third-party converters keep the interpreter as it is.
+LIGHT_COMMANDS = frozenset({"finetune", "pretrain", "evaluate", "predict", "quantize", "reproduce", "plan",
+                            "methods", "info"})
+
+#: glibc's mallopt parameter M_MMAP_THRESHOLD and the value it is fixed at (glibc's own initial one).
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def _lighten_process(command: str | None) -> None:
+    """Process-wide settings for the ``edgetune`` program (never for ``main`` called from Python).
+
+    - NumPy's random module imports ``secrets``, whose ``hmac`` loads CPython's OpenSSL hashes
+      (``_hashlib``, which maps OpenSSL's libcrypto into the process). A light command marks that
+      module missing before anything imports it, so ``hashlib`` uses CPython's built-in SHA-2,
+      SHA-3, BLAKE2 and MD5 (the same digests) and ``hmac`` its pure-Python form.
+    - glibc raises its mmap threshold to the size of each large block freed, so that arrays of a
+      few MB made after a freed one are carved from the heap, where they stay resident after they
+      are freed. Fixing the threshold keeps every array over 128 KB in its own mapping, returned
+      to the system when NumPy frees it.
+
+    BENCHMARKS.md ("Peak memory") has what each saves on a complete damage1 fine-tune.
+    """
+    if command in LIGHT_COMMANDS and "_hashlib" not in sys.modules:
+        sys.modules["_hashlib"] = None  # type: ignore[assignment]  # "import _hashlib" -> ImportError
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        except (AttributeError, OSError):  # not glibc (musl has no such call): keep its defaults
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``edgetune`` program. ``argv`` None means the process is the program itself (the
+    console script, ``python -m edgetune``): only then are process-wide settings changed."""
+    if argv is None:
+        _lighten_process(_command_in(_join_size_values(sys.argv[1:])))
     argv = _join_size_values(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)

@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --task: a seeded subset of N test samples (default: all)")
     g.add_argument("--flash", metavar="BYTES", help="microcontrollers: the part's flash (default: the target's)")
     g = p.add_argument_group("choosing a sparse scheme on the task (--method sparse --scheme auto)")
-    from .cmd_plan import add_auto_args
+    from ._scheme_auto import add_auto_args
 
     add_auto_args(g)
     p.add_argument("--no-toolchain-check", dest="toolchain_check", action="store_false",

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", metavar="BYTES",
                    help="training-memory budget, e.g. 256KB: refuse (exit 1) before fine-tuning if the planned "
                         "memory exceeds it (see 'edgetune plan')")
-    from .cmd_plan import add_auto_args
+    from ._scheme_auto import add_auto_args
 
     add_auto_args(g)
     add_train_args(p)
@@ -91,10 +91,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     from ..experiment import finetune_on_task, pretrain_on_task
     from ..methods import method_class
-    from ..quant import load_any, quantize
     from ..units import parse_bytes
 
-    from .cmd_plan import check_auto_args
+    from ._scheme_auto import check_auto_args
 
     cls = method_class(args.method)  # unknown names fail before any work
     auto = check_auto_args(args, args.method)
@@ -136,9 +135,13 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
     info(args, task.summary())
     progress = None if not args.quiet else False
     if args.model:
+        from ..quant import load_any
+
         model = load_any(args.model)
         if args.int8 and not model.is_int8:
             from ..experiment import check_compatible
+
+            from ..quant import quantize
 
             check_compatible(model, task)
             model = quantize(model, task.x_pretrain)
@@ -150,8 +153,12 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
         info(args, f"pre-trained {'-'.join(map(str, model.sizes))} in {rep['pretrain_seconds']:.2f} s; "
                    f"test accuracy {rep['accuracy_test']:.4f}")
         if args.int8:
+            from ..quant import quantize
+
             model = quantize(model, task.x_pretrain)
             info(args, "quantised it to int8")
+    if not args.int8_cache:  # the int8 cache calibrates on the pre-train split; nothing else reads it now
+        task.drop_pretrain()
     train = train_kwargs(args, task.defaults)
     if args.patience is not None:
         train["patience"] = args.patience
@@ -172,7 +179,8 @@ def _run(args: argparse.Namespace, outputs: contextlib.ExitStack) -> int:
                         "cache_budget": budget, "cache_overflow": "partial" if args.partial_cache else "error",
                         "scheme": args.scheme, "qas": args.qas},
         train_options=train, curve=args.curve, progress=progress, checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every, int8_cache=args.int8_cache, val_fraction=args.val_split)
+        checkpoint_every=args.checkpoint_every, int8_cache=args.int8_cache, val_fraction=args.val_split,
+        keep_cache=False)  # nothing fits again: the skip-cache is freed before the test sets are scored
     if auto_result is not None:
         result["scheme"] = auto_result.scheme
         result["scheme_search"] = auto_result.as_dict()

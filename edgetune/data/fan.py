@@ -115,38 +115,37 @@ def _as_set(value: str | Iterable[str] | None, known: Sequence[str], what: str) 
 def parse_spectrum_csvs(blobs: Sequence[bytes], names: Sequence[str], where: str) -> np.ndarray:
     """Parse CSV files of 512 ``index, amplitude`` lines into an (n, 512) float32 array.
 
-    ``names`` label each blob in error messages; ``where`` names the containing file."""
+    ``names`` label each blob in error messages; ``where`` names the containing file. Each file
+    is parsed on its own into a row of the result: the text of a whole zip as Python tokens
+    (about 11 MB for one recording) is never held at once."""
     n = len(blobs)
-    if n == 0:
-        return np.zeros((0, N_BINS), np.float32)
-    for blob, name in zip(blobs, names):
+    out = np.empty((n, N_BINS), np.float32)
+    expected = np.arange(N_BINS, dtype=np.float64)
+    for i, (blob, name) in enumerate(zip(blobs, names)):
         lines = blob.rstrip().count(b"\n") + 1 if blob.strip() else 0
         if lines != N_BINS:
             raise DataError(f"{where}: {name} has {lines} lines, expected {N_BINS} "
                             f"('index, amplitude' for index 0..{N_BINS - 1})")
-    tokens = b"\n".join(blobs).replace(b",", b" ").split()
-    values = None
-    if len(tokens) == n * N_BINS * 2:
-        try:
-            values = np.array(tokens, dtype=np.float64).reshape(n, N_BINS, 2)
-        except ValueError:
-            values = None
-    if values is None:  # find the offending file and line for the message
-        for blob, name in zip(blobs, names):
+        tokens = blob.replace(b",", b" ").split()
+        values = None
+        if len(tokens) == N_BINS * 2:
+            try:
+                values = np.array(tokens, dtype=np.float64).reshape(N_BINS, 2)
+            except ValueError:
+                values = None
+        if values is None:  # find the offending line for the message
             _check_one_csv(blob, name, where)
-        raise DataError(f"{where}: could not parse the spectra")  # pragma: no cover
-    expected = np.arange(N_BINS, dtype=np.float64)
-    bad = np.flatnonzero(np.any(values[:, :, 0] != expected, axis=1))
-    if bad.size:
-        i = int(bad[0])
-        line = int(np.flatnonzero(values[i, :, 0] != expected)[0])
-        raise DataError(f"{where}: {names[i]} line {line + 1}: index is {values[i, line, 0]:g}, "
-                        f"expected {line} (lines must be 'index, amplitude' in index order)")
-    amp = values[:, :, 1]
-    if not np.all(np.isfinite(amp)):
-        i, line = (int(v) for v in np.argwhere(~np.isfinite(amp))[0])
-        raise DataError(f"{where}: {names[i]} line {line + 1}: amplitude is not a finite number")
-    return amp.astype(np.float32)
+            raise DataError(f"{where}: could not parse {name}")  # pragma: no cover
+        bad = np.flatnonzero(values[:, 0] != expected)
+        if bad.size:
+            line = int(bad[0])
+            raise DataError(f"{where}: {name} line {line + 1}: index is {values[line, 0]:g}, "
+                            f"expected {line} (lines must be 'index, amplitude' in index order)")
+        if not np.all(np.isfinite(values[:, 1])):
+            line = int(np.flatnonzero(~np.isfinite(values[:, 1]))[0])
+            raise DataError(f"{where}: {name} line {line + 1}: amplitude is not a finite number")
+        out[i] = values[:, 1]  # float64 -> float32, as the whole-array cast rounded it
+    return out
 
 
 def _check_one_csv(blob: bytes, name: str, where: str) -> None:

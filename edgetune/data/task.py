@@ -116,6 +116,13 @@ class Task:
         return (f"{self.name}: {shape}, {self.n_classes} classes "
                 f"({', '.join(self.labels)}); samples: " + ", ".join(parts))
 
+    def drop_pretrain(self) -> None:
+        """Free the pre-train split once nothing reads it any more (``edgetune finetune`` after its
+        backbone is trained): the arrays become empty, the sample shape (``n_features``,
+        ``input_shape``) and the labels stay."""
+        self.x_pretrain = np.empty((0, *self.x_pretrain.shape[1:]), self.x_pretrain.dtype)
+        self.y_pretrain = np.empty(0, self.y_pretrain.dtype)
+
     def save_npz(self, path: str | os.PathLike) -> Path:
         from ..io_atomic import write_atomic
 
