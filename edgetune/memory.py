@@ -611,8 +611,9 @@ def _int8_layer_work(s: list[int], k: int, B: int) -> int:
 def measure_memory(backbone: Backbone, method: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 20,
                    optimizer: str = "sgd", rank: int = 1, train_last_bias: bool = False,
                    scheme: str | None = None, cache: str = "float32", steps: int = 2,
-                   x_calib: np.ndarray | None = None) -> dict[str, int]:
-    """Run ``steps`` training steps on prepared ``x`` under tracemalloc.
+                   x_calib: np.ndarray | None = None, warm_up: bool = True) -> dict[str, int]:
+    """Run ``steps`` training steps on prepared ``x`` under tracemalloc (after one untraced step of
+    another instance when ``warm_up``).
 
     Returns ``held`` (bytes allocated by method, optimizer, cache and snapshot after
     ``begin_fit``, plus the caller's backbone when the method does not copy it), ``peak``
@@ -629,12 +630,7 @@ def measure_memory(backbone: Backbone, method: str, x: np.ndarray, y: np.ndarray
     # figure is the step's memory and not the first import's (which made it depend on what ran before).
     from .quant import cache as _qcache, int8 as _qint8  # noqa: F401
 
-    backbone_key(backbone).clear()  # measure a first fit: the transposed copies it keeps are made inside
-    was_tracing = tracemalloc.is_tracing()
-    if not was_tracing:
-        tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
+    def build() -> tuple[Any, Any]:
         if method == "sparse":
             m = SparseUpdate(backbone, SparseOptions(scheme=scheme or "b2,w-1", train_last_bias=train_last_bias),
                              rng=np.random.default_rng(0))
@@ -644,18 +640,38 @@ def measure_memory(backbone: Backbone, method: str, x: np.ndarray, y: np.ndarray
             from .quant.cache import attach_int8_cache
 
             attach_int8_cache(m, len(x), x_calib=x_calib)
-        opt = make_optimizer(optimizer, m.params, 0.01)
-        m.begin_fit(x)
-        snapshot = m.params.flat.copy()
-        held = tracemalloc.get_traced_memory()[0] - base
-        tracemalloc.reset_peak()
-        for i in range(steps):
+        return m, make_optimizer(optimizer, m.params, 0.01)
+
+    def run(m: Any, opt: Any, count: int) -> None:
+        for i in range(count):
             ids = np.arange(i * batch_size, (i + 1) * batch_size) % len(x)
             logits = m.forward(x, ids)
             _, g = softmax_cross_entropy(logits, y[ids])
             m.backward(g)
             opt.step()
             del logits, g
+
+    was_tracing = tracemalloc.is_tracing()
+    if warm_up and not was_tracing:
+        # One untraced step of a throwaway instance first: what the first call in a process makes
+        # and keeps (NumPy's and the interpreter's lazily built tables, first imports) is then not
+        # counted as the step's memory, so the figure does not depend on what ran before it.
+        m, opt = build()
+        m.begin_fit(x)
+        run(m, opt, 1)
+        m.end_fit()
+        del m, opt
+    backbone_key(backbone).clear()  # measure a first fit: the transposed copies it keeps are made inside
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        m, opt = build()
+        m.begin_fit(x)
+        snapshot = m.params.flat.copy()
+        held = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.reset_peak()
+        run(m, opt, steps)
         peak = tracemalloc.get_traced_memory()[1] - base
         external = 0 if m.trains_backbone else backbone_bytes(backbone)
         cache_obj = getattr(m, "cache", None)
