@@ -159,8 +159,43 @@ ET_HOT void et_axpy(int n, float a, const float *x, float *y) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* out[t] += c0 r0[t] + c1 r1[t] + c2 r2[t] + c3 r3[t] (added in that order), rows of floats or int8. */
+ET_INLINE void weighted4(const float *coef, int coef_stride, const void *r0, const void *r1, const void *r2,
+                         const void *r3, int i8, int width, float *out) {
+    const float c0 = coef[0], c1 = coef[coef_stride], c2 = coef[2 * (size_t)coef_stride],
+                c3 = coef[3 * (size_t)coef_stride];
+    if (i8) {
+        const int8_t *restrict q0 = r0, *restrict q1 = r1, *restrict q2 = r2, *restrict q3 = r3;
+        float *restrict o = out;
+        for (int t = 0; t < width; t++) {
+            float v = o[t];
+            v += c0 * (float)q0[t];
+            v += c1 * (float)q1[t];
+            v += c2 * (float)q2[t];
+            v += c3 * (float)q3[t];
+            o[t] = v;
+        }
+    } else {
+        const float *restrict f0 = r0, *restrict f1 = r1, *restrict f2 = r2, *restrict f3 = r3;
+        float *restrict o = out;
+        for (int t = 0; t < width; t++) {
+            float v = o[t];
+            v += c0 * f0[t];
+            v += c1 * f1[t];
+            v += c2 * f2[t];
+            v += c3 * f3[t];
+            o[t] = v;
+        }
+    }
+}
+
 ET_HOT void et_weighted_rows(int count, const float *coef, int coef_stride, const float *const *rows, int offset,
                              int width, float *out) {
+    if (count == 4) { /* a block of the fused skip pass */
+        weighted4(coef, coef_stride, rows[0] + offset, rows[1] + offset, rows[2] + offset, rows[3] + offset, 0,
+                  width, out);
+        return;
+    }
     int t0 = 0;
     for (; t0 + NR <= width; t0 += NR) { /* 16 outputs in registers while every row passes by */
 #ifdef ET_VECTOR
@@ -196,16 +231,26 @@ ET_HOT void et_weighted_rows(int count, const float *coef, int coef_stride, cons
 
 #ifdef ET_VECTOR
 typedef int8_t et_q8 __attribute__((vector_size(8)));
-/* v = 8 int8 values at p (any alignment) as 8 floats. */
+typedef int16_t et_h8 __attribute__((vector_size(16)));
+typedef int32_t et_i8 __attribute__((vector_size(32)));
+/* v = 8 int8 values at p (any alignment) as 8 floats, through int16 and int32 (GCC 12 turns a
+ * direct int8 -> float conversion into scalar code; these steps become sign extensions). */
 ET_INLINE void widen8(et_v8 *v, const int8_t *p) {
     et_q8 q;
     memcpy(&q, p, sizeof q);
-    *v = __builtin_convertvector(q, et_v8);
+    const et_h8 h = __builtin_convertvector(q, et_h8);
+    const et_i8 i = __builtin_convertvector(h, et_i8);
+    *v = __builtin_convertvector(i, et_v8);
 }
 #endif
 
 ET_HOT void et_weighted_rows_i8(int count, const float *coef, int coef_stride, const int8_t *const *rows,
                                 int offset, int width, float *out) {
+    if (count == 4) {
+        weighted4(coef, coef_stride, rows[0] + offset, rows[1] + offset, rows[2] + offset, rows[3] + offset, 1,
+                  width, out);
+        return;
+    }
     int t0 = 0;
     for (; t0 + NR <= width; t0 += NR) {
 #ifdef ET_VECTOR

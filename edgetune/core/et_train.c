@@ -743,18 +743,23 @@ static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
     }
 }
 
+/* Round a computed row's d adapter inputs to an int8 cache's values (into q, when not NULL): every
+ * epoch sees the rounded rows, whether the cache holds them or not (edgetune.quant.Int8SkipCache). */
+static void int8_round(const et_cache *cache, float *row, int d, int8_t *q) {
+    for (int j = 0; j < d; j++) {
+        float v = rintf(row[j] / cache->col_scales[j]);
+        v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+        if (q) q[j] = (int8_t)v;
+        row[j] = v * cache->col_scales[j];
+    }
+}
+
 /* Store a computed row in the cache; an int8 cache also rounds the row the batch will use. */
 static void cache_store(et_cache *cache, int id, float *row, int d, int out) {
     if (cache->kind == ET_CACHE_FLOAT) {
         memcpy(cache->rows + (size_t)id * cache->row_width, row, (size_t)cache->row_width * sizeof(float));
     } else {
-        int8_t *q = cache->qrows + (size_t)id * d;
-        for (int j = 0; j < d; j++) {
-            float v = rintf(row[j] / cache->col_scales[j]);
-            v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
-            q[j] = (int8_t)v;
-            row[j] = (float)q[j] * cache->col_scales[j];
-        }
+        int8_round(cache, row, d, cache->qrows + (size_t)id * d);
         memcpy(cache->logits + (size_t)id * out, row + d, (size_t)out * sizeof(float));
     }
     cache->filled[id] = 1;
@@ -818,6 +823,7 @@ static int skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
             const int i = c->L.missing[j], id = ids[i];
             float *row = c->L.taps + (size_t)j * W;
             if (cache && cache->kind != ET_CACHE_NONE && id < cache->capacity) cache_store(cache, id, row, d, out);
+            else if (cache && cache->kind == ET_CACHE_INT8) int8_round(cache, row, d, NULL); /* past its capacity */
             c->L.rowp[i] = row;
         }
         if (cache) cache->misses += n_missing;
@@ -873,14 +879,15 @@ static float *skip_forward(ctx *c, int count) {
 
 /*
  * One batch of the skip adapters in one pass over its rows, SKIP_BLOCK rows at a time: u = A h per
- * adapter, the logits, their loss gradient (of the batch's mean loss), gB += g u^T, gu = s g B and
+ * adapter, the logits, their loss gradient (of the batch's mean loss), gu = s g B and
  * dA += gu h^T, the block's rows still in L1 when dA reads them (a row is fetched from memory once
  * per batch; the gradient of a sample needs only its own logits, and B is fixed until the step).
  * Rows from skip_rows: float rows (L.rowp), or with `in_place` an int8 cache's rows read as they
  * are stored, against A' = A times the column scales (folded once per batch into the batch
  * buffer); dA then accumulates sum_i gu_i q_i and skip_finish multiplies it by the scales. The
- * labels y are the batch's. Returns the sum of the batch's losses; skip_finish completes the
- * gradients (the scale s on dB, the column scales on dA).
+ * labels y are the batch's. Returns the sum of the batch's losses and leaves u and g (the logits'
+ * gradient) of every row in the workspace; skip_finish completes the gradients (dB, the bias delta,
+ * the column scales on dA).
  */
 static double skip_step(ctx *c, const int32_t *ids, const int32_t *y, int count, int in_place) {
     const et_backbone *bb = c->bb;
@@ -889,16 +896,13 @@ static double skip_step(ctx *c, const int32_t *ids, const int32_t *y, int count,
     const int n = c->n_taps, r = m->rank, nr = n * r, d = c->d_in, out = c->width[bb->n_layers];
     const float *A = c->P + m->off_skip_a, *Bm = c->P + m->off_skip_b;
     const float *bias = m->off_bias_delta >= 0 ? c->P + m->off_bias_delta : NULL;
-    float *gA = c->G + m->off_skip_a, *gB = c->G + m->off_skip_b;
-    float *gbias = m->off_bias_delta >= 0 ? c->G + m->off_bias_delta : NULL;
+    float *gA = c->G + m->off_skip_a;
     /* zero the gradients (dA's block entries only: the others are never written, so stay zero) */
     int col = 0;
     for (int k = 0; k < n; k++) {
         for (int j = 0; j < r; j++) memset(gA + (size_t)(k * r + j) * d + col, 0, (size_t)c->tap_width[k] * sizeof(float));
         col += c->tap_width[k];
     }
-    memset(gB, 0, (size_t)out * nr * sizeof(float));
-    if (gbias) memset(gbias, 0, (size_t)out * sizeof(float));
     const float *Au = A; /* the A the dot products read: A, or A' for int8 rows */
     if (in_place) {
         float *af = c->L.taps; /* free: the batch's rows are the cache's (skip_rows) */
@@ -949,12 +953,8 @@ static double skip_step(ctx *c, const int32_t *ids, const int32_t *y, int count,
                 z[(size_t)i * out + o] = v;
             }
         total += et_softmax_xent_grad_of(z, y + lo, bn, out, count); /* z becomes g */
-        for (int i = 0; i < bn; i++) { /* gB += g u^T (s applied in skip_finish), gu = s g B, the bias delta */
-            const float *g = z + (size_t)i * out, *ui = u + (size_t)i * nr;
-            for (int o = 0; o < out; o++) {
-                for (int q = 0; q < nr; q++) gB[(size_t)o * nr + q] += g[o] * ui[q];
-                if (gbias) gbias[o] += g[o];
-            }
+        for (int i = 0; i < bn; i++) { /* gu = s g B */
+            const float *g = z + (size_t)i * out;
             for (int q = 0; q < nr; q++) {
                 float acc = 0.0f;
                 for (int o = 0; o < out; o++) acc += g[o] * Bm[(size_t)o * nr + q];
@@ -975,13 +975,20 @@ static double skip_step(ctx *c, const int32_t *ids, const int32_t *y, int count,
     return total;
 }
 
-/* The gradients' last factors (see skip_step): dB *= s; with int8 rows dA *= the column scales. */
-static void skip_finish(ctx *c, int in_place) {
+/* The rest of the batch's gradients (see skip_step), from its u and g: dB = s g^T u (out x n*r, a few
+ * hundred products), the bias delta's; with int8 rows dA *= the column scales. */
+static void skip_finish(ctx *c, int count, int in_place) {
     const et_method *m = c->m;
     const int n = c->n_taps, r = m->rank, nr = n * r, d = c->d_in, out = c->width[c->bb->n_layers];
+    const float *g = c->L.gbuf[0];
     float *gB = c->G + m->off_skip_b, *gA = c->G + m->off_skip_a;
-    if (m->scale != 1.0f)
-        for (int i = 0; i < out * nr; i++) gB[i] *= m->scale;
+    for (int o = 0; o < out; o++)
+        for (int q = 0; q < nr; q++) {
+            float acc = 0.0f;
+            for (int i = 0; i < count; i++) acc += g[(size_t)i * out + o] * c->L.u[(size_t)i * nr + q];
+            gB[(size_t)o * nr + q] = m->scale != 1.0f ? acc * m->scale : acc;
+        }
+    if (m->off_bias_delta >= 0) column_sums(g, count, out, c->G + m->off_bias_delta);
     if (!in_place) return;
     int col = 0;
     for (int k = 0; k < n; k++) {
@@ -1187,7 +1194,7 @@ int32_t et_train_epochs(const et_backbone *bb, const et_method *m, et_optimizer 
                 const int in_place = skip_rows(&c, ids, count, use_cache);
                 total += skip_step(&c, ids, c.L.ybuf, count, in_place);
                 t1 = now(clock);
-                skip_finish(&c, in_place);
+                skip_finish(&c, count, in_place);
                 t2 = now(clock);
             } else {
                 float *logits = forward(&c, ids, count, use_cache);
@@ -1229,7 +1236,7 @@ int32_t et_batch_gradient(const et_backbone *bb, const et_method *m, const float
     if (m->kind == ET_SKIP) {
         skip_rows(&c, ids, count, 0);
         *loss = skip_step(&c, ids, c.L.ybuf, count, 0) / count;
-        skip_finish(&c, 0);
+        skip_finish(&c, count, 0);
         return ET_OK;
     }
     float *logits = forward(&c, ids, count, 0);
