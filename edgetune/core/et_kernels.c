@@ -230,17 +230,36 @@ ET_HOT void et_weighted_rows(int count, const float *coef, int coef_stride, cons
 }
 
 #ifdef ET_VECTOR
-typedef int8_t et_q8 __attribute__((vector_size(8)));
-typedef int16_t et_h8 __attribute__((vector_size(16)));
+typedef int32_t et_i4 __attribute__((vector_size(16)));
 typedef int32_t et_i8 __attribute__((vector_size(32)));
-/* v = 8 int8 values at p (any alignment) as 8 floats, through int16 and int32 (GCC 12 turns a
- * direct int8 -> float conversion into scalar code; these steps become sign extensions). */
-ET_INLINE void widen8(et_v8 *v, const int8_t *p) {
-    et_q8 q;
-    memcpy(&q, p, sizeof q);
-    const et_h8 h = __builtin_convertvector(q, et_h8);
-    const et_i8 i = __builtin_convertvector(h, et_i8);
-    *v = __builtin_convertvector(i, et_v8);
+/*
+ * v0, v1 = the 16 int8 values at p (any alignment) as floats. Each group of four bytes is copied
+ * into four int32 lanes and each lane shifts its own byte to the top and back (a sign extension):
+ * GCC compiles a direct int8 -> float conversion of a vector into scalar code, this into a few
+ * vector instructions (AVX2: vpermd, vpsllvd, vpsrad, vcvtdq2ps).
+ */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define ET_WIDEN_SHIFTS 1
+#endif
+#endif
+ET_INLINE void widen16(et_v8 *v0, et_v8 *v1, const int8_t *p) {
+#ifndef ET_WIDEN_SHIFTS /* an older compiler, or big-endian: one value at a time */
+    for (int l = 0; l < 8; l++) {
+        (*v0)[l] = (float)p[l];
+        (*v1)[l] = (float)p[8 + l];
+    }
+#else
+    et_i4 w;
+    memcpy(&w, p, sizeof w);
+    const et_i8 up = {24, 16, 8, 0, 24, 16, 8, 0};
+    et_i8 lo = __builtin_shufflevector(w, w, 0, 0, 0, 0, 1, 1, 1, 1);
+    et_i8 hi = __builtin_shufflevector(w, w, 2, 2, 2, 2, 3, 3, 3, 3);
+    lo = (lo << up) >> 24;
+    hi = (hi << up) >> 24;
+    *v0 = __builtin_convertvector(lo, et_v8);
+    *v1 = __builtin_convertvector(hi, et_v8);
+#endif
 }
 #endif
 
@@ -260,8 +279,7 @@ ET_HOT void et_weighted_rows_i8(int count, const float *coef, int coef_stride, c
         for (int i = 0; i < count; i++) {
             const float c = coef[(size_t)i * coef_stride];
             et_v8 r0, r1;
-            widen8(&r0, rows[i] + offset + t0);
-            widen8(&r1, rows[i] + offset + t0 + 8);
+            widen16(&r0, &r1, rows[i] + offset + t0);
             s0 += c * r0;
             s1 += c * r1;
         }
@@ -294,9 +312,14 @@ ET_INLINE float row_value(const void *r, int i8, int t) {
 }
 
 #ifdef ET_VECTOR
-ET_INLINE void row_values8(et_v8 *v, const void *r, int i8, int t) {
-    if (i8) widen8(v, (const int8_t *)r + t);
-    else memcpy(v, (const float *)r + t, sizeof *v);
+/* v0, v1 = the row's 16 values from t on, as floats. */
+ET_INLINE void row_values16(et_v8 *v0, et_v8 *v1, const void *r, int i8, int t) {
+    if (i8) {
+        widen16(v0, v1, (const int8_t *)r + t);
+    } else {
+        memcpy(v0, (const float *)r + t, sizeof *v0);
+        memcpy(v1, (const float *)r + t + 8, sizeof *v1);
+    }
 }
 
 ET_INLINE float hsum8(const et_v8 *v) {
@@ -316,20 +339,16 @@ ET_INLINE void dot4(const float *a, const void *r0, const void *r1, const void *
     for (; t + 16 <= width; t += 16) {
         memcpy(&a0, a + t, sizeof a0);
         memcpy(&a1, a + t + 8, sizeof a1);
-        row_values8(&x0, r0, i8, t);
-        row_values8(&x1, r0, i8, t + 8);
+        row_values16(&x0, &x1, r0, i8, t);
         s00 += a0 * x0;
         s01 += a1 * x1;
-        row_values8(&x0, r1, i8, t);
-        row_values8(&x1, r1, i8, t + 8);
+        row_values16(&x0, &x1, r1, i8, t);
         s10 += a0 * x0;
         s11 += a1 * x1;
-        row_values8(&x0, r2, i8, t);
-        row_values8(&x1, r2, i8, t + 8);
+        row_values16(&x0, &x1, r2, i8, t);
         s20 += a0 * x0;
         s21 += a1 * x1;
-        row_values8(&x0, r3, i8, t);
-        row_values8(&x1, r3, i8, t + 8);
+        row_values16(&x0, &x1, r3, i8, t);
         s30 += a0 * x0;
         s31 += a1 * x1;
     }
@@ -360,8 +379,7 @@ ET_INLINE float dot1(const float *a, const void *r, int i8, int width) {
     for (; t + 16 <= width; t += 16) {
         memcpy(&a0, a + t, sizeof a0);
         memcpy(&a1, a + t + 8, sizeof a1);
-        row_values8(&x0, r, i8, t);
-        row_values8(&x1, r, i8, t + 8);
+        row_values16(&x0, &x1, r, i8, t);
         s0 += a0 * x0;
         s1 += a1 * x1;
     }

@@ -909,9 +909,9 @@ static double skip_step(ctx *c, const int32_t *ids, const int32_t *y, int count,
         col = 0;
         for (int k = 0; k < n; k++) {
             for (int j = 0; j < r; j++) {
-                const float *a = A + (size_t)(k * r + j) * d + col;
-                float *f = af + (size_t)(k * r + j) * d + col;
-                for (int t = 0; t < c->tap_width[k]; t++) f[t] = a[t] * cache->col_scales[col + t];
+                const float *restrict a = A + (size_t)(k * r + j) * d + col, *restrict sc = cache->col_scales + col;
+                float *restrict f = af + (size_t)(k * r + j) * d + col;
+                for (int t = 0; t < c->tap_width[k]; t++) f[t] = a[t] * sc[t];
             }
             col += c->tap_width[k];
         }
@@ -993,8 +993,9 @@ static void skip_finish(ctx *c, int count, int in_place) {
     int col = 0;
     for (int k = 0; k < n; k++) {
         for (int j = 0; j < r; j++) {
-            float *ga = gA + (size_t)(k * r + j) * d + col;
-            for (int t = 0; t < c->tap_width[k]; t++) ga[t] *= c->cache->col_scales[col + t];
+            float *restrict ga = gA + (size_t)(k * r + j) * d + col;
+            const float *restrict sc = c->cache->col_scales + col;
+            for (int t = 0; t < c->tap_width[k]; t++) ga[t] *= sc[t];
         }
         col += c->tap_width[k];
     }
