@@ -2,11 +2,14 @@
 
     python benchmarks/profile_epoch.py --data-dir ../shared/data [--task damage1] [--method skip2-lora]
     python -m benchmarks.profile_epoch --data-dir ../shared/data --limit [--tasks damage1,har]
+    python -m benchmarks.profile_epoch --data-dir ../shared/data --instructions [--tasks damage1,har]
 
 ``--limit``: the cached skip2-lora epoch (compiled engine) of each skip-cache precision
 against one memcpy of that cache's bytes, measured side by side in one process (the memory
 floor of BENCHMARKS.md), and the end-to-end ratio to the compiled lora-all at 30 and at the
-task's epochs. Without it: runs ``--epochs`` epochs with the public API under cProfile (1 BLAS thread) and prints,
+task's epochs. ``--instructions``: the instructions a cached skip2-lora epoch executes inside
+the compiled engine per cache dtype (valgrind's callgrind over fits of 1 and 6 epochs; a count
+that does not depend on the machine's load). Without either: runs ``--epochs`` epochs with the public API under cProfile (1 BLAS thread) and prints,
 per batch, the calls and the microseconds of the functions that take the most time, then
 the floor of one NumPy call of the shapes involved. Used to write "What limits it" in
 BENCHMARKS.md; profiling inflates every Python call, so the suite's un-profiled
@@ -36,10 +39,13 @@ def main() -> int:
     p.add_argument("--limit", action="store_true", help="cached epoch vs one memcpy of the cache, per cache dtype")
     p.add_argument("--tasks", default="damage1,har", help="--limit: comma-separated tasks")
     p.add_argument("--repeats", type=int, default=3, help="--limit: interleaved repeats (median)")
+    p.add_argument("--instructions", action="store_true", help="callgrind instruction counts per cache dtype")
     args = p.parse_args()
     set_blas_threads(1)
     if args.limit:
         return limit(args)
+    if args.instructions:
+        return instructions(args)
 
     import edgetune as et
 
@@ -142,6 +148,59 @@ def limit(args) -> int:
                   f"| {r30:.1f}x | {rn:.1f}x ({d['epochs']} epochs) |")
     print("\ncache bytes = the rows read by an epoch (float32: n x row floats; int8: n x (d_in int8 + out float32)); "
           "memcpy = NumPy copyto of that many bytes; cached epoch = median of the epochs after the first")
+    return 0
+
+
+_COUNT = """import sys, numpy as np, edgetune as et
+from edgetune.quant import attach_int8_cache
+epochs, dtype = int(sys.argv[1]), sys.argv[2]
+d = np.load(sys.argv[4])
+t = et.FineTuner(et.Backbone.load(sys.argv[3]), "skip2-lora", epochs=epochs, engine="c")
+if dtype == "int8":
+    attach_int8_cache(t.method, len(d["y"]), x_calib=d["xc"])
+t.fit(d["x"], d["y"])
+"""
+
+
+def instructions(args) -> int:
+    """Instructions per cached skip2-lora epoch inside the compiled engine, per cache dtype."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import edgetune as et
+    from edgetune.experiment import pretrain_on_task
+
+    if shutil.which("valgrind") is None:
+        print("needs valgrind", file=sys.stderr)
+        return 1
+
+    def count(tmp: Path, epochs: int, dtype: str) -> int:
+        out = tmp / f"cg.{epochs}.{dtype}"
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--toggle-collect=ffi_call*",
+                        sys.executable, "-c", _COUNT, str(epochs), dtype, str(tmp / "model"), str(tmp / "data.npz")],
+                       check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1], timeout=1800)
+        for line in out.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+        raise RuntimeError(f"no instruction total in {out}")
+
+    print("| task | cache | skip2-lora 1st epoch | cached epoch | per sample |")
+    print("|---|---|---|---|---|")
+    for name in args.tasks.split(","):
+        task = et.load_task(name, args.data_dir)
+        model, _ = pretrain_on_task(task, seed=0)
+        with tempfile.TemporaryDirectory() as tmp_s:
+            tmp = Path(tmp_s)
+            model.save(tmp / "model")
+            np.savez(tmp / "data.npz", x=task.x_finetune, y=task.y_finetune, xc=task.x_pretrain)
+            for dtype in ("float32", "int8"):
+                first, more = count(tmp, 1, dtype), count(tmp, 6, dtype)
+                cached = (more - first) / 5
+                print(f"| {name} | {dtype} | {first / 1e6:.2f} M | {cached / 1e6:.3f} M | "
+                      f"{cached / len(task.y_finetune):.0f} |", flush=True)
+    print("\nvalgrind --tool=callgrind --toggle-collect='ffi_call*' over fits of 1 and 6 epochs (batch 20, the "
+          "task's pre-trained backbone, seed 0); cached epoch = the difference / 5")
     return 0
 
 
