@@ -140,7 +140,7 @@ def limit(args) -> int:
             nbytes = res[dt]["bytes"]
             src = np.ones(nbytes, np.uint8)
             dst = np.empty_like(src)
-            t_mem = time_call(lambda: np.copyto(dst, src), repeats=15, number=20)
+            t_mem = time_call(lambda: np.copyto(dst, src), repeats=51, number=1)  # short windows, as an epoch is
             ep = float(np.median(res[dt]["epoch"]))
             r30 = float(np.median(lora30)) / float(np.median(res[dt]["e2e30"]))
             rn = float(np.median(lora)) / float(np.median(res[dt]["e2e"]))
