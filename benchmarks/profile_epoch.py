@@ -115,13 +115,11 @@ def limit(args) -> int:
                                  engine="c")
             if dtype == "int8":
                 attach_int8_cache(tuner.method, len(y), x_calib=task.x_pretrain)
-            elif dtype is not None and dtype != "float32":
-                tuner.method.options.cache_dtype = dtype
             t0 = time.perf_counter()
             tuner.fit(x, y)
             return time.perf_counter() - t0, tuner
 
-        dtypes = ["float32", "int8"] + (["float16"] if _has_float16() else [])
+        dtypes = ["float32", "int8"]
         fit("lora-all", 2)
         for dt in dtypes:
             fit("skip2-lora", 2, dt)
@@ -202,12 +200,6 @@ def instructions(args) -> int:
     print("\nvalgrind --tool=callgrind --toggle-collect='ffi_call*' over fits of 1 and 6 epochs (batch 20, the "
           "task's pre-trained backbone, seed 0); cached epoch = the difference / 5")
     return 0
-
-
-def _has_float16() -> bool:
-    from edgetune.methods.base import MethodOptions
-
-    return "cache_dtype" in MethodOptions.__dataclass_fields__
 
 
 def _cache_bytes(cache) -> int:
