@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import BudgetError
+from .errors import BudgetError, UsageError
 from .units import format_bytes
 
 
@@ -31,6 +31,9 @@ class SkipCache:
     def __init__(self, n_samples: int, row_width: int, dtype: np.dtype, *,
                  budget_bytes: int | None = None, overflow: str = "error"):
         dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise UsageError(f"a skip-cache of floats holds float32 or float64 rows (the backbone's dtype), not "
+                             f"{dtype}; for 8-bit rows use edgetune.quant.attach_int8_cache")
         self._init_rows(n_samples, row_width, row_width * dtype.itemsize, budget_bytes, overflow,
                         "the skip-cache", f"{n_samples} samples x {row_width} values x {dtype.itemsize} B")
         self.data = np.empty((self.capacity, row_width), dtype=dtype)

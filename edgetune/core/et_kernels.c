@@ -19,6 +19,14 @@
 
 #define NR 16 /* columns of C held in registers by the product kernel */
 
+/* Small helpers inlined into their callers (vector values never cross a call). */
+#if defined(__GNUC__)
+#define ET_INLINE static inline __attribute__((always_inline))
+#else
+#define ET_INLINE static inline
+#endif
+
+
 /*
  * Two kernels (a dot product, a weighted sum of rows) reduce across a loop, which compilers
  * vectorise poorly from plain C. With GCC or Clang they are written with 8-float vector
@@ -151,12 +159,49 @@ ET_HOT void et_axpy(int n, float a, const float *x, float *y) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* out[t] += c0 r0[t] + c1 r1[t] + c2 r2[t] + c3 r3[t] (added in that order), rows of floats or int8. */
+ET_INLINE void weighted4(const float *coef, int coef_stride, const void *r0, const void *r1, const void *r2,
+                         const void *r3, int i8, int width, float *out) {
+    const float c0 = coef[0], c1 = coef[coef_stride], c2 = coef[2 * (size_t)coef_stride],
+                c3 = coef[3 * (size_t)coef_stride];
+    if (i8) {
+        const int8_t *restrict q0 = r0, *restrict q1 = r1, *restrict q2 = r2, *restrict q3 = r3;
+        float *restrict o = out;
+        for (int t = 0; t < width; t++) {
+            float v = o[t];
+            v += c0 * (float)q0[t];
+            v += c1 * (float)q1[t];
+            v += c2 * (float)q2[t];
+            v += c3 * (float)q3[t];
+            o[t] = v;
+        }
+    } else {
+        const float *restrict f0 = r0, *restrict f1 = r1, *restrict f2 = r2, *restrict f3 = r3;
+        float *restrict o = out;
+        for (int t = 0; t < width; t++) {
+            float v = o[t];
+            v += c0 * f0[t];
+            v += c1 * f1[t];
+            v += c2 * f2[t];
+            v += c3 * f3[t];
+            o[t] = v;
+        }
+    }
+}
+
 ET_HOT void et_weighted_rows(int count, const float *coef, int coef_stride, const float *const *rows, int offset,
                              int width, float *out) {
+    if (count == 4) { /* a block of the fused skip pass */
+        weighted4(coef, coef_stride, rows[0] + offset, rows[1] + offset, rows[2] + offset, rows[3] + offset, 0,
+                  width, out);
+        return;
+    }
     int t0 = 0;
     for (; t0 + NR <= width; t0 += NR) { /* 16 outputs in registers while every row passes by */
 #ifdef ET_VECTOR
-        et_v8 s0 = {0}, s1 = {0}, r0, r1;
+        et_v8 s0, s1, r0, r1;
+        memcpy(&s0, out + t0, sizeof s0);
+        memcpy(&s1, out + t0 + 8, sizeof s1);
         for (int i = 0; i < count; i++) {
             const float c = coef[(size_t)i * coef_stride];
             memcpy(&r0, rows[i] + offset + t0, sizeof r0);
@@ -168,7 +213,7 @@ ET_HOT void et_weighted_rows(int count, const float *coef, int coef_stride, cons
         memcpy(out + t0 + 8, &s1, sizeof s1);
 #else
         float s[NR];
-        for (int l = 0; l < NR; l++) s[l] = 0.0f;
+        for (int l = 0; l < NR; l++) s[l] = out[t0 + l];
         for (int i = 0; i < count; i++) {
             const float c = coef[(size_t)i * coef_stride];
             const float *r = rows[i] + offset + t0;
@@ -178,10 +223,193 @@ ET_HOT void et_weighted_rows(int count, const float *coef, int coef_stride, cons
 #endif
     }
     for (int t = t0; t < width; t++) {
-        float s = 0.0f;
+        float s = out[t];
         for (int i = 0; i < count; i++) s += coef[(size_t)i * coef_stride] * rows[i][offset + t];
         out[t] = s;
     }
+}
+
+#ifdef ET_VECTOR
+typedef int32_t et_i4 __attribute__((vector_size(16)));
+typedef int32_t et_i8 __attribute__((vector_size(32)));
+/*
+ * v0, v1 = the 16 int8 values at p (any alignment) as floats. Each group of four bytes is copied
+ * into four int32 lanes and each lane shifts its own byte to the top and back (a sign extension):
+ * GCC compiles a direct int8 -> float conversion of a vector into scalar code, this into a few
+ * vector instructions (AVX2: vpermd, vpsllvd, vpsrad, vcvtdq2ps).
+ */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define ET_WIDEN_SHIFTS 1
+#endif
+#endif
+ET_INLINE void widen16(et_v8 *v0, et_v8 *v1, const int8_t *p) {
+#ifndef ET_WIDEN_SHIFTS /* an older compiler, or big-endian: one value at a time */
+    for (int l = 0; l < 8; l++) {
+        (*v0)[l] = (float)p[l];
+        (*v1)[l] = (float)p[8 + l];
+    }
+#else
+    et_i4 w;
+    memcpy(&w, p, sizeof w);
+    const et_i8 up = {24, 16, 8, 0, 24, 16, 8, 0};
+    et_i8 lo = __builtin_shufflevector(w, w, 0, 0, 0, 0, 1, 1, 1, 1);
+    et_i8 hi = __builtin_shufflevector(w, w, 2, 2, 2, 2, 3, 3, 3, 3);
+    lo = (lo << up) >> 24;
+    hi = (hi << up) >> 24;
+    *v0 = __builtin_convertvector(lo, et_v8);
+    *v1 = __builtin_convertvector(hi, et_v8);
+#endif
+}
+#endif
+
+ET_HOT void et_weighted_rows_i8(int count, const float *coef, int coef_stride, const int8_t *const *rows,
+                                int offset, int width, float *out) {
+    if (count == 4) {
+        weighted4(coef, coef_stride, rows[0] + offset, rows[1] + offset, rows[2] + offset, rows[3] + offset, 1,
+                  width, out);
+        return;
+    }
+    int t0 = 0;
+    for (; t0 + NR <= width; t0 += NR) {
+#ifdef ET_VECTOR
+        et_v8 s0, s1;
+        memcpy(&s0, out + t0, sizeof s0);
+        memcpy(&s1, out + t0 + 8, sizeof s1);
+        for (int i = 0; i < count; i++) {
+            const float c = coef[(size_t)i * coef_stride];
+            et_v8 r0, r1;
+            widen16(&r0, &r1, rows[i] + offset + t0);
+            s0 += c * r0;
+            s1 += c * r1;
+        }
+        memcpy(out + t0, &s0, sizeof s0);
+        memcpy(out + t0 + 8, &s1, sizeof s1);
+#else
+        float s[NR];
+        for (int l = 0; l < NR; l++) s[l] = out[t0 + l];
+        for (int i = 0; i < count; i++) {
+            const float c = coef[(size_t)i * coef_stride];
+            const int8_t *r = rows[i] + offset + t0;
+            for (int l = 0; l < NR; l++) s[l] += c * (float)r[l];
+        }
+        for (int l = 0; l < NR; l++) out[t0 + l] = s[l];
+#endif
+    }
+    for (int t = t0; t < width; t++) {
+        float s = out[t];
+        for (int i = 0; i < count; i++) s += coef[(size_t)i * coef_stride] * (float)rows[i][offset + t];
+        out[t] = s;
+    }
+}
+
+/*
+ * The dot products of a with rows of floats (i8 = 0) or of int8 values (i8 = 1), written once:
+ * each entry point passes a constant i8, and the inlined copy keeps only its own loads.
+ */
+ET_INLINE float row_value(const void *r, int i8, int t) {
+    return i8 ? (float)((const int8_t *)r)[t] : ((const float *)r)[t];
+}
+
+#ifdef ET_VECTOR
+/* v0, v1 = the row's 16 values from t on, as floats. */
+ET_INLINE void row_values16(et_v8 *v0, et_v8 *v1, const void *r, int i8, int t) {
+    if (i8) {
+        widen16(v0, v1, (const int8_t *)r + t);
+    } else {
+        memcpy(v0, (const float *)r + t, sizeof *v0);
+        memcpy(v1, (const float *)r + t + 8, sizeof *v1);
+    }
+}
+
+ET_INLINE float hsum8(const et_v8 *v) {
+    const et_v8 s = *v;
+    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+}
+#endif
+
+/* out[0..4) = a . r0, a . r1, a . r2, a . r3 over width values, each summed in et_dot's order: 16
+ * of a's values loaded once per step for the four rows (two partial sums per row, eight in registers). */
+ET_INLINE void dot4(const float *a, const void *r0, const void *r1, const void *r2, const void *r3, int i8,
+                    int width, float *out) {
+    int t = 0;
+    float head[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#ifdef ET_VECTOR
+    et_v8 a0, a1, x0, x1, s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0}, s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0};
+    for (; t + 16 <= width; t += 16) {
+        memcpy(&a0, a + t, sizeof a0);
+        memcpy(&a1, a + t + 8, sizeof a1);
+        row_values16(&x0, &x1, r0, i8, t);
+        s00 += a0 * x0;
+        s01 += a1 * x1;
+        row_values16(&x0, &x1, r1, i8, t);
+        s10 += a0 * x0;
+        s11 += a1 * x1;
+        row_values16(&x0, &x1, r2, i8, t);
+        s20 += a0 * x0;
+        s21 += a1 * x1;
+        row_values16(&x0, &x1, r3, i8, t);
+        s30 += a0 * x0;
+        s31 += a1 * x1;
+    }
+    s00 += s01;
+    s10 += s11;
+    s20 += s21;
+    s30 += s31;
+    head[0] = hsum8(&s00);
+    head[1] = hsum8(&s10);
+    head[2] = hsum8(&s20);
+    head[3] = hsum8(&s30);
+#endif
+    for (; t < width; t++) {
+        tail[0] += a[t] * row_value(r0, i8, t);
+        tail[1] += a[t] * row_value(r1, i8, t);
+        tail[2] += a[t] * row_value(r2, i8, t);
+        tail[3] += a[t] * row_value(r3, i8, t);
+    }
+    for (int l = 0; l < 4; l++) out[l] = head[l] + tail[l];
+}
+
+/* a . r over width values, in et_dot's order. */
+ET_INLINE float dot1(const float *a, const void *r, int i8, int width) {
+    int t = 0;
+    float head = 0.0f, tail = 0.0f;
+#ifdef ET_VECTOR
+    et_v8 a0, a1, x0, x1, s0 = {0}, s1 = {0};
+    for (; t + 16 <= width; t += 16) {
+        memcpy(&a0, a + t, sizeof a0);
+        memcpy(&a1, a + t + 8, sizeof a1);
+        row_values16(&x0, &x1, r, i8, t);
+        s0 += a0 * x0;
+        s1 += a1 * x1;
+    }
+    s0 += s1;
+    head = hsum8(&s0);
+#endif
+    for (; t < width; t++) tail += a[t] * row_value(r, i8, t);
+    return head + tail;
+}
+
+ET_HOT void et_dot_rows(int count, const float *a, const float *const *rows, int offset, int width, float *out,
+                        int out_stride) {
+    int i = 0;
+    for (; i + 4 <= count; i += 4) {
+        float d[4];
+        dot4(a, rows[i] + offset, rows[i + 1] + offset, rows[i + 2] + offset, rows[i + 3] + offset, 0, width, d);
+        for (int l = 0; l < 4; l++) out[(size_t)(i + l) * out_stride] = d[l];
+    }
+    for (; i < count; i++) out[(size_t)i * out_stride] = dot1(a, rows[i] + offset, 0, width);
+}
+
+ET_HOT void et_dot_rows_i8(int count, const float *a, const int8_t *const *rows, int offset, int width, float *out,
+                           int out_stride) {
+    int i = 0;
+    for (; i + 4 <= count; i += 4) {
+        float d[4];
+        dot4(a, rows[i] + offset, rows[i + 1] + offset, rows[i + 2] + offset, rows[i + 3] + offset, 1, width, d);
+        for (int l = 0; l < 4; l++) out[(size_t)(i + l) * out_stride] = d[l];
+    }
+    for (; i < count; i++) out[(size_t)i * out_stride] = dot1(a, rows[i] + offset, 1, width);
 }
 
 void et_transpose(int rows, int cols, const float *src, int lds, float *dst) {
@@ -259,7 +487,11 @@ ET_HOT void et_act_grad_mul(int act, float *dh, const float *h, int64_t n) {
 
 /* ------------------------------------------------------------------ loss */
 double et_softmax_xent_grad(float *logits, const int32_t *y, int rows, int classes) {
-    const float inv = (float)(1.0 / rows);
+    return et_softmax_xent_grad_of(logits, y, rows, classes, rows);
+}
+
+double et_softmax_xent_grad_of(float *logits, const int32_t *y, int rows, int classes, int batch_rows) {
+    const float inv = (float)(1.0 / batch_rows);
     double total = 0.0;
     for (int r = 0; r < rows; r++) {
         float *z = logits + (size_t)r * classes;

@@ -18,9 +18,21 @@ void et_gemm_nn(int M, int N, int K, const float *A, int lda, const float *B, in
  */
 void et_gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb,
                 float *C, int ldc, int accumulate, float *pack);
-/* out[t] = sum_i coef[i * coef_stride] * rows[i][offset + t], t < width (rows given by pointer). */
+/* out[t] += sum_i coef[i * coef_stride] * rows[i][offset + t], t < width (rows given by pointer). */
 void et_weighted_rows(int count, const float *coef, int coef_stride, const float *const *rows, int offset,
                       int width, float *out);
+/* The same over int8 rows: out[t] += sum_i coef[i * coef_stride] * (float)rows[i][offset + t]. */
+void et_weighted_rows_i8(int count, const float *coef, int coef_stride, const int8_t *const *rows, int offset,
+                         int width, float *out);
+/*
+ * out[i * out_stride] = sum_t a[t] * rows[i][offset + t], t < width, for i < count: the dot
+ * products of one vector with several rows, four rows at a time (each of a's values is read
+ * once per four rows). The _i8 form reads int8 rows, each value converted to float.
+ */
+void et_dot_rows(int count, const float *a, const float *const *rows, int offset, int width, float *out,
+                 int out_stride);
+void et_dot_rows_i8(int count, const float *a, const int8_t *const *rows, int offset, int width, float *out,
+                    int out_stride);
 /* dst (cols, rows) = src (rows, cols)^T; src row stride lds. */
 void et_transpose(int rows, int cols, const float *src, int lds, float *dst);
 /* C (M, N) = [C +] A^T B, with A stored (K, M) and B (K, N). */
@@ -39,6 +51,8 @@ void et_act_grad_mul(int act, float *dh, const float *h, int64_t n);
  * d(mean loss)/d(logits) for a batch of `rows`. Returns the sum of the rows' losses.
  */
 double et_softmax_xent_grad(float *logits, const int32_t *y, int rows, int classes);
+/* The same for `rows` of a batch of `batch_rows`: the gradient is of the batch's mean loss. */
+double et_softmax_xent_grad_of(float *logits, const int32_t *y, int rows, int classes, int batch_rows);
 
 /* One optimizer step on n parameters (et_optimizer from et_core.h; t advanced). */
 struct et_optimizer;

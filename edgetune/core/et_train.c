@@ -20,6 +20,7 @@
 
 #define ALIGN 64
 #define FILL_BLOCK 64 /* rows per block when the cache is filled eagerly in place */
+#define SKIP_BLOCK 4  /* rows per block of a skip batch's fused pass (skip_step): they stay in L1 */
 
 /* ------------------------------------------------------------------ the workspace */
 /* Every scratch buffer of a run, carved from the caller's workspace in this order. */
@@ -870,18 +871,23 @@ static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
     }
 }
 
+/* Round a computed row's d adapter inputs to an int8 cache's values (into q, when not NULL): every
+ * epoch sees the rounded rows, whether the cache holds them or not (edgetune.quant.Int8SkipCache). */
+static void int8_round(const et_cache *cache, float *row, int d, int8_t *q) {
+    for (int j = 0; j < d; j++) {
+        float v = rintf(row[j] / cache->col_scales[j]);
+        v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+        if (q) q[j] = (int8_t)v;
+        row[j] = v * cache->col_scales[j];
+    }
+}
+
 /* Store a computed row in the cache; an int8 cache also rounds the row the batch will use. */
 static void cache_store(et_cache *cache, int id, float *row, int d, int out) {
     if (cache->kind == ET_CACHE_FLOAT) {
         memcpy(cache->rows + (size_t)id * cache->row_width, row, (size_t)cache->row_width * sizeof(float));
     } else {
-        int8_t *q = cache->qrows + (size_t)id * d;
-        for (int j = 0; j < d; j++) {
-            float v = rintf(row[j] / cache->col_scales[j]);
-            v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
-            q[j] = (int8_t)v;
-            row[j] = (float)q[j] * cache->col_scales[j];
-        }
+        int8_round(cache, row, d, cache->qrows + (size_t)id * d);
         memcpy(cache->logits + (size_t)id * out, row + d, (size_t)out * sizeof(float));
     }
     cache->filled[id] = 1;
@@ -918,16 +924,26 @@ static void skip_fill_cache(ctx *c, int n_samples, int batch) {
     }
 }
 
-/* Adapter inputs for the batch: cache rows where filled, computed (and stored) elsewhere. */
-static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
+/*
+ * Adapter inputs for the batch: cache rows where filled, computed (and stored) elsewhere.
+ * Returns 1 when the batch is read from an int8 cache in place: every sample has a cache row
+ * (the computed ones were just stored), and skip_step reads the int8 values directly; the batch
+ * buffer is then free and holds the folded A (A times the column scales: it needs n*rank x d_in
+ * floats of the buffer's batch x row_width). Otherwise 0: L.rowp points at float rows, an int8
+ * cache's hits widened into the batch buffer after the computed rows.
+ */
+static int skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
     et_cache *cache = use_cache ? c->cache : NULL;
     const et_backbone *bb = c->bb;
     const int d = c->d_in, out = c->width[bb->n_layers], W = d + out;
-    int n_missing = 0;
+    int n_missing = 0, all_stored = 1;
     for (int i = 0; i < count; i++) {
         c->L.rowp[i] = NULL;
         if (!cached(cache, ids[i])) c->L.missing[n_missing++] = i;
+        if (!cache || ids[i] >= cache->capacity) all_stored = 0;
     }
+    const int in_place = cache && cache->kind == ET_CACHE_INT8 && all_stored &&
+                         (size_t)c->batch * (size_t)W >= (size_t)c->n_taps * (size_t)c->m->rank * (size_t)d;
     if (n_missing) {
         for (int j = 0; j < n_missing; j++) c->L.ids[j] = ids[c->L.missing[j]];
         compute_taps(c, c->L.ids, n_missing, c->L.taps);
@@ -935,11 +951,12 @@ static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
             const int i = c->L.missing[j], id = ids[i];
             float *row = c->L.taps + (size_t)j * W;
             if (cache && cache->kind != ET_CACHE_NONE && id < cache->capacity) cache_store(cache, id, row, d, out);
+            else if (cache && cache->kind == ET_CACHE_INT8) int8_round(cache, row, d, NULL); /* past its capacity */
             c->L.rowp[i] = row;
         }
         if (cache) cache->misses += n_missing;
     }
-    if (!cache || cache->kind == ET_CACHE_NONE) return;
+    if (!cache || cache->kind == ET_CACHE_NONE) return 0;
     int next = n_missing; /* int8 hits are widened into the batch buffer after the computed rows */
     for (int i = 0; i < count; i++) {
         const int id = ids[i];
@@ -949,12 +966,14 @@ static void skip_rows(ctx *c, const int32_t *ids, int count, int use_cache) {
             c->L.rowp[i] = cache->rows + (size_t)id * W;
             continue;
         }
+        if (in_place) continue;
         float *row = c->L.taps + (size_t)(next++) * W;
         const int8_t *q = cache->qrows + (size_t)id * d;
         for (int j = 0; j < d; j++) row[j] = (float)q[j] * cache->col_scales[j];
         memcpy(row + d, cache->logits + (size_t)id * out, (size_t)out * sizeof(float));
         c->L.rowp[i] = row;
     }
+    return in_place;
 }
 
 /* logits = s (u B^T) + z_n (+ bias delta), u = A h per adapter; rows from skip_rows. */
@@ -986,35 +1005,128 @@ static float *skip_forward(ctx *c, int count) {
     return logits;
 }
 
-static void skip_backward(ctx *c, int count) {
+/*
+ * One batch of the skip adapters in one pass over its rows, SKIP_BLOCK rows at a time: u = A h per
+ * adapter, the logits, their loss gradient (of the batch's mean loss), gu = s g B and
+ * dA += gu h^T, the block's rows still in L1 when dA reads them (a row is fetched from memory once
+ * per batch; the gradient of a sample needs only its own logits, and B is fixed until the step).
+ * Rows from skip_rows: float rows (L.rowp), or with `in_place` an int8 cache's rows read as they
+ * are stored, against A' = A times the column scales (folded once per batch into the batch
+ * buffer); dA then accumulates sum_i gu_i q_i and skip_finish multiplies it by the scales. The
+ * labels y are the batch's. Returns the sum of the batch's losses and leaves u and g (the logits'
+ * gradient) of every row in the workspace; skip_finish completes the gradients (dB, the bias delta,
+ * the column scales on dA).
+ */
+static double skip_step(ctx *c, const int32_t *ids, const int32_t *y, int count, int in_place) {
     const et_backbone *bb = c->bb;
     const et_method *m = c->m;
+    const et_cache *cache = c->cache;
     const int n = c->n_taps, r = m->rank, nr = n * r, d = c->d_in, out = c->width[bb->n_layers];
-    const float *Bm = c->P + m->off_skip_b;
+    const float *A = c->P + m->off_skip_a, *Bm = c->P + m->off_skip_b;
+    const float *bias = m->off_bias_delta >= 0 ? c->P + m->off_bias_delta : NULL;
+    float *gA = c->G + m->off_skip_a;
+    /* zero the gradients (dA's block entries only: the others are never written, so stay zero) */
+    int col = 0;
+    for (int k = 0; k < n; k++) {
+        for (int j = 0; j < r; j++) memset(gA + (size_t)(k * r + j) * d + col, 0, (size_t)c->tap_width[k] * sizeof(float));
+        col += c->tap_width[k];
+    }
+    const float *Au = A; /* the A the dot products read: A, or A' for int8 rows */
+    if (in_place) {
+        float *af = c->L.taps; /* free: the batch's rows are the cache's (skip_rows) */
+        col = 0;
+        for (int k = 0; k < n; k++) {
+            for (int j = 0; j < r; j++) {
+                const float *restrict a = A + (size_t)(k * r + j) * d + col, *restrict sc = cache->col_scales + col;
+                float *restrict f = af + (size_t)(k * r + j) * d + col;
+                for (int t = 0; t < c->tap_width[k]; t++) f[t] = a[t] * sc[t];
+            }
+            col += c->tap_width[k];
+        }
+        Au = af;
+    }
+    double total = 0.0;
+    for (int lo = 0; lo < count; lo += SKIP_BLOCK) {
+        const int bn = count - lo < SKIP_BLOCK ? count - lo : SKIP_BLOCK;
+        const float *fr[SKIP_BLOCK] = {0}, *zn[SKIP_BLOCK];
+        const int8_t *qr[SKIP_BLOCK] = {0};
+        for (int i = 0; i < bn; i++) {
+            if (in_place) {
+                const int id = ids[lo + i];
+                qr[i] = cache->qrows + (size_t)id * d;
+                zn[i] = cache->logits + (size_t)id * out;
+            } else {
+                fr[i] = c->L.rowp[lo + i];
+                zn[i] = fr[i] + d;
+            }
+        }
+        float *u = c->L.u + (size_t)lo * nr, *gu = c->L.gu + (size_t)lo * nr, *z = c->L.gbuf[0] + (size_t)lo * out;
+        col = 0;
+        for (int k = 0; k < n; k++) { /* u = A h: each adapter row against the block's rows */
+            const int w = c->tap_width[k];
+            for (int j = 0; j < r; j++) {
+                const float *a = Au + (size_t)(k * r + j) * d + col;
+                if (in_place) et_dot_rows_i8(bn, a, qr, col, w, u + k * r + j, nr);
+                else et_dot_rows(bn, a, fr, col, w, u + k * r + j, nr);
+            }
+            col += w;
+        }
+        for (int i = 0; i < bn; i++) /* logits = s (u B^T) + z_n (+ bias delta) */
+            for (int o = 0; o < out; o++) {
+                float v = 0.0f;
+                for (int q = 0; q < nr; q++) v += u[(size_t)i * nr + q] * Bm[(size_t)o * nr + q];
+                if (m->scale != 1.0f) v *= m->scale;
+                v += zn[i][o];
+                if (bias) v += bias[o];
+                z[(size_t)i * out + o] = v;
+            }
+        total += et_softmax_xent_grad_of(z, y + lo, bn, out, count); /* z becomes g */
+        for (int i = 0; i < bn; i++) { /* gu = s g B */
+            const float *g = z + (size_t)i * out;
+            for (int q = 0; q < nr; q++) {
+                float acc = 0.0f;
+                for (int o = 0; o < out; o++) acc += g[o] * Bm[(size_t)o * nr + q];
+                gu[(size_t)i * nr + q] = m->scale != 1.0f ? acc * m->scale : acc;
+            }
+        }
+        col = 0;
+        for (int k = 0; k < n; k++) { /* dA += gu h^T over the block's rows, block by block of A */
+            const int w = c->tap_width[k];
+            for (int j = 0; j < r; j++) {
+                float *ga = gA + (size_t)(k * r + j) * d + col;
+                if (in_place) et_weighted_rows_i8(bn, gu + k * r + j, nr, qr, col, w, ga);
+                else et_weighted_rows(bn, gu + k * r + j, nr, fr, col, w, ga);
+            }
+            col += w;
+        }
+    }
+    return total;
+}
+
+/* The rest of the batch's gradients (see skip_step), from its u and g: dB = s g^T u (out x n*r, a few
+ * hundred products), the bias delta's; with int8 rows dA *= the column scales. */
+static void skip_finish(ctx *c, int count, int in_place) {
+    const et_method *m = c->m;
+    const int n = c->n_taps, r = m->rank, nr = n * r, d = c->d_in, out = c->width[c->bb->n_layers];
     const float *g = c->L.gbuf[0];
-    float *gB = c->G + m->off_skip_b, *gA = c->G + m->off_skip_a, *gu = c->L.gu;
-    /* dB = g^T u and gu = g B: (out x n*r) and (batch x n*r), a few hundred products, written out */
+    float *gB = c->G + m->off_skip_b, *gA = c->G + m->off_skip_a;
     for (int o = 0; o < out; o++)
         for (int q = 0; q < nr; q++) {
             float acc = 0.0f;
             for (int i = 0; i < count; i++) acc += g[(size_t)i * out + o] * c->L.u[(size_t)i * nr + q];
             gB[(size_t)o * nr + q] = m->scale != 1.0f ? acc * m->scale : acc;
         }
-    for (int i = 0; i < count; i++)
-        for (int q = 0; q < nr; q++) {
-            float acc = 0.0f;
-            for (int o = 0; o < out; o++) acc += g[(size_t)i * out + o] * Bm[(size_t)o * nr + q];
-            gu[(size_t)i * nr + q] = m->scale != 1.0f ? acc * m->scale : acc;
-        }
-    /* dA, block by block (the off-block entries are never written, so they stay zero) */
+    if (m->off_bias_delta >= 0) column_sums(g, count, out, c->G + m->off_bias_delta);
+    if (!in_place) return;
     int col = 0;
     for (int k = 0; k < n; k++) {
-        const int w = c->tap_width[k];
-        for (int j = 0; j < r; j++)
-            et_weighted_rows(count, gu + k * r + j, nr, c->L.rowp, col, w, gA + (size_t)(k * r + j) * d + col);
-        col += w;
+        for (int j = 0; j < r; j++) {
+            float *restrict ga = gA + (size_t)(k * r + j) * d + col;
+            const float *restrict sc = c->cache->col_scales + col;
+            for (int t = 0; t < c->tap_width[k]; t++) ga[t] *= sc[t];
+        }
+        col += c->tap_width[k];
     }
-    if (m->off_bias_delta >= 0) column_sums(g, count, out, c->G + m->off_bias_delta);
 }
 
 /* ================================================================== sparse update */
@@ -1160,9 +1272,9 @@ static float *forward(ctx *c, const int32_t *ids, int count, int use_cache) {
     return lw_forward(c, count);
 }
 
+/* The backward pass of the layer-wise and sparse methods (the skip adapters' is in skip_step). */
 static void backward(ctx *c, int count) {
-    if (c->m->kind == ET_SKIP) skip_backward(c, count);
-    else if (c->m->kind == ET_SPARSE && et_backbone_is_dense(c->bb)) sp_backward(c, count);
+    if (c->m->kind == ET_SPARSE && et_backbone_is_dense(c->bb)) sp_backward(c, count);
     else lw_backward(c, count);
 }
 
@@ -1205,12 +1317,21 @@ int32_t et_train_epochs(const et_backbone *bb, const et_method *m, et_optimizer 
             const int count = n - lo < batch ? n - lo : batch;
             const int32_t *ids = order + lo;
             const double t0 = now(clock);
-            float *logits = forward(&c, ids, count, use_cache);
-            const double t1 = now(clock);
             for (int i = 0; i < count; i++) c.L.ybuf[i] = y[ids[i]];
-            total += et_softmax_xent_grad(logits, c.L.ybuf, count, out);
-            backward(&c, count); /* fused: every tensor stepped there */
-            const double t2 = now(clock);
+            double t1, t2;
+            if (m->kind == ET_SKIP) { /* one pass: the forward timer holds it, the backward the gradients' last factors */
+                const int in_place = skip_rows(&c, ids, count, use_cache);
+                total += skip_step(&c, ids, c.L.ybuf, count, in_place);
+                t1 = now(clock);
+                skip_finish(&c, count, in_place);
+                t2 = now(clock);
+            } else {
+                float *logits = forward(&c, ids, count, use_cache);
+                t1 = now(clock);
+                total += et_softmax_xent_grad(logits, c.L.ybuf, count, out);
+                backward(&c, count); /* fused: every tensor stepped there */
+                t2 = now(clock);
+            }
             if (!fused) et_optimizer_step(opt, params, grads, m->n_params);
             else if (opt->kind == ET_ADAM) opt->t += 1; /* as et_optimizer_step does once per batch */
             const double t3 = now(clock);
@@ -1242,8 +1363,14 @@ int32_t et_batch_gradient(const et_backbone *bb, const et_method *m, const float
     if (m && m->n_params > 0 && !grads) return ET_ERR_ARGUMENT; /* it fills grads: no fused update here */
     const int rc = setup(&c, bb, m, params, grads, NULL, x, batch, workspace, workspace_bytes);
     if (rc != ET_OK) return rc;
-    float *logits = forward(&c, ids, count, 0);
     for (int i = 0; i < count; i++) c.L.ybuf[i] = y[ids[i]];
+    if (m->kind == ET_SKIP) {
+        skip_rows(&c, ids, count, 0);
+        *loss = skip_step(&c, ids, c.L.ybuf, count, 0) / count;
+        skip_finish(&c, count, 0);
+        return ET_OK;
+    }
+    float *logits = forward(&c, ids, count, 0);
     *loss = et_softmax_xent_grad(logits, c.L.ybuf, count, et_width(bb, bb->n_layers)) / count;
     backward(&c, count);
     return ET_OK;

@@ -22,6 +22,10 @@ class Int8SkipCache(SkipCache):
     def __init__(self, n_samples: int, col_scales: np.ndarray, n_outputs: int, *,
                  budget_bytes: int | None = None, overflow: str = "error"):
         col_scales = np.asarray(col_scales, np.float32)
+        if col_scales.ndim != 1 or col_scales.size == 0:
+            raise UsageError(f"col_scales: one scale per adapter input, a 1-D array; got shape {col_scales.shape}")
+        if not np.all(np.isfinite(col_scales) & (col_scales > 0)):
+            raise UsageError("col_scales must be finite and positive (a zero or NaN scale cannot round a column)")
         d_in = int(col_scales.shape[0])
         self._init_rows(n_samples, d_in + n_outputs, d_in + 4 * n_outputs, budget_bytes, overflow,
                         "the int8 skip-cache", f"{n_samples} samples x ({d_in} int8 + {n_outputs} float32)")
