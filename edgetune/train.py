@@ -233,6 +233,22 @@ def _generator(seed: int, keep: dict | None) -> np.random.Generator:
     return kept[1]
 
 
+def epoch_orders(rng: np.random.Generator, n: int, count: int, shuffle: bool = True) -> np.ndarray:
+    """``count`` epochs' sample orders (int32, one row per epoch): ``rng.permutation(n)`` per
+    epoch, drawn by the compiled engine when it can (the same numbers, the generator left in the
+    same state; see ``core.engine.permutations``), else by NumPy; 0..n-1 without ``shuffle``."""
+    if not shuffle:
+        return np.tile(np.arange(n, dtype=np.int32), (count, 1))
+    from .core import engine
+
+    orders = engine.permutations(rng, n, count)
+    if orders is None:
+        orders = np.empty((count, n), np.int32)
+        for i in range(count):
+            orders[i] = rng.permutation(n)
+    return orders
+
+
 #: A finite loss this many times the first epoch's (and above ``EXPLODED_LOSS``) has diverged too:
 #: with Adam at a huge learning rate the loss can stay finite at 1e12 while nothing is learnt.
 EXPLODED_FACTOR = 1e6
@@ -334,9 +350,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
         last_save = clock()
         while epoch <= config.epochs and not stop:
             count = min(chunk, config.epochs - epoch + 1)
-            orders = np.empty((count, n), np.int32)
-            for i in range(count):
-                orders[i] = rng.permutation(n) if config.shuffle else np.arange(n)
+            orders = epoch_orders(rng, n, count, config.shuffle)
             chunk_start, before_chunk = epoch, method.params.flat.copy()
             for res in runner.run(orders):
                 epoch_loss = res.loss

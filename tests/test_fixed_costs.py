@@ -345,3 +345,144 @@ def test_prepared_inputs_follow_the_normalisation():
     bb.input_mean[0] += 1.0                           # the backbone's normalisation edited in place
     t.fit(xu, yu)
     np.testing.assert_array_equal(t.method.cache.data[:, :7], bb.prepare(x))
+
+
+# -- the epochs' orders, drawn in C ------------------------------------------------------
+def _c_draws(lib, rng, n, count):
+    """The orders and the final (state, has_uint32, uinteger) of ``lib``'s et_permutations from
+    ``rng``'s state (``rng`` itself untouched)."""
+    import ctypes
+
+    from edgetune.core import Pcg64
+
+    st = rng.bit_generator.state
+    s, inc = st["state"]["state"], st["state"]["inc"]
+    c = Pcg64(s >> 64, s & (2 ** 64 - 1), inc >> 64, inc & (2 ** 64 - 1), st["has_uint32"], st["uinteger"])
+    out = np.full((count, n), -1, np.int32)
+    assert lib.et_permutations(ctypes.byref(c), n, count, out.ctypes.data) == 0
+    return out, ((c.state_hi << 64) | c.state_lo, c.has_uint32, c.uinteger)
+
+
+def _numpy_draws(rng, n, count):
+    out = np.stack([rng.permutation(n) for _ in range(count)]) if n else np.empty((count, 0), np.int64)
+    st = rng.bit_generator.state
+    return out, (st["state"]["state"], st["has_uint32"], st["uinteger"])
+
+
+def _generators(seeds):
+    """Fresh generators of ``seeds``, and for each seed one with a 32-bit half buffered
+    (has_uint32 set: one uint32 drawn) and one advanced by an odd number of such draws."""
+    for seed in seeds:
+        yield seed, 0
+        yield seed, 1
+        yield seed, 7
+
+
+def _pair(seed, skip):
+    a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+    if skip:
+        a.integers(0, 2 ** 32, size=skip, dtype=np.uint32)
+        b.integers(0, 2 ** 32, size=skip, dtype=np.uint32)
+    return a, b
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 470, 2 ** 16 + 3])
+def test_c_permutations_equal_numpys_and_leave_the_same_state(n):
+    lib = load()
+    seeds = range(30) if n < 1000 else range(3)
+    for seed, skip in _generators(seeds):
+        a, b = _pair(seed, skip)
+        if skip:
+            assert a.bit_generator.state["has_uint32"] == skip % 2
+        got, got_state = _c_draws(lib, a, n, 3)
+        want, want_state = _numpy_draws(b, n, 3)
+        np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, {skip} uint32 drawn before")
+        assert got_state == want_state, (seed, skip)
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+def test_engine_permutations_hand_the_state_back_to_numpy():
+    from edgetune.core.engine import permutations
+
+    for seed, skip in _generators(range(10)):
+        a, b = _pair(seed, skip)
+        got = permutations(a, 470, 5)
+        want, _ = _numpy_draws(b, 470, 5)
+        assert got.dtype == np.int32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+        assert a.bit_generator.state == b.bit_generator.state
+        assert a.random() == b.random() and a.integers(0, 1000) == b.integers(0, 1000)  # NumPy carries on
+    # what C does not draw is left to NumPy: another bit generator, a size past int32
+    mt = np.random.Generator(np.random.MT19937(0))
+    assert permutations(mt, 10, 2) is None
+    assert permutations(np.random.default_rng(0), 2 ** 31, 1) is None
+
+
+def test_epoch_orders_are_numpys_permutations_on_every_path(monkeypatch):
+    from edgetune.core import engine
+    from edgetune.train import epoch_orders
+
+    for make in (lambda: np.random.default_rng(5), lambda: np.random.Generator(np.random.MT19937(5))):
+        a, b = make(), make()
+        np.testing.assert_array_equal(epoch_orders(a, 33, 4), np.stack([b.permutation(33) for _ in range(4)]))
+        np.testing.assert_array_equal(a.integers(0, 2 ** 62, size=4), b.integers(0, 2 ** 62, size=4))
+    monkeypatch.setattr(engine, "permutations", lambda rng, n, count: None)
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    np.testing.assert_array_equal(epoch_orders(a, 33, 4), np.stack([b.permutation(33) for _ in range(4)]))
+    np.testing.assert_array_equal(epoch_orders(a, 5, 2, shuffle=False), [np.arange(5)] * 2)
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+def test_portable_128_bit_path_draws_the_same(tmp_path):
+    """Compilers without 128-bit integers (32-bit microcontrollers) take the 64x64->128 path."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    core_dir = Path(__file__).resolve().parent.parent / "edgetune" / "core"
+    lib_path = tmp_path / "librandom_portable.so"
+    r = subprocess.run([cc, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
+                        "-DET_RANDOM_NO_INT128", f"-I{core_dir}", str(core_dir / "et_random.c"), "-o", str(lib_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from edgetune.core import Pcg64
+
+    lib = ctypes.CDLL(str(lib_path))
+    lib.et_permutations.argtypes = [ctypes.POINTER(Pcg64), ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+    lib.et_permutations.restype = ctypes.c_int32
+    for seed, skip in _generators(range(10)):
+        a, b = _pair(seed, skip)
+        got, got_state = _c_draws(lib, a, 470, 2)
+        want, want_state = _numpy_draws(b, 470, 2)
+        np.testing.assert_array_equal(got, want)
+        assert got_state == want_state
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("method", ["skip2-lora", "lora-all"])
+def test_fits_are_bit_identical_with_numpys_permutations(engine, method, monkeypatch):
+    from edgetune.core import engine as core_engine
+
+    bb = _bb()
+    x, y = toy_task(n=45, d=7)
+
+    def run():
+        t = et.FineTuner(bb, method, epochs=7, batch_size=8, lr=0.05, seed=11, engine=engine)
+        t.fit(x, y)
+        t.fit(x, y)  # a second fit on the kept generator
+        return t.method.params.flat.copy(), [e.loss for e in t.history_.epochs]
+
+    calls = []
+    real = core_engine.permutations
+    monkeypatch.setattr(core_engine, "permutations", lambda *a: calls.append(a[1:]) or real(*a))
+    drawn_in_c = run()
+    assert calls and (load() is None or all(n == 45 for n, _ in calls))
+    monkeypatch.setattr(core_engine, "permutations", lambda rng, n, count: None)
+    drawn_by_numpy = run()
+    np.testing.assert_array_equal(drawn_in_c[0], drawn_by_numpy[0])
+    assert drawn_in_c[1] == drawn_by_numpy[1]

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import EdgetuneError, UsageError
 from . import MAX_LAYERS, ERRORS, Backbone as CBackbone, Cache as CCache, EpochStats, Method as CMethod
-from . import Optimizer as COptimizer, enum, load, unavailable_reason
+from . import Optimizer as COptimizer, Pcg64, enum, load, unavailable_reason
 from ..nn.layers import lora_specs
 
 ENGINES = ("auto", "c", "numpy")
@@ -354,6 +354,32 @@ class CoreModel:
                                        x.ctypes.data, x.shape[0], self.batch, out.ctypes.data, ws.ctypes.data,
                                        ws.nbytes))
         return out
+
+
+_U64 = (1 << 64) - 1
+
+
+def permutations(rng: np.random.Generator, n: int, count: int) -> np.ndarray | None:
+    """``count`` epochs' orders, row i what ``rng.permutation(n)`` would give on the i-th call,
+    drawn in C (et_random.c: NumPy's PCG64 and shuffle, bit for bit); ``rng`` is then where
+    those NumPy calls would have left it. None when C cannot draw them (no compiled engine, a
+    bit generator other than PCG64, n past int32): the caller draws with NumPy."""
+    lib = load()
+    if lib is None or not 0 <= n <= INT32_MAX or not 0 <= count <= INT32_MAX // max(n, 1):
+        return None
+    bitgen = rng.bit_generator
+    st = bitgen.state
+    if st.get("bit_generator") != "PCG64":
+        return None
+    state, inc = st["state"]["state"], st["state"]["inc"]
+    c = Pcg64(state >> 64, state & _U64, inc >> 64, inc & _U64, int(st["has_uint32"]), int(st["uinteger"]))
+    out = np.empty((count, n), np.int32)
+    if lib.et_permutations(ctypes.byref(c), n, count, out.ctypes.data) != 0:
+        raise CoreError("the compiled engine refused to draw the epochs' orders")
+    st["state"] = {"state": (c.state_hi << 64) | c.state_lo, "inc": inc}
+    st["has_uint32"], st["uinteger"] = int(c.has_uint32), int(c.uinteger)
+    bitgen.state = st
+    return out
 
 
 @dataclass
