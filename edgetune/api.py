@@ -29,6 +29,9 @@ from .units import parse_bytes
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "edgetune-adapter"
+#: ``predict`` of at most this many rows runs in C one row at a time, reading the tensors in place
+#: (``core.engine.Predictor``); more rows go through NumPy's matrix products.
+PREDICT_ROWS_IN_C = 16
 
 
 class FineTuner:
@@ -171,8 +174,41 @@ class FineTuner:
         self.history_ = fit(self.method, xs, ys, config, progress=False, engine=self.engine, keep=self._kept)
         return self
 
+    def _prepare(self, x: Any, what: str = "x", out: np.ndarray | None = None) -> np.ndarray:
+        """``backbone.prepare(x, what)``, bit for bit, without its generic checks when ``x`` is
+        already what they look for: a non-empty 2-D float array of finite values, one flat row
+        per sample. Anything else (and every refusal, with its message) is ``prepare``'s.
+        ``out``: where to write the result, of its shape and the backbone's dtype (returned)."""
+        bb = self.backbone
+        if type(x) is np.ndarray and x.ndim == 2 and x.shape[0] and (x.dtype == np.float32 or x.dtype == np.float64):
+            in_shape = bb.layers[0].spec.in_shape
+            if len(in_shape) == 1 and x.shape[1] == in_shape[0] and (out is None or out.dtype == bb.dtype):
+                if out is None:
+                    xp = np.array(x, dtype=bb.dtype, order="C", copy=True)
+                else:
+                    xp = out
+                    np.copyto(xp, x, casting="same_kind")
+                if np.isfinite(xp).all():
+                    if bb.input_mean is not None:
+                        xp -= bb.input_mean
+                    if bb.input_std is not None:
+                        xp /= bb.input_std
+                    return xp
+        xp = bb.prepare(x, what)
+        if out is not None:
+            out[...] = xp
+            return out
+        return xp
+
     def decision_function(self, x: Any) -> np.ndarray:
-        return predict_logits(self.method, self.backbone.prepare(x))
+        if type(x) is np.ndarray and x.ndim == 2 and 1 <= len(x) <= PREDICT_ROWS_IN_C:
+            from .core.engine import predictor
+
+            c, self._kept["predict"] = predictor(self.method, self.engine, self._kept.get("predict"))
+            if c is not None and x.shape[1] == c.width:
+                self._prepare(x, out=c.rows(len(x)))
+                return c.logits(len(x))
+        return predict_logits(self.method, self._prepare(x))
 
     def predict_proba(self, x: Any) -> np.ndarray:
         return softmax(self.decision_function(x))

@@ -216,7 +216,8 @@ def make_runner(engine: str | None, method: Method, opt: Any, x: np.ndarray, y: 
     kept = keep.get("core")
     if kept is None or kept[0] != fit_key or kept[1] is not wt or kept[2].batch != batch_size:
         kept = keep["core"] = (fit_key, wt, CoreModel(method, batch_size))
-    return CoreRunner(method, opt, x, y, batch_size, model=kept[2])
+    keep["runner"] = CoreRunner(method, opt, x, y, batch_size, model=kept[2], previous=keep.get("runner"))
+    return keep["runner"]
 
 
 def _generator(seed: int, keep: dict | None) -> np.random.Generator:
@@ -273,6 +274,11 @@ def _divergence_hint(x: np.ndarray, config: TrainConfig) -> str:
         return (f"The inputs reach {peak:.3g} after normalisation: check the data's units/scaling "
                 f"(inputs of a few units train best).")
     return f"Lower the learning rate (now {config.lr})."
+
+
+def _chunk(epoch_seconds: float) -> int:
+    """Epochs per call of the runner: about a quarter of a second of them, 1 to 1000."""
+    return int(min(max(1, 0.25 / max(epoch_seconds, 1e-6)), 1000))
 
 
 def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
@@ -341,12 +347,17 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     # Epochs with nothing to do in between (no validation, checkpoint or callback) run several per
     # call: the compiled engine then never returns to Python between them.
     batched = not validate and checkpoint is None and callback is None
-    # Divergence is detected below, once per epoch; NumPy's per-operation warnings add nothing.
-    errstate = np.errstate(over="ignore", invalid="ignore")
-    errstate.__enter__()
+    # Divergence is detected below, once per epoch; NumPy's per-operation warnings add nothing
+    # (the compiled engine's epochs run no NumPy operation: no state to switch there).
+    errstate = np.errstate(over="ignore", invalid="ignore") if runner.name != "c" or validate else None
+    if errstate is not None:
+        errstate.__enter__()
     try:
         bar.update(first_epoch - 1)
-        epoch, chunk, stop = first_epoch, 1, False
+        # The first call runs one epoch, to learn how long one takes, unless an earlier fit of the
+        # same caller on as many samples said so (``keep``).
+        epoch, stop = first_epoch, False
+        chunk = keep.get("epoch_seconds", {}).get(n, 1) if keep is not None and batched else 1
         last_save = clock()
         while epoch <= config.epochs and not stop:
             count = min(chunk, config.epochs - epoch + 1)
@@ -388,16 +399,21 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                               best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch,
                                     "stopped_early": hist.stopped_early},
                               best_params=best_params, journal=journal)
-                post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
-                bar.update(1, post)
+                if bar.enabled:
+                    bar.update(1, f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else ""))
+                else:
+                    bar.n += 1
                 epoch += 1
                 if hist.stopped_early or (callback is not None and callback(rec)):
                     stop = True
                     break
             if batched and hist.epochs:  # about a quarter of a second of epochs per call
-                chunk = int(min(max(1, 0.25 / max(hist.epochs[-1].seconds, 1e-6)), 1000))
+                chunk = _chunk(hist.epochs[-1].seconds)
+                if keep is not None:
+                    keep["epoch_seconds"] = {n: chunk}
     finally:
-        errstate.__exit__(None, None, None)
+        if errstate is not None:
+            errstate.__exit__(None, None, None)
         bar.close()
         method.end_fit()
     if best_params is not None and hist.stopped_early:

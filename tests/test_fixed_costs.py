@@ -486,3 +486,114 @@ def test_fits_are_bit_identical_with_numpys_permutations(engine, method, monkeyp
     drawn_by_numpy = run()
     np.testing.assert_array_equal(drawn_in_c[0], drawn_by_numpy[0])
     assert drawn_in_c[1] == drawn_by_numpy[1]
+
+
+# -- predict of a few rows, in C ---------------------------------------------------------
+def _numpy_logits(t, x):
+    from edgetune.train import predict_logits
+
+    return predict_logits(t.method, t.backbone.prepare(x))
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+@pytest.mark.parametrize("method", ["skip2-lora", "skip-lora", "lora-all", "ft-all", "lora-last"])
+def test_predict_of_a_few_rows_in_c_equals_numpys(method):
+    from edgetune.core.engine import Predictor
+
+    x, y = toy_task(n=40, d=7)
+    # a pre-trained backbone stores its dense weights as W^T (in, out), the layout every method reads
+    bb, _ = et.pretrain(x, y, hidden=[16, 16], epochs=2)
+    t = et.FineTuner(bb, method, epochs=3, batch_size=8, lr=0.1, seed=1).fit(x, y)
+    for rows in (1, 2, 16):
+        got = t.decision_function(x[:rows])
+        assert isinstance(t._kept["predict"][2], Predictor)
+        want = _numpy_logits(t, x[:rows])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(t.predict(x[:rows]), want.argmax(axis=1))
+        np.testing.assert_allclose(t.predict_proba(x[:rows]).sum(axis=1), 1, rtol=1e-6)
+    out = t.decision_function(x[:1])
+    out[...] = 0  # the caller's array, not the predictor's buffer
+    np.testing.assert_allclose(t.decision_function(x[:1]), _numpy_logits(t, x[:1]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(t.decision_function(x[:17]), _numpy_logits(t, x[:17]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+@pytest.mark.parametrize("edit", ["weight in place", "bias in place", "base array", "replaced weight",
+                                  "replaced layer", "adapter in place", "normalisation"])
+def test_predict_in_c_sees_every_change(edit):
+    bb = _bb()
+    bb.input_mean = np.zeros(7, np.float32)
+    bb.input_std = np.ones(7, np.float32)
+    x, y = toy_task(n=40, d=7)
+    t = et.FineTuner(bb, "skip2-lora", epochs=2, batch_size=8, lr=0.1).fit(x, y)
+    before = t.decision_function(x[:3])
+    layer = bb.layers[0]
+    if edit == "weight in place":
+        layer.weight[0, :] += 1.0
+    elif edit == "bias in place":
+        bb.layers[1].bias[:] = 0.5
+    elif edit == "base array":
+        base = layer.weight.base if layer.weight.base is not None else layer.weight
+        base.reshape(-1)[:5] *= -3.0
+    elif edit == "replaced weight":
+        layer.weight = np.ascontiguousarray(layer.weight * 2.0)
+    elif edit == "replaced layer":
+        from edgetune.nn.layers import Layer
+        bb.layers[1] = Layer(bb.layers[1].spec, np.ascontiguousarray(bb.layers[1].weight[::-1]),
+                             bb.layers[1].bias.copy())
+    elif edit == "adapter in place":
+        t.method.params["skip.lora_B"][...] += 0.25  # (A is block-masked: the engines agree within the blocks)
+    else:
+        bb.input_mean += 0.5
+    after = t.decision_function(x[:3])
+    assert not np.allclose(after, before)
+    np.testing.assert_allclose(after, _numpy_logits(t, x[:3]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+def test_predict_falls_back_to_numpy_where_c_cannot_read_in_place(monkeypatch):
+    bb = _bb()
+    x, y = toy_task(n=40, d=7)
+    t = et.FineTuner(bb, "skip2-lora", epochs=2, batch_size=8).fit(x, y)
+    t.decision_function(x[:1])
+    bb.layers[0].weight = np.asfortranarray(bb.layers[0].weight)[:, ::1]  # F-order: read as W^T in place
+    np.testing.assert_allclose(t.decision_function(x[:2]), _numpy_logits(t, x[:2]), rtol=1e-6, atol=1e-6)
+    bb.layers[0].weight = np.repeat(bb.layers[0].weight, 2, axis=1)[:, ::2]  # strided: C cannot read it
+    np.testing.assert_array_equal(t.decision_function(x[:2]), _numpy_logits(t, x[:2]))
+    assert t._kept["predict"][2] is None
+    numpy_tuner = et.FineTuner(_bb(), "skip2-lora", engine="numpy").fit(x, y)
+    np.testing.assert_array_equal(numpy_tuner.decision_function(x[:1]), _numpy_logits(numpy_tuner, x[:1]))
+    assert numpy_tuner._kept["predict"][2] is None
+    monkeypatch.setenv("EDGETUNE_ENGINE", "numpy")
+    t2 = et.FineTuner(_bb(), "skip2-lora").fit(x, y)
+    np.testing.assert_array_equal(t2.decision_function(x[:1]), _numpy_logits(t2, x[:1]))
+
+
+def test_predict_refuses_bad_rows_as_before():
+    t = et.FineTuner(_bb(), "skip2-lora", epochs=1)
+    x, y = toy_task(n=20, d=7)
+    t.fit(x, y)
+    bad = x[:2].copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(DataError, match="NaN or inf .first at sample 1, feature 3"):
+        t.predict(bad)
+    with pytest.raises(DataError, match="must have shape"):
+        t.predict(x[:2, :5])
+    with pytest.raises(DataError, match="must have shape"):
+        t.predict(x[0])
+    np.testing.assert_array_equal(t.predict(x[:2].astype(np.float64)), t.predict(x[:2]))
+    np.testing.assert_array_equal(t.predict(x[:2].tolist()), t.predict(x[:2]))
+
+
+def test_fast_prepare_is_prepare_bit_for_bit():
+    bb = _bb()
+    rng = np.random.default_rng(0)
+    bb.input_mean = rng.normal(size=7).astype(np.float32)
+    bb.input_std = rng.uniform(0.5, 2, size=7).astype(np.float32)
+    t = et.FineTuner(bb, "skip2-lora")
+    for x in (rng.normal(size=(3, 7)), rng.normal(size=(5, 7)).astype(np.float32), rng.normal(size=(7, 2)).T):
+        want = bb.prepare(x)
+        np.testing.assert_array_equal(t._prepare(x), want)
+        out = np.empty_like(want)
+        assert t._prepare(x, out=out) is out
+        np.testing.assert_array_equal(out, want)
