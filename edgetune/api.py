@@ -123,7 +123,7 @@ class FineTuner:
                 and (bb.input_mean is None) == (memo[3][0] is None) and (bb.input_std is None) == (memo[3][1] is None):
             return memo[4], memo[5]
         xv, yv = validate_xy(x, y, n_classes=bb.sizes[-1], what=what)
-        xp = bb.prepare(xv, f"{what} x")
+        xp = self._prepare(xv, f"{what} x")
         self._prepared = None
         if isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and _immutable(x) and _immutable(y):
             xp.flags.writeable = yv.flags.writeable = False  # ours: kept as they are for the next call
@@ -206,8 +206,9 @@ class FineTuner:
 
             c, self._kept["predict"] = predictor(self.method, self.engine, self._kept.get("predict"))
             if c is not None and x.shape[1] == c.width:
-                self._prepare(x, out=c.rows(len(x)))
-                return c.logits(len(x))
+                with c.lock:
+                    self._prepare(x, out=c.rows(len(x)))
+                    return c.logits(len(x))
         return predict_logits(self.method, self._prepare(x))
 
     def predict_proba(self, x: Any) -> np.ndarray:

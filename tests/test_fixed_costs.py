@@ -597,3 +597,66 @@ def test_fast_prepare_is_prepare_bit_for_bit():
         out = np.empty_like(want)
         assert t._prepare(x, out=out) is out
         np.testing.assert_array_equal(out, want)
+
+
+# -- what the trainer keeps between fits: the cache struct, the workspace, the epoch chunk --
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+def test_kept_runner_shares_the_cache_struct_only_for_the_same_arrays(monkeypatch):
+    from edgetune.core.engine import CoreRunner
+
+    calls = []
+    run = CoreRunner.run
+    monkeypatch.setattr(CoreRunner, "run", lambda self, orders: calls.append(len(orders)) or run(self, orders))
+    bb = _bb()
+    x, y = toy_task(n=40, shift=0.5)
+    t = _tuner(bb, "c", epochs=6)
+    t.fit(x, y)
+    assert calls == [1, 5]  # a new tuner runs one epoch first, to learn how long one takes
+    first = t._kept["runner"]
+    assert list(t._kept["epoch_seconds"]) == [40] and t._kept["epoch_seconds"][40] >= 6  # tiny epochs
+    t.fit(x.copy(), y.copy())
+    assert calls == [1, 5, 6]  # the kept tuner knows: every epoch in one call  # other arrays, the same cache: the struct and workspace are reused
+    second = t._kept["runner"]
+    assert second is not first and second.c_cache is first.c_cache and second.ws is first.ws
+    t.fit(x[:30], y[:30])      # another number of samples: a new cache, a new struct
+    third = t._kept["runner"]
+    assert third.c_cache is not second.c_cache and third.n == 30
+    fresh = _tuner(bb.copy(), "c", epochs=6)
+    for xs, ys in ((x, y), (x.copy(), y.copy()), (x[:30], y[:30])):
+        fresh._kept.clear()
+        fresh.fit(xs, ys)
+    np.testing.assert_array_equal(t.method.params.flat, fresh.method.params.flat)
+    assert t.history_.cache["cache_hits"] == fresh.history_.cache["cache_hits"]
+    assert t.history_.cache["cache_misses"] == fresh.history_.cache["cache_misses"]
+
+
+# -- a fleet device's backbone ------------------------------------------------------------
+def test_a_fleet_device_trains_on_a_read_only_copy_with_the_same_results():
+    from edgetune.cache import _immutable
+    from edgetune.fleet.device import DeviceTrainer, TrainSpec, global_tensors, read_only_copy
+    from edgetune.fleet.partition import DeviceData
+
+    bb = _bb()
+    bb.input_mean, bb.input_std = np.full(7, 0.1, np.float32), np.full(7, 2.0, np.float32)
+    x, y = toy_task(n=40, shift=0.5)
+    xt, yt = toy_task(n=10, seed=1)
+    data = DeviceData(name="d0", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    spec = TrainSpec(epochs=3, batch_size=8)
+    dev = DeviceTrainer(bb, data, spec)
+    assert dev.backbone is not bb and dev.tuner.backbone is dev.backbone
+    assert all(_immutable(a) for a in dev.backbone.tensors().values())
+    assert dev.backbone.digest() == bb.digest()
+    g = global_tensors(bb, spec)
+    wires = [dev.train(g)[0] for _ in range(3)]
+    same = DeviceTrainer(bb, data, spec)
+    same.backbone = bb  # what a device trained on before: the caller's own object
+    same.tuner = et.FineTuner(bb, spec.method, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr)
+    for wire in wires:
+        got = same.train(g)[0]
+        assert got.keys() == wire.keys()
+        for k in wire:
+            np.testing.assert_array_equal(got[k], wire[k])
+    bb.layers[0].weight[...] = 0  # the caller's object is theirs: the device's copy is unchanged
+    assert dev.backbone.digest() != bb.digest()
+    int8_like = read_only_copy(dev.backbone)
+    assert int8_like.digest() == dev.backbone.digest()

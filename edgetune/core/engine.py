@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -420,7 +421,8 @@ class Predictor:
     objects (``current``). Built by ``predictor``, which says None where C cannot serve.
 
     ``rows(n)`` is its own input buffer, where the caller prepares up to ``max_rows`` rows in
-    place; ``logits(n)`` runs them (the pointers are fixed, so a call converts no array)."""
+    place; ``logits(n)`` runs them (the pointers are fixed, so a call converts no array). The
+    buffers are shared: hold ``lock`` from filling the rows to reading the logits."""
 
     def __init__(self, method: Any, max_rows: int = 16):
         self.method = method
@@ -430,6 +432,7 @@ class Predictor:
         self.shapes = [a.shape for a in self.arrays]
         self.width, self.classes = self.model.sizes[0], self.model.sizes[-1]
         self.max_rows = int(max_rows)
+        self.lock = threading.Lock()
         self.ws = self.model.workspace()
         self._x = np.empty((self.max_rows, self.width), np.float32)
         self._out = np.empty((self.max_rows, self.classes), np.float32)
@@ -462,10 +465,11 @@ class Predictor:
         """Logits of prepared rows ``x`` ((rows, width), any float dtype), ``max_rows`` at a time."""
         x = self.model._inputs(np.ascontiguousarray(x, np.float32))
         out = np.empty((x.shape[0], self.classes), np.float32)
-        for lo in range(0, x.shape[0], self.max_rows):
-            n = min(self.max_rows, x.shape[0] - lo)
-            self._x[:n] = x[lo:lo + n]
-            out[lo:lo + n] = self.logits(n)
+        with self.lock:
+            for lo in range(0, x.shape[0], self.max_rows):
+                n = min(self.max_rows, x.shape[0] - lo)
+                self._x[:n] = x[lo:lo + n]
+                out[lo:lo + n] = self.logits(n)
         return out
 
 
