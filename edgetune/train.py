@@ -390,9 +390,9 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                 hist.epochs.append(rec)
                 if config.patience is not None and since_best >= config.patience:
                     hist.stopped_early = True
-                due = checkpoint is not None and (clock() - last_save >= CHECKPOINT_SECONDS if checkpoint_every is None
-                                                  else epoch % checkpoint_every == 0)
-                if checkpoint is not None and (due or epoch == config.epochs or hist.stopped_early):
+                if checkpoint is not None and (
+                        (clock() - last_save >= CHECKPOINT_SECONDS if checkpoint_every is None
+                         else epoch % checkpoint_every == 0) or epoch == config.epochs or hist.stopped_early):
                     last_save = clock()
                     ckpt.save(checkpoint, fp=fp, epoch=epoch, params=method.params.flat, opt_state=opt.state(),
                               rng=rng, history=hist.epochs,

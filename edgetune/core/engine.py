@@ -666,6 +666,9 @@ def _cache_struct(cache: Any, n: int, row_width: int, d_in: int, n_out: int, eag
     return s
 
 
+_STATS_DTYPE = np.dtype(EpochStats)  # et_epoch_stats as NumPy reads it (the fields' offsets are ctypes')
+
+
 def _cache_arrays(cache: Any) -> tuple:
     """The arrays a cache struct points into (compared by identity to reuse the struct)."""
     if cache is None:
@@ -747,5 +750,7 @@ class CoreRunner:
             self.cache.hits += c.hits - hits0
             self.cache.misses += c.misses - misses0
             self.cache.complete = self.cache.capacity == self.cache.n_samples and bool(self.cache.filled.all())
-        return [EpochResult(s.loss, s.seconds, s.forward_seconds, s.backward_seconds, s.update_seconds,
-                            bool(s.diverged)) for s in self._stats[:done]]
+        # one NumPy view of the stats read as tuples: reading ctypes fields one by one costs more
+        # than an epoch of a small fit
+        return [EpochResult(loss, sec, fwd, bwd, upd, bool(div))
+                for loss, sec, fwd, bwd, upd, div, _ in np.frombuffer(self._stats, _STATS_DTYPE, done).tolist()]
