@@ -357,7 +357,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
         # The first call runs one epoch, to learn how long one takes, unless an earlier fit of the
         # same caller on as many samples said so (``keep``).
         epoch, stop = first_epoch, False
-        chunk = keep.get("epoch_seconds", {}).get(n, 1) if keep is not None and batched else 1
+        chunk = keep.get("chunk", {}).get(n, 1) if keep is not None and batched else 1
         last_save = clock()
         while epoch <= config.epochs and not stop:
             count = min(chunk, config.epochs - epoch + 1)
@@ -410,7 +410,7 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
             if batched and hist.epochs:  # about a quarter of a second of epochs per call
                 chunk = _chunk(hist.epochs[-1].seconds)
                 if keep is not None:
-                    keep["epoch_seconds"] = {n: chunk}
+                    keep["chunk"] = {n: chunk}
     finally:
         if errstate is not None:
             errstate.__exit__(None, None, None)

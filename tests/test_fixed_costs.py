@@ -613,9 +613,9 @@ def test_kept_runner_shares_the_cache_struct_only_for_the_same_arrays(monkeypatc
     t.fit(x, y)
     assert calls == [1, 5]  # a new tuner runs one epoch first, to learn how long one takes
     first = t._kept["runner"]
-    assert list(t._kept["epoch_seconds"]) == [40] and t._kept["epoch_seconds"][40] >= 6  # tiny epochs
-    t.fit(x.copy(), y.copy())
-    assert calls == [1, 5, 6]  # the kept tuner knows: every epoch in one call  # other arrays, the same cache: the struct and workspace are reused
+    assert list(t._kept["chunk"]) == [40] and t._kept["chunk"][40] >= 6  # tiny epochs: many per call
+    t.fit(x.copy(), y.copy())  # other arrays, the same cache: the struct and workspace are reused
+    assert calls == [1, 5, 6]  # the kept tuner knows: every epoch in one call
     second = t._kept["runner"]
     assert second is not first and second.c_cache is first.c_cache and second.ws is first.ws
     t.fit(x[:30], y[:30])      # another number of samples: a new cache, a new struct
