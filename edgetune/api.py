@@ -76,7 +76,7 @@ class FineTuner:
         self.progress = progress
         self.history_: History | None = None
         self._kept: dict = {}  # the engine's structs, kept between fits (train.make_runner)
-        self._prepared: tuple | None = None  # _xy's last arrays, when no one can write them
+        self._prepared: dict[str, tuple] = {}  # _xy's last arrays per use, when no one can write them
         if stream_capacity is not None and (not isinstance(stream_capacity, (int, np.integer))
                                             or isinstance(stream_capacity, bool) or stream_capacity < 1):
             raise UsageError(f"stream_capacity must be a whole number >= 1 or None (no limit), got {stream_capacity!r}")
@@ -115,20 +115,24 @@ class FineTuner:
     def _xy(self, x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
         """Validated labels and prepared (normalised) inputs. Arrays no one can write (read-only
         views of ``bytes``: ``edgetune.cache.unwritable``) are validated once: the same two
-        arrays again, with the same input normalisation, give the same prepared arrays."""
+        arrays again, with the same input normalisation, give the same prepared arrays (one pair
+        per use: training, validation and evaluation data each keep theirs)."""
         bb = self.backbone
-        memo = self._prepared
+        memo = self._prepared.get(what)
         if memo is not None and memo[0] is x and memo[1] is y and memo[2] == what and all(
-                _same_bits(a, b) for a, b in zip((bb.input_mean, bb.input_std), memo[3]) if b is not None) \
+                (a is b and _immutable(b)) or _same_bits(a, b)
+                for a, b in zip((bb.input_mean, bb.input_std), memo[3]) if b is not None) \
                 and (bb.input_mean is None) == (memo[3][0] is None) and (bb.input_std is None) == (memo[3][1] is None):
             return memo[4], memo[5]
         xv, yv = validate_xy(x, y, n_classes=bb.sizes[-1], what=what)
         xp = self._prepare(xv, f"{what} x")
-        self._prepared = None
+        self._prepared.pop(what, None)
         if isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and _immutable(x) and _immutable(y):
             xp.flags.writeable = yv.flags.writeable = False  # ours: kept as they are for the next call
-            norm = tuple(None if a is None else np.array(a, copy=True) for a in (bb.input_mean, bb.input_std))
-            self._prepared = (x, y, what, norm, xp, yv)
+            # the normalisation as it is now: kept by reference if no one can write it, else copied
+            norm = tuple(None if a is None else a if _immutable(a) else np.array(a, copy=True)
+                         for a in (bb.input_mean, bb.input_std))
+            self._prepared[what] = (x, y, what, norm, xp, yv)
         return xp, yv
 
     def fit(self, x: Any, y: Any, *, x_val: Any = None, y_val: Any = None,

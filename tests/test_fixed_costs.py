@@ -632,7 +632,7 @@ def test_kept_runner_shares_the_cache_struct_only_for_the_same_arrays(monkeypatc
 
 # -- a fleet device's backbone ------------------------------------------------------------
 def test_a_fleet_device_trains_on_a_read_only_copy_with_the_same_results():
-    from edgetune.cache import _immutable
+    from edgetune.cache import _immutable, unwritable
     from edgetune.fleet.device import DeviceTrainer, TrainSpec, global_tensors, read_only_copy
     from edgetune.fleet.partition import DeviceData
 
@@ -648,6 +648,13 @@ def test_a_fleet_device_trains_on_a_read_only_copy_with_the_same_results():
     assert dev.backbone.digest() == bb.digest()
     g = global_tensors(bb, spec)
     wires = [dev.train(g)[0] for _ in range(3)]
+    prepared = dev.tuner._prepared["training data"]
+    assert prepared is not None and prepared[3][0] is dev.backbone.input_mean  # read-only: kept by reference
+    dev.train(g)
+    assert dev.tuner._prepared["training data"] is prepared  # the samples were prepared once, not every round
+    dev.backbone.input_mean = unwritable(dev.backbone.input_mean + 1)  # another normalisation: prepared again
+    assert dev.tuner._xy(dev._x, dev._y, "training data")[0] is not prepared[4]
+    dev.backbone.input_mean = prepared[3][0]
     same = DeviceTrainer(bb, data, spec)
     same.backbone = bb  # what a device trained on before: the caller's own object
     same.tuner = et.FineTuner(bb, spec.method, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr)

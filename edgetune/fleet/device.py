@@ -117,6 +117,7 @@ class DeviceTrainer:
         self.backbone, self.data, self.spec = read_only_copy(backbone), data, spec
         # The device's samples as arrays no one can write: each round's fit checks them once, not again.
         self._x, self._y = unwritable(data.x_train), unwritable(data.y_train)
+        self._x_test, self._y_test = unwritable(data.x_test), unwritable(data.y_test)
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.tuner = make_tuner(self.backbone, spec)
         names = set(self.tuner.method.adapter_tensors())
@@ -151,7 +152,7 @@ class DeviceTrainer:
         metrics = {
             "num-examples": int(len(self.data.y_train)),
             "train-seconds": float(seconds),
-            "local-accuracy-after-training": float(self.tuner.score(self.data.x_test, self.data.y_test)),
+            "local-accuracy-after-training": float(self.tuner.score(self._x_test, self._y_test)),
             "cache-hits": int(stats.get("cache_hits", 0)),
             "cache-misses": int(stats.get("cache_misses", 0)),
             "bytes-up": payload_bytes(wire),
@@ -164,7 +165,7 @@ class DeviceTrainer:
         """Accuracy on the device's own test data of the global adapter plus its personal part."""
         self._load_global(tensors)
         return {"num-examples": int(len(self.data.y_test)),
-                "accuracy": float(self.tuner.score(self.data.x_test, self.data.y_test))}
+                "accuracy": float(self.tuner.score(self._x_test, self._y_test))}
 
     # -- the device's own files ----------------------------------------------------------
     def _state_file(self, name: str) -> Path | None:
