@@ -6,7 +6,8 @@ variant (see et_kernels.c), and the compiler vectorises the plain loops.
 """
 from setuptools import Extension, setup
 
-SOURCES = ["et_kernels.c", "et_layers.c", "et_conv.c", "et_int8.c", "et_train.c", "et_device.c", "et_abi.c", "et_clock.c", "et_oselm.c"]
+SOURCES = ["et_kernels.c", "et_layers.c", "et_conv.c", "et_int8.c", "et_train.c", "et_device.c", "et_abi.c", "et_clock.c", "et_oselm.c",
+           "et_random.c"]
 # -fno-wrapv undoes the -fwrapv of CPython's own flags: with wrapping signed counters GCC
 # cannot vectorise the counted loops cleanly (measured: 10x the instructions in a dot product).
 FLAGS = ["-std=c99", "-O3", "-ffp-contract=fast", "-fno-wrapv"]
@@ -15,7 +16,7 @@ setup(ext_modules=[Extension(
     "edgetune.core._edgetune_core",
     sources=[f"edgetune/core/{s}" for s in SOURCES],
     include_dirs=["edgetune/core"],
-    depends=[f"edgetune/core/{h}" for h in ("et_core.h", "et_kernels.h", "et_layers.h", "et_conv.h", "et_int8.h", "et_device.h", "et_oselm.h")],
+    depends=[f"edgetune/core/{h}" for h in ("et_core.h", "et_kernels.h", "et_layers.h", "et_conv.h", "et_int8.h", "et_device.h", "et_oselm.h", "et_random.h")],
     extra_compile_args=FLAGS + ['-DET_BUILD_FLAGS="' + " ".join(FLAGS) + '"'],
     libraries=["m"],
 )])

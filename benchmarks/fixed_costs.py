@@ -6,7 +6,8 @@ the time the engine spends in it, side by side in one run.
 On the real damage1 task (512-96-96-2 backbone pre-trained 20 epochs), skip2-lora, batch 20:
 the engine time of a fit is its epochs as the history records them (``train_seconds``); of a
 predict, one call of the compiled ``et_predict`` on the prepared row (through ctypes, the
-floor of any call from Python). Cases alternate, medians over ``--repeats`` calls. The fleet
+floor of any call from Python), taking turns with the predicts (half the calls each) so that
+both run after the same other cases. Cases alternate, medians over ``--repeats`` calls. The fleet
 row is ``benchmarks.fleet_rounds`` (HAR, one device, its cache kept between rounds). Prints a
 Markdown table with the targets; BENCHMARKS.md keeps the latest.
 """
@@ -25,8 +26,10 @@ TARGETS = {"fit 20 samples, 1 epoch, new FineTuner": 3.0, "fit 20 samples, 1 epo
            "fleet round (HAR, cache kept)": 1.3}
 
 
-def _predict_floor(tuner, row: np.ndarray, repeats: int) -> float:
-    """Seconds of one et_predict call on one prepared row (the engine's share of a predict)."""
+def _predict_floor(tuner, row: np.ndarray):
+    """A function timing one et_predict call on one prepared row (the engine's share of a
+    predict): called in the same loop as the predicts, so both find the caches as the other
+    cases left them."""
     from edgetune.core.engine import CoreModel
 
     model = CoreModel(tuner.method, 1)
@@ -35,12 +38,13 @@ def _predict_floor(tuner, row: np.ndarray, repeats: int) -> float:
     args = (ctypes.byref(model.bb), ctypes.byref(model.m), model.params.ctypes.data, row.ctypes.data, 1, 1,
             out.ctypes.data, ws.ctypes.data, ws.nbytes)
     fn = model.lib.et_predict
-    times = []
-    for _ in range(repeats):
+
+    def once() -> float:
         t0 = time.perf_counter()
         fn(*args)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        return time.perf_counter() - t0
+    once.keep = (model, out, ws, row)  # what args points into lives as long as the function
+    return once
 
 
 def measure(data_dir: str | None, repeats: int) -> list[dict]:
@@ -61,6 +65,7 @@ def measure(data_dir: str | None, repeats: int) -> list[dict]:
         stream.partial_fit(x[:100], y[:100])
     fitted = et.FineTuner(bb, "skip2-lora", epochs=5).fit(x, y)
     row = np.ascontiguousarray(bb.prepare(x[:1]))
+    floor, floors = _predict_floor(fitted, row), []
     for i in range(repeats):
         t0 = time.perf_counter()
         t = et.FineTuner(bb, "skip2-lora", epochs=1)
@@ -81,22 +86,24 @@ def measure(data_dir: str | None, repeats: int) -> list[dict]:
             t0 = time.perf_counter()
             stream.partial_fit(x[j:j + 1], y[j:j + 1])
             record("partial_fit of 1 sample (stream of 100)", time.perf_counter() - t0, stream.history_.train_seconds)
-        t0 = time.perf_counter()
-        fitted.predict(x[:1])
-        record("predict of 1 sample", time.perf_counter() - t0, np.nan)
-    floor = _predict_floor(fitted, row, repeats)
+        if i % 2:  # predict and the engine's floor take turns, each after the same other cases
+            floors.append(floor())
+        else:
+            t0 = time.perf_counter()
+            fitted.predict(x[:1])
+            record("predict of 1 sample", time.perf_counter() - t0, np.nan)
     out = []
     for name, vals in rows.items():
         a = np.asarray(vals)
         wall = float(np.median(a[:, 0]))
-        engine = floor if name.startswith("predict") else float(np.median(a[:, 1]))
+        engine = float(np.median(floors)) if name.startswith("predict") else float(np.median(a[:, 1]))
         out.append({"case": name, "calls": len(a), "wall_ms": wall * 1e3, "engine_ms": engine * 1e3,
                     "ratio": wall / engine})
     return out
 
 
 def setup_pieces(repeats: int) -> list[tuple[str, float, float]]:
-    """Two pieces of a fit's set-up, before and after they were kept: (what, old us, new us)."""
+    """Pieces of a fit's set-up, before and after they were kept or moved to C: (what, old us, new us)."""
     import edgetune as et
 
     try:
@@ -112,11 +119,22 @@ def setup_pieces(repeats: int) -> list[tuple[str, float, float]]:
     def reset() -> None:
         gen.bit_generator.state = state
 
+    pieces = [("backbone digest: blake2b of every tensor vs the bit-exact check against the kept copies", bb.digest,
+               lambda: key.digest(bb)),
+              ("batches' generator: default_rng(seed) vs reset to its seeded state",
+               lambda: np.random.default_rng(0), reset)]
+    try:
+        from edgetune.core.engine import permutations
+    except ImportError:  # a version that draws every order with NumPy
+        permutations = None
+    if permutations is not None and permutations(gen, 1, 1) is not None:
+        def numpy_orders() -> None:
+            for _ in range(100):
+                gen.permutation(470)
+        pieces.append(("100 epochs' orders of 470 samples: rng.permutation per epoch vs drawn in C "
+                       "(the same numbers)", numpy_orders, lambda: permutations(gen, 470, 100)))
     out = []
-    for what, old, new in (("backbone digest: blake2b of every tensor vs the bit-exact check against the kept copies", bb.digest,
-                            lambda: key.digest(bb)),
-                           ("batches' generator: default_rng(seed) vs reset to its seeded state",
-                            lambda: np.random.default_rng(0), reset)):
+    for what, old, new in pieces:
         t_old, t_new = [], []
         for _ in range(repeats):
             for fn, dst in ((old, t_old), (new, t_new)):

@@ -29,6 +29,9 @@ from .units import parse_bytes
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "edgetune-adapter"
+#: ``predict`` of at most this many rows runs in C one row at a time, reading the tensors in place
+#: (``core.engine.Predictor``); more rows go through NumPy's matrix products.
+PREDICT_ROWS_IN_C = 16
 
 
 class FineTuner:
@@ -73,7 +76,7 @@ class FineTuner:
         self.progress = progress
         self.history_: History | None = None
         self._kept: dict = {}  # the engine's structs, kept between fits (train.make_runner)
-        self._prepared: tuple | None = None  # _xy's last arrays, when no one can write them
+        self._prepared: dict[str, tuple] = {}  # _xy's last arrays per use, when no one can write them
         if stream_capacity is not None and (not isinstance(stream_capacity, (int, np.integer))
                                             or isinstance(stream_capacity, bool) or stream_capacity < 1):
             raise UsageError(f"stream_capacity must be a whole number >= 1 or None (no limit), got {stream_capacity!r}")
@@ -112,20 +115,24 @@ class FineTuner:
     def _xy(self, x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
         """Validated labels and prepared (normalised) inputs. Arrays no one can write (read-only
         views of ``bytes``: ``edgetune.cache.unwritable``) are validated once: the same two
-        arrays again, with the same input normalisation, give the same prepared arrays."""
+        arrays again, with the same input normalisation, give the same prepared arrays (one pair
+        per use: training, validation and evaluation data each keep theirs)."""
         bb = self.backbone
-        memo = self._prepared
+        memo = self._prepared.get(what)
         if memo is not None and memo[0] is x and memo[1] is y and memo[2] == what and all(
-                _same_bits(a, b) for a, b in zip((bb.input_mean, bb.input_std), memo[3]) if b is not None) \
+                (a is b and _immutable(b)) or _same_bits(a, b)
+                for a, b in zip((bb.input_mean, bb.input_std), memo[3]) if b is not None) \
                 and (bb.input_mean is None) == (memo[3][0] is None) and (bb.input_std is None) == (memo[3][1] is None):
             return memo[4], memo[5]
         xv, yv = validate_xy(x, y, n_classes=bb.sizes[-1], what=what)
-        xp = bb.prepare(xv, f"{what} x")
-        self._prepared = None
+        xp = self._prepare(xv, f"{what} x")
+        self._prepared.pop(what, None)
         if isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and _immutable(x) and _immutable(y):
             xp.flags.writeable = yv.flags.writeable = False  # ours: kept as they are for the next call
-            norm = tuple(None if a is None else np.array(a, copy=True) for a in (bb.input_mean, bb.input_std))
-            self._prepared = (x, y, what, norm, xp, yv)
+            # the normalisation as it is now: kept by reference if no one can write it, else copied
+            norm = tuple(None if a is None else a if _immutable(a) else np.array(a, copy=True)
+                         for a in (bb.input_mean, bb.input_std))
+            self._prepared[what] = (x, y, what, norm, xp, yv)
         return xp, yv
 
     def fit(self, x: Any, y: Any, *, x_val: Any = None, y_val: Any = None,
@@ -171,8 +178,42 @@ class FineTuner:
         self.history_ = fit(self.method, xs, ys, config, progress=False, engine=self.engine, keep=self._kept)
         return self
 
+    def _prepare(self, x: Any, what: str = "x", out: np.ndarray | None = None) -> np.ndarray:
+        """``backbone.prepare(x, what)``, bit for bit, without its generic checks when ``x`` is
+        already what they look for: a non-empty 2-D float array of finite values, one flat row
+        per sample. Anything else (and every refusal, with its message) is ``prepare``'s.
+        ``out``: where to write the result, of its shape and the backbone's dtype (returned)."""
+        bb = self.backbone
+        if type(x) is np.ndarray and x.ndim == 2 and x.shape[0] and (x.dtype == np.float32 or x.dtype == np.float64):
+            in_shape = bb.layers[0].spec.in_shape
+            if len(in_shape) == 1 and x.shape[1] == in_shape[0] and (out is None or out.dtype == bb.dtype):
+                if out is None:
+                    xp = np.array(x, dtype=bb.dtype, order="C", copy=True)
+                else:
+                    xp = out
+                    np.copyto(xp, x, casting="same_kind")
+                if np.isfinite(xp).all():
+                    if bb.input_mean is not None:
+                        xp -= bb.input_mean
+                    if bb.input_std is not None:
+                        xp /= bb.input_std
+                    return xp
+        xp = bb.prepare(x, what)
+        if out is not None:
+            out[...] = xp
+            return out
+        return xp
+
     def decision_function(self, x: Any) -> np.ndarray:
-        return predict_logits(self.method, self.backbone.prepare(x))
+        if type(x) is np.ndarray and x.ndim == 2 and 1 <= len(x) <= PREDICT_ROWS_IN_C:
+            from .core.engine import predictor
+
+            c, self._kept["predict"] = predictor(self.method, self.engine, self._kept.get("predict"))
+            if c is not None and x.shape[1] == c.width:
+                with c.lock:
+                    self._prepare(x, out=c.rows(len(x)))
+                    return c.logits(len(x))
+        return predict_logits(self.method, self._prepare(x))
 
     def predict_proba(self, x: Any) -> np.ndarray:
         return softmax(self.decision_function(x))

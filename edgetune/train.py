@@ -215,7 +215,8 @@ def make_runner(engine: str | None, method: Method, opt: Any, x: np.ndarray, y: 
     kept = keep.get("core")
     if kept is None or kept[0] != fit_key or kept[1] is not wt or kept[2].batch != batch_size:
         kept = keep["core"] = (fit_key, wt, CoreModel(method, batch_size))
-    return CoreRunner(method, opt, x, y, batch_size, model=kept[2])
+    keep["runner"] = CoreRunner(method, opt, x, y, batch_size, model=kept[2], previous=keep.get("runner"))
+    return keep["runner"]
 
 
 def _generator(seed: int, keep: dict | None) -> np.random.Generator:
@@ -230,6 +231,22 @@ def _generator(seed: int, keep: dict | None) -> np.random.Generator:
         return rng
     kept[1].bit_generator.state = kept[2]
     return kept[1]
+
+
+def epoch_orders(rng: np.random.Generator, n: int, count: int, shuffle: bool = True) -> np.ndarray:
+    """``count`` epochs' sample orders (int32, one row per epoch): ``rng.permutation(n)`` per
+    epoch, drawn by the compiled engine when it can (the same numbers, the generator left in the
+    same state; see ``core.engine.permutations``), else by NumPy; 0..n-1 without ``shuffle``."""
+    if not shuffle:
+        return np.tile(np.arange(n, dtype=np.int32), (count, 1))
+    from .core import engine
+
+    orders = engine.permutations(rng, n, count)
+    if orders is None:
+        orders = np.empty((count, n), np.int32)
+        for i in range(count):
+            orders[i] = rng.permutation(n)
+    return orders
 
 
 #: A finite loss this many times the first epoch's (and above ``EXPLODED_LOSS``) has diverged too:
@@ -256,6 +273,11 @@ def _divergence_hint(x: np.ndarray, config: TrainConfig) -> str:
         return (f"The inputs reach {peak:.3g} after normalisation: check the data's units/scaling "
                 f"(inputs of a few units train best).")
     return f"Lower the learning rate (now {config.lr})."
+
+
+def _chunk(epoch_seconds: float) -> int:
+    """Epochs per call of the runner: about a quarter of a second of them, 1 to 1000."""
+    return int(min(max(1, 0.25 / max(epoch_seconds, 1e-6)), 1000))
 
 
 def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
@@ -326,18 +348,21 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
     # Epochs with nothing to do in between (no validation, checkpoint or callback) run several per
     # call: the compiled engine then never returns to Python between them.
     batched = not validate and checkpoint is None and callback is None
-    # Divergence is detected below, once per epoch; NumPy's per-operation warnings add nothing.
-    errstate = np.errstate(over="ignore", invalid="ignore")
-    errstate.__enter__()
+    # Divergence is detected below, once per epoch; NumPy's per-operation warnings add nothing
+    # (the compiled engine's epochs run no NumPy operation: no state to switch there).
+    errstate = np.errstate(over="ignore", invalid="ignore") if runner.name != "c" or validate else None
+    if errstate is not None:
+        errstate.__enter__()
     try:
         bar.update(first_epoch - 1)
-        epoch, chunk, stop = first_epoch, 1, False
+        # The first call runs one epoch, to learn how long one takes, unless an earlier fit of the
+        # same caller on as many samples said so (``keep``).
+        epoch, stop = first_epoch, False
+        chunk = keep.get("chunk", {}).get(n, 1) if keep is not None and batched else 1
         last_save = clock()
         while epoch <= config.epochs and not stop:
             count = min(chunk, config.epochs - epoch + 1)
-            orders = np.empty((count, n), np.int32)
-            for i in range(count):
-                orders[i] = rng.permutation(n) if config.shuffle else np.arange(n)
+            orders = epoch_orders(rng, n, count, config.shuffle)
             chunk_start, before_chunk = epoch, method.params.flat.copy()
             for res in runner.run(orders):
                 epoch_loss = res.loss
@@ -366,25 +391,30 @@ def fit(method: Method, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
                 hist.epochs.append(rec)
                 if config.patience is not None and since_best >= config.patience:
                     hist.stopped_early = True
-                due = checkpoint is not None and (clock() - last_save >= CHECKPOINT_SECONDS if checkpoint_every is None
-                                                  else epoch % checkpoint_every == 0)
-                if checkpoint is not None and (due or epoch == config.epochs or hist.stopped_early):
+                if checkpoint is not None and (
+                        (clock() - last_save >= CHECKPOINT_SECONDS if checkpoint_every is None
+                         else epoch % checkpoint_every == 0) or epoch == config.epochs or hist.stopped_early):
                     last_save = clock()
                     ckpt.save(checkpoint, fp=fp, epoch=epoch, params=method.params.flat, opt_state=opt.state(),
                               rng=rng, history=hist.epochs,
                               best={"loss": float(best_loss), "since": since_best, "epoch": hist.best_epoch,
                                     "stopped_early": hist.stopped_early},
                               best_params=best_params, journal=journal)
-                post = f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else "")
-                bar.update(1, post)
+                if bar.enabled:
+                    bar.update(1, f"loss {epoch_loss:.4f}" + (f" val acc {rec.val_accuracy:.3f}" if validate else ""))
+                else:
+                    bar.n += 1
                 epoch += 1
                 if hist.stopped_early or (callback is not None and callback(rec)):
                     stop = True
                     break
             if batched and hist.epochs:  # about a quarter of a second of epochs per call
-                chunk = int(min(max(1, 0.25 / max(hist.epochs[-1].seconds, 1e-6)), 1000))
+                chunk = _chunk(hist.epochs[-1].seconds)
+                if keep is not None:
+                    keep["chunk"] = {n: chunk}
     finally:
-        errstate.__exit__(None, None, None)
+        if errstate is not None:
+            errstate.__exit__(None, None, None)
         bar.close()
         method.end_fit()
     if best_params is not None and hist.stopped_early:

@@ -345,3 +345,325 @@ def test_prepared_inputs_follow_the_normalisation():
     bb.input_mean[0] += 1.0                           # the backbone's normalisation edited in place
     t.fit(xu, yu)
     np.testing.assert_array_equal(t.method.cache.data[:, :7], bb.prepare(x))
+
+
+# -- the epochs' orders, drawn in C ------------------------------------------------------
+def _c_draws(lib, rng, n, count):
+    """The orders and the final (state, has_uint32, uinteger) of ``lib``'s et_permutations from
+    ``rng``'s state (``rng`` itself untouched)."""
+    import ctypes
+
+    from edgetune.core import Pcg64
+
+    st = rng.bit_generator.state
+    s, inc = st["state"]["state"], st["state"]["inc"]
+    c = Pcg64(s >> 64, s & (2 ** 64 - 1), inc >> 64, inc & (2 ** 64 - 1), st["has_uint32"], st["uinteger"])
+    out = np.full((count, n), -1, np.int32)
+    assert lib.et_permutations(ctypes.byref(c), n, count, out.ctypes.data) == 0
+    return out, ((c.state_hi << 64) | c.state_lo, c.has_uint32, c.uinteger)
+
+
+def _numpy_draws(rng, n, count):
+    out = np.stack([rng.permutation(n) for _ in range(count)]) if n else np.empty((count, 0), np.int64)
+    st = rng.bit_generator.state
+    return out, (st["state"]["state"], st["has_uint32"], st["uinteger"])
+
+
+def _generators(seeds):
+    """Fresh generators of ``seeds``, and for each seed one with a 32-bit half buffered
+    (has_uint32 set: one uint32 drawn) and one advanced by an odd number of such draws."""
+    for seed in seeds:
+        yield seed, 0
+        yield seed, 1
+        yield seed, 7
+
+
+def _pair(seed, skip):
+    a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+    if skip:
+        a.integers(0, 2 ** 32, size=skip, dtype=np.uint32)
+        b.integers(0, 2 ** 32, size=skip, dtype=np.uint32)
+    return a, b
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 470, 2 ** 16 + 3])
+def test_c_permutations_equal_numpys_and_leave_the_same_state(n):
+    lib = load()
+    seeds = range(30) if n < 1000 else range(3)
+    for seed, skip in _generators(seeds):
+        a, b = _pair(seed, skip)
+        if skip:
+            assert a.bit_generator.state["has_uint32"] == skip % 2
+        got, got_state = _c_draws(lib, a, n, 3)
+        want, want_state = _numpy_draws(b, n, 3)
+        np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, {skip} uint32 drawn before")
+        assert got_state == want_state, (seed, skip)
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+def test_engine_permutations_hand_the_state_back_to_numpy():
+    from edgetune.core.engine import permutations
+
+    for seed, skip in _generators(range(10)):
+        a, b = _pair(seed, skip)
+        got = permutations(a, 470, 5)
+        want, _ = _numpy_draws(b, 470, 5)
+        assert got.dtype == np.int32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+        assert a.bit_generator.state == b.bit_generator.state
+        assert a.random() == b.random() and a.integers(0, 1000) == b.integers(0, 1000)  # NumPy carries on
+    # what C does not draw is left to NumPy: another bit generator, a size past int32
+    mt = np.random.Generator(np.random.MT19937(0))
+    assert permutations(mt, 10, 2) is None
+    assert permutations(np.random.default_rng(0), 2 ** 31, 1) is None
+
+
+def test_epoch_orders_are_numpys_permutations_on_every_path(monkeypatch):
+    from edgetune.core import engine
+    from edgetune.train import epoch_orders
+
+    for make in (lambda: np.random.default_rng(5), lambda: np.random.Generator(np.random.MT19937(5))):
+        a, b = make(), make()
+        np.testing.assert_array_equal(epoch_orders(a, 33, 4), np.stack([b.permutation(33) for _ in range(4)]))
+        np.testing.assert_array_equal(a.integers(0, 2 ** 62, size=4), b.integers(0, 2 ** 62, size=4))
+    monkeypatch.setattr(engine, "permutations", lambda rng, n, count: None)
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    np.testing.assert_array_equal(epoch_orders(a, 33, 4), np.stack([b.permutation(33) for _ in range(4)]))
+    np.testing.assert_array_equal(epoch_orders(a, 5, 2, shuffle=False), [np.arange(5)] * 2)
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+def test_portable_128_bit_path_draws_the_same(tmp_path):
+    """Compilers without 128-bit integers (32-bit microcontrollers) take the 64x64->128 path."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    core_dir = Path(__file__).resolve().parent.parent / "edgetune" / "core"
+    lib_path = tmp_path / "librandom_portable.so"
+    r = subprocess.run([cc, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
+                        "-DET_RANDOM_NO_INT128", f"-I{core_dir}", str(core_dir / "et_random.c"), "-o", str(lib_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from edgetune.core import Pcg64
+
+    lib = ctypes.CDLL(str(lib_path))
+    lib.et_permutations.argtypes = [ctypes.POINTER(Pcg64), ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+    lib.et_permutations.restype = ctypes.c_int32
+    for seed, skip in _generators(range(10)):
+        a, b = _pair(seed, skip)
+        got, got_state = _c_draws(lib, a, 470, 2)
+        want, want_state = _numpy_draws(b, 470, 2)
+        np.testing.assert_array_equal(got, want)
+        assert got_state == want_state
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("method", ["skip2-lora", "lora-all"])
+def test_fits_are_bit_identical_with_numpys_permutations(engine, method, monkeypatch):
+    from edgetune.core import engine as core_engine
+
+    bb = _bb()
+    x, y = toy_task(n=45, d=7)
+
+    def run():
+        t = et.FineTuner(bb, method, epochs=7, batch_size=8, lr=0.05, seed=11, engine=engine)
+        t.fit(x, y)
+        t.fit(x, y)  # a second fit on the kept generator
+        return t.method.params.flat.copy(), [e.loss for e in t.history_.epochs]
+
+    calls = []
+    real = core_engine.permutations
+    monkeypatch.setattr(core_engine, "permutations", lambda *a: calls.append(a[1:]) or real(*a))
+    drawn_in_c = run()
+    assert calls and (load() is None or all(n == 45 for n, _ in calls))
+    monkeypatch.setattr(core_engine, "permutations", lambda rng, n, count: None)
+    drawn_by_numpy = run()
+    np.testing.assert_array_equal(drawn_in_c[0], drawn_by_numpy[0])
+    assert drawn_in_c[1] == drawn_by_numpy[1]
+
+
+# -- predict of a few rows, in C ---------------------------------------------------------
+def _numpy_logits(t, x):
+    from edgetune.train import predict_logits
+
+    return predict_logits(t.method, t.backbone.prepare(x))
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+@pytest.mark.parametrize("method", ["skip2-lora", "skip-lora", "lora-all", "ft-all", "lora-last"])
+def test_predict_of_a_few_rows_in_c_equals_numpys(method):
+    from edgetune.core.engine import Predictor
+
+    x, y = toy_task(n=40, d=7)
+    # a pre-trained backbone stores its dense weights as W^T (in, out), the layout every method reads
+    bb, _ = et.pretrain(x, y, hidden=[16, 16], epochs=2)
+    t = et.FineTuner(bb, method, epochs=3, batch_size=8, lr=0.1, seed=1).fit(x, y)
+    for rows in (1, 2, 16):
+        got = t.decision_function(x[:rows])
+        assert isinstance(t._kept["predict"][2], Predictor)
+        want = _numpy_logits(t, x[:rows])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(t.predict(x[:rows]), want.argmax(axis=1))
+        np.testing.assert_allclose(t.predict_proba(x[:rows]).sum(axis=1), 1, rtol=1e-6)
+    out = t.decision_function(x[:1])
+    out[...] = 0  # the caller's array, not the predictor's buffer
+    np.testing.assert_allclose(t.decision_function(x[:1]), _numpy_logits(t, x[:1]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(t.decision_function(x[:17]), _numpy_logits(t, x[:17]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+@pytest.mark.parametrize("edit", ["weight in place", "bias in place", "base array", "replaced weight",
+                                  "replaced layer", "adapter in place", "normalisation"])
+def test_predict_in_c_sees_every_change(edit):
+    bb = _bb()
+    bb.input_mean = np.zeros(7, np.float32)
+    bb.input_std = np.ones(7, np.float32)
+    x, y = toy_task(n=40, d=7)
+    t = et.FineTuner(bb, "skip2-lora", epochs=2, batch_size=8, lr=0.1).fit(x, y)
+    before = t.decision_function(x[:3])
+    layer = bb.layers[0]
+    if edit == "weight in place":
+        layer.weight[0, :] += 1.0
+    elif edit == "bias in place":
+        bb.layers[1].bias[:] = 0.5
+    elif edit == "base array":
+        base = layer.weight.base if layer.weight.base is not None else layer.weight
+        base.reshape(-1)[:5] *= -3.0
+    elif edit == "replaced weight":
+        layer.weight = np.ascontiguousarray(layer.weight * 2.0)
+    elif edit == "replaced layer":
+        from edgetune.nn.layers import Layer
+        bb.layers[1] = Layer(bb.layers[1].spec, np.ascontiguousarray(bb.layers[1].weight[::-1]),
+                             bb.layers[1].bias.copy())
+    elif edit == "adapter in place":
+        t.method.params["skip.lora_B"][...] += 0.25  # (A is block-masked: the engines agree within the blocks)
+    else:
+        bb.input_mean += 0.5
+    after = t.decision_function(x[:3])
+    assert not np.allclose(after, before)
+    np.testing.assert_allclose(after, _numpy_logits(t, x[:3]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+def test_predict_falls_back_to_numpy_where_c_cannot_read_in_place(monkeypatch):
+    bb = _bb()
+    x, y = toy_task(n=40, d=7)
+    t = et.FineTuner(bb, "skip2-lora", epochs=2, batch_size=8).fit(x, y)
+    t.decision_function(x[:1])
+    bb.layers[0].weight = np.asfortranarray(bb.layers[0].weight)[:, ::1]  # F-order: read as W^T in place
+    np.testing.assert_allclose(t.decision_function(x[:2]), _numpy_logits(t, x[:2]), rtol=1e-6, atol=1e-6)
+    bb.layers[0].weight = np.repeat(bb.layers[0].weight, 2, axis=1)[:, ::2]  # strided: C cannot read it
+    np.testing.assert_array_equal(t.decision_function(x[:2]), _numpy_logits(t, x[:2]))
+    assert t._kept["predict"][2] is None
+    numpy_tuner = et.FineTuner(_bb(), "skip2-lora", engine="numpy").fit(x, y)
+    np.testing.assert_array_equal(numpy_tuner.decision_function(x[:1]), _numpy_logits(numpy_tuner, x[:1]))
+    assert numpy_tuner._kept["predict"][2] is None
+    monkeypatch.setenv("EDGETUNE_ENGINE", "numpy")
+    t2 = et.FineTuner(_bb(), "skip2-lora").fit(x, y)
+    np.testing.assert_array_equal(t2.decision_function(x[:1]), _numpy_logits(t2, x[:1]))
+
+
+def test_predict_refuses_bad_rows_as_before():
+    t = et.FineTuner(_bb(), "skip2-lora", epochs=1)
+    x, y = toy_task(n=20, d=7)
+    t.fit(x, y)
+    bad = x[:2].copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(DataError, match="NaN or inf .first at sample 1, feature 3"):
+        t.predict(bad)
+    with pytest.raises(DataError, match="must have shape"):
+        t.predict(x[:2, :5])
+    with pytest.raises(DataError, match="must have shape"):
+        t.predict(x[0])
+    np.testing.assert_array_equal(t.predict(x[:2].astype(np.float64)), t.predict(x[:2]))
+    np.testing.assert_array_equal(t.predict(x[:2].tolist()), t.predict(x[:2]))
+
+
+def test_fast_prepare_is_prepare_bit_for_bit():
+    bb = _bb()
+    rng = np.random.default_rng(0)
+    bb.input_mean = rng.normal(size=7).astype(np.float32)
+    bb.input_std = rng.uniform(0.5, 2, size=7).astype(np.float32)
+    t = et.FineTuner(bb, "skip2-lora")
+    for x in (rng.normal(size=(3, 7)), rng.normal(size=(5, 7)).astype(np.float32), rng.normal(size=(7, 2)).T):
+        want = bb.prepare(x)
+        np.testing.assert_array_equal(t._prepare(x), want)
+        out = np.empty_like(want)
+        assert t._prepare(x, out=out) is out
+        np.testing.assert_array_equal(out, want)
+
+
+# -- what the trainer keeps between fits: the cache struct, the workspace, the epoch chunk --
+@pytest.mark.skipif(load() is None, reason="the compiled engine is not built")
+def test_kept_runner_shares_the_cache_struct_only_for_the_same_arrays(monkeypatch):
+    from edgetune.core.engine import CoreRunner
+
+    calls = []
+    run = CoreRunner.run
+    monkeypatch.setattr(CoreRunner, "run", lambda self, orders: calls.append(len(orders)) or run(self, orders))
+    bb = _bb()
+    x, y = toy_task(n=40, shift=0.5)
+    t = _tuner(bb, "c", epochs=6)
+    t.fit(x, y)
+    assert calls == [1, 5]  # a new tuner runs one epoch first, to learn how long one takes
+    first = t._kept["runner"]
+    assert list(t._kept["chunk"]) == [40] and t._kept["chunk"][40] >= 6  # tiny epochs: many per call
+    t.fit(x.copy(), y.copy())  # other arrays, the same cache: the struct and workspace are reused
+    assert calls == [1, 5, 6]  # the kept tuner knows: every epoch in one call
+    second = t._kept["runner"]
+    assert second is not first and second.c_cache is first.c_cache and second.ws is first.ws
+    t.fit(x[:30], y[:30])      # another number of samples: a new cache, a new struct
+    third = t._kept["runner"]
+    assert third.c_cache is not second.c_cache and third.n == 30
+    fresh = _tuner(bb.copy(), "c", epochs=6)
+    for xs, ys in ((x, y), (x.copy(), y.copy()), (x[:30], y[:30])):
+        fresh._kept.clear()
+        fresh.fit(xs, ys)
+    np.testing.assert_array_equal(t.method.params.flat, fresh.method.params.flat)
+    assert t.history_.cache["cache_hits"] == fresh.history_.cache["cache_hits"]
+    assert t.history_.cache["cache_misses"] == fresh.history_.cache["cache_misses"]
+
+
+# -- a fleet device's backbone ------------------------------------------------------------
+def test_a_fleet_device_trains_on_a_read_only_copy_with_the_same_results():
+    from edgetune.cache import _immutable, unwritable
+    from edgetune.fleet.device import DeviceTrainer, TrainSpec, global_tensors, read_only_copy
+    from edgetune.fleet.partition import DeviceData
+
+    bb = _bb()
+    bb.input_mean, bb.input_std = np.full(7, 0.1, np.float32), np.full(7, 2.0, np.float32)
+    x, y = toy_task(n=40, shift=0.5)
+    xt, yt = toy_task(n=10, seed=1)
+    data = DeviceData(name="d0", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    spec = TrainSpec(epochs=3, batch_size=8)
+    dev = DeviceTrainer(bb, data, spec)
+    assert dev.backbone is not bb and dev.tuner.backbone is dev.backbone
+    assert all(_immutable(a) for a in dev.backbone.tensors().values())
+    assert dev.backbone.digest() == bb.digest()
+    g = global_tensors(bb, spec)
+    wires = [dev.train(g)[0] for _ in range(3)]
+    prepared = dev.tuner._prepared["training data"]
+    assert prepared is not None and prepared[3][0] is dev.backbone.input_mean  # read-only: kept by reference
+    dev.train(g)
+    assert dev.tuner._prepared["training data"] is prepared  # the samples were prepared once, not every round
+    dev.backbone.input_mean = unwritable(dev.backbone.input_mean + 1)  # another normalisation: prepared again
+    assert dev.tuner._xy(dev._x, dev._y, "training data")[0] is not prepared[4]
+    dev.backbone.input_mean = prepared[3][0]
+    same = DeviceTrainer(bb, data, spec)
+    same.backbone = bb  # what a device trained on before: the caller's own object
+    same.tuner = et.FineTuner(bb, spec.method, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr)
+    for wire in wires:
+        got = same.train(g)[0]
+        assert got.keys() == wire.keys()
+        for k in wire:
+            np.testing.assert_array_equal(got[k], wire[k])
+    bb.layers[0].weight[...] = 0  # the caller's object is theirs: the device's copy is unchanged
+    assert dev.backbone.digest() != bb.digest()
+    int8_like = read_only_copy(dev.backbone)
+    assert int8_like.digest() == dev.backbone.digest()

@@ -25,8 +25,9 @@ from ..nn.layers import LAYER_KINDS
 ABI_VERSION = 4
 SOURCE_DIR = Path(__file__).resolve().parent
 #: The library's C sources, in the order they are compiled (the clock is POSIX-only).
-SOURCES = ("et_kernels.c", "et_layers.c", "et_conv.c", "et_int8.c", "et_train.c", "et_device.c", "et_abi.c", "et_clock.c")
-HEADERS = ("et_core.h", "et_kernels.h", "et_layers.h", "et_conv.h", "et_int8.h", "et_device.h")
+SOURCES = ("et_kernels.c", "et_layers.c", "et_conv.c", "et_int8.c", "et_train.c", "et_device.c", "et_abi.c", "et_clock.c",
+           "et_random.c")
+HEADERS = ("et_core.h", "et_kernels.h", "et_layers.h", "et_conv.h", "et_int8.h", "et_device.h", "et_random.h")
 
 #: The C enums the binding uses, each value's name at its number (et_abi.c's tables); checked at load.
 ENUMS: dict[str, tuple[str, ...]] = {
@@ -147,7 +148,13 @@ class ConvDims(ctypes.Structure):
                                           "stride_h", "stride_w", "pad_h", "pad_w", "groups")]
 
 
-STRUCTS = (Backbone, Method, Optimizer, Cache, EpochStats, Layer, ModelDesc, ConvDims)  # numbered as in et_sizeof()
+class Pcg64(ctypes.Structure):
+    """et_pcg64 (et_random.h): NumPy's PCG64 state, its 128-bit numbers in 64-bit halves."""
+    _fields_ = [("state_hi", ctypes.c_uint64), ("state_lo", ctypes.c_uint64), ("inc_hi", ctypes.c_uint64),
+                ("inc_lo", ctypes.c_uint64), ("has_uint32", _i32), ("uinteger", ctypes.c_uint32)]
+
+
+STRUCTS = (Backbone, Method, Optimizer, Cache, EpochStats, Layer, ModelDesc, ConvDims, Pcg64)  # numbered as in et_sizeof()
 #: The arena's pieces in et_device_arena_breakdown() (enum et_device_piece).
 DEVICE_PIECES = ("params", "gradients", "optimizer", "cache", "samples", "order", "workspace", "alignment")
 
@@ -196,6 +203,7 @@ def _declare(lib: Any) -> None:
     lib.et_int8_workspace_size.argtypes = [P(Backbone), i32]
     lib.et_int8_workspace_size.restype = sz
     lib.et_clock_monotonic.restype = ctypes.c_double
+    lib.et_permutations.argtypes, lib.et_permutations.restype = [P(Pcg64), i32, i32, vp], i32
 
 
 def load() -> Any:

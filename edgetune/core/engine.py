@@ -12,7 +12,9 @@ uses C when it is built and supports the configuration, NumPy otherwise.
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,7 @@ import numpy as np
 
 from ..errors import EdgetuneError, UsageError
 from . import MAX_LAYERS, ERRORS, Backbone as CBackbone, Cache as CCache, EpochStats, Method as CMethod
-from . import Optimizer as COptimizer, enum, load, unavailable_reason
+from . import Optimizer as COptimizer, Pcg64, enum, load, unavailable_reason
 from ..nn.layers import lora_specs
 
 ENGINES = ("auto", "c", "numpy")
@@ -141,7 +143,11 @@ def resolve_engine(requested: str | None, method: Any, optimizer: str | None = N
 class CoreModel:
     """A method on its backbone, as C structs; every array it points into is checked and kept."""
 
-    def __init__(self, method: Any, batch_size: int):
+    def __init__(self, method: Any, batch_size: int, *, live: bool = False):
+        """``live``: C reads the backbone's weights and biases in place, as they are at each call
+        (every one must be a C-contiguous float32 array; dense weights as stored, (out, in)), not
+        the transposed copies the trainer keeps under the backbone key: a forward-only model
+        (``Predictor``) that needs no key check."""
         lib = load()
         if lib is None:
             raise UsageError(f"the compiled engine is not available: {unavailable_reason()}")
@@ -159,11 +165,14 @@ class CoreModel:
         self.grads = _check(method.params.grad, self.params.shape, np.float32, "gradients")
         spec = method.core_spec()
         self.spec = spec
+        self.live = live
         self.bb = self._backbone(method.backbone, spec)
         self.tap_widths = self._taps(method.backbone)
         self.d_in = sum(self.tap_widths)
         self.m = self._method(method, spec)
         self.sizes = list(method.backbone.sizes)
+        self.params_ptr, self.grads_ptr = self.params.ctypes.data, self.grads.ctypes.data
+        self.fusable: bool | None = None  # et_fused_update for these structs (CoreRunner asks once)
 
     def _keep_array(self, a: np.ndarray) -> np.ndarray:
         return _kept(self._keep, a)
@@ -183,6 +192,20 @@ class CoreModel:
         s = layer_backbone(bb.specs)
         sizes = bb.sizes
         wt = spec.wt
+        if self.live:
+            for k, layer in enumerate(bb.layers):
+                if layer.spec.has_params:
+                    w = layer.weight
+                    if layer.spec.kind == "dense" and isinstance(w, np.ndarray) and w.ndim == 2 \
+                            and not w.flags.c_contiguous and w.T.flags.c_contiguous:  # stored as W^T (in, out)
+                        s.layers[k].wt = _f32(self._keep_array(_check(w.T, layer.spec.weight_shape[::-1], np.float32,
+                                                                      f"layer {k} weight")))
+                    else:
+                        s.layers[k].w = _f32(self._keep_array(_check(w, layer.spec.weight_shape, np.float32,
+                                                                     f"layer {k} weight")))
+                    s.layers[k].bias = _f32(self._keep_array(_check(layer.bias, layer.spec.bias_shape, np.float32,
+                                                                    f"layer {k} bias")))
+            return s
         for k in range(bb.n_layers):
             shape = (sizes[k + 1], sizes[k])
             layer = s.layers[k]
@@ -356,6 +379,124 @@ class CoreModel:
         return out
 
 
+_U64 = (1 << 64) - 1
+
+
+def permutations(rng: np.random.Generator, n: int, count: int) -> np.ndarray | None:
+    """``count`` epochs' orders, row i what ``rng.permutation(n)`` would give on the i-th call,
+    drawn in C (et_random.c: NumPy's PCG64 and shuffle, bit for bit); ``rng`` is then where
+    those NumPy calls would have left it. None when C cannot draw them (no compiled engine, a
+    bit generator other than PCG64, n past int32): the caller draws with NumPy."""
+    lib = load()
+    if lib is None or not 0 <= n <= INT32_MAX or not 0 <= count <= INT32_MAX // max(n, 1):
+        return None
+    bitgen = rng.bit_generator
+    st = bitgen.state
+    if st.get("bit_generator") != "PCG64":
+        return None
+    state, inc = st["state"]["state"], st["state"]["inc"]
+    c = Pcg64(state >> 64, state & _U64, inc >> 64, inc & _U64, int(st["has_uint32"]), int(st["uinteger"]))
+    out = np.empty((count, n), np.int32)
+    if lib.et_permutations(ctypes.byref(c), n, count, out.ctypes.data) != 0:
+        raise CoreError("the compiled engine refused to draw the epochs' orders")
+    st["state"] = {"state": (c.state_hi << 64) | c.state_lo, "inc": inc}
+    st["has_uint32"], st["uinteger"] = int(c.has_uint32), int(c.uinteger)
+    bitgen.state = st
+    return out
+
+
+def _live_refs(method: Any) -> list[Any]:
+    """What a live model's structs were built from: the method's parameters, the backbone's
+    layers, their descriptions and tensors. Kept by reference (so no object can be freed and
+    its id reused) and compared by identity."""
+    refs: list[Any] = [method.params.flat, method.params.grad, method.backbone.layers]
+    for layer in method.backbone.layers:
+        refs += (layer, layer.spec, layer.weight, layer.bias, layer.quant)
+    return refs
+
+
+class Predictor:
+    """Logits of a few prepared rows in C through a batch-1 model that reads every tensor in
+    place (``CoreModel(live=True)``): what a predict reads, the NumPy engine reads too, at the
+    time of the call, so no key check is needed; only that the structs still describe the same
+    objects (``current``). Built by ``predictor``, which says None where C cannot serve.
+
+    ``rows(n)`` is its own input buffer, where the caller prepares up to ``max_rows`` rows in
+    place; ``logits(n)`` runs them (the pointers are fixed, so a call converts no array). The
+    buffers are shared: hold ``lock`` from filling the rows to reading the logits."""
+
+    def __init__(self, method: Any, max_rows: int = 16):
+        self.method = method
+        self.model = CoreModel(method, 1, live=True)
+        self.refs = _live_refs(method)
+        self.arrays = [a for a in self.refs[3:] if isinstance(a, np.ndarray)]
+        self.shapes = [a.shape for a in self.arrays]
+        self.width, self.classes = self.model.sizes[0], self.model.sizes[-1]
+        self.max_rows = int(max_rows)
+        self.lock = threading.Lock()
+        self.ws = self.model.workspace()
+        self._x = np.empty((self.max_rows, self.width), np.float32)
+        self._out = np.empty((self.max_rows, self.classes), np.float32)
+        m = self.model
+        self._fn = m.lib.et_predict
+        self._head = (ctypes.byref(m.bb), ctypes.byref(m.m), m.params.ctypes.data, self._x.ctypes.data)
+        self._tail = (1, self._out.ctypes.data, self.ws.ctypes.data, self.ws.nbytes)
+
+    def current(self) -> bool:
+        """The structs still point at the method's and backbone's tensors: the same objects,
+        of the same shapes (an array resized in place fails the shape check)."""
+        now = _live_refs(self.method)
+        return len(now) == len(self.refs) and all(map(operator.is_, now, self.refs)) and \
+            [a.shape for a in self.arrays] == self.shapes
+
+    def rows(self, n: int) -> np.ndarray:
+        """The first ``n`` rows of the input buffer (C-contiguous float32, (n, width))."""
+        if not 1 <= n <= self.max_rows:
+            raise UsageError(f"the predictor takes 1..{self.max_rows} rows, got {n}")
+        return self._x[:n]
+
+    def logits(self, n: int) -> np.ndarray:
+        """Logits of the first ``n`` rows of the input buffer (a new array)."""
+        if not 1 <= n <= self.max_rows:
+            raise UsageError(f"the predictor takes 1..{self.max_rows} rows, got {n}")
+        self.model._call(self._fn(*self._head, n, *self._tail))
+        return self._out[:n].copy()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits of prepared rows ``x`` ((rows, width), any float dtype), ``max_rows`` at a time."""
+        x = self.model._inputs(np.ascontiguousarray(x, np.float32))
+        out = np.empty((x.shape[0], self.classes), np.float32)
+        with self.lock:
+            for lo in range(0, x.shape[0], self.max_rows):
+                n = min(self.max_rows, x.shape[0] - lo)
+                self._x[:n] = x[lo:lo + n]
+                out[lo:lo + n] = self.logits(n)
+        return out
+
+
+def predictor(method: Any, engine: str | None, kept: Any = None) -> tuple[Predictor | None, Any]:
+    """``(a Predictor for method, what to keep)``: a Predictor when ``engine`` (None:
+    EDGETUNE_ENGINE) resolves to C for the method (the skip and layer-wise methods on a float
+    backbone whose tensors are contiguous float32), else None (NumPy predicts). ``kept``: the
+    second value of an earlier call, whose answer stands while the question and the objects
+    are the same."""
+    question = (engine, os.environ.get("EDGETUNE_ENGINE"))
+    if kept is not None and kept[0] == question and kept[1] is method:
+        answer = kept[2]
+        if answer is not None and answer.current():
+            return answer, kept
+        if answer is None and all(map(operator.is_, _live_refs(method), kept[3])):
+            return None, kept
+    answer = None
+    try:
+        if resolve_engine(engine, method) == "c" and not method.backbone.is_int8 \
+                and method.core_spec().kind in ("skip", "layerwise"):
+            answer = Predictor(method)
+    except UsageError:  # a tensor C cannot read in place (a strided view, another dtype): NumPy predicts
+        answer = None
+    return answer, (question, method, answer, _live_refs(method))
+
+
 @dataclass
 class EpochResult:
     loss: float
@@ -526,18 +667,30 @@ def _cache_struct(cache: Any, n: int, row_width: int, d_in: int, n_out: int, eag
     return s
 
 
+_STATS_DTYPE = np.dtype(EpochStats)  # et_epoch_stats as NumPy reads it (the fields' offsets are ctypes')
+
+
+def _cache_arrays(cache: Any) -> tuple:
+    """The arrays a cache struct points into (compared by identity to reuse the struct)."""
+    if cache is None:
+        return ()
+    return tuple(getattr(cache, name, None) for name in ("data", "filled", "logits", "col_scales"))
+
+
 class CoreRunner:
     """Runs the trainer's epochs in C: one call for as many epochs as it is given orders."""
 
     name = "c"
 
     def __init__(self, method: Any, opt: Any, x: np.ndarray, y: np.ndarray, batch_size: int,
-                 model: CoreModel | None = None, fused: bool = True):
+                 model: CoreModel | None = None, previous: "CoreRunner | None" = None, fused: bool = True):
         """``model``: the structs of an earlier fit of the same method on the same backbone tensors
-        (the trainer keeps them between fits); None builds them. ``fused``: apply each trained
-        tensor's step as soon as its gradient is ready (et_fused_update: the layer-wise methods and
-        the sparse update; the same parameters bit for bit, ``method.params.grad`` not written);
-        False: the whole gradient first, then one step."""
+        (the trainer keeps them between fits); None builds them. ``previous``: the runner of the
+        caller's last fit, whose cache struct and workspace are reused when they describe the
+        same cache arrays and sample count (the inputs, labels and optimizer are always new).
+        ``fused``: apply each trained tensor's step as soon as its gradient is ready
+        (et_fused_update: the layer-wise methods and the sparse update; the same parameters bit
+        for bit, ``method.params.grad`` not written); False: the whole gradient first, then one step."""
         if model is not None and (model.method is not method or model.batch != batch_size):
             raise UsageError("a kept CoreModel belongs to another method or batch size")
         self.model = model if model is not None else CoreModel(method, batch_size)
@@ -552,17 +705,28 @@ class CoreRunner:
         cache = getattr(method, "cache", None) if self.model.spec.kind == "skip" else None
         eager = getattr(method.options, "cache_fill", "eager") == "eager"
         self.cache = cache
-        self.c_cache = _cache_struct(cache, self.n, d_in + sizes[-1], d_in, sizes[-1], eager, self._keep)
-        self.ws = self.model.workspace(self.c_cache)
+        self._cache_of = (cache, self.n, eager, *_cache_arrays(cache))
+        if previous is not None and previous.model is self.model and len(previous._cache_of) == len(self._cache_of) \
+                and all(map(operator.is_, previous._cache_of, self._cache_of)) \
+                and (cache is None or cache.capacity == previous.c_cache.capacity):
+            # C only counts hits and misses in it; _cache_of holds the arrays it points into
+            self.c_cache, self.ws, self._ws_args = previous.c_cache, previous.ws, previous._ws_args
+        else:
+            self.c_cache = _cache_struct(cache, self.n, d_in + sizes[-1], d_in, sizes[-1], eager, self._keep)
+            self.ws = self.model.workspace(self.c_cache)
+            self._ws_args = (self.ws.ctypes.data, self.ws.nbytes)
         lib = self.model.lib
-        self.fused = bool(fused) and bool(lib.et_fused_update(ctypes.byref(self.model.bb), ctypes.byref(self.model.m)))
+        if self.model.fusable is None:  # C's answer for these structs, asked once
+            self.model.fusable = bool(lib.et_fused_update(ctypes.byref(self.model.bb), ctypes.byref(self.model.m)))
+        self.fused = bool(fused) and self.model.fusable
         self._fn = lib.et_train_epochs
-        self._clock = ctypes.cast(lib.et_clock_monotonic, ctypes.c_void_p).value
-        self._args_head = (ctypes.byref(self.model.bb), ctypes.byref(self.model.m), ctypes.byref(self.c_opt),
-                           ctypes.byref(self.c_cache), self.model.params.ctypes.data,
-                           None if self.fused else self.model.grads.ctypes.data,
-                           self.x.ctypes.data, self.y.ctypes.data, self.n, self.model.batch)
-        self._stats = (EpochStats * 1)()
+        self._clock = previous._clock if previous is not None else \
+            ctypes.cast(lib.et_clock_monotonic, ctypes.c_void_p).value
+        m = self.model
+        self._args_head = (ctypes.byref(m.bb), ctypes.byref(m.m), ctypes.byref(self.c_opt),
+                           ctypes.byref(self.c_cache), m.params_ptr, None if self.fused else m.grads_ptr,
+                           self.x.ctypes.data, self.y.ctypes.data, self.n, m.batch)
+        self._stats = previous._stats if previous is not None else (EpochStats * 1)()
         self._predictor: CoreModel | None = None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -585,8 +749,7 @@ class CoreRunner:
             self._stats = (EpochStats * epochs)()
         c = self.c_cache
         hits0, misses0 = c.hits, c.misses
-        done = self._fn(*self._args_head, orders.ctypes.data, epochs, self._clock, self.ws.ctypes.data,
-                        self.ws.nbytes, self._stats)
+        done = self._fn(*self._args_head, orders.ctypes.data, epochs, self._clock, *self._ws_args, self._stats)
         self.model._call(done)
         if hasattr(self.opt, "t"):
             self.opt.t = int(self.c_opt.t)
@@ -594,5 +757,7 @@ class CoreRunner:
             self.cache.hits += c.hits - hits0
             self.cache.misses += c.misses - misses0
             self.cache.complete = self.cache.capacity == self.cache.n_samples and bool(self.cache.filled.all())
-        return [EpochResult(s.loss, s.seconds, s.forward_seconds, s.backward_seconds, s.update_seconds,
-                            bool(s.diverged)) for s in self._stats[:done]]
+        # one NumPy view of the stats read as tuples: reading ctypes fields one by one costs more
+        # than an epoch of a small fit
+        return [EpochResult(loss, sec, fwd, bwd, upd, bool(div))
+                for loss, sec, fwd, bwd, upd, div, _ in np.frombuffer(self._stats, _STATS_DTYPE, done).tolist()]

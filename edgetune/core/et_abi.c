@@ -7,6 +7,7 @@
 #include "et_conv.h"
 #include "et_core.h"
 #include "et_device.h"
+#include "et_random.h"
 
 #include <stddef.h>
 
@@ -58,6 +59,8 @@ static const field CONV_DIMS[] = {
     F(et_conv_dims, out_h), F(et_conv_dims, out_w), F(et_conv_dims, kernel_h), F(et_conv_dims, kernel_w),
     F(et_conv_dims, stride_h), F(et_conv_dims, stride_w), F(et_conv_dims, pad_h), F(et_conv_dims, pad_w),
     F(et_conv_dims, groups)};
+static const field PCG64[] = {F(et_pcg64, state_hi), F(et_pcg64, state_lo), F(et_pcg64, inc_hi),
+                              F(et_pcg64, inc_lo),   F(et_pcg64, has_uint32), F(et_pcg64, uinteger)};
 #undef F
 
 #define COUNT(a) ((int32_t)(sizeof(a) / sizeof((a)[0])))
@@ -71,6 +74,7 @@ static const struct {
     {OPTIMIZER, COUNT(OPTIMIZER), sizeof(et_optimizer)}, {CACHE, COUNT(CACHE), sizeof(et_cache)},
     {STATS, COUNT(STATS), sizeof(et_epoch_stats)},       {LAYER, COUNT(LAYER), sizeof(et_layer)},
     {MODEL_DESC, COUNT(MODEL_DESC), sizeof(et_model_desc)}, {CONV_DIMS, COUNT(CONV_DIMS), sizeof(et_conv_dims)},
+    {PCG64, COUNT(PCG64), sizeof(et_pcg64)},
 };
 
 /* Value v of each enum is its name at index v (the enums are numbered 0, 1, 2, ...). */

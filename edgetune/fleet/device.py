@@ -70,6 +70,21 @@ class TrainSpec:
         return cls(**kw)
 
 
+def read_only_copy(backbone: Backbone) -> Backbone:
+    """A copy of a float backbone whose every tensor no one can write (``cache.unwritable``);
+    an int8 backbone as it is (its key is a hash every call either way)."""
+    if backbone.is_int8:
+        return backbone
+    from ..nn.layers import Layer
+
+    def ro(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else unwritable(a)
+
+    layers = [Layer(layer.spec, ro(layer.weight), ro(layer.bias)) for layer in backbone.layers]
+    return Backbone.from_layers(layers, labels=backbone.labels, input_mean=ro(backbone.input_mean),
+                                input_std=ro(backbone.input_std), activation=backbone.activation.name)
+
+
 def make_tuner(backbone: Backbone, spec: TrainSpec):
     from ..api import FineTuner
 
@@ -96,11 +111,15 @@ class DeviceTrainer:
     """A device: trains the global adapter on its own data, keeps its cache and personal part."""
 
     def __init__(self, backbone: Backbone, data: DeviceData, spec: TrainSpec, state_dir: str | Path | None = None):
-        self.backbone, self.data, self.spec = backbone, data, spec
+        # The device's own read-only copy of the backbone, as a device that loaded it from its file
+        # holds it: no one can change it between rounds, so each round's backbone key check is a
+        # check of identity, not a comparison of every weight (the caller's object stays theirs).
+        self.backbone, self.data, self.spec = read_only_copy(backbone), data, spec
         # The device's samples as arrays no one can write: each round's fit checks them once, not again.
         self._x, self._y = unwritable(data.x_train), unwritable(data.y_train)
+        self._x_test, self._y_test = unwritable(data.x_test), unwritable(data.y_test)
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.tuner = make_tuner(backbone, spec)
+        self.tuner = make_tuner(self.backbone, spec)
         names = set(self.tuner.method.adapter_tensors())
         self.personal_names = personal_keys(names, spec, backbone.n_layers)
         self.personal: Tensors = {k: v for k, v in self.tuner.method.adapter_tensors().items()
@@ -133,7 +152,7 @@ class DeviceTrainer:
         metrics = {
             "num-examples": int(len(self.data.y_train)),
             "train-seconds": float(seconds),
-            "local-accuracy-after-training": float(self.tuner.score(self.data.x_test, self.data.y_test)),
+            "local-accuracy-after-training": float(self.tuner.score(self._x_test, self._y_test)),
             "cache-hits": int(stats.get("cache_hits", 0)),
             "cache-misses": int(stats.get("cache_misses", 0)),
             "bytes-up": payload_bytes(wire),
@@ -146,7 +165,7 @@ class DeviceTrainer:
         """Accuracy on the device's own test data of the global adapter plus its personal part."""
         self._load_global(tensors)
         return {"num-examples": int(len(self.data.y_test)),
-                "accuracy": float(self.tuner.score(self.data.x_test, self.data.y_test))}
+                "accuracy": float(self.tuner.score(self._x_test, self._y_test))}
 
     # -- the device's own files ----------------------------------------------------------
     def _state_file(self, name: str) -> Path | None:
