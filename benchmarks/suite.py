@@ -560,7 +560,11 @@ def section_limit(s: Settings, rep: Report, benches: list[Bench]) -> None:
                    f"({flops_rate / 1e9:.1f} GFLOP/s); limit = max(t_mem, t_flop); cached epochs on the default engine")
     br.notes.append("forward (with cache reads and, in C, the eager fill in epoch 1) / loss grad + backward / "
                     "optimizer step: the trainer's per-phase timers (the compiled engine times them in C) divided by "
-                    "the batches; rest = epoch time - the three phases (the clocks, the loop).")
+                    "the batches; rest = epoch time - the three phases (the clocks, the loop). skip2-lora in C runs a "
+                    "batch in one pass over blocks of cached rows (forward, loss gradient and dA together), timed as "
+                    "forward; its backward column holds the gradients' last factors (dB, the column scales). "
+                    "lora-all in C steps each tensor as soon as its gradient is ready (the fused update), timed "
+                    "within backward: its optimizer-step column is then 0.")
 
 
 # ====================================================================== 6. instructions
