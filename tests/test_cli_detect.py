@@ -234,3 +234,27 @@ def test_stream_reads_lines_across_reads(tmp_path, monkeypatch, read_bytes):
     with open(path, "r", encoding="utf-8", newline=None) as f:
         want = [line.rstrip("\n") for line in f]
     assert got == want == ["1,2", "3,4", "5,6", "", "7,\u00e98", "9,10"]
+
+
+def test_lines_parsed_together_as_each_alone():
+    """_parse_chunk's NumPy path (all lines well-formed) gives _parse_line's values, and a
+    chunk with any bad line falls back to each line alone (its error message per line)."""
+    from edgetune.cli.cmd_detect import _parse_chunk, _parse_line
+
+    rows = np.random.default_rng(4).normal(size=(6, 3)) * 10.0 ** np.arange(-3, 3)[:, None]
+    clean = [",".join(f"{v:.17g}" for v in r) for r in rows]
+    clean[2] = clean[2].replace(",", " ")          # blanks and commas mixed
+    clean[3] = "nan, inf ,-inf"
+    clean.insert(1, "   ")
+    for lines in (clean, clean + ["[1, 2, 3]"], clean + ["1,2"], clean + ["1_0,2,3"]):
+        got = _parse_chunk(lines, 3)
+        assert len(got) == len(lines) and got[1] is None
+        for ln, g in zip(lines, got):
+            if not ln.strip():
+                continue
+            try:
+                want = np.array(_parse_line(ln, 3))
+            except ValueError as e:
+                assert g == str(e)
+            else:
+                np.testing.assert_array_equal(g, want)

@@ -424,12 +424,17 @@ def _parse_chunk(lines: list[str], width: int) -> list[Any]:
 
     rows = [ln for ln in lines if ln.strip()]
     if rows and not any(ln.lstrip()[:1] in "[{" for ln in rows):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                x = np.loadtxt([ln.replace(",", " ") for ln in rows], dtype=np.float64, comments=None, ndmin=2)
-        except (ValueError, UserWarning):
-            x = None
+        x = None
+        # comma-separated first (no copy of the lines), then any mix of commas and blanks
+        for delimiter in ([","] if "," in rows[0] else []) + [None]:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    x = np.loadtxt(rows if delimiter else [ln.replace(",", " ") for ln in rows], dtype=np.float64,
+                                   delimiter=delimiter, comments=None, ndmin=2)
+                break
+            except (ValueError, UserWarning):
+                x = None
         if x is not None and x.shape == (len(rows), width):
             it = iter(x)
             return [next(it) if ln.strip() else None for ln in lines]
