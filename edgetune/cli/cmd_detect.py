@@ -463,6 +463,11 @@ def _stream(args: argparse.Namespace) -> int:
     det = AnomalyDetector.load(args.model)
     if args.relearn:
         det.relearn = args.relearn
+    if args.engine == "c" and args.learn:
+        try:
+            det._native_stream(required=True)
+        except ImportError as e:
+            raise UsageError(f"--engine c: {e}") from None
     width = det.n_features_in_
     try:
         src = sys.stdin if args.input == "-" else open(args.input, "rb")
