@@ -179,3 +179,82 @@ def test_fit_bands(task_file, fitted, tmp_path):
     for bad in ("0", "9", "many"):
         r = _cli("detect", "fit", "--task", task_file, "--out", tmp_path / "c", "--bands", bad)
         assert r.returncode == 2 and "--bands" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stream_in_the_compiled_loop_gives_learn_ones_lines(fitted, task_file, tmp_path):
+    """The lines read together go through learn_rows (the compiled loop): the same lines, keys,
+    alarms, changes, learned samples, re-learning and new environment as learn_one on each
+    line (--engine numpy, the command's previous path), scores within 1e-4; the same summary."""
+    pytest.importorskip("edgetune.stream.native", reason="needs the compiled engine")
+    task = np.load(task_file)
+    # the old room, then the new one (a change, then with --relearn auto a new environment),
+    # with a refused sample, an unreadable line, a blank line and a JSON line among them
+    rows = np.vstack([task["x_train"][:60], task["x_adapt"][:250]])
+    lines = _lines(rows).splitlines(keepends=True)
+    lines[20] = "nan" + ",0" * 7 + "\n"
+    lines[40] = "1,2,3\n"
+    lines[41] = "\n"
+    lines[42] = json.dumps({"x": rows[42].tolist()}) + "\n"
+    lines[200] = lines[200].replace(",", " ")
+    path = tmp_path / "samples.csv"
+    path.write_text("".join(lines))
+    got = {}
+    for engine in ("numpy", "c"):
+        res = _cli("detect", "stream", "--model", fitted / "m", "--input", path, "--relearn", "auto", "--engine", engine,
+                   "--json", tmp_path / f"{engine}.json", "--quiet", "--out", tmp_path / engine)
+        assert res.returncode == 1, res.stderr                      # the unreadable line
+        got[engine] = [json.loads(line) for line in res.stdout.splitlines()]
+    one, c = got["numpy"], got["c"]
+    assert len(one) == len(c) == len(lines) - 1
+    assert any(o.get("drift") for o in one) and any("new_environment" in o for o in one)
+    assert any(o.get("refused") for o in one) and any("error" in o for o in one)
+    for a, b in zip(one, c):
+        assert set(a) == set(b)
+        assert {k: v for k, v in a.items() if k != "score"} == {k: v for k, v in b.items() if k != "score"}
+        if a.get("score") is None:
+            assert b.get("score") is None
+        else:
+            assert abs(a["score"] - b["score"]) <= 1e-4
+    s1, s2 = (json.loads((tmp_path / f"{e}.json").read_text()) for e in ("numpy", "c"))
+    for k in ("samples", "alarms", "drifts", "learned", "refused", "bad_lines", "environments"):
+        assert s1[k] == s2[k], k
+
+
+@pytest.mark.parametrize("read_bytes", [1, 3, 1 << 20])
+def test_stream_reads_lines_across_reads(tmp_path, monkeypatch, read_bytes):
+    """Lines cut anywhere between two reads (a \\r\\n too) come out whole, as text mode reads them."""
+    from edgetune.cli import cmd_detect
+
+    data = "1,2\r\n3,4\r5,6\n\n7,\u00e98\n9,10"
+    path = tmp_path / "in.csv"
+    path.write_bytes(data.encode())
+    monkeypatch.setattr(cmd_detect, "READ_BYTES", read_bytes)
+    with open(path, "rb") as f:
+        got = [line for chunk in cmd_detect._read_chunks(f) for line in chunk]
+    with open(path, "r", encoding="utf-8", newline=None) as f:
+        want = [line.rstrip("\n") for line in f]
+    assert got == want == ["1,2", "3,4", "5,6", "", "7,\u00e98", "9,10"]
+
+
+def test_lines_parsed_together_as_each_alone():
+    """_parse_chunk's NumPy path (all lines well-formed) gives _parse_line's values, and a
+    chunk with any bad line falls back to each line alone (its error message per line)."""
+    from edgetune.cli.cmd_detect import _parse_chunk, _parse_line
+
+    rows = np.random.default_rng(4).normal(size=(6, 3)) * 10.0 ** np.arange(-3, 3)[:, None]
+    clean = [",".join(f"{v:.17g}" for v in r) for r in rows]
+    clean[2] = clean[2].replace(",", " ")          # blanks and commas mixed
+    clean[3] = "nan, inf ,-inf"
+    clean.insert(1, "   ")
+    for lines in (clean, clean + ["[1, 2, 3]"], clean + ["1,2"], clean + ["1_0,2,3"]):
+        got = _parse_chunk(lines, 3)
+        assert len(got) == len(lines) and got[1] is None
+        for ln, g in zip(lines, got):
+            if not ln.strip():
+                continue
+            try:
+                want = np.array(_parse_line(ln, 3))
+            except ValueError as e:
+                assert g == str(e)
+            else:
+                np.testing.assert_array_equal(g, want)

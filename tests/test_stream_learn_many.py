@@ -89,3 +89,30 @@ def test_numpy_engine_and_bad_input():
         log.learn_many(-np.abs(_normal(3)))
     with pytest.raises(UsageError, match="not fitted"):
         AnomalyDetector().learn_many(_normal(3))
+
+
+@pytest.mark.parametrize("relearn", ["confirm", "auto"])
+def test_learn_rows_gives_learn_ones_dicts(relearn):
+    """learn_rows (what 'edgetune detect stream' calls on the lines read together): learn_one's
+    dict per row, keys included (relearning counts, new_environment), in chunks of any size."""
+    x = _stream()
+    ref = AnomalyDetector(n_hidden=24, relearn=relearn, relearn_samples=60).fit(_normal(400))
+    c = copy.deepcopy(ref)
+    want = [ref.learn_one(row) for row in x]
+    got = []
+    for lo, hi in ((0, 1), (1, 100), (100, 101), (101, 250), (250, len(x))):
+        got += c.learn_rows(x[lo:hi], engine="c")
+    assert len(got) == len(want)
+    assert sum(o["drift"] for o in want) == 1 and sum(bool(o.get("refused")) for o in want) == 2
+    assert (relearn == "auto") == any("new_environment" in o for o in want)
+    for a, b in zip(got, want):
+        assert set(a) == set(b)
+        assert {k: v for k, v in a.items() if k != "score"} == {k: v for k, v in b.items() if k != "score"}
+        assert (a["score"] is None) == (b["score"] is None)
+        if b["score"] is not None:
+            assert abs(a["score"] - b["score"]) <= 1e-4 * max(1.0, abs(b["score"]))
+    assert (c.n_learned_, c.n_refused_) == (ref.n_learned_, ref.n_refused_)
+    assert len(c.environments_) == len(ref.environments_)
+    assert c.learn_rows(_normal(3, seed=12), engine="numpy")[0].keys() == want[0].keys()
+    with pytest.raises(UsageError, match="engine"):
+        c.learn_rows(_normal(3), engine="gpu")

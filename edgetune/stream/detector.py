@@ -405,6 +405,44 @@ class AnomalyDetector:
             i = self._learn_native(stream, x, i, out)
         return out
 
+    def learn_rows(self, x: Any, *, engine: str = "auto") -> list[dict[str, Any]]:
+        """:meth:`learn_many` with :meth:`learn_one`'s result per row: one dict each, with the
+        same keys (``relearning`` counts the samples kept for a new environment, and
+        ``new_environment`` marks the sample that completes it). Rows run in the compiled
+        loop where :meth:`learn_many` runs them (scores within float32 tolerance of
+        :meth:`learn_one`'s); the samples of a re-learning, through :meth:`learn_one` on x as
+        given. ``engine="numpy"`` is :meth:`learn_one` on every row."""
+        self._check_fitted()
+        if engine not in ("auto", "c", "numpy"):
+            raise UsageError(f"engine must be auto, c or numpy, got {engine!r}")
+        stream = None if engine == "numpy" else self._native_stream(required=engine == "c")
+        x = self._check_x(x, "learn_rows", allow_nonfinite=True)
+        n = x.shape[0]
+        if stream is None:
+            return [self.learn_one(row) for row in x]
+        x32 = x.astype(np.float32)
+        out = {"score": np.full(n, np.nan), "alarm": np.zeros(n, bool), "drift": np.zeros(n, bool),
+               "learned": np.zeros(n, bool), "refused": np.zeros(n, bool), "environment": np.full(n, -1),
+               "relearning": np.zeros(n, bool)}
+        res: list[dict[str, Any]] = []
+        i = 0
+        while i < n:
+            if self._pending is not None:
+                res.append(self.learn_one(x[i]))
+                i += 1
+                continue
+            j = self._learn_native(stream, x32, i, out)
+            for k in range(i, j):
+                if out["refused"][k]:
+                    res.append({"score": None, "alarm": None, "drift": False, "learned": False,
+                                "environment": None, "refused": True})
+                else:
+                    res.append({"score": float(out["score"][k]), "alarm": bool(out["alarm"][k]),
+                                "drift": bool(out["drift"][k]), "learned": bool(out["learned"][k]),
+                                "environment": int(out["environment"][k])})
+            i = j
+        return res
+
     _CHUNK = 256   # rows transformed per C call: the float32 features stay in the cache
 
     def _learn_native(self, stream: Any, x: np.ndarray, i: int, out: dict[str, np.ndarray]) -> int:
