@@ -124,9 +124,9 @@ class FineTuner:
                 for a, b in zip((bb.input_mean, bb.input_std), memo[3]) if b is not None) \
                 and (bb.input_mean is None) == (memo[3][0] is None) and (bb.input_std is None) == (memo[3][1] is None):
             return memo[4], memo[5]
+        self._prepared.pop(what, None)  # before the new copy is made: never two of one use at once
         xv, yv = validate_xy(x, y, n_classes=bb.sizes[-1], what=what)
         xp = self._prepare(xv, f"{what} x")
-        self._prepared.pop(what, None)
         if isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and _immutable(x) and _immutable(y):
             xp.flags.writeable = yv.flags.writeable = False  # ours: kept as they are for the next call
             # the normalisation as it is now: kept by reference if no one can write it, else copied
@@ -225,6 +225,18 @@ class FineTuner:
         """Accuracy on ``x``, ``y``."""
         xp, yp = self._xy(x, y, "evaluation data")
         return evaluate(self.method, xp, yp)[1]
+
+    def release(self) -> "FineTuner":
+        """Free what is kept only to make the next ``fit`` cheaper: the skip-cache (the next fit
+        fills it again), the compiled engine's run state (workspace, cache struct, the training
+        arrays it points into) and the prepared copies of training and validation data. The
+        adapter, ``history_`` and ``predict`` are unaffected; returns self."""
+        if getattr(self.method, "cache", None) is not None:
+            self.method.cache = None
+        self._kept.pop("runner", None)
+        for what in ("training data", "validation data"):
+            self._prepared.pop(what, None)
+        return self
 
     def merged(self) -> Backbone:
         """A plain backbone that computes the fine-tuned model (no adapter at run time)."""

@@ -108,8 +108,8 @@ def finetune_on_task(task: Task, backbone: Backbone, method: str, *, method_opti
         tuner.fit(x_ft, y_ft, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     hist = tuner.history_
     assert hist is not None
-    if not keep_cache and getattr(tuner.method, "cache", None) is not None:
-        tuner.method.cache = None
+    if not keep_cache:
+        tuner.release()
     result: dict[str, Any] = {"task": task.name, "method": method, **hist.summary(), **before,
                               "accuracy_after": tuner.score(task.x_test, task.y_test),
                               "finetune_samples": int(len(task.y_finetune)), "test_samples": int(len(task.y_test)),

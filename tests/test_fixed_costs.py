@@ -667,3 +667,26 @@ def test_a_fleet_device_trains_on_a_read_only_copy_with_the_same_results():
     assert dev.backbone.digest() != bb.digest()
     int8_like = read_only_copy(dev.backbone)
     assert int8_like.digest() == dev.backbone.digest()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("method", ["skip2-lora", "lora-all"])
+def test_release_frees_the_kept_state_and_changes_no_result(engine, method):
+    x, y = toy_task(n=40, d=7, classes=3, seed=2)
+    x, y = x.astype(np.float32), y
+    bb = _bb()
+    kept, freed = (_tuner(bb, engine) if method == "skip2-lora" else et.FineTuner(bb, method, epochs=2, batch_size=8,
+                                                                                 lr=0.1, seed=3, engine=engine)
+                   for _ in range(2))
+    for t in (kept, freed):
+        t.fit(x, y)
+    before = freed.predict_proba(x[:3])
+    assert freed.release() is freed
+    assert getattr(freed.method, "cache", None) is None and "runner" not in freed._kept
+    assert "training data" not in freed._prepared
+    np.testing.assert_array_equal(freed.predict_proba(x[:3]), before)  # the adapter is untouched
+    for t in (kept, freed):  # the next fit rebuilds what was freed and computes the same
+        t.fit(x, y)
+    np.testing.assert_array_equal(freed.method.params.flat, kept.method.params.flat)
+    if method == "skip2-lora":
+        assert freed.method.cache is not None and freed.method.cache.filled.all()
