@@ -141,7 +141,7 @@ def test_the_planner_asks_c_for_the_workspace_the_trainer_allocates():
                     assert runner.ws.nbytes == planned + _fused_piece(m) == core_workspace_for(m, batch), \
                         (sizes, method, batch)
                     # a 32-bit target differs only by pointers: the batch's row pointers (skip methods)
-                    # and the per-layer tables (3n + 1 int32 rounded to a pointer, then 5n + 1 pointers)
+                    # and the per-layer tables (3n + 1 int32 rounded to a pointer, then 3n + 1 pointers)
                     small = core_workspace_bytes(sizes, spec.kind, batch=batch, n_params=m.params.flat.size,
                                                  rank=spec.rank, int8=int8, first=spec.first, pack=_pack(m),
                                                  pointer_bytes=4)
@@ -149,7 +149,7 @@ def test_the_planner_asks_c_for_the_workspace_the_trainer_allocates():
                     n = len(sizes) - 1
 
                     def tables(p: int) -> int:
-                        return -(-(-(-(3 * n + 1) * 4 // p) * p + (5 * n + 1) * p) // 64) * 64
+                        return -(-(-(-(3 * n + 1) * 4 // p) * p + (3 * n + 1) * p) // 64) * 64
 
                     assert (planned - small) == tables(8) - tables(4) + (0 if spec.kind != "skip" else
                                                  -(-8 * batch // 64) * 64 - -(-4 * batch // 64) * 64)

@@ -189,6 +189,26 @@ def test_trained_rows_cost_workspace_and_biases_do_not_hold_weights():
     assert sizes["b1,w-1:1/8"] - sizes["b1"] >= int(np.prod(dense.weight_shape)) * 4
 
 
+def test_the_layers_with_trained_rows_share_one_assembled_weight():
+    """Each layer's weight is assembled when a pass uses it, into one scratch for the largest: rows
+    trained in a smaller layer beside a larger one cost only their parameters' pieces (the
+    snapshot; the fused update's gradient scratch is the larger layer's rows either way), not a
+    copy of the smaller layer's weight."""
+    bb = _backbone("1d-residual")
+    conv, depthwise = (bb.specs[k] for k in bb.tap_layers[:2])  # 8 x 3 x 3 and 8 x 1 x 3 floats
+    assert np.prod(conv.weight_shape) > np.prod(depthwise.weight_shape)
+    models = {s: CoreModel(make_method("sparse", bb, scheme=s), 4) for s in ("w0:1/8", "w0:1/8,w1:1/8")}
+    one, two = models["w0:1/8"], models["w0:1/8,w1:1/8"]
+    assert one.method.first == two.method.first
+    assert two.method.params.flat.size > one.method.params.flat.size
+
+    def piece(n_floats: int) -> int:  # a workspace piece: 64-byte rounded
+        return -(-4 * n_floats // 64) * 64
+
+    assert two.workspace_bytes() - one.workspace_bytes() == (piece(two.method.params.flat.size)
+                                                             - piece(one.method.params.flat.size))
+
+
 def test_nothing_below_the_first_trained_layer_stays_in_the_workspace():
     """The frozen layers before the first trained one write their outputs into two buffers in
     turn (an add's source keeps its own): training only the head needs less than that saves

@@ -52,10 +52,11 @@ typedef struct {
     float **pend;                          /* n: layer-wise, not an MLP: batch x et_width(bb, k), an add's gradient
                                               waiting for its source layer's input */
     float *tmp;                            /* layer-wise, not an MLP: batch x max width, a LoRA convolution's output */
-    float **sw;                            /* n: sparse, not an MLP: a layer with trained rows, its weight as the
-                                              forward pass uses it (out_c x et_layer_row_floats); on an int8
-                                              chain every layer with weights from `first` on, dequantised */
-    float **sb;                            /* n: sparse, an int8 chain: out_c, the dequantised bias from `first` on */
+    float *sw;                             /* sparse, not an MLP: the weight of one layer that sp_assembles (its
+                                              trained rows in front of its frozen ones; on an int8 chain every
+                                              layer with weights from `first` on, dequantised), assembled where
+                                              a pass uses it: the largest such layer's out_c x et_layer_row_floats */
+    float *sb;                             /* sparse, an int8 chain: one layer's dequantised bias (the largest out_c) */
     float *chan;                           /* sparse, not an MLP: one channel of an in-place depthwise layer */
     float *gstep;                          /* layer-wise and sparse: the fused update's gradient of one trained
                                               tensor at a time (the largest: fused_scratch_floats) */
@@ -220,6 +221,13 @@ static int in_place(const et_backbone *bb, const et_method *m, int k) {
  * layer's output stays in its input's (act[1] is in buffer 1). */
 static int walk_next(const et_backbone *bb, const et_method *m, int k, int b) { return in_place(bb, m, k) ? b : b ^ 1; }
 
+/* The sparse update on a chain of layers runs layer k on a weight assembled in the workspace (sp_weight):
+ * a layer with trained rows, and on an int8 chain every layer with weights from `first` on. */
+static int sp_assembles(const et_backbone *bb, const et_method *m, int k) {
+    if (m->kind != ET_SPARSE || et_backbone_is_dense(bb) || k < m->first || k >= bb->n_layers) return 0;
+    return m->rows[k] > 0 || (bb->is_int8 && et_layer_has_weights(&bb->layers[k]));
+}
+
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
  * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
@@ -240,20 +248,18 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         if (base) L->field = (type)(void *)cur;                \
         total += take(&cur, (size_t)(count));                  \
     } while (0)
-    { /* the per-layer tables: 3n + 1 int32, then 5n + 1 pointers, in one piece */
+    { /* the per-layer tables: 3n + 1 int32, then 3n + 1 pointers, in one piece */
         const size_t P = (size_t)pointer_bytes, ints = ((size_t)(3 * n + 1) * 4 + P - 1) / P * P;
         if (base) {
-            memset(cur, 0, ints + (size_t)(5 * n + 1) * P);
+            memset(cur, 0, ints + (size_t)(3 * n + 1) * P);
             L->width = (int32_t *)(void *)cur;
             L->tap_width = L->width + n + 1;
             L->pending = L->tap_width + n;
             L->act = (float **)(void *)(cur + ints);
             L->kept = L->act + n + 1;
             L->pend = L->kept + n;
-            L->sw = L->pend + n;
-            L->sb = L->sw + n;
         }
-        total += take(&cur, ints + (size_t)(5 * n + 1) * P);
+        total += take(&cur, ints + (size_t)(3 * n + 1) * P);
     }
     PIECE(snapshot, float *, (size_t)m->n_params * F);
     PIECE(ybuf, int32_t *, B * 4);
@@ -338,11 +344,14 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1, bb->is_int8 ? sp_start(bb, m) : 0));
             for (int k = m->first; k < n; k++)
                 if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
+            size_t sw = 0, sb = 0; /* one layer's assembled weight (and int8 bias) at a time: sp_weight, sp_bias_of */
             for (int k = m->first; k < n; k++)
-                if (m->rows[k] > 0 || (bb->is_int8 && et_layer_has_weights(&bb->layers[k])))
-                    PIECE(sw[k], float *, (size_t)bb->layers[k].out_c * et_layer_row_floats(&bb->layers[k]) * F);
-            for (int k = m->first; bb->is_int8 && k < n; k++)
-                if (et_layer_has_weights(&bb->layers[k])) PIECE(sb[k], float *, (size_t)bb->layers[k].out_c * F);
+                if (sp_assembles(bb, m, k)) {
+                    sw = most(sw, (size_t)bb->layers[k].out_c * et_layer_row_floats(&bb->layers[k]));
+                    if (bb->is_int8) sb = most(sb, (size_t)bb->layers[k].out_c);
+                }
+            PIECE(sw, float *, sw * F);
+            PIECE(sb, float *, sb * F);
         } else if (bb->is_int8) {
             PIECE(wrow, float *, (size_t)mw * F);
             PIECE(q[0], int8_t *, B * mw);
@@ -412,6 +421,8 @@ typedef struct {
     const et_optimizer *opt;               /* the fused update (G == NULL): each tensor stepped as its gradient
                                               is ready, into params (Pw); NULL: gradients into G */
     float *Pw;
+    int32_t wk, bk;                        /* sparse, not an MLP: the layer whose weight is in L.sw, whose bias is
+                                              in L.sb (-1: none; each forward pass starts afresh) */
     layout L;
 } ctx;
 
@@ -445,18 +456,7 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->n_taps = et_skip_taps(bb, NULL, c->L.tap_width);
     c->width = c->L.width;
     c->tap_width = c->L.tap_width;
-    for (int k = 0; k < bb->n_layers; k++) /* sparse: the frozen rows behind the trained ones, once a call */
-        if (c->L.sw[k] && bb->is_int8) { /* dequantised (the trained rows and biases: sp_assemble) */
-            const et_layer *l = &bb->layers[k];
-            const size_t row = (size_t)et_layer_row_floats(l);
-            for (int o = m->rows[k]; o < l->out_c; o++)
-                for (size_t i = 0; i < row; i++) c->L.sw[k][o * row + i] = (float)l->qw[o * row + i] * m->w_unit[k][o];
-            for (int o = 0; o < l->out_c; o++)
-                c->L.sb[k][o] = (float)((double)l->qbias[o] * (double)m->b_unit[k][o]);
-        } else if (c->L.sw[k]) {
-            const size_t row = (size_t)et_layer_row_floats(&bb->layers[k]), r = (size_t)m->rows[k];
-            memcpy(c->L.sw[k] + r * row, bb->layers[k].w + r * row, (bb->layers[k].out_c - r) * row * sizeof(float));
-        }
+    c->wk = c->bk = -1;
     return ET_OK;
 }
 
@@ -492,50 +492,70 @@ static void column_sums(const float *g, int rows, int cols, float *out) {
 }
 
 /* ================================================================== layer-wise (ft-*, lora-*) */
-/* Layer k's weight in its forward layout, trained or frozen (dense: W^T (in, out); conv: as stored).
- * The sparse update's is always as stored (dense: W (out, in)): lw_weights says which. */
-static const float *lw_weight_t(const ctx *c, int k) {
-    const et_layer *l = &c->bb->layers[k];
-    if (c->m->kind == ET_SPARSE) return c->L.sw[k] ? c->L.sw[k] : l->w;
-    if (c->m->off_weight[k] >= 0) return c->P + c->m->off_weight[k];
-    return l->kind == ET_LAYER_DENSE ? l->wt : l->w;
-}
-
-/* Layer k's weight as the ops take it: *wt the forward layout (dense layer-wise) or *w as stored. */
-static void lw_weights(const ctx *c, int k, const float **wt, const float **w) {
-    const int forward_layout = c->m->kind != ET_SPARSE && c->bb->layers[k].kind == ET_LAYER_DENSE;
-    *wt = forward_layout ? lw_weight_t(c, k) : NULL;
-    *w = forward_layout ? NULL : lw_weight_t(c, k);
-}
-
-/* The sparse update's trained rows into the assembled weights (the frozen rows are there since setup);
- * on an int8 chain rounded to int8 and dequantised, and the trained biases likewise. */
-static void sp_assemble(ctx *c) {
+/* The sparse update on a chain of layers: layer k's weight as its passes use it (sp_assembles), assembled
+ * into the workspace's one-layer scratch when a pass needs it: its trained rows from the parameters in
+ * front of its frozen rows from the backbone; on an int8 chain the trained rows rounded to int8 and
+ * both dequantised. The forward pass assembles each layer before running it, the backward pass again
+ * where the input's gradient reads it (the last layer's is still there). The parameters of layer k
+ * change only after its input's gradient (the fused update) or after the pass (the two-phase update),
+ * so every assembly of a step gives the same floats. */
+static const float *sp_weight(ctx *c, int k) {
     const et_method *m = c->m;
-    for (int k = 0; k < c->bb->n_layers; k++) {
-        if (!c->L.sw[k]) continue;
-        const size_t row = (size_t)et_layer_row_floats(&c->bb->layers[k]);
-        if (!c->bb->is_int8) {
-            memcpy(c->L.sw[k], c->P + m->off_weight[k], (size_t)m->rows[k] * row * sizeof(float));
-            continue;
-        }
+    const et_layer *l = &c->bb->layers[k];
+    if (!sp_assembles(c->bb, m, k)) return l->w;
+    float *w = c->L.sw;
+    if (c->wk == k) return w;
+    const size_t row = (size_t)et_layer_row_floats(l), r = (size_t)m->rows[k];
+    if (!c->bb->is_int8) {
+        memcpy(w, c->P + m->off_weight[k], r * row * sizeof(float));
+        memcpy(w + r * row, l->w + r * row, ((size_t)l->out_c - r) * row * sizeof(float));
+    } else {
         for (int o = 0; o < m->rows[k]; o++) {
             const float *p = c->P + m->off_weight[k] + o * row;
             for (size_t i = 0; i < row; i++) {
                 float v = rintf(p[i]);
                 v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
-                c->L.sw[k][o * row + i] = v * m->w_unit[k][o];
+                w[o * row + i] = v * m->w_unit[k][o];
             }
         }
-        if (m->off_bias[k] >= 0)
-            for (int o = 0; o < c->bb->layers[k].out_c; o++)
-                c->L.sb[k][o] = rintf(c->P[m->off_bias[k] + o]) * m->b_unit[k][o];
+        for (int o = m->rows[k]; o < l->out_c; o++)
+            for (size_t i = 0; i < row; i++) w[o * row + i] = (float)l->qw[o * row + i] * m->w_unit[k][o];
     }
+    c->wk = k;
+    return w;
 }
 
-static const float *lw_bias(const ctx *c, int k) {
-    if (c->L.sb[k]) return c->L.sb[k]; /* sparse on an int8 chain: dequantised */
-    return c->m->off_bias[k] >= 0 ? c->P + c->m->off_bias[k] : c->bb->layers[k].bias;
+/* Layer k's weight in its forward layout, trained or frozen (dense: W^T (in, out); conv: as stored).
+ * The sparse update's is always as stored (dense: W (out, in)): lw_weights says which. */
+static const float *lw_weight_t(ctx *c, int k) {
+    const et_layer *l = &c->bb->layers[k];
+    if (c->m->kind == ET_SPARSE) return sp_weight(c, k);
+    if (c->m->off_weight[k] >= 0) return c->P + c->m->off_weight[k];
+    return l->kind == ET_LAYER_DENSE ? l->wt : l->w;
+}
+
+/* Layer k's weight as the ops take it: *wt the forward layout (dense layer-wise) or *w as stored. */
+static void lw_weights(ctx *c, int k, const float **wt, const float **w) {
+    const int forward_layout = c->m->kind != ET_SPARSE && c->bb->layers[k].kind == ET_LAYER_DENSE;
+    *wt = forward_layout ? lw_weight_t(c, k) : NULL;
+    *w = forward_layout ? NULL : lw_weight_t(c, k);
+}
+
+/* Layer k's bias as the forward pass uses it; the sparse update on an int8 chain dequantises it into the
+ * workspace's one-layer scratch: the trained bias rounded to int32, else the backbone's. */
+static const float *lw_bias(ctx *c, int k) {
+    const et_method *m = c->m;
+    const et_layer *l = &c->bb->layers[k];
+    if (c->bb->is_int8 && sp_assembles(c->bb, m, k)) {
+        float *b = c->L.sb;
+        if (c->bk == k) return b;
+        for (int o = 0; o < l->out_c; o++)
+            b[o] = m->off_bias[k] >= 0 ? rintf(c->P[m->off_bias[k] + o]) * m->b_unit[k][o]
+                                       : (float)((double)l->qbias[o] * (double)m->b_unit[k][o]);
+        c->bk = k;
+        return b;
+    }
+    return m->off_bias[k] >= 0 ? c->P + m->off_bias[k] : l->bias;
 }
 
 /* Where layer k's input starts in a row of the layers' inputs side by side (int8_row_upto). */
@@ -1262,13 +1282,11 @@ static float *forward(ctx *c, const int32_t *ids, int count, int use_cache) {
         return skip_forward(c, count);
     }
     c->ids = ids;
-    if (c->m->kind == ET_SPARSE && c->bb->is_int8 && !et_backbone_is_dense(c->bb)) { /* reads x by ids */
-        sp_assemble(c);
+    c->wk = c->bk = -1; /* the sparse update's assembled layer: the parameters may have changed since */
+    if (c->m->kind == ET_SPARSE && c->bb->is_int8 && !et_backbone_is_dense(c->bb)) /* reads x by ids */
         return lw_forward(c, count);
-    }
     gather_rows(c->x, et_width(c->bb, 0), ids, count, c->L.act[0], et_width(c->bb, 0));
     if (c->m->kind == ET_SPARSE && et_backbone_is_dense(c->bb)) return sp_forward(c, count);
-    if (c->m->kind == ET_SPARSE) sp_assemble(c);
     return lw_forward(c, count);
 }
 
