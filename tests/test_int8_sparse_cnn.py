@@ -169,7 +169,9 @@ def test_frozen_int8_tensors_stay_and_the_merged_model_is_int8():
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
 @pytest.mark.parametrize("name,scheme", [("1d-residual", "w0:1/4,b2"), ("1d-residual", "w1,b3"),
                                          ("2d", "w1:1/2,w2:1/8,b1"), ("2d", "w0:1/4"),
-                                         ("1d-flatten", "b2,w1:1/4")])
+                                         ("1d-flatten", "b2,w1:1/4"),
+                                         # the residual add inside the integer pass before the first trained layer
+                                         ("1d-residual", "w-1,b2"), ("2d", "b1")])
 def test_c_equals_numpy(name, scheme, optimizer):
     """The compiled engine runs the same graph: the integer pass to the first trained layer, then
     the fake-quantised layers; losses within 1e-5, the same predictions, the same int8 merge."""
@@ -201,6 +203,30 @@ def test_c_keeps_no_float_activation_below_the_first_trained_layer():
         m = make_method("sparse", q, scheme=scheme)
         sizes[scheme] = CoreModel(m, 16).workspace_bytes()
     assert sizes["w-1"] < sizes["w0,b1"]
+
+
+@needs_c
+def test_c_integer_pass_keeps_one_sample_of_what_is_still_read():
+    """The integer pass before the first trained layer runs a sample at a time through one int8
+    buffer (the layer's int32 accumulator lies between its input and its requantised output):
+    more frozen layers of the same shape in front cost only their entries in the per-layer
+    tables, not their int8 inputs (8 x 400 bytes each); an add there holds its source's int8
+    input until it runs, one sample of it, and no dequantised float copy for the batch."""
+    from edgetune.core.engine import CoreModel
+    from edgetune.methods import make_method
+    shape, width = (3, 400), 8 * 400
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, *shape)).astype(np.float32)
+
+    def workspace(arch: str) -> int:
+        bb = et.Backbone.from_layers(build_layers(parse_arch(arch, shape, 3), seed=0)).fit_normalizer(x)
+        return CoreModel(make_method("sparse", quantize(bb, x), scheme="b1"), 4).workspace_bytes()
+
+    conv = "conv:8:3:1:same,relu,"
+    one, three, five = (workspace(conv * d + "gap") for d in (1, 3, 5))
+    residual = workspace(conv + "res(conv:8:3:1:same,relu)," + conv + "gap")  # as many layers as three, + the add
+    assert 0 <= three - one < width and 0 <= five - three < width, (one, three, five)
+    assert width <= residual - three < width + 256, (three, residual)
 
 
 @needs_c

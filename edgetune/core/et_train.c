@@ -39,8 +39,12 @@ typedef struct {
     float *gu;                             /* batch x (n*rank): gradient of the adapters' middle */
     float *pack;                           /* layer-wise: a weight transposed for the backward pass */
     float *wrow;                           /* sparse int8: one widened weight row */
-    int8_t *q[2];                          /* int8: batch x max width */
-    int32_t *acc;                          /* int8: batch x max width */
+    int8_t *q[2];                          /* int8: an MLP: batch x max width; q[0] of the sparse update on an int8
+                                              chain: one sample's widest input before `first` (sp_int8_prefix) */
+    int8_t *qheld;                         /* sparse, an int8 chain: one sample's int8 inputs of the layers before
+                                              `first` that an add before `first` reads (int8_held) */
+    int32_t *acc;                          /* int8: batch x max width (the sparse update on an int8 chain:
+                                              one sample of the widest output before `first`) */
     float *taps;                           /* skip: batch x row_width */
     const float **rowp;                    /* skip: batch row pointers */
     float *u;                              /* skip: batch x (n*rank) */
@@ -74,11 +78,14 @@ static int max_width(const et_backbone *bb) {
     return w;
 }
 
-static int is_source(const et_backbone *bb, int k) {
-    for (int j = k + 1; j < bb->n_layers; j++)
+/* Whether an add layer j in [from, to) reads layer k's input (its source). */
+static int read_between(const et_backbone *bb, int k, int from, int to) {
+    for (int j = from; j < to && j < bb->n_layers; j++)
         if (bb->layers[j].kind == ET_LAYER_ADD && bb->layers[j].source == k) return 1;
     return 0;
 }
+
+static int is_source(const et_backbone *bb, int k) { return read_between(bb, k, k + 1, bb->n_layers); }
 
 /* The two convolutions of a LoRA adapter beside convolution l, as PEFT builds them: A with
  * `rank` output channels and l's kernel, stride and padding, B a 1x1 one from rank to l's outputs. */
@@ -138,17 +145,23 @@ static size_t int8_row(const et_backbone *bb) {
     return w;
 }
 
-/* Values of the inputs of layers 0..k side by side: the integer pass of a sparse update on an
- * int8 chain keeps them up to its first trained layer (an add from there on reads its source's). */
-static size_t int8_row_upto(const et_backbone *bb, int k) {
-    size_t w = 0;
-    for (int j = 0; j <= k && j < bb->n_layers; j++) w += (size_t)et_width(bb, j);
-    return w;
-}
-
 /* The layer a sparse update's forward pass starts at in floats (the int8 pass runs those before it). */
 static int sp_start(const et_backbone *bb, const et_method *m) {
     return m->first < bb->n_layers - 1 ? m->first : bb->n_layers - 1;
+}
+
+/* The sparse update on an int8 chain runs the layers before `start` (sp_start) as the integer pass, a
+ * sample at a time (sp_int8_prefix): each layer's int8 input in one buffer (q[0]) that the layer's
+ * requantised output then overwrites (its int32 accumulator lies between), but the input of a
+ * layer k that an add before `start` reads, which stays in its own place in qheld until then. */
+static int int8_held(const et_backbone *bb, int start, int k) { return k < start && read_between(bb, k, k + 1, start); }
+
+/* Where layer k's held input starts in qheld: the widths of the held inputs before it. */
+static size_t held_col(const et_backbone *bb, int start, int k) {
+    size_t s = 0;
+    for (int j = 0; j < k; j++)
+        if (int8_held(bb, start, j)) s += (size_t)et_width(bb, j);
+    return s;
 }
 
 /* ------------------------------------------------------------------ the fused update */
@@ -311,16 +324,26 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         if (turn[0]) PIECE(walk[0], float *, B * turn[0] * F);
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
         if (chan) PIECE(chan, float *, chan * F);
+        const int start = sp_start(bb, m);
         for (int k = 0, b = 1; k <= n; b = k > 0 && prune && !int8_chain ? walk_next(bb, m, k, b) : b, k++) {
-            if (prune && (k > 0 || int8_chain) && k < sp_start(bb, m) && !is_source(bb, k)) {
+            /* an int8 chain dequantises before `start` only what an add from `start` on reads */
+            const int read_later = int8_chain ? read_between(bb, k, start, n) : is_source(bb, k);
+            if (prune && (k > 0 || int8_chain) && k < start && !read_later) {
                 if (base) L->act[k] = int8_chain ? NULL : L->walk[b]; /* b: act[k]'s buffer from k = 1 on */
                 continue;
             }
             PIECE(act[k], float *, B * et_width(bb, k) * F);
         }
-        if (int8_chain) { /* the integer pass up to `first`, a sample at a time: its layers' int8 inputs, one accumulator */
-            PIECE(qtaps, int8_t *, int8_row_upto(bb, sp_start(bb, m)));
-            PIECE(acc, int32_t *, (size_t)mw * 4);
+        if (int8_chain) { /* the integer pass up to `start`, a sample at a time (sp_int8_prefix) */
+            size_t qw = 0, held = 0, aw = 0; /* q[0]'s widest input, the held inputs, the widest output */
+            for (int k = 0; k <= start; k++) {
+                if (int8_held(bb, start, k)) held += (size_t)et_width(bb, k);
+                else qw = most(qw, (size_t)et_width(bb, k));
+                if (k < start) aw = most(aw, (size_t)et_width(bb, k + 1));
+            }
+            PIECE(q[0], int8_t *, qw);
+            PIECE(qheld, int8_t *, held);
+            PIECE(acc, int32_t *, aw * 4);
         }
         if (m->kind == ET_LAYERWISE) {
             const size_t U = (size_t)max_lora_width(bb, m); /* an MLP's: the rank */
@@ -558,37 +581,32 @@ static const float *lw_bias(ctx *c, int k) {
     return m->off_bias[k] >= 0 ? c->P + m->off_bias[k] : l->bias;
 }
 
-/* Where layer k's input starts in a row of the layers' inputs side by side (int8_row_upto). */
-static size_t col_of(const ctx *c, int k) {
-    size_t s = 0;
-    for (int j = 0; j < k; j++) s += (size_t)c->width[j];
-    return s;
+/* Layer k's int8 input q of sample i, dequantised into act[k]. */
+static void sp_dequantise(ctx *c, int k, int i, const int8_t *q) {
+    const float s = c->bb->layers[k].act_scale;
+    float *h = c->L.act[k] + (size_t)i * c->width[k];
+    for (int j = 0; j < c->width[k]; j++) h[j] = (float)q[j] * s;
 }
 
 /* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), a sample at a time
- * (the int32 accumulator of one row: the batch's would be the largest buffer), then its input and
- * the inputs the adds from there on read, dequantised into act[]; returns start. */
+ * (the int32 accumulator of one row: the batch's would be the largest buffer), as et_int8_run_layers
+ * but with nothing kept that no later layer reads (int8_held); its input and the inputs the adds
+ * from there on read, dequantised into act[]; returns start. */
 static int sp_int8_prefix(ctx *c, int count) {
     const et_backbone *bb = c->bb;
-    const int start = sp_start(bb, c->m), ldq = (int)int8_row_upto(bb, start);
-    int8_t *q = c->L.qtaps;
+    const int start = sp_start(bb, c->m), n = bb->n_layers;
     for (int i = 0; i < count; i++) {
-        et_int8_quantize_input(bb, c->x + (size_t)c->ids[i] * c->width[0], c->width[0], 1, q, ldq);
-        size_t col = 0; /* where layer k's input starts in the row (no table of ET_MAX_LAYERS on the stack) */
-        for (int k = 0; k < start; k++) { /* as et_int8_run_layers, stopping at `start` */
+        int8_t *q = int8_held(bb, start, 0) ? c->L.qheld : c->L.q[0]; /* layer k's input */
+        et_int8_quantize_input(bb, c->x + (size_t)c->ids[i] * c->width[0], c->width[0], 1, q, c->width[0]);
+        for (int k = 0; k < start; k++) {
             const et_layer *l = &bb->layers[k];
-            const int8_t *residual = l->kind == ET_LAYER_ADD ? q + col_of(c, l->source) : NULL;
-            et_layer_ops_of(l->kind)->int8_accumulate(l, q + col, ldq, 1, c->L.acc, residual, ldq);
-            col += (size_t)c->width[k];
-            et_int8_requantize(bb, k, c->L.acc, 1, q + col, ldq);
+            if (read_between(bb, k, start, n)) sp_dequantise(c, k, i, q);
+            const int8_t *residual = l->kind == ET_LAYER_ADD ? c->L.qheld + held_col(bb, start, l->source) : NULL;
+            et_layer_ops_of(l->kind)->int8_accumulate(l, q, c->width[k], 1, c->L.acc, residual, c->width[k]);
+            q = int8_held(bb, start, k + 1) ? c->L.qheld + held_col(bb, start, k + 1) : c->L.q[0];
+            et_int8_requantize(bb, k, c->L.acc, 1, q, c->width[k + 1]);
         }
-        col = 0;
-        for (int k = 0; k <= start; col += (size_t)c->width[k], k++) {
-            if (k < start && !is_source(bb, k)) continue;
-            const float s = bb->layers[k].act_scale;
-            float *h = c->L.act[k] + (size_t)i * c->width[k];
-            for (int j = 0; j < c->width[k]; j++) h[j] = (float)q[col + j] * s;
-        }
+        sp_dequantise(c, start, i, q);
     }
     return start;
 }
