@@ -159,6 +159,12 @@ static int sp_start(const et_backbone *bb, const et_method *m) {
  * reads, which stays in its own place in qheld until then. */
 static int int8_held(const et_backbone *bb, int start, int k) { return k < start && read_between(bb, k, k + 1, start); }
 
+/* Which of q[0], q[1] layer k's int8 input is in (-1: its place in qheld), given layer k-1's (b):
+ * the buffer its input was not in; layer 0's input in q[0]. */
+static int int8_turn(const et_backbone *bb, int start, int k, int b) {
+    return int8_held(bb, start, k) ? -1 : (k > 0 && b == 0 ? 1 : 0);
+}
+
 /* Where layer k's held input starts in qheld: the widths of the held inputs before it. */
 static size_t held_col(const et_backbone *bb, int start, int k) {
     size_t s = 0;
@@ -338,15 +344,16 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(act[k], float *, B * et_width(bb, k) * F);
         }
         if (int8_chain) { /* the integer pass up to `start`, a sample at a time (sp_int8_prefix) */
-            size_t qw = 0, held = 0, aw = 0; /* q[0]'s and q[1]'s widest input, the held inputs, the accumulator */
-            for (int k = 0; k <= start; k++) {
+            size_t qw[2] = {0, 0}, held = 0, aw = 0; /* q[0]'s and q[1]'s widest input, the held inputs, the accumulator */
+            for (int k = 0, b = 0; k <= start; k++) {
                 const et_layer *l = &bb->layers[k];
-                if (int8_held(bb, start, k)) held += (size_t)et_width(bb, k);
-                else qw = most(qw, (size_t)et_width(bb, k));
+                b = int8_turn(bb, start, k, b);
+                if (b < 0) held += (size_t)et_width(bb, k);
+                else qw[b] = most(qw[b], (size_t)et_width(bb, k));
                 if (k < start) aw = most(aw, et_layer_has_weights(l) ? (size_t)l->out_h * l->out_w : (size_t)et_width(bb, k + 1));
             }
-            PIECE(q[0], int8_t *, qw);
-            PIECE(q[1], int8_t *, qw);
+            PIECE(q[0], int8_t *, qw[0]);
+            PIECE(q[1], int8_t *, qw[1]);
             PIECE(qheld, int8_t *, held);
             PIECE(acc, int32_t *, aw * 4);
         }
@@ -602,14 +609,15 @@ static int sp_int8_prefix(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const int start = sp_start(bb, c->m), n = bb->n_layers;
     for (int i = 0; i < count; i++) {
-        int8_t *q = int8_held(bb, start, 0) ? c->L.qheld : c->L.q[0]; /* layer k's input */
+        int b = int8_turn(bb, start, 0, 0);
+        int8_t *q = b < 0 ? c->L.qheld : c->L.q[b]; /* layer k's input */
         et_int8_quantize_input(bb, c->x + (size_t)c->ids[i] * c->width[0], c->width[0], 1, q, c->width[0]);
         for (int k = 0; k < start; k++) {
             const et_layer *l = &bb->layers[k];
             if (read_between(bb, k, start, n)) sp_dequantise(c, k, i, q);
             const int8_t *residual = l->kind == ET_LAYER_ADD ? c->L.qheld + held_col(bb, start, l->source) : NULL;
-            int8_t *out = int8_held(bb, start, k + 1) ? c->L.qheld + held_col(bb, start, k + 1)
-                                                      : c->L.q[q == c->L.q[0] ? 1 : 0];
+            b = int8_turn(bb, start, k + 1, b);
+            int8_t *out = b < 0 ? c->L.qheld + held_col(bb, start, k + 1) : c->L.q[b];
             if (et_layer_has_weights(l)) {
                 for (int ch = 0; ch < l->out_c; ch++) {
                     et_int8_accumulate_channel(bb, k, q, ch, c->L.acc);
