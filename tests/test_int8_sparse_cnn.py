@@ -207,11 +207,13 @@ def test_c_keeps_no_float_activation_below_the_first_trained_layer():
 
 @needs_c
 def test_c_integer_pass_keeps_one_sample_of_what_is_still_read():
-    """The integer pass before the first trained layer runs a sample at a time through one int8
-    buffer (the layer's int32 accumulator lies between its input and its requantised output):
-    more frozen layers of the same shape in front cost only their entries in the per-layer
-    tables, not their int8 inputs (8 x 400 bytes each); an add there holds its source's int8
-    input until it runs, one sample of it, and no dequantised float copy for the batch."""
+    """The integer pass before the first trained layer runs a sample at a time through two int8
+    buffers in turn (a layer's input in one, its requantised output in the other): more frozen layers of
+    the same shape in front cost only their entries in the per-layer tables, not their int8
+    inputs (8 x 400 bytes each); an add there holds its source's int8 input until it runs, one
+    sample of it, and no dequantised float copy for the batch (4 x 3,200 floats). An add has no
+    weights: its whole output (one sample) goes through the int32 accumulator, where a convolution's
+    takes one channel of 400 positions."""
     from edgetune.core.engine import CoreModel
     from edgetune.methods import make_method
     shape, width = (3, 400), 8 * 400
@@ -226,7 +228,29 @@ def test_c_integer_pass_keeps_one_sample_of_what_is_still_read():
     one, three, five = (workspace(conv * d + "gap") for d in (1, 3, 5))
     residual = workspace(conv + "res(conv:8:3:1:same,relu)," + conv + "gap")  # as many layers as three, + the add
     assert 0 <= three - one < width and 0 <= five - three < width, (one, three, five)
-    assert width <= residual - three < width + 256, (three, residual)
+    add_acc = 4 * (width - 400)  # the add's whole output in int32, where one conv channel was
+    assert width + add_acc <= residual - three < width + add_acc + 256, (three, residual)
+
+
+@needs_c
+def test_c_integer_pass_accumulates_one_output_channel_at_a_time():
+    """A convolution before the first trained layer accumulates and requantises one output channel
+    at a time: twice its output channels (8 -> 16 of 400 positions) cost 3,200 more int8 values in
+    the one of the two buffers that takes its output, not a wider int32 accumulator (4 x 3,200
+    bytes more) beside them."""
+    from edgetune.core.engine import CoreModel
+    from edgetune.methods import make_method
+    shape, width = (3, 400), 8 * 400
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, *shape)).astype(np.float32)
+
+    def workspace(channels: int) -> int:
+        arch = f"conv:{channels}:3:1:same,relu,conv:8:3:1:same,relu,gap"
+        bb = et.Backbone.from_layers(build_layers(parse_arch(arch, shape, 3), seed=0)).fit_normalizer(x)
+        return CoreModel(make_method("sparse", quantize(bb, x), scheme="b1"), 4).workspace_bytes()
+
+    narrow, wide = workspace(8), workspace(16)
+    assert width <= wide - narrow < width + 256, (narrow, wide)
 
 
 @needs_c

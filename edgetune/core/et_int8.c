@@ -22,6 +22,8 @@ static int64_t shift_floor(int64_t v, int s) {
     return v >= 0 ? (v >> s) : -(((-v) - 1) >> s) - 1;
 }
 
+static void conv_channel(const et_layer *l, const int8_t *x, int o, int32_t *ao); /* below, with the kinds */
+
 /* The int8 range [lo, hi] of hidden layer k's output: its activation fused into the clamp. */
 static void clamp_range(const et_backbone *bb, int k, int32_t *lo, int32_t *hi) {
     const et_layer *l = &bb->layers[k];
@@ -76,22 +78,45 @@ void et_int8_accumulate(const et_backbone *bb, int k, const int8_t *q, int ldq, 
     et_layer_ops_of(l->kind)->int8_accumulate(l, q, ldq, rows, acc, NULL, 0);
 }
 
+/* One accumulator value p of output channel c as int8: rescaled (dense and conv), then clamped. */
+static int8_t requantize_one(const et_layer *l, int weighted, int c, int32_t lo, int32_t hi, int64_t p) {
+    if (weighted) {
+        const int s = l->rq_shift[c];
+        p = shift_floor(p * (int64_t)l->rq_mult[c] + ((int64_t)1 << (s - 1)), s);
+    }
+    p = p < lo ? lo : (p > hi ? hi : p);
+    return (int8_t)p;
+}
+
 void et_int8_requantize(const et_backbone *bb, int k, const int32_t *acc, int rows, int8_t *q, int ldq) {
     const et_layer *l = &bb->layers[k];
     const int out = et_layer_out(l), npos = l->out_h * l->out_w, weighted = et_layer_has_weights(l);
     int32_t lo, hi;
     clamp_range(bb, k, &lo, &hi);
-    for (int r = 0; r < rows; r++) {
-        for (int o = 0; o < out; o++) {
-            int64_t p = acc[(size_t)r * out + o];
-            if (weighted) {
-                const int c = o / npos, s = l->rq_shift[c];
-                p = shift_floor(p * (int64_t)l->rq_mult[c] + ((int64_t)1 << (s - 1)), s);
-            }
-            p = p < lo ? lo : (p > hi ? hi : p);
-            q[(size_t)r * ldq + o] = (int8_t)p;
-        }
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < out; o++)
+            q[(size_t)r * ldq + o] = requantize_one(l, weighted, o / npos, lo, hi, acc[(size_t)r * out + o]);
+}
+
+void et_int8_accumulate_channel(const et_backbone *bb, int k, const int8_t *q, int c, int32_t *acc) {
+    const et_layer *l = &bb->layers[k];
+    if (l->kind == ET_LAYER_DENSE) {
+        const int in = et_layer_in(l);
+        const int8_t *wo = l->qw + (size_t)c * in;
+        int32_t s = 0;
+        for (int i = 0; i < in; i++) s += (int32_t)q[i] * (int32_t)wo[i];
+        acc[0] = s + l->qbias[c];
+    } else {
+        conv_channel(l, q, c, acc);
     }
+}
+
+void et_int8_requantize_channel(const et_backbone *bb, int k, int c, const int32_t *acc, int8_t *q) {
+    const et_layer *l = &bb->layers[k];
+    const int npos = l->out_h * l->out_w;
+    int32_t lo, hi;
+    clamp_range(bb, k, &lo, &hi);
+    for (int i = 0; i < npos; i++) q[(size_t)c * npos + i] = requantize_one(l, 1, c, lo, hi, acc[i]);
 }
 
 void et_int8_logits(const et_backbone *bb, const int32_t *acc, int rows, float *logits, int ldl) {
@@ -189,42 +214,41 @@ static void axpy_i8(int32_t *restrict a, const int8_t *restrict x, int32_t w, in
         for (int i = 0; i < n; i++) a[i] += w * (int32_t)x[i * stride];
 }
 
-void et_int8_conv_accumulate(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc,
-                             const int8_t *residual, int ldr) {
-    /* acc starts at the bias; each weight then adds its products along a row of outputs
-     * (a loop without branches, over contiguous inputs at stride 1, that compilers vectorise) */
+/* ao (out_h * out_w) = output channel o of convolution l on one sample's int8 input x: the bias,
+ * then each weight's products along a row of outputs (a loop without branches, over contiguous
+ * inputs at stride 1, that compilers vectorise). */
+static void conv_channel(const et_layer *l, const int8_t *x, int o, int32_t *ao) {
     const int cin_g = l->in_c / l->groups, cout_g = l->out_c / l->groups;
     const int kh = l->kernel_h, kw = l->kernel_w, sw = l->stride_w, npos = l->out_h * l->out_w;
-    const int out = et_layer_out(l);
-    (void)residual, (void)ldr;
-    for (int r = 0; r < rows; r++) {
-        const int8_t *x = q + (size_t)r * ldq;
-        int32_t *a = acc + (size_t)r * out;
-        for (int o = 0; o < l->out_c; o++) {
-            int32_t *ao = a + (size_t)o * npos;
-            const int8_t *w = l->qw + (size_t)o * cin_g * kh * kw;
-            const int g = o / cout_g;
-            for (int i = 0; i < npos; i++) ao[i] = l->qbias[o];
-            for (int ci = 0; ci < cin_g; ci++) {
-                const int8_t *xc = x + (size_t)(g * cin_g + ci) * l->in_h * l->in_w;
-                for (int ky = 0; ky < kh; ky++) {
-                    for (int oy = 0; oy < l->out_h; oy++) {
-                        const int iy = oy * l->stride_h - l->pad_h + ky;
-                        if (iy < 0 || iy >= l->in_h) continue; /* the padding reads 0 */
-                        const int8_t *xrow = xc + (size_t)iy * l->in_w;
-                        int32_t *arow = ao + (size_t)oy * l->out_w;
-                        for (int kx = 0; kx < kw; kx++) {
-                            const int32_t wv = w[((size_t)ci * kh + ky) * kw + kx];
-                            int lo, hi;
-                            valid_range(l->in_w, l->out_w, sw, l->pad_w, kx, &lo, &hi);
-                            /* output ox reads input ox * sw + kx - pad_w */
-                            if (lo <= hi) axpy_i8(arow + lo, xrow + lo * sw + kx - l->pad_w, wv, hi - lo + 1, sw);
-                        }
-                    }
+    const int8_t *w = l->qw + (size_t)o * cin_g * kh * kw;
+    const int g = o / cout_g;
+    for (int i = 0; i < npos; i++) ao[i] = l->qbias[o];
+    for (int ci = 0; ci < cin_g; ci++) {
+        const int8_t *xc = x + (size_t)(g * cin_g + ci) * l->in_h * l->in_w;
+        for (int ky = 0; ky < kh; ky++) {
+            for (int oy = 0; oy < l->out_h; oy++) {
+                const int iy = oy * l->stride_h - l->pad_h + ky;
+                if (iy < 0 || iy >= l->in_h) continue; /* the padding reads 0 */
+                const int8_t *xrow = xc + (size_t)iy * l->in_w;
+                int32_t *arow = ao + (size_t)oy * l->out_w;
+                for (int kx = 0; kx < kw; kx++) {
+                    const int32_t wv = w[((size_t)ci * kh + ky) * kw + kx];
+                    int lo, hi;
+                    valid_range(l->in_w, l->out_w, sw, l->pad_w, kx, &lo, &hi);
+                    /* output ox reads input ox * sw + kx - pad_w */
+                    if (lo <= hi) axpy_i8(arow + lo, xrow + lo * sw + kx - l->pad_w, wv, hi - lo + 1, sw);
                 }
             }
         }
     }
+}
+
+void et_int8_conv_accumulate(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc,
+                             const int8_t *residual, int ldr) {
+    const int npos = l->out_h * l->out_w, out = et_layer_out(l);
+    (void)residual, (void)ldr;
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < l->out_c; o++) conv_channel(l, q + (size_t)r * ldq, o, acc + (size_t)r * out + (size_t)o * npos);
 }
 
 /* Max (max = 1) or average pooling over the layer's windows. */

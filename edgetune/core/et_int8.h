@@ -20,6 +20,12 @@ void et_int8_accumulate(const et_backbone *bb, int k, const int8_t *q, int ldq, 
 /* q (rows, et_width(bb, k+1)) = hidden layer k's int8 output from its accumulator (per output
  * channel requantisation for dense and conv) with the activation fused into the clamp. */
 void et_int8_requantize(const et_backbone *bb, int k, const int32_t *acc, int rows, int8_t *q, int ldq);
+/* The same integers one output channel at a time, for a dense or conv layer k on one sample:
+ * acc (out_h * out_w) = channel c of layer k on q (one sample's input, et_width(bb, k)); then
+ * q (one sample's output, et_width(bb, k+1)) receives channel c's requantised positions
+ * [c * out_h * out_w, (c+1) * out_h * out_w). q must not be the input: every channel reads all of it. */
+void et_int8_accumulate_channel(const et_backbone *bb, int k, const int8_t *q, int c, int32_t *acc);
+void et_int8_requantize_channel(const et_backbone *bb, int k, int c, const int32_t *acc, int8_t *q);
 /* Float logits from the last layer's accumulator. */
 void et_int8_logits(const et_backbone *bb, const int32_t *acc, int rows, float *logits, int ldl);
 /*

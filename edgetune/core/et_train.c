@@ -39,12 +39,14 @@ typedef struct {
     float *gu;                             /* batch x (n*rank): gradient of the adapters' middle */
     float *pack;                           /* layer-wise: a weight transposed for the backward pass */
     float *wrow;                           /* sparse int8: one widened weight row */
-    int8_t *q[2];                          /* int8: an MLP: batch x max width; q[0] of the sparse update on an int8
-                                              chain: one sample's widest input before `first` (sp_int8_prefix) */
+    int8_t *q[2];                          /* int8: an MLP: batch x max width; the sparse update on an int8 chain:
+                                              each one sample's widest input before `first`, a layer's input in
+                                              one and its output in the other (sp_int8_prefix) */
     int8_t *qheld;                         /* sparse, an int8 chain: one sample's int8 inputs of the layers before
                                               `first` that an add before `first` reads (int8_held) */
-    int32_t *acc;                          /* int8: batch x max width (the sparse update on an int8 chain:
-                                              one sample of the widest output before `first`) */
+    int32_t *acc;                          /* int8: batch x max width (the sparse update on an int8 chain: one
+                                              output channel of one sample before `first`, or a layer without
+                                              weights' whole output) */
     float *taps;                           /* skip: batch x row_width */
     const float **rowp;                    /* skip: batch row pointers */
     float *u;                              /* skip: batch x (n*rank) */
@@ -151,10 +153,17 @@ static int sp_start(const et_backbone *bb, const et_method *m) {
 }
 
 /* The sparse update on an int8 chain runs the layers before `start` (sp_start) as the integer pass, a
- * sample at a time (sp_int8_prefix): each layer's int8 input in one buffer (q[0]) that the layer's
- * requantised output then overwrites (its int32 accumulator lies between), but the input of a
- * layer k that an add before `start` reads, which stays in its own place in qheld until then. */
+ * sample at a time (sp_int8_prefix): each layer's int8 input in one of two buffers (q[0], q[1]) and
+ * its requantised output in the other, a dense or conv layer one output channel at a time (its int32
+ * accumulator holds one channel's positions), but the input of a layer k that an add before `start`
+ * reads, which stays in its own place in qheld until then. */
 static int int8_held(const et_backbone *bb, int start, int k) { return k < start && read_between(bb, k, k + 1, start); }
+
+/* Which of q[0], q[1] layer k's int8 input is in (-1: its place in qheld), given layer k-1's (b):
+ * the buffer its input was not in; layer 0's input in q[0]. */
+static int int8_turn(const et_backbone *bb, int start, int k, int b) {
+    return int8_held(bb, start, k) ? -1 : (k > 0 && b == 0 ? 1 : 0);
+}
 
 /* Where layer k's held input starts in qheld: the widths of the held inputs before it. */
 static size_t held_col(const et_backbone *bb, int start, int k) {
@@ -335,13 +344,16 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(act[k], float *, B * et_width(bb, k) * F);
         }
         if (int8_chain) { /* the integer pass up to `start`, a sample at a time (sp_int8_prefix) */
-            size_t qw = 0, held = 0, aw = 0; /* q[0]'s widest input, the held inputs, the widest output */
-            for (int k = 0; k <= start; k++) {
-                if (int8_held(bb, start, k)) held += (size_t)et_width(bb, k);
-                else qw = most(qw, (size_t)et_width(bb, k));
-                if (k < start) aw = most(aw, (size_t)et_width(bb, k + 1));
+            size_t qw[2] = {0, 0}, held = 0, aw = 0; /* q[0]'s and q[1]'s widest input, the held inputs, the accumulator */
+            for (int k = 0, b = 0; k <= start; k++) {
+                const et_layer *l = &bb->layers[k];
+                b = int8_turn(bb, start, k, b);
+                if (b < 0) held += (size_t)et_width(bb, k);
+                else qw[b] = most(qw[b], (size_t)et_width(bb, k));
+                if (k < start) aw = most(aw, et_layer_has_weights(l) ? (size_t)l->out_h * l->out_w : (size_t)et_width(bb, k + 1));
             }
-            PIECE(q[0], int8_t *, qw);
+            PIECE(q[0], int8_t *, qw[0]);
+            PIECE(q[1], int8_t *, qw[1]);
             PIECE(qheld, int8_t *, held);
             PIECE(acc, int32_t *, aw * 4);
         }
@@ -588,23 +600,34 @@ static void sp_dequantise(ctx *c, int k, int i, const int8_t *q) {
     for (int j = 0; j < c->width[k]; j++) h[j] = (float)q[j] * s;
 }
 
-/* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), a sample at a time
- * (the int32 accumulator of one row: the batch's would be the largest buffer), as et_int8_run_layers
- * but with nothing kept that no later layer reads (int8_held); its input and the inputs the adds
- * from there on read, dequantised into act[]; returns start. */
+/* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), a sample at a time and a
+ * dense or conv layer an output channel at a time (the int32 accumulator of one channel: a sample's
+ * or the batch's would be the largest buffer), the same integers as et_int8_run_layers but with nothing
+ * kept that no later layer reads (int8_held); its input and the inputs the adds from there on read,
+ * dequantised into act[]; returns start. */
 static int sp_int8_prefix(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const int start = sp_start(bb, c->m), n = bb->n_layers;
     for (int i = 0; i < count; i++) {
-        int8_t *q = int8_held(bb, start, 0) ? c->L.qheld : c->L.q[0]; /* layer k's input */
+        int b = int8_turn(bb, start, 0, 0);
+        int8_t *q = b < 0 ? c->L.qheld : c->L.q[b]; /* layer k's input */
         et_int8_quantize_input(bb, c->x + (size_t)c->ids[i] * c->width[0], c->width[0], 1, q, c->width[0]);
         for (int k = 0; k < start; k++) {
             const et_layer *l = &bb->layers[k];
             if (read_between(bb, k, start, n)) sp_dequantise(c, k, i, q);
             const int8_t *residual = l->kind == ET_LAYER_ADD ? c->L.qheld + held_col(bb, start, l->source) : NULL;
-            et_layer_ops_of(l->kind)->int8_accumulate(l, q, c->width[k], 1, c->L.acc, residual, c->width[k]);
-            q = int8_held(bb, start, k + 1) ? c->L.qheld + held_col(bb, start, k + 1) : c->L.q[0];
-            et_int8_requantize(bb, k, c->L.acc, 1, q, c->width[k + 1]);
+            b = int8_turn(bb, start, k + 1, b);
+            int8_t *out = b < 0 ? c->L.qheld + held_col(bb, start, k + 1) : c->L.q[b];
+            if (et_layer_has_weights(l)) {
+                for (int ch = 0; ch < l->out_c; ch++) {
+                    et_int8_accumulate_channel(bb, k, q, ch, c->L.acc);
+                    et_int8_requantize_channel(bb, k, ch, c->L.acc, out);
+                }
+            } else {
+                et_layer_ops_of(l->kind)->int8_accumulate(l, q, c->width[k], 1, c->L.acc, residual, c->width[k]);
+                et_int8_requantize(bb, k, c->L.acc, 1, out, c->width[k + 1]);
+            }
+            q = out;
         }
         sp_dequantise(c, start, i, q);
     }
