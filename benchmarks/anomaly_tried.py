@@ -141,8 +141,8 @@ def _stability(x_train, bands, n_hidden=128):
     """Two normal-data-only figures of a band count: fit on one half of the normal data, score
     the other half (both ways), the errors divided by the fitted half's threshold. *spread*: their
     0.95 point / median (the smaller, the tighter normal data sit under the threshold);
-    *calibration*: |log of their 0.95 point| (0 when the threshold set on one half holds on the
-    other: the normalised error is stable from one half of the normal data to the other)."""
+    *calibration*: how far their 0.95 point is from 1, in ratio (none when the threshold set on
+    one half holds on the other: the normalised error is stable from one half to the other)."""
     from edgetune import AnomalyDetector
     order = np.random.default_rng(1).permutation(len(x_train))
     halves = order[: len(order) // 2], order[len(order) // 2:]
@@ -157,7 +157,7 @@ def _stability(x_train, bands, n_hidden=128):
 
 KINDS = ("sigmoid (the detector)", f"linear (identity, bands/{LINEAR_SHARE} hidden)", "sigmoid + linear",
          "max(sigmoid, linear)", "PCA(0.95) on the same features", "sigmoid + PCA", "max(sigmoid, PCA)")
-RULES = ("spread: the smallest 0.95 point / median", "calibration: the smallest |log 0.95 point|")
+RULES = ("spread: the smallest 0.95 point / median", "calibration: the 0.95 point closest to 1 (in ratio)")
 
 
 def combined_measure(tasks, data_dir):
