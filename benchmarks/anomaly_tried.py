@@ -17,8 +17,15 @@ benchmarks.anomaly.held_out), then that task's AUC with it against its best base
 (IsolationForest, LOF, PCA, HalfSpaceTrees on the 512-bin log spectra, as benchmarks.anomaly
 fits them). docs/anomaly.md carries the same table from benchmarks.anomaly's run.
 
+With ``--combined``, on all 18 tasks, the same held-out choices for scores with a linear
+reconstruction term beside the detector's (an identity-activation OS-ELM autoencoder with
+bands/4 hidden units, or PCA(0.95) on the same bands; each divided by its spread on normal
+data, summed or maxed), and the band count chosen on each task's own normal data (two rules);
+docs/anomaly.md carries the summary ("Tried: ...") from benchmarks.anomaly's run.
+
     python -m benchmarks.anomaly_tried --data-dir ../shared/data      # about a minute
     python -m benchmarks.anomaly_tried --data-dir ../shared/data --held-out
+    python -m benchmarks.anomaly_tried --data-dir ../shared/data --combined   # about a minute
 """
 from __future__ import annotations
 
@@ -38,7 +45,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--held-out", action="store_true",
                    help="the band count chosen by leaving each task out (all 18 tasks), against the baselines")
+    p.add_argument("--combined", action="store_true",
+                   help="held-out choices for scores with a linear reconstruction term, and a normal-data rule")
     args = p.parse_args(argv)
+    if args.combined:
+        return combined(args.data_dir)
     if args.held_out:
         return held_out(args.data_dir)
     from edgetune import AnomalyDetector
@@ -104,6 +115,145 @@ def held_out(data_dir: str) -> int:
     emit(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
+LINEAR_SHARE = 4   # the linear autoencoder's hidden units: the band count / LINEAR_SHARE
+
+
+def _ratios(d, x):
+    """Each sample's reconstruction error / the detector's threshold (its out-of-sample 0.95
+    point on the normal training data): the score normalised by its spread on normal data."""
+    return -d.score_samples(x)
+
+
+def _pca_ratio(x_train, x_test, bands):
+    """PCA(0.95) reconstruction error on the detector's own features (bands, log, standardised),
+    normalised like the detector's: by the 0.95 point of its errors on a normal half it was not
+    fitted on (the other half), then refitted on all the normal data."""
+    from sklearn.decomposition import PCA
+
+    from edgetune import AnomalyDetector
+    f = lambda x: AnomalyDetector(transform="log", bands=bands)._features(x.astype(np.float64))  # noqa: E731
+    ftr = f(x_train)
+    mean, std = ftr.mean(0), ftr.std(0)
+    std[std < 1e-8] = 1.0
+    z = (ftr - mean) / std
+    order = np.random.default_rng(0).permutation(len(z))
+    a, b = order[: len(z) // 2], order[len(z) // 2:]
+    err = lambda p, q: np.mean((p.inverse_transform(p.transform(q)) - q) ** 2, axis=1)  # noqa: E731
+    scale = np.quantile(err(PCA(0.95, random_state=0).fit(z[a]), z[b]), 0.95)
+    p = PCA(0.95, random_state=0).fit(z)
+    return err(p, (f(x_test) - mean) / std) / scale
+
+
+def _stability(x_train, bands, n_hidden=128):
+    """Two normal-data-only figures of a band count: fit on one half of the normal data, score
+    the other half (both ways), the errors divided by the fitted half's threshold. *spread*: their
+    0.95 point / median (the smaller, the tighter normal data sit under the threshold);
+    *calibration*: how far their 0.95 point is from 1, in ratio (none when the threshold set on
+    one half holds on the other: the normalised error is stable from one half to the other)."""
+    from edgetune import AnomalyDetector
+    order = np.random.default_rng(1).permutation(len(x_train))
+    halves = order[: len(order) // 2], order[len(order) // 2:]
+    spread, calib = [], []
+    for a, b in (halves, halves[::-1]):
+        d = AnomalyDetector(transform="log", bands=bands, n_hidden=n_hidden).fit(x_train[a])
+        e = -d.score_samples(x_train[b])
+        spread.append(np.quantile(e, 0.95) / np.median(e))
+        calib.append(abs(np.log(np.quantile(e, 0.95))))
+    return float(np.mean(spread)), float(np.mean(calib))
+
+
+KINDS = ("sigmoid (the detector)", f"linear (identity, bands/{LINEAR_SHARE} hidden)", "sigmoid + linear",
+         "max(sigmoid, linear)", "PCA(0.95) on the same features", "sigmoid + PCA", "max(sigmoid, PCA)")
+RULES = ("spread: the smallest 0.95 point / median", "calibration: the 0.95 point closest to 1 (in ratio)")
+
+
+def combined_measure(tasks, data_dir):
+    """(kind -> (tasks, band counts) ROC AUCs, (rules, tasks, band counts) normal-data figures).
+    Every score is an error over its own threshold-like spread on normal data (no test labels),
+    so sums and maxima of two of them weigh both alike."""
+    from edgetune import AnomalyDetector
+    from edgetune.data.anomaly import load_anomaly_task
+    from edgetune.stream.metrics import roc_auc
+
+    from .anomaly import HELD_OUT_BANDS as bands
+    auc = {k: np.zeros((len(tasks), len(bands))) for k in KINDS}
+    stab = np.zeros((len(RULES), len(tasks), len(bands)))
+    for i, name in enumerate(tasks):
+        t = load_anomaly_task(name, data_dir)
+        for j, b in enumerate(bands):
+            n_in = b or t.x_train.shape[1]
+            sig = _ratios(AnomalyDetector(transform="log", bands=b, n_hidden=128).fit(t.x_train), t.x_test)
+            lin = _ratios(AnomalyDetector(transform="log", bands=b, n_hidden=max(2, n_in // LINEAR_SHARE),
+                                          activation="identity").fit(t.x_train), t.x_test)
+            pca = _pca_ratio(t.x_train, t.x_test, b)
+            for k, s in zip(KINDS, (sig, lin, sig + lin, np.maximum(sig, lin), pca, sig + pca,
+                                    np.maximum(sig, pca))):
+                auc[k][i, j] = roc_auc(t.y_test, s)
+            stab[:, i, j] = _stability(t.x_train, b)
+        emit(f"  {name}: " + "  ".join(f"{k[:8]} {auc[k][i].round(3).tolist()}" for k in KINDS), sys.stderr)
+    return auc, stab
+
+
+def combined_summary(tasks, auc, stab, base) -> list[str]:
+    """One row per score: tasks won per band count (in-sample) and by each held-out choice; then
+    the band count chosen on each task's own normal data."""
+    from .anomaly import HELD_OUT_BANDS as bands
+    from .anomaly import _bands_label, held_out_choice
+    n = len(tasks)
+    out = ["| score (128 hidden units; linear: bands/4) | " + " | ".join(_bands_label(b) for b in bands)
+           + " | held out: mean AUC | held out: tasks won | tasks lost by either held-out choice |",
+           "|---|" + "---|" * (len(bands) + 3)]
+    for k in KINDS:
+        won, by_mean, by_wins, win_mean, win_wins = held_out_choice(auc[k], base)
+        lost = sorted({tasks[i] for i in range(n) if not (win_mean[i] and win_wins[i])})
+        out.append(f"| {k} | " + " | ".join(f"{int(won[:, j].sum())}" for j in range(len(bands)))
+                   + f" | **{sum(win_mean)} of {n}** | **{sum(win_wins)} of {n}** | {', '.join(lost) or 'none'} |")
+    out += ["", "| band count chosen on the task's own normal data (sigmoid detector) | chosen | tasks at or "
+            "above the best baseline |", "|---|---|---|"]
+    r3 = lambda v: round(float(v), 3)  # noqa: E731
+    for r, rule in enumerate(RULES):
+        js = [int(np.argmin(stab[r, i])) for i in range(n)]
+        chosen = {}
+        for j in js:
+            chosen[_bands_label(bands[j])] = chosen.get(_bands_label(bands[j]), 0) + 1
+        won = sum(r3(auc[KINDS[0]][i, j]) >= r3(base[i]) for i, j in enumerate(js))
+        out.append(f"| {rule} | " + ", ".join(f"{c} on {v}" for c, v in chosen.items())
+                   + f" | **{won} of {n}** |")
+    return out
+
+
+def combined(data_dir: str) -> int:
+    """The held-out choice of the band count for scores with a linear reconstruction term."""
+    from edgetune.data.anomaly import builtin_names, load_anomaly_task
+    from edgetune.stream.metrics import roc_auc
+    from edgetune.threads import set_blas_threads
+
+    from .anomaly import HELD_OUT_BANDS, _bands_label, fit_all
+    from .anomaly import held_out as held_out_lines
+    set_blas_threads(1)
+    t0 = time.perf_counter()
+    tasks = [n for n in builtin_names() if not n.endswith("-move")]
+    base, base_name = [], []
+    for name in tasks:
+        t = load_anomaly_task(name, data_dir)
+        bs = {k: roc_auc(t.y_test, f(t.x_test)) for k, f in fit_all(t.x_train, fit_et=False).items()}
+        base_name.append(max(bs, key=bs.get))
+        base.append(bs[base_name[-1]])
+    auc, stab = combined_measure(tasks, data_dir)
+    for line in combined_summary(tasks, auc, stab, base):
+        emit(line)
+    for k in KINDS:
+        emit(f"\n#### {k}\n")
+        for line in held_out_lines(tasks, auc[k], base, base_name):
+            emit(line)
+    for r, rule in enumerate(RULES):
+        emit(f"\n#### {rule} of the out-of-sample normalised normal errors\n")
+        emit("| task | " + " | ".join(_bands_label(b) for b in HELD_OUT_BANDS) + " |")
+        emit("|---|" + "---|" * len(HELD_OUT_BANDS))
+        for i, name in enumerate(tasks):
+            emit(f"| {name} | " + " | ".join(f"{v:.2f}" for v in stab[r, i]) + " |")
+    emit(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
