@@ -31,9 +31,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "edgetune-adapter"
 #: ``predict`` of at most this many rows runs in C one row at a time, reading the tensors in place
 #: (``core.engine.Predictor``); more rows go through NumPy's matrix products.
-PREDICT_ROWS_IN_C = 16
-
-
+PREDICT_ROWS = 16
 class FineTuner:
     """Fine-tune a backbone with one method; scikit-learn style ``fit/predict/score``.
 
@@ -205,10 +203,10 @@ class FineTuner:
         return xp
 
     def decision_function(self, x: Any) -> np.ndarray:
-        if type(x) is np.ndarray and x.ndim == 2 and 1 <= len(x) <= PREDICT_ROWS_IN_C:
+        if type(x) is np.ndarray and x.ndim == 2 and 1 <= len(x) <= PREDICT_ROWS:
             from .core.engine import predictor
 
-            c, self._kept["predict"] = predictor(self.method, self.engine, self._kept.get("predict"))
+            c, self._kept["predict"] = predictor(self.method, self.engine, PREDICT_ROWS, self._kept.get("predict"))
             if c is not None and x.shape[1] == c.width:
                 with c.lock:
                     self._prepare(x, out=c.rows(len(x)))

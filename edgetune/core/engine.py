@@ -425,7 +425,7 @@ class Predictor:
     place; ``logits(n)`` runs them (the pointers are fixed, so a call converts no array). The
     buffers are shared: hold ``lock`` from filling the rows to reading the logits."""
 
-    def __init__(self, method: Any, max_rows: int = 16):
+    def __init__(self, method: Any, max_rows: int):
         self.method = method
         self.model = CoreModel(method, 1, live=True)
         self.refs = _live_refs(method)
@@ -474,7 +474,7 @@ class Predictor:
         return out
 
 
-def predictor(method: Any, engine: str | None, kept: Any = None) -> tuple[Predictor | None, Any]:
+def predictor(method: Any, engine: str | None, max_rows: int, kept: Any = None) -> tuple[Predictor | None, Any]:
     """``(a Predictor for method, what to keep)``: a Predictor when ``engine`` (None:
     EDGETUNE_ENGINE) resolves to C for the method (the skip and layer-wise methods on a float
     backbone whose tensors are contiguous float32), else None (NumPy predicts). ``kept``: the
@@ -491,7 +491,7 @@ def predictor(method: Any, engine: str | None, kept: Any = None) -> tuple[Predic
     try:
         if resolve_engine(engine, method) == "c" and not method.backbone.is_int8 \
                 and method.core_spec().kind in ("skip", "layerwise"):
-            answer = Predictor(method)
+            answer = Predictor(method, max_rows)
     except UsageError:  # a tensor C cannot read in place (a strided view, another dtype): NumPy predicts
         answer = None
     return answer, (question, method, answer, _live_refs(method))

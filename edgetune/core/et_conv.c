@@ -175,7 +175,6 @@ ET_CONV_HOT static void col2im_add(const et_conv_dims *d, const float *cols, int
 }
 
 /* ------------------------------------------------------------------ depthwise (direct loops) */
-/* One sample: z (out_c, S) from x (in_c, H, W); output channel o reads input channel o / m. */
 /* One output channel o of a depthwise convolution: zo (OH x OW) from its input channel xc. */
 ET_CONV_HOT static void depthwise_channel(const et_conv_dims *d, const float *xc, const float *wo, float *zo) {
     const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, kh = d->kernel_h, kw = d->kernel_w;
@@ -197,6 +196,7 @@ ET_CONV_HOT static void depthwise_channel(const et_conv_dims *d, const float *xc
     }
 }
 
+/* One sample: z (out_c, S) from x (in_c, H, W); output channel o reads input channel o / m. */
 ET_CONV_HOT static void depthwise_forward(const et_conv_dims *d, const float *x, const float *w, float *z) {
     const int H = d->in_h, W = d->in_w, OH = d->out_h, OW = d->out_w, kh = d->kernel_h, kw = d->kernel_w;
     const int m = d->out_c / d->groups;
