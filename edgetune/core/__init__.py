@@ -154,15 +154,7 @@ class Pcg64(ctypes.Structure):
                 ("inc_lo", ctypes.c_uint64), ("has_uint32", _i32), ("uinteger", ctypes.c_uint32)]
 
 
-class OselmDrift(ctypes.Structure):
-    """et_oselm_drift (et_oselm.h): the Page-Hinkley state (edgetune/stream/drift.py) the stream loop reads."""
-    _fields_ = [("delta", ctypes.c_double), ("threshold", ctypes.c_double), ("clip", ctypes.c_double),
-                ("min_samples", ctypes.c_int64), ("n", ctypes.c_int64), ("mean", ctypes.c_double),
-                ("sum", ctypes.c_double), ("min_sum", ctypes.c_double), ("n_detections", ctypes.c_int64)]
-
-
-STRUCTS = (Backbone, Method, Optimizer, Cache, EpochStats, Layer, ModelDesc, ConvDims, Pcg64,
-           OselmDrift)  # numbered as in et_sizeof()
+STRUCTS = (Backbone, Method, Optimizer, Cache, EpochStats, Layer, ModelDesc, ConvDims, Pcg64)  # numbered as in et_sizeof()
 #: The arena's pieces in et_device_arena_breakdown() (enum et_device_piece).
 DEVICE_PIECES = ("params", "gradients", "optimizer", "cache", "samples", "order", "workspace", "alignment")
 

@@ -7,7 +7,6 @@
 #include "et_conv.h"
 #include "et_core.h"
 #include "et_device.h"
-#include "et_oselm.h"
 #include "et_random.h"
 
 #include <stddef.h>
@@ -62,10 +61,6 @@ static const field CONV_DIMS[] = {
     F(et_conv_dims, groups)};
 static const field PCG64[] = {F(et_pcg64, state_hi), F(et_pcg64, state_lo), F(et_pcg64, inc_hi),
                               F(et_pcg64, inc_lo),   F(et_pcg64, has_uint32), F(et_pcg64, uinteger)};
-static const field OSELM_DRIFT[] = {
-    F(et_oselm_drift, delta), F(et_oselm_drift, threshold), F(et_oselm_drift, clip),
-    F(et_oselm_drift, min_samples), F(et_oselm_drift, n), F(et_oselm_drift, mean), F(et_oselm_drift, sum),
-    F(et_oselm_drift, min_sum), F(et_oselm_drift, n_detections)};
 #undef F
 
 #define COUNT(a) ((int32_t)(sizeof(a) / sizeof((a)[0])))
@@ -79,7 +74,7 @@ static const struct {
     {OPTIMIZER, COUNT(OPTIMIZER), sizeof(et_optimizer)}, {CACHE, COUNT(CACHE), sizeof(et_cache)},
     {STATS, COUNT(STATS), sizeof(et_epoch_stats)},       {LAYER, COUNT(LAYER), sizeof(et_layer)},
     {MODEL_DESC, COUNT(MODEL_DESC), sizeof(et_model_desc)}, {CONV_DIMS, COUNT(CONV_DIMS), sizeof(et_conv_dims)},
-    {PCG64, COUNT(PCG64), sizeof(et_pcg64)},           {OSELM_DRIFT, COUNT(OSELM_DRIFT), sizeof(et_oselm_drift)},
+    {PCG64, COUNT(PCG64), sizeof(et_pcg64)},
 };
 
 /* Value v of each enum is its name at index v (the enums are numbered 0, 1, 2, ...). */

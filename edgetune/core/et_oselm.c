@@ -516,6 +516,7 @@ uint32_t et_oselm_checksum(const void *buf) {
 }
 
 /* ------------------------------------------------------------------ the detector's stream */
+size_t et_oselm_drift_size(void) { return sizeof(et_oselm_drift); }
 
 int et_oselm_drift_update(et_oselm_drift *d, double x) {
     if (!isfinite(x)) return 0;  /* a non-finite score is not evidence of anything */

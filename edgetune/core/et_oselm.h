@@ -102,6 +102,9 @@ typedef struct et_oselm_drift {
     int64_t n_detections;
 } et_oselm_drift;
 
+/* sizeof(et_oselm_drift), for the binding to check its declaration against. */
+size_t et_oselm_drift_size(void);
+
 /* Feed one value: 1 on the sample where a sustained rise is detected (then it restarts). */
 int et_oselm_drift_update(et_oselm_drift *d, double x);
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from ..core import OselmDrift as Drift  # et_oselm_drift, checked field by field when the library loads
 from ..errors import DataError, UsageError
 from .oselm import ACTIVATIONS
 
@@ -31,6 +30,11 @@ class Header(ctypes.Structure):
                 ("n_updates", ctypes.c_int64), ("n_refused", ctypes.c_int64), ("total_bytes", ctypes.c_uint64)]
 
 
+class Drift(ctypes.Structure):
+    """et_oselm_drift: the Page-Hinkley state (edgetune/stream/drift.py) handed to C."""
+    _fields_ = [("delta", ctypes.c_double), ("threshold", ctypes.c_double), ("clip", ctypes.c_double),
+                ("min_samples", ctypes.c_int64), ("n", ctypes.c_int64), ("mean", ctypes.c_double),
+                ("sum", ctypes.c_double), ("min_sum", ctypes.c_double), ("n_detections", ctypes.c_int64)]
 
 
 # flags per sample of et_oselm_detect_stream (et_oselm.h)
@@ -64,6 +68,10 @@ def library() -> Any:
     lib.et_oselm_ae_stream.argtypes = [vp, vp, i32, f32, vp, vp]
     lib.et_oselm_ae_stream.restype = i32
     lib.et_oselm_checksum.argtypes, lib.et_oselm_checksum.restype = [vp], ctypes.c_uint32
+    lib.et_oselm_drift_size.argtypes, lib.et_oselm_drift_size.restype = [], sz
+    if lib.et_oselm_drift_size() != ctypes.sizeof(Drift):
+        raise ImportError("the compiled engine's et_oselm_drift differs from edgetune.stream.native.Drift: "
+                          "rebuild it (pip install .)")
     lib.et_oselm_detect_stream.argtypes = [vp, i32, vp, vp, vp, vp, i32, ctypes.c_double, P(Drift), i32, vp, vp,
                                            vp, vp]
     lib.et_oselm_detect_stream.restype = i32
