@@ -47,7 +47,11 @@ def main(argv=None) -> int:
                    help="the band count chosen by leaving each task out (all 18 tasks), against the baselines")
     p.add_argument("--combined", action="store_true",
                    help="held-out choices for scores with a linear reconstruction term, and a normal-data rule")
+    p.add_argument("--ensemble", action="store_true",
+                   help="ensembles over band counts, each member standardised on normal data, held out, 3 seeds")
     args = p.parse_args(argv)
+    if args.ensemble:
+        return ensemble(args.data_dir)
     if args.combined:
         return combined(args.data_dir)
     if args.held_out:
@@ -252,6 +256,134 @@ def combined(data_dir: str) -> int:
         emit("|---|" + "---|" * len(HELD_OUT_BANDS))
         for i, name in enumerate(tasks):
             emit(f"| {name} | " + " | ".join(f"{v:.2f}" for v in stab[r, i]) + " |")
+    emit(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------- --ensemble
+# The candidates, fixed before any of them was measured: (label, band counts, how each member's
+# error is put on a common scale, how the members are combined, with a linear member or not).
+# *ratio*: error / the member's threshold (its 0.95 point of the out-of-sample normal errors);
+# *log-z*: (log error - median) / (0.95 point - median) of the log out-of-sample normal errors
+# (a robust, quantile-based standardisation). No test label enters any of them.
+ENSEMBLE_SEEDS = (0, 1, 2)
+ENSEMBLE_LINEAR_BANDS = 64   # the linear member: identity OS-ELM on 64 bands, 64/LINEAR_SHARE hidden
+ENSEMBLE_CANDIDATES = (
+    ("64 bands alone (the default)", (64,), "ratio", "sum", False),
+    ("16/64/256 bands, sum of ratios", (16, 64, 256), "ratio", "sum", False),
+    ("16/64/256 bands, max of ratios", (16, 64, 256), "ratio", "max", False),
+    ("16/64/256 bands, sum of log-z", (16, 64, 256), "logz", "sum", False),
+    ("16/64/256 bands, max of log-z", (16, 64, 256), "logz", "max", False),
+    ("32/64/128 bands, sum of log-z", (32, 64, 128), "logz", "sum", False),
+    ("all six counts, sum of log-z", (None, 256, 128, 64, 32, 16), "logz", "sum", False),
+    ("16/64/256 bands + linear, sum of log-z", (16, 64, 256), "logz", "sum", True),
+)
+
+
+def _member(x_train, x_test, bands, seed, activation="sigmoid", n_hidden=128):
+    """One detector's test errors on two scales (ratio, log-z), from its own normal data: the
+    out-of-sample calibration errors that fit sets its threshold from, captured as they pass."""
+    from edgetune import AnomalyDetector
+    from edgetune.stream import detector as detmod
+    seen = []
+    orig = detmod.threshold_from
+
+    def capture(errors, method, fpr):
+        seen.append(np.asarray(errors, np.float64).copy())
+        return orig(errors, method, fpr)
+    detmod.threshold_from = capture
+    try:
+        d = AnomalyDetector(transform="log", bands=bands, n_hidden=n_hidden, seed=seed,
+                            activation=activation).fit(x_train)
+    finally:
+        detmod.threshold_from = orig
+    ratio = -d.score_samples(x_test)
+    err = ratio * d.environments_[0].threshold
+    cal = np.log(np.maximum(seen[-1], 1e-30))
+    med, q95 = np.median(cal), np.quantile(cal, 0.95)
+    logz = (np.log(np.maximum(err, 1e-30)) - med) / max(q95 - med, 1e-12)
+    return {"ratio": ratio, "logz": logz}
+
+
+def ensemble_measure(tasks, data_dir, seeds=ENSEMBLE_SEEDS):
+    """(seeds, tasks, candidates) ROC AUCs of ENSEMBLE_CANDIDATES."""
+    from edgetune.data.anomaly import load_anomaly_task
+    from edgetune.stream.metrics import roc_auc
+    counts = sorted({b for c in ENSEMBLE_CANDIDATES for b in c[1]}, key=lambda b: -(b or 1 << 30))
+    auc = np.zeros((len(seeds), len(tasks), len(ENSEMBLE_CANDIDATES)))
+    for i, name in enumerate(tasks):
+        t = load_anomaly_task(name, data_dir)
+        for s, seed in enumerate(seeds):
+            m = {b: _member(t.x_train, t.x_test, b, seed) for b in counts}
+            n_lin = max(2, ENSEMBLE_LINEAR_BANDS // LINEAR_SHARE)
+            lin = _member(t.x_train, t.x_test, ENSEMBLE_LINEAR_BANDS, seed, "identity", n_lin)
+            for c, (_, bands, scale, how, linear) in enumerate(ENSEMBLE_CANDIDATES):
+                parts = [m[b][scale] for b in bands] + ([lin[scale]] if linear else [])
+                score = np.sum(parts, axis=0) if how == "sum" else np.max(parts, axis=0)
+                auc[s, i, c] = roc_auc(t.y_test, score)
+        emit(f"  {name}: " + "  ".join(f"{a:.3f}" for a in auc[:, i].mean(axis=0)), sys.stderr)
+    return auc
+
+
+def ensemble_summary(tasks, auc, base, base_name) -> list[str]:
+    """Per candidate: tasks at or above the best baseline by the seeds' mean AUC and by their
+    minimum; then the candidate chosen by leaving each task out (held_out_choice on the seeds'
+    mean AUC), the left-out task scored with it by its mean and its minimum over the seeds."""
+    from .anomaly import held_out_choice
+    r3 = lambda v: round(float(v), 3)  # noqa: E731
+    n, nc = len(tasks), len(ENSEMBLE_CANDIDATES)
+    mean, low = auc.mean(axis=0), auc.min(axis=0)
+    won_mean = np.array([[r3(mean[i, c]) >= r3(base[i]) for c in range(nc)] for i in range(n)])
+    won_low = np.array([[r3(low[i, c]) >= r3(base[i]) for c in range(nc)] for i in range(n)])
+    out = [f"| candidate ({len(auc)} detector seeds) | mean AUC over the tasks | lowest AUC (task, seed) | "
+           "tasks won: seeds' mean | tasks won: every seed | tasks lost (seeds' mean) |", "|---|---|---|---|---|---|"]
+    for c, cand in enumerate(ENSEMBLE_CANDIDATES):
+        lost = [tasks[i] for i in range(n) if not won_mean[i, c]]
+        out.append(f"| {cand[0]} | {mean[:, c].mean():.4f} | {low[:, c].min():.3f} | {int(won_mean[:, c].sum())} of {n}"
+                   f" | {int(won_low[:, c].sum())} of {n} | {', '.join(lost) or 'none'} |")
+    _, by_mean, by_wins, _, _ = held_out_choice(mean, base)
+    out += ["", "| task | best baseline | chosen by mean AUC on the other 17 | its AUC: seeds' mean (min) "
+            "| chosen by tasks won on the other 17 | won by both choices, every seed |", "|---|---|---|---|---|---|"]
+    both_mean = both_low = 0
+    for i, name in enumerate(tasks):
+        j, tie = by_mean[i], by_wins[i]
+        ok_mean = won_mean[i, j] and all(won_mean[i, k] for k in tie)
+        ok_low = won_low[i, j] and all(won_low[i, k] for k in tie)
+        both_mean += ok_mean
+        both_low += ok_low
+        out.append(f"| {name} | {base[i]:.3f} ({base_name[i]}) | {ENSEMBLE_CANDIDATES[j][0]} | {mean[i, j]:.3f} "
+                   f"({low[i, j]:.3f}) | {' / '.join(ENSEMBLE_CANDIDATES[k][0] for k in tie)} | "
+                   f"{'yes' if ok_low else ('by the mean only' if ok_mean else 'no')} |")
+    out += ["", f"Held out (both choices): at or above the best baseline on **{both_mean} of {n}** tasks by the "
+            f"seeds' mean AUC, **{both_low} of {n}** with every seed."]
+    return out
+
+
+def ensemble(data_dir: str) -> int:
+    """Ensembles over band counts (and a linear member), each member standardised on its own
+    normal data, chosen by leaving each task out; 3 detector seeds."""
+    from edgetune.data.anomaly import builtin_names, load_anomaly_task
+    from edgetune.stream.metrics import roc_auc
+    from edgetune.threads import set_blas_threads
+
+    from .anomaly import fit_all
+    set_blas_threads(1)
+    t0 = time.perf_counter()
+    tasks = [n for n in builtin_names() if not n.endswith("-move")]
+    base, base_name = [], []
+    for name in tasks:
+        t = load_anomaly_task(name, data_dir)
+        bs = {k: roc_auc(t.y_test, f(t.x_test)) for k, f in fit_all(t.x_train, fit_et=False).items()}
+        base_name.append(max(bs, key=bs.get))
+        base.append(bs[base_name[-1]])
+    auc = ensemble_measure(tasks, data_dir)
+    for line in ensemble_summary(tasks, auc, base, base_name):
+        emit(line)
+    emit("\n| task | " + " | ".join(c[0] for c in ENSEMBLE_CANDIDATES) + " |")
+    emit("|---|" + "---|" * len(ENSEMBLE_CANDIDATES))
+    for i, name in enumerate(tasks):
+        emit(f"| {name} | " + " | ".join(f"{m:.3f} ({lo:.3f})" for m, lo in
+                                          zip(auc[:, i].mean(axis=0), auc[:, i].min(axis=0))) + " |")
     emit(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
