@@ -368,7 +368,8 @@ def throughput(data_dir, n, rounds=5):
 def cli_stream(data_dir, n, rounds=3):
     """``edgetune detect stream`` on a file of n CSV lines (fan-damage1-noisy's test spectra,
     6 significant digits), the default detector: the lines read together learned in the
-    compiled loop (the default) against learn_one on each line (``--engine numpy``), best of
+    compiled loop (the default) against learn_one on each line (``--engine numpy``), and
+    scoring only (``--no-learn``: each read's lines scored together by score_samples), best of
     ``rounds`` interleaved runs. samples / s from the command's own summary (the loop: read,
     parse, learn, write), and the whole process's wall time (start-up and loading included)."""
     import json
@@ -388,12 +389,13 @@ def cli_stream(data_dir, n, rounds=3):
             f.writelines(",".join(f"{v:.6g}" for v in row) + "\n" for row in x)
         AnomalyDetector(**DEFAULT).fit(t.x_train).save(os.path.join(tmp, "det"))
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        modes = {"numpy": ["--engine", "numpy"], "auto": ["--engine", "auto"], "no-learn": ["--no-learn"]}
         for _ in range(rounds):
-            for engine in ("numpy", "auto"):
+            for engine, flags in modes.items():
                 summary = os.path.join(tmp, "s.json")
                 t0 = time.perf_counter()
                 r = subprocess.run([sys.executable, "-m", "edgetune", "detect", "stream", "--model",
-                                    os.path.join(tmp, "det"), "--input", path, "--engine", engine, "--json", summary,
+                                    os.path.join(tmp, "det"), "--input", path, *flags, "--json", summary,
                                     "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
                 wall = time.perf_counter() - t0
                 if r.returncode != 0:
@@ -613,6 +615,13 @@ def render(args, rows, moves, curves, sizes, tput, seconds, bands_auc=None, cli=
                 f"{fast[1]:.2f} |", "",
                 f"The compiled loop: **{fast[0] / slow[0]:.1f}x** the samples per second of learn_one per line "
                 "(same output lines; scores within 1e-4, tests/test_cli_detect.py).", ""]
+        if "no-learn" in cli:
+            nl = cli["no-learn"]
+            out[-3:-3] = [f"| `--no-learn`: the lines of each read scored together (score_samples, float64) | "
+                          f"{nl[0]:,.0f} | {nl[1]:.2f} |"]
+            out += ["`--no-learn` on a FIFO or stdin answers each line before the next is read (the lines "
+                    "of a read are those that have arrived; tests/test_cli_detect.py writes one line, reads "
+                    "its answer, then writes the next).", ""]
         if upd:
             out += ["## One OS-ELM update in C against its arithmetic", "",
                     f"L = {upd['L']} hidden units, m = {upd['m']} outputs (the 512-bin autoencoder): an update is "
