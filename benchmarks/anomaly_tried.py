@@ -316,8 +316,11 @@ def _member(x_train, x_test, bands, seed, activation="sigmoid", n_hidden=128):
                             activation=activation).fit(x_train)
     finally:
         detmod.threshold_from = orig
+    env = d.environments_[0]
+    if len(seen) != 1 or orig(seen[0], d.threshold, d.fpr) != env.threshold:
+        raise RuntimeError("the calibration errors captured are not the ones fit set the threshold from")
     ratio = -d.score_samples(x_test)
-    err = ratio * d.environments_[0].threshold
+    err = ratio * env.threshold
     cal = np.log(np.maximum(seen[-1], 1e-30))
     med, q95 = np.median(cal), np.quantile(cal, 0.95)
     logz = (np.log(np.maximum(err, 1e-30)) - med) / max(q95 - med, 1e-12)
