@@ -26,7 +26,7 @@ docs/anomaly.md carries the summary ("Tried: ...") from benchmarks.anomaly's run
     python -m benchmarks.anomaly_tried --data-dir ../shared/data      # about a minute
     python -m benchmarks.anomaly_tried --data-dir ../shared/data --held-out
     python -m benchmarks.anomaly_tried --data-dir ../shared/data --combined   # about a minute
-    python -m benchmarks.anomaly_tried --data-dir ../shared/data --ensemble   # about 40 s
+    python -m benchmarks.anomaly_tried --data-dir ../shared/data --ensemble   # about a minute
 
 With ``--ensemble``, on all 18 tasks and 3 detector seeds, the candidates of
 ENSEMBLE_CANDIDATES (fixed before any was measured): sums or maxima over band counts of the
