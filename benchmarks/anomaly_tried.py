@@ -26,6 +26,14 @@ docs/anomaly.md carries the summary ("Tried: ...") from benchmarks.anomaly's run
     python -m benchmarks.anomaly_tried --data-dir ../shared/data      # about a minute
     python -m benchmarks.anomaly_tried --data-dir ../shared/data --held-out
     python -m benchmarks.anomaly_tried --data-dir ../shared/data --combined   # about a minute
+    python -m benchmarks.anomaly_tried --data-dir ../shared/data --ensemble   # about a minute
+
+With ``--ensemble``, on all 18 tasks and 3 detector seeds, the candidates of
+ENSEMBLE_CANDIDATES (fixed before any was measured): sums or maxima over band counts of the
+detector's error, each member on a scale from its own normal data (its threshold, or a robust
+median / 0.95-point standardisation of its log out-of-sample normal errors), one with a linear
+member; the candidate chosen by leaving each task out (as --held-out chooses a band count), and
+what each would cost against the streaming (>= 10x HalfSpaceTrees) and state targets.
 """
 from __future__ import annotations
 
@@ -47,7 +55,11 @@ def main(argv=None) -> int:
                    help="the band count chosen by leaving each task out (all 18 tasks), against the baselines")
     p.add_argument("--combined", action="store_true",
                    help="held-out choices for scores with a linear reconstruction term, and a normal-data rule")
+    p.add_argument("--ensemble", action="store_true",
+                   help="ensembles over band counts, each member standardised on normal data, held out, 3 seeds")
     args = p.parse_args(argv)
+    if args.ensemble:
+        return ensemble(args.data_dir)
     if args.combined:
         return combined(args.data_dir)
     if args.held_out:
@@ -254,6 +266,206 @@ def combined(data_dir: str) -> int:
             emit(f"| {name} | " + " | ".join(f"{v:.2f}" for v in stab[r, i]) + " |")
     emit(f"({time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+# ---------------------------------------------------------------- --ensemble
+# The candidates, fixed before any of them was measured: (label, band counts, how each member's
+# error is put on a common scale, how the members are combined, with a linear member or not).
+# *ratio*: error / the member's threshold (its 0.95 point of the out-of-sample normal errors);
+# *log-z*: (log error - median) / (0.95 point - median) of the log out-of-sample normal errors
+# (a robust, quantile-based standardisation). No test label enters any of them.
+ENSEMBLE_SEEDS = (0, 1, 2)
+ENSEMBLE_LINEAR_BANDS = 64   # the linear member: identity OS-ELM on 64 bands, 64/LINEAR_SHARE hidden
+ENSEMBLE_CANDIDATES = (
+    ("64 bands alone (the default)", (64,), "ratio", "sum", False, 128),
+    ("16/64/256 bands, sum of ratios", (16, 64, 256), "ratio", "sum", False, 128),
+    ("16/64/256 bands, max of ratios", (16, 64, 256), "ratio", "max", False, 128),
+    ("16/64/256 bands, sum of log-z", (16, 64, 256), "logz", "sum", False, 128),
+    ("16/64/256 bands, max of log-z", (16, 64, 256), "logz", "max", False, 128),
+    ("32/64/128 bands, sum of log-z", (32, 64, 128), "logz", "sum", False, 128),
+    ("all six counts, sum of log-z", (None, 256, 128, 64, 32, 16), "logz", "sum", False, 128),
+    ("16/64/256 bands + linear, sum of log-z", (16, 64, 256), "logz", "sum", True, 128),
+    # a second round, fixed after the first round's cost (every member at 128 hidden units was too
+    # slow for the streaming target) and before its AUCs: smaller members
+    ("16/64/256 bands, 64 hidden each, sum of ratios", (16, 64, 256), "ratio", "sum", False, 64),
+    ("16/64/256 bands, 64 hidden each, sum of log-z", (16, 64, 256), "logz", "sum", False, 64),
+    ("32/64/128 bands, 64 hidden each, sum of ratios", (32, 64, 128), "ratio", "sum", False, 64),
+    ("16/64/256 bands, 32 hidden each, sum of ratios", (16, 64, 256), "ratio", "sum", False, 32),
+)
+
+
+def _members(cands=ENSEMBLE_CANDIDATES):
+    """The (band count, hidden units) members the candidates need."""
+    return sorted({(b, c[5]) for c in cands for b in c[1]}, key=lambda m: (-(m[0] or 1 << 30), m[1]))
+
+
+def _member(x_train, x_test, bands, seed, activation="sigmoid", n_hidden=128):
+    """One detector's test errors on two scales (ratio, log-z), from its own normal data: the
+    out-of-sample calibration errors that fit sets its threshold from, captured as they pass."""
+    from edgetune import AnomalyDetector
+    from edgetune.stream import detector as detmod
+    seen = []
+    orig = detmod.threshold_from
+
+    def capture(errors, method, fpr):
+        seen.append(np.asarray(errors, np.float64).copy())
+        return orig(errors, method, fpr)
+    detmod.threshold_from = capture
+    try:
+        d = AnomalyDetector(transform="log", bands=bands, n_hidden=n_hidden, seed=seed,
+                            activation=activation).fit(x_train)
+    finally:
+        detmod.threshold_from = orig
+    env = d.environments_[0]
+    if len(seen) != 1 or orig(seen[0], d.threshold, d.fpr) != env.threshold:
+        raise RuntimeError("the calibration errors captured are not the ones fit set the threshold from")
+    ratio = -d.score_samples(x_test)
+    err = ratio * env.threshold
+    cal = np.log(np.maximum(seen[-1], 1e-30))
+    med, q95 = np.median(cal), np.quantile(cal, 0.95)
+    logz = (np.log(np.maximum(err, 1e-30)) - med) / max(q95 - med, 1e-12)
+    return {"ratio": ratio, "logz": logz}
+
+
+def ensemble_measure(tasks, data_dir, seeds=ENSEMBLE_SEEDS):
+    """(seeds, tasks, candidates) ROC AUCs of ENSEMBLE_CANDIDATES."""
+    from edgetune.data.anomaly import load_anomaly_task
+    from edgetune.stream.metrics import roc_auc
+    auc = np.zeros((len(seeds), len(tasks), len(ENSEMBLE_CANDIDATES)))
+    for i, name in enumerate(tasks):
+        t = load_anomaly_task(name, data_dir)
+        for s, seed in enumerate(seeds):
+            m = {(b, h): _member(t.x_train, t.x_test, b, seed, n_hidden=h) for b, h in _members()}
+            n_lin = max(2, ENSEMBLE_LINEAR_BANDS // LINEAR_SHARE)
+            lin = _member(t.x_train, t.x_test, ENSEMBLE_LINEAR_BANDS, seed, "identity", n_lin)
+            for c, (_, bands, scale, how, linear, h) in enumerate(ENSEMBLE_CANDIDATES):
+                parts = [m[b, h][scale] for b in bands] + ([lin[scale]] if linear else [])
+                score = np.sum(parts, axis=0) if how == "sum" else np.max(parts, axis=0)
+                auc[s, i, c] = roc_auc(t.y_test, score)
+        emit(f"  {name}: " + "  ".join(f"{a:.3f}" for a in auc[:, i].mean(axis=0)), sys.stderr)
+    return auc
+
+
+def ensemble_summary(tasks, auc, base, base_name) -> list[str]:
+    """Per candidate: tasks at or above the best baseline by the seeds' mean AUC and by their
+    minimum; then the candidate chosen by leaving each task out (held_out_choice on the seeds'
+    mean AUC), the left-out task scored with it by its mean and its minimum over the seeds."""
+    from .anomaly import held_out_choice
+    r3 = lambda v: round(float(v), 3)  # noqa: E731
+    n, nc = len(tasks), len(ENSEMBLE_CANDIDATES)
+    mean, low = auc.mean(axis=0), auc.min(axis=0)
+    won_mean = np.array([[r3(mean[i, c]) >= r3(base[i]) for c in range(nc)] for i in range(n)])
+    won_low = np.array([[r3(low[i, c]) >= r3(base[i]) for c in range(nc)] for i in range(n)])
+    out = [f"| candidate ({len(auc)} detector seeds) | mean AUC over the tasks | lowest AUC (any task, any seed) | "
+           "tasks won: seeds' mean | tasks won: every seed | tasks lost (seeds' mean) |", "|---|---|---|---|---|---|"]
+    for c, cand in enumerate(ENSEMBLE_CANDIDATES):
+        lost = [tasks[i] for i in range(n) if not won_mean[i, c]]
+        out.append(f"| {cand[0]} | {mean[:, c].mean():.4f} | {low[:, c].min():.3f} | {int(won_mean[:, c].sum())} of {n}"
+                   f" | {int(won_low[:, c].sum())} of {n} | {', '.join(lost) or 'none'} |")
+    _, by_mean, by_wins, _, _ = held_out_choice(mean, base)
+    out += ["", f"| task | best baseline | chosen by mean AUC on the other {n - 1} | its AUC: seeds' mean (min) "
+            f"| chosen by tasks won on the other {n - 1}: tied candidates, those that lose this task "
+            "| won by both choices |", "|---|---|---|---|---|---|"]
+    both_mean = both_low = 0
+    for i, name in enumerate(tasks):
+        j, tie = by_mean[i], by_wins[i]
+        ok_mean = won_mean[i, j] and all(won_mean[i, k] for k in tie)
+        ok_low = won_low[i, j] and all(won_low[i, k] for k in tie)
+        both_mean += ok_mean
+        both_low += ok_low
+        losers = [ENSEMBLE_CANDIDATES[k][0] for k in tie if not won_mean[i, k]]
+        out.append(f"| {name} | {base[i]:.3f} ({base_name[i]}) | {ENSEMBLE_CANDIDATES[j][0]} | {mean[i, j]:.3f} "
+                   f"({low[i, j]:.3f}) | {len(tie)} tied; {', '.join(losers) or 'none loses it'} | "
+                   f"{'yes, every seed' if ok_low else ('by the seeds mean only' if ok_mean else 'no')} |")
+    by_m = sum(won_mean[i, by_mean[i]] for i in range(n))
+    by_m_low = sum(won_low[i, by_mean[i]] for i in range(n))
+    out += ["", f"Held out by mean AUC: at or above the best baseline on **{by_m} of {n}** tasks by the seeds' mean "
+            f"AUC (**{by_m_low} of {n}** with every seed). Held out by both choices: **{both_mean} of {n}** "
+            f"(**{both_low} of {n}** with every seed)."]
+    return out
+
+
+def ensemble(data_dir: str) -> int:
+    """Ensembles over band counts (and a linear member), each member standardised on its own
+    normal data, chosen by leaving each task out; 3 detector seeds."""
+    from edgetune.data.anomaly import builtin_names, load_anomaly_task
+    from edgetune.stream.metrics import roc_auc
+    from edgetune.threads import set_blas_threads
+
+    from .anomaly import fit_all
+    set_blas_threads(1)
+    t0 = time.perf_counter()
+    tasks = [n for n in builtin_names() if not n.endswith("-move")]
+    base, base_name = [], []
+    for name in tasks:
+        t = load_anomaly_task(name, data_dir)
+        bs = {k: roc_auc(t.y_test, f(t.x_test)) for k, f in fit_all(t.x_train, fit_et=False).items()}
+        base_name.append(max(bs, key=bs.get))
+        base.append(bs[base_name[-1]])
+    auc = ensemble_measure(tasks, data_dir)
+    for line in ensemble_summary(tasks, auc, base, base_name):
+        emit(line)
+    emit("\n| task | " + " | ".join(c[0] for c in ENSEMBLE_CANDIDATES) + " |")
+    emit("|---|" + "---|" * len(ENSEMBLE_CANDIDATES))
+    for i, name in enumerate(tasks):
+        emit(f"| {name} | " + " | ".join(f"{m:.3f} ({lo:.3f})" for m, lo in
+                                          zip(auc[:, i].mean(axis=0), auc[:, i].min(axis=0))) + " |")
+    for line in ensemble_cost(data_dir)[0]:
+        emit(line)
+    emit(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def ensemble_cost(data_dir: str, n: int = 5000, rounds: int = 3) -> tuple[list[str], dict[str, float]]:
+    """What an ensemble would cost against the streaming and state targets: each member's
+    learn_many (C) on the same stream as benchmarks.anomaly's throughput (fan-damage1-noisy,
+    n samples, best of ``rounds`` interleaved rounds) beside river's HalfSpaceTrees, the members
+    run one after the other (an ensemble runs every member on every sample: its rate is
+    1 / the sum of 1 / the members' rates), and the members' C states on a Cortex-M4.
+    Returns the Markdown lines and each candidate's rate / HalfSpaceTrees'."""
+    n_lin = max(2, ENSEMBLE_LINEAR_BANDS // LINEAR_SHARE)
+    from edgetune import AnomalyDetector
+    from edgetune.data.anomaly import load_anomaly_task
+
+    from .anomaly import EPS, Standard, _hst, _state_bytes
+    t = load_anomaly_task("fan-damage1-noisy", data_dir)
+    x = np.vstack([t.x_test] * (n // len(t.x_test) + 1))[:n]
+    rate: dict = {}
+    st = Standard(np.log(t.x_train + EPS))
+    keys = [f"f{i}" for i in range(x.shape[1])]
+    m = min(n, 2000)
+    for _ in range(rounds):
+        n_lin = max(2, ENSEMBLE_LINEAR_BANDS // LINEAR_SHARE)
+        for key in _members() + [("linear", n_lin)]:
+            b, h = (ENSEMBLE_LINEAR_BANDS, n_lin) if key[0] == "linear" else key
+            det = AnomalyDetector(transform="log", bands=b, n_hidden=h,
+                                  activation="identity" if key[0] == "linear" else "sigmoid").fit(t.x_train)
+            det.learn_many(x[:1], engine="c")
+            t1 = time.perf_counter()
+            det.learn_many(x[1:], engine="c")
+            rate[key] = max(rate.get(key, 0.0), (n - 1) / (time.perf_counter() - t1))
+        hst = _hst()
+        for row in st.unit(np.log(t.x_train + EPS)):
+            hst.learn_one(dict(zip(keys, row)))
+        t1 = time.perf_counter()
+        for row in x[:m]:
+            d = dict(zip(keys, st.unit(np.log(row[None, :] + EPS))[0]))
+            hst.score_one(d)
+            hst.learn_one(d)
+        rate["hst"] = max(rate.get("hst", 0.0), m / (time.perf_counter() - t1))
+    out = ["", f"Cost of the candidates ({n:,} samples of fan-damage1-noisy, learn_many in C, one "
+           f"thread, best of {rounds} rounds; river HalfSpaceTrees on the 512 bins: {rate['hst']:,.0f} samples/s in "
+           "the same run; target >= 10x; state: one environment on a Cortex-M4, from C):", "",
+           "| candidate | samples / s | vs HalfSpaceTrees | state on a Cortex-M4 (bytes) |", "|---|---|---|---|"]
+    vs: dict[str, float] = {}
+    for label, bands, _, _, linear, h in ENSEMBLE_CANDIDATES:
+        keys = [(b, h) for b in bands] + ([("linear", n_lin)] if linear else [])
+        r = 1.0 / sum(1.0 / rate[k] for k in keys)
+        state = sum(_state_bytes(dict(bands=b, n_hidden=h)) for b in bands)
+        state += _state_bytes(dict(bands=ENSEMBLE_LINEAR_BANDS, n_hidden=n_lin)) if linear else 0
+        out.append(f"| {label} | {r:,.0f} | {r / rate['hst']:.1f}x | {state:,} |")
+        vs[label] = r / rate["hst"]
+    return out, vs
 
 if __name__ == "__main__":
     sys.exit(main())

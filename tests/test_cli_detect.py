@@ -109,6 +109,86 @@ def test_stream_on_a_fifo_answers_each_sample_as_it_arrives(fitted, tmp_path):
     assert (tmp_path / "after" / "detector_config.json").is_file()
 
 
+def _answer(p):
+    """The next line the command writes, or None if none comes within a minute."""
+    line = []
+    t = threading.Thread(target=lambda: line.append(p.stdout.readline()))
+    t.start()
+    t.join(60)
+    return line[0] if line and line[0] else None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("source", ["fifo", "stdin"])
+def test_stream_no_learn_answers_each_line_before_the_next_is_written(fitted, tmp_path, source):
+    """--no-learn on a FIFO and on a stdin pipe: one line written, its answer read while the
+    input is still open, then the next line (a refused sample and an unreadable line among
+    them); the scores are the detector's score_samples of each line, nothing is learned."""
+    from edgetune.stream import AnomalyDetector
+
+    cmd = [sys.executable, "-m", "edgetune", "detect", "stream", "--model", str(fitted / "m"), "--no-learn",
+           "--quiet", "--json", str(tmp_path / "s.json")]
+    rows = np.random.default_rng(5).normal(size=(4, 8))
+    lines = [_lines([rows[0]]), "nan" + ",0" * 7 + "\n", "1,2\n", _lines([rows[1]]),
+             json.dumps({"x": rows[2].tolist()}) + "\n", _lines([rows[3]])]
+    if source == "fifo":
+        fifo = tmp_path / "in.fifo"
+        os.mkfifo(fifo)
+        p = subprocess.Popen(cmd + ["--input", str(fifo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    else:
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got = []
+    try:
+        w = open(fifo, "w") if source == "fifo" else p.stdin
+        with w:
+            for text in lines:
+                w.write(text)
+                w.flush()
+                answer = _answer(p)
+                assert answer, f"no answer to line {len(got) + 1} while the input is still open"
+                got.append(json.loads(answer))
+        assert p.wait(60) == 1, p.stderr.read()     # the unreadable line
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert [g["line"] for g in got] == [1, 2, 3, 4, 5, 6]
+    assert got[1]["refused"] is True and "expected 8 values" in got[2]["error"]
+    det = AnomalyDetector.load(fitted / "m")
+    sent = [np.array(_lines([r]).strip().split(","), float) for r in rows]
+    sent[2] = rows[2]                                # the JSON line carries every digit
+    want = det.score_samples(np.vstack(sent))
+    scored = [got[i] for i in (0, 3, 4, 5)]
+    np.testing.assert_allclose([g["score"] for g in scored], want, rtol=0, atol=1e-12)
+    assert [g["alarm"] for g in scored] == [bool(s < -1) for s in want]
+    assert not any(g.get("learned") or g.get("drift") for g in got)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["samples"] == 5 and summary["learned"] == 0 and summary["bad_lines"] == 1
+
+
+def test_stream_no_learn_on_a_file_scores_as_score_samples(fitted, tmp_path):
+    """On a file the lines are scored per read, together: the same scores as score_samples on
+    all of them, NaN lines refused in place, the detector unchanged (--out saves it as loaded)."""
+    from edgetune.stream import AnomalyDetector
+
+    rows = np.random.default_rng(6).normal(size=(300, 8)) * 3
+    lines = _lines(rows).splitlines(keepends=True)
+    lines[7] = "inf" + ",0" * 7 + "\n"
+    path = tmp_path / "in.csv"
+    path.write_text("".join(lines))
+    r = _cli("detect", "stream", "--model", fitted / "m", "--input", path, "--no-learn", "--quiet",
+             "--out", tmp_path / "after")
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(got) == 300 and got[7]["refused"] is True and got[7]["score"] is None
+    det = AnomalyDetector.load(fitted / "m")
+    keep = [i for i in range(300) if i != 7]
+    x = np.vstack([np.array(lines[i].strip().split(","), float) for i in keep])
+    np.testing.assert_allclose([got[i]["score"] for i in keep], det.score_samples(x), rtol=0, atol=1e-12)
+    assert sum(g["alarm"] is True for g in got) == int((det.score_samples(x) < -1).sum()) > 0
+    after = AnomalyDetector.load(tmp_path / "after")
+    np.testing.assert_array_equal(after.environments_[0].model.beta_, det.environments_[0].model.beta_)
+
+
 def test_usage_errors_exit_2(task_file, fitted, tmp_path):
     r = _cli("detect", "fit", "--task", "fan-nope-noisy", "--out", tmp_path / "x")
     assert r.returncode == 2 and "unknown anomaly task" in r.stderr and "Traceback" not in r.stderr

@@ -450,6 +450,20 @@ def _parse_chunk(lines: list[str], width: int) -> list[Any]:
     return out
 
 
+def _score_rows(det: Any, x: Any) -> list[dict[str, Any]]:
+    """--no-learn: the rows of one read scored together (score_samples, float64; the same
+    values as one row at a time), a row with NaN or inf refused in place; nothing learned."""
+    import numpy as np
+
+    finite = np.isfinite(x).all(axis=1)
+    scores = np.full(len(x), np.nan)
+    if finite.any():
+        scores[finite] = det.score_samples(x[finite])
+    return [{"score": float(s), "alarm": bool(s < det.offset_), "drift": False, "learned": False} if ok else
+            {"score": None, "alarm": None, "drift": False, "learned": False, "refused": True}
+            for ok, s in zip(finite, scores)]
+
+
 def _stream(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -485,14 +499,7 @@ def _stream(args: argparse.Namespace) -> int:
             elif args.learn:
                 results = det.learn_rows(np.stack(good), engine=args.engine)
             else:
-                results = []
-                for x in good:
-                    if not np.all(np.isfinite(x)):
-                        results.append({"score": None, "alarm": None, "drift": False, "learned": False,
-                                        "refused": True})
-                    else:
-                        s = float(det.score_samples(x[None, :])[0])
-                        results.append({"score": s, "alarm": s < det.offset_, "drift": False, "learned": False})
+                results = _score_rows(det, np.stack(good))
             it = iter(results)
             text = []
             for v in parsed:
