@@ -634,7 +634,7 @@ class PoolOps(LayerOps):
         x = q.astype(np.int32).reshape(q.shape[0], c, hh, ww)
         if self.mode == "max":
             z = _windows(x, k, s, p, -QMAX - 1).max(axis=(4, 5))
-        elif quant.asymmetric:  # TFLM: the sum of the valid (non-padding) values over their count
+        elif quant is not None and quant.asymmetric:  # TFLM: the sum of the valid (non-padding) values over their count
             count = _windows(np.ones((1, 1, hh, ww), np.int32), k, s, p).sum(axis=(4, 5))
             z = round_div(_windows(x, k, s, p).sum(axis=(4, 5)), count)
         else:
@@ -718,7 +718,7 @@ class AddOps(LayerOps):
         return g
 
     def int8_accumulate(self, spec, q, quant, kernel, residual=None):
-        if quant.asymmetric:
+        if quant is not None and quant.asymmetric:
             # TFLM's add: each input minus its zero point, shifted left by 20, rescaled by its own
             # multiplier; the sum rescaled by the output's, plus the output zero point
             (m1, m2, mo), (e1, e2, eo) = quant.requant
