@@ -86,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
               "file_bytes_int8": (Path(args.out) / WEIGHTS_NAME).stat().st_size}
     what = '-'.join(map(str, model.sizes)) if model.is_plain_mlp() else \
         f"a {model.n_layers}-layer network ({', '.join(dict.fromkeys(s.kind for s in model.specs))})"
-    print(f"int8 model of {what} saved to {args.out} (calibrated on "
+    mode = " with asymmetric activations (TFLM)" if args.activations == "asymmetric" else ""
+    print(f"int8 model of {what}{mode} saved to {args.out} (calibrated on "
           f"{result['calibration_samples']} pre-train samples of {task.name})")
     print(f"  test accuracy  float {result['accuracy_float']:.4f}, int8 {result['accuracy_int8']:.4f} "
           f"(same prediction on {result['agreement']:.1%} of the test samples)")
