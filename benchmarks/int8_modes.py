@@ -34,7 +34,8 @@ def run(data_dir: str, tasks: list[str], percentile: float, epochs: int | None, 
         model, report = pretrain_on_task(task, arch="cnn", epochs=epochs, seed=seed)
         xt = model.prepare(task.x_test, "test x")
         pred_float = model.forward(xt).argmax(axis=1)
-        row = {"pretrain_epochs": report["pretrain_epochs"], "accuracy_float": float(np.mean(pred_float == task.y_test))}
+        row = {"pretrain_epochs": report["pretrain_epochs"],
+               "accuracy_float": float(np.mean(pred_float == task.y_test))}
         for mode in ("symmetric", "asymmetric"):
             q = quantize(model, task.x_pretrain, percentile=percentile, activations=mode)
             pred = q.forward(xt).argmax(axis=1)

@@ -465,6 +465,10 @@ def test_the_compiled_engine_checks_the_zero_points_itself():
         assert lib.et_int8_workspace_size(ctypes.byref(s), 2) == 0, field
         setattr(s.layers[k], field, old)
     assert lib.et_int8_workspace_size(ctypes.byref(s), 2) > 0
+    sym = int8_backbone(quantize(*_model()), keep)  # symmetric: every zero point must be 0
+    assert lib.et_int8_workspace_size(ctypes.byref(sym), 2) > 0
+    sym.layers[1].zero_point = 3
+    assert lib.et_int8_workspace_size(ctypes.byref(sym), 2) == 0
 
 
 # ---------------------------------------------------------------------------- what uses the int8 pass

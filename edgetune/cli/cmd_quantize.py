@@ -23,7 +23,8 @@ edgetune's own int8. What each supports: docs/int8.md.
 examples:
   edgetune quantize --model runs/model --task damage1 --data-dir ../shared/data --out runs/model-int8
   edgetune quantize --model runs/cnn --task har-raw --data-dir ../shared/data --out runs/cnn-int8
-  edgetune quantize --model runs/cnn --task har-raw --data-dir ../shared/data --out runs/cnn-tflm --activations asymmetric
+  edgetune quantize --model runs/cnn --task har-raw --data-dir ../shared/data --out runs/cnn-tflm \\
+      --activations asymmetric
   edgetune finetune --model runs/model-int8 --task damage1 --data-dir ../shared/data --method sparse"""
 ORDER = 25
 

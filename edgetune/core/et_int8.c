@@ -101,7 +101,7 @@ static int32_t int8_asymmetric_check(const et_backbone *bb, int k) {
             const int32_t e = l->rq_shift[c];
             if (l->rq_mult[c] < 0 || e < -31 || e > 30) return ET_ERR_ARGUMENT;
             const int64_t b = l->qbias[c] < 0 ? -(int64_t)l->qbias[c] : l->qbias[c];
-            if (e > 0 && ((fan_in * 255 * 127 + b) << e) >= ((int64_t)1 << 31)) return ET_ERR_ARGUMENT;
+            if (e > 0 && fan_in * 255 * 127 + b >= ((int64_t)1 << (31 - e))) return ET_ERR_ARGUMENT;
         }
     } else if (l->kind == ET_LAYER_ADD) {
         if (!l->rq_mult || !l->rq_shift) return ET_ERR_ARGUMENT;
@@ -127,6 +127,7 @@ int32_t et_int8_backbone_check(const et_backbone *bb) {
             if (int8_asymmetric_check(bb, k) != ET_OK) return ET_ERR_ARGUMENT;
             continue;
         }
+        if (l->zero_point || l->out_zero_point || l->source_zero_point) return ET_ERR_ARGUMENT; /* symmetric: 0 */
         if (k < n - 1 && l->activation != ET_IDENTITY && l->activation != ET_RELU && l->activation != ET_RELU6)
             return ET_ERR_UNSUPPORTED;
         int n_rq = 0;

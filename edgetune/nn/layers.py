@@ -247,7 +247,7 @@ class QuantParams:
 
     @property
     def nbytes(self) -> int:
-        n = self.qweight.nbytes + self.wscale.nbytes + self.qbias.nbytes + 4
+        n = self.qweight.nbytes + self.wscale.nbytes + self.qbias.nbytes + 4 + (4 if self.asymmetric else 0)
         if self.requant is not None:
             n += sum(a.nbytes for a in self.requant)
         return n

@@ -50,10 +50,12 @@ from ..nn.layers import (ADD_LEFT_SHIFT, QMAX, TILE_BYTES, Layer, QuantParams, c
                          multiply_by_quantized_multiplier)
 from ..nn.mlp import INT8_KERNELS as KERNELS, Backbone
 
-__all__ = ["ACTIVATION_MODES", "KERNELS", "QMAX", "TILE_BYTES", "accumulate", "act_scales", "calibrate", "calibrate_layers",
-           "check_int8_layers", "clamp_range", "dequantize", "int8_backbone", "int8_forward", "int8_forward_taps",
-           "int8_float_taps", "is_asymmetric", "layer_int8", "load_any", "logits_from", "quantize", "quantize_activation",
-           "quantize_input", "quantize_weight", "requant_params", "requant_params_tflm", "requantize", "run_int8", "tap_scales"]
+__all__ = ["ACTIVATION_MODES", "KERNELS", "QMAX", "TILE_BYTES", "accumulate", "act_scales", "calibrate",
+           "calibrate_layers", "calibrate_zero_points", "check_int8_layers", "clamp_range", "dequantize",
+           "int8_backbone", "int8_float_taps", "int8_forward", "int8_forward_taps", "is_asymmetric", "layer_int8",
+           "load_any", "logits_from", "quantize", "quantize_activation", "quantize_input", "quantize_weight",
+           "requant_params", "requant_params_tflm", "requantize", "requantize_tflm", "round_half_away", "run_int8",
+           "tap_scales"]
 
 #: The activations an int8 layer fuses into its output clamp.
 INT8_ACTIVATIONS = ("identity", "relu", "relu6")
