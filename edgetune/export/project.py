@@ -174,7 +174,6 @@ def _load_inputs(opts: ExportOptions, target: Target):
     from ..methods import method_class
     from ..methods.sparse import AUTO
     from ..quant import load_any, quantize
-    from ..quant.int8 import is_asymmetric
     from ..quant.cache import attach_int8_cache
 
     cls = method_class(opts.method)
@@ -189,9 +188,6 @@ def _load_inputs(opts: ExportOptions, target: Target):
     if opts.partial_cache and not cls.uses_cache:
         raise UsageError(f"--partial-cache applies to methods with a skip-cache (skip2-lora), not {opts.method}")
     model = load_any(opts.model)
-    if is_asymmetric(model):
-        raise UsageError(f"{opts.model} is an int8 model with asymmetric activations (quantize --activations "
-                         f"asymmetric): export does not support it yet; quantize with --activations symmetric")
     task = None
     if opts.task:
         from ..data.task import load_task
