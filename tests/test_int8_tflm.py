@@ -510,7 +510,7 @@ def test_skip_methods_on_asymmetric_models_both_engines(name):
     assert runs["numpy"].score(x, y) >= 0
 
 
-def test_the_sparse_update_export_and_int8_mlp_cache_refuse_asymmetric_models(tmp_path):
+def test_the_sparse_update_and_the_int8_mlp_cache_refuse_asymmetric_models(tmp_path, capsys):
     bb, x = _model()
     q = quantize(bb, x, activations="asymmetric")
     y = np.random.default_rng(0).integers(0, 3, len(x))
@@ -521,9 +521,34 @@ def test_the_sparse_update_export_and_int8_mlp_cache_refuse_asymmetric_models(tm
     with pytest.raises(UsageError, match="asymmetric"):
         tap_scales(mlp)
     q.save(tmp_path / "q")
-    code = main(["export", "--model", str(tmp_path / "q"), "--method", "skip2-lora", "--target", "host",
+    code = main(["export", "--model", str(tmp_path / "q"), "--method", "sparse", "--target", "host",
                  "--out", str(tmp_path / "dev"), "--quiet"])
-    assert code == 2 and not (tmp_path / "dev").exists()
+    assert code == 2 and not (tmp_path / "dev").exists() and "asymmetric" in capsys.readouterr().err
+
+
+@needs_c
+def test_a_host_program_fine_tunes_an_asymmetric_cnn_to_the_python_loss_exactly(tmp_path):
+    """skip2-lora exported for the host on an asymmetric int8 CNN: the device program's loss and
+    accuracy are the compiled engine's in Python exactly (the zero points travel in et_layer)."""
+    import subprocess
+    from .conftest import DATA_DIR
+    from .test_export import last_json, make, needs
+    from .test_int8_sparse_cnn import _export, _python_run
+    needs(("cc", "gcc"), ("make", "make"))
+    task = et.load_task("damage1-1d", DATA_DIR)
+    some = np.random.default_rng(0).permutation(len(task.y_pretrain))[:200]
+    arch = "conv:4:9:4:4,relu,maxpool:2,res(dwconv:3:1:1,relu6,conv:4:1),avgpool:2,flatten,dense:8,relu"
+    model, _ = et.pretrain(task.x_pretrain[some], task.y_pretrain[some], arch=arch, labels=task.labels, epochs=2,
+                           lr=0.02, seed=0)
+    path = quantize(model, task.x_pretrain[some], activations="asymmetric").save(tmp_path / "model")
+    out = tmp_path / "dev"
+    man = _export(path, ["--task", "damage1-1d", "--data-dir", str(DATA_DIR)], out, "host", "--method", "skip2-lora",
+                  "--epochs", "2", "--max-samples", "60", "--test-samples", "40")
+    make(out)
+    res = last_json(subprocess.run([str(out / "train"), "--quiet"], capture_output=True, text=True, timeout=120,
+                                   check=True).stdout)
+    loss, acc = _python_run(et.Backbone.load(path), task, man)
+    assert res["final_loss"] == loss and res["accuracy_after"] == acc
 
 
 @needs_c
