@@ -111,6 +111,13 @@ static int32_t int8_asymmetric_check(const et_backbone *bb, int k) {
     return ET_OK;
 }
 
+int32_t et_int8_offset_sum(const et_layer *l, const int8_t *w, int n) {
+    if (!l->zero_point) return 0;
+    int32_t s = 0;
+    for (int i = 0; i < n; i++) s += (int32_t)w[i];
+    return -l->zero_point * s;
+}
+
 int32_t et_int8_backbone_check(const et_backbone *bb) {
     const int32_t rc = et_backbone_check_layers(bb, 1);
     if (rc != ET_OK) return rc;
@@ -200,10 +207,9 @@ void et_int8_accumulate_channel(const et_backbone *bb, int k, const int8_t *q, i
     if (l->kind == ET_LAYER_DENSE) {
         const int in = et_layer_in(l);
         const int8_t *wo = l->qw + (size_t)c * in;
-        const int32_t off = -l->zero_point; /* TFLM's input_offset: 0 when symmetric */
         int32_t s = 0;
-        for (int i = 0; i < in; i++) s += ((int32_t)q[i] + off) * (int32_t)wo[i];
-        acc[0] = s + l->qbias[c];
+        for (int i = 0; i < in; i++) s += (int32_t)q[i] * (int32_t)wo[i];
+        acc[0] = s + et_int8_offset_sum(l, wo, in) + l->qbias[c];
     } else {
         conv_channel(l, q, c, acc);
     }
@@ -307,10 +313,14 @@ static void valid_range(int n, int out, int stride, int pad, int k, int *lo, int
  * restrict: int8_t may alias anything, and the compiler vectorises this only when told that a
  * and x do not overlap. */
 static void axpy_i8(int32_t *restrict a, const int8_t *restrict x, int32_t w, int32_t off, int n, int stride) {
-    if (stride == 1)
-        for (int i = 0; i < n; i++) a[i] += w * ((int32_t)x[i] + off);
-    else
+    if (off != 0) {
         for (int i = 0; i < n; i++) a[i] += w * ((int32_t)x[i * stride] + off);
+        return;
+    }
+    if (stride == 1) /* the symmetric kernels' loops, as before the offset existed */
+        for (int i = 0; i < n; i++) a[i] += w * (int32_t)x[i];
+    else
+        for (int i = 0; i < n; i++) a[i] += w * (int32_t)x[i * stride];
 }
 
 /* ao (out_h * out_w) = output channel o of convolution l on one sample's int8 input x: the bias,

@@ -56,15 +56,15 @@ static void dense_int8_accumulate(const et_layer *l, const int8_t *q, int ldq, i
     const int in = et_layer_in(l), out = et_layer_out(l);
     const int8_t *w = l->qw;
     const int32_t *b = l->qbias;
-    const int32_t off = -l->zero_point; /* TFLM's input_offset (asymmetric activations); 0 when symmetric */
     (void)residual, (void)ldr;
     for (int r = 0; r < rows; r++) {
         const int8_t *qr = q + (size_t)r * ldq;
         for (int o = 0; o < out; o++) {
             const int8_t *wo = w + (size_t)o * in;
             int32_t s = 0;
-            for (int i = 0; i < in; i++) s += ((int32_t)qr[i] + off) * (int32_t)wo[i];
-            acc[(size_t)r * out + o] = s + b[o];
+            for (int i = 0; i < in; i++) s += (int32_t)qr[i] * (int32_t)wo[i];
+            /* asymmetric activations: TFLM's input_offset, -zp times the row's weight sum (0 symmetric) */
+            acc[(size_t)r * out + o] = s + et_int8_offset_sum(l, wo, in) + b[o];
         }
     }
 }
