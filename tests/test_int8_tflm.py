@@ -314,6 +314,30 @@ def test_random_int8_layers_of_every_kind_equal_tflm_bit_for_bit(name, seed):
     assert not np.array_equal(int8_forward_taps(sym, x)[0], want_rows)
 
 
+def test_requantisers_above_one_shift_left_first_and_overflow_is_refused():
+    specs = [LayerSpec.dense(2, 4, "relu"), LayerSpec.dense(4, 3)]
+    q = random_int8(specs, 2)
+    q0 = q.layers[0].quant
+    big = [Layer(l.spec, quant=QuantParams(l.quant.qweight, (l.quant.wscale * (400 if k == 0 else 1)).astype(
+        np.float32), l.quant.qbias, l.quant.input_scale, zero_point=l.quant.zero_point, asymmetric=True))
+        for k, l in enumerate(q.layers)]
+    gain = et.Backbone.from_layers(big)
+    assert gain.layers[0].quant.requant[1].max() > 0  # exponents above 0: x << e, then the Q31 multiply
+    x = np.random.default_rng(1).normal(0, 3, (6, 2)).astype(np.float32)
+    want = ref_forward(gain, x)
+    for engine, got in _engines(gain, x).items():
+        np.testing.assert_array_equal(got[0], want[0], err_msg=engine)
+        np.testing.assert_array_equal(got[1], want[1], err_msg=engine)
+    wide = [LayerSpec.dense(3000, 4, "relu"), LayerSpec.dense(4, 3)]
+    w = random_int8(wide, 0)
+    layers = [Layer(l.spec, quant=QuantParams(l.quant.qweight, (l.quant.wscale * (1e4 if k == 0 else 1)).astype(
+        np.float32), l.quant.qbias, l.quant.input_scale, zero_point=l.quant.zero_point, asymmetric=True))
+        for k, l in enumerate(w.layers)]
+    with pytest.raises(UsageError, match="overflow"):
+        et.Backbone.from_layers(layers)
+    assert q0.requant[1].max() <= 0
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_calibrated_models_equal_tflm_and_stay_close_to_float(name):
     shape, makers = CASES[name]

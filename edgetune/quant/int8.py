@@ -111,7 +111,8 @@ def quantize_activation(h: np.ndarray, scale: float, *, relu: bool = False,
 def requant_params_tflm(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """TFLM's QuantizeMultiplier of positive real multipliers: (Q31 multiplier in [2**30, 2**31),
     exponent), m ~= mult * 2**(exponent - 31); the fraction rounded half away from zero, a
-    multiplier too small for an exponent of -31 becomes 0, one too large saturates at 2**30."""
+    multiplier too small for an exponent of -31 becomes 0, one too large saturates (2**31 - 1,
+    exponent 30)."""
     frac, exp = np.frexp(np.asarray(m, dtype=np.float64))
     mult = round_half_away(frac * 2.0 ** 31).astype(np.int64)
     carry = mult == 2 ** 31
@@ -273,8 +274,8 @@ def _tflm_requantisers(layers: Sequence[Layer]) -> None:
             mult, shift = requant_params_tflm(s_in * q.wscale.astype(np.float64) / s_out)
             # MultiplyByQuantizedMultiplier shifts the int32 accumulator left first: it must fit
             fan_in = int(np.prod(spec.weight_shape[1:]))
-            bound = (fan_in * 255 * QMAX + np.abs(q.qbias.astype(np.int64))) << np.maximum(shift, 0)
-            if np.any(bound >= 2 ** 31):
+            bound = fan_in * 255 * QMAX + np.abs(q.qbias.astype(np.int64))
+            if np.any(bound >= np.left_shift(np.int64(1), 31 - np.maximum(shift, 0))):
                 raise UsageError(f"layer {k}: a requantisation multiplier above 1 would overflow the int32 "
                                  f"accumulator (the activation scales are degenerate)")
             q.requant = (mult, shift)
