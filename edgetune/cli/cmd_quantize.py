@@ -16,9 +16,15 @@ Prints the test accuracy of the float and of the int8 model, how often their pre
 agree, and the bytes of both models' tensors (in memory, int8 requantisers included, and as
 saved in model.safetensors).
 
+--activations asymmetric quantises the activations as CMSIS-NN and TensorFlow Lite Micro
+do (a zero point per layer input, TFLM's integer arithmetic); the default, symmetric, is
+edgetune's own int8. What each supports: docs/int8.md.
+
 examples:
   edgetune quantize --model runs/model --task damage1 --data-dir ../shared/data --out runs/model-int8
   edgetune quantize --model runs/cnn --task har-raw --data-dir ../shared/data --out runs/cnn-int8
+  edgetune quantize --model runs/cnn --task har-raw --data-dir ../shared/data --out runs/cnn-tflm \\
+      --activations asymmetric
   edgetune finetune --model runs/model-int8 --task damage1 --data-dir ../shared/data --method sparse"""
 ORDER = 25
 
@@ -29,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="int8 model directory to write")
     p.add_argument("--percentile", type=float, default=100.0,
                    help="activation range: this percentile of |activation| on the calibration data "
-                        "(50 < P <= 100; default 100, the maximum)")
+                        "(50 < P <= 100; default 100, the maximum; asymmetric: the 100-P and P percentiles "
+                        "of the activation)")
+    p.add_argument("--activations", choices=("symmetric", "asymmetric"), default="symmetric",
+                   help="int8 activations: symmetric (zero point 0, edgetune's int8; the default) or asymmetric "
+                        "(a zero point per layer input, in TensorFlow Lite Micro's arithmetic)")
     add_force_arg(p)
     add_output_args(p)
 
@@ -61,13 +71,14 @@ def _run(args: argparse.Namespace) -> int:
     task = load_task_arg(args)
     check_compatible(model, task)
     info(args, task.summary())
-    qmodel = quantize(model, task.x_pretrain, percentile=args.percentile)
+    qmodel = quantize(model, task.x_pretrain, percentile=args.percentile, activations=args.activations)
     qmodel.save(args.out)
     xt = model.prepare(task.x_test, "test x")
     pred_float, pred_int8 = model.forward(xt).argmax(axis=1), qmodel.forward(xt).argmax(axis=1)
     result = {"model": args.model, "out": args.out, "task": task.name, "sizes": model.sizes,
               "layers": [s.describe() for s in model.specs],
               "calibration_samples": int(len(task.y_pretrain)), "percentile": args.percentile,
+              "activations": args.activations,
               "accuracy_float": float(np.mean(pred_float == task.y_test)),
               "accuracy_int8": float(np.mean(pred_int8 == task.y_test)),
               "agreement": float(np.mean(pred_float == pred_int8)),
@@ -76,7 +87,8 @@ def _run(args: argparse.Namespace) -> int:
               "file_bytes_int8": (Path(args.out) / WEIGHTS_NAME).stat().st_size}
     what = '-'.join(map(str, model.sizes)) if model.is_plain_mlp() else \
         f"a {model.n_layers}-layer network ({', '.join(dict.fromkeys(s.kind for s in model.specs))})"
-    print(f"int8 model of {what} saved to {args.out} (calibrated on "
+    mode = " with asymmetric activations (TFLM)" if args.activations == "asymmetric" else ""
+    print(f"int8 model of {what}{mode} saved to {args.out} (calibrated on "
           f"{result['calibration_samples']} pre-train samples of {task.name})")
     print(f"  test accuracy  float {result['accuracy_float']:.4f}, int8 {result['accuracy_int8']:.4f} "
           f"(same prediction on {result['agreement']:.1%} of the test samples)")

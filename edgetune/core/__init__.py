@@ -95,7 +95,8 @@ class Layer(ctypes.Structure):
                 ("stride_h", _i32), ("stride_w", _i32), ("pad_h", _i32), ("pad_w", _i32), ("groups", _i32),
                 ("activation", _i32), ("source", _i32), ("wt", _f32p), ("w", _f32p), ("bias", _f32p),
                 ("qw", _i8p), ("wscale", _f32p), ("qbias", _i32p), ("rq_mult", _i32p), ("rq_shift", _i32p),
-                ("act_scale", ctypes.c_float)]
+                ("act_scale", ctypes.c_float), ("asymmetric", _i32), ("zero_point", _i32),
+                ("out_zero_point", _i32), ("source_zero_point", _i32)]
 
 
 class Backbone(ctypes.Structure):

@@ -538,6 +538,13 @@ def int8_backbone(bb: Any, keep: list) -> CBackbone:
     for k, layer in enumerate(bb.layers):
         spec, q, c = layer.spec, layer.quant, s.layers[k]
         c.act_scale = float(q.input_scale)
+        if q.asymmetric:  # the zero points, checked in -128..127 when the backbone was built
+            for name in ("zero_point", "out_zero_point", "source_zero_point"):
+                v = int(getattr(q, name))
+                if not -128 <= v <= 127:
+                    raise UsageError(f"layer {k}: {name} {v} is outside -128..127")
+                setattr(c, name, v)
+            c.asymmetric = 1
         if spec.has_params:
             out = (spec.out_channels,)
             c.qw = _kept(keep, _check(q.qweight, spec.weight_shape, np.int8, f"layer {k} int8 weight")) \
@@ -547,8 +554,9 @@ def int8_backbone(bb: Any, keep: list) -> CBackbone:
                 .ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         if q.requant is not None:  # hidden layers with weights: per channel; an add: its two inputs
             mult, shift = (np.asarray(a) for a in q.requant)
-            n = (spec.out_channels,) if spec.has_params else (2,)
-            if np.any(mult < 0) or np.any(mult > INT32_MAX) or np.any(shift < 1) or np.any(shift > 62):
+            n = (spec.out_channels,) if spec.has_params else (3 if q.asymmetric else 2,)
+            lo, hi = (-31, 30) if q.asymmetric else (1, 62)  # TFLM's exponents; edgetune's right shifts
+            if np.any(mult < 0) or np.any(mult > INT32_MAX) or np.any(shift < lo) or np.any(shift > hi):
                 raise UsageError(f"layer {k}: requantisation parameters out of range")
             m32 = _kept(keep, _check(np.ascontiguousarray(mult, np.int32), n, np.int32,
                                      f"layer {k} requant multiplier"))

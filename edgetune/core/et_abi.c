@@ -27,7 +27,8 @@ static const field LAYER[] = {
     F(et_layer, out_h), F(et_layer, out_w), F(et_layer, kernel_h), F(et_layer, kernel_w), F(et_layer, stride_h),
     F(et_layer, stride_w), F(et_layer, pad_h), F(et_layer, pad_w), F(et_layer, groups), F(et_layer, activation),
     F(et_layer, source), F(et_layer, wt), F(et_layer, w), F(et_layer, bias), F(et_layer, qw), F(et_layer, wscale),
-    F(et_layer, qbias), F(et_layer, rq_mult), F(et_layer, rq_shift), F(et_layer, act_scale)};
+    F(et_layer, qbias), F(et_layer, rq_mult), F(et_layer, rq_shift), F(et_layer, act_scale),
+    F(et_layer, asymmetric), F(et_layer, zero_point), F(et_layer, out_zero_point), F(et_layer, source_zero_point)};
 static const field BACKBONE[] = {F(et_backbone, n_layers), F(et_backbone, is_int8), F(et_backbone, layers)};
 static const field METHOD[] = {
     F(et_method, kind), F(et_method, rank), F(et_method, scale), F(et_method, first), F(et_method, qas),

@@ -83,6 +83,13 @@ typedef struct et_layer {
                                                add: (2) its input's and its source's multipliers */
     const int32_t *rq_shift;                /* (out_c), 1..62; add: (2), equal */
     float act_scale;
+    /* asymmetric int8 (TFLite Micro's arithmetic, et_int8.c): this layer's input ~= act_scale *
+     * (q - zero_point); rq_mult / rq_shift are then TFLM's Q31 multipliers and exponents
+     * (-31..30, > 0 shifts left), an add's three (its input's, its source's, its output's). */
+    int32_t asymmetric;                     /* 0: symmetric (zero points 0); 1: asymmetric */
+    int32_t zero_point;                     /* this layer's input zero point, -128..127 */
+    int32_t out_zero_point;                 /* the next layer's input zero point */
+    int32_t source_zero_point;              /* add: its source layer's input zero point */
 } et_layer;
 
 /* The frozen backbone: n_layers layers, each reading the previous one's output. */

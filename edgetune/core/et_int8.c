@@ -10,6 +10,15 @@
  *            ([lo, hi]: the activation, fused: identity [-127, 127], ReLU [0, 127],
  *             ReLU6 [0, min(127, rint(6 / s_k+1))])
  *   logits = acc_n * (s_n * s_w)                          (float; the last layer has weights)
+ *
+ * With asymmetric activations (l->asymmetric: TFLite Micro's and CMSIS-NN's int8 conventions,
+ * edgetune.quant.int8 with activations="asymmetric") every layer input has a zero point zp:
+ *   q_0    = clip(roundf(x / s_0) + zp_0, -128, 127)
+ *   acc_k  = bq + sum over the valid (non-padding) window of (q_k - zp_k) x Wq
+ *   q_k+1  = clip(mbqm(acc_k, mult, exp) + zp_k+1, act_min, act_max)   dense and conv
+ *            (mbqm: TFLM's MultiplyByQuantizedMultiplier, below; [act_min, act_max]: identity
+ *             [-128, 127], ReLU [zp, 127], ReLU6 [zp, min(127, zp + roundf(6 / s_k+1))])
+ * and the kinds beyond dense as TFLM's reference kernels compute them (below).
  */
 #include "et_int8.h"
 #include "et_core.h"
@@ -24,9 +33,44 @@ static int64_t shift_floor(int64_t v, int s) {
 
 static void conv_channel(const et_layer *l, const int8_t *x, int o, int32_t *ao); /* below, with the kinds */
 
+/* TFLM's fixed-point helpers, on int32 values (gemmlowp's definitions):
+ * the high 32 bits of 2 a b rounded half away from zero (saturating the one overflow). */
+static int32_t rounding_doubling_high_mul(int32_t a, int32_t b) {
+    if (a == INT32_MIN && b == INT32_MIN) return INT32_MAX;
+    const int64_t ab = (int64_t)a * (int64_t)b;
+    const int64_t nudge = ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30));
+    return (int32_t)((ab + nudge) / ((int64_t)1 << 31)); /* C99 division truncates toward zero */
+}
+
+/* x / 2**e (0 <= e <= 31) rounded to nearest, ties away from zero. */
+static int32_t rounding_divide_by_pot(int32_t x, int e) {
+    const int64_t floor = shift_floor(x, e);
+    const int64_t remainder = (int64_t)x - floor * ((int64_t)1 << e); /* x & mask, without relying on it */
+    const int64_t threshold = ((((int64_t)1 << e) - 1) >> 1) + (x < 0 ? 1 : 0);
+    return (int32_t)(floor + (remainder > threshold ? 1 : 0));
+}
+
+/* TFLM's MultiplyByQuantizedMultiplier: x * mult * 2**(e - 31), e > 0 shifting x left first (the
+ * binding checked that the accumulator then still fits int32). */
+static int32_t multiply_by_quantized_multiplier(int32_t x, int32_t mult, int32_t e) {
+    const int32_t left = e > 0 ? e : 0, right = e > 0 ? 0 : -e;
+    return rounding_divide_by_pot(rounding_doubling_high_mul((int32_t)((int64_t)x * ((int64_t)1 << left)), mult),
+                                  right);
+}
+
 /* The int8 range [lo, hi] of hidden layer k's output: its activation fused into the clamp. */
 static void clamp_range(const et_backbone *bb, int k, int32_t *lo, int32_t *hi) {
     const et_layer *l = &bb->layers[k];
+    if (l->asymmetric) { /* TFLM's CalculateActivationRangeQuantized */
+        const int32_t zp = l->out_zero_point;
+        *lo = l->activation == ET_IDENTITY ? -128 : zp;
+        *hi = 127;
+        if (l->activation == ET_RELU6) {
+            const float six = roundf(6.0f / bb->layers[k + 1].act_scale);
+            *hi = six < (float)(127 - zp) ? zp + (int32_t)six : 127;
+        }
+        return;
+    }
     *lo = l->activation == ET_IDENTITY ? -127 : 0;
     *hi = 127;
     if (l->activation == ET_RELU6) {
@@ -35,15 +79,62 @@ static void clamp_range(const et_backbone *bb, int k, int32_t *lo, int32_t *hi) 
     }
 }
 
+/* Layer k of an asymmetric backbone: zero points in -128..127 and equal to the layers' they name,
+ * TFLM's requantisers (exponents -31..30, multipliers >= 0; an add's three below 1), and an
+ * accumulator that still fits int32 when a multiplier above 1 shifts it left. */
+static int32_t int8_asymmetric_check(const et_backbone *bb, int k) {
+    const et_layer *l = &bb->layers[k];
+    const int n = bb->n_layers;
+    if (l->zero_point < -128 || l->zero_point > 127) return ET_ERR_ARGUMENT;
+    if (l->out_zero_point != (k < n - 1 ? bb->layers[k + 1].zero_point : 0)) return ET_ERR_ARGUMENT;
+    if (l->kind == ET_LAYER_ADD ? l->source_zero_point != bb->layers[l->source].zero_point
+                                : l->source_zero_point != 0)
+        return ET_ERR_ARGUMENT;
+    if (k < n - 1 && l->activation != ET_IDENTITY && l->activation != ET_RELU && l->activation != ET_RELU6)
+        return ET_ERR_UNSUPPORTED;
+    if (et_layer_has_weights(l)) {
+        if (!l->qw || !l->wscale || !l->qbias) return ET_ERR_ARGUMENT;
+        if (k == n - 1) return ET_OK;
+        if (!l->rq_mult || !l->rq_shift) return ET_ERR_ARGUMENT;
+        const int64_t fan_in = (int64_t)(l->in_c / l->groups) * l->kernel_h * l->kernel_w;
+        for (int c = 0; c < l->out_c; c++) {
+            const int32_t e = l->rq_shift[c];
+            if (l->rq_mult[c] < 0 || e < -31 || e > 30) return ET_ERR_ARGUMENT;
+            const int64_t b = l->qbias[c] < 0 ? -(int64_t)l->qbias[c] : l->qbias[c];
+            if (e > 0 && fan_in * 255 * 127 + b >= ((int64_t)1 << (31 - e))) return ET_ERR_ARGUMENT;
+        }
+    } else if (l->kind == ET_LAYER_ADD) {
+        if (!l->rq_mult || !l->rq_shift) return ET_ERR_ARGUMENT;
+        for (int i = 0; i < 3; i++)
+            if (l->rq_mult[i] < 0 || l->rq_shift[i] < -31 || l->rq_shift[i] > 0) return ET_ERR_ARGUMENT;
+    }
+    return ET_OK;
+}
+
+int32_t et_int8_offset_sum(const et_layer *l, const int8_t *w, int n) {
+    if (!l->zero_point) return 0;
+    int32_t s = 0;
+    for (int i = 0; i < n; i++) s += (int32_t)w[i];
+    return -l->zero_point * s;
+}
+
 int32_t et_int8_backbone_check(const et_backbone *bb) {
     const int32_t rc = et_backbone_check_layers(bb, 1);
     if (rc != ET_OK) return rc;
     if (!bb->is_int8) return ET_ERR_ARGUMENT;
     const int n = bb->n_layers;
     if (!et_layer_has_weights(&bb->layers[n - 1])) return ET_ERR_UNSUPPORTED; /* the logits come from weights */
+    const int32_t asym = bb->layers[0].asymmetric;
+    if (asym != 0 && asym != 1) return ET_ERR_ARGUMENT;
     for (int k = 0; k < n; k++) {
         const et_layer *l = &bb->layers[k];
         if (!(l->act_scale > 0.0f) || !isfinite(l->act_scale)) return ET_ERR_ARGUMENT;
+        if (l->asymmetric != asym) return ET_ERR_ARGUMENT;
+        if (asym) {
+            if (int8_asymmetric_check(bb, k) != ET_OK) return ET_ERR_ARGUMENT;
+            continue;
+        }
+        if (l->zero_point || l->out_zero_point || l->source_zero_point) return ET_ERR_ARGUMENT; /* symmetric: 0 */
         if (k < n - 1 && l->activation != ET_IDENTITY && l->activation != ET_RELU && l->activation != ET_RELU6)
             return ET_ERR_UNSUPPORTED;
         int n_rq = 0;
@@ -64,6 +155,17 @@ int32_t et_int8_backbone_check(const et_backbone *bb) {
 void et_int8_quantize_input(const et_backbone *bb, const float *x, int ldx, int rows, int8_t *q, int ldq) {
     const float s = bb->layers[0].act_scale;
     const int in = et_width(bb, 0);
+    if (bb->layers[0].asymmetric) { /* TFLM's quantize: roundf(x / s) + zp */
+        const float zp = (float)bb->layers[0].zero_point;
+        for (int r = 0; r < rows; r++) {
+            for (int i = 0; i < in; i++) {
+                float v = roundf(x[(size_t)r * ldx + i] / s) + zp;
+                v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+                q[(size_t)r * ldq + i] = (int8_t)v;
+            }
+        }
+        return;
+    }
     for (int r = 0; r < rows; r++) {
         for (int i = 0; i < in; i++) {
             float v = rintf(x[(size_t)r * ldx + i] / s);
@@ -80,7 +182,9 @@ void et_int8_accumulate(const et_backbone *bb, int k, const int8_t *q, int ldq, 
 
 /* One accumulator value p of output channel c as int8: rescaled (dense and conv), then clamped. */
 static int8_t requantize_one(const et_layer *l, int weighted, int c, int32_t lo, int32_t hi, int64_t p) {
-    if (weighted) {
+    if (weighted && l->asymmetric) {
+        p = (int64_t)multiply_by_quantized_multiplier((int32_t)p, l->rq_mult[c], l->rq_shift[c]) + l->out_zero_point;
+    } else if (weighted) {
         const int s = l->rq_shift[c];
         p = shift_floor(p * (int64_t)l->rq_mult[c] + ((int64_t)1 << (s - 1)), s);
     }
@@ -105,7 +209,7 @@ void et_int8_accumulate_channel(const et_backbone *bb, int k, const int8_t *q, i
         const int8_t *wo = l->qw + (size_t)c * in;
         int32_t s = 0;
         for (int i = 0; i < in; i++) s += (int32_t)q[i] * (int32_t)wo[i];
-        acc[0] = s + l->qbias[c];
+        acc[0] = s + et_int8_offset_sum(l, wo, in) + l->qbias[c];
     } else {
         conv_channel(l, q, c, acc);
     }
@@ -205,10 +309,15 @@ static void valid_range(int n, int out, int stride, int pad, int k, int *lo, int
     if (*hi > out - 1) *hi = out - 1;
 }
 
-/* a[i] += w * x[i * stride] for i < n; restrict: int8_t may alias anything, and the compiler
- * vectorises this only when told that a and x do not overlap. */
-static void axpy_i8(int32_t *restrict a, const int8_t *restrict x, int32_t w, int n, int stride) {
-    if (stride == 1)
+/* a[i] += w * (x[i * stride] + off) for i < n (off: TFLM's input_offset, minus the zero point);
+ * restrict: int8_t may alias anything, and the compiler vectorises this only when told that a
+ * and x do not overlap. */
+static void axpy_i8(int32_t *restrict a, const int8_t *restrict x, int32_t w, int32_t off, int n, int stride) {
+    if (off != 0) {
+        for (int i = 0; i < n; i++) a[i] += w * ((int32_t)x[i * stride] + off);
+        return;
+    }
+    if (stride == 1) /* the symmetric kernels' loops, as before the offset existed */
         for (int i = 0; i < n; i++) a[i] += w * (int32_t)x[i];
     else
         for (int i = 0; i < n; i++) a[i] += w * (int32_t)x[i * stride];
@@ -228,7 +337,7 @@ static void conv_channel(const et_layer *l, const int8_t *x, int o, int32_t *ao)
         for (int ky = 0; ky < kh; ky++) {
             for (int oy = 0; oy < l->out_h; oy++) {
                 const int iy = oy * l->stride_h - l->pad_h + ky;
-                if (iy < 0 || iy >= l->in_h) continue; /* the padding reads 0 */
+                if (iy < 0 || iy >= l->in_h) continue; /* the padding contributes nothing */
                 const int8_t *xrow = xc + (size_t)iy * l->in_w;
                 int32_t *arow = ao + (size_t)oy * l->out_w;
                 for (int kx = 0; kx < kw; kx++) {
@@ -236,7 +345,8 @@ static void conv_channel(const et_layer *l, const int8_t *x, int o, int32_t *ao)
                     int lo, hi;
                     valid_range(l->in_w, l->out_w, sw, l->pad_w, kx, &lo, &hi);
                     /* output ox reads input ox * sw + kx - pad_w */
-                    if (lo <= hi) axpy_i8(arow + lo, xrow + lo * sw + kx - l->pad_w, wv, hi - lo + 1, sw);
+                    if (lo <= hi)
+                        axpy_i8(arow + lo, xrow + lo * sw + kx - l->pad_w, wv, -l->zero_point, hi - lo + 1, sw);
                 }
             }
         }
@@ -261,7 +371,7 @@ static void pool(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t 
             const int8_t *xc = x + (size_t)c * l->in_h * l->in_w;
             for (int oy = 0; oy < l->out_h; oy++) {
                 for (int ox = 0; ox < l->out_w; ox++) {
-                    int32_t s = max ? -128 : 0;
+                    int32_t s = max ? -128 : 0, count = 0;
                     for (int ky = 0; ky < kh; ky++) {
                         const int iy = oy * l->stride_h - l->pad_h + ky;
                         if (iy < 0 || iy >= l->in_h) continue;
@@ -271,9 +381,12 @@ static void pool(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t 
                             const int32_t v = xc[iy * l->in_w + ix];
                             if (max) s = v > s ? v : s;
                             else s += v;
+                            count++;
                         }
                     }
-                    a[(size_t)c * npos + oy * l->out_w + ox] = max ? s : div_round(s, kh * kw);
+                    /* average: symmetric counts the padding as 0; asymmetric (TFLM) divides by the valid count */
+                    a[(size_t)c * npos + oy * l->out_w + ox] =
+                        max ? s : div_round(s, l->asymmetric ? count : kh * kw);
                 }
             }
         }
@@ -318,6 +431,19 @@ void et_int8_add(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t 
                  int ldr) {
     const int in = et_layer_in(l), s = l->rq_shift[0];
     const int64_t mx = l->rq_mult[0], mr = l->rq_mult[1];
+    if (l->asymmetric) { /* TFLM's add: each input offset, shifted left 20, rescaled; the sum rescaled */
+        for (int r = 0; r < rows; r++) {
+            for (int i = 0; i < in; i++) {
+                const int32_t a = ((int32_t)q[(size_t)r * ldq + i] - l->zero_point) * (1 << 20);
+                const int32_t b = ((int32_t)residual[(size_t)r * ldr + i] - l->source_zero_point) * (1 << 20);
+                const int32_t sum = multiply_by_quantized_multiplier(a, l->rq_mult[0], l->rq_shift[0]) +
+                                    multiply_by_quantized_multiplier(b, l->rq_mult[1], l->rq_shift[1]);
+                acc[(size_t)r * in + i] =
+                    multiply_by_quantized_multiplier(sum, l->rq_mult[2], l->rq_shift[2]) + l->out_zero_point;
+            }
+        }
+        return;
+    }
     for (int r = 0; r < rows; r++) {
         for (int i = 0; i < in; i++) {
             int64_t t = (int64_t)q[(size_t)r * ldq + i] * mx + (int64_t)residual[(size_t)r * ldr + i] * mr;

@@ -39,6 +39,10 @@ void et_int8_run(const et_backbone *bb, const float *x, int ldx, int rows, int8_
 void et_int8_run_layers(const et_backbone *bb, int rows, int8_t *taps, int ldt, float *logits, int ldl,
                         int32_t *acc);
 
+/* Asymmetric activations: sum over i < n of (q_i - zp) w_i = sum q_i w_i + (-zp) sum w_i; this is the
+ * second term for one dense output (w its n weights, zp layer l's input zero point; 0 when symmetric). */
+int32_t et_int8_offset_sum(const et_layer *l, const int8_t *w, int n);
+
 /* The int8_accumulate entries of et_layers.c's table for the kinds beyond dense (et_int8.c). */
 void et_int8_conv_accumulate(const et_layer *l, const int8_t *q, int ldq, int rows, int32_t *acc,
                              const int8_t *residual, int ldr);

@@ -63,7 +63,8 @@ static void dense_int8_accumulate(const et_layer *l, const int8_t *q, int ldq, i
             const int8_t *wo = w + (size_t)o * in;
             int32_t s = 0;
             for (int i = 0; i < in; i++) s += (int32_t)qr[i] * (int32_t)wo[i];
-            acc[(size_t)r * out + o] = s + b[o];
+            /* asymmetric activations: TFLM's input_offset, -zp times the row's weight sum (0 symmetric) */
+            acc[(size_t)r * out + o] = s + et_int8_offset_sum(l, wo, in) + b[o];
         }
     }
 }

@@ -418,6 +418,10 @@ static int sparse_rows_ok(const et_backbone *bb, const et_method *m) {
 /* et_backbone_check, and for an int8 backbone that is not an MLP (the skip methods and the sparse
  * update) the int8 pass's own checks (et_int8_backbone_check). */
 static int32_t train_check(const et_backbone *bb, const et_method *m) {
+    /* the sparse update (QAS) of an asymmetric int8 backbone is not supported yet */
+    if (bb && bb->is_int8 == 1 && bb->n_layers >= 1 && bb->n_layers <= ET_MAX_LAYERS && bb->layers[0].asymmetric &&
+        m && m->kind == ET_SPARSE)
+        return ET_ERR_UNSUPPORTED;
     if (bb && bb->is_int8 == 1 && bb->n_layers >= 1 && bb->n_layers <= ET_MAX_LAYERS && !et_backbone_is_dense(bb)) {
         const int32_t rc = et_int8_backbone_check(bb);
         return rc != ET_OK ? rc : (m && m->kind == ET_LAYERWISE ? ET_ERR_UNSUPPORTED : ET_OK);
@@ -889,10 +893,10 @@ static void int8_chain_taps(ctx *c, const int32_t *ids, int count, float *dst, i
                     for (int ch = 0; ch < l->in_c; ch++) {
                         int32_t total = 0;
                         for (int p = 0; p < npos; p++) total += qi[(size_t)ch * npos + p];
-                        t[ch] = (float)total * unit;
+                        t[ch] = (float)(total - npos * l->zero_point) * unit; /* zero point: 0 if symmetric */
                     }
                 } else {
-                    for (int j = 0; j < l->in_c; j++) t[j] = (float)qi[j] * s;
+                    for (int j = 0; j < l->in_c; j++) t[j] = (float)((int32_t)qi[j] - l->zero_point) * s;
                 }
             }
             col += npos > 1 ? l->in_c : et_layer_in(l);
@@ -926,7 +930,8 @@ static void compute_taps(ctx *c, const int32_t *ids, int count, float *dst) {
         int col = 0;
         for (int k = 0; k < bb->n_layers; k++) {
             const float s = bb->layers[k].act_scale;
-            for (int j = 0; j < c->width[k]; j++) row[col + j] = (float)q[col + j] * s;
+            const int32_t zp = bb->layers[k].zero_point; /* 0 if symmetric */
+            for (int j = 0; j < c->width[k]; j++) row[col + j] = (float)((int32_t)q[col + j] - zp) * s;
             col += c->width[k];
         }
     }

@@ -157,6 +157,9 @@ class SparseUpdate(Method):
         weighted = bb.tap_layers
         self.scheme = self.resolve_scheme(opts.scheme, len(weighted), opts.train_last_bias)
         self.int8 = bb.is_int8
+        if self.int8 and bb.layers[0].quant.asymmetric:
+            raise UsageError("the sparse update (QAS) on an int8 model with asymmetric activations is not supported "
+                             "yet: quantize with --activations symmetric (the skip methods run on both)")
         self.qas = self.int8 if opts.qas is None else bool(opts.qas)
         dt = bb.dtype
         self.rows = {weighted[i]: c for i, c in

@@ -226,17 +226,28 @@ class QuantParams:
     followed by another the fixed-point requantiser of its output to the next layer's scale.
     In an int8 backbone a layer without weights (pooling, gap, flatten, add) holds one too:
     empty tensors and its input scale; an add's ``requant`` rescales its two inputs to its
-    output scale with one shift (``([m_input, m_source], [shift, shift])``)."""
+    output scale with one shift (``([m_input, m_source], [shift, shift])``).
+
+    ``asymmetric``: the activations are asymmetric int8 in TFLite Micro's arithmetic (its
+    input ``~= input_scale * (q - zero_point)``, -128..127); ``requant`` is then TFLM's
+    (Q31 multiplier, exponent) per output channel, and an add's is three of them (its
+    input's, its source's, its output's, after TFLM's left shift of 20). ``out_zero_point``
+    (the next layer's input zero point) and an add's ``source_zero_point`` are derived, as
+    ``requant`` is, when the backbone is built (edgetune.quant.int8.check_int8_layers)."""
 
     qweight: np.ndarray                  # int8, the layer's weight shape
     wscale: np.ndarray                   # float32 (out_channels,)
     qbias: np.ndarray                    # int32 (out_channels,)
     input_scale: float
     requant: tuple[np.ndarray, np.ndarray] | None = None  # (mult, shift) int64 (out_channels,)
+    zero_point: int = 0                  # asymmetric: this layer's input zero point (0: symmetric)
+    asymmetric: bool = False
+    out_zero_point: int = 0              # derived: the next layer's input zero point
+    source_zero_point: int = 0           # derived, add: its source layer's input zero point
 
     @property
     def nbytes(self) -> int:
-        n = self.qweight.nbytes + self.wscale.nbytes + self.qbias.nbytes + 4
+        n = self.qweight.nbytes + self.wscale.nbytes + self.qbias.nbytes + 4 + (4 if self.asymmetric else 0)
         if self.requant is not None:
             n += sum(a.nbytes for a in self.requant)
         return n
@@ -259,7 +270,8 @@ class Layer:
         """Every array the layer holds (what its outputs depend on)."""
         if self.quant is not None:
             q = self.quant
-            return [q.qweight, q.wscale, q.qbias, np.asarray([q.input_scale], np.float32)]
+            zp = [np.asarray([q.zero_point], np.int32)] if q.asymmetric else []
+            return [q.qweight, q.wscale, q.qbias, np.asarray([q.input_scale], np.float32), *zp]
         return [a for a in (self.weight, self.bias) if a is not None]
 
     @property
@@ -322,15 +334,67 @@ _F32_EXACT = 2 ** 24
 QMAX = 127
 
 
-def _int_dtype(fan_in: int, kernel: str) -> type:
+def _int_dtype(fan_in: int, kernel: str, span: int = 128) -> type:
     """The dtype an int8 matmul multiplies in: int32 on request, else float32 (float64 for a
-    wide layer), where every partial sum of int8 x int8 products is an exact integer."""
+    wide layer), where every partial sum of products is an exact integer (inputs of magnitude
+    up to ``span``: 128 for int8, 255 for int8 minus a zero point)."""
     if kernel == "int32":
         return np.int32
-    return np.float32 if fan_in * 128 * QMAX < _F32_EXACT else np.float64
+    return np.float32 if fan_in * span * QMAX < _F32_EXACT else np.float64
 
 
-def round_div(s: np.ndarray, n: int) -> np.ndarray:
+def _offset_input(q: np.ndarray, quant: QuantParams, ft: type) -> np.ndarray:
+    """The int8 rows as the products read them: ``q`` itself (symmetric), or ``q - zero_point``
+    (asymmetric: TFLM's input_offset; a convolution's padding then reads 0, i.e. the zero point)."""
+    x = q.astype(ft)
+    if quant.asymmetric and quant.zero_point:
+        x -= ft(quant.zero_point)
+    return x
+
+
+def _span(quant: QuantParams) -> int:
+    return 255 if quant.asymmetric else 128
+
+
+INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
+
+
+def rounding_doubling_high_mul(a: np.ndarray, b: np.ndarray | int) -> np.ndarray:
+    """TFLM's SaturatingRoundingDoublingHighMul on int32 values (held in int64): the high 32
+    bits of 2ab, rounded half away from zero; INT32_MIN * INT32_MIN saturates."""
+    a = np.asarray(a, np.int64)
+    b = np.asarray(b, np.int64)
+    ab = a * b
+    t = ab + np.where(ab >= 0, np.int64(1 << 30), np.int64(1 - (1 << 30)))
+    high = np.where(t >= 0, t >> 31, -((-t) >> 31))          # division by 2**31 toward zero
+    return np.where((a == INT32_MIN) & (b == INT32_MIN), np.int64(INT32_MAX), high)
+
+
+def rounding_divide_by_pot(x: np.ndarray, exponent: np.ndarray | int) -> np.ndarray:
+    """TFLM's RoundingDivideByPOT: x / 2**exponent rounded to nearest, ties away from zero."""
+    x = np.asarray(x, np.int64)
+    e = np.asarray(exponent, np.int64)
+    mask = (np.int64(1) << e) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0)
+    return (x >> e) + (remainder > threshold)
+
+
+def multiply_by_quantized_multiplier(x: np.ndarray, mult: np.ndarray | int, shift: np.ndarray | int) -> np.ndarray:
+    """TFLM's MultiplyByQuantizedMultiplier: x * mult * 2**(shift - 31) with its double rounding
+    (``shift`` the exponent: > 0 shifts x left first; x << shift must fit int32, as checked
+    when the backbone is built)."""
+    shift = np.asarray(shift, np.int64)
+    left = np.maximum(shift, 0)
+    return rounding_divide_by_pot(rounding_doubling_high_mul(np.asarray(x, np.int64) << left, mult),
+                                  np.maximum(-shift, 0))
+
+
+#: TFLM's left shift of both inputs of an int8 add before they are rescaled.
+ADD_LEFT_SHIFT = 20
+
+
+def round_div(s: np.ndarray, n: int | np.ndarray) -> np.ndarray:
     """Integer division of int32 sums by ``n`` rounded half away from zero (int8 average
     pooling, as TFLM's): the same integers as et_int8.c."""
     s = np.asarray(s, np.int64)
@@ -370,8 +434,8 @@ class DenseOps(LayerOps):
     def int8_accumulate(self, spec, q, quant, kernel, residual=None):
         w = quant.qweight
         out_k, in_k = w.shape
-        ft = _int_dtype(in_k, kernel)  # integer values multiplied exactly in float (see edgetune.quant.int8)
-        qc = q.astype(ft)
+        ft = _int_dtype(in_k, kernel, _span(quant))  # integers multiplied exactly in float (see edgetune.quant.int8)
+        qc = _offset_input(q, quant, ft)
         acc = np.empty((q.shape[0], out_k), np.int32)
         t = max(1, TILE_BYTES // (in_k * 4))
         for r0 in range(0, out_k, t):
@@ -506,10 +570,11 @@ class ConvOps(LayerOps):
         return np.sum(g.reshape(g.shape[0], spec.out_channels, -1), axis=(0, 2), out=out)
 
     def int8_accumulate(self, spec, q, quant, kernel, residual=None):
-        # the padding is 0, the zero point of edgetune's symmetric activations
+        # the padding is 0: the zero point of symmetric activations; asymmetric ones are offset
+        # by theirs first (TFLM's input_offset), so the padding contributes nothing
         n, g, o = q.shape[0], spec.groups, spec.out_channels
-        ft = _int_dtype(int(np.prod(spec.weight_shape[1:])), kernel)
-        cols, npos = self._cols(spec, q.astype(ft))                  # (N, G, S, C/G*kh*kw)
+        ft = _int_dtype(int(np.prod(spec.weight_shape[1:])), kernel, _span(quant))
+        cols, npos = self._cols(spec, _offset_input(q, quant, ft))    # (N, G, S, C/G*kh*kw)
         z = np.matmul(cols, quant.qweight.reshape(g, o // g, -1).astype(ft).transpose(0, 2, 1))
         acc = z.transpose(0, 1, 3, 2).reshape(n, o, npos).astype(np.int32)
         acc += quant.qbias[:, None]
@@ -569,6 +634,9 @@ class PoolOps(LayerOps):
         x = q.astype(np.int32).reshape(q.shape[0], c, hh, ww)
         if self.mode == "max":
             z = _windows(x, k, s, p, -QMAX - 1).max(axis=(4, 5))
+        elif quant is not None and quant.asymmetric:  # TFLM: the sum of the valid (non-padding) values over their count
+            count = _windows(np.ones((1, 1, hh, ww), np.int32), k, s, p).sum(axis=(4, 5))
+            z = round_div(_windows(x, k, s, p).sum(axis=(4, 5)), count)
         else:
             z = round_div(_windows(x, k, s, p).sum(axis=(4, 5)), k[0] * k[1])
         return z.reshape(q.shape[0], -1).astype(np.int32, copy=False)
@@ -650,6 +718,14 @@ class AddOps(LayerOps):
         return g
 
     def int8_accumulate(self, spec, q, quant, kernel, residual=None):
+        if quant is not None and quant.asymmetric:
+            # TFLM's add: each input minus its zero point, shifted left by 20, rescaled by its own
+            # multiplier; the sum rescaled by the output's, plus the output zero point
+            (m1, m2, mo), (e1, e2, eo) = quant.requant
+            a = (q.astype(np.int64) - quant.zero_point) << ADD_LEFT_SHIFT
+            b = (residual.astype(np.int64) - quant.source_zero_point) << ADD_LEFT_SHIFT
+            total = multiply_by_quantized_multiplier(a, m1, e1) + multiply_by_quantized_multiplier(b, m2, e2)
+            return (multiply_by_quantized_multiplier(total, mo, eo) + quant.out_zero_point).astype(np.int32)
         # both inputs rescaled to the output scale with one shift: (q mx + r mr) / 2**shift,
         # rounded half up (quant.requant = ([mx, mr], [shift, shift]))
         (mx, mr), (sh, _) = quant.requant

@@ -31,6 +31,10 @@ FORMAT = "edgetune-backbone"
 #: float or int8 tensors. Version 1 files (and the former "edgetune-int8-backbone") still load.
 FORMAT_VERSION = 2
 INT8_FORMAT_V1 = "edgetune-int8-backbone"
+#: config.json's quantization.activations: symmetric (files without the field are) or asymmetric
+#: (TFLite Micro's arithmetic, a zero point per layer input: tensors layers.K.input_zero_point).
+INT8_SYMMETRIC = "int8 symmetric per tensor"
+INT8_ASYMMETRIC = "int8 asymmetric per tensor, TFLite Micro arithmetic"
 INT8_KERNELS = ("blas", "int32")
 
 
@@ -168,7 +172,8 @@ class Backbone:
             q = layer.quant
             layers.append(Layer(layer.spec, quant=QuantParams(
                 np.array((qweights or {}).get(k, q.qweight), np.int8), q.wscale.copy(),
-                np.array((qbiases or {}).get(k, q.qbias), np.int32), q.input_scale)))
+                np.array((qbiases or {}).get(k, q.qbias), np.int32), q.input_scale,
+                zero_point=q.zero_point, asymmetric=q.asymmetric)))
         return Backbone.from_layers(layers, labels=self.labels, input_mean=self.input_mean,
                                     input_std=self.input_std, int8_kernel=self.int8_kernel,
                                     activation=self.activation.name)
@@ -445,6 +450,8 @@ class Backbone:
             q = [layer.quant for layer in self.layers if layer.quant is not None]
             arrays = [*(p.qweight for p in q), *(p.wscale for p in q), *(p.qbias for p in q),
                       np.asarray([p.input_scale for p in q], np.float32), self.input_mean, self.input_std]
+            if q[0].asymmetric:  # symmetric models keep the digest earlier versions computed
+                arrays.append(np.asarray([p.zero_point for p in q], np.int32))
             for a in arrays:
                 hsh.update(b"-" if a is None else memoryview(np.ascontiguousarray(a)).cast("B"))
             return hsh.hexdigest()
@@ -466,6 +473,8 @@ class Backbone:
                     t[f"layers.{k}.weight_scale"] = q.wscale
                     t[f"layers.{k}.bias"] = q.qbias
                 t[f"layers.{k}.input_scale"] = np.asarray([q.input_scale], np.float32)
+                if q.asymmetric:
+                    t[f"layers.{k}.input_zero_point"] = np.asarray([q.zero_point], np.int32)
             elif layer.spec.has_params:
                 t[f"layers.{k}.weight"] = layer.weight
                 t[f"layers.{k}.bias"] = layer.bias
@@ -484,8 +493,9 @@ class Backbone:
             "labels": self.labels, "normalization": self.input_mean is not None,
         }
         if self.is_int8:
+            asym = self.layers[0].quant.asymmetric
             cfg["quantization"] = {"weights": "int8 symmetric per output channel", "biases": "int32",
-                                   "activations": "int8 symmetric per tensor"}
+                                   "activations": INT8_ASYMMETRIC if asym else INT8_SYMMETRIC}
         cfg["weights_sha256"] = hashlib.sha256(blob).hexdigest()
         return cfg
 
@@ -527,6 +537,13 @@ class Backbone:
                                  f"({FORMAT_VERSION})")
         check_model_config(cfg, cfg_path)
         int8 = fmt == INT8_FORMAT_V1 or "quantization" in cfg
+        asym = False
+        if int8 and isinstance(cfg.get("quantization"), dict) and "activations" in cfg["quantization"]:
+            mode = cfg["quantization"]["activations"]
+            if mode not in (INT8_SYMMETRIC, INT8_ASYMMETRIC):
+                raise ModelFileError(f"{cfg_path}: field 'quantization.activations' must be {INT8_SYMMETRIC!r} or "
+                                     f"{INT8_ASYMMETRIC!r}, got {mode!r}")
+            asym = mode == INT8_ASYMMETRIC
         if not int8:
             check_config_field(cfg, cfg_path, "dtype", lambda v: v in ("float32", "float64"), "float32 or float64")
         blob = w_path.read_bytes()
@@ -556,12 +573,16 @@ class Backbone:
             if not spec.has_params:
                 if int8:  # an int8 layer without weights: its input scale
                     want_shapes[f"layers.{k}.input_scale"] = ((1,), np.dtype(np.float32))
+                if asym:
+                    want_shapes[f"layers.{k}.input_zero_point"] = ((1,), np.dtype(np.int32))
                 continue
             if int8:
                 want_shapes[f"layers.{k}.weight"] = (spec.weight_shape, np.dtype(np.int8))
                 want_shapes[f"layers.{k}.weight_scale"] = (spec.bias_shape, np.dtype(np.float32))
                 want_shapes[f"layers.{k}.bias"] = (spec.bias_shape, np.dtype(np.int32))
                 want_shapes[f"layers.{k}.input_scale"] = ((1,), np.dtype(np.float32))
+                if asym:
+                    want_shapes[f"layers.{k}.input_zero_point"] = ((1,), np.dtype(np.int32))
             else:
                 want_shapes[f"layers.{k}.weight"] = (spec.weight_shape, dtype)
                 want_shapes[f"layers.{k}.bias"] = (spec.bias_shape, dtype)
@@ -585,15 +606,19 @@ class Backbone:
                 raise ModelFileError(f"{w_path}: tensor '{name}' contains NaN or inf")
         check_input_std(tensors.get("input.std"), w_path)
         layers = []
+
+        def zp(k: int) -> dict[str, Any]:
+            return {"zero_point": int(tensors[f"layers.{k}.input_zero_point"][0]), "asymmetric": True} if asym else {}
+
         for k, spec in enumerate(specs):
             if not spec.has_params:
                 layers.append(Layer(spec, quant=QuantParams(
                     np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros(0, np.int32),
-                    float(tensors[f"layers.{k}.input_scale"][0]))) if int8 else Layer(spec))
+                    float(tensors[f"layers.{k}.input_scale"][0]), **zp(k))) if int8 else Layer(spec))
             elif int8:
                 layers.append(Layer(spec, quant=QuantParams(
                     tensors[f"layers.{k}.weight"], tensors[f"layers.{k}.weight_scale"], tensors[f"layers.{k}.bias"],
-                    float(tensors[f"layers.{k}.input_scale"][0]))))
+                    float(tensors[f"layers.{k}.input_scale"][0]), **zp(k))))
             else:
                 layers.append(Layer(spec, tensors[f"layers.{k}.weight"], tensors[f"layers.{k}.bias"]))
         try:

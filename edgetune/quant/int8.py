@@ -18,6 +18,17 @@ its output scale. The last layer (dense or convolution) gives float logits: its
 accumulator times ``s_k s_w``. The input normalisation stays float (it is folded into the
 input quantisation).
 
+``activations="asymmetric"`` quantises in the conventions of CMSIS-NN and TensorFlow Lite
+Micro instead: each layer input ``h_k ~= s_k * (q_k - zp_k)`` with its own zero point
+(-128..127, the calibrated range made to include 0), the same symmetric per-channel weights
+and int32 biases, and every kind computed in TFLM's reference arithmetic: products of
+``q - zp_in`` (a convolution's padding contributes nothing), requantisation by
+MultiplyByQuantizedMultiplier (a Q31 multiplier and an exponent from QuantizeMultiplier,
+double rounding) plus ``zp_out``, the activation folded into [act_min, act_max], average
+pooling over the valid elements only, and TFLM's add (left shift 20, one multiplier per input
+and one for the output). ``tests/test_int8_tflm.py`` restates TFLM's kernels independently
+and holds both engines to them bit for bit.
+
 An int8 model is an ordinary ``Backbone`` whose layers hold ``QuantParams`` (``is_int8``);
 this module quantises a float backbone and runs the int8 pass on one, layer by layer through
 each kind's ``int8_accumulate`` (edgetune.nn.layers).
@@ -35,23 +46,42 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UsageError
-from ..nn.layers import QMAX, TILE_BYTES, Layer, QuantParams, chain_specs
+from ..nn.layers import (ADD_LEFT_SHIFT, QMAX, TILE_BYTES, Layer, QuantParams, chain_specs,
+                         multiply_by_quantized_multiplier)
 from ..nn.mlp import INT8_KERNELS as KERNELS, Backbone
 
-__all__ = ["KERNELS", "QMAX", "TILE_BYTES", "accumulate", "act_scales", "calibrate", "calibrate_layers",
-           "check_int8_layers", "clamp_range", "dequantize", "int8_backbone", "int8_forward", "int8_forward_taps",
-           "int8_float_taps", "layer_int8", "load_any", "logits_from", "quantize", "quantize_activation",
-           "quantize_input", "quantize_weight", "requant_params", "requantize", "run_int8", "tap_scales"]
+__all__ = ["ACTIVATION_MODES", "KERNELS", "QMAX", "TILE_BYTES", "accumulate", "act_scales", "calibrate",
+           "calibrate_layers", "calibrate_zero_points", "check_int8_layers", "clamp_range", "dequantize",
+           "int8_backbone", "int8_float_taps", "int8_forward", "int8_forward_taps", "is_asymmetric", "layer_int8",
+           "load_any", "logits_from", "quantize", "quantize_activation", "quantize_input", "quantize_weight",
+           "requant_params", "requant_params_tflm", "requantize", "requantize_tflm", "round_half_away", "run_int8",
+           "tap_scales"]
 
 #: The activations an int8 layer fuses into its output clamp.
 INT8_ACTIVATIONS = ("identity", "relu", "relu6")
+#: How activations are quantised: edgetune's symmetric int8 (zero point 0, -127..127) or
+#: asymmetric int8 with a zero point per tensor, in TFLite Micro's arithmetic.
+ACTIVATION_MODES = ("symmetric", "asymmetric")
 #: Kinds whose output keeps the input's scale (no requantisation).
 SAME_SCALE_KINDS = ("maxpool1d", "maxpool2d", "avgpool1d", "avgpool2d", "gap", "flatten")
 
 
-def _empty_quant(input_scale: float) -> QuantParams:
-    """The int8 parameters of a layer without weights: its input scale only."""
-    return QuantParams(np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros(0, np.int32), float(input_scale))
+def _empty_quant(input_scale: float, zero_point: int = 0, asymmetric: bool = False) -> QuantParams:
+    """The int8 parameters of a layer without weights: its input scale (and zero point) only."""
+    return QuantParams(np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros(0, np.int32), float(input_scale),
+                       zero_point=int(zero_point), asymmetric=asymmetric)
+
+
+def is_asymmetric(bb: Backbone) -> bool:
+    """True for an int8 backbone with asymmetric activations (TFLM's arithmetic)."""
+    return bool(bb.is_int8 and bb.layers[0].quant.asymmetric)
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """Round to the nearest integer, ties away from zero (C's roundf / std::round), exactly."""
+    v = np.asarray(v)
+    t = np.trunc(v)
+    return np.where(np.abs(v - t) >= 0.5, t + np.sign(v), t)
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,12 +93,36 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
-def quantize_activation(h: np.ndarray, scale: float, *, relu: bool = False) -> np.ndarray:
-    """Symmetric int8 with one scale; ``relu`` clips at 0 (a ReLU output is never negative)."""
+def quantize_activation(h: np.ndarray, scale: float, *, relu: bool = False,
+                        zero_point: int | None = None) -> np.ndarray:
+    """Symmetric int8 with one scale; ``relu`` clips at 0 (a ReLU output is never negative).
+    With a ``zero_point``: asymmetric, TFLM's quantize, ``clip(round(h / scale) + zero_point,
+    -128, 127)`` (float32 division, rounded half away from zero)."""
     q = np.divide(h, np.float32(scale), dtype=np.float32)
+    if zero_point is not None:
+        q = round_half_away(q).astype(np.float32, copy=False) + np.float32(zero_point)
+        np.clip(q, -QMAX - 1, QMAX, out=q)
+        return q.astype(np.int8)
     np.rint(q, out=q)
     np.clip(q, 0 if relu else -QMAX, QMAX, out=q)
     return q.astype(np.int8)
+
+
+def requant_params_tflm(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TFLM's QuantizeMultiplier of positive real multipliers: (Q31 multiplier in [2**30, 2**31),
+    exponent), m ~= mult * 2**(exponent - 31); the fraction rounded half away from zero, a
+    multiplier too small for an exponent of -31 becomes 0, one too large saturates (2**31 - 1,
+    exponent 30)."""
+    frac, exp = np.frexp(np.asarray(m, dtype=np.float64))
+    mult = round_half_away(frac * 2.0 ** 31).astype(np.int64)
+    carry = mult == 2 ** 31
+    mult[carry] //= 2
+    exp = exp.astype(np.int64) + carry
+    small = exp < -31
+    mult[small], exp[small] = 0, 0
+    big = exp > 30
+    mult[big], exp[big] = 2 ** 31 - 1, 30
+    return mult, exp
 
 
 def requant_params(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +138,14 @@ def requant_params(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mult, shift
 
 
+def requantize_tflm(acc: np.ndarray, mult: np.ndarray, shift: np.ndarray, zero_point: int, lo: int,
+                    hi: int) -> np.ndarray:
+    """TFLM's requantisation: MultiplyByQuantizedMultiplier(acc, mult, shift) + zero_point,
+    clipped to [lo, hi] (act_min, act_max), as int8."""
+    out = multiply_by_quantized_multiplier(acc, mult, shift) + zero_point
+    return np.clip(out, lo, hi).astype(np.int8)
+
+
 def requantize(acc: np.ndarray, mult: np.ndarray, shift: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """round(acc * mult * 2**-shift), clipped to [lo, hi], as int8 (round half up)."""
     prod = acc.astype(np.int64) * mult
@@ -92,8 +154,19 @@ def requantize(acc: np.ndarray, mult: np.ndarray, shift: np.ndarray, lo: int, hi
     return np.clip(prod, lo, hi).astype(np.int8)
 
 
-def clamp_range(activation: str, out_scale: float) -> tuple[int, int]:
-    """The int8 output range [lo, hi] that applies ``activation`` at output scale ``out_scale``."""
+def clamp_range(activation: str, out_scale: float, zero_point: int | None = None) -> tuple[int, int]:
+    """The int8 output range [lo, hi] that applies ``activation`` at output scale ``out_scale``;
+    with a ``zero_point`` (asymmetric) TFLM's [act_min, act_max]: identity [-128, 127], ReLU
+    [zp, 127], ReLU6 [zp, min(127, zp + round(6 / s))] (float32, rounded half away from zero)."""
+    if zero_point is not None and activation in INT8_ACTIVATIONS:
+        if activation == "identity":
+            return -QMAX - 1, QMAX
+        lo = max(int(zero_point), -QMAX - 1)
+        if activation == "relu":
+            return lo, QMAX
+        six = float(round_half_away(np.float32(6.0) / np.float32(out_scale)))
+        six = int(min(six, 2 * QMAX + 1))  # beyond the int8 range either way (inf for a tiny scale)
+        return lo, min(QMAX, int(zero_point) + six)
     if activation == "identity":
         return -QMAX, QMAX
     if activation == "relu":
@@ -115,6 +188,8 @@ def check_int8_layers(layers: Sequence[Layer]) -> None:
     """Check every int8 layer's tensors and set its requantiser (from its own and the next
     layer's input scales). Raises UsageError naming the layer."""
     n = len(layers)
+    asym = bool(layers[0].quant.asymmetric) if layers[0].quant is not None else False
+    span = 255 if asym else 128  # |q - zero point| at most
     if not layers[-1].spec.has_params:
         raise UsageError(f"the last layer of an int8 backbone gives the logits and must be dense or a convolution "
                          f"(it is {layers[-1].spec.kind})")
@@ -124,6 +199,15 @@ def check_int8_layers(layers: Sequence[Layer]) -> None:
             raise UsageError(f"layer {k} ({spec.kind}) has no int8 parameters: in an int8 backbone every layer "
                              f"carries its input scale")
         q.input_scale = _check_scale(k, q.input_scale)
+        if bool(q.asymmetric) != asym:
+            raise UsageError(f"layer {k}: the layers of an int8 backbone are all symmetric or all asymmetric")
+        q.asymmetric = asym
+        zp = q.zero_point
+        if isinstance(zp, bool) or not isinstance(zp, (int, np.integer)) or not (-QMAX - 1 <= zp <= QMAX) \
+                or (zp != 0 and not asym):
+            raise UsageError(f"layer {k}: the input zero point must be a whole number in -128..127 "
+                             f"(0 for symmetric activations), got {zp!r}")
+        q.zero_point = int(zp)
         if k < n - 1:
             clamp_range(spec.activation, 1.0)
         if not spec.has_params:
@@ -144,11 +228,14 @@ def check_int8_layers(layers: Sequence[Layer]) -> None:
                              f"do not fit {spec.out_channels} output channels")
         if not (np.all(np.isfinite(s)) and np.all(s > 0)):
             raise UsageError(f"layer {k}: weight scales must be positive and finite")
-        # int32 accumulator: |sum q_x q_w| <= fan_in * 128 * 127, plus the bias.
+        # int32 accumulator: |sum q_x q_w| <= fan_in * 128 * 127 (255 asymmetric), plus the bias.
         fan_in = int(np.prod(spec.weight_shape[1:]))
-        bound = fan_in * 128 * QMAX + int(np.abs(b.astype(np.int64)).max(initial=0))
+        bound = fan_in * span * QMAX + int(np.abs(b.astype(np.int64)).max(initial=0))
         if bound >= 2 ** 31:
             raise UsageError(f"layer {k}: the int32 accumulator could overflow ({bound} >= 2**31)")
+    if asym:
+        _tflm_requantisers(layers)
+        return
     for k in range(n - 1):
         spec, q = layers[k].spec, layers[k].quant
         s_out = np.float32(layers[k + 1].quant.input_scale)
@@ -167,6 +254,44 @@ def check_int8_layers(layers: Sequence[Layer]) -> None:
                                  f"must equal it ({q.input_scale} != {float(s_out)})")
             q.requant = None
     layers[-1].quant.requant = None
+
+
+def _tflm_requantisers(layers: Sequence[Layer]) -> None:
+    """The derived int8 parameters of an asymmetric backbone, as TFLM prepares its kernels:
+    each hidden weighted layer's per-channel (multiplier, exponent) of s_in * s_w[c] / s_out;
+    an add's three (TFLM's add: its inputs' s / (2 max(s_in, s_src)) and the output's
+    2 max(s_in, s_src) / (2**20 s_out)); the zero points of each layer's output and an add's source."""
+    n = len(layers)
+    for k in range(n):
+        spec, q = layers[k].spec, layers[k].quant
+        q.out_zero_point = layers[k + 1].quant.zero_point if k < n - 1 else 0
+        q.source_zero_point = layers[spec.source].quant.zero_point if spec.kind == "add" else 0
+        q.requant = None
+        if k == n - 1:
+            continue
+        s_in, s_out = np.float64(np.float32(q.input_scale)), np.float64(np.float32(layers[k + 1].quant.input_scale))
+        if spec.has_params:
+            mult, shift = requant_params_tflm(s_in * q.wscale.astype(np.float64) / s_out)
+            # MultiplyByQuantizedMultiplier shifts the int32 accumulator left first: it must fit
+            fan_in = int(np.prod(spec.weight_shape[1:]))
+            bound = fan_in * 255 * QMAX + np.abs(q.qbias.astype(np.int64))
+            if np.any(bound >= np.left_shift(np.int64(1), 31 - np.maximum(shift, 0))):
+                raise UsageError(f"layer {k}: a requantisation multiplier above 1 would overflow the int32 "
+                                 f"accumulator (the activation scales are degenerate)")
+            q.requant = (mult, shift)
+        elif spec.kind == "add":
+            s_src = np.float64(np.float32(layers[spec.source].quant.input_scale))
+            twice_max = 2.0 * max(s_in, s_src)
+            m = np.asarray([s_in / twice_max, s_src / twice_max, twice_max / ((1 << ADD_LEFT_SHIFT) * s_out)])
+            mult, shift = requant_params_tflm(m)
+            if np.any(shift > 0):
+                raise UsageError(f"layer {k} (add): its output scale is too small for TFLM's add "
+                                 f"(the output multiplier must be below 1)")
+            q.requant = (mult, shift)
+        elif np.float32(q.input_scale) != np.float32(s_out) or q.zero_point != layers[k + 1].quant.zero_point:
+            raise UsageError(f"layer {k} ({spec.kind}) keeps its input's scale and zero point: layer {k + 1}'s "
+                             f"input must have the same ({q.input_scale}, {q.zero_point} != "
+                             f"{layers[k + 1].quant.input_scale}, {layers[k + 1].quant.zero_point})")
 
 
 def int8_backbone(qweights: Sequence[np.ndarray], wscales: Sequence[np.ndarray], qbiases: Sequence[np.ndarray],
@@ -202,8 +327,9 @@ def act_scales(bb: Backbone) -> np.ndarray:
 
 
 def quantize_input(bb: Backbone, x: np.ndarray) -> np.ndarray:
-    """Prepared (normalised) float inputs -> int8 at the first layer's input scale."""
-    return quantize_activation(x, bb.layers[0].quant.input_scale)
+    """Prepared (normalised) float inputs -> int8 at the first layer's input scale (and zero point)."""
+    q = bb.layers[0].quant
+    return quantize_activation(x, q.input_scale, zero_point=q.zero_point if q.asymmetric else None)
 
 
 def accumulate(bb: Backbone, k: int, q: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
@@ -217,16 +343,20 @@ def accumulate(bb: Backbone, k: int, q: np.ndarray, residual: np.ndarray | None 
 def layer_int8(bb: Backbone, k: int, q: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
     """Hidden layer k on int8 inputs: the int8 input of layer k+1 (activation fused)."""
     layer = bb.layers[k]
-    spec = layer.spec
-    lo, hi = clamp_range(spec.activation, bb.layers[k + 1].quant.input_scale)
+    spec, lq = layer.spec, layer.quant
+    zp_out = lq.out_zero_point if lq.asymmetric else None
+    lo, hi = clamp_range(spec.activation, bb.layers[k + 1].quant.input_scale, zp_out)
     acc = accumulate(bb, k, q, residual)
     if not spec.has_params:
         return np.clip(acc, lo, hi).astype(np.int8)
-    mult, shift = layer.quant.requant
+    mult, shift = lq.requant
     npos = spec.out_features // spec.out_channels
-    if npos == 1:
-        return requantize(acc, mult, shift, lo, hi)
-    out = requantize(acc.reshape(q.shape[0], spec.out_channels, npos), mult[:, None], shift[:, None], lo, hi)
+    if npos > 1:
+        acc, mult, shift = acc.reshape(q.shape[0], spec.out_channels, npos), mult[:, None], shift[:, None]
+    if lq.asymmetric:
+        out = requantize_tflm(acc, mult, shift, zp_out, lo, hi)
+    else:
+        out = requantize(acc, mult, shift, lo, hi)
     return out.reshape(q.shape[0], spec.out_features)
 
 
@@ -307,7 +437,11 @@ def int8_float_taps(bb: Backbone, x: np.ndarray, out: np.ndarray | None = None) 
         rows, logits = int8_forward_taps(bb, x)  # before `out`: the pass's temporaries are freed by then
         if out is None:
             out = np.empty((x.shape[0], d + bb.sizes[-1]), np.float32)
-        np.multiply(rows, tap_scales(bb), out=out[:, :d])
+        if is_asymmetric(bb):  # (q - zp) * s, the difference exact in float32
+            zps = np.repeat([layer.quant.zero_point for layer in bb.layers], bb.in_widths).astype(np.float32)
+            np.multiply(rows.astype(np.float32) - zps, np.repeat(act_scales(bb), bb.in_widths), out=out[:, :d])
+        else:
+            np.multiply(rows, tap_scales(bb), out=out[:, :d])
         out[:, d:] = logits
         return out
     if out is None:
@@ -322,11 +456,16 @@ def int8_float_taps(bb: Backbone, x: np.ndarray, out: np.ndarray | None = None) 
                 return
             spec = bb.layers[k].spec
             s = np.float32(bb.layers[k].quant.input_scale)
+            zp = bb.layers[k].quant.zero_point  # 0 when symmetric
             t = dst[:, cols[k]:cols[k] + spec.tap_width]
             if spec.spatial:
                 npos = spec.in_features // spec.in_shape[0]
                 total = q.reshape(q.shape[0], spec.in_shape[0], npos).sum(axis=2, dtype=np.int32)
+                if zp:
+                    total -= np.int32(npos * zp)
                 np.multiply(total, s / np.float32(npos), out=t)
+            elif zp:
+                np.multiply(q.astype(np.int32) - np.int32(zp), s, out=t)
             else:
                 np.multiply(q, s, out=t)
 
@@ -340,6 +479,9 @@ def tap_scales(bb: Backbone) -> np.ndarray:
     """One dequantisation scale per column of the int8 tap rows of an int8 MLP (an int8 skip-cache's
     column scales: a CNN's taps are pooled floats, not int8 values)."""
     _need_int8(bb)
+    if is_asymmetric(bb):
+        raise UsageError("an int8 skip-cache stores the symmetric int8 taps of an int8 MLP; this model has "
+                         "asymmetric activations (not yet supported: use the float skip-cache)")
     if any(s.spatial for s in bb.specs):
         raise UsageError("an int8 skip-cache stores int8 MLP taps; an int8 CNN's taps are pooled floats "
                          "(use the float skip-cache)")
@@ -418,12 +560,57 @@ def calibrate_layers(backbone: Backbone, x: np.ndarray, *, percentile: float = 1
     return scales
 
 
+def calibrate_zero_points(backbone: Backbone, x: np.ndarray, *, percentile: float = 100.0
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric int8 (scale (n_layers,) float32, zero point (n_layers,) int32) of every layer's
+    input on raw inputs ``x``, TFLite's way: the range [lo, hi] (the min and max, or the
+    100 - P and P percentiles, on at most ``PERCENTILE_VALUES`` values per layer) made to include
+    0, ``s = (hi - lo) / 255``, ``zp = round(-128 - lo / s)`` clamped to -128..127. After a
+    pooling, gap or flatten layer the scale and zero point are the ones before it."""
+    _check_percentile(percentile)
+    xp = backbone.prepare(x, "calibration x")
+    n = backbone.n_layers
+    lows, highs = np.zeros(n), np.zeros(n)
+    seen: list[list[np.ndarray]] = [[] for _ in range(n)]
+    steps = [max(1, -(-xp.shape[0] * w // PERCENTILE_VALUES)) for w in backbone.in_widths]
+
+    def record(k: int, h: np.ndarray) -> None:
+        a = np.asarray(h).ravel()
+        if percentile < 100:
+            seen[k].append(a[::steps[k]] if steps[k] > 1 else a.copy())
+        elif a.size:
+            lows[k], highs[k] = min(lows[k], float(a.min())), max(highs[k], float(a.max()))
+
+    for lo in range(0, xp.shape[0], Backbone.BLOCK_ROWS):
+        backbone.walk(xp[lo:lo + Backbone.BLOCK_ROWS], on_input=record)
+    scales = np.ones(n, np.float32)
+    zps = np.zeros(n, np.int32)
+    for k in range(n):
+        if k > 0 and backbone.layers[k - 1].spec.kind in SAME_SCALE_KINDS:
+            scales[k], zps[k] = scales[k - 1], zps[k - 1]
+            continue
+        if percentile < 100:
+            v = np.concatenate(seen[k])
+            lows[k], highs[k] = float(np.percentile(v, 100 - percentile)), float(np.percentile(v, percentile))
+        lo_k, hi_k = min(lows[k], 0.0), max(highs[k], 0.0)
+        if hi_k - lo_k <= 0:
+            continue  # an input that is always 0: any scale, zero point 0
+        scale = (hi_k - lo_k) / 255.0
+        scales[k] = scale
+        zps[k] = int(np.clip(round_half_away(-128.0 - lo_k / float(np.float32(scale))), -QMAX - 1, QMAX))
+    return scales, zps
+
+
 def quantize(backbone: Backbone, x_calib: np.ndarray, *, percentile: float = 100.0,
-             kernel: str = "blas") -> Backbone:
+             kernel: str = "blas", activations: str = "symmetric") -> Backbone:
     """Post-training quantisation of a trained float backbone, calibrated on raw inputs ``x_calib``
     (pre-training data: the device never needs the fine-tuning data for this). Every layer kind
     is quantised; the last layer must be dense or a convolution, and the activations between
-    layers identity, ReLU or ReLU6 (fused into the int8 clamp)."""
+    layers identity, ReLU or ReLU6 (fused into the int8 clamp). ``activations``: "symmetric"
+    (edgetune's int8, zero point 0) or "asymmetric" (a zero point per layer input, computed in
+    TFLite Micro's arithmetic; see the module's docstring)."""
+    if activations not in ACTIVATION_MODES:
+        raise UsageError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
     if backbone.is_int8:
         raise UsageError("this backbone is already int8")
     if not backbone.layers[-1].spec.has_params:
@@ -433,20 +620,25 @@ def quantize(backbone: Backbone, x_calib: np.ndarray, *, percentile: float = 100
         if layer.spec.activation not in INT8_ACTIVATIONS:
             raise UsageError(f"int8 quantisation fuses the activations into the int8 clamp: "
                              f"{', '.join(INT8_ACTIVATIONS)}; layer {k} has '{layer.spec.activation}'")
-    if all(s.kind == "dense" for s in backbone.specs):
+    asym = activations == "asymmetric"
+    zps = np.zeros(backbone.n_layers, np.int32)
+    if asym:
+        scales, zps = calibrate_zero_points(backbone, x_calib, percentile=percentile)
+    elif all(s.kind == "dense" for s in backbone.specs):
         scales = calibrate(backbone, x_calib, percentile=percentile)[:-1]  # an MLP's taps are its layers' inputs
     else:
         scales = calibrate_layers(backbone, x_calib, percentile=percentile)
     layers = []
     for k, layer in enumerate(backbone.layers):
         if not layer.spec.has_params:
-            layers.append(Layer(layer.spec, quant=_empty_quant(scales[k])))
+            layers.append(Layer(layer.spec, quant=_empty_quant(scales[k], int(zps[k]), asym)))
             continue
         q, s = quantize_weight(layer.weight)
         bq = np.rint(np.asarray(layer.bias, np.float64) / (float(scales[k]) * s.astype(np.float64)))
         if np.abs(bq).max(initial=0) >= 2 ** 30:
             raise UsageError(f"layer {k}: the bias does not fit int32 at this scale (calibration data too narrow?)")
-        layers.append(Layer(layer.spec, quant=QuantParams(q, s, bq.astype(np.int32), float(scales[k]))))
+        layers.append(Layer(layer.spec, quant=QuantParams(q, s, bq.astype(np.int32), float(scales[k]),
+                                                          zero_point=int(zps[k]), asymmetric=asym)))
     return Backbone.from_layers(layers, labels=backbone.labels, input_mean=backbone.input_mean,
                                 input_std=backbone.input_std, int8_kernel=kernel,
                                 activation=backbone.activation.name)
