@@ -254,6 +254,25 @@ def test_c_integer_pass_accumulates_one_output_channel_at_a_time():
 
 
 @needs_c
+@pytest.mark.parametrize("int8", [True, False])
+def test_c_workspace_pieces_add_up_to_its_size(int8):
+    """et_workspace_pieces names the pieces plan_layout carves; they add up to et_workspace_size (+ 64
+    bytes for an unaligned pointer), at the host's pointers and a microcontroller's."""
+    from edgetune.memory import core_workspace_for, core_workspace_pieces
+    from edgetune.methods import make_method
+    from edgetune.quant.int8 import dequantize
+    q, _, _ = _int8("1d-residual")
+    bb = q if int8 else dequantize(q)
+    assert bb.is_int8 == int8
+    for scheme in ("w0:1/4,b2", "w1,b3", "b2"):
+        m = make_method("sparse", bb, scheme=scheme)
+        for pb in (4, 8):
+            pieces = core_workspace_pieces(m, 7, pointer_bytes=pb)
+            assert sum(pieces.values()) + 64 == core_workspace_for(m, 7, pointer_bytes=pb), (scheme, pieces)
+            assert all(v % 64 == 0 for v in pieces.values()) and pieces["snapshot"] >= 4 * m.params.flat.size
+
+
+@needs_c
 def test_c_refuses_a_missing_int8_unit_and_the_adapter_round_trips(tmp_path):
     """C checks the units of every layer with weights from the first trained one on before it
     runs (the planner may size a workspace without them); the adapter file rebuilds the run."""

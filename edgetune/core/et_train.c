@@ -250,14 +250,31 @@ static int sp_assembles(const et_backbone *bb, const et_method *m, int k) {
     return m->rows[k] > 0 || (bb->is_int8 && et_layer_has_weights(&bb->layers[k]));
 }
 
+/* The pieces plan_layout carves, by name, as et_workspace_pieces reports them (NULL: not asked). */
+typedef struct {
+    const char **names;
+    size_t *bytes;
+    int32_t max, count;
+} piece_log;
+
+static void note(piece_log *log, const char *name, size_t bytes) {
+    if (!log) return;
+    if (log->count < log->max) {
+        log->names[log->count] = name;
+        log->bytes[log->count] = bytes;
+    }
+    log->count++;
+}
+
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
  * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
  * size of the batch's row pointers). This is the only place the layout is written:
- * edgetune's planner asks et_workspace_size_for() through the binding.
+ * edgetune's planner asks et_workspace_size_for() through the binding (and
+ * et_workspace_pieces for its pieces by name).
  */
 static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, int pointer_bytes, char *base,
-                          layout *L) {
+                          layout *L, piece_log *log) {
     char *cur = base;
     size_t total = 0;
     const size_t B = (size_t)batch, F = sizeof(float);
@@ -268,7 +285,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
 #define PIECE(field, type, count)                              \
     do {                                                       \
         if (base) L->field = (type)(void *)cur;                \
-        total += take(&cur, (size_t)(count));                  \
+        const size_t got_ = take(&cur, (size_t)(count));       \
+        note(log, #field, got_);                               \
+        total += got_;                                         \
     } while (0)
     { /* the per-layer tables: 3n + 1 int32, then 3n + 1 pointers, in one piece */
         const size_t P = (size_t)pointer_bytes, ints = ((size_t)(3 * n + 1) * 4 + P - 1) / P * P;
@@ -281,7 +300,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             L->kept = L->act + n + 1;
             L->pend = L->kept + n;
         }
-        total += take(&cur, ints + (size_t)(3 * n + 1) * P);
+        const size_t got = take(&cur, ints + (size_t)(3 * n + 1) * P);
+        note(log, "tables", got);
+        total += got;
     }
     PIECE(snapshot, float *, (size_t)m->n_params * F);
     PIECE(ybuf, int32_t *, B * 4);
@@ -432,7 +453,16 @@ size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE || pointer_bytes < 1 || pointer_bytes > 16) return 0;
     if (m->kind != ET_SKIP && (m->first < 0 || m->first >= bb->n_layers)) return 0;
     if (m->kind == ET_SPARSE && !sparse_rows_ok(bb, m)) return 0;
-    return plan_layout(bb, m, batch, pointer_bytes, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
+    return plan_layout(bb, m, batch, pointer_bytes, NULL, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
+}
+
+int32_t et_workspace_pieces(const et_backbone *bb, const et_method *m, int32_t batch, int32_t pointer_bytes,
+                            const char **names, size_t *bytes, int32_t max) {
+    if (et_workspace_size_for(bb, m, NULL, batch, pointer_bytes) == 0 || max < 0 || (max > 0 && (!names || !bytes)))
+        return -1;
+    piece_log log = {names, bytes, max, 0};
+    plan_layout(bb, m, batch, pointer_bytes, NULL, NULL, &log);
+    return log.count;
 }
 
 size_t et_workspace_size(const et_backbone *bb, const et_method *m, const et_cache *cache, int32_t batch) {
@@ -486,7 +516,7 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->x = x;
     c->d_in = et_skip_d_in(bb);
     c->batch = batch;
-    plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L);
+    plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L, NULL);
     for (int k = 0; k <= bb->n_layers; k++) c->L.width[k] = et_width(bb, k);
     c->n_taps = et_skip_taps(bb, NULL, c->L.tap_width);
     c->width = c->L.width;
