@@ -273,6 +273,28 @@ def test_c_workspace_pieces_add_up_to_its_size(int8):
 
 
 @needs_c
+def test_c_reserves_no_weight_gradient_scratch_for_a_frozen_convolution():
+    """The sparse update computes a convolution's weight gradient for its trained rows only, and none
+    where only its bias trains: the kernels' scratch is sized for what runs (float and int8) (a pointwise layer of 64
+    channels at 50 positions from 8: its whole weight gradient would need (64 x 50 + 8 x 64) floats)."""
+    from edgetune.memory import core_workspace_pieces
+    from edgetune.methods import make_method
+    shape = (3, 50)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, *shape)).astype(np.float32)
+    bb = et.Backbone.from_layers(build_layers(parse_arch("conv:8:3:1:same,relu,conv:64:1,relu,gap", shape, 3),
+                                              seed=0)).fit_normalizer(x)
+    for backbone in (bb, quantize(bb, x)):
+        scratch = {s: core_workspace_pieces(make_method("sparse", backbone, scheme=s), 4).get("scratch", 0)
+                   for s in ("b1", "w1:1/8,b1", "w1,b1")}
+        # the pointwise forward and input gradient need none; the float update runs the frozen 3-tap
+        # convolution in front in floats (its im2col: 3 x 3 x 50), the int8 one as the integer pass
+        assert scratch["b1"] == (0 if backbone.is_int8 else -(-3 * 3 * 50 * 4 // 64) * 64), scratch
+        assert scratch["w1:1/8,b1"] == -(-(64 * 50 + 8 * 8) * 4 // 64) * 64, scratch  # 8 of 64 rows
+        assert scratch["w1,b1"] == -(-(64 * 50 + 8 * 64) * 4 // 64) * 64, scratch
+
+
+@needs_c
 def test_c_refuses_a_missing_int8_unit_and_the_adapter_round_trips(tmp_path):
     """C checks the units of every layer with weights from the first trained one on before it
     runs (the planner may size a workspace without them); the adapter file rebuilds the run."""

@@ -106,7 +106,8 @@ static size_t most(size_t a, size_t b) { return a > b ? a : b; }
 
 /* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer from `from` on asks
  * (the frozen forward; with `backward` the gradients and the LoRA convolutions of the layers the
- * backward pass enters, m->first on). */
+ * backward pass enters, m->first on; the sparse update's convolutions: only the gradients it computes,
+ * the input's above `first` and the trained rows' weight gradient). */
 static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward, int from) {
     size_t s = 0;
     for (int k = from; k < bb->n_layers; k++) {
@@ -114,6 +115,13 @@ static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batc
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         s = most(s, ops->forward_scratch_bytes(l, batch));
         if (!backward || k < m->first) continue;
+        if (m->kind == ET_SPARSE && (l->kind == ET_LAYER_CONV1D || l->kind == ET_LAYER_CONV2D)) {
+            /* the sparse update: the input's gradient above `first`, the gradient of the trained rows only */
+            const et_conv_dims d = et_layer_dims(l);
+            if (k > m->first) s = most(s, et_conv_input_grad_scratch_bytes(&d, batch));
+            s = most(s, et_conv_weight_grad_rows_scratch_bytes(&d, batch, m->rows[k]));
+            continue;
+        }
         s = most(s, ops->backward_scratch_bytes(l, batch));
         if (m->off_lora_a[k] >= 0 && l->kind != ET_LAYER_DENSE) {
             et_conv_dims a, b;
