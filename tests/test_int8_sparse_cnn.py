@@ -295,6 +295,30 @@ def test_c_reserves_no_weight_gradient_scratch_for_a_frozen_convolution():
 
 
 @needs_c
+def test_c_keeps_the_inputs_from_the_first_trained_layer_on_as_int8():
+    """From its first trained layer on the sparse update's forward pass is fake-quantised: every layer's
+    input is an int8 value times its scale, kept as that int8 code for the backward pass (1 byte a
+    value, not a float's 4); the floats a kernel reads are rebuilt from it (the same floats: the
+    comparisons with NumPy above and tests/test_core_fused.py). Two more frozen convolutions of 8 x 400
+    outputs after the first trained layer cost their int8 inputs (4 x 3,200 bytes each at batch 4)."""
+    from edgetune.memory import core_workspace_pieces
+    from edgetune.methods import make_method
+    shape, width, batch = (3, 400), 8 * 400, 4
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, *shape)).astype(np.float32)
+
+    def pieces(depth: int) -> dict[str, int]:
+        arch = "conv:8:3:1:same,relu," * depth + "gap"
+        bb = et.Backbone.from_layers(build_layers(parse_arch(arch, shape, 3), seed=0)).fit_normalizer(x)
+        return core_workspace_pieces(make_method("sparse", quantize(bb, x), scheme="w0:1/4,b1"), batch)
+
+    three, five = pieces(3), pieces(5)
+    assert five["actq[k]"] - three["actq[k]"] == 2 * batch * width, (three, five)
+    assert sum(five.values()) - sum(three.values()) < 2 * batch * width + 256, (three, five)
+    assert three["act[k]"] == 64  # as floats: the logits only (4 x 3 classes, one 64-byte piece)
+
+
+@needs_c
 def test_c_refuses_a_missing_int8_unit_and_the_adapter_round_trips(tmp_path):
     """C checks the units of every layer with weights from the first trained one on before it
     runs (the planner may size a workspace without them); the adapter file rebuilds the run."""

@@ -21,6 +21,7 @@
 #define ALIGN 64
 #define FILL_BLOCK 64 /* rows per block when the cache is filled eagerly in place */
 #define SKIP_BLOCK 4  /* rows per block of a skip batch's fused pass (skip_step): they stay in L1 */
+#define ACT_BLOCK 32  /* values per block of an int8 chain's kept input read back for a mask (lw_backward) */
 
 /* ------------------------------------------------------------------ the workspace */
 /* Every scratch buffer of a run, carved from the caller's workspace in this order. */
@@ -32,10 +33,16 @@ typedef struct {
     int32_t *width;                        /* n + 1: et_width(bb, k), read once: the hot loops index it */
     int32_t *tap_width;                    /* n: skip: each adapter's input width */
     int32_t *pending;                      /* n: layer-wise, not an MLP: pend[k] holds gradients from add layers */
-    float **act;                           /* n + 1: layer-wise/sparse: batch x et_width(bb, k) */
+    float **act;                           /* n + 1: layer-wise/sparse: batch x et_width(bb, k) (the sparse update on
+                                              an int8 chain: the logits act[n] only, the inputs are in actq) */
+    int8_t **actq;                         /* n: sparse, an int8 chain: layer k's input kept for the backward pass,
+                                              batch x et_width(bb, k) int8 codes (act_code, act_value) */
+    float *deq;                            /* sparse, an int8 chain: one layer's input (or an add's source) as floats,
+                                              where a kernel reads it: act_floats */
     float *lora_u;                         /* layer-wise: n x batch x rank */
     float *gbuf[2];                        /* batch x the widest input below which the backward pass goes:
-                                              gradients flowing back */
+                                              gradients flowing back (the sparse update on an int8 chain: in
+                                              the forward pass, a layer's input and output as floats) */
     float *gu;                             /* batch x (n*rank): gradient of the adapters' middle */
     float *pack;                           /* layer-wise: a weight transposed for the backward pass */
     float *wrow;                           /* sparse int8: one widened weight row */
@@ -258,6 +265,22 @@ static int sp_assembles(const et_backbone *bb, const et_method *m, int k) {
     return m->rows[k] > 0 || (bb->is_int8 && et_layer_has_weights(&bb->layers[k]));
 }
 
+/*
+ * The sparse update on an int8 chain keeps each layer's input from `start` on as int8 codes (actq), not
+ * floats: every one of them is an int8 value times the layer's input scale (the integer pass's output
+ * dequantised, or the float pass's output fake-quantised to it), so the code gives back the very float:
+ * act_value(act_code(v), s) == v * s for v the rounded and clamped value (-127..127), its sign of zero
+ * included (-0.0 has the code -128, which no int8 activation takes: they are clamped to -127..127).
+ */
+static int8_t act_code(float v) { return v == 0.0f && signbit(v) ? (int8_t)-128 : (int8_t)v; }
+static float act_value(int8_t q, float s) { return q == -128 ? -0.0f : (float)q * s; }
+
+/* Whether a layer's input gradient reads its input (max pooling: where the maximum was); the others
+ * (et_layers.c) read only the weights and the output's gradient. */
+static int grad_reads_input(const et_layer *l) {
+    return l->kind == ET_LAYER_MAXPOOL1D || l->kind == ET_LAYER_MAXPOOL2D;
+}
+
 /* The pieces plan_layout carves, by name, as et_workspace_pieces reports them (NULL: not asked). */
 typedef struct {
     const char **names;
@@ -297,18 +320,19 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         note(log, #field, got_);                               \
         total += got_;                                         \
     } while (0)
-    { /* the per-layer tables: 3n + 1 int32, then 3n + 1 pointers, in one piece */
+    { /* the per-layer tables: 3n + 1 int32, then 4n + 1 pointers, in one piece */
         const size_t P = (size_t)pointer_bytes, ints = ((size_t)(3 * n + 1) * 4 + P - 1) / P * P;
         if (base) {
-            memset(cur, 0, ints + (size_t)(3 * n + 1) * P);
+            memset(cur, 0, ints + (size_t)(4 * n + 1) * P);
             L->width = (int32_t *)(void *)cur;
             L->tap_width = L->width + n + 1;
             L->pending = L->tap_width + n;
             L->act = (float **)(void *)(cur + ints);
             L->kept = L->act + n + 1;
             L->pend = L->kept + n;
+            L->actq = (int8_t **)(void *)(L->pend + n);
         }
-        const size_t got = take(&cur, ints + (size_t)(3 * n + 1) * P);
+        const size_t got = take(&cur, ints + (size_t)(4 * n + 1) * P);
         note(log, "tables", got);
         total += got;
     }
@@ -364,13 +388,23 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         if (chan) PIECE(chan, float *, chan * F);
         const int start = sp_start(bb, m);
         for (int k = 0, b = 1; k <= n; b = k > 0 && prune && !int8_chain ? walk_next(bb, m, k, b) : b, k++) {
-            /* an int8 chain dequantises before `start` only what an add from `start` on reads */
+            /* an int8 chain keeps before `start` only what an add from `start` on reads */
             const int read_later = int8_chain ? read_between(bb, k, start, n) : is_source(bb, k);
             if (prune && (k > 0 || int8_chain) && k < start && !read_later) {
                 if (base) L->act[k] = int8_chain ? NULL : L->walk[b]; /* b: act[k]'s buffer from k = 1 on */
                 continue;
             }
-            PIECE(act[k], float *, B * et_width(bb, k) * F);
+            if (int8_chain && k < n) PIECE(actq[k], int8_t *, B * et_width(bb, k)); /* int8 codes, not floats */
+            else PIECE(act[k], float *, B * et_width(bb, k) * F);
+        }
+        if (int8_chain) { /* the float copy of an input that a kernel reads (act_floats) */
+            size_t dw = 0;
+            for (int k = start; k < n; k++) {
+                const et_layer *l = &bb->layers[k];
+                if (l->kind == ET_LAYER_ADD) dw = most(dw, (size_t)et_width(bb, l->source));
+                if (k >= m->first && (m->rows[k] > 0 || grad_reads_input(l))) dw = most(dw, (size_t)et_width(bb, k));
+            }
+            PIECE(deq, float *, B * dw * F);
         }
         if (int8_chain) { /* the integer pass up to `start`, a sample at a time (sp_int8_prefix) */
             size_t qw[2] = {0, 0}, held = 0, aw = 0; /* q[0]'s and q[1]'s widest input, the held inputs, the accumulator */
@@ -631,18 +665,25 @@ static const float *lw_bias(ctx *c, int k) {
     return m->off_bias[k] >= 0 ? c->P + m->off_bias[k] : l->bias;
 }
 
-/* Layer k's int8 input q of sample i, dequantised into act[k]. */
-static void sp_dequantise(ctx *c, int k, int i, const int8_t *q) {
+/* Layer k's int8 input q of sample i, kept in actq[k] (its codes are its values: -127..127). */
+static void sp_keep(ctx *c, int k, int i, const int8_t *q) {
+    memcpy(c->L.actq[k] + (size_t)i * c->width[k], q, (size_t)c->width[k]);
+}
+
+/* Layer k's kept input (`count` samples) as floats into dst: act_value of its codes, the floats the
+ * forward pass computed. */
+static float *act_floats(const ctx *c, int k, int count, float *dst) {
     const float s = c->bb->layers[k].act_scale;
-    float *h = c->L.act[k] + (size_t)i * c->width[k];
-    for (int j = 0; j < c->width[k]; j++) h[j] = (float)q[j] * s;
+    const int8_t *q = c->L.actq[k];
+    for (size_t i = 0; i < (size_t)count * c->width[k]; i++) dst[i] = act_value(q[i], s);
+    return dst;
 }
 
 /* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), a sample at a time and a
  * dense or conv layer an output channel at a time (the int32 accumulator of one channel: a sample's
  * or the batch's would be the largest buffer), the same integers as et_int8_run_layers but with nothing
- * kept that no later layer reads (int8_held); its input and the inputs the adds from there on read,
- * dequantised into act[]; returns start. */
+ * kept that no later layer reads (int8_held); its input and the inputs the adds from there on read
+ * kept in actq[] (sp_keep); returns start. */
 static int sp_int8_prefix(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const int start = sp_start(bb, c->m), n = bb->n_layers;
@@ -652,7 +693,7 @@ static int sp_int8_prefix(ctx *c, int count) {
         et_int8_quantize_input(bb, c->x + (size_t)c->ids[i] * c->width[0], c->width[0], 1, q, c->width[0]);
         for (int k = 0; k < start; k++) {
             const et_layer *l = &bb->layers[k];
-            if (read_between(bb, k, start, n)) sp_dequantise(c, k, i, q);
+            if (read_between(bb, k, start, n)) sp_keep(c, k, i, q);
             const int8_t *residual = l->kind == ET_LAYER_ADD ? c->L.qheld + held_col(bb, start, l->source) : NULL;
             b = int8_turn(bb, start, k + 1, b);
             int8_t *out = b < 0 ? c->L.qheld + held_col(bb, start, k + 1) : c->L.q[b];
@@ -667,7 +708,7 @@ static int sp_int8_prefix(ctx *c, int count) {
             }
             q = out;
         }
-        sp_dequantise(c, start, i, q);
+        sp_keep(c, start, i, q);
     }
     return start;
 }
@@ -678,13 +719,20 @@ static float *lw_forward(ctx *c, int count) {
     const et_method *m = c->m;
     const int n = bb->n_layers, r = m->rank;
     const int int8_chain = bb->is_int8 && m->kind == ET_SPARSE;
-    for (int k = int8_chain ? sp_int8_prefix(c, count) : 0; k < n; k++) {
+    /* an int8 chain: layer k's input and output as floats in the two gradient buffers in turn (the backward
+       pass has not started), each output kept as int8 codes in actq[k + 1] */
+    float *hz[2] = {c->L.gbuf[0], c->L.gbuf[1]};
+    int poisoned = 0; /* an int8 chain: a NaN among the outputs kept (a code cannot hold it) */
+    const int from = int8_chain ? sp_int8_prefix(c, count) : 0;
+    if (int8_chain) act_floats(c, from, count, hz[0]);
+    for (int k = from; k < n; k++) {
         const et_layer *l = &bb->layers[k];
         const int in = et_layer_in(l), out = et_layer_out(l);
-        const float *h = c->L.act[k];
-        float *z = c->L.act[k + 1];
+        const float *h = int8_chain ? hz[0] : c->L.act[k];
+        float *z = int8_chain && k < n - 1 ? hz[1] : c->L.act[k + 1];
         const int dense = l->kind == ET_LAYER_DENSE;
-        const float *residual = l->kind == ET_LAYER_ADD ? c->L.act[l->source] : NULL;
+        const float *residual = l->kind != ET_LAYER_ADD ? NULL
+                                : int8_chain ? act_floats(c, l->source, count, c->L.deq) : c->L.act[l->source];
         const float *wt, *w;
         lw_weights(c, k, &wt, &w);
         if (z == h) { /* a frozen depthwise layer in place (in_place) */
@@ -715,15 +763,24 @@ static float *lw_forward(ctx *c, int count) {
             }
         }
         et_layer_activate(l, z, out, count);
-        if (int8_chain && k < n - 1) { /* fake-quantise to layer k+1's int8 input */
+        if (int8_chain && k < n - 1) { /* fake-quantise to layer k+1's int8 input, kept as its codes */
             const float s = bb->layers[k + 1].act_scale;
+            int8_t *q = c->L.actq[k + 1];
             for (int i = 0; i < count * out; i++) {
                 float v = rintf(z[i] / s);
                 v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
                 z[i] = v * s;
+                poisoned |= v != v;
+                q[i] = v != v ? 0 : act_code(v);
             }
+            float *t = hz[0]; /* z, as act_value gives it back, is layer k+1's input */
+            hz[0] = hz[1];
+            hz[1] = t;
         }
     }
+    /* a NaN (non-finite parameters: the epoch diverges) reaches the loss as the float pass would carry it */
+    if (poisoned)
+        for (int i = 0; i < count * et_width(bb, n); i++) c->L.act[n][i] = NAN;
     if (m->off_bias_delta >= 0) add_bias(c->L.act[n], c->P + m->off_bias_delta, count, et_width(bb, n), et_width(bb, n));
     return c->L.act[n];
 }
@@ -764,7 +821,10 @@ static void lw_backward(ctx *c, int count) {
         const et_layer *l = &bb->layers[k];
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         const int in = et_layer_in(l), out = et_layer_out(l), dense = l->kind == ET_LAYER_DENSE;
-        const float *h = c->L.act[k];
+        /* an int8 chain: the input as floats only where a kernel reads it; the masks below read its codes */
+        const int int8_chain = bb->is_int8 && m->kind == ET_SPARSE;
+        const float *h = !int8_chain ? c->L.act[k]
+                         : m->rows[k] > 0 || grad_reads_input(l) ? act_floats(c, k, count, c->L.deq) : NULL;
         const float *A = NULL;
         const float *u = c->L.lora_u ? c->L.lora_u + (size_t)k * count * U_max : NULL;
         et_conv_dims da, db;
@@ -803,13 +863,21 @@ static void lw_backward(ctx *c, int count) {
             }
             if (pending[k])
                 for (int i = 0; i < count * in; i++) dh[i] += c->L.pend[k][i];
-            et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
-            if (bb->is_int8 && m->kind == ET_SPARSE) { /* straight through the rounding, zero where the clamp held */
+            if (!int8_chain) {
+                et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
+            } else { /* the activation's derivative, then straight through the rounding, zero where the clamp held */
                 const float s = l->act_scale;
                 float hi = 127.0f; /* ReLU6: its int8 top, as the int8 pass clamps (float32 division and rint) */
                 if (bb->layers[k - 1].activation == ET_RELU6) hi = fminf(127.0f, rintf(6.0f / s));
                 const float top = hi * s, bottom = -127.0f * s;
-                for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top && h[i] > bottom);
+                const int8_t *q = c->L.actq[k];
+                float t[ACT_BLOCK]; /* the input's floats, a block at a time (element by element: the same products) */
+                for (int i0 = 0; i0 < count * in; i0 += ACT_BLOCK) {
+                    const int len = count * in - i0 < ACT_BLOCK ? count * in - i0 : ACT_BLOCK;
+                    for (int i = 0; i < len; i++) t[i] = act_value(q[i0 + i], s);
+                    et_act_grad_mul(bb->layers[k - 1].activation, dh + i0, t, len);
+                    for (int i = 0; i < len; i++) dh[i0 + i] *= (float)(t[i] < top && t[i] > bottom);
+                }
             }
         }
         /* the layer's trained tensors: each gradient, then (fused) its step */
