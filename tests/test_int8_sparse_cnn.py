@@ -319,6 +319,30 @@ def test_c_keeps_the_inputs_from_the_first_trained_layer_on_as_int8():
 
 
 @needs_c
+def test_c_assembles_a_pointwise_or_dense_int8_weight_a_block_at_a_time():
+    """On an int8 network the sparse update runs every layer with weights from its first trained one on
+    in floats, dequantised into one weight scratch: a dense or pointwise layer 4 output channels at a time
+    forward and, for its input's gradient, 4 input channels (dense: 16 inputs) of every output channel at
+    a time, so the scratch no longer holds the widest such layer whole (here 64 x 8 floats): the 3x3
+    convolution's 8 x 9, the head's 3 outputs x 64 inputs, or the pointwise layer's 64 x 4 where its
+    input's gradient is taken. The same floats in the same products (the comparisons with NumPy above;
+    benchmarks/int8_sparse_identity.py against an earlier build)."""
+    from edgetune.memory import core_workspace_pieces
+    from edgetune.methods import make_method
+    shape = (3, 50)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, *shape)).astype(np.float32)
+    bb = et.Backbone.from_layers(build_layers(parse_arch("conv:8:3:1:same,relu,conv:64:1,relu,gap", shape, 3),
+                                              seed=0)).fit_normalizer(x)
+    q = quantize(bb, x)
+    sw = {s: core_workspace_pieces(make_method("sparse", q, scheme=s), 4)["sw"] for s in ("b1", "w0:1/4,b1")}
+    assert sw["b1"] == 3 * 64 * 4, sw  # the head forward (its 3 rows) and input gradient (3 x 16)
+    assert sw["w0:1/4,b1"] == 64 * 4 * 4, sw  # the pointwise layer's input gradient, 4 of its 8 input channels
+    float_sw = core_workspace_pieces(make_method("sparse", bb, scheme="w0:1/4,b1"), 4)["sw"]
+    assert float_sw == -(-8 * 9 * 4 // 64) * 64  # float: the trained layer whole, as before
+
+
+@needs_c
 def test_c_refuses_a_missing_int8_unit_and_the_adapter_round_trips(tmp_path):
     """C checks the units of every layer with weights from the first trained one on before it
     runs (the planner may size a workspace without them); the adapter file rebuilds the run."""

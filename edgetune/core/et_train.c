@@ -21,6 +21,11 @@
 #define ALIGN 64
 #define FILL_BLOCK 64 /* rows per block when the cache is filled eagerly in place */
 #define SKIP_BLOCK 4  /* rows per block of a skip batch's fused pass (skip_step): they stay in L1 */
+#define ROW_BLOCK 4    /* output channels per block of an int8 chain's weight assembled a block at a time (sp_blocked):
+                          et_kernels.c's product kernel holds 4 rows of its result in registers, so blocks of 4 rows
+                          give every value the very operations of the whole layer's product */
+#define COL_BLOCK 16   /* input columns per block of a dense layer's input gradient: a multiple of the kernel's 16
+                          columns (NR), for the same reason */
 #define ACT_BLOCK 32  /* values per block of an int8 chain's kept input read back for a mask (lw_backward) */
 
 /* ------------------------------------------------------------------ the workspace */
@@ -265,6 +270,27 @@ static int sp_assembles(const et_backbone *bb, const et_method *m, int k) {
     return m->rows[k] > 0 || (bb->is_int8 && et_layer_has_weights(&bb->layers[k]));
 }
 
+/* The sparse update on an int8 chain assembles the float weight of a dense or pointwise (1x1, stride 1, no
+ * padding, one group) layer a block of rows at a time for the forward pass and a block of input columns at a
+ * time for the input's gradient (sp_forward_blocks, sp_input_grad_blocks), not the whole layer. */
+static int sp_blocked(const et_backbone *bb, const et_method *m, int k) {
+    if (!bb->is_int8 || !sp_assembles(bb, m, k)) return 0;
+    const et_layer *l = &bb->layers[k];
+    if (l->kind == ET_LAYER_DENSE) return 1;
+    return (l->kind == ET_LAYER_CONV1D || l->kind == ET_LAYER_CONV2D) && l->groups == 1 && l->kernel_h == 1 &&
+           l->kernel_w == 1 && l->stride_h == 1 && l->stride_w == 1 && l->pad_h == 0 && l->pad_w == 0;
+}
+
+/* Floats of the weight scratch layer k needs (sp_assembles): the whole layer, or a blocked layer's largest block
+ * (ROW_BLOCK rows forward; the input's gradient, above `first`: all rows of ROW_BLOCK or COL_BLOCK columns). */
+static size_t sp_weight_floats(const et_backbone *bb, const et_method *m, int k) {
+    const et_layer *l = &bb->layers[k];
+    const size_t row = (size_t)et_layer_row_floats(l), out = (size_t)l->out_c;
+    if (!sp_blocked(bb, m, k)) return out * row;
+    const size_t cols = l->kind == ET_LAYER_DENSE ? COL_BLOCK : ROW_BLOCK;
+    return most((out < ROW_BLOCK ? out : ROW_BLOCK) * row, k > m->first ? out * (row < cols ? row : cols) : 0);
+}
+
 /*
  * The sparse update on an int8 chain keeps each layer's input from `start` on as int8 codes (actq), not
  * floats: every one of them is an int8 value times the layer's input scale (the integer pass's output
@@ -442,10 +468,10 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1, bb->is_int8 ? sp_start(bb, m) : 0));
             for (int k = m->first; k < n; k++)
                 if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
-            size_t sw = 0, sb = 0; /* one layer's assembled weight (and int8 bias) at a time: sp_weight, sp_bias_of */
+            size_t sw = 0, sb = 0; /* one layer's assembled weight (or block of it; and int8 bias) at a time */
             for (int k = m->first; k < n; k++)
                 if (sp_assembles(bb, m, k)) {
-                    sw = most(sw, (size_t)bb->layers[k].out_c * et_layer_row_floats(&bb->layers[k]));
+                    sw = most(sw, sp_weight_floats(bb, m, k));
                     if (bb->is_int8) sb = most(sb, (size_t)bb->layers[k].out_c);
                 }
             PIECE(sw, float *, sw * F);
@@ -606,6 +632,26 @@ static void column_sums(const float *g, int rows, int cols, float *out) {
  * where the input's gradient reads it (the last layer's is still there). The parameters of layer k
  * change only after its input's gradient (the fused update) or after the pass (the two-phase update),
  * so every assembly of a step gives the same floats. */
+/* An int8 chain: entries [from, from + len) of row o of layer k's weight, dequantised into dst: a trained row
+ * rounded to int8 (clamped to -127..127), a frozen one from the backbone's int8 weight, times the row's unit. */
+static void sp_int8_row(const ctx *c, int k, int o, int from, int len, float *dst) {
+    const et_method *m = c->m;
+    const et_layer *l = &c->bb->layers[k];
+    const size_t row = (size_t)et_layer_row_floats(l);
+    const float unit = m->w_unit[k][o];
+    if (o < m->rows[k]) {
+        const float *p = c->P + m->off_weight[k] + o * row + from;
+        for (int i = 0; i < len; i++) {
+            float v = rintf(p[i]);
+            v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+            dst[i] = v * unit;
+        }
+    } else {
+        const int8_t *q = l->qw + o * row + from;
+        for (int i = 0; i < len; i++) dst[i] = (float)q[i] * unit;
+    }
+}
+
 static const float *sp_weight(ctx *c, int k) {
     const et_method *m = c->m;
     const et_layer *l = &c->bb->layers[k];
@@ -617,16 +663,7 @@ static const float *sp_weight(ctx *c, int k) {
         memcpy(w, c->P + m->off_weight[k], r * row * sizeof(float));
         memcpy(w + r * row, l->w + r * row, ((size_t)l->out_c - r) * row * sizeof(float));
     } else {
-        for (int o = 0; o < m->rows[k]; o++) {
-            const float *p = c->P + m->off_weight[k] + o * row;
-            for (size_t i = 0; i < row; i++) {
-                float v = rintf(p[i]);
-                v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
-                w[o * row + i] = v * m->w_unit[k][o];
-            }
-        }
-        for (int o = m->rows[k]; o < l->out_c; o++)
-            for (size_t i = 0; i < row; i++) w[o * row + i] = (float)l->qw[o * row + i] * m->w_unit[k][o];
+        for (int o = 0; o < l->out_c; o++) sp_int8_row(c, k, o, 0, (int)row, w + o * row);
     }
     c->wk = k;
     return w;
@@ -663,6 +700,43 @@ static const float *lw_bias(ctx *c, int k) {
         return b;
     }
     return m->off_bias[k] >= 0 ? c->P + m->off_bias[k] : l->bias;
+}
+
+/* An int8 chain's dense or pointwise layer k forward (sp_blocked): ROW_BLOCK output channels at a time, each
+ * block's rows assembled into the weight scratch and run as a layer of those channels (its output's channels
+ * in place in z, whose rows are `out` wide). */
+static void sp_forward_blocks(ctx *c, int k, const float *h, int count, float *z) {
+    const et_layer *l = &c->bb->layers[k];
+    const int row = et_layer_row_floats(l), in = et_layer_in(l), out = et_layer_out(l), S = l->out_h * l->out_w;
+    const float *bias = lw_bias(c, k);
+    for (int o0 = 0; o0 < l->out_c; o0 += ROW_BLOCK) {
+        et_layer part = *l;
+        part.out_c = l->out_c - o0 < ROW_BLOCK ? l->out_c - o0 : ROW_BLOCK;
+        for (int o = 0; o < part.out_c; o++) sp_int8_row(c, k, o0 + o, 0, row, c->L.sw + (size_t)o * row);
+        et_layer_ops_of(l->kind)->forward(&part, NULL, c->L.sw, bias + o0, h, in, count, z + (size_t)o0 * S, out, NULL,
+                                          c->L.scratch);
+    }
+    c->wk = -1; /* the scratch holds a block, not the layer */
+}
+
+/* Its input's gradient dh = the adjoint of that forward applied to g: a block of input columns at a time (every
+ * output channel's entries for them, assembled (out_c, block)), the same products as the whole layer's kernel
+ * (dense_input_grad, et_conv_input_grad's pointwise case) over the columns of the block. */
+static void sp_input_grad_blocks(ctx *c, int k, const float *g, int count, float *dh) {
+    const et_layer *l = &c->bb->layers[k];
+    const int in = et_layer_in(l), out = et_layer_out(l), S = l->out_h * l->out_w, oc = l->out_c;
+    const int dense = l->kind == ET_LAYER_DENSE, step = dense ? COL_BLOCK : ROW_BLOCK;
+    float *w = c->L.sw;
+    for (int i0 = 0; i0 < l->in_c; i0 += step) {
+        const int nb = l->in_c - i0 < step ? l->in_c - i0 : step;
+        for (int o = 0; o < oc; o++) sp_int8_row(c, k, o, i0, nb, w + (size_t)o * nb);
+        if (dense) /* dh (count, in) = g W: its columns i0.. */
+            et_gemm_nn(count, nb, out, g, out, w, nb, dh + i0, in, 0);
+        else /* per sample, dx (in_c, S) = W^T g: its rows (channels) i0.. */
+            for (int n = 0; n < count; n++)
+                et_gemm_tn(nb, S, oc, w, nb, g + (size_t)n * out, S, dh + (size_t)n * in + (size_t)i0 * S, S, 0);
+    }
+    c->wk = -1;
 }
 
 /* Layer k's int8 input q of sample i, kept in actq[k] (its codes are its values: -127..127). */
@@ -733,9 +807,12 @@ static float *lw_forward(ctx *c, int count) {
         const int dense = l->kind == ET_LAYER_DENSE;
         const float *residual = l->kind != ET_LAYER_ADD ? NULL
                                 : int8_chain ? act_floats(c, l->source, count, c->L.deq) : c->L.act[l->source];
-        const float *wt, *w;
-        lw_weights(c, k, &wt, &w);
-        if (z == h) { /* a frozen depthwise layer in place (in_place) */
+        const float *wt = NULL, *w = NULL;
+        const int blocked = sp_blocked(bb, m, k);
+        if (!blocked) lw_weights(c, k, &wt, &w);
+        if (blocked) { /* an int8 chain's dense or pointwise layer: a block of rows at a time */
+            sp_forward_blocks(c, k, h, count, z);
+        } else if (z == h) { /* a frozen depthwise layer in place (in_place) */
             const et_conv_dims d = et_layer_dims(l);
             et_conv_depthwise_in_place(&d, count, z, in, w, lw_bias(c, k), c->L.chan);
         } else {
@@ -850,7 +927,9 @@ static void lw_backward(ctx *c, int count) {
         if (k > m->first) {
             dh = c->L.gbuf[flip];
             flip ^= 1;
-            if (m->kind == ET_SPARSE) /* W as stored, assembled where rows train */
+            if (sp_blocked(bb, m, k)) /* an int8 chain's dense or pointwise layer: a block of columns at a time */
+                sp_input_grad_blocks(c, k, g, count, dh);
+            else if (m->kind == ET_SPARSE) /* W as stored, assembled where rows train */
                 ops->input_grad(l, NULL, lw_weight_t(c, k), h, g, count, dh, c->L.scratch);
             else if (dense) /* dh = g W: from the frozen W (out, in) where given, else from the trained or transposed one */
                 ops->input_grad(l, lw_weight_t(c, k), m->off_weight[k] < 0 ? l->w : NULL, h, g, count, dh, c->L.pack);
