@@ -174,10 +174,17 @@ static int sp_start(const et_backbone *bb, const et_method *m) {
 
 /* The sparse update on an int8 chain runs the layers before `start` (sp_start) as the integer pass, a
  * sample at a time (sp_int8_prefix): each layer's int8 input in one of two buffers (q[0], q[1]) and
- * its requantised output in the other, a dense or conv layer one output channel at a time (its int32
- * accumulator holds one channel's positions), but the input of a layer k that an add before `start`
+ * its requantised output in the other, one output channel at a time (its int32 accumulator holds one
+ * channel's positions; a flatten's whole output), but the input of a layer k that an add before `start`
  * reads, which stays in its own place in qheld until then. */
 static int int8_held(const et_backbone *bb, int start, int k) { return k < start && read_between(bb, k, k + 1, start); }
+
+/* Whether the integer pass runs a layer without weights one channel at a time (its kind's int8_accumulate on a
+ * layer of one channel, then et_int8_requantize_channel): pooling, gap and an add, whose output channel c reads
+ * input channel c only (and the add its source's channel c); a flatten runs whole. */
+static int int8_by_channel(const et_layer *l) {
+    return l->kind != ET_LAYER_FLATTEN && !et_layer_has_weights(l) && l->in_c == l->out_c;
+}
 
 /* Which of q[0], q[1] layer k's int8 input is in (-1: its place in qheld), given layer k-1's (b):
  * the buffer its input was not in; layer 0's input in q[0]. */
@@ -439,7 +446,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
                 b = int8_turn(bb, start, k, b);
                 if (b < 0) held += (size_t)et_width(bb, k);
                 else qw[b] = most(qw[b], (size_t)et_width(bb, k));
-                if (k < start) aw = most(aw, et_layer_has_weights(l) ? (size_t)l->out_h * l->out_w : (size_t)et_width(bb, k + 1));
+                if (k < start) /* one output channel's positions (a flatten: its whole output) */
+                    aw = most(aw, et_layer_has_weights(l) || int8_by_channel(l) ? (size_t)l->out_h * l->out_w
+                                                                                 : (size_t)et_width(bb, k + 1));
             }
             PIECE(q[0], int8_t *, qw[0]);
             PIECE(q[1], int8_t *, qw[1]);
@@ -754,8 +763,8 @@ static float *act_floats(const ctx *c, int k, int count, float *dst) {
 }
 
 /* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), a sample at a time and a
- * dense or conv layer an output channel at a time (the int32 accumulator of one channel: a sample's
- * or the batch's would be the largest buffer), the same integers as et_int8_run_layers but with nothing
+ * layer an output channel at a time (the int32 accumulator of one channel: a sample's or the batch's
+ * would be the largest buffer; int8_by_channel), the same integers as et_int8_run_layers but with nothing
  * kept that no later layer reads (int8_held); its input and the inputs the adds from there on read
  * kept in actq[] (sp_keep); returns start. */
 static int sp_int8_prefix(ctx *c, int count) {
@@ -774,6 +783,15 @@ static int sp_int8_prefix(ctx *c, int count) {
             if (et_layer_has_weights(l)) {
                 for (int ch = 0; ch < l->out_c; ch++) {
                     et_int8_accumulate_channel(bb, k, q, ch, c->L.acc);
+                    et_int8_requantize_channel(bb, k, ch, c->L.acc, out);
+                }
+            } else if (int8_by_channel(l)) { /* pooling, gap, an add: the layer on one channel at a time */
+                et_layer part = *l;
+                const size_t hw = (size_t)l->in_h * l->in_w;
+                part.in_c = part.out_c = 1;
+                for (int ch = 0; ch < l->out_c; ch++) {
+                    et_layer_ops_of(l->kind)->int8_accumulate(&part, q + ch * hw, (int)hw, 1, c->L.acc,
+                                                              residual ? residual + ch * hw : NULL, (int)hw);
                     et_int8_requantize_channel(bb, k, ch, c->L.acc, out);
                 }
             } else {
