@@ -337,6 +337,11 @@ def test_c_assembles_a_pointwise_or_dense_int8_weight_a_block_at_a_time():
     sw = {s: core_workspace_pieces(make_method("sparse", q, scheme=s), 4)["sw"] for s in ("b1", "w0:1/4,b1")}
     assert sw["b1"] == 3 * 64 * 4, sw  # the head forward (its 3 rows) and input gradient (3 x 16)
     assert sw["w0:1/4,b1"] == 64 * 4 * 4, sw  # the pointwise layer's input gradient, 4 of its 8 input channels
+    dw = et.Backbone.from_layers(build_layers(parse_arch("conv:64:1,relu,dwconv:9:1:4,relu,gap", shape, 3),
+                                              seed=0)).fit_normalizer(x)
+    # a depthwise layer of 64 channels: 4 channels' filters at a time (5 for the last block, which a lone
+    # channel joins), not 64 x 9 floats; the head's 3 rows of 64 are the largest block
+    assert core_workspace_pieces(make_method("sparse", quantize(dw, x), scheme="w0:1/4,b1"), 4)["sw"] == 3 * 64 * 4
     float_sw = core_workspace_pieces(make_method("sparse", bb, scheme="w0:1/4,b1"), 4)["sw"]
     assert float_sw == -(-8 * 9 * 4 // 64) * 64  # float: the trained layer whole, as before
 

@@ -277,15 +277,26 @@ static int sp_assembles(const et_backbone *bb, const et_method *m, int k) {
     return m->rows[k] > 0 || (bb->is_int8 && et_layer_has_weights(&bb->layers[k]));
 }
 
-/* The sparse update on an int8 chain assembles the float weight of a dense or pointwise (1x1, stride 1, no
- * padding, one group) layer a block of rows at a time for the forward pass and a block of input columns at a
- * time for the input's gradient (sp_forward_blocks, sp_input_grad_blocks), not the whole layer. */
+/* The sparse update on an int8 chain assembles the float weight of a dense, pointwise (1x1, stride 1, no
+ * padding, one group) or depthwise (a filter per input channel) layer a block of rows at a time for the
+ * forward pass and a block of input columns (depthwise: of channels) at a time for the input's gradient
+ * (sp_forward_blocks, sp_input_grad_blocks), not the whole layer. */
 static int sp_blocked(const et_backbone *bb, const et_method *m, int k) {
     if (!bb->is_int8 || !sp_assembles(bb, m, k)) return 0;
     const et_layer *l = &bb->layers[k];
     if (l->kind == ET_LAYER_DENSE) return 1;
-    return (l->kind == ET_LAYER_CONV1D || l->kind == ET_LAYER_CONV2D) && l->groups == 1 && l->kernel_h == 1 &&
-           l->kernel_w == 1 && l->stride_h == 1 && l->stride_w == 1 && l->pad_h == 0 && l->pad_w == 0;
+    if (l->kind != ET_LAYER_CONV1D && l->kind != ET_LAYER_CONV2D) return 0;
+    if (l->groups > 1) return l->groups == l->in_c && l->groups == l->out_c; /* depthwise */
+    return l->kernel_h == 1 && l->kernel_w == 1 && l->stride_h == 1 && l->stride_w == 1 && l->pad_h == 0 &&
+           l->pad_w == 0;
+}
+
+/* Channels in the block of a blocked layer that starts `left` channels before its end: ROW_BLOCK, but a
+ * depthwise layer's last block takes a lone channel with it (a block of one channel would be one group, an
+ * ordinary convolution to the kernels, et_conv.c, where two or more are depthwise). */
+static int sp_block(const et_layer *l, int left, int step) {
+    if (left <= step) return left;
+    return l->groups > 1 && left == step + 1 ? left : step;
 }
 
 /* Floats of the weight scratch layer k needs (sp_assembles): the whole layer, or a blocked layer's largest block
@@ -294,6 +305,7 @@ static size_t sp_weight_floats(const et_backbone *bb, const et_method *m, int k)
     const et_layer *l = &bb->layers[k];
     const size_t row = (size_t)et_layer_row_floats(l), out = (size_t)l->out_c;
     if (!sp_blocked(bb, m, k)) return out * row;
+    if (l->groups > 1) return (out < ROW_BLOCK + 1 ? out : ROW_BLOCK + 1) * row; /* depthwise: channels, both ways */
     const size_t cols = l->kind == ET_LAYER_DENSE ? COL_BLOCK : ROW_BLOCK;
     return most((out < ROW_BLOCK ? out : ROW_BLOCK) * row, k > m->first ? out * (row < cols ? row : cols) : 0);
 }
@@ -711,31 +723,50 @@ static const float *lw_bias(ctx *c, int k) {
     return m->off_bias[k] >= 0 ? c->P + m->off_bias[k] : l->bias;
 }
 
-/* An int8 chain's dense or pointwise layer k forward (sp_blocked): ROW_BLOCK output channels at a time, each
- * block's rows assembled into the weight scratch and run as a layer of those channels (its output's channels
- * in place in z, whose rows are `out` wide). */
+/* An int8 chain's dense, pointwise or depthwise layer k forward (sp_blocked): ROW_BLOCK output channels at a
+ * time (sp_block), each block's rows assembled into the weight scratch and run as a layer of those channels
+ * (its output's channels in place in z, whose rows are `out` wide; a depthwise block reads its own channels). */
 static void sp_forward_blocks(ctx *c, int k, const float *h, int count, float *z) {
     const et_layer *l = &c->bb->layers[k];
     const int row = et_layer_row_floats(l), in = et_layer_in(l), out = et_layer_out(l), S = l->out_h * l->out_w;
     const float *bias = lw_bias(c, k);
-    for (int o0 = 0; o0 < l->out_c; o0 += ROW_BLOCK) {
+    const size_t hw = (size_t)l->in_h * l->in_w;
+    for (int o0 = 0, nb; o0 < l->out_c; o0 += nb) {
         et_layer part = *l;
-        part.out_c = l->out_c - o0 < ROW_BLOCK ? l->out_c - o0 : ROW_BLOCK;
-        for (int o = 0; o < part.out_c; o++) sp_int8_row(c, k, o0 + o, 0, row, c->L.sw + (size_t)o * row);
-        et_layer_ops_of(l->kind)->forward(&part, NULL, c->L.sw, bias + o0, h, in, count, z + (size_t)o0 * S, out, NULL,
-                                          c->L.scratch);
+        nb = sp_block(l, l->out_c - o0, ROW_BLOCK);
+        part.out_c = nb;
+        if (l->groups > 1) part.in_c = part.groups = nb; /* depthwise: the block's input channels */
+        for (int o = 0; o < nb; o++) sp_int8_row(c, k, o0 + o, 0, row, c->L.sw + (size_t)o * row);
+        et_layer_ops_of(l->kind)->forward(&part, NULL, c->L.sw, bias + o0, l->groups > 1 ? h + o0 * hw : h, in, count,
+                                          z + (size_t)o0 * S, out, NULL, c->L.scratch);
     }
     c->wk = -1; /* the scratch holds a block, not the layer */
 }
 
 /* Its input's gradient dh = the adjoint of that forward applied to g: a block of input columns at a time (every
  * output channel's entries for them, assembled (out_c, block)), the same products as the whole layer's kernel
- * (dense_input_grad, et_conv_input_grad's pointwise case) over the columns of the block. */
+ * (dense_input_grad, et_conv_input_grad's pointwise case) over the columns of the block; a depthwise layer a
+ * block of channels at a time (each reads only its own). */
 static void sp_input_grad_blocks(ctx *c, int k, const float *g, int count, float *dh) {
     const et_layer *l = &c->bb->layers[k];
     const int in = et_layer_in(l), out = et_layer_out(l), S = l->out_h * l->out_w, oc = l->out_c;
     const int dense = l->kind == ET_LAYER_DENSE, step = dense ? COL_BLOCK : ROW_BLOCK;
     float *w = c->L.sw;
+    if (l->groups > 1) { /* depthwise: a block of channels, its rows of the weight, a sample at a time */
+        const size_t hw = (size_t)l->in_h * l->in_w, row = (size_t)et_layer_row_floats(l);
+        for (int o0 = 0, nb; o0 < oc; o0 += nb) {
+            et_layer part = *l;
+            nb = sp_block(l, oc - o0, ROW_BLOCK);
+            part.in_c = part.out_c = part.groups = nb;
+            const et_conv_dims d = et_layer_dims(&part);
+            for (int o = 0; o < nb; o++) sp_int8_row(c, k, o0 + o, 0, (int)row, w + (size_t)o * row);
+            for (int n = 0; n < count; n++)
+                et_conv_input_grad(&d, 1, g + (size_t)n * out + (size_t)o0 * S, w, dh + (size_t)n * in + o0 * hw,
+                                   c->L.scratch);
+        }
+        c->wk = -1;
+        return;
+    }
     for (int i0 = 0; i0 < l->in_c; i0 += step) {
         const int nb = l->in_c - i0 < step ? l->in_c - i0 : step;
         for (int o = 0; o < oc; o++) sp_int8_row(c, k, o, i0, nb, w + (size_t)o * nb);
