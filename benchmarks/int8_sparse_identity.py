@@ -35,12 +35,15 @@ CNN_MB = ("conv:8:3:2:1,relu6,res(conv:16:1,relu6,dwconv:3:1:1,relu6,conv:8:1),c
 CNN_ODD = ("conv:6:3:1:1,relu,conv:10:1,relu6,conv:6:1,res(conv:6:1,relu),flatten,dense:7,relu", (3, 7))
 #: depthwise layers of 9 and 6 channels (blocks of 4 + 5 and 4 + 2), one strided
 CNN_DW = ("conv:9:1,relu6,dwconv:3:1:1,relu6,conv:6:1,relu6,dwconv:3:2:1,relu,gap,dense:5,relu", (3, 10, 10))
+#: trained rows in several blocks: pointwise layers of 40 and 35 outputs (16 + 24, 16 + 19), a dense one of 13
+CNN_WIDE = ("conv:8:3:1:1,relu,conv:40:1,relu6,conv:35:1,relu,gap,dense:13,relu", (3, 6, 6))
 
 #: (architecture, scheme) pairs; the int8 and float backbones of each are fitted
 CASES = [(CNN_1D, "w0:1/4,b2"), (CNN_1D, "w1,b3"), (CNN_1D, "w-1,b2"), (CNN_1D, "w0:1/4,w1:1/2,b2"),
          (CNN_2D, "w1:1/2,w2:1/8,b1"), (CNN_2D, "w0:1/4"), (CNN_2D, "b1"), (CNN_FLAT, "b2,w1:1/4"),
          (CNN_MB, "b4,w5:1/2,w-1"), (CNN_MB, "b8"), (CNN_MB, "w3:1/4,b6"),
-         (CNN_ODD, "b5,w2:1/2"), (CNN_ODD, "w1:1/4,w-1"), (CNN_DW, "w0:1/4,b3"), (CNN_DW, "w1,b4")]
+         (CNN_ODD, "b5,w2:1/2"), (CNN_ODD, "w1:1/4,w-1"), (CNN_DW, "w0:1/4,b3"), (CNN_DW, "w1,b4"),
+         (CNN_WIDE, "w1,w2,w3,b4"), (CNN_WIDE, "w1:1/2,w3:1/2,b2")]
 
 
 def _data(arch, n=23, classes=3, seed=1):

@@ -116,6 +116,28 @@ static void lora_dims(const et_layer *l, int rank, et_conv_dims *a, et_conv_dims
 
 static size_t most(size_t a, size_t b) { return a > b ? a : b; }
 
+static int sp_blocked(const et_backbone *bb, const et_method *m, int k); /* below, with the weight's assembly */
+
+/* The sparse update on an int8 chain computes the trained rows' weight gradient of a dense or pointwise layer
+ * (sp_blocked, one group) a block of rows at a time, each block stepped at once (the fused update), so the
+ * gradient scratch (gstep) and the kernel's scratch hold a block: for a dense layer ROW_BLOCK rows (a block of
+ * the product's result rows), for a pointwise one COL_BLOCK rows (its product's result columns), whose last
+ * block takes the rows left over with it (the kernel's product runs its packed path on 16 or more columns: a
+ * block of fewer would take another), so every value comes from the very operations of the whole gradient. */
+static int sp_grad_blocked(const et_backbone *bb, const et_method *m, int k) {
+    return m->kind == ET_SPARSE && m->rows[k] > 0 && bb->layers[k].groups == 1 && sp_blocked(bb, m, k);
+}
+/* Rows in the gradient block that starts `left` rows before the last trained row. */
+static int grad_block(const et_layer *l, int left) {
+    if (l->kind == ET_LAYER_DENSE) return left < ROW_BLOCK ? left : ROW_BLOCK;
+    return left < 2 * COL_BLOCK ? left : COL_BLOCK;
+}
+/* The largest such block. */
+static int grad_block_most(const et_layer *l, int rows) {
+    if (l->kind == ET_LAYER_DENSE) return rows < ROW_BLOCK ? rows : ROW_BLOCK;
+    return rows < 2 * COL_BLOCK ? rows : COL_BLOCK + rows % COL_BLOCK;
+}
+
 /* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer from `from` on asks
  * (the frozen forward; with `backward` the gradients and the LoRA convolutions of the layers the
  * backward pass enters, m->first on; the sparse update's convolutions: only the gradients it computes,
@@ -128,10 +150,16 @@ static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batc
         s = most(s, ops->forward_scratch_bytes(l, batch));
         if (!backward || k < m->first) continue;
         if (m->kind == ET_SPARSE && (l->kind == ET_LAYER_CONV1D || l->kind == ET_LAYER_CONV2D)) {
-            /* the sparse update: the input's gradient above `first`, the gradient of the trained rows only */
-            const et_conv_dims d = et_layer_dims(l);
+            /* the sparse update: the input's gradient above `first`, the gradient of the trained rows only
+               (a block of them at a time: sp_grad_blocked, one sample at a time, as a layer of those rows) */
+            et_conv_dims d = et_layer_dims(l);
             if (k > m->first) s = most(s, et_conv_input_grad_scratch_bytes(&d, batch));
-            s = most(s, et_conv_weight_grad_rows_scratch_bytes(&d, batch, m->rows[k]));
+            if (!sp_grad_blocked(bb, m, k)) {
+                s = most(s, et_conv_weight_grad_rows_scratch_bytes(&d, batch, m->rows[k]));
+            } else {
+                d.out_c = grad_block_most(l, m->rows[k]);
+                s = most(s, et_conv_weight_grad_rows_scratch_bytes(&d, 1, d.out_c));
+            }
             continue;
         }
         s = most(s, ops->backward_scratch_bytes(l, batch));
@@ -220,7 +248,8 @@ static int64_t lora_b_floats(const et_backbone *bb, const et_method *m, int k) {
     return m->off_lora_b[k] < 0 ? 0 : (int64_t)bb->layers[k].out_c * m->rank;
 }
 
-/* Floats of the fused update's gradient scratch: the largest trained tensor; -1 when the
+/* Floats of the fused update's gradient scratch: the largest trained tensor (or block of one: sp_grad_blocked);
+ * -1 when the
  * update cannot be fused (the skip adapters, or tensors that do not cover the n_params
  * parameters exactly once, which the two-phase step would also move). */
 static int64_t fused_scratch_floats(const et_backbone *bb, const et_method *m) {
@@ -233,7 +262,12 @@ static int64_t fused_scratch_floats(const et_backbone *bb, const et_method *m) {
                               lora_b_floats(bb, m, k)};
         for (int j = 0; j < 4; j++) {
             if (t[j] > 0 && k < m->first) return -1; /* the backward pass stops at `first` */
-            most_floats = t[j] > most_floats ? t[j] : most_floats;
+            /* a weight whose gradient comes a block of rows at a time (sp_grad_blocked): that block */
+            const int64_t scratch = j == 0 && t[j] > 0 && k >= m->first && sp_grad_blocked(bb, m, k)
+                                        ? (int64_t)grad_block_most(&bb->layers[k], m->rows[k]) *
+                                              et_layer_row_floats(&bb->layers[k])
+                                        : t[j];
+            most_floats = scratch > most_floats ? scratch : most_floats;
             total += t[j];
         }
     }
@@ -912,9 +946,9 @@ static float *lw_forward(ctx *c, int count) {
 }
 
 /* int8 units: d/dWq = s_W dW, d/dbq = s_x s_W db; QAS divides by the unit instead (s_W^-2 in all). */
-static void int8_units(const et_method *m, int k, int rows, size_t row, float *gw) {
-    for (int o = 0; o < rows; o++) {
-        const float u = m->w_unit[k][o], f = m->qas ? 1.0f / u : u;
+static void int8_units(const et_method *m, int k, int from, int rows, size_t row, float *gw) {
+    for (int o = 0; o < rows; o++) { /* gw: rows from..from + rows */
+        const float u = m->w_unit[k][from + o], f = m->qas ? 1.0f / u : u;
         for (size_t i = 0; i < row; i++) gw[o * row + i] *= f;
     }
 }
@@ -1009,11 +1043,29 @@ static void lw_backward(ctx *c, int count) {
             }
         }
         /* the layer's trained tensors: each gradient, then (fused) its step */
-        if (m->off_weight[k] >= 0) {
+        if (m->off_weight[k] >= 0 && sp_grad_blocked(bb, m, k)) { /* a block of trained rows at a time */
+            const size_t row = (size_t)et_layer_row_floats(l);
+            const int S = l->out_h * l->out_w;
+            et_conv_dims d = et_layer_dims(l);
+            for (int r0 = 0, nb; r0 < m->rows[k]; r0 += nb) {
+                nb = grad_block(l, m->rows[k] - r0);
+                float *gw = grad_of(c, m->off_weight[k] + (int64_t)r0 * row);
+                if (dense) { /* dW[r0..] = g[:, r0..]^T h, as dense_weight_rows_grad's product */
+                    et_gemm_tn(nb, in, count, g + r0, out, h, in, gw, in, 0);
+                } else { /* the rows as a layer of nb outputs, summed over the samples in order */
+                    d.out_c = nb;
+                    for (int i = 0; i < count; i++)
+                        et_conv_weight_grad_rows(&d, 1, h + (size_t)i * in, g + (size_t)i * out + (size_t)r0 * S, nb, gw,
+                                                 i > 0, c->L.scratch);
+                }
+                int8_units(m, k, r0, nb, row, gw);
+                step_tensor(c, m->off_weight[k] + (int64_t)r0 * row, (int64_t)nb * row);
+            }
+        } else if (m->off_weight[k] >= 0) {
             float *gw = grad_of(c, m->off_weight[k]);
             if (m->kind == ET_SPARSE) { /* the trained rows only */
                 ops->weight_rows_grad(l, h, g, count, m->rows[k], gw, c->L.scratch);
-                if (bb->is_int8) int8_units(m, k, m->rows[k], (size_t)et_layer_row_floats(l), gw);
+                if (bb->is_int8) int8_units(m, k, 0, m->rows[k], (size_t)et_layer_row_floats(l), gw);
             } else {
                 ops->weight_grad(l, h, g, count, gw, c->L.scratch);
             }
@@ -1537,7 +1589,7 @@ static void sp_backward(ctx *c, int count) {
         if (rows > 0) {
             float *gw = grad_of(c, m->off_weight[k]);
             et_gemm_tn(rows, in, count, g, out, h, in, gw, in, 0);     /* dW[:rows] = g[:, :rows]^T h */
-            if (bb->is_int8) int8_units(m, k, rows, (size_t)in, gw); /* d/dWq = s_W dW; QAS: s_W^-2 */
+            if (bb->is_int8) int8_units(m, k, 0, rows, (size_t)in, gw); /* d/dWq = s_W dW; QAS: s_W^-2 */
             step_tensor(c, m->off_weight[k], (int64_t)rows * in);
         }
         if (sp_trained_bias(c, k)) {
