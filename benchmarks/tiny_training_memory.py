@@ -46,6 +46,7 @@ PIECES = {
     "gbuf[0]": "gbuf[0], gbuf[1]: the gradients flowing back", "gbuf[1]": None,
     "act[k]": "act[k]: the inputs kept for the backward pass, float (int8 network: the logits only)",
     "actq[k]": "actq[k]: the inputs kept for the backward pass, int8",
+    "actm[k]": "actm[k]: the inputs' gradient masks kept instead, a bit a value",
     "deq": "deq: the float inputs a layer reads, dequantised at use",
     "q[0]": "q[0], q[1]: the integer pass's int8 input and output", "q[1]": None,
     "qheld": "qheld: the integer pass's inputs an add reads later",

@@ -41,7 +41,10 @@ typedef struct {
     float **act;                           /* n + 1: layer-wise/sparse: batch x et_width(bb, k) (the sparse update on
                                               an int8 chain: the logits act[n] only, the inputs are in actq) */
     int8_t **actq;                         /* n: sparse, an int8 chain: layer k's input kept for the backward pass,
-                                              batch x et_width(bb, k) int8 codes (act_code, act_value) */
+                                              batch x et_width(bb, k) int8 codes (act_code, act_value) where a
+                                              kernel or an add reads it (kept_as) */
+    uint8_t **actm;                        /* n: the same where only the mask of its gradient is read: a bit per
+                                              value (batch x et_width(bb, k) bits) */
     float *deq;                            /* sparse, an int8 chain: one layer's input (or an add's source) as floats,
                                               where a kernel reads it: act_floats */
     float *lora_u;                         /* layer-wise: n x batch x rank */
@@ -360,6 +363,40 @@ static int grad_reads_input(const et_layer *l) {
     return l->kind == ET_LAYER_MAXPOOL1D || l->kind == ET_LAYER_MAXPOOL2D;
 }
 
+/* What the sparse update on an int8 chain keeps of layer k's input (k < n) for the rest of the step: its codes
+ * where a kernel reads its floats (the trained rows' weight gradient, a max pooling's input gradient) or an add
+ * does (its source, the integer pass's ones included); else, above `first`, only the mask its gradient is
+ * multiplied by (the activation's derivative and the clamp: 0 or 1 for the activations an int8 chain takes,
+ * identity, ReLU and ReLU6), a bit a value; nothing below `first` or for a layer `first` whose weights and
+ * input no kernel reads (its input's gradient is not taken). */
+enum { KEPT_NONE, KEPT_CODES, KEPT_MASK };
+static int kept_as(const et_backbone *bb, const et_method *m, int k) {
+    const int start = sp_start(bb, m), n = bb->n_layers;
+    if (k < start) return read_between(bb, k, start, n) ? KEPT_CODES : KEPT_NONE;
+    const et_layer *l = &bb->layers[k];
+    if ((k >= m->first && m->rows[k] > 0) || grad_reads_input(l) || is_source(bb, k)) return KEPT_CODES;
+    return k > m->first ? KEPT_MASK : KEPT_NONE;
+}
+
+/* The floats between which the gradient passes back through layer k's int8 input (k > 0): -127 and 127 times
+ * its scale, ReLU6's int8 top for a ReLU6 in front (as the integer pass clamps: float32 division and rint). */
+static void clamp_bounds(const et_backbone *bb, int k, float *top, float *bottom) {
+    const float s = bb->layers[k].act_scale;
+    float hi = 127.0f;
+    if (bb->layers[k - 1].activation == ET_RELU6) hi = fminf(127.0f, rintf(6.0f / s));
+    *top = hi * s, *bottom = -127.0f * s;
+}
+
+/* Layer k's gradient mask for `len` of its input's floats h: the activation's derivative (et_act_grad_mul on
+ * ones), then 0 where the clamp held; 0 or 1 each, so one product by it is both products. */
+static void grad_mask(const et_backbone *bb, int k, const float *h, int len, float *f) {
+    float top, bottom;
+    clamp_bounds(bb, k, &top, &bottom);
+    for (int i = 0; i < len; i++) f[i] = 1.0f;
+    et_act_grad_mul(bb->layers[k - 1].activation, f, h, len);
+    for (int i = 0; i < len; i++) f[i] *= (float)(h[i] < top && h[i] > bottom);
+}
+
 /* The pieces plan_layout carves, by name, as et_workspace_pieces reports them (NULL: not asked). */
 typedef struct {
     const char **names;
@@ -399,10 +436,10 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         note(log, #field, got_);                               \
         total += got_;                                         \
     } while (0)
-    { /* the per-layer tables: 3n + 1 int32, then 4n + 1 pointers, in one piece */
+    { /* the per-layer tables: 3n + 1 int32, then 5n + 1 pointers, in one piece */
         const size_t P = (size_t)pointer_bytes, ints = ((size_t)(3 * n + 1) * 4 + P - 1) / P * P;
         if (base) {
-            memset(cur, 0, ints + (size_t)(4 * n + 1) * P);
+            memset(cur, 0, ints + (size_t)(5 * n + 1) * P);
             L->width = (int32_t *)(void *)cur;
             L->tap_width = L->width + n + 1;
             L->pending = L->tap_width + n;
@@ -410,8 +447,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             L->kept = L->act + n + 1;
             L->pend = L->kept + n;
             L->actq = (int8_t **)(void *)(L->pend + n);
+            L->actm = (uint8_t **)(void *)(L->actq + n);
         }
-        const size_t got = take(&cur, ints + (size_t)(4 * n + 1) * P);
+        const size_t got = take(&cur, ints + (size_t)(5 * n + 1) * P);
         note(log, "tables", got);
         total += got;
     }
@@ -473,8 +511,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
                 if (base) L->act[k] = int8_chain ? NULL : L->walk[b]; /* b: act[k]'s buffer from k = 1 on */
                 continue;
             }
-            if (int8_chain && k < n) PIECE(actq[k], int8_t *, B * et_width(bb, k)); /* int8 codes, not floats */
-            else PIECE(act[k], float *, B * et_width(bb, k) * F);
+            if (int8_chain && k < n && kept_as(bb, m, k) == KEPT_CODES) PIECE(actq[k], int8_t *, B * et_width(bb, k));
+            else if (int8_chain && k < n && kept_as(bb, m, k) == KEPT_MASK) PIECE(actm[k], uint8_t *, (B * et_width(bb, k) + 7) / 8);
+            else if (!int8_chain || k == n) PIECE(act[k], float *, B * et_width(bb, k) * F);
         }
         if (int8_chain) { /* the float copy of an input that a kernel reads (act_floats) */
             size_t dw = 0;
@@ -813,9 +852,10 @@ static void sp_input_grad_blocks(ctx *c, int k, const float *g, int count, float
     c->wk = -1;
 }
 
-/* Layer k's int8 input q of sample i, kept in actq[k] (its codes are its values: -127..127). */
+/* Layer k's int8 input q of sample i, kept in actq[k] where it is (kept_as; its codes are its values:
+ * -127..127). */
 static void sp_keep(ctx *c, int k, int i, const int8_t *q) {
-    memcpy(c->L.actq[k] + (size_t)i * c->width[k], q, (size_t)c->width[k]);
+    if (c->L.actq[k]) memcpy(c->L.actq[k] + (size_t)i * c->width[k], q, (size_t)c->width[k]);
 }
 
 /* Layer k's kept input (`count` samples) as floats into dst: act_value of its codes, the floats the
@@ -866,6 +906,9 @@ static int sp_int8_prefix(ctx *c, int count) {
             q = out;
         }
         sp_keep(c, start, i, q);
+        const float s = bb->layers[start].act_scale; /* and as floats, the float pass's first input (gbuf[0]) */
+        float *h = c->L.gbuf[0] + (size_t)i * c->width[start];
+        for (int j = 0; j < c->width[start]; j++) h[j] = act_value(q[j], s);
     }
     return start;
 }
@@ -881,7 +924,6 @@ static float *lw_forward(ctx *c, int count) {
     float *hz[2] = {c->L.gbuf[0], c->L.gbuf[1]};
     int poisoned = 0; /* an int8 chain: a NaN among the outputs kept (a code cannot hold it) */
     const int from = int8_chain ? sp_int8_prefix(c, count) : 0;
-    if (int8_chain) act_floats(c, from, count, hz[0]);
     for (int k = from; k < n; k++) {
         const et_layer *l = &bb->layers[k];
         const int in = et_layer_in(l), out = et_layer_out(l);
@@ -931,7 +973,20 @@ static float *lw_forward(ctx *c, int count) {
                 v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
                 z[i] = v * s;
                 poisoned |= v != v;
-                q[i] = v != v ? 0 : act_code(v);
+                if (q) q[i] = v != v ? 0 : act_code(v);
+            }
+            if (c->L.actm[k + 1]) { /* the mask only: a bit a value */
+                uint8_t *bits = c->L.actm[k + 1];
+                float f[ACT_BLOCK];
+                for (int i0 = 0; i0 < count * out; i0 += ACT_BLOCK) {
+                    const int len = count * out - i0 < ACT_BLOCK ? count * out - i0 : ACT_BLOCK;
+                    grad_mask(bb, k + 1, z + i0, len, f);
+                    for (int i = 0; i < len; i++) {
+                        const int j = i0 + i;
+                        if (f[i] != 0.0f) bits[j >> 3] |= (uint8_t)(1u << (j & 7));
+                        else bits[j >> 3] &= (uint8_t)~(1u << (j & 7));
+                    }
+                }
             }
             float *t = hz[0]; /* z, as act_value gives it back, is layer k+1's input */
             hz[0] = hz[1];
@@ -1027,18 +1082,18 @@ static void lw_backward(ctx *c, int count) {
                 for (int i = 0; i < count * in; i++) dh[i] += c->L.pend[k][i];
             if (!int8_chain) {
                 et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
-            } else { /* the activation's derivative, then straight through the rounding, zero where the clamp held */
+            } else if (c->L.actm[k]) { /* the mask kept as bits (kept_as) */
+                const uint8_t *bits = c->L.actm[k];
+                for (int i = 0; i < count * in; i++) dh[i] *= (float)((bits[i >> 3] >> (i & 7)) & 1u);
+            } else { /* the mask from the input's codes: the activation's derivative and the clamp (grad_mask) */
                 const float s = l->act_scale;
-                float hi = 127.0f; /* ReLU6: its int8 top, as the int8 pass clamps (float32 division and rint) */
-                if (bb->layers[k - 1].activation == ET_RELU6) hi = fminf(127.0f, rintf(6.0f / s));
-                const float top = hi * s, bottom = -127.0f * s;
                 const int8_t *q = c->L.actq[k];
-                float t[ACT_BLOCK]; /* the input's floats, a block at a time (element by element: the same products) */
+                float t[ACT_BLOCK], f[ACT_BLOCK]; /* a block of the input's floats at a time */
                 for (int i0 = 0; i0 < count * in; i0 += ACT_BLOCK) {
                     const int len = count * in - i0 < ACT_BLOCK ? count * in - i0 : ACT_BLOCK;
                     for (int i = 0; i < len; i++) t[i] = act_value(q[i0 + i], s);
-                    et_act_grad_mul(bb->layers[k - 1].activation, dh + i0, t, len);
-                    for (int i = 0; i < len; i++) dh[i0 + i] *= (float)(t[i] < top && t[i] > bottom);
+                    grad_mask(bb, k, t, len, f);
+                    for (int i = 0; i < len; i++) dh[i0 + i] *= f[i];
                 }
             }
         }
