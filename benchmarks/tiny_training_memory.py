@@ -41,6 +41,7 @@ BREAKDOWN_SECTION = "tiny-training-breakdown"
 #: the int8 sparse update on a CNN, in the order the workspace carves them.
 PIECES = {
     "tables": "per-layer tables (widths, pointers)",
+    "actq": "per-layer tables (widths, pointers)", "actm": "per-layer tables (widths, pointers)",
     "snapshot": "snapshot: the epoch's starting parameters",
     "ybuf": "the batch's labels, ids, uncached rows", "ids": None, "missing": None,
     "gbuf[0]": "gbuf[0], gbuf[1]: the gradients flowing back", "gbuf[1]": None,

@@ -436,20 +436,18 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         note(log, #field, got_);                               \
         total += got_;                                         \
     } while (0)
-    { /* the per-layer tables: 3n + 1 int32, then 5n + 1 pointers, in one piece */
+    { /* the per-layer tables: 3n + 1 int32, then 3n + 1 pointers, in one piece */
         const size_t P = (size_t)pointer_bytes, ints = ((size_t)(3 * n + 1) * 4 + P - 1) / P * P;
         if (base) {
-            memset(cur, 0, ints + (size_t)(5 * n + 1) * P);
+            memset(cur, 0, ints + (size_t)(3 * n + 1) * P);
             L->width = (int32_t *)(void *)cur;
             L->tap_width = L->width + n + 1;
             L->pending = L->tap_width + n;
             L->act = (float **)(void *)(cur + ints);
             L->kept = L->act + n + 1;
             L->pend = L->kept + n;
-            L->actq = (int8_t **)(void *)(L->pend + n);
-            L->actm = (uint8_t **)(void *)(L->actq + n);
         }
-        const size_t got = take(&cur, ints + (size_t)(5 * n + 1) * P);
+        const size_t got = take(&cur, ints + (size_t)(3 * n + 1) * P);
         note(log, "tables", got);
         total += got;
     }
@@ -504,6 +502,13 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
         if (chan) PIECE(chan, float *, chan * F);
         const int start = sp_start(bb, m);
+        if (int8_chain) { /* the tables of what it keeps of each layer's input (kept_as; NULL: not that) */
+            const size_t P = (size_t)pointer_bytes;
+            PIECE(actq, int8_t **, (size_t)n * P);
+            if (base) memset(L->actq, 0, (size_t)n * P);
+            PIECE(actm, uint8_t **, (size_t)n * P);
+            if (base) memset(L->actm, 0, (size_t)n * P);
+        }
         for (int k = 0, b = 1; k <= n; b = k > 0 && prune && !int8_chain ? walk_next(bb, m, k, b) : b, k++) {
             /* an int8 chain keeps before `start` only what an add from `start` on reads */
             const int read_later = int8_chain ? read_between(bb, k, start, n) : is_source(bb, k);
