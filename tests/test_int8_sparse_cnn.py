@@ -359,6 +359,23 @@ def test_c_assembles_a_pointwise_or_dense_int8_weight_a_block_at_a_time():
 
 
 @needs_c
+def test_c_sizes_each_gradient_buffer_for_the_inputs_that_land_in_it():
+    """The two float buffers of the int8 sparse update's passes (a layer's input and output forward, the
+    gradients backward) alternate layer by layer, each input's floats where its gradient will be: each is
+    sized for every other layer's input, not both for the widest (here the gap's 64 x 50 inputs in one,
+    the pointwise layer's 8 x 50 in the other, at batch 4)."""
+    from edgetune.memory import core_workspace_pieces
+    from edgetune.methods import make_method
+    shape = (3, 50)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, *shape)).astype(np.float32)
+    bb = et.Backbone.from_layers(build_layers(parse_arch("conv:8:3:1:same,relu,conv:64:1,relu,gap", shape, 3),
+                                              seed=0)).fit_normalizer(x)
+    pieces = core_workspace_pieces(make_method("sparse", quantize(bb, x), scheme="w0:1/4"), 4)
+    assert pieces["gbuf[0]"] + pieces["gbuf[1]"] == 4 * (8 * 50 + 64 * 50) * 4, pieces
+
+
+@needs_c
 def test_c_refuses_a_missing_int8_unit_and_the_adapter_round_trips(tmp_path):
     """C checks the units of every layer with weights from the first trained one on before it
     runs (the planner may size a workspace without them); the adapter file rebuilds the run."""

@@ -378,6 +378,12 @@ static int kept_as(const et_backbone *bb, const et_method *m, int k) {
     return k > m->first ? KEPT_MASK : KEPT_NONE;
 }
 
+/* The sparse update on an int8 chain: which of the two gradient buffers (gbuf) holds layer k's input as
+ * floats (k from `first` on): the backward pass hands the gradient of layer n - 1's input down in gbuf[0],
+ * then they alternate, and the forward pass puts each input where its gradient will be, so each buffer is
+ * sized for the inputs of every other layer. */
+static int float_turn(const et_backbone *bb, int k) { return (bb->n_layers - 1 - k) & 1; }
+
 /* The floats between which the gradient passes back through layer k's int8 input (k > 0): -127 and 127 times
  * its scale, ReLU6's int8 top for a ReLU6 in front (as the integer pass clamps: float32 division and rint). */
 static void clamp_bounds(const et_backbone *bb, int k, float *top, float *bottom) {
@@ -458,10 +464,11 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     if (m->kind == ET_SKIP) { /* the skip adapters need only the logits and their gradient */
         PIECE(gbuf[0], float *, B * et_width(bb, n) * F);
     } else if (m->kind == ET_SPARSE && bb->is_int8 && !et_backbone_is_dense(bb)) {
-        size_t gw = 0; /* the gradients flow back to the first trained layer's input, no further */
-        for (int k = m->first; k < n; k++) gw = most(gw, (size_t)et_width(bb, k));
-        PIECE(gbuf[0], float *, B * gw * F);
-        PIECE(gbuf[1], float *, B * gw * F);
+        size_t gw[2] = {0, 0}; /* the gradients flow back to the first trained layer's input, no further; */
+        for (int k = m->first; k < n; k++) /* each buffer sized for the inputs that land in it (float_turn) */
+            gw[float_turn(bb, k)] = most(gw[float_turn(bb, k)], (size_t)et_width(bb, k));
+        PIECE(gbuf[0], float *, B * gw[0] * F);
+        PIECE(gbuf[1], float *, B * gw[1] * F);
     } else {
         /* the gradients the backward pass hands down: layer k's input for k > first (and the logits) */
         int gw = et_width(bb, n);
@@ -911,8 +918,8 @@ static int sp_int8_prefix(ctx *c, int count) {
             q = out;
         }
         sp_keep(c, start, i, q);
-        const float s = bb->layers[start].act_scale; /* and as floats, the float pass's first input (gbuf[0]) */
-        float *h = c->L.gbuf[0] + (size_t)i * c->width[start];
+        const float s = bb->layers[start].act_scale; /* and as floats, the float pass's first input */
+        float *h = c->L.gbuf[float_turn(bb, start)] + (size_t)i * c->width[start];
         for (int j = 0; j < c->width[start]; j++) h[j] = act_value(q[j], s);
     }
     return start;
@@ -926,7 +933,8 @@ static float *lw_forward(ctx *c, int count) {
     const int int8_chain = bb->is_int8 && m->kind == ET_SPARSE;
     /* an int8 chain: layer k's input and output as floats in the two gradient buffers in turn (the backward
        pass has not started), each output kept as int8 codes in actq[k + 1] */
-    float *hz[2] = {c->L.gbuf[0], c->L.gbuf[1]};
+    const int turn = int8_chain ? float_turn(bb, sp_start(bb, m)) : 0; /* where the first input is */
+    float *hz[2] = {c->L.gbuf[turn], c->L.gbuf[turn ^ 1]};
     int poisoned = 0; /* an int8 chain: a NaN among the outputs kept (a code cannot hold it) */
     const int from = int8_chain ? sp_int8_prefix(c, count) : 0;
     for (int k = from; k < n; k++) {
