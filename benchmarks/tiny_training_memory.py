@@ -2,6 +2,7 @@
 
     python -m benchmarks.tiny_training_memory            # writes its section of docs/budgets.md
     python -m benchmarks.tiny_training_memory --no-write --resolution 32 --blocks 4   # a quick look
+    python -m benchmarks.tiny_training_memory --breakdown  # the int8 sparse update's workspace, piece by piece
 
 For the paper's three networks (edgetune.torch.zoo: MobileNetV2-w0.35, an MCUNet-5fps-like and a
 ProxylessNAS-w0.3-like network, random weights, the paper's 128x128 input), imported with
@@ -35,6 +36,27 @@ from ._util import REPO, machine_info
 PAPER_KB = {"mbv2-w0.35": (2939, 141), "mcunet-5fps": (3650, 173), "proxyless-w0.3": (2745, 135)}
 TITLES = {"mbv2-w0.35": "MobileNetV2-w0.35", "mcunet-5fps": "MCUNet-5fps-like", "proxyless-w0.3": "ProxylessNAS-w0.3-like"}
 SECTION = "tiny-training-memory"
+BREAKDOWN_SECTION = "tiny-training-breakdown"
+#: What each piece of the compiled engine's workspace holds (plan_layout's fields in et_train.c), for
+#: the int8 sparse update on a CNN, in the order the workspace carves them.
+PIECES = {
+    "tables": "per-layer tables (widths, pointers)",
+    "actq": "per-layer tables (widths, pointers)", "actm": "per-layer tables (widths, pointers)",
+    "snapshot": "snapshot: the epoch's starting parameters",
+    "ybuf": "the batch's labels, ids, uncached rows", "ids": None, "missing": None,
+    "gbuf[0]": "gbuf[0], gbuf[1]: the gradients flowing back", "gbuf[1]": None,
+    "act[k]": "act[k]: the inputs kept for the backward pass, float (int8 network: the logits only)",
+    "actq[k]": "actq[k]: the inputs kept for the backward pass, int8",
+    "actm[k]": "actm[k]: the inputs' gradient masks kept instead, a bit a value",
+    "deq": "deq: the float inputs a layer reads, dequantised at use",
+    "q[0]": "q[0], q[1]: the integer pass's int8 input and output", "q[1]": None,
+    "qheld": "qheld: the integer pass's inputs an add reads later",
+    "acc": "acc: the integer pass's int32 accumulator",
+    "scratch": "scratch: the float kernels' scratch",
+    "pend[k]": "pend[k]: an add's gradient waiting for its source",
+    "sw": "sw: one layer's float weight, assembled", "sb": "sb: its float bias",
+    "gstep": "gstep: the fused update's gradient of one tensor",
+}
 DOC = REPO / "docs" / "budgets.md"
 TARGET = "cortex-m7"
 
@@ -177,6 +199,48 @@ def measure(name: str, resolution: int, blocks: int | None = None, n_samples: in
     return rows
 
 
+def breakdown(name: str, resolution: int, blocks: int | None = None) -> dict[str, int]:
+    """The compiled engine's workspace (cortex-m7 pointers, batch 1) of the sparse update on the int8
+    network, piece by piece (``core_workspace_pieces``: C's et_workspace_pieces)."""
+    from edgetune.export.targets import TARGETS
+    from edgetune.memory import core_workspace_pieces
+    from edgetune.methods import make_method
+    from edgetune.quant import quantize
+
+    _, bb = load_network(name, resolution, blocks)
+    x = np.random.default_rng(0).normal(size=(2, 3 * resolution * resolution)).astype(np.float32)
+    m = make_method("sparse", quantize(bb, x), scheme=sparse_scheme(bb))
+    return core_workspace_pieces(m, 1, pointer_bytes=TARGETS[TARGET].pointer_bytes)
+
+
+def breakdown_table(pieces: dict[str, dict[str, int]], resolution: int, command: str) -> str:
+    """The markdown table of ``breakdown`` for each network: KB per piece (pieces under one label
+    summed), the workspace's total (+ 64 bytes of alignment, as et_workspace_size_for counts it)."""
+    names = list(pieces)
+    labels: dict[str, str] = {}
+    last = ""
+    for key, label in PIECES.items():
+        last = label or last
+        labels[key] = last
+    for piece in pieces.values():
+        for key in piece:
+            labels.setdefault(key, key)
+    rows: dict[str, list[int]] = {}
+    for key, label in labels.items():
+        vals = [pieces[n].get(key, 0) for n in names]
+        if any(vals):
+            rows[label] = [a + b for a, b in zip(rows.get(label, [0] * len(names)), vals)]
+    out = [f"The int8 sparse update's workspace at batch 1, {resolution}x{resolution} input, {TARGET} pointers, "
+           f"in KB (`{command}`):", "",
+           "| piece | " + " | ".join(TITLES.get(n, n) for n in names) + " |",
+           "|---|" + "---|" * len(names)]
+    for label, vals in rows.items():
+        out.append(f"| {label} | " + " | ".join(_kb(v) for v in vals) + " |")
+    totals = [sum(pieces[n].values()) + 64 for n in names]
+    out.append("| **workspace** | " + " | ".join(f"**{_kb(v)}**" for v in totals) + " |")
+    return "\n".join(out)
+
+
 def _kb(v: int | None) -> str:
     return "-" if v is None else f"{v / 1024:,.0f}"
 
@@ -225,11 +289,11 @@ def table(rows: list[Row], resolution: int, command: str, comparable: bool = Tru
     return "\n".join(out)
 
 
-def write_section(text: str, path: Path = DOC) -> None:
-    """Replace the benchmark's marked section of ``path`` with ``text`` (appended the first time)."""
+def write_section(text: str, path: Path = DOC, section: str = SECTION) -> None:
+    """Replace the benchmark's marked ``section`` of ``path`` with ``text`` (appended the first time)."""
     from edgetune.io_atomic import write_bytes_atomic
 
-    start, end = f"<!-- {SECTION}: start -->", f"<!-- {SECTION}: end -->"
+    start, end = f"<!-- {section}: start -->", f"<!-- {section}: end -->"
     doc = path.read_text()
     block = f"{start}\n{text}\n{end}"
     if start in doc:
@@ -271,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, default=None, help="keep only the first N blocks (a quick look)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/budgets.md alone")
     ap.add_argument("--no-int8", action="store_true", help="leave out the int8 sparse rows")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the int8 sparse update's workspace, piece by piece (its own section of docs/budgets.md)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     ap.add_argument("--save-model", metavar="DIR", type=Path,
                     help="save the first network as a model directory (with --save-task) and stop")
@@ -288,6 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.tiny_training_memory" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
     t0 = time.perf_counter()
+    if args.breakdown:
+        pieces = {name: breakdown(name, args.resolution, args.blocks) for name in args.networks}
+        text = breakdown_table(pieces, args.resolution, command)
+        print(text)
+        print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps(pieces, indent=1))
+        if not args.no_write:
+            write_section(text, section=BREAKDOWN_SECTION)
+        return 0
     rows = [r for name in args.networks for r in measure(name, args.resolution, args.blocks, int8=not args.no_int8)]
     text = table(rows, args.resolution, command, comparable=args.resolution == RESOLUTION and not args.blocks)
     info = machine_info()

@@ -583,6 +583,29 @@ def core_workspace_for(method: Any, batch: int, pointer_bytes: int | None = None
     return CoreModel(method, batch).workspace_bytes(pointer_bytes=pointer_bytes)
 
 
+def core_workspace_pieces(method: Any, batch: int, pointer_bytes: int | None = None) -> dict[str, int]:
+    """The compiled engine's workspace for a method instance piece by piece, as C carves it
+    (``et_workspace_pieces``): bytes per field of its layout, the per-layer ones summed ("act[k]":
+    every layer's kept input), 64-byte rounded; their sum + 64 is ``core_workspace_for``'s figure."""
+    import ctypes
+
+    from .core.engine import CoreModel
+
+    lib = _core_lib("the compiled engine's workspace")
+    core = CoreModel(method, batch)
+    pb = int(pointer_bytes) if pointer_bytes is not None else ctypes.sizeof(ctypes.c_void_p)
+    args = (ctypes.byref(core.bb), ctypes.byref(core.m), int(batch), pb)
+    count = lib.et_workspace_pieces(*args, None, None, 0)
+    if count < 0:
+        raise UsageError(f"the compiled engine refuses the workspace of {method.name} at batch {batch}")
+    names, sizes = (ctypes.c_char_p * max(count, 1))(), (ctypes.c_size_t * max(count, 1))()
+    lib.et_workspace_pieces(*args, names, sizes, count)
+    out: dict[str, int] = {}
+    for name, size in zip(names[:count], sizes[:count]):
+        out[name.decode()] = out.get(name.decode(), 0) + int(size)
+    return out
+
+
 def _ufunc_buffers(n: int, operands: int, itemsize: int = 4) -> int:
     """NumPy's buffers for an element-wise operation on strided or broadcast 2-D operands: one
     buffer of up to 8192 elements per operand (numpy's default ``bufsize``)."""

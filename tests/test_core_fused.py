@@ -193,3 +193,22 @@ def test_the_in_place_depthwise_layer_is_counted_by_the_workspace():
         bb, _, _ = _cnn(_dw_arch(padding))
         sizes[padding] = core_workspace_for(make_method("sparse", bb, scheme="w5,b2"), 16)
     assert sizes[1] < sizes[0]
+
+
+def test_int8_sparse_steps_a_dense_or_pointwise_weight_a_block_of_rows_at_a_time():
+    """On an int8 network the sparse update computes the trained rows' gradient of a dense layer 4 rows
+    at a time and of a pointwise one 16 at a time (the last block with the rows left over: 16 + 24 of
+    40), each block stepped at once: the gradient scratch holds a block (24 x 8 floats), not the largest
+    tensor (13 x 40); the float update keeps the whole tensor's. The same parameters as the two-phase
+    step (above) and as an earlier build (benchmarks/int8_sparse_identity.py)."""
+    spec = ("conv:8:3:1:same,relu,conv:40:1,relu,gap,dense:13,relu", (3, 20))
+    bb, x, y = _cnn(spec)
+    lib = core.load()
+
+    def scratch(backbone) -> int:
+        model = CoreModel(make_method("sparse", backbone, scheme="w1,w2"), 4)
+        return lib.et_fused_scratch_bytes(ctypes.byref(model.bb), ctypes.byref(model.m))
+
+    assert scratch(quantize(bb, x)) == 24 * 8 * 4
+    assert scratch(bb) == -(-13 * 40 * 4 // 64) * 64
+    _same(quantize(bb, x), "sparse", "adam", x, y, scheme="w1,w2,b0")

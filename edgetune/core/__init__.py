@@ -182,6 +182,8 @@ def _declare(lib: Any) -> None:
     lib.et_workspace_size.restype = sz
     lib.et_workspace_size_for.argtypes = [P(Backbone), P(Method), P(Cache), i32, i32]
     lib.et_workspace_size_for.restype = sz
+    lib.et_workspace_pieces.argtypes = [P(Backbone), P(Method), i32, i32, P(ctypes.c_char_p), P(sz), i32]
+    lib.et_workspace_pieces.restype = i32
     lib.et_fused_update.argtypes, lib.et_fused_update.restype = [P(Backbone), P(Method)], i32
     lib.et_fused_scratch_bytes.argtypes, lib.et_fused_scratch_bytes.restype = [P(Backbone), P(Method)], sz
     lib.et_device_arena_bytes.argtypes, lib.et_device_arena_bytes.restype = [P(ModelDesc)], sz

@@ -292,10 +292,16 @@ size_t et_conv_input_grad_scratch_bytes(const et_conv_dims *d, int count) {
 
 /* Weight gradient: cols (K, S) (not for pointwise), g_g^T packed (S, O/G), the sum dW_g^T (K, O/G). */
 size_t et_conv_weight_grad_scratch_bytes(const et_conv_dims *d, int count) {
+    return et_conv_weight_grad_rows_scratch_bytes(d, count, d->out_c);
+}
+
+/* The sum dW_g^T holds the trained channels of one group only: (K, min(O/G, out_rows)). */
+size_t et_conv_weight_grad_rows_scratch_bytes(const et_conv_dims *d, int count, int out_rows) {
     (void)count;
     const size_t K = (size_t)(d->in_c / d->groups) * taps(d), og = (size_t)(d->out_c / d->groups);
-    if (is_depthwise(d)) return 0;
-    return (is_pointwise(d) ? 0 : cols_bytes(d)) + (og * out_positions(d) + K * og) * sizeof(float);
+    const size_t on = out_rows < 1 ? 0 : ((size_t)out_rows < og ? (size_t)out_rows : og);
+    if (is_depthwise(d) || on == 0) return 0;
+    return (is_pointwise(d) ? 0 : cols_bytes(d)) + (og * out_positions(d) + K * on) * sizeof(float);
 }
 
 void et_conv_forward(const et_conv_dims *d, int count, const float *x, int ldx, const float *w, const float *bias,

@@ -71,6 +71,8 @@ void et_conv_depthwise_in_place(const et_conv_dims *d, int count, float *x, int 
 size_t et_conv_forward_scratch_bytes(const et_conv_dims *d, int count);
 size_t et_conv_input_grad_scratch_bytes(const et_conv_dims *d, int count);
 size_t et_conv_weight_grad_scratch_bytes(const et_conv_dims *d, int count);
+/* et_conv_weight_grad_rows's scratch for its first out_rows output channels (at most the above). */
+size_t et_conv_weight_grad_rows_scratch_bytes(const et_conv_dims *d, int count, int out_rows);
 
 /*
  * z (count, OUT) = conv(x (count, IN), w (WEIGHT)) [+ bias (out_c), per output channel;
@@ -93,7 +95,7 @@ void et_conv_weight_grad(const et_conv_dims *d, int count, const float *x, const
 /*
  * The same for the first out_rows (1..out_c) output channels only: dw (out_rows * WEIGHT / out_c),
  * the leading rows of the full gradient, computed without the others (the sparse update trains
- * a layer's first channels). Scratch: at most et_conv_weight_grad_scratch_bytes.
+ * a layer's first channels). Scratch: et_conv_weight_grad_rows_scratch_bytes(d, count, out_rows).
  */
 void et_conv_weight_grad_rows(const et_conv_dims *d, int count, const float *x, const float *g, int out_rows,
                               float *dw, int accumulate, float *scratch);

@@ -216,6 +216,11 @@ size_t et_workspace_size(const et_backbone *bb, const et_method *m, const et_cac
  * for that target computes (edgetune's planner asks this for microcontrollers). */
 size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et_cache *cache,
                              int32_t batch, int32_t pointer_bytes);
+/* The pieces of that workspace in the order it is carved (each 64-byte rounded; their sum + 64 is
+ * et_workspace_size_for): up to `max` names (the layout's fields, e.g. "act[k]" once per layer) and
+ * sizes; returns how many pieces there are (more than max: the first max written), -1 when refused. */
+int32_t et_workspace_pieces(const et_backbone *bb, const et_method *m, int32_t batch, int32_t pointer_bytes,
+                            const char **names, size_t *bytes, int32_t max);
 
 /*
  * Run n_epochs epochs. x (n, et_width(bb, 0)) prepared inputs, y (n) labels, orders

@@ -220,7 +220,8 @@ void et_int8_requantize_channel(const et_backbone *bb, int k, int c, const int32
     const int npos = l->out_h * l->out_w;
     int32_t lo, hi;
     clamp_range(bb, k, &lo, &hi);
-    for (int i = 0; i < npos; i++) q[(size_t)c * npos + i] = requantize_one(l, 1, c, lo, hi, acc[i]);
+    const int weighted = et_layer_has_weights(l); /* a layer without weights: the clamp only */
+    for (int i = 0; i < npos; i++) q[(size_t)c * npos + i] = requantize_one(l, weighted, c, lo, hi, acc[i]);
 }
 
 void et_int8_logits(const et_backbone *bb, const int32_t *acc, int rows, float *logits, int ldl) {

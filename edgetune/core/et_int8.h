@@ -25,6 +25,8 @@ void et_int8_requantize(const et_backbone *bb, int k, const int32_t *acc, int ro
  * q (one sample's output, et_width(bb, k+1)) receives channel c's requantised positions
  * [c * out_h * out_w, (c+1) * out_h * out_w). q must not be the input: every channel reads all of it. */
 void et_int8_accumulate_channel(const et_backbone *bb, int k, const int8_t *q, int c, int32_t *acc);
+/* The requantisation also takes channel c of a layer without weights (its accumulator from its kind's
+ * int8_accumulate on that channel): the clamp only, as et_int8_requantize. */
 void et_int8_requantize_channel(const et_backbone *bb, int k, int c, const int32_t *acc, int8_t *q);
 /* Float logits from the last layer's accumulator. */
 void et_int8_logits(const et_backbone *bb, const int32_t *acc, int rows, float *logits, int ldl);

@@ -21,6 +21,12 @@
 #define ALIGN 64
 #define FILL_BLOCK 64 /* rows per block when the cache is filled eagerly in place */
 #define SKIP_BLOCK 4  /* rows per block of a skip batch's fused pass (skip_step): they stay in L1 */
+#define ROW_BLOCK 4    /* output channels per block of an int8 chain's weight assembled a block at a time (sp_blocked):
+                          et_kernels.c's product kernel holds 4 rows of its result in registers, so blocks of 4 rows
+                          give every value the very operations of the whole layer's product */
+#define COL_BLOCK 16   /* input columns per block of a dense layer's input gradient: a multiple of the kernel's 16
+                          columns (NR), for the same reason */
+#define ACT_BLOCK 32  /* values per block of an int8 chain's kept input read back for a mask (lw_backward) */
 
 /* ------------------------------------------------------------------ the workspace */
 /* Every scratch buffer of a run, carved from the caller's workspace in this order. */
@@ -32,10 +38,19 @@ typedef struct {
     int32_t *width;                        /* n + 1: et_width(bb, k), read once: the hot loops index it */
     int32_t *tap_width;                    /* n: skip: each adapter's input width */
     int32_t *pending;                      /* n: layer-wise, not an MLP: pend[k] holds gradients from add layers */
-    float **act;                           /* n + 1: layer-wise/sparse: batch x et_width(bb, k) */
+    float **act;                           /* n + 1: layer-wise/sparse: batch x et_width(bb, k) (the sparse update on
+                                              an int8 chain: the logits act[n] only, the inputs are in actq) */
+    int8_t **actq;                         /* n: sparse, an int8 chain: layer k's input kept for the backward pass,
+                                              batch x et_width(bb, k) int8 codes (act_code, act_value) where a
+                                              kernel or an add reads it (kept_as) */
+    uint8_t **actm;                        /* n: the same where only the mask of its gradient is read: a bit per
+                                              value (batch x et_width(bb, k) bits) */
+    float *deq;                            /* sparse, an int8 chain: one layer's input (or an add's source) as floats,
+                                              where a kernel reads it: act_floats */
     float *lora_u;                         /* layer-wise: n x batch x rank */
     float *gbuf[2];                        /* batch x the widest input below which the backward pass goes:
-                                              gradients flowing back */
+                                              gradients flowing back (the sparse update on an int8 chain: in
+                                              the forward pass, a layer's input and output as floats) */
     float *gu;                             /* batch x (n*rank): gradient of the adapters' middle */
     float *pack;                           /* layer-wise: a weight transposed for the backward pass */
     float *wrow;                           /* sparse int8: one widened weight row */
@@ -104,9 +119,32 @@ static void lora_dims(const et_layer *l, int rank, et_conv_dims *a, et_conv_dims
 
 static size_t most(size_t a, size_t b) { return a > b ? a : b; }
 
+static int sp_blocked(const et_backbone *bb, const et_method *m, int k); /* below, with the weight's assembly */
+
+/* The sparse update on an int8 chain computes the trained rows' weight gradient of a dense or pointwise layer
+ * (sp_blocked, one group) a block of rows at a time, each block stepped at once (the fused update), so the
+ * gradient scratch (gstep) and the kernel's scratch hold a block: for a dense layer ROW_BLOCK rows (a block of
+ * the product's result rows), for a pointwise one COL_BLOCK rows (its product's result columns), whose last
+ * block takes the rows left over with it (the kernel's product runs its packed path on 16 or more columns: a
+ * block of fewer would take another), so every value comes from the very operations of the whole gradient. */
+static int sp_grad_blocked(const et_backbone *bb, const et_method *m, int k) {
+    return m->kind == ET_SPARSE && m->rows[k] > 0 && bb->layers[k].groups == 1 && sp_blocked(bb, m, k);
+}
+/* Rows in the gradient block that starts `left` rows before the last trained row. */
+static int grad_block(const et_layer *l, int left) {
+    if (l->kind == ET_LAYER_DENSE) return left < ROW_BLOCK ? left : ROW_BLOCK;
+    return left < 2 * COL_BLOCK ? left : COL_BLOCK;
+}
+/* The largest such block. */
+static int grad_block_most(const et_layer *l, int rows) {
+    if (l->kind == ET_LAYER_DENSE) return rows < ROW_BLOCK ? rows : ROW_BLOCK;
+    return rows < 2 * COL_BLOCK ? rows : COL_BLOCK + rows % COL_BLOCK;
+}
+
 /* Bytes of scratch the layers' kernels need for `batch` rows: the most any layer from `from` on asks
  * (the frozen forward; with `backward` the gradients and the LoRA convolutions of the layers the
- * backward pass enters, m->first on). */
+ * backward pass enters, m->first on; the sparse update's convolutions: only the gradients it computes,
+ * the input's above `first` and the trained rows' weight gradient). */
 static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batch, int backward, int from) {
     size_t s = 0;
     for (int k = from; k < bb->n_layers; k++) {
@@ -114,6 +152,19 @@ static size_t kernel_scratch(const et_backbone *bb, const et_method *m, int batc
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         s = most(s, ops->forward_scratch_bytes(l, batch));
         if (!backward || k < m->first) continue;
+        if (m->kind == ET_SPARSE && (l->kind == ET_LAYER_CONV1D || l->kind == ET_LAYER_CONV2D)) {
+            /* the sparse update: the input's gradient above `first`, the gradient of the trained rows only
+               (a block of them at a time: sp_grad_blocked, one sample at a time, as a layer of those rows) */
+            et_conv_dims d = et_layer_dims(l);
+            if (k > m->first) s = most(s, et_conv_input_grad_scratch_bytes(&d, batch));
+            if (!sp_grad_blocked(bb, m, k)) {
+                s = most(s, et_conv_weight_grad_rows_scratch_bytes(&d, batch, m->rows[k]));
+            } else {
+                d.out_c = grad_block_most(l, m->rows[k]);
+                s = most(s, et_conv_weight_grad_rows_scratch_bytes(&d, 1, d.out_c));
+            }
+            continue;
+        }
         s = most(s, ops->backward_scratch_bytes(l, batch));
         if (m->off_lora_a[k] >= 0 && l->kind != ET_LAYER_DENSE) {
             et_conv_dims a, b;
@@ -154,10 +205,17 @@ static int sp_start(const et_backbone *bb, const et_method *m) {
 
 /* The sparse update on an int8 chain runs the layers before `start` (sp_start) as the integer pass, a
  * sample at a time (sp_int8_prefix): each layer's int8 input in one of two buffers (q[0], q[1]) and
- * its requantised output in the other, a dense or conv layer one output channel at a time (its int32
- * accumulator holds one channel's positions), but the input of a layer k that an add before `start`
+ * its requantised output in the other, one output channel at a time (its int32 accumulator holds one
+ * channel's positions; a flatten's whole output), but the input of a layer k that an add before `start`
  * reads, which stays in its own place in qheld until then. */
 static int int8_held(const et_backbone *bb, int start, int k) { return k < start && read_between(bb, k, k + 1, start); }
+
+/* Whether the integer pass runs a layer without weights one channel at a time (its kind's int8_accumulate on a
+ * layer of one channel, then et_int8_requantize_channel): pooling, gap and an add, whose output channel c reads
+ * input channel c only (and the add its source's channel c); a flatten runs whole. */
+static int int8_by_channel(const et_layer *l) {
+    return l->kind != ET_LAYER_FLATTEN && !et_layer_has_weights(l) && l->in_c == l->out_c;
+}
 
 /* Which of q[0], q[1] layer k's int8 input is in (-1: its place in qheld), given layer k-1's (b):
  * the buffer its input was not in; layer 0's input in q[0]. */
@@ -193,7 +251,8 @@ static int64_t lora_b_floats(const et_backbone *bb, const et_method *m, int k) {
     return m->off_lora_b[k] < 0 ? 0 : (int64_t)bb->layers[k].out_c * m->rank;
 }
 
-/* Floats of the fused update's gradient scratch: the largest trained tensor; -1 when the
+/* Floats of the fused update's gradient scratch: the largest trained tensor (or block of one: sp_grad_blocked);
+ * -1 when the
  * update cannot be fused (the skip adapters, or tensors that do not cover the n_params
  * parameters exactly once, which the two-phase step would also move). */
 static int64_t fused_scratch_floats(const et_backbone *bb, const et_method *m) {
@@ -206,7 +265,12 @@ static int64_t fused_scratch_floats(const et_backbone *bb, const et_method *m) {
                               lora_b_floats(bb, m, k)};
         for (int j = 0; j < 4; j++) {
             if (t[j] > 0 && k < m->first) return -1; /* the backward pass stops at `first` */
-            most_floats = t[j] > most_floats ? t[j] : most_floats;
+            /* a weight whose gradient comes a block of rows at a time (sp_grad_blocked): that block */
+            const int64_t scratch = j == 0 && t[j] > 0 && k >= m->first && sp_grad_blocked(bb, m, k)
+                                        ? (int64_t)grad_block_most(&bb->layers[k], m->rows[k]) *
+                                              et_layer_row_floats(&bb->layers[k])
+                                        : t[j];
+            most_floats = scratch > most_floats ? scratch : most_floats;
             total += t[j];
         }
     }
@@ -250,14 +314,120 @@ static int sp_assembles(const et_backbone *bb, const et_method *m, int k) {
     return m->rows[k] > 0 || (bb->is_int8 && et_layer_has_weights(&bb->layers[k]));
 }
 
+/* The sparse update on an int8 chain assembles the float weight of a dense, pointwise (1x1, stride 1, no
+ * padding, one group) or depthwise (a filter per input channel) layer a block of rows at a time for the
+ * forward pass and a block of input columns (depthwise: of channels) at a time for the input's gradient
+ * (sp_forward_blocks, sp_input_grad_blocks), not the whole layer. */
+static int sp_blocked(const et_backbone *bb, const et_method *m, int k) {
+    if (!bb->is_int8 || !sp_assembles(bb, m, k)) return 0;
+    const et_layer *l = &bb->layers[k];
+    if (l->kind == ET_LAYER_DENSE) return 1;
+    if (l->kind != ET_LAYER_CONV1D && l->kind != ET_LAYER_CONV2D) return 0;
+    if (l->groups > 1) return l->groups == l->in_c && l->groups == l->out_c; /* depthwise */
+    return l->kernel_h == 1 && l->kernel_w == 1 && l->stride_h == 1 && l->stride_w == 1 && l->pad_h == 0 &&
+           l->pad_w == 0;
+}
+
+/* Channels in the block of a blocked layer that starts `left` channels before its end: ROW_BLOCK, but a
+ * depthwise layer's last block takes a lone channel with it (a block of one channel would be one group, an
+ * ordinary convolution to the kernels, et_conv.c, where two or more are depthwise). */
+static int sp_block(const et_layer *l, int left, int step) {
+    if (left <= step) return left;
+    return l->groups > 1 && left == step + 1 ? left : step;
+}
+
+/* Floats of the weight scratch layer k needs (sp_assembles): the whole layer, or a blocked layer's largest block
+ * (ROW_BLOCK rows forward; the input's gradient, above `first`: all rows of ROW_BLOCK or COL_BLOCK columns). */
+static size_t sp_weight_floats(const et_backbone *bb, const et_method *m, int k) {
+    const et_layer *l = &bb->layers[k];
+    const size_t row = (size_t)et_layer_row_floats(l), out = (size_t)l->out_c;
+    if (!sp_blocked(bb, m, k)) return out * row;
+    if (l->groups > 1) return (out < ROW_BLOCK + 1 ? out : ROW_BLOCK + 1) * row; /* depthwise: channels, both ways */
+    const size_t cols = l->kind == ET_LAYER_DENSE ? COL_BLOCK : ROW_BLOCK;
+    return most((out < ROW_BLOCK ? out : ROW_BLOCK) * row, k > m->first ? out * (row < cols ? row : cols) : 0);
+}
+
+/*
+ * The sparse update on an int8 chain keeps each layer's input from `start` on as int8 codes (actq), not
+ * floats: every one of them is an int8 value times the layer's input scale (the integer pass's output
+ * dequantised, or the float pass's output fake-quantised to it), so the code gives back the very float:
+ * act_value(act_code(v), s) == v * s for v the rounded and clamped value (-127..127), its sign of zero
+ * included (-0.0 has the code -128, which no int8 activation takes: they are clamped to -127..127).
+ */
+static int8_t act_code(float v) { return v == 0.0f && signbit(v) ? (int8_t)-128 : (int8_t)v; }
+static float act_value(int8_t q, float s) { return q == -128 ? -0.0f : (float)q * s; }
+
+/* Whether a layer's input gradient reads its input (max pooling: where the maximum was); the others
+ * (et_layers.c) read only the weights and the output's gradient. */
+static int grad_reads_input(const et_layer *l) {
+    return l->kind == ET_LAYER_MAXPOOL1D || l->kind == ET_LAYER_MAXPOOL2D;
+}
+
+/* What the sparse update on an int8 chain keeps of layer k's input (k < n) for the rest of the step: its codes
+ * where a kernel reads its floats (the trained rows' weight gradient, a max pooling's input gradient) or an add
+ * does (its source, the integer pass's ones included); else, above `first`, only the mask its gradient is
+ * multiplied by (the activation's derivative and the clamp: 0 or 1 for the activations an int8 chain takes,
+ * identity, ReLU and ReLU6), a bit a value; nothing below `first` or for a layer `first` whose weights and
+ * input no kernel reads (its input's gradient is not taken). */
+enum { KEPT_NONE, KEPT_CODES, KEPT_MASK };
+static int kept_as(const et_backbone *bb, const et_method *m, int k) {
+    const int start = sp_start(bb, m), n = bb->n_layers;
+    if (k < start) return read_between(bb, k, start, n) ? KEPT_CODES : KEPT_NONE;
+    const et_layer *l = &bb->layers[k];
+    if ((k >= m->first && m->rows[k] > 0) || grad_reads_input(l) || is_source(bb, k)) return KEPT_CODES;
+    return k > m->first ? KEPT_MASK : KEPT_NONE;
+}
+
+/* The sparse update on an int8 chain: which of the two gradient buffers (gbuf) holds layer k's input as
+ * floats (k from `first` on): the backward pass hands the gradient of layer n - 1's input down in gbuf[0],
+ * then they alternate, and the forward pass puts each input where its gradient will be, so each buffer is
+ * sized for the inputs of every other layer. */
+static int float_turn(const et_backbone *bb, int k) { return (bb->n_layers - 1 - k) & 1; }
+
+/* The floats between which the gradient passes back through layer k's int8 input (k > 0): -127 and 127 times
+ * its scale, ReLU6's int8 top for a ReLU6 in front (as the integer pass clamps: float32 division and rint). */
+static void clamp_bounds(const et_backbone *bb, int k, float *top, float *bottom) {
+    const float s = bb->layers[k].act_scale;
+    float hi = 127.0f;
+    if (bb->layers[k - 1].activation == ET_RELU6) hi = fminf(127.0f, rintf(6.0f / s));
+    *top = hi * s, *bottom = -127.0f * s;
+}
+
+/* Layer k's gradient mask for `len` of its input's floats h: the activation's derivative (et_act_grad_mul on
+ * ones), then 0 where the clamp held; 0 or 1 each, so one product by it is both products. */
+static void grad_mask(const et_backbone *bb, int k, const float *h, int len, float *f) {
+    float top, bottom;
+    clamp_bounds(bb, k, &top, &bottom);
+    for (int i = 0; i < len; i++) f[i] = 1.0f;
+    et_act_grad_mul(bb->layers[k - 1].activation, f, h, len);
+    for (int i = 0; i < len; i++) f[i] *= (float)(h[i] < top && h[i] > bottom);
+}
+
+/* The pieces plan_layout carves, by name, as et_workspace_pieces reports them (NULL: not asked). */
+typedef struct {
+    const char **names;
+    size_t *bytes;
+    int32_t max, count;
+} piece_log;
+
+static void note(piece_log *log, const char *name, size_t bytes) {
+    if (!log) return;
+    if (log->count < log->max) {
+        log->names[log->count] = name;
+        log->bytes[log->count] = bytes;
+    }
+    log->count++;
+}
+
 /*
  * Lays out the workspace at `base` (aligned to 64 bytes) and returns its size; with
  * base == NULL only the size, for a target whose pointers are `pointer_bytes` wide (the
  * size of the batch's row pointers). This is the only place the layout is written:
- * edgetune's planner asks et_workspace_size_for() through the binding.
+ * edgetune's planner asks et_workspace_size_for() through the binding (and
+ * et_workspace_pieces for its pieces by name).
  */
 static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, int pointer_bytes, char *base,
-                          layout *L) {
+                          layout *L, piece_log *log) {
     char *cur = base;
     size_t total = 0;
     const size_t B = (size_t)batch, F = sizeof(float);
@@ -268,7 +438,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
 #define PIECE(field, type, count)                              \
     do {                                                       \
         if (base) L->field = (type)(void *)cur;                \
-        total += take(&cur, (size_t)(count));                  \
+        const size_t got_ = take(&cur, (size_t)(count));       \
+        note(log, #field, got_);                               \
+        total += got_;                                         \
     } while (0)
     { /* the per-layer tables: 3n + 1 int32, then 3n + 1 pointers, in one piece */
         const size_t P = (size_t)pointer_bytes, ints = ((size_t)(3 * n + 1) * 4 + P - 1) / P * P;
@@ -281,7 +453,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             L->kept = L->act + n + 1;
             L->pend = L->kept + n;
         }
-        total += take(&cur, ints + (size_t)(3 * n + 1) * P);
+        const size_t got = take(&cur, ints + (size_t)(3 * n + 1) * P);
+        note(log, "tables", got);
+        total += got;
     }
     PIECE(snapshot, float *, (size_t)m->n_params * F);
     PIECE(ybuf, int32_t *, B * 4);
@@ -290,10 +464,11 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
     if (m->kind == ET_SKIP) { /* the skip adapters need only the logits and their gradient */
         PIECE(gbuf[0], float *, B * et_width(bb, n) * F);
     } else if (m->kind == ET_SPARSE && bb->is_int8 && !et_backbone_is_dense(bb)) {
-        size_t gw = 0; /* the gradients flow back to the first trained layer's input, no further */
-        for (int k = m->first; k < n; k++) gw = most(gw, (size_t)et_width(bb, k));
-        PIECE(gbuf[0], float *, B * gw * F);
-        PIECE(gbuf[1], float *, B * gw * F);
+        size_t gw[2] = {0, 0}; /* the gradients flow back to the first trained layer's input, no further; */
+        for (int k = m->first; k < n; k++) /* each buffer sized for the inputs that land in it (float_turn) */
+            gw[float_turn(bb, k)] = most(gw[float_turn(bb, k)], (size_t)et_width(bb, k));
+        PIECE(gbuf[0], float *, B * gw[0] * F);
+        PIECE(gbuf[1], float *, B * gw[1] * F);
     } else {
         /* the gradients the backward pass hands down: layer k's input for k > first (and the logits) */
         int gw = et_width(bb, n);
@@ -334,14 +509,32 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
         if (turn[1]) PIECE(walk[1], float *, B * turn[1] * F);
         if (chan) PIECE(chan, float *, chan * F);
         const int start = sp_start(bb, m);
+        if (int8_chain) { /* the tables of what it keeps of each layer's input (kept_as; NULL: not that) */
+            const size_t P = (size_t)pointer_bytes;
+            PIECE(actq, int8_t **, (size_t)n * P);
+            if (base) memset(L->actq, 0, (size_t)n * P);
+            PIECE(actm, uint8_t **, (size_t)n * P);
+            if (base) memset(L->actm, 0, (size_t)n * P);
+        }
         for (int k = 0, b = 1; k <= n; b = k > 0 && prune && !int8_chain ? walk_next(bb, m, k, b) : b, k++) {
-            /* an int8 chain dequantises before `start` only what an add from `start` on reads */
+            /* an int8 chain keeps before `start` only what an add from `start` on reads */
             const int read_later = int8_chain ? read_between(bb, k, start, n) : is_source(bb, k);
             if (prune && (k > 0 || int8_chain) && k < start && !read_later) {
                 if (base) L->act[k] = int8_chain ? NULL : L->walk[b]; /* b: act[k]'s buffer from k = 1 on */
                 continue;
             }
-            PIECE(act[k], float *, B * et_width(bb, k) * F);
+            if (int8_chain && k < n && kept_as(bb, m, k) == KEPT_CODES) PIECE(actq[k], int8_t *, B * et_width(bb, k));
+            else if (int8_chain && k < n && kept_as(bb, m, k) == KEPT_MASK) PIECE(actm[k], uint8_t *, (B * et_width(bb, k) + 7) / 8);
+            else if (!int8_chain || k == n) PIECE(act[k], float *, B * et_width(bb, k) * F);
+        }
+        if (int8_chain) { /* the float copy of an input that a kernel reads (act_floats) */
+            size_t dw = 0;
+            for (int k = start; k < n; k++) {
+                const et_layer *l = &bb->layers[k];
+                if (l->kind == ET_LAYER_ADD) dw = most(dw, (size_t)et_width(bb, l->source));
+                if (k >= m->first && (m->rows[k] > 0 || grad_reads_input(l))) dw = most(dw, (size_t)et_width(bb, k));
+            }
+            PIECE(deq, float *, B * dw * F);
         }
         if (int8_chain) { /* the integer pass up to `start`, a sample at a time (sp_int8_prefix) */
             size_t qw[2] = {0, 0}, held = 0, aw = 0; /* q[0]'s and q[1]'s widest input, the held inputs, the accumulator */
@@ -350,7 +543,9 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
                 b = int8_turn(bb, start, k, b);
                 if (b < 0) held += (size_t)et_width(bb, k);
                 else qw[b] = most(qw[b], (size_t)et_width(bb, k));
-                if (k < start) aw = most(aw, et_layer_has_weights(l) ? (size_t)l->out_h * l->out_w : (size_t)et_width(bb, k + 1));
+                if (k < start) /* one output channel's positions (a flatten: its whole output) */
+                    aw = most(aw, et_layer_has_weights(l) || int8_by_channel(l) ? (size_t)l->out_h * l->out_w
+                                                                                 : (size_t)et_width(bb, k + 1));
             }
             PIECE(q[0], int8_t *, qw[0]);
             PIECE(q[1], int8_t *, qw[1]);
@@ -379,10 +574,10 @@ static size_t plan_layout(const et_backbone *bb, const et_method *m, int batch, 
             PIECE(scratch, float *, kernel_scratch(bb, m, batch, 1, bb->is_int8 ? sp_start(bb, m) : 0));
             for (int k = m->first; k < n; k++)
                 if (is_source(bb, k)) PIECE(pend[k], float *, B * et_width(bb, k) * F);
-            size_t sw = 0, sb = 0; /* one layer's assembled weight (and int8 bias) at a time: sp_weight, sp_bias_of */
+            size_t sw = 0, sb = 0; /* one layer's assembled weight (or block of it; and int8 bias) at a time */
             for (int k = m->first; k < n; k++)
                 if (sp_assembles(bb, m, k)) {
-                    sw = most(sw, (size_t)bb->layers[k].out_c * et_layer_row_floats(&bb->layers[k]));
+                    sw = most(sw, sp_weight_floats(bb, m, k));
                     if (bb->is_int8) sb = most(sb, (size_t)bb->layers[k].out_c);
                 }
             PIECE(sw, float *, sw * F);
@@ -436,7 +631,16 @@ size_t et_workspace_size_for(const et_backbone *bb, const et_method *m, const et
     if (m->kind < ET_LAYERWISE || m->kind > ET_SPARSE || pointer_bytes < 1 || pointer_bytes > 16) return 0;
     if (m->kind != ET_SKIP && (m->first < 0 || m->first >= bb->n_layers)) return 0;
     if (m->kind == ET_SPARSE && !sparse_rows_ok(bb, m)) return 0;
-    return plan_layout(bb, m, batch, pointer_bytes, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
+    return plan_layout(bb, m, batch, pointer_bytes, NULL, NULL, NULL) + ALIGN; /* + ALIGN: the caller's pointer may be unaligned */
+}
+
+int32_t et_workspace_pieces(const et_backbone *bb, const et_method *m, int32_t batch, int32_t pointer_bytes,
+                            const char **names, size_t *bytes, int32_t max) {
+    if (et_workspace_size_for(bb, m, NULL, batch, pointer_bytes) == 0 || max < 0 || (max > 0 && (!names || !bytes)))
+        return -1;
+    piece_log log = {names, bytes, max, 0};
+    plan_layout(bb, m, batch, pointer_bytes, NULL, NULL, &log);
+    return log.count;
 }
 
 size_t et_workspace_size(const et_backbone *bb, const et_method *m, const et_cache *cache, int32_t batch) {
@@ -490,7 +694,7 @@ static int setup(ctx *c, const et_backbone *bb, const et_method *m, const float 
     c->x = x;
     c->d_in = et_skip_d_in(bb);
     c->batch = batch;
-    plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L);
+    plan_layout(bb, m, batch, (int)sizeof(const float *), base, &c->L, NULL);
     for (int k = 0; k <= bb->n_layers; k++) c->L.width[k] = et_width(bb, k);
     c->n_taps = et_skip_taps(bb, NULL, c->L.tap_width);
     c->width = c->L.width;
@@ -538,6 +742,26 @@ static void column_sums(const float *g, int rows, int cols, float *out) {
  * where the input's gradient reads it (the last layer's is still there). The parameters of layer k
  * change only after its input's gradient (the fused update) or after the pass (the two-phase update),
  * so every assembly of a step gives the same floats. */
+/* An int8 chain: entries [from, from + len) of row o of layer k's weight, dequantised into dst: a trained row
+ * rounded to int8 (clamped to -127..127), a frozen one from the backbone's int8 weight, times the row's unit. */
+static void sp_int8_row(const ctx *c, int k, int o, int from, int len, float *dst) {
+    const et_method *m = c->m;
+    const et_layer *l = &c->bb->layers[k];
+    const size_t row = (size_t)et_layer_row_floats(l);
+    const float unit = m->w_unit[k][o];
+    if (o < m->rows[k]) {
+        const float *p = c->P + m->off_weight[k] + o * row + from;
+        for (int i = 0; i < len; i++) {
+            float v = rintf(p[i]);
+            v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+            dst[i] = v * unit;
+        }
+    } else {
+        const int8_t *q = l->qw + o * row + from;
+        for (int i = 0; i < len; i++) dst[i] = (float)q[i] * unit;
+    }
+}
+
 static const float *sp_weight(ctx *c, int k) {
     const et_method *m = c->m;
     const et_layer *l = &c->bb->layers[k];
@@ -549,16 +773,7 @@ static const float *sp_weight(ctx *c, int k) {
         memcpy(w, c->P + m->off_weight[k], r * row * sizeof(float));
         memcpy(w + r * row, l->w + r * row, ((size_t)l->out_c - r) * row * sizeof(float));
     } else {
-        for (int o = 0; o < m->rows[k]; o++) {
-            const float *p = c->P + m->off_weight[k] + o * row;
-            for (size_t i = 0; i < row; i++) {
-                float v = rintf(p[i]);
-                v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
-                w[o * row + i] = v * m->w_unit[k][o];
-            }
-        }
-        for (int o = m->rows[k]; o < l->out_c; o++)
-            for (size_t i = 0; i < row; i++) w[o * row + i] = (float)l->qw[o * row + i] * m->w_unit[k][o];
+        for (int o = 0; o < l->out_c; o++) sp_int8_row(c, k, o, 0, (int)row, w + o * row);
     }
     c->wk = k;
     return w;
@@ -597,18 +812,82 @@ static const float *lw_bias(ctx *c, int k) {
     return m->off_bias[k] >= 0 ? c->P + m->off_bias[k] : l->bias;
 }
 
-/* Layer k's int8 input q of sample i, dequantised into act[k]. */
-static void sp_dequantise(ctx *c, int k, int i, const int8_t *q) {
+/* An int8 chain's dense, pointwise or depthwise layer k forward (sp_blocked): ROW_BLOCK output channels at a
+ * time (sp_block), each block's rows assembled into the weight scratch and run as a layer of those channels
+ * (its output's channels in place in z, whose rows are `out` wide; a depthwise block reads its own channels). */
+static void sp_forward_blocks(ctx *c, int k, const float *h, int count, float *z) {
+    const et_layer *l = &c->bb->layers[k];
+    const int row = et_layer_row_floats(l), in = et_layer_in(l), out = et_layer_out(l), S = l->out_h * l->out_w;
+    const float *bias = lw_bias(c, k);
+    const size_t hw = (size_t)l->in_h * l->in_w;
+    for (int o0 = 0, nb; o0 < l->out_c; o0 += nb) {
+        et_layer part = *l;
+        nb = sp_block(l, l->out_c - o0, ROW_BLOCK);
+        part.out_c = nb;
+        if (l->groups > 1) part.in_c = part.groups = nb; /* depthwise: the block's input channels */
+        for (int o = 0; o < nb; o++) sp_int8_row(c, k, o0 + o, 0, row, c->L.sw + (size_t)o * row);
+        et_layer_ops_of(l->kind)->forward(&part, NULL, c->L.sw, bias + o0, l->groups > 1 ? h + o0 * hw : h, in, count,
+                                          z + (size_t)o0 * S, out, NULL, c->L.scratch);
+    }
+    c->wk = -1; /* the scratch holds a block, not the layer */
+}
+
+/* Its input's gradient dh = the adjoint of that forward applied to g: a block of input columns at a time (every
+ * output channel's entries for them, assembled (out_c, block)), the same products as the whole layer's kernel
+ * (dense_input_grad, et_conv_input_grad's pointwise case) over the columns of the block; a depthwise layer a
+ * block of channels at a time (each reads only its own). */
+static void sp_input_grad_blocks(ctx *c, int k, const float *g, int count, float *dh) {
+    const et_layer *l = &c->bb->layers[k];
+    const int in = et_layer_in(l), out = et_layer_out(l), S = l->out_h * l->out_w, oc = l->out_c;
+    const int dense = l->kind == ET_LAYER_DENSE, step = dense ? COL_BLOCK : ROW_BLOCK;
+    float *w = c->L.sw;
+    if (l->groups > 1) { /* depthwise: a block of channels, its rows of the weight, a sample at a time */
+        const size_t hw = (size_t)l->in_h * l->in_w, row = (size_t)et_layer_row_floats(l);
+        for (int o0 = 0, nb; o0 < oc; o0 += nb) {
+            et_layer part = *l;
+            nb = sp_block(l, oc - o0, ROW_BLOCK);
+            part.in_c = part.out_c = part.groups = nb;
+            const et_conv_dims d = et_layer_dims(&part);
+            for (int o = 0; o < nb; o++) sp_int8_row(c, k, o0 + o, 0, (int)row, w + (size_t)o * row);
+            for (int n = 0; n < count; n++)
+                et_conv_input_grad(&d, 1, g + (size_t)n * out + (size_t)o0 * S, w, dh + (size_t)n * in + o0 * hw,
+                                   c->L.scratch);
+        }
+        c->wk = -1;
+        return;
+    }
+    for (int i0 = 0; i0 < l->in_c; i0 += step) {
+        const int nb = l->in_c - i0 < step ? l->in_c - i0 : step;
+        for (int o = 0; o < oc; o++) sp_int8_row(c, k, o, i0, nb, w + (size_t)o * nb);
+        if (dense) /* dh (count, in) = g W: its columns i0.. */
+            et_gemm_nn(count, nb, out, g, out, w, nb, dh + i0, in, 0);
+        else /* per sample, dx (in_c, S) = W^T g: its rows (channels) i0.. */
+            for (int n = 0; n < count; n++)
+                et_gemm_tn(nb, S, oc, w, nb, g + (size_t)n * out, S, dh + (size_t)n * in + (size_t)i0 * S, S, 0);
+    }
+    c->wk = -1;
+}
+
+/* Layer k's int8 input q of sample i, kept in actq[k] where it is (kept_as; its codes are its values:
+ * -127..127). */
+static void sp_keep(ctx *c, int k, int i, const int8_t *q) {
+    if (c->L.actq[k]) memcpy(c->L.actq[k] + (size_t)i * c->width[k], q, (size_t)c->width[k]);
+}
+
+/* Layer k's kept input (`count` samples) as floats into dst: act_value of its codes, the floats the
+ * forward pass computed. */
+static float *act_floats(const ctx *c, int k, int count, float *dst) {
     const float s = c->bb->layers[k].act_scale;
-    float *h = c->L.act[k] + (size_t)i * c->width[k];
-    for (int j = 0; j < c->width[k]; j++) h[j] = (float)q[j] * s;
+    const int8_t *q = c->L.actq[k];
+    for (size_t i = 0; i < (size_t)count * c->width[k]; i++) dst[i] = act_value(q[i], s);
+    return dst;
 }
 
 /* Sparse on an int8 chain: the integer pass up to layer `start` (sp_start), a sample at a time and a
- * dense or conv layer an output channel at a time (the int32 accumulator of one channel: a sample's
- * or the batch's would be the largest buffer), the same integers as et_int8_run_layers but with nothing
- * kept that no later layer reads (int8_held); its input and the inputs the adds from there on read,
- * dequantised into act[]; returns start. */
+ * layer an output channel at a time (the int32 accumulator of one channel: a sample's or the batch's
+ * would be the largest buffer; int8_by_channel), the same integers as et_int8_run_layers but with nothing
+ * kept that no later layer reads (int8_held); its input and the inputs the adds from there on read
+ * kept in actq[] (sp_keep); returns start. */
 static int sp_int8_prefix(ctx *c, int count) {
     const et_backbone *bb = c->bb;
     const int start = sp_start(bb, c->m), n = bb->n_layers;
@@ -618,7 +897,7 @@ static int sp_int8_prefix(ctx *c, int count) {
         et_int8_quantize_input(bb, c->x + (size_t)c->ids[i] * c->width[0], c->width[0], 1, q, c->width[0]);
         for (int k = 0; k < start; k++) {
             const et_layer *l = &bb->layers[k];
-            if (read_between(bb, k, start, n)) sp_dequantise(c, k, i, q);
+            if (read_between(bb, k, start, n)) sp_keep(c, k, i, q);
             const int8_t *residual = l->kind == ET_LAYER_ADD ? c->L.qheld + held_col(bb, start, l->source) : NULL;
             b = int8_turn(bb, start, k + 1, b);
             int8_t *out = b < 0 ? c->L.qheld + held_col(bb, start, k + 1) : c->L.q[b];
@@ -627,13 +906,25 @@ static int sp_int8_prefix(ctx *c, int count) {
                     et_int8_accumulate_channel(bb, k, q, ch, c->L.acc);
                     et_int8_requantize_channel(bb, k, ch, c->L.acc, out);
                 }
+            } else if (int8_by_channel(l)) { /* pooling, gap, an add: the layer on one channel at a time */
+                et_layer part = *l;
+                const size_t hw = (size_t)l->in_h * l->in_w;
+                part.in_c = part.out_c = 1;
+                for (int ch = 0; ch < l->out_c; ch++) {
+                    et_layer_ops_of(l->kind)->int8_accumulate(&part, q + ch * hw, (int)hw, 1, c->L.acc,
+                                                              residual ? residual + ch * hw : NULL, (int)hw);
+                    et_int8_requantize_channel(bb, k, ch, c->L.acc, out);
+                }
             } else {
                 et_layer_ops_of(l->kind)->int8_accumulate(l, q, c->width[k], 1, c->L.acc, residual, c->width[k]);
                 et_int8_requantize(bb, k, c->L.acc, 1, out, c->width[k + 1]);
             }
             q = out;
         }
-        sp_dequantise(c, start, i, q);
+        sp_keep(c, start, i, q);
+        const float s = bb->layers[start].act_scale; /* and as floats, the float pass's first input */
+        float *h = c->L.gbuf[float_turn(bb, start)] + (size_t)i * c->width[start];
+        for (int j = 0; j < c->width[start]; j++) h[j] = act_value(q[j], s);
     }
     return start;
 }
@@ -644,16 +935,26 @@ static float *lw_forward(ctx *c, int count) {
     const et_method *m = c->m;
     const int n = bb->n_layers, r = m->rank;
     const int int8_chain = bb->is_int8 && m->kind == ET_SPARSE;
-    for (int k = int8_chain ? sp_int8_prefix(c, count) : 0; k < n; k++) {
+    /* an int8 chain: layer k's input and output as floats in the two gradient buffers in turn (the backward
+       pass has not started), each output kept as int8 codes in actq[k + 1] */
+    const int turn = int8_chain ? float_turn(bb, sp_start(bb, m)) : 0; /* where the first input is */
+    float *hz[2] = {c->L.gbuf[turn], c->L.gbuf[turn ^ 1]};
+    int poisoned = 0; /* an int8 chain: a NaN among the outputs kept (a code cannot hold it) */
+    const int from = int8_chain ? sp_int8_prefix(c, count) : 0;
+    for (int k = from; k < n; k++) {
         const et_layer *l = &bb->layers[k];
         const int in = et_layer_in(l), out = et_layer_out(l);
-        const float *h = c->L.act[k];
-        float *z = c->L.act[k + 1];
+        const float *h = int8_chain ? hz[0] : c->L.act[k];
+        float *z = int8_chain && k < n - 1 ? hz[1] : c->L.act[k + 1];
         const int dense = l->kind == ET_LAYER_DENSE;
-        const float *residual = l->kind == ET_LAYER_ADD ? c->L.act[l->source] : NULL;
-        const float *wt, *w;
-        lw_weights(c, k, &wt, &w);
-        if (z == h) { /* a frozen depthwise layer in place (in_place) */
+        const float *residual = l->kind != ET_LAYER_ADD ? NULL
+                                : int8_chain ? act_floats(c, l->source, count, c->L.deq) : c->L.act[l->source];
+        const float *wt = NULL, *w = NULL;
+        const int blocked = sp_blocked(bb, m, k);
+        if (!blocked) lw_weights(c, k, &wt, &w);
+        if (blocked) { /* an int8 chain's dense or pointwise layer: a block of rows at a time */
+            sp_forward_blocks(c, k, h, count, z);
+        } else if (z == h) { /* a frozen depthwise layer in place (in_place) */
             const et_conv_dims d = et_layer_dims(l);
             et_conv_depthwise_in_place(&d, count, z, in, w, lw_bias(c, k), c->L.chan);
         } else {
@@ -681,23 +982,45 @@ static float *lw_forward(ctx *c, int count) {
             }
         }
         et_layer_activate(l, z, out, count);
-        if (int8_chain && k < n - 1) { /* fake-quantise to layer k+1's int8 input */
+        if (int8_chain && k < n - 1) { /* fake-quantise to layer k+1's int8 input, kept as its codes */
             const float s = bb->layers[k + 1].act_scale;
+            int8_t *q = c->L.actq[k + 1];
             for (int i = 0; i < count * out; i++) {
                 float v = rintf(z[i] / s);
                 v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
                 z[i] = v * s;
+                poisoned |= v != v;
+                if (q) q[i] = v != v ? 0 : act_code(v);
             }
+            if (c->L.actm[k + 1]) { /* the mask only: a bit a value */
+                uint8_t *bits = c->L.actm[k + 1];
+                float f[ACT_BLOCK];
+                for (int i0 = 0; i0 < count * out; i0 += ACT_BLOCK) {
+                    const int len = count * out - i0 < ACT_BLOCK ? count * out - i0 : ACT_BLOCK;
+                    grad_mask(bb, k + 1, z + i0, len, f);
+                    for (int i = 0; i < len; i++) {
+                        const int j = i0 + i;
+                        if (f[i] != 0.0f) bits[j >> 3] |= (uint8_t)(1u << (j & 7));
+                        else bits[j >> 3] &= (uint8_t)~(1u << (j & 7));
+                    }
+                }
+            }
+            float *t = hz[0]; /* z, as act_value gives it back, is layer k+1's input */
+            hz[0] = hz[1];
+            hz[1] = t;
         }
     }
+    /* a NaN (non-finite parameters: the epoch diverges) reaches the loss as the float pass would carry it */
+    if (poisoned)
+        for (int i = 0; i < count * et_width(bb, n); i++) c->L.act[n][i] = NAN;
     if (m->off_bias_delta >= 0) add_bias(c->L.act[n], c->P + m->off_bias_delta, count, et_width(bb, n), et_width(bb, n));
     return c->L.act[n];
 }
 
 /* int8 units: d/dWq = s_W dW, d/dbq = s_x s_W db; QAS divides by the unit instead (s_W^-2 in all). */
-static void int8_units(const et_method *m, int k, int rows, size_t row, float *gw) {
-    for (int o = 0; o < rows; o++) {
-        const float u = m->w_unit[k][o], f = m->qas ? 1.0f / u : u;
+static void int8_units(const et_method *m, int k, int from, int rows, size_t row, float *gw) {
+    for (int o = 0; o < rows; o++) { /* gw: rows from..from + rows */
+        const float u = m->w_unit[k][from + o], f = m->qas ? 1.0f / u : u;
         for (size_t i = 0; i < row; i++) gw[o * row + i] *= f;
     }
 }
@@ -730,7 +1053,10 @@ static void lw_backward(ctx *c, int count) {
         const et_layer *l = &bb->layers[k];
         const et_layer_ops *ops = et_layer_ops_of(l->kind);
         const int in = et_layer_in(l), out = et_layer_out(l), dense = l->kind == ET_LAYER_DENSE;
-        const float *h = c->L.act[k];
+        /* an int8 chain: the input as floats only where a kernel reads it; the masks below read its codes */
+        const int int8_chain = bb->is_int8 && m->kind == ET_SPARSE;
+        const float *h = !int8_chain ? c->L.act[k]
+                         : m->rows[k] > 0 || grad_reads_input(l) ? act_floats(c, k, count, c->L.deq) : NULL;
         const float *A = NULL;
         const float *u = c->L.lora_u ? c->L.lora_u + (size_t)k * count * U_max : NULL;
         et_conv_dims da, db;
@@ -756,7 +1082,9 @@ static void lw_backward(ctx *c, int count) {
         if (k > m->first) {
             dh = c->L.gbuf[flip];
             flip ^= 1;
-            if (m->kind == ET_SPARSE) /* W as stored, assembled where rows train */
+            if (sp_blocked(bb, m, k)) /* an int8 chain's dense or pointwise layer: a block of columns at a time */
+                sp_input_grad_blocks(c, k, g, count, dh);
+            else if (m->kind == ET_SPARSE) /* W as stored, assembled where rows train */
                 ops->input_grad(l, NULL, lw_weight_t(c, k), h, g, count, dh, c->L.scratch);
             else if (dense) /* dh = g W: from the frozen W (out, in) where given, else from the trained or transposed one */
                 ops->input_grad(l, lw_weight_t(c, k), m->off_weight[k] < 0 ? l->w : NULL, h, g, count, dh, c->L.pack);
@@ -769,21 +1097,47 @@ static void lw_backward(ctx *c, int count) {
             }
             if (pending[k])
                 for (int i = 0; i < count * in; i++) dh[i] += c->L.pend[k][i];
-            et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
-            if (bb->is_int8 && m->kind == ET_SPARSE) { /* straight through the rounding, zero where the clamp held */
+            if (!int8_chain) {
+                et_act_grad_mul(bb->layers[k - 1].activation, dh, h, (int64_t)count * in);
+            } else if (c->L.actm[k]) { /* the mask kept as bits (kept_as) */
+                const uint8_t *bits = c->L.actm[k];
+                for (int i = 0; i < count * in; i++) dh[i] *= (float)((bits[i >> 3] >> (i & 7)) & 1u);
+            } else { /* the mask from the input's codes: the activation's derivative and the clamp (grad_mask) */
                 const float s = l->act_scale;
-                float hi = 127.0f; /* ReLU6: its int8 top, as the int8 pass clamps (float32 division and rint) */
-                if (bb->layers[k - 1].activation == ET_RELU6) hi = fminf(127.0f, rintf(6.0f / s));
-                const float top = hi * s, bottom = -127.0f * s;
-                for (int i = 0; i < count * in; i++) dh[i] *= (float)(h[i] < top && h[i] > bottom);
+                const int8_t *q = c->L.actq[k];
+                float t[ACT_BLOCK], f[ACT_BLOCK]; /* a block of the input's floats at a time */
+                for (int i0 = 0; i0 < count * in; i0 += ACT_BLOCK) {
+                    const int len = count * in - i0 < ACT_BLOCK ? count * in - i0 : ACT_BLOCK;
+                    for (int i = 0; i < len; i++) t[i] = act_value(q[i0 + i], s);
+                    grad_mask(bb, k, t, len, f);
+                    for (int i = 0; i < len; i++) dh[i0 + i] *= f[i];
+                }
             }
         }
         /* the layer's trained tensors: each gradient, then (fused) its step */
-        if (m->off_weight[k] >= 0) {
+        if (m->off_weight[k] >= 0 && sp_grad_blocked(bb, m, k)) { /* a block of trained rows at a time */
+            const size_t row = (size_t)et_layer_row_floats(l);
+            const int S = l->out_h * l->out_w;
+            et_conv_dims d = et_layer_dims(l);
+            for (int r0 = 0, nb; r0 < m->rows[k]; r0 += nb) {
+                nb = grad_block(l, m->rows[k] - r0);
+                float *gw = grad_of(c, m->off_weight[k] + (int64_t)r0 * row);
+                if (dense) { /* dW[r0..] = g[:, r0..]^T h, as dense_weight_rows_grad's product */
+                    et_gemm_tn(nb, in, count, g + r0, out, h, in, gw, in, 0);
+                } else { /* the rows as a layer of nb outputs, summed over the samples in order */
+                    d.out_c = nb;
+                    for (int i = 0; i < count; i++)
+                        et_conv_weight_grad_rows(&d, 1, h + (size_t)i * in, g + (size_t)i * out + (size_t)r0 * S, nb, gw,
+                                                 i > 0, c->L.scratch);
+                }
+                int8_units(m, k, r0, nb, row, gw);
+                step_tensor(c, m->off_weight[k] + (int64_t)r0 * row, (int64_t)nb * row);
+            }
+        } else if (m->off_weight[k] >= 0) {
             float *gw = grad_of(c, m->off_weight[k]);
             if (m->kind == ET_SPARSE) { /* the trained rows only */
                 ops->weight_rows_grad(l, h, g, count, m->rows[k], gw, c->L.scratch);
-                if (bb->is_int8) int8_units(m, k, m->rows[k], (size_t)et_layer_row_floats(l), gw);
+                if (bb->is_int8) int8_units(m, k, 0, m->rows[k], (size_t)et_layer_row_floats(l), gw);
             } else {
                 ops->weight_grad(l, h, g, count, gw, c->L.scratch);
             }
@@ -1308,7 +1662,7 @@ static void sp_backward(ctx *c, int count) {
         if (rows > 0) {
             float *gw = grad_of(c, m->off_weight[k]);
             et_gemm_tn(rows, in, count, g, out, h, in, gw, in, 0);     /* dW[:rows] = g[:, :rows]^T h */
-            if (bb->is_int8) int8_units(m, k, rows, (size_t)in, gw); /* d/dWq = s_W dW; QAS: s_W^-2 */
+            if (bb->is_int8) int8_units(m, k, 0, rows, (size_t)in, gw); /* d/dWq = s_W dW; QAS: s_W^-2 */
             step_tensor(c, m->off_weight[k], (int64_t)rows * in);
         }
         if (sp_trained_bias(c, k)) {
