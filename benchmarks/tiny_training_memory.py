@@ -59,6 +59,7 @@ PIECES = {
 }
 DOC = REPO / "docs" / "budgets.md"
 TARGET = "cortex-m7"
+FULL_INT8 = "full update (sparse[every bias, every weight])"  # the int8 network's full update
 
 
 @dataclass
@@ -196,6 +197,17 @@ def measure(name: str, resolution: int, blocks: int | None = None, n_samples: in
                         device_two_phase=two_phase_arena(dev), device_total=dev.total, torch_measured=None,
                         flash_weights=flash, device_state=dev.params + dev.gradients + dev.optimizer_state,
                         device_workspace=dev.workspace, backbone="int8"))
+        # the full update on the int8 network: the sparse update's scheme with every bias and every
+        # weight (the layer-wise ft-all needs float weights)
+        n_weighted = len(q.tap_layers)
+        every = ",".join([f"b{n_weighted}"] + [f"w{j}" for j in range(n_weighted)])
+        m = make_method("sparse", q, scheme=every)
+        dev = device(m, None)
+        rows.append(Row(network=name, layers=len(q.specs), params=n_params, method=FULL_INT8,
+                        trainable=int(m.n_trainable), numpy_plan=None, numpy_measured=None, device_arena=dev.arena,
+                        device_two_phase=two_phase_arena(dev), device_total=dev.total, torch_measured=None,
+                        flash_weights=flash, device_state=dev.params + dev.gradients + dev.optimizer_state,
+                        device_workspace=dev.workspace, backbone="int8"))
     return rows
 
 
@@ -259,6 +271,8 @@ def table(rows: list[Row], resolution: int, command: str, comparable: bool = Tru
                 "skip2-lora": "- (not in the paper)"}.get(r.method.split("[")[0], "-")
         if r.method.startswith("sparse"):
             cite = f"{paper[1]:,} (sparse + reordering, int8)" if paper[1] else "-"
+        elif r.method == FULL_INT8:
+            cite = f"{paper[0]:,} (full update)" if paper[0] else "-"
         numpy = "-" if r.numpy_plan is None else f"{_kb(r.numpy_plan)} / {_kb(r.numpy_measured)}"
         arena = (f"{_kb(r.device_arena)} (the skip adapters keep their gradient)" if r.device_two_phase == r.device_arena
                  else f"{_kb(r.device_two_phase)} -> {_kb(r.device_arena)}")
@@ -270,7 +284,8 @@ def table(rows: list[Row], resolution: int, command: str, comparable: bool = Tru
         mine = [r for r in rows if r.network == name]
         full, sparse, skip = (next(r for r in mine if r.backbone == "float32" and r.method.startswith(m))
                               for m in ("ft-all", "sparse", "skip2-lora"))
-        q = next((r for r in mine if r.backbone == "int8"), None)
+        q = next((r for r in mine if r.backbone == "int8" and r.method.startswith("sparse")), None)
+        q_full = next((r for r in mine if r.method == FULL_INT8), None)
         paper = PAPER_KB.get(name) if comparable else None
         line = (f"- {TITLES.get(name, name)}: the fused update saves {_kb(full.device_two_phase - full.device_arena)} KB "
                 f"of the full update's arena ({full.device_arena / full.device_two_phase:.0%} of the two-phase one) and "
@@ -283,6 +298,8 @@ def table(rows: list[Row], resolution: int, command: str, comparable: bool = Tru
                      f"{sparse.device_total / 1024 / paper[1]:.1f}x (sparse; the paper's int8 with reordering)")
             if q is not None:
                 line += f", {q.device_total / 1024 / paper[1]:.1f}x (edgetune's sparse update on int8)"
+            if q_full is not None:
+                line += f", {q_full.device_total / 1024 / paper[0]:.1f}x (edgetune's full update on int8)"
         line += (f"; skip2-lora stores its {skip.trainable:,} trainable values in a masked block matrix "
                  f"of {skip.device_state // 8:,} values (parameters and gradients: {_kb(skip.device_state)} KB).")
         out.append(line)

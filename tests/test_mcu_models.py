@@ -97,12 +97,16 @@ def test_from_torch_of_the_zoos_inverted_residual_blocks():
 
 
 def test_the_memory_table_on_a_small_network(tmp_path):
-    from benchmarks.tiny_training_memory import measure, table, write_section
+    from benchmarks.tiny_training_memory import FULL_INT8, measure, table, write_section
 
     rows = measure("mbv2-w0.35", 32, blocks=4)
-    assert [r.method.split("[")[0] for r in rows] == ["ft-all", "sparse", "skip2-lora", "sparse"]
-    assert [r.backbone for r in rows] == ["float32"] * 3 + ["int8"]
-    full, sparse, skip, q = rows
+    assert [r.method.split("[")[0] for r in rows] == ["ft-all", "sparse", "skip2-lora", "sparse", FULL_INT8.split("[")[0]]
+    assert [r.backbone for r in rows] == ["float32"] * 3 + ["int8"] * 2
+    full, sparse, skip, q, q_full = rows
+    # the int8 network's full update trains every value the float one does, in less RAM than the
+    # float full update (int8 codes kept, weights in flash) and more than its sparse update
+    assert q_full.trainable == full.trainable
+    assert q.device_arena < q_full.device_arena < full.device_arena
     # the fused update: no gradient vector, its largest tensor's gradient instead (the skip adapters keep theirs)
     assert full.device_arena < full.device_two_phase and sparse.device_arena < sparse.device_two_phase
     assert skip.device_arena == skip.device_two_phase
