@@ -10,7 +10,7 @@ SOURCES = ["et_kernels.c", "et_layers.c", "et_conv.c", "et_int8.c", "et_train.c"
            "et_random.c"]
 # -fno-wrapv undoes the -fwrapv of CPython's own flags: with wrapping signed counters GCC
 # cannot vectorise the counted loops cleanly (measured: 10x the instructions in a dot product).
-FLAGS = ["-std=c99", "-O3", "-ffp-contract=fast", "-fno-wrapv"]
+FLAGS = ["-std=c99", "-O3", "-ffp-contract=off", "-fno-wrapv"]
 
 setup(ext_modules=[Extension(
     "edgetune.core._edgetune_core",
