@@ -10,6 +10,8 @@ SOURCES = ["et_kernels.c", "et_layers.c", "et_conv.c", "et_int8.c", "et_train.c"
            "et_random.c"]
 # -fno-wrapv undoes the -fwrapv of CPython's own flags: with wrapping signed counters GCC
 # cannot vectorise the counted loops cleanly (measured: 10x the instructions in a dot product).
+# -ffp-contract=off: no fused multiply-add, here or in any exported project (their Makefiles say the
+# same), so every build of the engine computes the same float32 bits (docs/export.md#the-same-bits-on-every-target).
 FLAGS = ["-std=c99", "-O3", "-ffp-contract=off", "-fno-wrapv"]
 
 setup(ext_modules=[Extension(
