@@ -5,8 +5,9 @@ and built three ways:
 
     new     as exported: -ffp-contract=off and the engine's own exp/log/log1p/tanh
     fma     the same sources with -ffp-contract=fast (the compiler may fuse a * b + c)
-    before  the flags and et_kernels.c/.h of REV (default 166d5cb: -ffp-contract=fast and the
-            C library's expf/logf/log1pf/tanhf), the rest of the engine as exported
+    libm    et_kernels.c/.h of REV (default 166d5cb: the C library's expf/logf/log1pf/tanhf),
+            the rest of the engine as exported, -ffp-contract=off
+    before  the same with -ffp-contract=fast: the flags and functions of REV
 
 Agreement: each program prints every epoch's loss with its 64 bits; the table gives the first
 epoch whose loss differs from the host build's (of the same variant) and the final losses'
@@ -64,7 +65,7 @@ def variant_dir(base: Path, variant: str, rev: str) -> Path | None:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(base, out)
-    if variant == "before":
+    if variant in ("libm", "before"):
         for name in ("et_kernels.c", "et_kernels.h"):
             res = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:edgetune/core/{name}"], capture_output=True,
                                  text=True)
@@ -75,7 +76,7 @@ def variant_dir(base: Path, variant: str, rev: str) -> Path | None:
 
 
 def flags(variant: str) -> list[str]:
-    return [] if variant == "new" else ["EXTRA_CFLAGS=-ffp-contract=fast"]
+    return ["EXTRA_CFLAGS=-ffp-contract=fast"] if variant in ("fma", "before") else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     targets = [t for t in TARGETS if t == "host" or shutil.which({"cortex-m4": "qemu-system-arm",
                                                                     "aarch64-linux": "qemu-aarch64"}.get(t, "qemu-system-riscv32"))]
-    variants = ("new", "fma", "before")
+    variants = ("new", "fma", "libm", "before")
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="agree-") as tmp:
         work = Path(tmp)
