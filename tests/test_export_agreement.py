@@ -45,11 +45,12 @@ def int8_cnn(tmp_path_factory):
     return work / "int8"
 
 
-def export(model_dir, out, target: str) -> dict:
+def export(model_dir, out, target: str, *options: str, task: str = "damage1-1d") -> dict:
     """The same project (samples, shuffles, seed, scheme) for each target; its export.json."""
-    assert main(["export", "--model", str(model_dir), "--target", target, "--out", str(out), "--task", "damage1-1d",
-                 "--data-dir", str(DATA_DIR), "--method", "sparse", "--epochs", str(EPOCHS), "--max-samples", "60",
-                 "--test-samples", "10", "--quiet"]) == 0
+    options = options or ("--method", "sparse")
+    assert main(["export", "--model", str(model_dir), "--target", target, "--out", str(out), "--task", task,
+                 "--data-dir", str(DATA_DIR), "--epochs", str(EPOCHS), "--max-samples", "60", "--test-samples", "10",
+                 "--quiet", *options]) == 0
     return json.loads((out / "export.json").read_text())
 
 
@@ -118,6 +119,34 @@ def test_fused_multiply_adds_change_the_bits(int8_cnn, host_curve, tmp_path):
     out = tmp_path / "dev"
     export(int8_cnn, out, "cortex-m4")
     assert curve(run(out, "EXTRA_CFLAGS=-ffp-contract=fast")) != host_curve
+
+
+@pytest.fixture(scope="module")
+def tanh_mlp(tmp_path_factory):
+    """A float MLP whose frozen layers use tanh and sigmoid (et_tanhf, et_expf in the forward pass)."""
+    out = tmp_path_factory.mktemp("mlp") / "model"
+    assert main(["pretrain", "--task", "damage1", "--data-dir", str(DATA_DIR), "--arch", "dense:32,tanh,dense:16,sigmoid",
+                 "--epochs", "5", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("which, task, options", [
+    ("int8_cnn", "damage1-1d", ("--method", "sparse", "--optimizer", "adam", "--lr", "0.001")),
+    ("tanh_mlp", "damage1", ("--method", "lora-all")),
+    ("tanh_mlp", "damage1", ("--method", "skip2-lora")),
+])
+def test_other_optimizers_and_activations_agree_on_the_m4(which, task, options, request, tmp_path):
+    """Adam (its bias corrections in double), tanh and sigmoid layers, lora-all and skip2-lora."""
+    needs(("cc", "gcc"), ("make", "make"), ("arm-none-eabi-gcc", "gcc-arm-none-eabi"),
+          ("qemu-system-arm", "qemu-system-arm"))
+    model = request.getfixturevalue(which)
+    found = {}
+    for target in ("host", "cortex-m4"):
+        out = tmp_path / target
+        export(model, out, target, *options, task=task)
+        make(out)
+        found[target] = curve(run(out))
+    assert found["cortex-m4"] == found["host"], first_difference(found["cortex-m4"], found["host"])
 
 
 # ----------------------------------------------------------------------------- the functions
