@@ -125,8 +125,8 @@ def test_fused_multiply_adds_change_the_bits(int8_cnn, host_curve, tmp_path):
 def tanh_mlp(tmp_path_factory):
     """A float MLP whose frozen layers use tanh and sigmoid (et_tanhf, et_expf in the forward pass)."""
     out = tmp_path_factory.mktemp("mlp") / "model"
-    assert main(["pretrain", "--task", "damage1", "--data-dir", str(DATA_DIR), "--arch", "dense:32,tanh,dense:16,sigmoid",
-                 "--epochs", "5", "--out", str(out), "--quiet"]) == 0
+    assert main(["pretrain", "--task", "damage1", "--data-dir", str(DATA_DIR), "--arch",
+                 "dense:32,tanh,dense:16,sigmoid", "--epochs", "5", "--out", str(out), "--quiet"]) == 0
     return out
 
 
