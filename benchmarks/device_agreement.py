@@ -41,7 +41,8 @@ TARGETS = ("host", "cortex-m4", "cortex-m7", "aarch64-linux", "riscv32f", "riscv
 PROJECTS = (("int8 CNN, sparse, 60 samples, 30 epochs", "int8", ["--method", "sparse", "--epochs", "30",
                                                                   "--max-samples", "60"], TARGETS),
             ("float CNN, lora-all, 120 samples, 10 epochs, batch 4", "float",
-             ["--method", "lora-all", "--epochs", "10", "--max-samples", "120", "--batch-size", "4"], ("host", "cortex-m4")))
+             ["--method", "lora-all", "--epochs", "10", "--max-samples", "120", "--batch-size", "4"],
+             ("host", "cortex-m4")))
 EPOCH_LINE = re.compile(r"^epoch (\d+) loss \S+ bits ([0-9a-f]{16})$", re.M)
 
 
