@@ -8,7 +8,8 @@
 /*
  * On x86-64 Linux with GCC the hot loops are compiled twice, for the x86-64 baseline and
  * for x86-64-v3 (AVX2 + FMA), and the loader picks one for the machine at run time. The
- * code is the same plain C; elsewhere (ARM, other compilers) it is compiled once.
+ * code is the same plain C; elsewhere (ARM, other compilers) it is compiled once. Every
+ * build has -ffp-contract=off, so no clone fuses a multiply-add and all give the same bits.
  */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
     && !defined(ET_NO_CLONES)
