@@ -12,8 +12,9 @@ and built three ways:
 Agreement: each program prints every epoch's loss with its 64 bits; the table gives the first
 epoch whose loss differs from the host build's (of the same variant) and the final losses'
 relative difference. Cost: the host program's seconds per epoch (median of 3, the variants
-interleaved) and the Cortex-M4's instructions for the whole run (QEMU -icount shift=0, SysTick
-at 25 MHz: 40 instructions per tick).
+interleaved), its instructions for the whole program (valgrind's callgrind, when installed) and
+the Cortex-M4's instructions for the training (QEMU -icount shift=0, SysTick at 25 MHz: 40
+instructions per tick).
 
     python -m benchmarks.device_agreement --data-dir ../shared/data [--json out.json]
 """
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                     times[v].append(res["train_seconds"] / res["epochs"])
             for v, ts in times.items():
                 cost["host", v] = statistics.median(ts)
+                if shutil.which("valgrind"):  # instructions: free of the timing noise of a shared machine
+                    text = sh(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                               str(work / f"{model}-host-{v}" / "train"), "--quiet"])
+                    cost["host-ir", v] = float(re.search(r"Collected : (\d+)", text).group(1))
             emit("")
             emit(f"{title} (damage1-1d preset CNN; the loss after every epoch against the host build's):")
             emit("")
@@ -139,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             emit("")
             emit("| cost | " + " | ".join(variants) + " | new / fma | new / before |")
             emit("|---|" + "---|" * (len(variants) + 2))
-            for target, unit, fmt in (("host", "s per epoch (median)", ".4g"), ("cortex-m4", "M4 instructions", ".4g")):
+            for target, unit, fmt in (("host", "s per epoch (median)", ".4g"),
+                                      ("host-ir", "instructions, whole program (callgrind)", ".4g"),
+                                      ("cortex-m4", "M4 instructions, training", ".4g")):
                 row = {v: cost.get((target, v)) for v in variants}
                 if row["new"] is None:
                     continue
