@@ -40,7 +40,9 @@ def test_updates_match_numpy_within_float_tolerance(keep_weights, forgetting):
         assert p.learn_one(x[i], t[i])
     assert np.abs(c.beta_ - p.beta_).max() <= 1e-4 * np.abs(p.beta_).max()
     assert np.abs(c.P_ - p.P_).max() <= 1e-4 * np.abs(p.P_).max()
-    np.testing.assert_allclose(c.predict(x[0]), p.predict(x[0])[0], rtol=1e-4, atol=1e-5)
+    # float32 against float64 after 1500 rank-one updates: 0.9e-5 apart when the build fused multiply-adds,
+    # 1.9e-5 without (-ffp-contract=off, every build's flag since)
+    np.testing.assert_allclose(c.predict(x[0]), p.predict(x[0])[0], rtol=1e-4, atol=3e-5)
 
 
 def test_autoencoder_stream_matches_numpy_test_then_train():
