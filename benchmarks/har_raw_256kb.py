@@ -13,7 +13,9 @@ instructions) and 'make size' (RAM as linked). A microcontroller links its sampl
 (they stand in for a sensor): N training and T test windows of 6 x 128 floats need --flash 4MB,
 the emulated board's flash (RAM stays 256 KB). "all test" is the accuracy of the same
 configuration trained by FineTuner (the compiled engine on this machine, the program's samples,
-shuffles and seed) on every test window: the program's loss is the same to 1e-4 on the M4.
+shuffles and seed) on every test window. Each device run's loss is compared with the host build of
+the same project (the same bits: docs/export.md) and with FineTuner's (the package's engine calls
+the C library's exp and log: a last-bit difference can flip an int8 rounding and grow).
 
     python -m benchmarks.har_raw_256kb --json /tmp/har256.json
     python -m benchmarks.har_raw_256kb --quick            # a smoke run (2 epochs, fewer samples)
@@ -45,6 +47,17 @@ def _last_json(text: str) -> dict:
     return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
 
 
+def _final_loss(text: str) -> float:
+    """The last epoch's loss as the exact double a program printed (its "epoch N loss X bits HEX"
+    lines; a microcontroller's JSON line has 10 digits)."""
+    import struct
+
+    bits = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith("epoch ") and " bits " in line]
+    if not bits:
+        raise SystemExit("the program printed no 'epoch ... bits' line")
+    return struct.unpack(">d", bytes.fromhex(bits[-1]))[0]
+
+
 def _ram_linked(size_text: str) -> int:
     line = [x for x in size_text.splitlines() if x.startswith("RAM ")][0]
     return int(line.split()[1])
@@ -71,6 +84,28 @@ def _replica(model_dir: Path, man: dict, data_dir: str) -> tuple[float | None, f
     return float(tuner.history_.final_loss), float(tuner.score(task.x_test, task.y_test))
 
 
+def host_build(model: str, export_args: list[str], out: Path, work: Path) -> float:
+    """The same project exported for this machine (`--target host`; no RAM budget or flash, which
+    only a microcontroller has), built and run: its final loss. Every target's build computes the
+    same float32 operations (docs/export.md), so a device's loss should equal it bit for bit."""
+    args, skip = [], 0
+    for i, a in enumerate(export_args):
+        if skip:
+            skip -= 1
+            continue
+        if a in ("--target", "--budget", "--flash"):
+            skip = 1
+            continue
+        args.append(a)
+    _run(["edgetune", "export", "--model", model, *args, "--target", "host", "--out", str(out), "--force"], work)
+    _run(["make", "-s", "-C", str(out)], work)
+    emit(f"$ {out / 'train'}")
+    res = subprocess.run([str(out / "train")], cwd=work, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        raise SystemExit(f"failed ({res.returncode}): {out / 'train'}\n{res.stdout}\n{res.stderr}")
+    return _final_loss(res.stderr)  # a Linux program prints its epochs on stderr
+
+
 def device(name: str, model: str, method: list[str], common: list[str], work: Path, data_dir: str) -> dict:
     plan_json, out = work / f"{name}-plan.json", work / name
     _run(["edgetune", "plan", "--model", model, *method, *common, "--json", str(plan_json)], work)
@@ -82,12 +117,17 @@ def device(name: str, model: str, method: list[str], common: list[str], work: Pa
     man = json.loads((out / "export.json").read_text())
     _run(["make", "-s", "-C", str(out)], work)
     t0 = time.perf_counter()
-    res = _last_json(_run(["make", "-s", "-C", str(out), "icount"], work, timeout=900))
+    text = _run(["make", "-s", "-C", str(out), "icount"], work, timeout=900)
+    res = _last_json(text)
+    res["final_loss"] = _final_loss(text)  # the exact double, not the JSON line's 10 digits
     wall = time.perf_counter() - t0
     linked = _ram_linked(_run(["make", "-s", "-C", str(out), "size"], work))
     ticks_per_instr = 1e9 / res["tick_hz"]
     replica_loss, replica_acc = _replica(work / model, man, data_dir)
-    return {"name": name, "label": man["method"] + (f"[{man['scheme']}]" if man.get("scheme") else "")
+    chosen = ["--method", man["method"]] + (["--scheme", man["scheme"]] if man.get("scheme") else []) + \
+        [a for a in method if a in ("--int8", "--partial-cache")]
+    host_loss = host_build(model, chosen + export_common, work / f"{name}-host", work)
+    return {"host_final_loss": host_loss, "name": name, "label": man["method"] + (f"[{man['scheme']}]" if man.get("scheme") else "")
             + (f", {man['cache']} cache {man['cache_capacity']}/{man['max_samples']}" if man["cache"] else ""),
             "backbone": man["backbone"], "planned_ram": plan["ram_bytes"], "linked_ram": linked,
             "samples": int(samples[0]) if samples else man["max_samples"], "epochs": man["epochs"],
@@ -100,10 +140,8 @@ def device(name: str, model: str, method: list[str], common: list[str], work: Pa
 
 
 def drift(model: str, row: dict, common: list[str], work: Path, data_dir: str, epochs: list[int]) -> list[dict]:
-    """The device's loss against FineTuner's after fewer epochs (the same scheme, samples and seed),
-    and the full run rebuilt without FMA contraction (-ffp-contract=off)."""
-    import shutil
-
+    """The device's loss against the host build of the same project and FineTuner's after fewer
+    epochs (the same scheme, samples and seed), then the full run's."""
     import edgetune as et
     from edgetune.quant import load_any
 
@@ -122,21 +160,16 @@ def drift(model: str, row: dict, common: list[str], work: Path, data_dir: str, e
         _run(["edgetune", "export", "--model", model, "--method", "sparse", "--scheme", scheme, *args, "--out", str(d),
               "--force"], work)
         _run(["make", "-s", "-C", str(d)], work)
-        res = _last_json(_run(["make", "-s", "-C", str(d), "run"], work))
+        res = {"final_loss": _final_loss(_run(["make", "-s", "-C", str(d), "run"], work))}
         man = json.loads((d / "export.json").read_text())
         tr = man["train_indices"]
         tuner = et.FineTuner(q, "sparse", scheme=scheme, epochs=ep, seed=man["seed"], batch_size=man["batch_size"],
                              lr=man["lr"], engine="c").fit(task.x_finetune[tr], task.y_finetune[tr])
-        out.append({"epochs": ep, "device": res["final_loss"], "host": float(tuner.history_.final_loss)})
-    d = work / "nofma"
-    if d.exists():
-        shutil.rmtree(d)
-    shutil.copytree(work / row["name"], d)
-    _run(["make", "-s", "-C", str(d), "clean"], work)
-    _run(["make", "-s", "-C", str(d), "EXTRA_CFLAGS=-ffp-contract=off"], work)
-    res = _last_json(_run(["make", "-s", "-C", str(d), "run"], work))
-    out.append({"epochs": row["epochs"], "device": res["final_loss"], "host": row["replica_final_loss"],
-                "note": "built with -ffp-contract=off"})
+        host = host_build(model, ["--method", "sparse", "--scheme", scheme, *args], work / f"drift-{ep}-host", work)
+        out.append({"epochs": ep, "device": res["final_loss"], "host": float(tuner.history_.final_loss),
+                    "host_build": host})
+    out.append({"epochs": row["epochs"], "device": row["final_loss"], "host": row["replica_final_loss"],
+                "host_build": row["host_final_loss"]})
     return out
 
 
@@ -223,21 +256,26 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"| {name} (host, float, {what}) | {r['batch_size']} | - | - | {r['accuracy_before']:.4f} (all test) | - | "
              f"{r['accuracy_after']:.4f} | - | - | - |")
     emit("")
-    emit("| run | device final loss | the same configuration on this machine (FineTuner) | relative difference |")
-    emit("|---|---|---|---|")
+    emit("| run | device final loss | the host build of the same project | the same configuration on this "
+         "machine (FineTuner) | relative difference to FineTuner |")
+    emit("|---|---|---|---|---|")
     for r in rows:
+        same = "the same bits" if r["host_final_loss"] == r["final_loss"] else f"{r['host_final_loss']!r}"
         if r["replica_final_loss"] is not None:
-            emit(f"| {r['label']} | {r['final_loss']:.7f} | {r['replica_final_loss']:.7f} | "
+            emit(f"| {r['label']} | {r['final_loss']!r} | {same} | {r['replica_final_loss']:.7f} | "
                  f"{abs(r['final_loss'] - r['replica_final_loss']) / r['replica_final_loss']:.1e} |")
+        else:
+            emit(f"| {r['label']} | {r['final_loss']!r} | {same} | - | - |")
     if drifts:
         emit("")
         emit(f"The device's loss against FineTuner's, {rows[0]['label']}, batch {args.batch_size}, the same 500 samples:")
         emit("")
-        emit("| epochs | device final loss | FineTuner (this machine) | relative difference |")
-        emit("|---|---|---|---|")
+        emit("| epochs | device final loss | the host build of the same project | FineTuner (this machine) "
+             "| relative difference to FineTuner |")
+        emit("|---|---|---|---|---|")
         for d in drifts:
-            note = f" ({d['note']})" if d.get("note") else ""
-            emit(f"| {d['epochs']}{note} | {d['device']:.7f} | {d['host']:.7f} | "
+            same = "the same bits" if d["host_build"] == d["device"] else f"{d['host_build']!r}"
+            emit(f"| {d['epochs']} | {d['device']!r} | {same} | {d['host']:.7f} | "
                  f"{abs(d['device'] - d['host']) / d['host']:.1e} |")
     finish({"drift": drifts, "device": rows, "host_same_samples": same, "host_task_defaults": full,
             "settings": vars(args)}, args.json)

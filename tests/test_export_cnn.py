@@ -84,10 +84,10 @@ def python_run(backbone, task, manifest, *, cache_capacity=None):
     return tuner, tuner.history_.final_loss, tuner.score(task.x_test[te], task.y_test[te])
 
 
-# ----------------------------------------------------------------------------- host, exactly
+# ----------------------------------------------------------------------------- host
 @pytest.mark.parametrize("which", ["cnn1d", "cnn2d"])
 @pytest.mark.parametrize("method", ["lora-all", "skip2-lora", "ft-all", "sparse"])
-def test_host_program_reaches_the_python_loss_exactly(which, method, request, tmp_path):
+def test_host_program_reaches_the_python_loss(which, method, request, tmp_path):
     needs(("cc", "gcc"), ("make", "make"))
     model_dir = request.getfixturevalue(which)
     task, task_option = request.getfixturevalue("task1d" if which == "cnn1d" else "task2d")
@@ -100,9 +100,11 @@ def test_host_program_reaches_the_python_loss_exactly(which, method, request, tm
                                    capture_output=True, text=True, timeout=120, check=True).stdout)
     model = et.Backbone.load(model_dir)
     tuner, loss, acc = python_run(model, task, man)
-    # the program reads raw samples and normalises them per channel itself: the same bits
+    # the program reads raw samples and normalises them per channel itself; it computes without
+    # fused multiply-adds and with the engine's own exp and log (ET_PORTABLE_MATH, as on every
+    # target), the package with the C library's: the same loss to float32 rounding
     assert res["epochs"] == 3 and res["samples"] == 120 and res["shuffle"] == "edgetune"
-    assert res["final_loss"] == loss
+    assert res["final_loss"] == pytest.approx(loss, rel=1e-6)
     assert res["accuracy_after"] == acc
     assert res["arena_needed_bytes"] == man["memory"]["arena"]  # the plan is the C arena, exactly
     te = man["test_indices"]

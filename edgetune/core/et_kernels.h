@@ -42,6 +42,17 @@ void et_gemm_tn(int M, int N, int K, const float *A, int lda, const float *B, in
 float et_dot(const float *a, const float *b, int n);
 void et_axpy(int n, float a, const float *x, float *y);     /* y += a x */
 
+/*
+ * exp, log, log1p and tanh of float32, the same bits on every target and compiler (only
+ * IEEE 754 arithmetic, no C library call; the build must not contract multiply-adds). Within
+ * 2 ulp of the exact values. The training loop's activations and loss use these where
+ * ET_PORTABLE_MATH is defined (every exported project's Makefile), the C library's otherwise.
+ */
+float et_expf(float x);
+float et_logf(float x);
+float et_log1pf(float x);
+float et_tanhf(float x);
+
 /* Activation of n values in place, and dh *= f'(z) given the output h. */
 void et_act_forward(int act, float *z, int64_t n);
 void et_act_grad_mul(int act, float *dh, const float *h, int64_t n);
