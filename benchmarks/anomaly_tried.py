@@ -236,21 +236,15 @@ def combined_summary(tasks, auc, stab, base) -> list[str]:
 
 def combined(data_dir: str) -> int:
     """The held-out choice of the band count for scores with a linear reconstruction term."""
-    from edgetune.data.anomaly import builtin_names, load_anomaly_task
-    from edgetune.stream.metrics import roc_auc
+    from edgetune.data.anomaly import builtin_names
     from edgetune.threads import set_blas_threads
 
-    from .anomaly import HELD_OUT_BANDS, _bands_label, fit_all
+    from .anomaly import HELD_OUT_BANDS, _bands_label
     from .anomaly import held_out as held_out_lines
     set_blas_threads(1)
     t0 = time.perf_counter()
     tasks = [n for n in builtin_names() if not n.endswith("-move")]
-    base, base_name = [], []
-    for name in tasks:
-        t = load_anomaly_task(name, data_dir)
-        bs = {k: roc_auc(t.y_test, f(t.x_test)) for k, f in fit_all(t.x_train, fit_et=False).items()}
-        base_name.append(max(bs, key=bs.get))
-        base.append(bs[base_name[-1]])
+    base, base_name = best_baselines(tasks, data_dir)
     auc, stab = combined_measure(tasks, data_dir)
     for line in combined_summary(tasks, auc, stab, base):
         emit(line)
@@ -327,6 +321,22 @@ def _member(x_train, x_test, bands, seed, activation="sigmoid", n_hidden=128):
     return {"ratio": ratio, "logz": logz}
 
 
+def best_baselines(tasks: list[str], data_dir: str) -> tuple[list[float], list[str]]:
+    """Each task's best baseline (IsolationForest, LOF, PCA, HalfSpaceTrees fitted on its normal
+    data): its test AUC and its name."""
+    from edgetune.stream.metrics import roc_auc
+    from edgetune.data.anomaly import load_anomaly_task
+
+    from .anomaly import fit_all
+    base, base_name = [], []
+    for name in tasks:
+        t = load_anomaly_task(name, data_dir)
+        bs = {k: roc_auc(t.y_test, f(t.x_test)) for k, f in fit_all(t.x_train, fit_et=False).items()}
+        base_name.append(max(bs, key=bs.get))
+        base.append(bs[base_name[-1]])
+    return base, base_name
+
+
 def ensemble_measure(tasks, data_dir, seeds=ENSEMBLE_SEEDS):
     """(seeds, tasks, candidates) ROC AUCs of ENSEMBLE_CANDIDATES."""
     from edgetune.data.anomaly import load_anomaly_task
@@ -388,20 +398,13 @@ def ensemble_summary(tasks, auc, base, base_name) -> list[str]:
 def ensemble(data_dir: str) -> int:
     """Ensembles over band counts (and a linear member), each member standardised on its own
     normal data, chosen by leaving each task out; 3 detector seeds."""
-    from edgetune.data.anomaly import builtin_names, load_anomaly_task
-    from edgetune.stream.metrics import roc_auc
+    from edgetune.data.anomaly import builtin_names
     from edgetune.threads import set_blas_threads
 
-    from .anomaly import fit_all
     set_blas_threads(1)
     t0 = time.perf_counter()
     tasks = [n for n in builtin_names() if not n.endswith("-move")]
-    base, base_name = [], []
-    for name in tasks:
-        t = load_anomaly_task(name, data_dir)
-        bs = {k: roc_auc(t.y_test, f(t.x_test)) for k, f in fit_all(t.x_train, fit_et=False).items()}
-        base_name.append(max(bs, key=bs.get))
-        base.append(bs[base_name[-1]])
+    base, base_name = best_baselines(tasks, data_dir)
     auc = ensemble_measure(tasks, data_dir)
     for line in ensemble_summary(tasks, auc, base, base_name):
         emit(line)
