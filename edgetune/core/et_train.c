@@ -352,7 +352,8 @@ static size_t sp_weight_floats(const et_backbone *bb, const et_method *m, int k)
  * floats: every one of them is an int8 value times the layer's input scale (the integer pass's output
  * dequantised, or the float pass's output fake-quantised to it), so the code gives back the very float:
  * act_value(act_code(v), s) == v * s for v the rounded and clamped value (-127..127), its sign of zero
- * included (-0.0 has the code -128, which no int8 activation takes: they are clamped to -127..127).
+ * included (-0.0 has the code -128, which no int8 activation takes: they are clamped to -127..127;
+ * asymmetric models, whose activations reach -128, are refused by train_check).
  */
 static int8_t act_code(float v) { return v == 0.0f && signbit(v) ? (int8_t)-128 : (int8_t)v; }
 static float act_value(int8_t q, float s) { return q == -128 ? -0.0f : (float)q * s; }
