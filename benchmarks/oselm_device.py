@@ -95,7 +95,7 @@ def build_and_run(work: Path, target) -> dict:
     defs = [f"-DN_IN={N_IN}", f"-DHIDDEN={HIDDEN}", f"-DSEED={SEED}u", f"-DN_SAMPLES={N_SAMPLES}",
             f"-DSTATE_BYTES_MAX={STATE_BYTES_MAX}"]
     libc = (["--specs=picolibc.specs"] if target.libc == "picolibc" else ["--specs=nano.specs", "--specs=nosys.specs"])
-    cmd = [target.compiler(), *target.cpu_flags.split(), "-std=c99", "-O2", "-ffp-contract=fast", "-fno-wrapv",
+    cmd = [target.compiler(), *target.cpu_flags.split(), "-std=c99", "-O2", "-ffp-contract=off", "-fno-wrapv",
            "-Wall", "-Wextra", "-ffunction-sections", "-fdata-sections", *defs, "-o", "oselm.elf", "startup.c",
            "main.c", "et_oselm.c", "et_kernels.c", "-T", "link.ld", "-nostartfiles", "-Wl,--gc-sections", *libc, "-lm"]
     subprocess.run(cmd, cwd=work, check=True)
