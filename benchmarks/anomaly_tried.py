@@ -106,22 +106,16 @@ def main(argv=None) -> int:
 
 
 def held_out(data_dir: str) -> int:
-    from edgetune.data.anomaly import builtin_names, load_anomaly_task
-    from edgetune.stream.metrics import roc_auc
+    from edgetune.data.anomaly import builtin_names
     from edgetune.threads import set_blas_threads
 
-    from .anomaly import band_aucs, fit_all
+    from .anomaly import band_aucs
     from .anomaly import held_out as held_out_lines
     set_blas_threads(1)
     t0 = time.perf_counter()
     tasks = [n for n in builtin_names() if not n.endswith("-move")]
     auc = band_aucs(tasks, data_dir)
-    base, base_name = [], []
-    for name in tasks:
-        t = load_anomaly_task(name, data_dir)
-        b = {k: roc_auc(t.y_test, f(t.x_test)) for k, f in fit_all(t.x_train, fit_et=False).items()}
-        base_name.append(max(b, key=b.get))
-        base.append(b[base_name[-1]])
+    base, base_name = best_baselines(tasks, data_dir)
     for line in held_out_lines(tasks, auc, base, base_name):
         emit(line)
     emit(f"({time.perf_counter() - t0:.0f} s)")
