@@ -25,7 +25,6 @@ import json
 import re
 import shutil
 import statistics
-import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -44,7 +43,6 @@ PROJECTS = (("int8 CNN, sparse, 60 samples, 30 epochs", "int8", ["--method", "sp
             ("float CNN, lora-all, 120 samples, 10 epochs, batch 4", "float",
              ["--method", "lora-all", "--epochs", "10", "--max-samples", "120", "--batch-size", "4"],
              ("host", "cortex-m4")))
-EPOCH_LINE = re.compile(r"^epoch (\d+) loss \S+ bits ([0-9a-f]{16})$", re.M)
 
 
 def sh(args: list[str], timeout: float = 900) -> str:
@@ -55,7 +53,9 @@ def sh(args: list[str], timeout: float = 900) -> str:
 
 
 def losses(text: str) -> list[float]:
-    return [struct.unpack(">d", bytes.fromhex(h))[0] for _, h in EPOCH_LINE.findall(text)]
+    from edgetune.export.project import epoch_losses
+
+    return [loss for _, loss in epoch_losses(text)]
 
 
 def last_json(text: str) -> dict:

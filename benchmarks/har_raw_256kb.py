@@ -50,12 +50,12 @@ def _last_json(text: str) -> dict:
 def _final_loss(text: str) -> float:
     """The last epoch's loss as the exact double a program printed (its "epoch N loss X bits HEX"
     lines; a microcontroller's JSON line has 10 digits)."""
-    import struct
+    from edgetune.export.project import epoch_losses
 
-    bits = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith("epoch ") and " bits " in line]
-    if not bits:
+    found = epoch_losses(text)
+    if not found:
         raise SystemExit("the program printed no 'epoch ... bits' line")
-    return struct.unpack(">d", bytes.fromhex(bits[-1]))[0]
+    return found[-1][1]
 
 
 def _ram_linked(size_text: str) -> int:

@@ -12,8 +12,6 @@ float32 rounding."""
 from __future__ import annotations
 
 import json
-import re
-import struct
 import subprocess
 
 import numpy as np
@@ -22,6 +20,7 @@ import pytest
 import edgetune as et
 from edgetune import core
 from edgetune.cli import main
+from edgetune.export.project import epoch_losses
 from edgetune.quant import load_any
 
 from .conftest import DATA_DIR
@@ -33,7 +32,6 @@ EPOCHS = 30
 #: the damage1-1d preset CNN (docs/export.md), quantised to int8: the sparse update rounds its
 #: trained weights and activations to int8 every step, so one differing float32 bit can grow
 ARCH = "conv:8:9:4:4,relu,maxpool:2,conv:16:5:2:2,relu,maxpool:2,flatten,dense:32,relu"
-EPOCH_LINE = re.compile(r"^epoch (\d+) loss \S+ bits ([0-9a-f]{16})$", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +56,9 @@ def export(model_dir, out, target: str, *options: str, task: str = "damage1-1d")
 
 def curve(output: str) -> list[float]:
     """The per-epoch losses a program printed ("epoch N loss ... bits HEX"), as the exact doubles."""
-    found = EPOCH_LINE.findall(output)
-    assert [int(e) for e, _ in found] == list(range(1, EPOCHS + 1)), output[-2000:]
-    return [struct.unpack(">d", bytes.fromhex(h))[0] for _, h in found]
+    found = epoch_losses(output)
+    assert [e for e, _ in found] == list(range(1, EPOCHS + 1)), output[-2000:]
+    return [loss for _, loss in found]
 
 
 @pytest.fixture(scope="module")

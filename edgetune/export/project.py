@@ -69,6 +69,16 @@ class ExportResult:
 
 
 # ----------------------------------------------------------------------------- C text
+def epoch_losses(output: str) -> list[tuple[int, float]]:
+    """The (epoch, loss) pairs an exported program printed, each loss the exact double from its
+    "epoch N loss X bits HEX" line (main_linux.c.in: on stderr; main_mcu.c.in: before the JSON
+    line, which holds only 10 digits), so two builds' runs can be compared bit for bit."""
+    import re
+
+    return [(int(e), struct.unpack(">d", bytes.fromhex(h))[0])
+            for e, h in re.findall(r"^epoch (\d+) loss \S+ bits ([0-9a-f]{16})$", output, flags=re.M)]
+
+
 def _c_float(v: float) -> str:
     v = float(np.float32(v))
     if not np.isfinite(v):
